@@ -1,0 +1,1 @@
+"""Python client of dialog-shard: generated stubs in `client.gen`, typed wrapper here."""

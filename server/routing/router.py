@@ -1,0 +1,73 @@
+"""Shard resolution: an override from the shard map wins, else the seed's hash.
+
+The router is pure and in memory: resolving a shard never touches a database.
+Keeping `overrides` coherent with the `shard_map` table is the job of
+`server.storage.overrides.OverrideSync`, which calls `replace_all`, `set` and
+`discard` here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from server.routing.hash import NUM_BUCKETS, Pair, pair_hash
+
+
+class ShardSource(enum.Enum):
+    """Why a pair lives on its shard."""
+
+    HASH = "hash"
+    OVERRIDE = "override"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Where a pair's dialog lives and why."""
+
+    pair: Pair
+    shard_id: int
+    source: ShardSource
+    hash_shard_id: int
+    bucket: int
+
+
+class ShardRouter:
+    """Maps pairs to shard ids: override first, then `pair_hash % num_shards`."""
+
+    def __init__(self, num_shards: int, overrides: Mapping[Pair, int] | None = None) -> None:
+        if num_shards <= 0:
+            raise ValueError(f"num_shards must be positive, got {num_shards}")
+        self.num_shards = num_shards
+        self._overrides: dict[Pair, int] = dict(overrides or {})
+        #: Bumped by every change, so callers can tell a reload happened.
+        self.version = 0
+
+    def resolve(self, user_id_1: int, user_id_2: int) -> Resolution:
+        pair = Pair.of(user_id_1, user_id_2)
+        hashed = pair_hash(pair.low, pair.high)
+        hash_shard = hashed % self.num_shards
+        override = self._overrides.get(pair)
+        if override is None:
+            return Resolution(pair, hash_shard, ShardSource.HASH, hash_shard, hashed % NUM_BUCKETS)
+        return Resolution(pair, override, ShardSource.OVERRIDE, hash_shard, hashed % NUM_BUCKETS)
+
+    def override_of(self, pair: Pair) -> int | None:
+        return self._overrides.get(pair)
+
+    @property
+    def override_count(self) -> int:
+        return len(self._overrides)
+
+    def set(self, pair: Pair, shard_id: int) -> None:
+        self._overrides[pair] = shard_id
+        self.version += 1
+
+    def discard(self, pair: Pair) -> None:
+        self._overrides.pop(pair, None)
+        self.version += 1
+
+    def replace_all(self, overrides: Iterable[tuple[Pair, int]]) -> None:
+        self._overrides = dict(overrides)
+        self.version += 1
