@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from server.routing.hash import NUM_BUCKETS, Pair, pair_hash
 
@@ -55,6 +56,10 @@ class ShardRouter:
 
     def override_of(self, pair: Pair) -> int | None:
         return self._overrides.get(pair)
+
+    def overrides(self) -> Mapping[Pair, int]:
+        """A read-only view of the current overrides."""
+        return MappingProxyType(self._overrides)
 
     @property
     def override_count(self) -> int:
