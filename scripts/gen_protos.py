@@ -34,12 +34,19 @@ def _generate(out: Path) -> None:
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}",
-            f"--python_out={out}", f"--grpc_python_out={out}",
-            f"--mypy_out={out}", f"--mypy_grpc_out={out}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
             *protos,
         ],
-        check=True, cwd=ROOT, env=env,
+        check=True,
+        cwd=ROOT,
+        env=env,
     )
     for path in out.rglob("*.py*"):
         text = path.read_text()
@@ -55,8 +62,11 @@ def _diff(left: Path, right: Path) -> list[str]:
     names = {p.relative_to(left) for p in left.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     names |= {p.relative_to(right) for p in right.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     return sorted(
-        str(n) for n in names
-        if not ((left / n).exists() and (right / n).exists() and filecmp.cmp(left / n, right / n, shallow=False))
+        str(n)
+        for n in names
+        if not (
+            (left / n).exists() and (right / n).exists() and filecmp.cmp(left / n, right / n, shallow=False)
+        )
     )
 
 

@@ -1,0 +1,55 @@
+# dialog-shard: `make run` serves on 127.0.0.1:50051, `make test` runs the suite.
+# Both create the virtualenv on first use; nothing else is needed but Python 3.11+ and make.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed-stamp
+NODE_INSTALLED := node_modules/.installed-stamp
+PY_SOURCES := server client tests scripts
+
+.PHONY: all install run test lint fmt proto proto-check clean
+
+all: lint test
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,embedded]'
+	touch $@
+
+install: $(INSTALLED)
+
+$(NODE_INSTALLED): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## Serve in the foreground with an embedded PostgreSQL (4 shard tables) under .data/.
+run: $(INSTALLED)
+	$(BIN)/dialog-server --dev
+
+## The test suite: real PostgreSQL servers and a real gRPC server, started by the fixtures.
+test: $(INSTALLED)
+	$(BIN)/pytest
+
+lint: $(INSTALLED) $(NODE_INSTALLED)
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
+	$(BIN)/mypy server client
+	$(BIN)/python scripts/gen_protos.py --check
+	npx --no-install buf lint
+	npx --no-install buf format -d --exit-code protos
+
+fmt: $(INSTALLED)
+	$(BIN)/ruff format $(PY_SOURCES)
+	$(BIN)/ruff check --fix $(PY_SOURCES)
+
+## Regenerate client/gen from protos/ (reproducible: `make proto` on a clean tree leaves no diff).
+proto: $(INSTALLED)
+	$(BIN)/python scripts/gen_protos.py
+
+proto-check: $(INSTALLED)
+	$(BIN)/python scripts/gen_protos.py --check
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,96 @@
+"""`dialog-server`: run the service in the foreground until SIGINT or SIGTERM.
+
+With `--dev` it also starts (and afterwards stops) an embedded PostgreSQL in
+the data directory and writes the config and dev key there: the `make run` path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from server import devstack
+from server.app import running_server
+from server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, load_config
+from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.storage.pools import StartupError
+
+_DEV_BANNER = """\
+Try it (in another terminal):
+  export TOKEN=$(.venv/bin/dialogctl token --user 1)
+  .venv/bin/grpcurl -plaintext -H "authorization: Bearer $TOKEN" \\
+    -d '{"from_user_id": 1, "to_user_id": 2, "text": "hello"}' {address} dialog.v1.DialogService/SendMessage
+  .venv/bin/grpcurl -plaintext -H "authorization: Bearer $TOKEN" \\
+    -d '{"user_id": 1, "peer_user_id": 2}' {address} dialog.v1.DialogService/GetDialog
+Stop with Ctrl-C; the data stays in {data_dir} for the next run."""
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dialog-server", description="Serve dialog.v1 over gRPC.")
+    parser.add_argument("--config", type=Path, help="TOML config file (default: $DIALOG_CONFIG)")
+    parser.add_argument("--listen", help="address to serve on, e.g. 127.0.0.1:50051 (overrides config)")
+    parser.add_argument(
+        "--dev", action="store_true", help="start an embedded PostgreSQL with 4 shard tables in --data-dir"
+    )
+    parser.add_argument("--data-dir", type=Path, help="data directory of --dev (default: ./.data)")
+    parser.add_argument(
+        "--pg-port", type=int, default=devstack.DEFAULT_PG_PORT, help="port of the embedded PostgreSQL"
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+async def _serve(config: ServerConfig, banner: str | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_server(config) as running:
+        address = f"{config.listen.rsplit(':', 1)[0]}:{running.port}"
+        print(f"dialog-shard serving on {address} with {config.num_shards} shards", flush=True)
+        if banner:
+            print(banner.replace("{address}", address), flush=True)
+        await stop.wait()
+        print("shutting down: draining in-flight calls", flush=True)
+
+
+def _run(args: argparse.Namespace) -> None:
+    environ = {**os.environ, **({"DIALOG_LISTEN": args.listen} if args.listen else {})}
+    if not args.dev:
+        asyncio.run(_serve(load_config(args.config, environ), None))
+        return
+    paths = devstack.DevPaths((args.data_dir or devstack.default_data_dir()).absolute())
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    devstack.ensure_secret(paths.secret)
+    embedded = EmbeddedPostgres(paths.postgres, port=args.pg_port)
+    print(f"starting embedded PostgreSQL in {paths.postgres} on port {args.pg_port}", flush=True)
+    embedded.start()
+    try:
+        devstack.write_config(paths, embedded.dsn, listen=args.listen or DEFAULT_LISTEN)
+        banner = _DEV_BANNER.replace("{data_dir}", str(paths.data_dir))
+        asyncio.run(_serve(load_config(paths.config, environ), banner))
+    finally:
+        print("stopping embedded PostgreSQL", flush=True)
+        embedded.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        _run(args)
+    except (ConfigError, StartupError, EmbeddedPostgresError, OSError) as exc:
+        print(f"dialog-server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

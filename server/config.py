@@ -1,0 +1,280 @@
+"""The one configuration loader.
+
+Configuration comes from an optional TOML file (`--config PATH` or
+`DIALOG_CONFIG`) overlaid by environment variables; everything else in the
+server receives the frozen `ServerConfig` built here. A minimal file::
+
+    listen = "127.0.0.1:50051"
+    control_dsn = "postgresql://postgres@10.0.0.1:5432/dialog"   # shard_map; default: shard 0's DSN
+
+    [auth]
+    jwt_secret_file = "/etc/dialog-shard/jwt-secret"
+
+    [[shards]]
+    id = 0
+    dsn = "postgresql://postgres@10.0.0.1:5432/dialog"
+    [[shards]]
+    id = 1
+    dsn = "postgresql://postgres@10.0.0.2:5432/dialog"
+
+Environment variables (they win over the file):
+
+- `DIALOG_LISTEN`: address to serve on.
+- `DIALOG_SHARD_DSNS`: comma-separated DSNs, one per shard in id order; a
+  single DSN with `DIALOG_NUM_SHARDS` puts that many tables in one database
+  (the seed's layout: `messages_0..3` side by side).
+- `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`.
+- `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key.
+- `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from psycopg.conninfo import conninfo_to_dict
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_NUM_SHARDS = 4
+_TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is incomplete or inconsistent; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfig:
+    """Where one shard's messages live."""
+
+    shard_id: int
+    #: libpq connection string or URI of the shard's PostgreSQL database.
+    dsn: str
+    #: Table holding the shard's messages (the seed's `messages_N`).
+    table: str
+
+    @property
+    def location(self) -> str:
+        """Host, port and database of the shard, without credentials (safe to log and show)."""
+        return describe_dsn(self.dsn)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Per-shard connection pool sizing (psycopg_pool.AsyncConnectionPool)."""
+
+    #: Connections kept open per shard.
+    min_size: int = 2
+    #: Upper bound of connections per shard.
+    max_size: int = 10
+    #: Seconds to wait for a connection before failing the call with UNAVAILABLE.
+    acquire_timeout: float = 5.0
+    #: Seconds to wait for each shard at startup before failing fast.
+    open_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Bearer token verification."""
+
+    #: HS256 key; required.
+    jwt_secret: bytes
+    #: Accepted signature algorithms.
+    algorithms: tuple[str, ...] = ("HS256",)
+    #: Required `iss` claim, if set.
+    issuer: str | None = None
+    #: Required `aud` claim, if set.
+    audience: str | None = None
+    #: Clock skew tolerated on `exp` and `nbf`, in seconds.
+    leeway_seconds: float = 30.0
+    #: Claim that marks an administrator (`"admin": true`).
+    admin_claim: str = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Request limits."""
+
+    #: Longest accepted message text, in Unicode code points.
+    max_text_chars: int = 4096
+    #: Longest accepted message text, in UTF-8 bytes.
+    max_text_bytes: int = 16384
+    #: GetDialog page size when the request says 0.
+    default_page_size: int = 50
+    #: Larger page sizes are treated as this (AIP-158).
+    max_page_size: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything the server needs, validated."""
+
+    shards: tuple[ShardConfig, ...]
+    #: Database of the control tables (`shard_map`).
+    control_dsn: str
+    auth: AuthConfig
+    #: Key that signs page tokens so they cannot be forged.
+    page_token_secret: bytes
+    listen: str = DEFAULT_LISTEN
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    #: Serve gRPC server reflection (grpcurl list/describe).
+    reflection: bool = True
+    #: Seconds in-flight RPCs get to finish on shutdown.
+    shutdown_grace_seconds: float = 10.0
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+
+def describe_dsn(dsn: str) -> str:
+    """`host:port/dbname` of a DSN, never its password."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:
+        return urlsplit(dsn).hostname or "<unparsable dsn>"
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"{host}:{port}/{params.get('dbname', '')}"
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Read the TOML file (if any) and the environment into a validated ServerConfig."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get("DIALOG_CONFIG"):
+        path = Path(env["DIALOG_CONFIG"])
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return config_from_mapping(data, env, base_dir=path.parent if path else Path.cwd())
+
+
+def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], *, base_dir: Path) -> ServerConfig:
+    shards = _shards(data, env)
+    auth_data = dict(data.get("auth", {}))
+    secret = _secret(auth_data, env, base_dir)
+    auth = AuthConfig(
+        jwt_secret=secret,
+        algorithms=tuple(auth_data.get("algorithms", ("HS256",))),
+        issuer=env.get("DIALOG_JWT_ISSUER", auth_data.get("issuer")),
+        audience=env.get("DIALOG_JWT_AUDIENCE", auth_data.get("audience")),
+        leeway_seconds=float(auth_data.get("leeway_seconds", 30.0)),
+        admin_claim=str(auth_data.get("admin_claim", "admin")),
+    )
+    page_secret_text = env.get("DIALOG_PAGE_TOKEN_SECRET", data.get("page_token_secret"))
+    page_secret = (
+        page_secret_text.encode()
+        if page_secret_text
+        else hmac.new(secret, b"dialog-shard page tokens", hashlib.sha256).digest()
+    )
+    pool = PoolConfig(**_known(data.get("pool", {}), PoolConfig, "pool"))
+    limits = LimitsConfig(**_known(data.get("limits", {}), LimitsConfig, "limits"))
+    if pool.min_size < 0 or pool.max_size < max(1, pool.min_size):
+        raise ConfigError(f"pool sizes are inconsistent: min_size={pool.min_size}, max_size={pool.max_size}")
+    if not 0 < limits.default_page_size <= limits.max_page_size:
+        raise ConfigError("limits.default_page_size must be in 1..limits.max_page_size")
+    return ServerConfig(
+        shards=shards,
+        control_dsn=env.get("DIALOG_CONTROL_DSN") or data.get("control_dsn") or shards[0].dsn,
+        auth=auth,
+        page_token_secret=page_secret,
+        listen=env.get("DIALOG_LISTEN", data.get("listen", DEFAULT_LISTEN)),
+        pool=pool,
+        limits=limits,
+        reflection=_bool(env.get("DIALOG_REFLECTION", data.get("reflection", True))),
+        shutdown_grace_seconds=float(data.get("shutdown_grace_seconds", 10.0)),
+    )
+
+
+def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfig, ...]:
+    if env.get("DIALOG_SHARD_DSNS"):
+        dsns = [d.strip() for d in env["DIALOG_SHARD_DSNS"].split(",") if d.strip()]
+        count = int(env.get("DIALOG_NUM_SHARDS", len(dsns) if len(dsns) > 1 else DEFAULT_NUM_SHARDS))
+        if len(dsns) == 1:
+            dsns *= count
+        if len(dsns) != count:
+            raise ConfigError(f"DIALOG_SHARD_DSNS lists {len(dsns)} DSNs but DIALOG_NUM_SHARDS is {count}")
+        entries: list[dict[str, Any]] = [{"id": i, "dsn": d} for i, d in enumerate(dsns)]
+    else:
+        entries = [dict(e) for e in data.get("shards", [])]
+    if not entries:
+        raise ConfigError(
+            "no shards configured: add [[shards]] entries to the config file or set DIALOG_SHARD_DSNS"
+        )
+    shards: list[ShardConfig] = []
+    for entry in entries:
+        try:
+            shard_id = int(entry["id"])
+            dsn = str(entry["dsn"])
+        except KeyError as exc:
+            raise ConfigError(f"every [[shards]] entry needs 'id' and 'dsn'; missing {exc}") from None
+        table = str(entry.get("table", f"messages_{shard_id}"))
+        if not _TABLE_NAME.match(table):
+            raise ConfigError(f"shard {shard_id}: table name {table!r} must match {_TABLE_NAME.pattern}")
+        try:
+            conninfo_to_dict(dsn)
+        except Exception:
+            raise ConfigError(f"shard {shard_id}: DSN is not a valid PostgreSQL connection string") from None
+        shards.append(ShardConfig(shard_id=shard_id, dsn=dsn, table=table))
+    shards.sort(key=lambda s: s.shard_id)
+    ids = [s.shard_id for s in shards]
+    if ids != list(range(len(shards))):
+        raise ConfigError(f"shard ids must be 0..{len(shards) - 1} without gaps or repeats, got {ids}")
+    seen: set[tuple[str, str]] = set()
+    for s in shards:
+        key = (s.location, s.table)
+        if key in seen:
+            raise ConfigError(f"shard {s.shard_id} reuses table {s.table} on {s.location} of another shard")
+        seen.add(key)
+    return tuple(shards)
+
+
+def _secret(auth_data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> bytes:
+    if env.get("DIALOG_JWT_SECRET"):
+        return env["DIALOG_JWT_SECRET"].encode()
+    secret_file = env.get("DIALOG_JWT_SECRET_FILE", auth_data.get("jwt_secret_file"))
+    if secret_file:
+        path = Path(secret_file)
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the JWT secret file {path}: {exc.strerror}") from None
+        if len(secret) < 32:
+            raise ConfigError(f"the JWT secret in {path} is shorter than 32 bytes")
+        return secret
+    if auth_data.get("jwt_secret"):
+        return str(auth_data["jwt_secret"]).encode()
+    raise ConfigError(
+        "no JWT key configured: set DIALOG_JWT_SECRET(_FILE) or [auth] jwt_secret_file "
+        "(`dialog-server --dev` generates one)"
+    )
+
+
+def _known(section: Mapping[str, Any], cls: type, name: str) -> dict[str, Any]:
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(section) - allowed
+    if unknown:
+        raise ConfigError(f"unknown keys in [{name}]: {', '.join(sorted(unknown))}")
+    return dict(section)
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in {"1", "true", "yes", "on"}

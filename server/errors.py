@@ -1,0 +1,165 @@
+"""Domain errors and the one place that turns them into gRPC statuses.
+
+Exception tree::
+
+    ServiceError                 any failure a caller should see, with a gRPC code
+    ├── InvalidArgument          INVALID_ARGUMENT + google.rpc.BadRequest field violations
+    ├── Unauthenticated          UNAUTHENTICATED: missing, malformed, expired or unverifiable token
+    ├── PermissionDenied         PERMISSION_DENIED: authenticated, but not allowed
+    ├── NotFound                 NOT_FOUND
+    ├── AlreadyExists            ALREADY_EXISTS (a reused request_id with other content)
+    ├── FailedPrecondition       FAILED_PRECONDITION: the system is not in a state that allows it
+    └── ShardUnavailable         UNAVAILABLE: a shard's database cannot be reached; retryable
+
+Every status carries a `google.rpc.ErrorInfo` with an UPPER_SNAKE `reason` and the
+domain `dialog-shard`, per AIP-193. Messages are for developers: they say what
+was wrong and what to do, and never contain DSNs, SQL or stack traces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "dialog-shard"
+
+
+class ServiceError(Exception):
+    """A failure with a gRPC status code, an ErrorInfo reason and a message for the caller."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    default_reason: ClassVar[str] = "UNKNOWN"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[object]:
+        """Extra google.rpc detail messages besides ErrorInfo."""
+        return []
+
+
+class FieldViolation:
+    """One invalid request field (AIP-193 BadRequest.FieldViolation)."""
+
+    __slots__ = ("description", "field")
+
+    def __init__(self, field: str, description: str) -> None:
+        self.field = field
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"FieldViolation({self.field!r}, {self.description!r})"
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed; the field violations say which fields and why."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(message, reason=reason)
+        self.violations = list(violations)
+
+    def details(self) -> list[object]:
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in self.violations
+                ]
+            )
+        ]
+
+
+class Unauthenticated(ServiceError):
+    """The call carries no valid credentials."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class NotFound(ServiceError):
+    """The named resource does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    """The resource (or idempotency key) exists already with other content."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ServiceError):
+    """The system is not in a state that allows the operation."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class ShardUnavailable(ServiceError):
+    """A shard's database cannot be reached right now; the call may be retried."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "SHARD_UNAVAILABLE"
+
+    def __init__(self, shard_id: int, cause: str, *, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(
+            f"shard {shard_id} is unavailable ({cause}); retry later",
+            metadata={"shard_id": str(shard_id)},
+        )
+        self.shard_id = shard_id
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[object]:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(self.retry_after_seconds * 1e9))
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+class InternalError(ServiceError):
+    """A bug; the message says only that it happened and where to look."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+def to_grpc_status(error: ServiceError) -> grpc.Status:
+    """Build the status sent to the caller: code, message, ErrorInfo and extra details."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    status = status_pb2.Status(code=_CODE_NUMBERS[error.code], message=error.message)
+    for detail in (info, *error.details()):
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)  # type: ignore[no-any-return]
+
+
+_CODE_NUMBERS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
+    grpc.StatusCode.UNKNOWN: code_pb2.UNKNOWN,
+}

@@ -1,0 +1,21 @@
+"""Wrapping the behavior of unary-unary handlers, the only RPC kind this service defines."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def wrap_unary_unary(
+    handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[Behavior], Behavior]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler like `handler` whose behavior is `wrap(original behavior)`."""
+    return grpc.unary_unary_rpc_method_handler(
+        wrap(handler.unary_unary),  # type: ignore[arg-type]
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

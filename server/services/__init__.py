@@ -1,0 +1,1 @@
+"""Thin servicers: validate -> resolve shard -> call storage -> build response."""

@@ -1,0 +1,150 @@
+"""dialog.v1.AdminService: overrides, shard resolution and shard statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import Counter
+from typing import Any
+
+import grpc
+
+from client.gen.dialog.v1 import admin_service_pb2 as pb
+from client.gen.dialog.v1 import admin_service_pb2_grpc as pb_grpc
+from server.errors import ShardUnavailable
+from server.pagination import InvalidPageToken, PageTokenCodec
+from server.placement import Placement
+from server.routing import Pair, ShardSource
+from server.services.convert import timestamp
+from server.services.validation import Violations, check_pair, page_size
+from server.storage.overrides import OverrideRow
+from server.storage.pools import ShardSet
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_PAIR_FIELDS = ("user_id_1", "user_id_2")
+_DEFAULT_OVERRIDE_PAGE = 100
+_MAX_OVERRIDE_PAGE = 1000
+_SOURCES = {ShardSource.HASH: pb.SHARD_SOURCE_HASH, ShardSource.OVERRIDE: pb.SHARD_SOURCE_OVERRIDE}
+
+
+def _override_to_proto(row: OverrideRow) -> pb.ShardOverride:
+    return pb.ShardOverride(
+        user_id_1=row.pair.low,
+        user_id_2=row.pair.high,
+        shard_id=row.shard_id,
+        create_time=timestamp(row.created_at),
+    )
+
+
+class AdminService(pb_grpc.AdminServiceServicer):
+    def __init__(self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec) -> None:
+        self._placement = placement
+        self._shards = shards
+        self._tokens = tokens
+
+    def _pair(self, violations: Violations, request: Any) -> Pair:
+        check_pair(violations, _PAIR_FIELDS, (request.user_id_1, request.user_id_2))
+        return Pair.of(request.user_id_1, request.user_id_2)
+
+    async def SetShardOverride(
+        self, request: pb.SetShardOverrideRequest, context: Context
+    ) -> pb.SetShardOverrideResponse:
+        violations = Violations()
+        pair = self._pair(violations, request)
+        if not 0 <= request.shard_id < len(self._shards):
+            violations.add(
+                "shard_id", f"must be a shard id in 0..{len(self._shards) - 1}, got {request.shard_id}"
+            )
+        violations.raise_if_any()
+        row = await self._placement.set_override(pair, request.shard_id, self._shards)
+        return pb.SetShardOverrideResponse(override=_override_to_proto(row))
+
+    async def DeleteShardOverride(
+        self, request: pb.DeleteShardOverrideRequest, context: Context
+    ) -> pb.DeleteShardOverrideResponse:
+        violations = Violations()
+        pair = self._pair(violations, request)
+        violations.raise_if_any()
+        shard_id = await self._placement.delete_override(
+            pair, self._shards, allow_missing=request.allow_missing
+        )
+        return pb.DeleteShardOverrideResponse(shard_id=shard_id)
+
+    async def ListShardOverrides(
+        self, request: pb.ListShardOverridesRequest, context: Context
+    ) -> pb.ListShardOverridesResponse:
+        violations = Violations()
+        limit = page_size(
+            violations,
+            "page_size",
+            request.page_size,
+            default=_DEFAULT_OVERRIDE_PAGE,
+            maximum=_MAX_OVERRIDE_PAGE,
+        )
+        after: Pair | None = None
+        if request.page_token:
+            try:
+                cursor = self._tokens.decode(request.page_token, PageTokenCodec.OVERRIDES, b"")
+                after = Pair(*struct.unpack(">qq", cursor))
+            except (InvalidPageToken, struct.error) as exc:
+                violations.add(
+                    "page_token", str(exc) if isinstance(exc, InvalidPageToken) else "is malformed"
+                )
+        violations.raise_if_any()
+        rows = await self._placement.store.page(after, limit + 1)
+        next_token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1].pair
+            next_token = self._tokens.encode(
+                PageTokenCodec.OVERRIDES, b"", struct.pack(">qq", last.low, last.high)
+            )
+        return pb.ListShardOverridesResponse(
+            overrides=[_override_to_proto(r) for r in rows], next_page_token=next_token
+        )
+
+    async def ResolveShard(
+        self, request: pb.ResolveShardRequest, context: Context
+    ) -> pb.ResolveShardResponse:
+        violations = Violations()
+        self._pair(violations, request)
+        violations.raise_if_any()
+        where = self._placement.resolve(request.user_id_1, request.user_id_2)
+        return pb.ResolveShardResponse(
+            shard_id=where.shard_id,
+            source=_SOURCES[where.source],
+            hash_shard_id=where.hash_shard_id,
+            bucket=where.bucket,
+        )
+
+    async def GetShardStats(
+        self, request: pb.GetShardStatsRequest, context: Context
+    ) -> pb.GetShardStatsResponse:
+        overrides_per_shard = Counter(self._placement.router.overrides().values())
+
+        async def count(shard_id: int) -> int | None:
+            try:
+                return await self._shards.store(shard_id).count()
+            except ShardUnavailable:
+                return None
+
+        configs = self._shards.configs
+        counts = await asyncio.gather(*(count(c.shard_id) for c in configs))
+        stats = [
+            pb.ShardStats(
+                shard_id=c.shard_id,
+                message_count=n or 0,
+                override_count=overrides_per_shard.get(c.shard_id, 0),
+                table_name=c.table,
+                location=c.location,
+                available=n is not None,
+            )
+            for c, n in zip(configs, counts, strict=True)
+        ]
+        return pb.GetShardStatsResponse(
+            shards=stats,
+            num_shards=len(configs),
+            total_message_count=sum(n or 0 for n in counts),
+            override_count=self._placement.router.override_count,
+        )

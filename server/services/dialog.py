@@ -1,0 +1,120 @@
+"""dialog.v1.DialogService: SendMessage and GetDialog."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from typing import Any
+
+import grpc
+
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server.auth import current_principal
+from server.config import LimitsConfig
+from server.errors import AlreadyExists, PermissionDenied
+from server.pagination import InvalidPageToken, PageTokenCodec
+from server.placement import Placement
+from server.services.convert import message_to_proto
+from server.services.validation import (
+    Violations,
+    check_pair,
+    check_request_id,
+    check_text,
+    page_size,
+)
+from server.storage.ids import MessageIdGenerator, id_time
+from server.storage.messages import NewMessage
+from server.storage.pools import ShardSet
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class DialogService(pb_grpc.DialogServiceServicer):
+    def __init__(
+        self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec, limits: LimitsConfig
+    ) -> None:
+        self._placement = placement
+        self._shards = shards
+        self._tokens = tokens
+        self._limits = limits
+        self._ids = MessageIdGenerator()
+
+    async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
+        principal = current_principal.get()
+        if principal.user_id != request.from_user_id:
+            raise PermissionDenied(
+                "from_user_id must be the authenticated user: a caller may only send as itself",
+                reason="NOT_MESSAGE_SENDER",
+            )
+        violations = Violations()
+        check_pair(violations, ("from_user_id", "to_user_id"), (request.from_user_id, request.to_user_id))
+        check_text(violations, "text", request.text, self._limits)
+        check_request_id(violations, "request_id", request.request_id)
+        violations.raise_if_any()
+
+        where = self._placement.resolve(request.from_user_id, request.to_user_id)
+        message_id = self._ids.next()
+        result = await self._shards.store(where.shard_id).insert(
+            NewMessage(
+                message_id=message_id,
+                pair=where.pair,
+                bucket=where.bucket,
+                from_user_id=request.from_user_id,
+                to_user_id=request.to_user_id,
+                text=request.text,
+                created_at=id_time(message_id),
+                request_id=request.request_id or None,
+            )
+        )
+        stored = result.message
+        if result.replayed and (stored.to_user_id != request.to_user_id or stored.text != request.text):
+            raise AlreadyExists(
+                "request_id was already used for a different message; use a new request_id per message",
+                reason="REQUEST_ID_REUSED",
+                metadata={"message_id": str(stored.message_id)},
+            )
+        return pb.SendMessageResponse(message=message_to_proto(stored), replayed=result.replayed)
+
+    async def GetDialog(self, request: pb.GetDialogRequest, context: Context) -> pb.GetDialogResponse:
+        principal = current_principal.get()
+        if principal.user_id != request.user_id:
+            raise PermissionDenied(
+                "user_id must be the authenticated user: a caller may only read its own dialogs",
+                reason="NOT_DIALOG_MEMBER",
+            )
+        violations = Violations()
+        check_pair(violations, ("user_id", "peer_user_id"), (request.user_id, request.peer_user_id))
+        limit = page_size(
+            violations,
+            "page_size",
+            request.page_size,
+            default=self._limits.default_page_size,
+            maximum=self._limits.max_page_size,
+        )
+        if request.order not in pb.MessageOrder.values():
+            violations.add("order", f"unknown order {request.order}")
+        violations.raise_if_any()
+        oldest_first = request.order == pb.MESSAGE_ORDER_OLDEST_FIRST
+        where = self._placement.resolve(request.user_id, request.peer_user_id)
+        binding = struct.pack(">qq?", where.pair.low, where.pair.high, oldest_first)
+        after: uuid.UUID | None = None
+        if request.page_token:
+            try:
+                cursor = self._tokens.decode(request.page_token, PageTokenCodec.DIALOG, binding)
+                after = uuid.UUID(bytes=cursor)
+            except (InvalidPageToken, ValueError) as exc:
+                violations.add(
+                    "page_token", str(exc) if isinstance(exc, InvalidPageToken) else "is malformed"
+                )
+                violations.raise_if_any()
+
+        # One row more than asked tells whether another page exists without a count.
+        rows = await self._shards.store(where.shard_id).page(
+            where.pair, after=after, oldest_first=oldest_first, limit=limit + 1
+        )
+        next_token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, rows[-1].message_id.bytes)
+        return pb.GetDialogResponse(messages=[message_to_proto(m) for m in rows], next_page_token=next_token)

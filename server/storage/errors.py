@@ -1,0 +1,33 @@
+"""Turns driver and pool failures of one shard into the domain's ShardUnavailable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from psycopg_pool import PoolTimeout, TooManyRequests
+
+from server.errors import ShardUnavailable
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """One line naming the failure, without SQL, parameters or credentials."""
+    if isinstance(exc, PoolTimeout):
+        return "no connection available in time"
+    if isinstance(exc, TooManyRequests):
+        return "too many requests waiting for a connection"
+    text = " ".join(str(exc).split())
+    for marker in ("Connection refused", "timeout expired", "terminating connection", "server closed"):
+        if marker.lower() in text.lower():
+            return marker.lower()
+    return type(exc).__name__
+
+
+@asynccontextmanager
+async def shard_errors(shard_id: int) -> AsyncIterator[None]:
+    """Map connection-level failures inside the block to ShardUnavailable(shard_id)."""
+    try:
+        yield
+    except (psycopg.OperationalError, PoolTimeout, TooManyRequests) as exc:
+        raise ShardUnavailable(shard_id, describe_db_error(exc)) from exc

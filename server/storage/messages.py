@@ -1,0 +1,150 @@
+"""SQL of one shard's message table: idempotent insert and keyset pages.
+
+Statements are built once per shard (the table name is a validated
+identifier from the config) and always parameterized; the pool prepares them
+on first use (`prepare_threshold=0`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from server.routing import Pair
+from server.storage.errors import shard_errors
+from server.storage.ids import MAX_ID, MIN_ID
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message about to be stored."""
+
+    message_id: uuid.UUID
+    pair: Pair
+    bucket: int
+    from_user_id: int
+    to_user_id: int
+    text: str
+    created_at: datetime
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as read back from a shard."""
+
+    message_id: uuid.UUID
+    from_user_id: int
+    to_user_id: int
+    text: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InsertResult:
+    """The stored message, and whether it was stored by an earlier call with the same request_id."""
+
+    message: StoredMessage
+    replayed: bool
+
+
+_COLUMNS = "message_id, from_user_id, to_user_id, text, created_at"
+
+
+class MessageStore:
+    """Reads and writes one shard's `messages_N` table through the shard's pool."""
+
+    def __init__(self, shard_id: int, table: str, pool: AsyncConnectionPool[Any]) -> None:
+        self.shard_id = shard_id
+        self.table = table
+        self.pool = pool
+        # One statement serves both first tries and retries: when request_id
+        # matched an earlier row, ON CONFLICT skips the insert and the second
+        # branch returns that row instead, in the same round trip.
+        self._insert_sql = f"""
+            WITH inserted AS (
+                INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,
+                                     to_user_id, text, created_at, request_id)
+                VALUES (%(id)s, %(low)s, %(high)s, %(bucket)s, %(from)s, %(to)s, %(text)s,
+                        %(created)s, %(request_id)s)
+                ON CONFLICT (user_low, user_high, from_user_id, request_id)
+                    WHERE request_id IS NOT NULL DO NOTHING
+                RETURNING {_COLUMNS}
+            )
+            SELECT {_COLUMNS}, false FROM inserted
+            UNION ALL
+            SELECT {_COLUMNS}, true FROM {table}
+            WHERE user_low = %(low)s AND user_high = %(high)s AND from_user_id = %(from)s
+              AND request_id = %(request_id)s AND NOT EXISTS (SELECT 1 FROM inserted)
+        """
+        self._by_request_sql = f"""
+            SELECT {_COLUMNS}, true FROM {table}
+            WHERE user_low = %s AND user_high = %s AND from_user_id = %s AND request_id = %s
+        """
+        self._page_sql = {
+            False: f"""
+                SELECT {_COLUMNS} FROM {table}
+                WHERE user_low = %s AND user_high = %s AND message_id < %s
+                ORDER BY message_id DESC LIMIT %s
+            """,
+            True: f"""
+                SELECT {_COLUMNS} FROM {table}
+                WHERE user_low = %s AND user_high = %s AND message_id > %s
+                ORDER BY message_id ASC LIMIT %s
+            """,
+        }
+        self._has_pair_sql = f"SELECT EXISTS (SELECT 1 FROM {table} WHERE user_low = %s AND user_high = %s)"
+        self._count_sql = f"SELECT count(*) FROM {table}"
+
+    async def insert(self, message: NewMessage) -> InsertResult:
+        """Store `message`, or return the message stored earlier under the same request_id."""
+        params = {
+            "id": message.message_id,
+            "low": message.pair.low,
+            "high": message.pair.high,
+            "bucket": message.bucket,
+            "from": message.from_user_id,
+            "to": message.to_user_id,
+            "text": message.text,
+            "created": message.created_at,
+            "request_id": message.request_id,
+        }
+        async with shard_errors(self.shard_id), self.pool.connection() as conn:
+            row = await (await conn.execute(self._insert_sql, params)).fetchone()
+            if row is None:
+                # A concurrent call with the same request_id committed after this
+                # statement's snapshot was taken: its row is visible now.
+                row = await (
+                    await conn.execute(
+                        self._by_request_sql,
+                        (message.pair.low, message.pair.high, message.from_user_id, message.request_id),
+                    )
+                ).fetchone()
+        if row is None:  # pragma: no cover - the conflicting row cannot vanish: rows are never deleted here
+            raise RuntimeError("insert returned no row")
+        return InsertResult(StoredMessage(*row[:5]), replayed=bool(row[5]))
+
+    async def page(
+        self, pair: Pair, *, after: uuid.UUID | None, oldest_first: bool, limit: int
+    ) -> list[StoredMessage]:
+        """Up to `limit` messages of the pair strictly beyond the cursor `after`, in the given order."""
+        cursor = after if after is not None else (MIN_ID if oldest_first else MAX_ID)
+        async with shard_errors(self.shard_id), self.pool.connection() as conn:
+            cur = await conn.execute(self._page_sql[oldest_first], (pair.low, pair.high, cursor, limit))
+            return [StoredMessage(*row) for row in await cur.fetchall()]
+
+    async def has_messages(self, pair: Pair) -> bool:
+        """Whether any message of the pair is stored on this shard."""
+        async with shard_errors(self.shard_id), self.pool.connection() as conn:
+            row = await (await conn.execute(self._has_pair_sql, (pair.low, pair.high))).fetchone()
+        return bool(row and row[0])
+
+    async def count(self) -> int:
+        """Number of messages on this shard (exact)."""
+        async with shard_errors(self.shard_id), self.pool.connection() as conn:
+            row = await (await conn.execute(self._count_sql)).fetchone()
+        return int(row[0]) if row else 0

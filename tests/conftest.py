@@ -1,0 +1,134 @@
+"""Shared fixtures: real PostgreSQL servers (tests.pgfixtures) and a real gRPC server on a real port.
+
+The session runs one dialog-shard server whose four shards live on four
+separate PostgreSQL servers (control tables on the first). Tests keep out of
+each other's way by drawing fresh random user ids (`new_pair`).
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+import pytest_asyncio
+
+from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
+from server.app import RunningServer, running_server
+from server.auth import issue_token
+from server.config import ServerConfig, config_from_mapping
+from server.embedded_pg import EmbeddedPostgres
+from server.routing import Pair
+
+pytest_plugins = ["tests.pgfixtures"]
+
+_rng = random.Random()
+
+
+@pytest.fixture(scope="session")
+def jwt_secret() -> str:
+    return secrets.token_urlsafe(48)
+
+
+def make_config(dsns: list[str], jwt_secret: str, **overrides: Any) -> ServerConfig:
+    """A ServerConfig with shard i on dsns[i] (a DSN may repeat: tables side by side)."""
+    data = {
+        "listen": "127.0.0.1:0",
+        "shards": [{"id": i, "dsn": dsn, "table": f"messages_{i}"} for i, dsn in enumerate(dsns)],
+        "auth": {"jwt_secret": jwt_secret},
+        "shutdown_grace_seconds": 2.0,
+        **overrides,
+    }
+    return config_from_mapping(data, {}, base_dir=__import__("pathlib").Path.cwd())
+
+
+@pytest.fixture(scope="session")
+def cluster_config(pg_servers: list[EmbeddedPostgres], jwt_secret: str) -> ServerConfig:
+    """Four shards, each on its own PostgreSQL server."""
+    return make_config([s.dsn for s in pg_servers], jwt_secret)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def server(cluster_config: ServerConfig) -> AsyncIterator[RunningServer]:
+    async with running_server(cluster_config) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def address(server: RunningServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest_asyncio.fixture(scope="session")
+async def channel(address: str) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def dialog_stub(channel: grpc.aio.Channel) -> dialog_service_pb2_grpc.DialogServiceStub:
+    return dialog_service_pb2_grpc.DialogServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def admin_stub(channel: grpc.aio.Channel) -> admin_service_pb2_grpc.AdminServiceStub:
+    return admin_service_pb2_grpc.AdminServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def auth_for(cluster_config: ServerConfig) -> Callable[..., tuple[tuple[str, str], ...]]:
+    """Metadata with a valid token: auth_for(user_id) or auth_for(admin=True)."""
+
+    def make(
+        user_id: int | None = None, *, admin: bool = False, **kwargs: Any
+    ) -> tuple[tuple[str, str], ...]:
+        token = issue_token(cluster_config.auth, user_id=user_id, admin=admin, **kwargs)
+        return (("authorization", f"Bearer {token}"),)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def admin_auth(auth_for: Callable[..., tuple[tuple[str, str], ...]]) -> tuple[tuple[str, str], ...]:
+    return auth_for(admin=True)
+
+
+@pytest.fixture
+def new_pair() -> Callable[[], tuple[int, int]]:
+    """Fresh random user ids (over the whole int64 range) that no other test uses."""
+
+    def make() -> tuple[int, int]:
+        a = _rng.randrange(1, 2**63)
+        b = _rng.randrange(1, 2**63)
+        return (a, b) if a != b else make()
+
+    return make
+
+
+def rows_for_pair(config: ServerConfig, pair: tuple[int, int]) -> dict[int, list[tuple[Any, ...]]]:
+    """Every stored row of a pair, per shard, read straight from PostgreSQL (not through the service)."""
+    low, high = Pair.of(*pair)
+    found: dict[int, list[tuple[Any, ...]]] = {}
+    for shard in config.shards:
+        with psycopg.connect(shard.dsn) as conn:
+            rows = conn.execute(
+                f"SELECT message_id, from_user_id, to_user_id, text, request_id, bucket FROM {shard.table} "
+                "WHERE user_low = %s AND user_high = %s ORDER BY message_id",
+                (low, high),
+            ).fetchall()
+        if rows:
+            found[shard.shard_id] = rows
+    return found
+
+
+@pytest.fixture(scope="session")
+def single_db_config(pg_server: EmbeddedPostgres, jwt_secret: str) -> Iterator[ServerConfig]:
+    """The seed's layout: messages_0..3 side by side in one database."""
+    pg_server.create_database("single")
+    dsn = pg_server.dsn_for("single")
+    yield replace(make_config([dsn] * 4, jwt_secret))

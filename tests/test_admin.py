@@ -1,0 +1,296 @@
+"""AdminService: overrides win, stay coherent across processes, and never strand messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from client.gen.dialog.v1 import admin_service_pb2 as pb
+from client.gen.dialog.v1 import admin_service_pb2_grpc
+from client.gen.dialog.v1 import dialog_service_pb2 as dpb
+from server.routing import Pair, bucket_of, calculate_shard
+from server.storage.overrides import LISTENER_APPLICATION_NAME
+from tests.conftest import rows_for_pair
+from tests.test_bad_input import expect_error
+
+
+def other_shard(a: int, b: int) -> int:
+    return (calculate_shard(a, b, 4) + 1) % 4
+
+
+async def test_resolve_shard_reports_hash_then_override(admin_stub, admin_auth, new_pair):
+    a, b = new_pair()
+    hashed = await admin_stub.ResolveShard(
+        pb.ResolveShardRequest(user_id_1=b, user_id_2=a), metadata=admin_auth
+    )
+    assert (hashed.shard_id, hashed.source) == (calculate_shard(a, b, 4), pb.SHARD_SOURCE_HASH)
+    assert hashed.hash_shard_id == hashed.shard_id and hashed.bucket == bucket_of(a, b)
+    target = other_shard(a, b)
+    set_reply = await admin_stub.SetShardOverride(
+        pb.SetShardOverrideRequest(user_id_1=b, user_id_2=a, shard_id=target), metadata=admin_auth
+    )
+    assert (set_reply.override.user_id_1, set_reply.override.user_id_2) == tuple(Pair.of(a, b))
+    overridden = await admin_stub.ResolveShard(
+        pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+    )
+    assert (overridden.shard_id, overridden.source, overridden.hash_shard_id) == (
+        target,
+        pb.SHARD_SOURCE_OVERRIDE,
+        calculate_shard(a, b, 4),
+    )
+
+
+async def test_override_wins_for_sends_and_reads(
+    admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
+):
+    a, b = new_pair()
+    target = other_shard(a, b)
+    await admin_stub.SetShardOverride(
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
+    )
+    sent = await dialog_stub.SendMessage(
+        dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="pinned"), metadata=auth_for(a)
+    )
+    assert list(rows_for_pair(cluster_config, (a, b))) == [target]
+    page = await dialog_stub.GetDialog(dpb.GetDialogRequest(user_id=b, peer_user_id=a), metadata=auth_for(b))
+    assert [m.message_id for m in page.messages] == [sent.message.message_id]
+
+
+async def test_override_that_would_strand_messages_is_refused(
+    admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
+):
+    a, b = new_pair()
+    await dialog_stub.SendMessage(
+        dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="here"), metadata=auth_for(a)
+    )
+    home = calculate_shard(a, b, 4)
+    err = await expect_error(
+        admin_stub.SetShardOverride(
+            pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=other_shard(a, b)),
+            metadata=admin_auth,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert f"has messages on shard {home}" in (err.details() or "")
+    resolved = await admin_stub.ResolveShard(
+        pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+    )
+    assert resolved.source == pb.SHARD_SOURCE_HASH
+    # Pinning it where it already lives strands nothing, so it is allowed.
+    await admin_stub.SetShardOverride(
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=home), metadata=admin_auth
+    )
+    assert list(rows_for_pair(cluster_config, (a, b))) == [home]
+
+
+async def test_delete_override_returns_pair_to_hash_shard(
+    admin_stub, dialog_stub, admin_auth, auth_for, new_pair
+):
+    a, b = new_pair()
+    target = other_shard(a, b)
+    await admin_stub.SetShardOverride(
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
+    )
+    reply = await admin_stub.DeleteShardOverride(
+        pb.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+    )
+    assert reply.shard_id == calculate_shard(a, b, 4)
+    err = await expect_error(
+        admin_stub.DeleteShardOverride(
+            pb.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert "no shard override" in (err.details() or "")
+    await admin_stub.DeleteShardOverride(
+        pb.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b, allow_missing=True), metadata=admin_auth
+    )
+    # With messages on the override shard, deleting it would strand them.
+    await admin_stub.SetShardOverride(
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
+    )
+    await dialog_stub.SendMessage(
+        dpb.SendMessageRequest(from_user_id=b, to_user_id=a, text="x"), metadata=auth_for(b)
+    )
+    await expect_error(
+        admin_stub.DeleteShardOverride(
+            pb.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+
+
+async def test_invalid_admin_requests(admin_stub, admin_auth, new_pair):
+    a, b = new_pair()
+    for request in (
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=4),
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=-1),
+        pb.SetShardOverrideRequest(user_id_1=0, user_id_2=b, shard_id=0),
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=a, shard_id=0),
+    ):
+        await expect_error(
+            admin_stub.SetShardOverride(request, metadata=admin_auth), grpc.StatusCode.INVALID_ARGUMENT
+        )
+    await expect_error(
+        admin_stub.ListShardOverrides(pb.ListShardOverridesRequest(page_size=-3), metadata=admin_auth),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    await expect_error(
+        admin_stub.ListShardOverrides(pb.ListShardOverridesRequest(page_token="forged"), metadata=admin_auth),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+async def test_list_overrides_pages_through_all(admin_stub, admin_auth, new_pair):
+    mine = set()
+    for _ in range(7):
+        a, b = new_pair()
+        await admin_stub.SetShardOverride(
+            pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=2), metadata=admin_auth
+        )
+        mine.add(tuple(Pair.of(a, b)))
+    listed: list[tuple[int, int]] = []
+    token = ""
+    while True:
+        page = await admin_stub.ListShardOverrides(
+            pb.ListShardOverridesRequest(page_size=3, page_token=token), metadata=admin_auth
+        )
+        assert len(page.overrides) <= 3
+        listed += [(o.user_id_1, o.user_id_2) for o in page.overrides]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == sorted(set(listed)), "ordered by pair, no duplicates"
+    assert mine <= set(listed)
+
+
+async def test_shard_stats_count_messages_and_overrides(
+    admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
+):
+    before = await admin_stub.GetShardStats(pb.GetShardStatsRequest(), metadata=admin_auth)
+    assert [s.shard_id for s in before.shards] == [0, 1, 2, 3]
+    assert before.num_shards == 4 and all(s.available for s in before.shards)
+    assert [s.table_name for s in before.shards] == [f"messages_{i}" for i in range(4)]
+    assert len({s.location for s in before.shards}) == 4, "four separate servers"
+    assert all("postgres@" not in s.location for s in before.shards)
+    a, b = new_pair()
+    for i in range(3):
+        await dialog_stub.SendMessage(
+            dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text=str(i)), metadata=auth_for(a)
+        )
+    after = await admin_stub.GetShardStats(pb.GetShardStatsRequest(), metadata=admin_auth)
+    shard = calculate_shard(a, b, 4)
+    # Other tests may write concurrently only in other test modules' sessions; here the suite is sequential.
+    assert after.shards[shard].message_count - before.shards[shard].message_count == 3
+    assert after.total_message_count == sum(s.message_count for s in after.shards)
+    assert after.override_count == sum(s.override_count for s in after.shards)
+    with psycopg.connect(cluster_config.control_dsn) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM shard_map").fetchone()
+    assert after.override_count == count
+
+
+async def test_listener_reloads_the_whole_map_after_reconnect(
+    server, admin_stub, admin_auth, new_pair, cluster_config
+):
+    """A change made while the listener was disconnected (no NOTIFY seen) is picked up by the reload."""
+    a, b = new_pair()
+    target = other_shard(a, b)
+    reloads = server.placement.reloads
+    with psycopg.connect(cluster_config.control_dsn, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+            (LISTENER_APPLICATION_NAME,),
+        ).fetchone()
+        assert killed == (1,)
+        low, high = Pair.of(a, b)
+        conn.execute(
+            "INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, %s)", (low, high, target)
+        )
+    deadline = time.monotonic() + 15
+    while server.placement.reloads == reloads:
+        assert time.monotonic() < deadline, "listener did not reconnect"
+        await asyncio.sleep(0.05)
+    resolved = await admin_stub.ResolveShard(
+        pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+    )
+    assert (resolved.shard_id, resolved.source) == (target, pb.SHARD_SOURCE_OVERRIDE)
+
+
+@pytest.fixture
+def second_server(tmp_path: Path, cluster_config, jwt_secret) -> Iterator[str]:
+    """Another `dialog-server` process on the same shards and control database."""
+    lines = [
+        'listen = "127.0.0.1:0"',
+        f'control_dsn = "{cluster_config.control_dsn}"',
+        "[auth]",
+        f'jwt_secret = "{jwt_secret}"',
+    ]
+    for shard in cluster_config.shards:
+        lines += ["[[shards]]", f"id = {shard.shard_id}", f'dsn = "{shard.dsn}"', f'table = "{shard.table}"']
+    config = tmp_path / "second.toml"
+    config.write_text("\n".join(lines) + "\n")
+    binary = Path(sys.executable).parent / "dialog-server"
+    proc = subprocess.Popen(
+        [str(binary), "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        output = []
+        for line in proc.stdout:
+            output.append(line)
+            match = re.search(r"serving on (\S+:\d+)", line)
+            if match:
+                yield match.group(1)
+                break
+        else:
+            pytest.fail("second server did not start:\n" + "".join(output))
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+
+
+async def test_second_process_sees_new_override_without_restart(
+    second_server, admin_stub, admin_auth, auth_for, new_pair, cluster_config
+):
+    a, b = new_pair()
+    target = other_shard(a, b)
+    async with grpc.aio.insecure_channel(second_server) as channel:
+        remote_admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        first = await remote_admin.ResolveShard(
+            pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+        )
+        assert first.source == pb.SHARD_SOURCE_HASH
+        await admin_stub.SetShardOverride(
+            pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
+        )
+        deadline = time.monotonic() + 5
+        while True:
+            seen = await remote_admin.ResolveShard(
+                pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+            )
+            if seen.source == pb.SHARD_SOURCE_OVERRIDE:
+                break
+            assert time.monotonic() < deadline, "the second process never saw the override"
+            await asyncio.sleep(0.02)
+        assert seen.shard_id == target
+        from client.gen.dialog.v1 import dialog_service_pb2_grpc
+
+        remote_dialog = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        await remote_dialog.SendMessage(
+            dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="via 2nd"), metadata=auth_for(a)
+        )
+    assert list(rows_for_pair(cluster_config, (a, b))) == [target]

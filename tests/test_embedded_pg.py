@@ -1,0 +1,109 @@
+"""Real-server tests of server.embedded_pg and the tests.pgfixtures fixtures (no mocks)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from tests.pgfixtures import PG_SERVER_COUNT, free_port, pg_test_base_dir
+
+# Harmless if the root conftest loads it too: pytest registers a plugin module once.
+pytest_plugins = ["tests.pgfixtures"]
+
+
+@pytest.fixture
+def pg_dir() -> Iterator[Path]:
+    # Not tmp_path: pytest's temp root is private to root, and PostgreSQL may run as another user.
+    base = Path(tempfile.mkdtemp(prefix="dialog-shard-pgtest-", dir=pg_test_base_dir()))
+    base.chmod(0o711)
+    try:
+        yield base
+    finally:
+        for data_dir in base.iterdir():
+            if (data_dir / "PG_VERSION").exists():
+                EmbeddedPostgres(data_dir, port=0).stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_data_survive_a_restart(pg_dir: Path) -> None:
+    pg = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
+    with pg:
+        assert pg.is_running()
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE note (id int PRIMARY KEY, body text NOT NULL)")
+            conn.execute("INSERT INTO note VALUES (1, 'kept')")
+    assert not pg.is_running()
+
+    again = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
+    with again, psycopg.connect(again.dsn) as conn:
+        assert conn.execute("SELECT body FROM note WHERE id = 1").fetchone() == ("kept",)
+
+
+def test_stop_is_idempotent(pg_dir: Path) -> None:
+    pg = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
+    pg.stop()  # never started, no cluster yet
+    pg.start()
+    pg.stop()
+    pg.stop()
+    assert not pg.is_running()
+
+
+def test_start_twice_reuses_the_running_server(pg_dir: Path) -> None:
+    pg = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
+    with pg:
+        pid = pg._postmaster_pid()
+        # A fresh object on the same directory, like a process restarted after a crash.
+        EmbeddedPostgres(pg_dir / "data", port=pg.port, fsync=False).start()
+        assert pg._postmaster_pid() == pid
+
+
+def test_start_with_other_options_restarts_the_leftover(pg_dir: Path) -> None:
+    first = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
+    first.start()
+    second = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
+    try:
+        second.start()
+        with psycopg.connect(second.dsn) as conn:
+            assert conn.execute("SELECT current_setting('port')::int").fetchone() == (second.port,)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(first.dsn, connect_timeout=2).close()
+    finally:
+        second.stop()
+
+
+def test_port_in_use_fails_with_port_and_log(pg_dir: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        pg = EmbeddedPostgres(pg_dir / "data", port=port, fsync=False)
+        with pytest.raises(EmbeddedPostgresError) as info:
+            pg.start(timeout=15)
+    message = str(info.value)
+    assert str(port) in message
+    assert "already in use" in message  # from the server log tail
+    assert not pg.is_running()
+
+
+def test_dsn_for_connects_to_a_created_database(pg_server: EmbeddedPostgres) -> None:
+    pg_server.create_database("extra_db")
+    pg_server.create_database("extra_db")  # idempotent
+    with psycopg.connect(pg_server.dsn_for("extra_db")) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("extra_db",)
+
+
+def test_pg_servers_fixture_gives_four_live_servers(pg_servers: list[EmbeddedPostgres]) -> None:
+    assert len(pg_servers) == PG_SERVER_COUNT
+    assert len({server.port for server in pg_servers}) == PG_SERVER_COUNT
+    assert len({server.data_dir for server in pg_servers}) == PG_SERVER_COUNT
+    for server in pg_servers:
+        with psycopg.connect(server.dsn) as conn:
+            row = conn.execute("SELECT current_database(), current_setting('fsync')").fetchone()
+            assert row == ("dialog", "off")

@@ -1,0 +1,61 @@
+"""The keyset query keeps an index-range plan, also as a prepared statement's generic plan.
+
+After five executions PostgreSQL may switch a prepared statement to a generic
+plan; with a parameter in LIMIT that plan can become "bitmap scan + sort of the
+whole dialog". This checks the plan the server's own SQL actually gets.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from server.config import ServerConfig
+from server.storage.messages import MessageStore
+
+HOT = (1_000_001, 1_000_002)
+
+
+@pytest.fixture(scope="module")
+def shard_with_big_dialog(server: object, cluster_config: ServerConfig) -> str:
+    """Uses `server` only so the schema exists."""
+    shard = cluster_config.shards[3]
+    with psycopg.connect(shard.dsn, autocommit=True) as conn:
+        conn.execute(f"DELETE FROM {shard.table} WHERE user_low = %s AND user_high = %s", HOT)
+        # One 6,000-message dialog among 20,000 other pairs' messages.
+        conn.execute(
+            f"""
+            INSERT INTO {shard.table} (message_id, user_low, user_high, bucket, from_user_id, to_user_id,
+                                       text, created_at)
+            SELECT gen_random_uuid(), %s, %s, 0, %s, %s, 'm' || g, now() FROM generate_series(1, 6000) g
+            UNION ALL
+            SELECT gen_random_uuid(), 2000000 + g, 3000000 + g, 1, 2000000 + g, 3000000 + g, 'n', now()
+            FROM generate_series(1, 20000) g
+            """,
+            (*HOT, *HOT),
+        )
+        conn.execute(f"ANALYZE {shard.table}")
+    return shard.dsn
+
+
+@pytest.mark.parametrize("oldest_first", [False, True])
+@pytest.mark.parametrize("plan_mode", ["force_generic_plan", "force_custom_plan"])
+def test_dialog_page_uses_the_dialog_index_without_sorting(
+    shard_with_big_dialog: str, cluster_config: ServerConfig, oldest_first: bool, plan_mode: str
+) -> None:
+    table = cluster_config.shards[3].table
+    sql = MessageStore(3, table, None)._page_sql[oldest_first]  # type: ignore[arg-type]
+    cursor = (
+        "ffffffff-ffff-ffff-ffff-ffffffffffff" if not oldest_first else "00000000-0000-0000-0000-000000000000"
+    )
+    with psycopg.connect(shard_with_big_dialog, autocommit=True) as conn:
+        conn.execute(f"SET plan_cache_mode = {plan_mode}")
+        conn.execute(
+            "PREPARE page(bigint, bigint, uuid, bigint) AS " + sql.replace("%s", "${}").format(1, 2, 3, 4)
+        )
+        plan = "\n".join(
+            r[0] for r in conn.execute(f"EXPLAIN EXECUTE page({HOT[0]}, {HOT[1]}, '{cursor}', 51)").fetchall()
+        )
+        conn.execute("DEALLOCATE page")
+    assert f"Index Scan{' Backward' if not oldest_first else ''} using {table}_dialog_idx" in plan, plan
+    assert "Sort" not in plan and "Bitmap" not in plan, plan

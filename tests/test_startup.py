@@ -1,0 +1,93 @@
+"""Startup fails fast with a message an operator can act on; config errors say what to fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.app import running_server
+from server.config import ConfigError, config_from_mapping
+from server.storage.pools import StartupError
+from tests.conftest import make_config
+from tests.pgfixtures import free_port
+
+
+async def test_unreachable_shard_names_the_shard_and_the_reason(pg_servers, jwt_secret):
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/dialog"
+    config = make_config([pg_servers[0].dsn, pg_servers[1].dsn, dead, pg_servers[3].dsn], jwt_secret)
+    started = time.monotonic()
+    with pytest.raises(StartupError) as caught:
+        async with running_server(config):
+            pytest.fail("server must not start")
+    message = str(caught.value)
+    assert message.startswith("shard-2 (127.0.0.1:") and "/dialog): " in message
+    assert "refused" in message.lower()
+    assert time.monotonic() - started < 10
+
+
+def test_dialog_server_exits_2_with_one_line_error(tmp_path: Path, jwt_secret):
+    config = tmp_path / "bad.toml"
+    port = free_port()
+    config.write_text(
+        f'[auth]\njwt_secret = "{jwt_secret}"\n[[shards]]\nid = 0\ndsn = "postgresql://u:pw@127.0.0.1:{port}/db"\n'
+    )
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dialog-server"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"shard-0 (127.0.0.1:{port}/db)" in result.stderr
+    assert "pw" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"auth": {"jwt_secret": "k" * 32}}, "no shards configured"),
+        ({"shards": [{"id": 0, "dsn": "postgresql://h/db"}]}, "no JWT key"),
+        ({"auth": {"jwt_secret": "k" * 32}, "shards": [{"id": 1, "dsn": "postgresql://h/db"}]}, "0..0"),
+        (
+            {
+                "auth": {"jwt_secret": "k" * 32},
+                "shards": [{"id": 0, "dsn": "postgresql://h/db", "table": "x;drop"}],
+            },
+            "table name",
+        ),
+        (
+            {
+                "auth": {"jwt_secret": "k" * 32},
+                "shards": [
+                    {"id": 0, "dsn": "postgresql://h/db"},
+                    {"id": 1, "dsn": "postgresql://h/db", "table": "messages_0"},
+                ],
+            },
+            "reuses table",
+        ),
+        (
+            {
+                "auth": {"jwt_secret": "k" * 32},
+                "shards": [{"id": 0, "dsn": "postgresql://h/db"}],
+                "pool": {"size": 3},
+            },
+            "unknown keys",
+        ),
+    ],
+)
+def test_config_errors_say_what_to_fix(data, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        config_from_mapping(data, {}, base_dir=Path.cwd())
+
+
+def test_environment_gives_the_seed_layout_from_one_dsn():
+    config = config_from_mapping(
+        {}, {"DIALOG_SHARD_DSNS": "postgresql://h/db", "DIALOG_JWT_SECRET": "k" * 32}, base_dir=Path.cwd()
+    )
+    assert [(s.shard_id, s.table) for s in config.shards] == [(i, f"messages_{i}") for i in range(4)]
+    assert config.control_dsn == "postgresql://h/db"
