@@ -30,6 +30,14 @@ from server.storage.pools import ShardSet
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
+    """Authorization comes before validation (AIP-211): the caller acts only as itself."""
+    if current_principal.get().user_id != user_id:
+        raise PermissionDenied(
+            f"{field} must be the authenticated user: a caller may only {action}", reason=reason
+        )
+
+
 class DialogService(pb_grpc.DialogServiceServicer):
     def __init__(
         self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec, limits: LimitsConfig
@@ -41,12 +49,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         self._ids = MessageIdGenerator()
 
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
-        principal = current_principal.get()
-        if principal.user_id != request.from_user_id:
-            raise PermissionDenied(
-                "from_user_id must be the authenticated user: a caller may only send as itself",
-                reason="NOT_MESSAGE_SENDER",
-            )
+        _require_caller("from_user_id", request.from_user_id, "send as itself", "NOT_MESSAGE_SENDER")
         violations = Violations()
         check_pair(violations, ("from_user_id", "to_user_id"), (request.from_user_id, request.to_user_id))
         check_text(violations, "text", request.text, self._limits)
@@ -77,12 +80,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         return pb.SendMessageResponse(message=message_to_proto(stored), replayed=result.replayed)
 
     async def GetDialog(self, request: pb.GetDialogRequest, context: Context) -> pb.GetDialogResponse:
-        principal = current_principal.get()
-        if principal.user_id != request.user_id:
-            raise PermissionDenied(
-                "user_id must be the authenticated user: a caller may only read its own dialogs",
-                reason="NOT_DIALOG_MEMBER",
-            )
+        _require_caller("user_id", request.user_id, "read its own dialogs", "NOT_DIALOG_MEMBER")
         violations = Violations()
         check_pair(violations, ("user_id", "peer_user_id"), (request.user_id, request.peer_user_id))
         limit = page_size(
