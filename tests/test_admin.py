@@ -19,7 +19,7 @@ from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.routing import Pair, bucket_of, calculate_shard
-from server.storage.overrides import LISTENER_APPLICATION_NAME
+from server.storage.overrides import CHANNEL, LISTENER_APPLICATION_NAME
 from tests.conftest import rows_for_pair
 from tests.test_bad_input import expect_error
 
@@ -294,3 +294,26 @@ async def test_second_process_sees_new_override_without_restart(
             dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="via 2nd"), metadata=auth_for(a)
         )
     assert list(rows_for_pair(cluster_config, (a, b))) == [target]
+
+
+async def test_override_naming_an_unconfigured_shard_fails_cleanly(
+    server, dialog_stub, auth_for, new_pair, cluster_config
+):
+    """A shard_map row written by hand for shard 9 must not crash the call (no INTERNAL)."""
+    a, b = new_pair()
+    low, high = Pair.of(a, b)
+    with psycopg.connect(cluster_config.control_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, 9)", (low, high))
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"set {low} {high} 9"))
+    deadline = time.monotonic() + 5
+    while server.placement.router.override_of(Pair(low, high)) != 9:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    err = await expect_error(
+        dialog_stub.SendMessage(
+            dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="x"), metadata=auth_for(a)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "shard 9 is not configured" in (err.details() or "")
+    assert rows_for_pair(cluster_config, (a, b)) == {}

@@ -18,6 +18,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from server.config import PoolConfig, ShardConfig, describe_dsn
+from server.errors import FailedPrecondition
 from server.storage.messages import MessageStore
 from server.storage.schema import migrate_shard
 
@@ -76,7 +77,15 @@ class ShardSet:
         return self._configs
 
     def store(self, shard_id: int) -> MessageStore:
-        return self._stores[shard_id]
+        try:
+            return self._stores[shard_id]
+        except KeyError:
+            # Only a shard_map row naming a shard this server is not configured with gets here.
+            raise FailedPrecondition(
+                f"shard {shard_id} is not configured on this server ({len(self._configs)} shards are); "
+                "check the shard map and the server's shard list",
+                reason="SHARD_NOT_CONFIGURED",
+            ) from None
 
     def __len__(self) -> int:
         return len(self._configs)
