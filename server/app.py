@@ -24,8 +24,9 @@ from client.gen.dialog.v1 import (
     dialog_service_pb2_grpc,
 )
 from server.auth import TokenVerifier
-from server.config import ServerConfig
-from server.interceptors import AuthInterceptor, ErrorMappingInterceptor
+from server.config import ServerConfig, TlsConfig
+from server.interceptors import AuthInterceptor, ErrorMappingInterceptor, RateLimitInterceptor
+from server.interceptors.rate_limit import TokenBucketLimiter
 from server.pagination import PageTokenCodec
 from server.placement import Placement
 from server.services.admin import AdminService
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DIALOG_SERVICE = dialog_service_pb2.DESCRIPTOR.services_by_name["DialogService"].full_name
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+SEND_MESSAGE_METHOD = f"/{DIALOG_SERVICE}/SendMessage"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +54,33 @@ class RunningServer:
 @asynccontextmanager
 async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     """Open storage, start serving on `config.listen` (port 0 picks one), drain and close on exit."""
+    verifier = TokenVerifier(config.auth)  # loads the key files: a bad one fails before any connection
     async with (
         ShardSet(config.shards, config.pool) as shards,
         Placement(config.control_dsn, config.num_shards, config.pool) as placement,
     ):
         tokens = PageTokenCodec(config.page_token_secret)
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ErrorMappingInterceptor(),
+            AuthInterceptor(verifier),
+        ]
+        limits = config.limits
+        if limits.send_rate_per_second > 0:
+            limiter = TokenBucketLimiter(
+                rate_per_second=limits.send_rate_per_second,
+                burst=limits.send_burst,
+                max_keys=limits.max_tracked_users,
+            )
+            interceptors.append(RateLimitInterceptor(limiter, frozenset({SEND_MESSAGE_METHOD})))
         server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(), AuthInterceptor(TokenVerifier(config.auth))],
-            options=[("grpc.so_reuseport", 0)],
+            interceptors=interceptors,
+            options=[
+                ("grpc.so_reuseport", 0),
+                # gRPC itself refuses larger requests with RESOURCE_EXHAUSTED before any handler runs.
+                ("grpc.max_receive_message_length", limits.max_request_bytes),
+                ("grpc.max_metadata_size", limits.max_metadata_bytes),
+                ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
+            ],
         )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
             DialogService(placement, shards, tokens, config.limits), server
@@ -74,16 +95,33 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
                 (DIALOG_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         try:
-            port = server.add_insecure_port(config.listen)
+            if config.tls is None:
+                port = server.add_insecure_port(config.listen)
+            else:
+                port = server.add_secure_port(config.listen, server_credentials(config.tls))
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {config.listen}: {exc}") from None
         await server.start()
         for name in ("", DIALOG_SERVICE, ADMIN_SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on port %d with %d shards", port, config.num_shards)
+        log.info(
+            "serving on port %d with %d shards (%s)",
+            port,
+            config.num_shards,
+            "plaintext" if config.tls is None else "mutual TLS" if config.tls.require_client_cert else "TLS",
+        )
         try:
             yield RunningServer(server, port, placement, shards, health_servicer)
         finally:
             await health_servicer.enter_graceful_shutdown()
             await server.stop(config.shutdown_grace_seconds)
             log.info("server stopped")
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS credentials of the listening port; with `require_client_cert`, mutual TLS."""
+    return grpc.ssl_server_credentials(
+        [(tls.private_key, tls.cert_chain)],
+        root_certificates=tls.client_ca,
+        require_client_auth=tls.require_client_cert,
+    )

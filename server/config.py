@@ -9,6 +9,19 @@ server receives the frozen `ServerConfig` built here. A minimal file::
 
     [auth]
     jwt_secret_file = "/etc/dialog-shard/jwt-secret"
+    # Or public keys of an external issuer (RS256/ES256 and friends), one PEM or a JWKS with kids:
+    # algorithms = ["RS256", "ES256"]
+    # jwks_file = "/etc/dialog-shard/jwks.json"        # or public_key_file = "issuer.pem"
+
+    [tls]                                   # optional; without it the port is plaintext
+    cert_file = "/etc/dialog-shard/server.pem"      # certificate chain, leaf first
+    key_file = "/etc/dialog-shard/server.key"
+    client_ca_file = "/etc/dialog-shard/clients-ca.pem"   # mutual TLS: CAs of client certificates
+    require_client_cert = true
+
+    [limits]
+    send_rate_per_second = 20               # per-user SendMessage token bucket; 0 disables
+    send_burst = 100
 
     [[shards]]
     id = 0
@@ -25,7 +38,11 @@ Environment variables (they win over the file):
   (the seed's layout: `messages_0..3` side by side).
 - `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`.
 - `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key.
-- `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key).
+- `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`.
+- `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key;
+  required when only public keys are configured).
+
+Relative file paths are relative to the config file's directory.
 """
 
 from __future__ import annotations
@@ -45,6 +62,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_NUM_SHARDS = 4
+#: JWT algorithms verified with the shared secret.
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+#: JWT algorithms verified with an issuer's public key (PEM file or JWKS).
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
+)
 _TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -86,10 +109,14 @@ class PoolConfig:
 class AuthConfig:
     """Bearer token verification."""
 
-    #: HS256 key; required.
-    jwt_secret: bytes
-    #: Accepted signature algorithms.
+    #: Shared key of the HS* algorithms; required when `algorithms` has one.
+    jwt_secret: bytes | None
+    #: Accepted signature algorithms (HS*, RS*, PS*, ES*; never `none`).
     algorithms: tuple[str, ...] = ("HS256",)
+    #: PEM public key verifying RS*/PS*/ES* tokens (absolute path).
+    public_key_file: Path | None = None
+    #: JWKS file whose keys verify RS*/PS*/ES* tokens by `kid`; re-read when it changes.
+    jwks_file: Path | None = None
     #: Required `iss` claim, if set.
     issuer: str | None = None
     #: Required `aud` claim, if set.
@@ -112,6 +139,30 @@ class LimitsConfig:
     default_page_size: int = 50
     #: Larger page sizes are treated as this (AIP-158).
     max_page_size: int = 1000
+    #: Sustained SendMessage calls per second allowed to one user; 0 disables rate limiting.
+    send_rate_per_second: float = 20.0
+    #: SendMessage calls one user may make at once before the sustained rate applies.
+    send_burst: int = 100
+    #: Users whose rate-limit state is kept; idle users are forgotten first.
+    max_tracked_users: int = 100_000
+    #: Largest request message the server reads, in bytes (gRPC answers RESOURCE_EXHAUSTED beyond).
+    max_request_bytes: int = 65536
+    #: Largest request metadata (headers) the server reads, in bytes.
+    max_metadata_bytes: int = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Transport security of the listening port (PEM contents, read at load time)."""
+
+    #: Server certificate chain, leaf first.
+    cert_chain: bytes
+    #: The server certificate's private key.
+    private_key: bytes
+    #: CAs whose client certificates are accepted (mutual TLS); None: no client certificates asked.
+    client_ca: bytes | None = None
+    #: Refuse clients without a certificate from `client_ca`.
+    require_client_cert: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +178,8 @@ class ServerConfig:
     listen: str = DEFAULT_LISTEN
     pool: PoolConfig = field(default_factory=PoolConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    #: TLS for the listening port; None serves plaintext.
+    tls: TlsConfig | None = None
     #: Serve gRPC server reflection (grpcurl list/describe).
     reflection: bool = True
     #: Seconds in-flight RPCs get to finish on shutdown.
@@ -166,28 +219,22 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
 def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], *, base_dir: Path) -> ServerConfig:
     shards = _shards(data, env)
-    auth_data = dict(data.get("auth", {}))
-    secret = _secret(auth_data, env, base_dir)
-    auth = AuthConfig(
-        jwt_secret=secret,
-        algorithms=tuple(auth_data.get("algorithms", ("HS256",))),
-        issuer=env.get("DIALOG_JWT_ISSUER", auth_data.get("issuer")),
-        audience=env.get("DIALOG_JWT_AUDIENCE", auth_data.get("audience")),
-        leeway_seconds=float(auth_data.get("leeway_seconds", 30.0)),
-        admin_claim=str(auth_data.get("admin_claim", "admin")),
-    )
+    auth = _auth(dict(data.get("auth", {})), env, base_dir)
     page_secret_text = env.get("DIALOG_PAGE_TOKEN_SECRET", data.get("page_token_secret"))
-    page_secret = (
-        page_secret_text.encode()
-        if page_secret_text
-        else hmac.new(secret, b"dialog-shard page tokens", hashlib.sha256).digest()
-    )
+    if page_secret_text:
+        page_secret = page_secret_text.encode()
+    elif auth.jwt_secret is not None:
+        page_secret = hmac.new(auth.jwt_secret, b"dialog-shard page tokens", hashlib.sha256).digest()
+    else:
+        raise ConfigError(
+            "no page token key: set page_token_secret or DIALOG_PAGE_TOKEN_SECRET "
+            "(it cannot be derived when only public JWT keys are configured)"
+        )
     pool = PoolConfig(**_known(data.get("pool", {}), PoolConfig, "pool"))
     limits = LimitsConfig(**_known(data.get("limits", {}), LimitsConfig, "limits"))
     if pool.min_size < 0 or pool.max_size < max(1, pool.min_size):
         raise ConfigError(f"pool sizes are inconsistent: min_size={pool.min_size}, max_size={pool.max_size}")
-    if not 0 < limits.default_page_size <= limits.max_page_size:
-        raise ConfigError("limits.default_page_size must be in 1..limits.max_page_size")
+    _check_limits(limits)
     return ServerConfig(
         shards=shards,
         control_dsn=env.get("DIALOG_CONTROL_DSN") or data.get("control_dsn") or shards[0].dsn,
@@ -196,6 +243,7 @@ def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], *, base
         listen=env.get("DIALOG_LISTEN", data.get("listen", DEFAULT_LISTEN)),
         pool=pool,
         limits=limits,
+        tls=_tls(data.get("tls"), base_dir),
         reflection=_bool(env.get("DIALOG_REFLECTION", data.get("reflection", True))),
         shutdown_grace_seconds=float(data.get("shutdown_grace_seconds", 10.0)),
     )
@@ -242,6 +290,98 @@ def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfi
             raise ConfigError(f"shard {s.shard_id} reuses table {s.table} on {s.location} of another shard")
         seen.add(key)
     return tuple(shards)
+
+
+def _auth(auth_data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> AuthConfig:
+    if env.get("DIALOG_JWT_ALGORITHMS"):
+        algorithms = tuple(a.strip() for a in env["DIALOG_JWT_ALGORITHMS"].split(",") if a.strip())
+    else:
+        algorithms = tuple(str(a) for a in auth_data.get("algorithms", ("HS256",)))
+    supported = HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
+    unsupported = [a for a in algorithms if a not in supported]
+    if not algorithms or unsupported:
+        raise ConfigError(
+            f"[auth] algorithms must be some of {', '.join(sorted(supported))}; "
+            f"got {', '.join(unsupported) or 'none'}"
+        )
+    public_key_file = _path(env.get("DIALOG_JWT_PUBLIC_KEY_FILE", auth_data.get("public_key_file")), base_dir)
+    jwks_file = _path(env.get("DIALOG_JWKS_FILE", auth_data.get("jwks_file")), base_dir)
+    asymmetric = [a for a in algorithms if a in ASYMMETRIC_ALGORITHMS]
+    if asymmetric and (public_key_file is None) == (jwks_file is None):
+        raise ConfigError(
+            f"[auth] algorithms include {', '.join(asymmetric)}: "
+            "set exactly one of public_key_file and jwks_file"
+        )
+    if not asymmetric and (public_key_file or jwks_file):
+        raise ConfigError("[auth] public_key_file/jwks_file need an RS*, PS* or ES* algorithm in algorithms")
+    needs_secret = any(a in HMAC_ALGORITHMS for a in algorithms)
+    return AuthConfig(
+        jwt_secret=_secret(auth_data, env, base_dir) if needs_secret else None,
+        algorithms=algorithms,
+        public_key_file=public_key_file,
+        jwks_file=jwks_file,
+        issuer=env.get("DIALOG_JWT_ISSUER", auth_data.get("issuer")),
+        audience=env.get("DIALOG_JWT_AUDIENCE", auth_data.get("audience")),
+        leeway_seconds=float(auth_data.get("leeway_seconds", 30.0)),
+        admin_claim=str(auth_data.get("admin_claim", "admin")),
+    )
+
+
+def _check_limits(limits: LimitsConfig) -> None:
+    if not 0 < limits.default_page_size <= limits.max_page_size:
+        raise ConfigError("limits.default_page_size must be in 1..limits.max_page_size")
+    if limits.send_rate_per_second < 0 or (limits.send_rate_per_second > 0 and limits.send_burst < 1):
+        raise ConfigError("limits.send_rate_per_second must be >= 0 (0 disables) and send_burst >= 1")
+    if limits.max_tracked_users < 1:
+        raise ConfigError("limits.max_tracked_users must be at least 1")
+    # Room for the longest valid text plus ids and request_id, so a valid request is never refused.
+    if limits.max_request_bytes < limits.max_text_bytes + 1024:
+        raise ConfigError(
+            f"limits.max_request_bytes ({limits.max_request_bytes}) must be at least "
+            f"limits.max_text_bytes + 1024 ({limits.max_text_bytes + 1024})"
+        )
+    if limits.max_metadata_bytes < 4096:
+        raise ConfigError("limits.max_metadata_bytes must be at least 4096 (bearer tokens travel there)")
+
+
+def _tls(section: Mapping[str, Any] | None, base_dir: Path) -> TlsConfig | None:
+    if section is None:
+        return None
+    allowed = {"cert_file", "key_file", "client_ca_file", "require_client_cert"}
+    unknown = set(section) - allowed
+    if unknown:
+        raise ConfigError(f"unknown keys in [tls]: {', '.join(sorted(unknown))}")
+    cert_file = _path(section.get("cert_file"), base_dir)
+    key_file = _path(section.get("key_file"), base_dir)
+    if cert_file is None or key_file is None:
+        raise ConfigError("[tls] needs both cert_file and key_file")
+    ca_file = _path(section.get("client_ca_file"), base_dir)
+    require = _bool(section.get("require_client_cert", False))
+    if require and ca_file is None:
+        raise ConfigError("[tls] require_client_cert needs client_ca_file (the CAs of client certificates)")
+    return TlsConfig(
+        cert_chain=_read_pem(cert_file, "[tls] cert_file"),
+        private_key=_read_pem(key_file, "[tls] key_file"),
+        client_ca=_read_pem(ca_file, "[tls] client_ca_file") if ca_file else None,
+        require_client_cert=require,
+    )
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in content:
+        raise ConfigError(f"{what} {path} is not a PEM file")
+    return content
+
+
+def _path(value: object, base_dir: Path) -> Path | None:
+    if value is None or value == "":
+        return None
+    path = Path(str(value))
+    return path if path.is_absolute() else base_dir / path
 
 
 def _secret(auth_data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> bytes:

@@ -9,7 +9,9 @@ Exception tree::
     ├── NotFound                 NOT_FOUND
     ├── AlreadyExists            ALREADY_EXISTS (a reused request_id with other content)
     ├── FailedPrecondition       FAILED_PRECONDITION: the system is not in a state that allows it
-    └── ShardUnavailable         UNAVAILABLE: a shard's database cannot be reached; retryable
+    ├── ResourceExhausted        RESOURCE_EXHAUSTED + google.rpc.RetryInfo: over a rate limit; retry later
+    ├── ShardUnavailable         UNAVAILABLE + google.rpc.RetryInfo: a shard's database cannot be reached
+    └── InternalError            INTERNAL: a bug; details only in the server log
 
 Every status carries a `google.rpc.ErrorInfo` with an UPPER_SNAKE `reason` and the
 domain `dialog-shard`, per AIP-193. Messages are for developers: they say what
@@ -65,12 +67,16 @@ class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
-    def __init__(self, violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
-        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    def __init__(
+        self, violations: Sequence[FieldViolation], *, reason: str | None = None, message: str | None = None
+    ) -> None:
+        message = message or "; ".join(f"{v.field}: {v.description}" for v in violations)
         super().__init__(message, reason=reason)
         self.violations = list(violations)
 
     def details(self) -> list[object]:
+        if not self.violations:
+            return []
         return [
             error_details_pb2.BadRequest(
                 field_violations=[
@@ -116,6 +122,33 @@ class FailedPrecondition(ServiceError):
     default_reason = "FAILED_PRECONDITION"
 
 
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+class ResourceExhausted(ServiceError):
+    """The caller is over a limit; RetryInfo says how long to wait before trying again."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_seconds: float,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[object]:
+        return [_retry_info(self.retry_after_seconds)]
+
+
 class ShardUnavailable(ServiceError):
     """A shard's database cannot be reached right now; the call may be retried."""
 
@@ -131,9 +164,7 @@ class ShardUnavailable(ServiceError):
         self.retry_after_seconds = retry_after_seconds
 
     def details(self) -> list[object]:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(self.retry_after_seconds * 1e9))
-        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+        return [_retry_info(self.retry_after_seconds)]
 
 
 class InternalError(ServiceError):
@@ -159,6 +190,7 @@ _CODE_NUMBERS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
     grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
     grpc.StatusCode.UNKNOWN: code_pb2.UNKNOWN,

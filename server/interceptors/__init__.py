@@ -1,6 +1,7 @@
-"""Server interceptors: error mapping (outermost), then authentication."""
+"""Server interceptors: error mapping (outermost), then authentication, then rate limiting."""
 
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
+from server.interceptors.rate_limit import RateLimitInterceptor
 
-__all__ = ["AuthInterceptor", "ErrorMappingInterceptor"]
+__all__ = ["AuthInterceptor", "ErrorMappingInterceptor", "RateLimitInterceptor"]

@@ -11,11 +11,14 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
 def wrap_unary_unary(
-    handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[Behavior], Behavior]
+    handler: grpc.RpcMethodHandler[Any, Any],
+    wrap: Callable[[Behavior], Behavior],
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler like `handler` whose behavior is `wrap(original behavior)`."""
+    """A handler like `handler` whose behavior is `wrap(original behavior)` (and deserializer, if given)."""
     return grpc.unary_unary_rpc_method_handler(
         wrap(handler.unary_unary),  # type: ignore[arg-type]
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

@@ -2,6 +2,12 @@
 
 Anything else escaping a handler is a bug: it is logged with its traceback
 and the caller gets INTERNAL with a generic message, never the traceback.
+
+A request body that does not parse as the method's message (for example a
+string field holding invalid UTF-8, which proto3 forbids) would make gRPC
+answer INTERNAL from inside its own deserialization. The deserializer is
+therefore wrapped: it hands a marker to the behavior, which raises
+INVALID_ARGUMENT (reason MALFORMED_REQUEST) before any other layer runs.
 """
 
 from __future__ import annotations
@@ -12,10 +18,32 @@ from typing import Any
 
 import grpc
 
-from server.errors import InternalError, ServiceError, to_grpc_status
+from server.errors import InternalError, InvalidArgument, ServiceError, to_grpc_status
 from server.interceptors._wrap import Behavior, wrap_unary_unary
 
 log = logging.getLogger(__name__)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse."""
+
+    __slots__ = ()
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _UNDECODABLE
+
+    return deserialize
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -34,6 +62,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         def wrap(behavior: Behavior) -> Behavior:
             async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
+                    if request is _UNDECODABLE:
+                        raise InvalidArgument(
+                            [],
+                            reason="MALFORMED_REQUEST",
+                            message=f"the request body does not parse as the request message of {method} "
+                            "(is it the right message type? string fields must be valid UTF-8)",
+                        )
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
                     raise
@@ -47,4 +82,4 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             return mapped
 
-        return wrap_unary_unary(handler, wrap)
+        return wrap_unary_unary(handler, wrap, request_deserializer=_tolerant(handler.request_deserializer))

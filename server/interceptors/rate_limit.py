@@ -1,0 +1,109 @@
+"""Per-user rate limiting: a token bucket per user (pure logic) and the interceptor applying it.
+
+Each user has a bucket of `burst` tokens refilled at `rate` tokens per second;
+a call takes one token or is refused with RESOURCE_EXHAUSTED and a RetryInfo
+saying when the next token is there. Memory stays bounded: a bucket idle long
+enough to be full again is indistinguishable from a new one, so it is dropped,
+and beyond `max_keys` buckets the least recently used is dropped as well.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+import grpc
+
+from server.auth import current_principal
+from server.errors import ResourceExhausted
+from server.interceptors._wrap import Behavior, wrap_unary_unary
+
+
+class TokenBucketLimiter:
+    """Token buckets by key; `clock` returns monotonic seconds (injected by tests)."""
+
+    def __init__(
+        self,
+        *,
+        rate_per_second: float,
+        burst: int,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate_per_second <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate_per_second must be > 0, burst and max_keys >= 1")
+        self.rate_per_second = rate_per_second
+        self.burst = burst
+        self._max_keys = max_keys
+        self._clock = clock
+        self._refill_seconds = burst / rate_per_second
+        # key -> (tokens, time of the last update); ordered from least to most recently used.
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def acquire(self, key: Hashable) -> float:
+        """Take a token for `key`: 0.0 when allowed, else the seconds until a token is there (none taken)."""
+        now = self._clock()
+        self._forget_idle(now)
+        tokens, updated = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - updated) * self.rate_per_second)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate_per_second
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def _forget_idle(self, now: float) -> None:
+        # The front is the least recently updated bucket; stop at the first one not yet full again.
+        while self._buckets:
+            _, (_, updated) = next(iter(self._buckets.items()))
+            if now - updated < self._refill_seconds:
+                return
+            self._buckets.popitem(last=False)
+
+
+class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+    """Applies a per-user limiter to some methods; must run after the auth interceptor."""
+
+    def __init__(self, limiter: TokenBucketLimiter, methods: frozenset[str]) -> None:
+        self._limiter = limiter
+        self._methods = methods
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method not in self._methods:
+            return handler
+        limiter = self._limiter
+        name = method.rsplit("/", 1)[-1]
+
+        def wrap(behavior: Behavior) -> Behavior:
+            async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                principal = current_principal.get(None)
+                if principal is not None and principal.user_id is not None:
+                    wait = limiter.acquire(principal.user_id)
+                    if wait > 0:
+                        raise ResourceExhausted(
+                            f"too many {name} calls: at most {limiter.rate_per_second:g} per second per user "
+                            f"(bursts of {limiter.burst}); retry in {wait:.3f} s",
+                            retry_after_seconds=wait,
+                            reason="RATE_LIMITED",
+                            metadata={"method": name},
+                        )
+                return await behavior(request, context)
+
+            return limited
+
+        return wrap_unary_unary(handler, wrap)
