@@ -69,8 +69,8 @@ def _run(args: argparse.Namespace) -> None:
     devstack.ensure_secret(paths.secret)
     embedded = EmbeddedPostgres(paths.postgres, port=args.pg_port)
     print(f"starting embedded PostgreSQL in {paths.postgres} on port {args.pg_port}", flush=True)
-    embedded.start()
     try:
+        embedded.start()
         devstack.write_config(paths, embedded.dsn, listen=args.listen or DEFAULT_LISTEN)
         banner = _DEV_BANNER.replace("{data_dir}", str(paths.data_dir))
         asyncio.run(_serve(load_config(paths.config, environ), banner))
@@ -79,16 +79,26 @@ def _run(args: argparse.Namespace) -> None:
         embedded.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Until the event loop installs its own handlers, SIGTERM interrupts startup like Ctrl-C
+    # does, so the `finally` blocks stop an embedded PostgreSQL that was already started.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         _run(args)
     except (ConfigError, StartupError, EmbeddedPostgresError, OSError) as exc:
         print(f"dialog-server: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dialog-server: interrupted during startup", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -218,6 +218,17 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
 
 def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str], *, base_dir: Path) -> ServerConfig:
+    """Validate parsed TOML plus the environment; every problem is a ConfigError."""
+    try:
+        return _build(data, env, base_dir)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, AttributeError) as exc:
+        # A value of the wrong type ("soon" for a number, a string for a table, ...).
+        raise ConfigError(f"invalid configuration value: {exc}") from None
+
+
+def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> ServerConfig:
     shards = _shards(data, env)
     auth = _auth(dict(data.get("auth", {})), env, base_dir)
     page_secret_text = env.get("DIALOG_PAGE_TOKEN_SECRET", data.get("page_token_secret"))

@@ -91,3 +91,17 @@ def test_environment_gives_the_seed_layout_from_one_dsn():
     )
     assert [(s.shard_id, s.table) for s in config.shards] == [(i, f"messages_{i}") for i in range(4)]
     assert config.control_dsn == "postgresql://h/db"
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"shutdown_grace_seconds": "soon"}, "invalid configuration value"),
+        ({"pool": {"min_size": "x"}}, "invalid configuration value"),
+        ({"auth": "not a table"}, "invalid configuration value"),
+    ],
+)
+def test_values_of_the_wrong_type_are_config_errors(data, fragment):
+    base = {"auth": {"jwt_secret": "k" * 32}, "shards": [{"id": 0, "dsn": "postgresql://h/db"}]}
+    with pytest.raises(ConfigError, match=fragment):
+        config_from_mapping({**base, **data}, {}, base_dir=Path.cwd())

@@ -1,0 +1,181 @@
+"""The session's real server driven by the real grpcurl binary, plaintext, through server reflection.
+
+grpcurl exits with 64 + the gRPC status code when a call fails (80 for UNAUTHENTICATED, 67 for
+INVALID_ARGUMENT). The server runs on this process's event loop, so subprocesses are awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+UNAUTHENTICATED_EXIT = 64 + 16
+INVALID_ARGUMENT_EXIT = 64 + 3
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        assert self.returncode == 0, f"grpcurl exit {self.returncode}: {self.stderr}"
+        return json.loads(self.stdout)
+
+
+async def grpcurl(*args: str) -> Result:
+    proc = await asyncio.create_subprocess_exec(
+        str(GRPCURL),
+        "-plaintext",
+        "-max-time",
+        "20",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture(scope="session")
+def bearer(auth_for: Callable[..., tuple[tuple[str, str], ...]]) -> Callable[[int], str]:
+    """`-H` value with a valid token for a user."""
+
+    def make(user_id: int) -> str:
+        ((key, value),) = auth_for(user_id)
+        return f"{key}: {value}"
+
+    return make
+
+
+def test_grpcurl_binary_is_installed() -> None:
+    assert GRPCURL.is_file()
+
+
+async def test_list_shows_the_services(address: str) -> None:
+    result = await grpcurl(address, "list")
+    assert result.returncode == 0, result.stderr
+    services = set(result.stdout.split())
+    assert {"dialog.v1.DialogService", "dialog.v1.AdminService", "grpc.health.v1.Health"} <= services
+
+
+async def test_describe_dialog_service_shows_both_rpcs(address: str) -> None:
+    result = await grpcurl(address, "describe", "dialog.v1.DialogService")
+    assert result.returncode == 0, result.stderr
+    assert "dialog.v1.DialogService is a service:" in result.stdout
+    assert (
+        "rpc SendMessage ( .dialog.v1.SendMessageRequest ) returns ( .dialog.v1.SendMessageResponse );"
+        in result.stdout
+    )
+    assert (
+        "rpc GetDialog ( .dialog.v1.GetDialogRequest ) returns ( .dialog.v1.GetDialogResponse );"
+        in result.stdout
+    )
+
+    message = await grpcurl(address, "describe", "dialog.v1.SendMessageRequest")
+    assert message.returncode == 0, message.stderr
+    assert "int64 from_user_id = 1;" in message.stdout
+    assert "string text = 3;" in message.stdout
+
+
+async def test_send_and_read_back(address: str, bearer: Callable[[int], str], new_pair) -> None:
+    a, b = new_pair()
+    text = "hello from grpcurl ✓"
+    request = {"from_user_id": str(a), "to_user_id": b, "text": text, "request_id": "grpcurl-1"}
+    sent = await grpcurl(
+        "-H", bearer(a), "-d", json.dumps(request), address, "dialog.v1.DialogService/SendMessage"
+    )
+    message = sent.json()["message"]
+    assert message["text"] == text
+    # proto3 JSON: int64 as strings.
+    assert (message["from_user_id"], message["to_user_id"]) == (str(a), str(b))
+    assert message["create_time"].endswith("Z")
+
+    # The same request_id again is a replay of the stored message.
+    again = await grpcurl(
+        "-H", bearer(a), "-d", json.dumps(request), address, "dialog.v1.DialogService/SendMessage"
+    )
+    replay = again.json()
+    assert replay["replayed"] is True
+    assert replay["message"]["message_id"] == message["message_id"]
+
+    # The peer reads it back.
+    page = await grpcurl(
+        "-H",
+        bearer(b),
+        "-d",
+        json.dumps({"user_id": b, "peer_user_id": a}),
+        address,
+        "dialog.v1.DialogService/GetDialog",
+    )
+    messages = page.json()["messages"]
+    assert [(m["message_id"], m["text"]) for m in messages] == [(message["message_id"], text)]
+
+
+async def test_call_without_token_is_unauthenticated(address: str, new_pair) -> None:
+    a, b = new_pair()
+    result = await grpcurl(
+        "-d",
+        json.dumps({"from_user_id": a, "to_user_id": b, "text": "no token"}),
+        address,
+        "dialog.v1.DialogService/SendMessage",
+    )
+    assert result.returncode == UNAUTHENTICATED_EXIT, result.stderr
+    assert "Code: Unauthenticated" in result.stderr
+    assert "authorization" in result.stderr  # the message says what to send
+    assert result.stdout == ""
+
+
+async def test_admin_call_with_user_token_is_refused(address: str, bearer: Callable[[int], str]) -> None:
+    result = await grpcurl("-H", bearer(7), "-d", "{}", address, "dialog.v1.AdminService/GetShardStats")
+    assert result.returncode == 64 + 7, result.stderr
+    assert "Code: PermissionDenied" in result.stderr
+
+
+async def test_invalid_request_is_invalid_argument(
+    address: str, bearer: Callable[[int], str], new_pair
+) -> None:
+    a, b = new_pair()
+    result = await grpcurl(
+        "-H",
+        bearer(a),
+        "-d",
+        json.dumps({"from_user_id": a, "to_user_id": b, "text": ""}),
+        address,
+        "dialog.v1.DialogService/SendMessage",
+    )
+    assert result.returncode == INVALID_ARGUMENT_EXIT, result.stderr
+    assert "Code: InvalidArgument" in result.stderr
+    assert "text" in result.stderr
+
+    # Reading the dialog shows nothing was stored.
+    page = await grpcurl(
+        "-H", bearer(a), "-d", json.dumps({"user_id": a, "peer_user_id": b}), address,
+        "dialog.v1.DialogService/GetDialog",
+    )  # fmt: skip
+    assert page.json().get("messages", []) == []
+
+
+async def test_health_check_is_serving(address: str) -> None:
+    overall = await grpcurl(address, "grpc.health.v1.Health/Check")
+    assert overall.json() == {"status": "SERVING"}
+    for service in ("dialog.v1.DialogService", "dialog.v1.AdminService"):
+        result = await grpcurl("-d", json.dumps({"service": service}), address, "grpc.health.v1.Health/Check")
+        assert result.json() == {"status": "SERVING"}
+    unknown = await grpcurl("-d", '{"service": "no.such.Service"}', address, "grpc.health.v1.Health/Check")
+    assert unknown.returncode == 64 + 5, unknown.stderr  # NOT_FOUND
