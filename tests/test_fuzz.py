@@ -1,0 +1,250 @@
+"""Hostile input against the running session server: generated requests and raw bytes.
+
+Whatever arrives, the server answers with a deliberate status (never INTERNAL or
+UNKNOWN), stores accepted texts exactly as sent and stores nothing for refused
+requests. The session server runs on the test event loop, so the generated
+cases run in a worker thread with a blocking channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.auth import issue_token
+from server.config import ServerConfig
+from tests.conftest import rows_for_pair
+from tests.test_bad_input import expect_error, status_details
+
+MAX_ID = 2**63 - 1
+SEND_METHOD = "/dialog.v1.DialogService/SendMessage"
+
+#: Every status a hostile request may legitimately get; INTERNAL and UNKNOWN are bugs.
+DELIBERATE = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+SQL_INJECTIONS = [
+    "'; DROP TABLE messages_0; --",
+    "' OR '1'='1",
+    "1; DELETE FROM shard_map WHERE true; --",
+    "\\'; SELECT pg_sleep(10); --",
+    "$$; TRUNCATE messages_1; $$",
+    "%s %s %(x)s {0} {}",
+    "Robert'); DROP TABLE Students;--",
+    "E'\\x00'",
+]
+ODD_CHARACTERS = [
+    "\u202e",  # right-to-left override
+    "\u200f",  # right-to-left mark
+    "\u200b",  # zero-width space
+    "\u200d",  # zero-width joiner
+    "\ufeff",  # byte order mark
+    "\u0301",  # combining acute accent
+    "\U0001f600",  # emoji (astral)
+    "\U0001f469\u200d\U0001f4bb",  # emoji ZWJ sequence
+    "\U0010ffff",  # highest code point
+    "\U0001d11e",  # musical symbol (4 UTF-8 bytes)
+    "\x00",  # NUL: PostgreSQL cannot store it, so it is refused
+    "\x7f",
+    "\r\n",
+    "\t",
+    " ",
+    "\u00a0",  # no-break space
+    "\u3000",  # ideographic space
+    "ש",
+    "م",
+    "'",
+    '"',
+    "\\",
+    ";",
+    "%",
+]
+
+texts = st.one_of(
+    st.text(max_size=200),
+    st.sampled_from(SQL_INJECTIONS),
+    st.lists(st.sampled_from(ODD_CHARACTERS), max_size=60).map("".join),
+    st.lists(st.sampled_from(SQL_INJECTIONS + ODD_CHARACTERS + ["hello"]), max_size=8).map("".join),
+    # Around the limits: 4096 characters / 16384 bytes.
+    st.builds(lambda c, n: c * n, st.sampled_from(["x", "é", "\U0001f600", " "]), st.integers(4090, 4100)),
+)
+request_ids = st.one_of(
+    st.just(""),
+    st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=130),
+    st.text(max_size=20),
+)
+# How the recipient id is chosen: a fresh valid id, the largest id, the sender itself, or an invalid one.
+recipients = st.one_of(
+    st.just("fresh"),
+    st.just("max"),
+    st.just("self"),
+    st.integers(min_value=-(2**63), max_value=0),
+)
+
+
+def fresh_id(rng: random.Random) -> int:
+    return rng.randrange(1, MAX_ID)
+
+
+async def test_generated_send_message_requests(address: str, cluster_config: ServerConfig) -> None:
+    started = time.monotonic()
+    counts = await asyncio.to_thread(fuzz_send_message, address, cluster_config)
+    elapsed = time.monotonic() - started
+    print(f"\n[fuzz] SendMessage: {counts} in {elapsed:.1f}s")
+    # Both outcomes were exercised, so neither half of the property was vacuous.
+    assert counts["accepted"] > 100 and counts["refused"] > 100, counts
+
+
+def fuzz_send_message(address: str, config: ServerConfig) -> dict[str, int]:
+    rng = random.Random()
+    counts = {"accepted": 0, "refused": 0}
+    with grpc.insecure_channel(address) as channel:
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+
+        @settings(
+            max_examples=1200,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(text=texts, request_id=request_ids, recipient=recipients, high_sender=st.booleans())
+        def check(text: str, request_id: str, recipient: Any, high_sender: bool) -> None:
+            sender = rng.randrange(2**62, MAX_ID) if high_sender else fresh_id(rng)
+            to = {"fresh": fresh_id(rng), "max": MAX_ID, "self": sender}.get(recipient, recipient)
+            request = pb.SendMessageRequest(
+                from_user_id=sender, to_user_id=to, text=text, request_id=request_id
+            )
+            metadata = (("authorization", f"Bearer {issue_token(config.auth, user_id=sender)}"),)
+            try:
+                reply = stub.SendMessage(request, metadata=metadata, timeout=10)
+            except grpc.RpcError as err:
+                code = err.code()
+                assert code in DELIBERATE, (code, err.details())
+                counts["refused"] += 1
+                if 1 <= to <= MAX_ID:
+                    assert rows_for_pair(config, (sender, to)) == {}, (text, request_id)
+                return
+            counts["accepted"] += 1
+            assert reply.message.text == text
+            (rows,) = rows_for_pair(config, (sender, to)).values()
+            assert [(r[1], r[2], r[3], r[4]) for r in rows] == [(sender, to, text, request_id or None)]
+
+        check()
+    return counts
+
+
+async def test_generated_get_dialog_requests(address: str, cluster_config: ServerConfig) -> None:
+    counts = await asyncio.to_thread(fuzz_get_dialog, address, cluster_config)
+    print(f"\n[fuzz] GetDialog: {counts}")
+    assert all(counts.get(code.name, 0) > 20 for code in DELIBERATE - {grpc.StatusCode.UNAUTHENTICATED}), (
+        counts
+    )
+
+
+def fuzz_get_dialog(address: str, config: ServerConfig) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with grpc.insecure_channel(address) as channel:
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+
+        @settings(
+            max_examples=800, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+        )
+        @given(
+            user=st.one_of(st.integers(1, MAX_ID), st.integers(-(2**63), 0)),
+            peer=st.one_of(st.integers(1, MAX_ID), st.integers(-(2**63), MAX_ID)),
+            page_size=st.one_of(st.integers(0, 2000), st.integers(-(2**31), 2**31 - 1)),
+            page_token=st.one_of(
+                st.just(""),
+                st.just(""),
+                st.text(max_size=80),
+                st.binary(max_size=60).map(lambda b: base64.urlsafe_b64encode(b).decode()),
+            ),
+            order=st.one_of(st.sampled_from(pb.MessageOrder.values()), st.integers(-5, 5)),
+            caller_choice=st.integers(0, 4),
+        )
+        def check(
+            user: int, peer: int, page_size: int, page_token: str, order: int, caller_choice: int
+        ) -> None:
+            # Mostly the user itself; sometimes someone else, who must be refused.
+            caller = 12345 if caller_choice == 0 or user < 1 else user
+            request = pb.GetDialogRequest(
+                user_id=user, peer_user_id=peer, page_size=page_size, page_token=page_token, order=order
+            )
+            metadata = (("authorization", f"Bearer {issue_token(config.auth, user_id=caller)}"),)
+            try:
+                stub.GetDialog(request, metadata=metadata, timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+                assert code in DELIBERATE, (code, err.details())
+            counts[code.name] = counts.get(code.name, 0) + 1
+
+        check()
+    return counts
+
+
+def raw_send(channel: grpc.aio.Channel) -> Callable[..., Any]:
+    """SendMessage with the request body given as bytes, as a hostile or buggy client may send it."""
+    return channel.unary_unary(SEND_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+
+async def test_invalid_utf8_in_a_string_field_is_invalid_argument(
+    channel, auth_for, new_pair, cluster_config
+):
+    a, b = new_pair()
+    body = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text="ab").SerializeToString()
+    invalid = body.replace(b"ab", b"\xff\xfe")  # the same field, now holding bytes that are not UTF-8
+    err = await expect_error(
+        raw_send(channel)(invalid, metadata=auth_for(a)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "UTF-8" in (err.details() or "")
+    info, _ = status_details(err)
+    assert info is not None and info.reason == "MALFORMED_REQUEST"
+    # The untouched body goes through the same path, so it is the bytes that were refused.
+    await raw_send(channel)(body, metadata=auth_for(a))
+    (rows,) = rows_for_pair(cluster_config, (a, b)).values()
+    assert [r[3] for r in rows] == ["ab"]
+
+
+async def test_random_bytes_as_a_request_never_break_the_server(
+    address: str, cluster_config: ServerConfig
+) -> None:
+    counts = await asyncio.to_thread(fuzz_raw_bytes, address, cluster_config)
+    assert counts.get(grpc.StatusCode.INVALID_ARGUMENT.name, 0) > 10, counts
+
+
+def fuzz_raw_bytes(address: str, config: ServerConfig) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    token = issue_token(config.auth, user_id=777)
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            SEND_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+
+        @settings(max_examples=300, deadline=None, database=None)
+        @given(body=st.binary(max_size=300))
+        def check(body: bytes) -> None:
+            try:
+                call(body, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+                assert code in DELIBERATE, (code, err.details())
+            counts[code.name] = counts.get(code.name, 0) + 1
+
+        check()
+    return counts
