@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed-stamp
 NODE_INSTALLED := node_modules/.installed-stamp
 PY_SOURCES := server client tests scripts
 
-.PHONY: all install run test lint fmt proto proto-check clean
+.PHONY: all install run test lint fmt proto proto-check clean bench bench-quick
 
 all: lint test
 
@@ -31,6 +31,14 @@ run: $(INSTALLED)
 ## The test suite: real PostgreSQL servers and a real gRPC server, started by the fixtures.
 test: $(INSTALLED)
 	$(BIN)/pytest
+
+## Benchmark on local PostgreSQL shards with h2load and pgbench (~5 min); results in bench-results/.
+bench: $(INSTALLED)
+	$(BIN)/python -m bench.run
+
+## The same in one short round (~1 min): a smoke test of the numbers, not a measurement to quote.
+bench-quick: $(INSTALLED)
+	$(BIN)/python -m bench.run --quick
 
 lint: $(INSTALLED) $(NODE_INSTALLED)
 	$(BIN)/ruff check $(PY_SOURCES)

@@ -1,0 +1,51 @@
+"""A bare grpc.aio echo server: the gRPC ceiling of this machine for `make bench`.
+
+One generic handler, `/bench.Echo/Echo`, returns the request bytes unchanged: no protobuf parsing, no
+interceptors, no storage. It is served the way `server.app` serves (grpc.aio, default event loop, the
+same server option), so the difference to SendMessage is what the service itself costs.
+
+    python -m bench.echo_server --listen 127.0.0.1:0     # prints "echo serving on HOST:PORT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+import grpc
+
+SERVICE = "bench.Echo"
+METHOD = "Echo"
+PATH = f"/{SERVICE}/{METHOD}"
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    return request
+
+
+async def serve(listen: str) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(_echo)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(listen)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"echo serving on {listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    asyncio.run(serve(parser.parse_args().listen))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""What the benchmark starts and stops: PostgreSQL shard servers, the dialog server, the echo server.
+
+Everything is registered on a `contextlib.ExitStack` right after it starts, so it is stopped (and the
+temporary directory removed) on success, on errors and on Ctrl-C alike.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server.embedded_pg import EmbeddedPostgres
+
+REPO = Path(__file__).resolve().parent.parent
+_SERVING = re.compile(r"serving on (\S+:\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_postgres(
+    root: Path, count: int, stack: contextlib.ExitStack, settings: dict[str, str]
+) -> list[EmbeddedPostgres]:
+    """`count` PostgreSQL servers in parallel, durable (fsync and synchronous_commit on)."""
+    servers = [
+        EmbeddedPostgres(root / f"pg{i}", port=free_port(), fsync=True, settings=settings)
+        for i in range(count)
+    ]
+    for server in servers:
+        # Registered before starting: stop() is a no-op for a server that never came up.
+        stack.callback(_stop_quietly, server)
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        for future in [pool.submit(s.start) for s in servers]:
+            future.result()
+    return servers
+
+
+def _stop_quietly(server: EmbeddedPostgres) -> None:
+    try:
+        server.stop("fast")
+    except Exception as exc:
+        print(f"bench: could not stop PostgreSQL in {server.data_dir}: {exc}", file=sys.stderr)
+
+
+class ServerProcess:
+    """A server started as its own process (own session: Ctrl-C reaches only us, we stop it in order)."""
+
+    def __init__(self, name: str, argv: list[str], log_file: Path, stack: contextlib.ExitStack) -> None:
+        self.name = name
+        self.log_file = log_file
+        self._log = log_file.open("w")
+        stack.callback(self._log.close)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        stack.callback(self.stop)
+        self.address = self._wait_serving()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _wait_serving(self, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_file.read_text(errors="replace")
+            match = _SERVING.search(text)
+            if match:
+                return match.group(1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{text[-3000:]}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start serving within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (a server with worker processes counts as a whole)."""
+    tree = _children()
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(tree.get(current, []))
+    return found
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of `pid` and its descendants, in KiB."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by the given processes and their descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for root in pids:
+        for p in process_tree(root):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def postmaster_pid(server: EmbeddedPostgres) -> int | None:
+    try:
+        return abs(int((server.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]))
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_h2load() -> str:
+    """The h2load binary; installs nghttp2-client with apt-get when missing and running as root."""
+    found = shutil.which("h2load")
+    if found:
+        return found
+    hint = "h2load is missing: install it with `sudo apt-get install -y nghttp2-client` (Debian/Ubuntu)"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit(f"bench: {hint}")
+    print("bench: installing nghttp2-client (h2load) with apt-get", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "nghttp2-client"]
+    if subprocess.run(install, env=env, check=False).returncode != 0:
+        # Fresh containers have no package lists yet.
+        subprocess.run(["apt-get", "update"], env=env, check=False)
+        subprocess.run(install, env=env, check=False)
+    found = shutil.which("h2load")
+    if not found:
+        raise SystemExit(f"bench: installing nghttp2-client failed; {hint}")
+    return found
