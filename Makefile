@@ -6,9 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed-stamp
 NODE_INSTALLED := node_modules/.installed-stamp
-PY_SOURCES := server client tests scripts
+PY_SOURCES := server client tests scripts bench
 
-.PHONY: all install run test lint fmt proto proto-check clean bench bench-quick
+.PHONY: all install run test lint fmt proto proto-check clean bench bench-quick cluster
 
 all: lint test
 
@@ -27,6 +27,11 @@ $(NODE_INSTALLED): package.json package-lock.json
 ## Serve in the foreground with an embedded PostgreSQL (4 shard tables) under .data/.
 run: $(INSTALLED)
 	$(BIN)/dialog-server --dev
+
+## N local PostgreSQL servers (one shard each, default 4) + the service, in the foreground; data in .data/cluster/.
+## e.g. make cluster CLUSTER_ARGS="--shards 2 --base-port 55000"
+cluster: $(INSTALLED)
+	$(BIN)/python scripts/local_cluster.py $(CLUSTER_ARGS)
 
 ## The test suite: real PostgreSQL servers and a real gRPC server, started by the fixtures.
 test: $(INSTALLED)
