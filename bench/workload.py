@@ -1,8 +1,7 @@
 """The benchmark's data: users per shard, seeded dialogs, request payloads and the pgbench scripts.
 
-The pgbench statements are taken from the service's own `MessageStore` when its SQL has the expected
-placeholders, so the database ceiling is measured with the very statements the service runs; if that
-code changed shape, a copy of the statements as of this benchmark's writing is used (and reported).
+The pgbench statements are taken from the service's own `MessageStore`, so the database ceiling is
+measured with the very statements the service runs.
 """
 
 from __future__ import annotations
@@ -28,29 +27,6 @@ _SQL_UUIDV7 = (
     " || lpad(to_hex((random() * 4095)::int), 3, '0') || to_hex(8 + (random() * 3)::int)"
     " || lpad(to_hex((random() * 2 ^ 59)::bigint), 15, '0'))::uuid"
 )
-
-_FALLBACK_INSERT = """
-WITH inserted AS (
-    INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,
-                         to_user_id, text, created_at, request_id)
-    VALUES (%(id)s, %(low)s, %(high)s, %(bucket)s, %(from)s, %(to)s, %(text)s,
-            %(created)s, %(request_id)s)
-    ON CONFLICT (user_low, user_high, from_user_id, request_id)
-        WHERE request_id IS NOT NULL DO NOTHING
-    RETURNING message_id, from_user_id, to_user_id, text, created_at
-)
-SELECT message_id, from_user_id, to_user_id, text, created_at, false FROM inserted
-UNION ALL
-SELECT message_id, from_user_id, to_user_id, text, created_at, true FROM {table}
-WHERE user_low = %(low)s AND user_high = %(high)s AND from_user_id = %(from)s
-  AND request_id = %(request_id)s AND NOT EXISTS (SELECT 1 FROM inserted)
-"""
-_FALLBACK_PAGE = """
-SELECT message_id, from_user_id, to_user_id, text, created_at FROM {table}
-WHERE user_low = %s AND user_high = %s AND message_id < %s
-ORDER BY message_id DESC LIMIT %s
-"""
-_INSERT_PARAMS = {"id", "low", "high", "bucket", "from", "to", "text", "created", "request_id"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,19 +114,9 @@ def count_rows(dsn: str, table: str, dialogs: list[Dialog]) -> int:
 
 
 def _service_sql(table: str) -> tuple[str, str, str]:
-    """The service's INSERT and newest-first page statements for `table`, and where they came from."""
+    """The service's own INSERT and newest-first page statements for `table`, and where they came from."""
     store = MessageStore(0, table, cast(Any, None))
-    insert = getattr(store, "_insert_sql", None)
-    pages = getattr(store, "_page_sql", None)
-    page = pages.get(False) if isinstance(pages, dict) else None
-    if (
-        isinstance(insert, str)
-        and set(re.findall(r"%\((\w+)\)s", insert)) == _INSERT_PARAMS
-        and isinstance(page, str)
-        and page.count("%s") == 4
-    ):
-        return insert, page, "server.storage.messages.MessageStore"
-    return _FALLBACK_INSERT.format(table=table), _FALLBACK_PAGE.format(table=table), "bench copy"
+    return store.insert_sql, store.page_sql[False], "server.storage.messages.MessageStore"
 
 
 def pgbench_scripts(table: str) -> tuple[str, str, str]:

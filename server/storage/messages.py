@@ -65,7 +65,7 @@ class MessageStore:
         # One statement serves both first tries and retries: when request_id
         # matched an earlier row, ON CONFLICT skips the insert and the second
         # branch returns that row instead, in the same round trip.
-        self._insert_sql = f"""
+        self.insert_sql = f"""
             WITH inserted AS (
                 INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,
                                      to_user_id, text, created_at, request_id)
@@ -85,16 +85,19 @@ class MessageStore:
             SELECT {_COLUMNS}, true FROM {table}
             WHERE user_low = %s AND user_high = %s AND from_user_id = %s AND request_id = %s
         """
-        self._page_sql = {
+        # The ORDER BY names the whole dialog index, not just message_id: ordering by the
+        # primary key alone lets the planner walk it backwards and filter by pair, which
+        # reads every newer row of other dialogs when one dialog dominates the shard.
+        self.page_sql = {
             False: f"""
                 SELECT {_COLUMNS} FROM {table}
                 WHERE user_low = %s AND user_high = %s AND message_id < %s
-                ORDER BY message_id DESC LIMIT %s
+                ORDER BY user_low DESC, user_high DESC, message_id DESC LIMIT %s
             """,
             True: f"""
                 SELECT {_COLUMNS} FROM {table}
                 WHERE user_low = %s AND user_high = %s AND message_id > %s
-                ORDER BY message_id ASC LIMIT %s
+                ORDER BY user_low, user_high, message_id LIMIT %s
             """,
         }
         self._has_pair_sql = f"SELECT EXISTS (SELECT 1 FROM {table} WHERE user_low = %s AND user_high = %s)"
@@ -114,7 +117,7 @@ class MessageStore:
             "request_id": message.request_id,
         }
         async with shard_errors(self.shard_id), self.pool.connection() as conn:
-            row = await (await conn.execute(self._insert_sql, params)).fetchone()
+            row = await (await conn.execute(self.insert_sql, params)).fetchone()
             if row is None:
                 # A concurrent call with the same request_id committed after this
                 # statement's snapshot was taken: its row is visible now.
@@ -134,7 +137,7 @@ class MessageStore:
         """Up to `limit` messages of the pair strictly beyond the cursor `after`, in the given order."""
         cursor = after if after is not None else (MIN_ID if oldest_first else MAX_ID)
         async with shard_errors(self.shard_id), self.pool.connection() as conn:
-            cur = await conn.execute(self._page_sql[oldest_first], (pair.low, pair.high, cursor, limit))
+            cur = await conn.execute(self.page_sql[oldest_first], (pair.low, pair.high, cursor, limit))
             return [StoredMessage(*row) for row in await cur.fetchall()]
 
     async def has_messages(self, pair: Pair) -> bool:
