@@ -68,7 +68,7 @@ from bench.workload import (
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.auth import issue_token
-from server.config import AuthConfig, LimitsConfig
+from server.config import AuthConfig, LimitsConfig, render_config
 from server.embedded_pg import EmbeddedPostgres
 
 NUM_SHARDS = 4
@@ -174,12 +174,6 @@ class Bench:
         secret_file.chmod(0o600)
         self.auth = AuthConfig(jwt_secret=secret.encode())
         config = self.tmp / "dialog.toml"
-        lines = [
-            'listen = "127.0.0.1:0"',
-            "shutdown_grace_seconds = 5.0",
-            "[auth]",
-            f'jwt_secret_file = "{secret_file}"',
-        ]
         # A per-user rate limit (if this version has one) would measure the limiter, not the service:
         # the load comes from 4 users. The limiter's code still runs; only its budget is lifted.
         self.limits_overrides = {
@@ -187,12 +181,15 @@ class Bench:
             for name, value in BENCH_LIMITS.items()
             if name in {f.name for f in fields(LimitsConfig)}
         }
-        if self.limits_overrides:
-            lines.append("[limits]")
-            lines += [f"{name} = {value}" for name, value in self.limits_overrides.items()]
-        for i, server in enumerate(self.pg):
-            lines += ["[[shards]]", f"id = {i}", f'dsn = "{server.dsn}"', f'table = "messages_{i}"']
-        config.write_text("\n".join(lines) + "\n")
+        config.write_text(
+            render_config(
+                shard_dsns=[server.dsn for server in self.pg],
+                listen="127.0.0.1:0",
+                auth={"jwt_secret_file": str(secret_file)},
+                settings={"shutdown_grace_seconds": 5.0},
+                sections={"limits": self.limits_overrides} if self.limits_overrides else None,
+            )
+        )
         server_bin = Path(sys.executable).parent / "dialog-server"
         argv = [str(server_bin), "--config", str(config), "--log-level", "WARNING", *self.args.server_arg]
         self.log(f"starting {' '.join(argv[:1] + argv[3:])} --config ...")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -28,7 +26,8 @@ from types import FrameType
 # Runnable as a plain script from a checkout: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.config import DEFAULT_LISTEN
+from server.config import DEFAULT_LISTEN, render_config
+from server.devstack import ensure_secret
 from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 
 DEFAULT_DATA_DIR = Path(".data/cluster")
@@ -75,27 +74,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def ensure_secret(path: Path) -> None:
-    """A random HS256 key, created on the first run and kept (0600) for later runs."""
-    if path.exists():
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_urlsafe(48) + "\n")
-
-
 def write_config(path: Path, dsns: list[str], listen: str) -> None:
-    lines = [
-        "# Written by scripts/local_cluster.py on every start: one shard per PostgreSQL server.",
-        f'listen = "{listen}"',
-        "",
-        "[auth]",
-        f'jwt_secret_file = "{SECRET_NAME}"',
-        "",
-    ]
-    for shard_id, dsn in enumerate(dsns):
-        lines += ["[[shards]]", f"id = {shard_id}", f'dsn = "{dsn}"', f'table = "messages_{shard_id}"', ""]
-    path.write_text("\n".join(lines))
+    path.write_text(
+        render_config(
+            shard_dsns=dsns,
+            listen=listen,
+            auth={"jwt_secret_file": SECRET_NAME},
+            comment="Written by scripts/local_cluster.py on every start: one shard per PostgreSQL server.",
+        )
+    )
 
 
 def _server_command(config: Path) -> list[str]:

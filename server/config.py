@@ -49,10 +49,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,44 @@ def describe_dsn(dsn: str) -> str:
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
     return f"{host}:{port}/{params.get('dbname', '')}"
+
+
+def render_config(
+    *,
+    shard_dsns: Sequence[str],
+    listen: str,
+    auth: Mapping[str, str],
+    control_dsn: str | None = None,
+    tables: Sequence[str] | None = None,
+    settings: Mapping[str, object] | None = None,
+    sections: Mapping[str, Mapping[str, object]] | None = None,
+    comment: str | None = None,
+) -> str:
+    """The TOML text `load_config` reads back: shard i on `shard_dsns[i]`, table `messages_i` by default.
+
+    Tools that start a server (the dev stack, the local cluster, the benchmark, tests) write
+    their config through this one function, so the file format has one writer beside its reader.
+    """
+    lines = [f"# {comment}"] if comment else []
+    lines.append(f"listen = {_toml(listen)}")
+    if control_dsn is not None:
+        lines.append(f"control_dsn = {_toml(control_dsn)}")
+    lines += [f"{key} = {_toml(value)}" for key, value in (settings or {}).items()]
+    for name, values in {"auth": auth, **(sections or {})}.items():
+        lines += ["", f"[{name}]", *(f"{key} = {_toml(value)}" for key, value in values.items())]
+    for shard_id, dsn in enumerate(shard_dsns):
+        table = tables[shard_id] if tables is not None else f"messages_{shard_id}"
+        lines += ["", "[[shards]]", f"id = {shard_id}", f"dsn = {_toml(dsn)}", f"table = {_toml(table)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    # A JSON string is a valid TOML basic string (same quotes and escapes).
+    return json.dumps(str(value))
 
 
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:

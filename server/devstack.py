@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import DEFAULT_LISTEN, DEFAULT_NUM_SHARDS
+from server.config import DEFAULT_LISTEN, DEFAULT_NUM_SHARDS, render_config
 
 DEFAULT_DATA_DIR = Path(".data")
 DEFAULT_PG_PORT = 54329
@@ -55,15 +55,12 @@ def write_config(
     paths: DevPaths, dsn: str, *, listen: str = DEFAULT_LISTEN, shards: int = DEFAULT_NUM_SHARDS
 ) -> None:
     """The seed's default layout: `messages_0..N-1` side by side in one database."""
-    lines = [
-        "# Written by `dialog-server --dev`; regenerated on every dev start.",
-        f'listen = "{listen}"',
-        f'control_dsn = "{dsn}"',
-        "",
-        "[auth]",
-        f'jwt_secret_file = "{paths.secret.name}"',
-        "",
-    ]
-    for shard_id in range(shards):
-        lines += ["[[shards]]", f"id = {shard_id}", f'dsn = "{dsn}"', f'table = "messages_{shard_id}"', ""]
-    paths.config.write_text("\n".join(lines))
+    paths.config.write_text(
+        render_config(
+            shard_dsns=[dsn] * shards,
+            listen=listen,
+            control_dsn=dsn,
+            auth={"jwt_secret_file": paths.secret.name},
+            comment="Written by `dialog-server --dev`; regenerated on every dev start.",
+        )
+    )
