@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.overrides import CHANNEL, LISTENER_APPLICATION_NAME
 from tests.conftest import rows_for_pair
+from tests.processes import child_env, write_server_config
 from tests.test_bad_input import expect_error
 
 
@@ -229,23 +229,14 @@ async def test_listener_reloads_the_whole_map_after_reconnect(
 @pytest.fixture
 def second_server(tmp_path: Path, cluster_config, jwt_secret) -> Iterator[str]:
     """Another `dialog-server` process on the same shards and control database."""
-    lines = [
-        'listen = "127.0.0.1:0"',
-        f'control_dsn = "{cluster_config.control_dsn}"',
-        "[auth]",
-        f'jwt_secret = "{jwt_secret}"',
-    ]
-    for shard in cluster_config.shards:
-        lines += ["[[shards]]", f"id = {shard.shard_id}", f'dsn = "{shard.dsn}"', f'table = "{shard.table}"']
-    config = tmp_path / "second.toml"
-    config.write_text("\n".join(lines) + "\n")
+    config = write_server_config(tmp_path / "second.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     binary = Path(sys.executable).parent / "dialog-server"
     proc = subprocess.Popen(
         [str(binary), "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=child_env(),
     )
     try:
         assert proc.stdout is not None

@@ -13,12 +13,10 @@ import contextlib
 import json
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -29,7 +27,8 @@ from typing import Any
 import pytest
 
 from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
-from tests.pgfixtures import free_port, pg_test_base_dir
+from tests.pgfixtures import free_port, reachable_temp_dir
+from tests.processes import child_env
 
 BIN = Path(sys.executable).parent
 DIALOG_SERVER = BIN / "dialog-server"
@@ -38,13 +37,6 @@ GRPCURL = BIN / "grpcurl"
 
 START_TIMEOUT = 60.0  # initdb on a loaded machine
 STOP_TIMEOUT = 10.0
-
-
-def _child_env() -> dict[str, str]:
-    # DIALOG_* variables of the caller would override the dev config: keep them out.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIALOG_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _port_open(port: int) -> bool:
@@ -84,7 +76,7 @@ class DevServer:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=self.data_dir.parent,
-            env=_child_env(),
+            env=child_env(),
             start_new_session=True,
         )
         stream = self.proc.stdout
@@ -154,18 +146,13 @@ class DevServer:
 
 @pytest.fixture
 def dev_dir() -> Iterator[Path]:
-    # Not tmp_path: as root, PostgreSQL runs as an unprivileged user who must reach the directory.
-    base = Path(tempfile.mkdtemp(prefix="dialog-shard-devstack-", dir=pg_test_base_dir()))
-    base.chmod(0o711)
-    try:
+    with reachable_temp_dir("dialog-shard-devstack-") as base:
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def run(*argv: str | Path, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, env=_child_env(), check=False
+        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, env=child_env(), check=False
     )
 
 

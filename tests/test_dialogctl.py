@@ -7,11 +7,9 @@ The session server runs on this process's event loop, so every subprocess is awa
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,67 +22,19 @@ from server.config import ServerConfig
 from server.routing import bucket_of, calculate_shard
 from tests.conftest import rows_for_pair
 from tests.pgfixtures import free_port
+from tests.processes import Result, child_env, run_async, write_server_config
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 RPC_EXIT_BASE = 64
 
 
-@dataclass(frozen=True)
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        assert self.returncode == 0, f"exit {self.returncode}: {self.stderr}"
-        return json.loads(self.stdout)
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    # The server's DIALOG_* variables win over the config file: keep the caller's out of the child.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIALOG_")}
-    env.update(extra)
-    return env
-
-
 async def run_dialogctl(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Result:
-    proc = await asyncio.create_subprocess_exec(
-        str(DIALOGCTL),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        env=env if env is not None else _child_env(),
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
-
-
-def write_config(path: Path, config: ServerConfig, listen: str, jwt_secret: str) -> Path:
-    lines = [f'listen = "{listen}"', f'control_dsn = "{config.control_dsn}"', "", "[auth]"]
-    lines += [f'jwt_secret = "{jwt_secret}"', ""]
-    for shard in config.shards:
-        lines += [
-            "[[shards]]",
-            f"id = {shard.shard_id}",
-            f'dsn = "{shard.dsn}"',
-            f'table = "{shard.table}"',
-            "",
-        ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path
+    return await run_async(DIALOGCTL, *args, cwd=cwd, env=env)
 
 
 @pytest.fixture
 def ctl_config(tmp_path: Path, cluster_config: ServerConfig, address: str, jwt_secret: str) -> Path:
-    return write_config(tmp_path / "dialog-shard.toml", cluster_config, address, jwt_secret)
+    return write_server_config(tmp_path / "dialog-shard.toml", cluster_config, address, jwt_secret)
 
 
 @pytest.fixture
@@ -143,7 +93,7 @@ async def test_token_signed_with_another_key_is_rejected(
     tmp_path: Path, cluster_config: ServerConfig, address: str, dialog_stub, new_pair
 ) -> None:
     # A config with another key mints tokens the session server must refuse.
-    other = write_config(tmp_path / "other.toml", cluster_config, address, "x" * 48)
+    other = write_server_config(tmp_path / "other.toml", cluster_config, address, "x" * 48)
     a, b = new_pair()
     result = await run_dialogctl("--config", str(other), "token", "--user", str(a))
     assert result.returncode == 0, result.stderr
@@ -357,12 +307,12 @@ async def test_default_config_is_found(
     a, b = new_pair()
     expected = calculate_shard(a, b, 4)
     # The file `dialog-server --dev` writes, relative to the working directory...
-    write_config(tmp_path / "dev" / ".data" / "dialog-shard.toml", cluster_config, address, jwt_secret)
+    write_server_config(tmp_path / "dev" / ".data" / "dialog-shard.toml", cluster_config, address, jwt_secret)
     found = await run_dialogctl("--json", "shard-of", str(a), str(b), cwd=tmp_path / "dev")
     assert found.json()["shard_id"] == expected
     # ... and $DIALOG_CONFIG, which wins over it.
-    elsewhere = write_config(tmp_path / "elsewhere.toml", cluster_config, address, jwt_secret)
-    env = _child_env(DIALOG_CONFIG=str(elsewhere))
+    elsewhere = write_server_config(tmp_path / "elsewhere.toml", cluster_config, address, jwt_secret)
+    env = child_env(DIALOG_CONFIG=str(elsewhere))
     via_env = await run_dialogctl("shard-of", "--json", str(a), str(b), cwd=tmp_path, env=env)
     assert via_env.json()["shard_id"] == expected
 

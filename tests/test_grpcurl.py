@@ -6,50 +6,22 @@ INVALID_ARGUMENT). The server runs on this process's event loop, so subprocesses
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.processes import Result, run_async
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 UNAUTHENTICATED_EXIT = 64 + 16
 INVALID_ARGUMENT_EXIT = 64 + 3
 
 
-@dataclass(frozen=True)
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        assert self.returncode == 0, f"grpcurl exit {self.returncode}: {self.stderr}"
-        return json.loads(self.stdout)
-
-
 async def grpcurl(*args: str) -> Result:
-    proc = await asyncio.create_subprocess_exec(
-        str(GRPCURL),
-        "-plaintext",
-        "-max-time",
-        "20",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
+    return await run_async(GRPCURL, "-plaintext", "-max-time", "20", *args)
 
 
 @pytest.fixture(scope="session")
