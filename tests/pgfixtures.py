@@ -28,7 +28,14 @@ import pytest
 
 from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 
-__all__ = ["PG_SERVER_COUNT", "free_port", "pg_server", "pg_servers", "pg_test_base_dir"]
+__all__ = [
+    "PG_SERVER_COUNT",
+    "free_port",
+    "pg_server",
+    "pg_servers",
+    "pg_test_base_dir",
+    "reachable_temp_dir",
+]
 
 PG_SERVER_COUNT = 4
 _DIR_PREFIX = "dialog-shard-pg-"
@@ -52,6 +59,22 @@ def pg_test_base_dir() -> Path:
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
         return shm
     return Path(tempfile.gettempdir())
+
+
+@contextlib.contextmanager
+def reachable_temp_dir(prefix: str) -> Iterator[Path]:
+    """A fresh directory that PostgreSQL's unprivileged user can pass through (pytest's tmp_path,
+    private to root, is not); on exit every cluster still running in it is stopped and it is removed."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=pg_test_base_dir()))
+    base.chmod(0o711)  # mkdtemp makes it 0700
+    try:
+        yield base
+    finally:
+        # Each database directory holds a PG_VERSION too; a cluster's own one sits beside global/.
+        for data_dir in {v.parent for v in base.rglob("PG_VERSION") if (v.parent / "global").is_dir()}:
+            with contextlib.suppress(EmbeddedPostgresError, OSError):
+                EmbeddedPostgres(data_dir, port=0).stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

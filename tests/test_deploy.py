@@ -13,11 +13,9 @@ import copy
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -34,8 +32,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import config_from_mapping
-from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
-from tests.pgfixtures import free_port, pg_test_base_dir
+from tests.pgfixtures import free_port, reachable_temp_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -369,16 +366,8 @@ def _health_status(target: str) -> int | None:
 
 @pytest.fixture
 def cluster_dir() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="dialog-shard-cluster-", dir=pg_test_base_dir()))
-    base.chmod(0o711)  # PostgreSQL may run as an unprivileged user (we are root) who must pass through
-    try:
+    with reachable_temp_dir("dialog-shard-cluster-") as base:
         yield base
-    finally:
-        for data_dir in base.glob("shard-*"):
-            if (data_dir / "PG_VERSION").exists():
-                with contextlib.suppress(EmbeddedPostgresError, OSError):
-                    EmbeddedPostgres(data_dir, port=0).stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_local_cluster_starts_serves_and_stops(cluster_dir: Path) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import psycopg
 import pytest
 
 from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
-from tests.pgfixtures import PG_SERVER_COUNT, free_port, pg_test_base_dir
+from tests.pgfixtures import PG_SERVER_COUNT, free_port, reachable_temp_dir
 
 # Harmless if the root conftest loads it too: pytest registers a plugin module once.
 pytest_plugins = ["tests.pgfixtures"]
@@ -20,16 +18,8 @@ pytest_plugins = ["tests.pgfixtures"]
 
 @pytest.fixture
 def pg_dir() -> Iterator[Path]:
-    # Not tmp_path: pytest's temp root is private to root, and PostgreSQL may run as another user.
-    base = Path(tempfile.mkdtemp(prefix="dialog-shard-pgtest-", dir=pg_test_base_dir()))
-    base.chmod(0o711)
-    try:
+    with reachable_temp_dir("dialog-shard-pgtest-") as base:
         yield base
-    finally:
-        for data_dir in base.iterdir():
-            if (data_dir / "PG_VERSION").exists():
-                EmbeddedPostgres(data_dir, port=0).stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_data_survive_a_restart(pg_dir: Path) -> None:
