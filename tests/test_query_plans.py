@@ -7,10 +7,13 @@ whole dialog". This checks the plan the server's own SQL actually gets.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 
 from server.config import ServerConfig
+from server.storage.ids import MAX_ID, MIN_ID
 from server.storage.messages import MessageStore
 
 HOT = (1_000_001, 1_000_002)
@@ -38,25 +41,31 @@ def shard_with_big_dialog(server: object, cluster_config: ServerConfig) -> str:
     return shard.dsn
 
 
+def explain_first_page(
+    conn: psycopg.Connection[Any], table: str, pair: tuple[int, int], *, oldest_first: bool, plan_mode: str
+) -> str:
+    """EXPLAIN of the server's own page statement for a first page, run as a prepared statement."""
+    sql = MessageStore(0, table, None).page_sql[oldest_first]  # type: ignore[arg-type]
+    cursor = MIN_ID if oldest_first else MAX_ID
+    conn.execute(f"SET plan_cache_mode = {plan_mode}")
+    conn.execute(
+        "PREPARE page(bigint, bigint, uuid, bigint) AS " + sql.replace("%s", "${}").format(1, 2, 3, 4)
+    )
+    try:
+        rows = conn.execute(f"EXPLAIN EXECUTE page({pair[0]}, {pair[1]}, '{cursor}', 51)").fetchall()
+    finally:
+        conn.execute("DEALLOCATE page")
+    return "\n".join(r[0] for r in rows)
+
+
 @pytest.mark.parametrize("oldest_first", [False, True])
 @pytest.mark.parametrize("plan_mode", ["force_generic_plan", "force_custom_plan"])
 def test_dialog_page_uses_the_dialog_index_without_sorting(
     shard_with_big_dialog: str, cluster_config: ServerConfig, oldest_first: bool, plan_mode: str
 ) -> None:
     table = cluster_config.shards[3].table
-    sql = MessageStore(3, table, None).page_sql[oldest_first]  # type: ignore[arg-type]
-    cursor = (
-        "ffffffff-ffff-ffff-ffff-ffffffffffff" if not oldest_first else "00000000-0000-0000-0000-000000000000"
-    )
     with psycopg.connect(shard_with_big_dialog, autocommit=True) as conn:
-        conn.execute(f"SET plan_cache_mode = {plan_mode}")
-        conn.execute(
-            "PREPARE page(bigint, bigint, uuid, bigint) AS " + sql.replace("%s", "${}").format(1, 2, 3, 4)
-        )
-        plan = "\n".join(
-            r[0] for r in conn.execute(f"EXPLAIN EXECUTE page({HOT[0]}, {HOT[1]}, '{cursor}', 51)").fetchall()
-        )
-        conn.execute("DEALLOCATE page")
+        plan = explain_first_page(conn, table, HOT, oldest_first=oldest_first, plan_mode=plan_mode)
     assert f"Index Scan{' Backward' if not oldest_first else ''} using {table}_dialog_idx" in plan, plan
     assert "Sort" not in plan and "Bitmap" not in plan, plan
 
@@ -83,15 +92,6 @@ def test_first_page_of_a_dialog_that_dominates_its_shard_avoids_the_primary_key(
             (*big, *big, *small, *small),
         )
         conn.execute(f"ANALYZE {shard.table}")
-        sql = MessageStore(2, shard.table, None).page_sql[False]  # type: ignore[arg-type]
-        conn.execute("SET plan_cache_mode = force_generic_plan")
-        conn.execute(
-            "PREPARE first_page(bigint, bigint, uuid, bigint) AS "
-            + sql.replace("%s", "${}").format(1, 2, 3, 4)
-        )
-        newest = "ffffffff-ffff-ffff-ffff-ffffffffffff"
-        explain = f"EXPLAIN EXECUTE first_page({big[0]}, {big[1]}, '{newest}', 51)"
-        plan = "\n".join(r[0] for r in conn.execute(explain).fetchall())
-        conn.execute("DEALLOCATE first_page")
+        plan = explain_first_page(conn, shard.table, big, oldest_first=False, plan_mode="force_generic_plan")
     assert f"using {shard.table}_dialog_idx" in plan, plan
     assert "pkey" not in plan and "Sort" not in plan, plan
