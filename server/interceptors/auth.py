@@ -8,14 +8,13 @@ for the servicers' per-request checks (acting user = from_user_id, ...).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from server.auth import Principal, TokenVerifier, current_principal
 from server.errors import PermissionDenied
-from server.interceptors._wrap import Behavior, wrap_unary_unary
+from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
 
 DIALOG_SERVICE_PREFIX = "/dialog.v1.DialogService/"
 ADMIN_SERVICE_PREFIX = "/dialog.v1.AdminService/"
@@ -29,7 +28,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method

@@ -13,13 +13,13 @@ INVALID_ARGUMENT (reason MALFORMED_REQUEST) before any other layer runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from server.errors import InternalError, InvalidArgument, ServiceError, to_grpc_status
-from server.interceptors._wrap import Behavior, wrap_unary_unary
+from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import grpc
 
 from server.auth import current_principal
 from server.errors import ResourceExhausted
-from server.interceptors._wrap import Behavior, wrap_unary_unary
+from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
 
 
 class TokenBucketLimiter:
@@ -79,7 +79,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
