@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from server import devstack
+from server import devstack, supervisor
 from server.app import running_server
 from server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, load_config
 from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
@@ -41,17 +41,29 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pg-port", type=int, default=devstack.DEFAULT_PG_PORT, help="port of the embedded PostgreSQL"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port (default: the config's `workers`, else 1)",
+    )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(supervisor.WORKER_FLAG, type=int, dest="worker_of", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-async def _serve(config: ServerConfig, banner: str | None) -> None:
+async def _serve(config: ServerConfig, banner: str | None, worker_of: int | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with running_server(config) as running:
+    async with running_server(config, reuse_port=worker_of is not None) as running:
         address = f"{config.listen.rsplit(':', 1)[0]}:{running.port}"
+        if worker_of is not None:
+            watchdog = loop.create_task(supervisor.watch_parent(worker_of, stop))
+            print(f"{supervisor.READY_LINE} on {address}", flush=True)
+            await stop.wait()
+            watchdog.cancel()
+            return
         print(f"dialog-shard serving on {address} with {config.num_shards} shards", flush=True)
         if banner:
             print(banner.replace("{address}", address), flush=True)
@@ -59,11 +71,31 @@ async def _serve(config: ServerConfig, banner: str | None) -> None:
         print("shutting down: draining in-flight calls", flush=True)
 
 
-def _run(args: argparse.Namespace) -> None:
+def _start(
+    args: argparse.Namespace, config_path: Path | None, environ: dict[str, str], banner: str | None
+) -> int:
+    """Serve in this process, or supervise `--workers` processes serving the same port."""
+    config = load_config(config_path, environ)
+    workers = args.workers if args.workers is not None else config.workers
+    if args.worker_of is not None or workers == 1:
+        asyncio.run(_serve(config, banner, args.worker_of))
+        return 0
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    worker_argv = [sys.executable, "-m", "server", "--log-level", args.log_level]
+    if config_path is not None:
+        worker_argv += ["--config", str(config_path)]
+    return asyncio.run(
+        supervisor.Supervisor(
+            worker_argv, workers=workers, listen=config.listen, grace_seconds=config.shutdown_grace_seconds
+        ).run([banner] if banner else [])
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
     environ = {**os.environ, **({"DIALOG_LISTEN": args.listen} if args.listen else {})}
     if not args.dev:
-        asyncio.run(_serve(load_config(args.config, environ), None))
-        return
+        return _start(args, args.config, environ, None)
     paths = devstack.DevPaths((args.data_dir or devstack.default_data_dir()).absolute())
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     devstack.ensure_secret(paths.secret)
@@ -73,7 +105,7 @@ def _run(args: argparse.Namespace) -> None:
         embedded.start()
         devstack.write_config(paths, embedded.dsn, listen=args.listen or DEFAULT_LISTEN)
         banner = _DEV_BANNER.replace("{data_dir}", str(paths.data_dir))
-        asyncio.run(_serve(load_config(paths.config, environ), banner))
+        return _start(args, paths.config, environ, banner)
     finally:
         print("stopping embedded PostgreSQL", flush=True)
         embedded.stop()
@@ -92,14 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     # does, so the `finally` blocks stop an embedded PostgreSQL that was already started.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        _run(args)
+        return _run(args)
     except (ConfigError, StartupError, EmbeddedPostgresError, OSError) as exc:
         print(f"dialog-server: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dialog-server: interrupted during startup", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -52,8 +52,12 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
-    """Open storage, start serving on `config.listen` (port 0 picks one), drain and close on exit."""
+async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> AsyncIterator[RunningServer]:
+    """Open storage, start serving on `config.listen` (port 0 picks one), drain and close on exit.
+
+    `reuse_port` is for the worker processes of `dialog-server --workers` (server.supervisor),
+    which share a port their parent reserved; otherwise a taken port fails the start.
+    """
     verifier = TokenVerifier(config.auth)  # loads the key files: a bad one fails before any connection
     async with (
         ShardSet(config.shards, config.pool) as shards,
@@ -75,7 +79,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # gRPC itself refuses larger requests with RESOURCE_EXHAUSTED before any handler runs.
                 ("grpc.max_receive_message_length", limits.max_request_bytes),
                 ("grpc.max_metadata_size", limits.max_metadata_bytes),

@@ -36,7 +36,7 @@ Environment variables (they win over the file):
 - `DIALOG_SHARD_DSNS`: comma-separated DSNs, one per shard in id order; a
   single DSN with `DIALOG_NUM_SHARDS` puts that many tables in one database
   (the seed's layout: `messages_0..3` side by side).
-- `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`.
+- `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`, `DIALOG_WORKERS` (server processes, default 1).
 - `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key.
 - `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`.
 - `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key;
@@ -185,6 +185,8 @@ class ServerConfig:
     reflection: bool = True
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_seconds: float = 10.0
+    #: Server processes sharing the listening port (SO_REUSEPORT); `dialog-server --workers` wins.
+    workers: int = 1
 
     @property
     def num_shards(self) -> int:
@@ -296,7 +298,15 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         tls=_tls(data.get("tls"), base_dir),
         reflection=_bool(env.get("DIALOG_REFLECTION", data.get("reflection", True))),
         shutdown_grace_seconds=float(data.get("shutdown_grace_seconds", 10.0)),
+        workers=_workers(env.get("DIALOG_WORKERS", data.get("workers", 1))),
     )
+
+
+def _workers(value: object) -> int:
+    workers = int(str(value))
+    if not 1 <= workers <= 256:
+        raise ConfigError(f"workers must be in 1..256, got {workers}")
+    return workers
 
 
 def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfig, ...]:

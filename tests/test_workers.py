@@ -1,0 +1,249 @@
+"""`dialog-server --workers N`: real worker processes sharing one port, supervised by their parent.
+
+Which worker answered a call is read from the kernel, not from the server: after each call on a
+fresh connection, the new established socket on the server port is found in /proc/net/tcp{,6}
+and its inode among one worker's open files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server.supervisor import SupervisorError, reserve_port, split_listen
+from tests.conftest import rows_for_pair
+from tests.processes import child_env, write_server_config
+
+_SERVING = re.compile(r"dialog-shard serving on (\S+):(\d+) with (\d+) worker processes \(pids ([\d, ]+)\)")
+#: A fresh connection lands on one of two workers by hash: 40 tries miss one with odds 2**-39.
+_MAX_CONNECTIONS = 40
+
+
+@dataclass
+class Supervised:
+    process: asyncio.subprocess.Process
+    port: int
+    worker_pids: list[int]
+    output: list[str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+async def _start(config_path: Path, workers: int) -> Supervised:
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "dialog-server"),
+        "--config",
+        str(config_path),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "WARNING",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(),
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+
+    async def serving() -> re.Match[str]:
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            output.append(raw.decode().rstrip())
+            if match := _SERVING.search(output[-1]):
+                return match
+        raise AssertionError("dialog-server exited before serving:\n" + "\n".join(output))
+
+    match = await asyncio.wait_for(serving(), timeout=60)
+    pids = [int(p) for p in match.group(4).split(", ")]
+
+    async def drain_output() -> None:
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            output.append(raw.decode().rstrip())
+
+    asyncio.get_running_loop().create_task(drain_output())
+    return Supervised(process, int(match.group(2)), pids, output)
+
+
+@contextlib.asynccontextmanager
+async def _supervised(config_path: Path, workers: int) -> AsyncIterator[Supervised]:
+    running = await _start(config_path, workers)
+    try:
+        yield running
+    finally:
+        if running.process.returncode is None:
+            running.process.kill()
+            await running.process.wait()
+        for pid in running.worker_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _server_connections(port: int) -> dict[int, int]:
+    """Inode -> remote port of every established TCP socket whose local port is `port`."""
+    found: dict[int, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                parts = line.split()
+                local, remote, state, inode = parts[1], parts[2], parts[3], int(parts[9])
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    found[inode] = int(remote.rsplit(":", 1)[1], 16)
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+async def _wait_gone(pids: list[int], within: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while any(_alive(p) for p in pids):
+        assert asyncio.get_running_loop().time() < deadline, f"still running: {pids}"
+        await asyncio.sleep(0.05)
+
+
+async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigterm(
+    tmp_path: Path, server, cluster_config, jwt_secret, auth_for: Callable[..., object], new_pair
+) -> None:
+    config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
+    sender, peer = new_pair()
+    metadata = auth_for(sender)
+    async with _supervised(config_path, workers=2) as running:
+        assert len(running.worker_pids) == 2
+        # The reserved port refuses any other server: plain binds and other supervisors alike.
+        with pytest.raises(OSError) as caught, socket.socket() as intruder:
+            intruder.bind(("127.0.0.1", running.port))
+        assert caught.value.errno == errno.EADDRINUSE
+        with pytest.raises(SupervisorError, match="Address already in use"):
+            reserve_port(running.address)
+
+        channels: dict[int, grpc.aio.Channel] = {}  # worker pid -> a connection to it
+        sent: list[str] = []
+        for attempt in range(_MAX_CONNECTIONS):
+            if len(channels) == 2:
+                break
+            before = set(_server_connections(running.port))
+            # A local subchannel pool: each channel opens its own connection.
+            channel = grpc.aio.insecure_channel(
+                running.address, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            text = f"via connection {attempt}"
+            await pb_grpc.DialogServiceStub(channel).SendMessage(
+                pb.SendMessageRequest(from_user_id=sender, to_user_id=peer, text=text),
+                metadata=metadata,
+                timeout=10,
+            )
+            sent.append(text)
+            new = set(_server_connections(running.port)) - before
+            assert len(new) == 1, f"expected one new connection, found {len(new)}"
+            owner = [pid for pid in running.worker_pids if new & _socket_inodes(pid)]
+            assert len(owner) == 1
+            if owner[0] in channels:
+                await channel.close()
+            else:
+                channels[owner[0]] = channel
+        assert set(channels) == set(running.worker_pids), "every worker answers calls"
+
+        # What one worker stored, the other one reads.
+        first, second = (channels[pid] for pid in running.worker_pids)
+        for writer, reader in ((first, second), (second, first)):
+            text = f"written by one worker, read by the other {len(sent)}"
+            await pb_grpc.DialogServiceStub(writer).SendMessage(
+                pb.SendMessageRequest(from_user_id=sender, to_user_id=peer, text=text),
+                metadata=metadata,
+                timeout=10,
+            )
+            sent.append(text)
+            page = await pb_grpc.DialogServiceStub(reader).GetDialog(
+                pb.GetDialogRequest(user_id=sender, peer_user_id=peer, page_size=100),
+                metadata=metadata,
+                timeout=10,
+            )
+            assert sorted(m.text for m in page.messages) == sorted(sent)
+
+        # SIGTERM with calls in flight on both workers: every acknowledged message is stored,
+        # the parent exits 0 once both workers drained, and the port is free again.
+        calls = [
+            asyncio.ensure_future(
+                pb_grpc.DialogServiceStub(channel).SendMessage(
+                    pb.SendMessageRequest(from_user_id=sender, to_user_id=peer, text=f"at shutdown {i}"),
+                    metadata=metadata,
+                    timeout=10,
+                )
+            )
+            for i in range(20)
+            for channel in (channels[running.worker_pids[i % 2]],)
+        ]
+        await asyncio.sleep(0)
+        running.process.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert await asyncio.wait_for(running.process.wait(), timeout=30) == 0
+        for channel in channels.values():
+            await channel.close()
+    await _wait_gone(running.worker_pids)
+    acknowledged = {r.message.text for r in results if isinstance(r, pb.SendMessageResponse)}
+    refused = [r for r in results if not isinstance(r, pb.SendMessageResponse)]
+    assert all(isinstance(r, grpc.aio.AioRpcError) for r in refused), refused
+    stored = [row[3] for rows in rows_for_pair(cluster_config, (sender, peer)).values() for row in rows]
+    assert acknowledged <= set(stored)
+    assert sorted(t for t in stored if not t.startswith("at shutdown")) == sorted(sent)
+    assert any("draining in-flight calls in 2 workers" in line for line in running.output)
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", running.port))
+
+
+async def test_a_crashed_worker_stops_the_server_with_an_error(
+    tmp_path: Path, server, cluster_config, jwt_secret
+):
+    config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
+    async with _supervised(config_path, workers=2) as running:
+        crashed, other = running.worker_pids
+        os.kill(crashed, signal.SIGKILL)
+        assert await asyncio.wait_for(running.process.wait(), timeout=30) == 1
+        await _wait_gone([other])
+    assert any(
+        f"worker 0 (pid {crashed}) exited with signal SIGKILL; stopped the other workers" in line
+        for line in running.output
+    ), running.output
+
+
+def test_listen_addresses_split_into_host_and_port():
+    assert split_listen("127.0.0.1:50051") == ("127.0.0.1", 50051)
+    assert split_listen("[::1]:0") == ("::1", 0)
+    with pytest.raises(SupervisorError, match="expected host:port"):
+        split_listen("localhost")
