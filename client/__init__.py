@@ -1,5 +1,59 @@
-"""Python client of dialog-shard: generated stubs in `client.gen`, typed wrapper here."""
+"""Python client of dialog-shard: typed clients here, generated stubs in `client.gen`.
 
+    from client import ChannelSecurity, DialogClient
+
+    with DialogClient.connect("127.0.0.1:50051", ChannelSecurity(plaintext=True), token=get_token) as c:
+        sent = c.send_message(1, 2, "hello")
+        for message in c.iter_dialog(1, 2):
+            ...
+
+`DialogClient` / `AdminClient` block; `AsyncDialogClient` / `AsyncAdminClient` are their asyncio
+twins. Results are frozen dataclasses (`Message`, `DialogPage`, ...). Every call has a deadline
+(the client's `timeout`, or a per-call `timeout=`) that bounds all its attempts; UNAVAILABLE is
+retried with exponential backoff and jitter (honouring the server's RetryInfo), and SendMessage
+reuses one generated `request_id` across attempts so a retry never stores a message twice.
+Every failure is a `DialogShardError` carrying the gRPC code and the decoded details.
+"""
+
+from client._admin import AdminClient, AsyncAdminClient
 from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
+from client._dialog import AsyncDialogClient, DialogClient, new_request_id
+from client._errors import DialogShardError, FieldViolation
+from client._models import (
+    ClusterStats,
+    DialogPage,
+    Message,
+    Order,
+    OverridePage,
+    SentMessage,
+    ShardOverride,
+    ShardResolution,
+    ShardSource,
+    ShardStats,
+)
+from client._retry import RetryPolicy
 
-__all__ = ["ChannelSecurity", "TokenProvider", "aio_channel", "sync_channel"]
+__all__ = [
+    "AdminClient",
+    "AsyncAdminClient",
+    "AsyncDialogClient",
+    "ChannelSecurity",
+    "ClusterStats",
+    "DialogClient",
+    "DialogPage",
+    "DialogShardError",
+    "FieldViolation",
+    "Message",
+    "Order",
+    "OverridePage",
+    "RetryPolicy",
+    "SentMessage",
+    "ShardOverride",
+    "ShardResolution",
+    "ShardSource",
+    "ShardStats",
+    "TokenProvider",
+    "aio_channel",
+    "new_request_id",
+    "sync_channel",
+]

@@ -1,0 +1,271 @@
+"""Typed clients of dialog.v1.AdminService: `AdminClient` (blocking) and `AsyncAdminClient`.
+
+Every call needs a token with the admin claim (give the channel a token provider).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from client._calls import DEFAULT_TIMEOUT, AsyncCaller, Metadata, SyncCaller
+from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
+from client._models import ClusterStats, OverridePage, ShardOverride, ShardResolution, ShardSource
+from client._retry import RetryPolicy
+from client.gen.dialog.v1 import admin_service_pb2 as pb
+from client.gen.dialog.v1 import admin_service_pb2_grpc as pb_grpc
+
+
+def _overrides(response: pb.ListShardOverridesResponse) -> OverridePage:
+    return OverridePage(
+        tuple(ShardOverride.from_proto(o) for o in response.overrides), response.next_page_token
+    )
+
+
+def _resolution(response: pb.ResolveShardResponse) -> ShardResolution:
+    return ShardResolution(
+        response.shard_id, ShardSource(response.source), response.hash_shard_id, response.bucket
+    )
+
+
+class AdminClient(SyncCaller):
+    """Blocking AdminService client; methods take keyword-only `timeout` and `metadata` like DialogClient.
+
+    Setting an override is safe to repeat, deleting one is not (a repeat after a lost answer
+    would say NOT_FOUND), so only UNAVAILABLE retries `delete_override`.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        owns_channel: bool = False,
+    ) -> None:
+        super().__init__(channel, timeout=timeout, retry=retry, owns_channel=owns_channel)
+        self._stub = pb_grpc.AdminServiceStub(channel)
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        security: ChannelSecurity,
+        *,
+        token: TokenProvider | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> AdminClient:
+        """A client on its own channel to `address` (`host:port`), closed with the client."""
+        channel = sync_channel(address, security, token=token, options=options)
+        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
+
+    def set_override(
+        self,
+        user_id_1: int,
+        user_id_2: int,
+        shard_id: int,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> ShardOverride:
+        """Pin a pair to a shard (FAILED_PRECONDITION while the pair has messages elsewhere)."""
+        request = pb.SetShardOverrideRequest(user_id_1=user_id_1, user_id_2=user_id_2, shard_id=shard_id)
+        response = self._call(
+            self._stub.SetShardOverride, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return ShardOverride.from_proto(response.override)
+
+    def delete_override(
+        self,
+        user_id_1: int,
+        user_id_2: int,
+        *,
+        allow_missing: bool = False,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> int:
+        """Send a pair back to its hash shard; returns that shard id."""
+        request = pb.DeleteShardOverrideRequest(
+            user_id_1=user_id_1, user_id_2=user_id_2, allow_missing=allow_missing
+        )
+        response = self._call(
+            self._stub.DeleteShardOverride,
+            request,
+            timeout=timeout,
+            metadata=metadata,
+            safe_to_repeat=allow_missing,
+        )
+        return response.shard_id
+
+    def list_overrides(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> OverridePage:
+        """One page of overrides, ordered by pair."""
+        request = pb.ListShardOverridesRequest(page_size=page_size, page_token=page_token)
+        response = self._call(
+            self._stub.ListShardOverrides, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return _overrides(response)
+
+    def iter_overrides(
+        self, *, page_size: int = 0, timeout: float | None = None, metadata: Metadata = ()
+    ) -> Iterator[ShardOverride]:
+        """Every override, following next_page_token; `timeout` applies per page."""
+        token = ""
+        while True:
+            page = self.list_overrides(
+                page_size=page_size, page_token=token, timeout=timeout, metadata=metadata
+            )
+            yield from page.overrides
+            token = page.next_page_token
+            if not token:
+                return
+
+    def resolve_shard(
+        self, user_id_1: int, user_id_2: int, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> ShardResolution:
+        """Which shard holds the pair's dialog, and why."""
+        request = pb.ResolveShardRequest(user_id_1=user_id_1, user_id_2=user_id_2)
+        response = self._call(
+            self._stub.ResolveShard, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return _resolution(response)
+
+    def get_stats(self, *, timeout: float | None = None, metadata: Metadata = ()) -> ClusterStats:
+        """Messages and overrides per shard."""
+        response = self._call(
+            self._stub.GetShardStats,
+            pb.GetShardStatsRequest(),
+            timeout=timeout,
+            metadata=metadata,
+            safe_to_repeat=True,
+        )
+        return ClusterStats.from_proto(response)
+
+
+class AsyncAdminClient(AsyncCaller):
+    """The asyncio twin of `AdminClient`: same methods, awaited; `async with` closes it."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        owns_channel: bool = False,
+    ) -> None:
+        super().__init__(channel, timeout=timeout, retry=retry, owns_channel=owns_channel)
+        self._stub = pb_grpc.AdminServiceStub(channel)
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        security: ChannelSecurity,
+        *,
+        token: TokenProvider | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> AsyncAdminClient:
+        """A client on its own channel to `address` (`host:port`), closed with the client."""
+        channel = aio_channel(address, security, token=token, options=options)
+        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
+
+    async def set_override(
+        self,
+        user_id_1: int,
+        user_id_2: int,
+        shard_id: int,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> ShardOverride:
+        """Pin a pair to a shard (FAILED_PRECONDITION while the pair has messages elsewhere)."""
+        request = pb.SetShardOverrideRequest(user_id_1=user_id_1, user_id_2=user_id_2, shard_id=shard_id)
+        response = await self._call(
+            self._stub.SetShardOverride, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return ShardOverride.from_proto(response.override)
+
+    async def delete_override(
+        self,
+        user_id_1: int,
+        user_id_2: int,
+        *,
+        allow_missing: bool = False,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> int:
+        """Send a pair back to its hash shard; returns that shard id."""
+        request = pb.DeleteShardOverrideRequest(
+            user_id_1=user_id_1, user_id_2=user_id_2, allow_missing=allow_missing
+        )
+        response = await self._call(
+            self._stub.DeleteShardOverride,
+            request,
+            timeout=timeout,
+            metadata=metadata,
+            safe_to_repeat=allow_missing,
+        )
+        return response.shard_id
+
+    async def list_overrides(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> OverridePage:
+        """One page of overrides, ordered by pair."""
+        request = pb.ListShardOverridesRequest(page_size=page_size, page_token=page_token)
+        response = await self._call(
+            self._stub.ListShardOverrides, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return _overrides(response)
+
+    async def iter_overrides(
+        self, *, page_size: int = 0, timeout: float | None = None, metadata: Metadata = ()
+    ) -> AsyncIterator[ShardOverride]:
+        """Every override, following next_page_token; `timeout` applies per page."""
+        token = ""
+        while True:
+            page = await self.list_overrides(
+                page_size=page_size, page_token=token, timeout=timeout, metadata=metadata
+            )
+            for override in page.overrides:
+                yield override
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def resolve_shard(
+        self, user_id_1: int, user_id_2: int, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> ShardResolution:
+        """Which shard holds the pair's dialog, and why."""
+        request = pb.ResolveShardRequest(user_id_1=user_id_1, user_id_2=user_id_2)
+        response = await self._call(
+            self._stub.ResolveShard, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return _resolution(response)
+
+    async def get_stats(self, *, timeout: float | None = None, metadata: Metadata = ()) -> ClusterStats:
+        """Messages and overrides per shard."""
+        response = await self._call(
+            self._stub.GetShardStats,
+            pb.GetShardStatsRequest(),
+            timeout=timeout,
+            metadata=metadata,
+            safe_to_repeat=True,
+        )
+        return ClusterStats.from_proto(response)

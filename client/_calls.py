@@ -1,0 +1,160 @@
+"""One logical call = attempts with backoff under one deadline; sync and asyncio flavours.
+
+Both flavours share the decisions (`client._retry.Attempts`) and the error mapping
+(`client._errors.error_from_rpc`); they differ only in how they call and how they sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from client._errors import DialogShardError, error_from_rpc
+from client._retry import Attempts, RetryPolicy
+
+_Response = TypeVar("_Response")
+
+#: Metadata pairs added to one call, e.g. `[("x-trace-id", "abc")]`.
+Metadata = Sequence[tuple[str, str]]
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class _Base:
+    def __init__(self, *, timeout: float | None, retry: RetryPolicy, owns_channel: bool) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+        self._timeout = timeout
+        self._retry = retry
+        self._owns_channel = owns_channel
+        self._rng = random.Random()
+        self._closed = False
+
+    def _attempts(self, timeout: float | None, safe_to_repeat: bool) -> Attempts:
+        if self._closed:
+            raise RuntimeError(f"the {type(self).__name__} is closed")
+        return Attempts(
+            self._retry,
+            self._timeout if timeout is None else timeout,
+            safe_to_repeat=safe_to_repeat,
+            rng=self._rng,
+        )
+
+    def __del__(self) -> None:
+        if self._owns_channel and not getattr(self, "_closed", True):
+            warnings.warn(
+                f"unclosed {type(self).__name__}: use it with `with` or call close()",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+
+class SyncCaller(_Base):
+    """Blocking calls over a `grpc.Channel`; a context manager that closes the channel it owns."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        owns_channel: bool = False,
+    ) -> None:
+        super().__init__(timeout=timeout, retry=retry or RetryPolicy(), owns_channel=owns_channel)
+        self._channel = channel
+        #: How the client waits between attempts (replaceable in tests).
+        self._sleep: Callable[[float], None] = time.sleep
+
+    def _call(
+        self,
+        method: Callable[..., _Response],
+        request: Any,
+        *,
+        timeout: float | None,
+        metadata: Metadata,
+        safe_to_repeat: bool,
+    ) -> _Response:
+        attempts = self._attempts(timeout, safe_to_repeat)
+        while True:
+            try:
+                return method(request, timeout=attempts.next_timeout(), metadata=tuple(metadata))
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc, attempts=attempts.count)
+            delay = attempts.delay_before_retry(error)
+            if delay is None:
+                raise error
+            self._sleep(delay)
+
+    def close(self) -> None:
+        """Close the channel if this client opened it; idempotent."""
+        if not self._closed and self._owns_channel:
+            self._channel.close()
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncCaller(_Base):
+    """Awaitable calls over a `grpc.aio.Channel`; an async context manager closing the channel it owns."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        owns_channel: bool = False,
+    ) -> None:
+        super().__init__(timeout=timeout, retry=retry or RetryPolicy(), owns_channel=owns_channel)
+        self._channel = channel
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[_Response]],
+        request: Any,
+        *,
+        timeout: float | None,
+        metadata: Metadata,
+        safe_to_repeat: bool,
+    ) -> _Response:
+        attempts = self._attempts(timeout, safe_to_repeat)
+        while True:
+            try:
+                return await method(request, timeout=attempts.next_timeout(), metadata=tuple(metadata))
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc, attempts=attempts.count)
+            delay = attempts.delay_before_retry(error)
+            if delay is None:
+                raise error
+            await self._sleep(delay)
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it; idempotent."""
+        if not self._closed and self._owns_channel:
+            await self._channel.close()
+        self._closed = True
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+__all__ = ["DEFAULT_TIMEOUT", "AsyncCaller", "DialogShardError", "Metadata", "SyncCaller"]

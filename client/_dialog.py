@@ -1,0 +1,251 @@
+"""Typed clients of dialog.v1.DialogService: `DialogClient` (blocking) and `AsyncDialogClient`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from client._calls import DEFAULT_TIMEOUT, AsyncCaller, Metadata, SyncCaller
+from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
+from client._models import DialogPage, Message, Order, SentMessage
+from client._retry import RetryPolicy
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key (32 hex digits): one per logical message, reused by its retries."""
+    return uuid.uuid4().hex
+
+
+def _send_request(from_user_id: int, to_user_id: int, text: str, request_id: str) -> pb.SendMessageRequest:
+    return pb.SendMessageRequest(
+        from_user_id=from_user_id, to_user_id=to_user_id, text=text, request_id=request_id
+    )
+
+
+def _dialog_request(
+    user_id: int, peer_user_id: int, page_size: int, page_token: str, order: Order
+) -> pb.GetDialogRequest:
+    return pb.GetDialogRequest(
+        user_id=user_id,
+        peer_user_id=peer_user_id,
+        page_size=page_size,
+        page_token=page_token,
+        order=order.value,
+    )
+
+
+def _sent(response: pb.SendMessageResponse, request_id: str) -> SentMessage:
+    return SentMessage(Message.from_proto(response.message), response.replayed, request_id)
+
+
+def _page(response: pb.GetDialogResponse) -> DialogPage:
+    return DialogPage(tuple(Message.from_proto(m) for m in response.messages), response.next_page_token)
+
+
+class DialogClient(SyncCaller):
+    """Blocking DialogService client; every method takes keyword-only `timeout` and `metadata`.
+
+    `timeout` (seconds) bounds the whole call, retries included; None uses the client's default.
+    Failures raise `DialogShardError`. Build one with `DialogClient.connect(...)`, or wrap a
+    channel you manage (`DialogClient(channel)`; closing the client then leaves it open).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        owns_channel: bool = False,
+    ) -> None:
+        super().__init__(channel, timeout=timeout, retry=retry, owns_channel=owns_channel)
+        self._stub = pb_grpc.DialogServiceStub(channel)
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        security: ChannelSecurity,
+        *,
+        token: TokenProvider | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> DialogClient:
+        """A client on its own channel to `address` (`host:port`), closed with the client."""
+        channel = sync_channel(address, security, token=token, options=options)
+        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
+
+    def send_message(
+        self,
+        from_user_id: int,
+        to_user_id: int,
+        text: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> SentMessage:
+        """Store a message; retried safely: every attempt carries the same request_id."""
+        request_id = request_id or new_request_id()
+        response = self._call(
+            self._stub.SendMessage,
+            _send_request(from_user_id, to_user_id, text, request_id),
+            timeout=timeout,
+            metadata=metadata,
+            safe_to_repeat=True,
+        )
+        return _sent(response, request_id)
+
+    def get_dialog(
+        self,
+        user_id: int,
+        peer_user_id: int,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        order: Order = Order.NEWEST_FIRST,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> DialogPage:
+        """One page of the dialog of `user_id` with `peer_user_id` (page_size 0: the server's default)."""
+        response = self._call(
+            self._stub.GetDialog,
+            _dialog_request(user_id, peer_user_id, page_size, page_token, order),
+            timeout=timeout,
+            metadata=metadata,
+            safe_to_repeat=True,
+        )
+        return _page(response)
+
+    def iter_dialog(
+        self,
+        user_id: int,
+        peer_user_id: int,
+        *,
+        page_size: int = 0,
+        order: Order = Order.NEWEST_FIRST,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> Iterator[Message]:
+        """Every message of the dialog, following next_page_token; `timeout` applies per page."""
+        token = ""
+        while True:
+            page = self.get_dialog(
+                user_id,
+                peer_user_id,
+                page_size=page_size,
+                page_token=token,
+                order=order,
+                timeout=timeout,
+                metadata=metadata,
+            )
+            yield from page.messages
+            token = page.next_page_token
+            if not token:
+                return
+
+
+class AsyncDialogClient(AsyncCaller):
+    """The asyncio twin of `DialogClient`: same methods, awaited; `async with` closes it."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        owns_channel: bool = False,
+    ) -> None:
+        super().__init__(channel, timeout=timeout, retry=retry, owns_channel=owns_channel)
+        self._stub = pb_grpc.DialogServiceStub(channel)
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        security: ChannelSecurity,
+        *,
+        token: TokenProvider | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> AsyncDialogClient:
+        """A client on its own channel to `address` (`host:port`), closed with the client."""
+        channel = aio_channel(address, security, token=token, options=options)
+        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
+
+    async def send_message(
+        self,
+        from_user_id: int,
+        to_user_id: int,
+        text: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> SentMessage:
+        """Store a message; retried safely: every attempt carries the same request_id."""
+        request_id = request_id or new_request_id()
+        response = await self._call(
+            self._stub.SendMessage,
+            _send_request(from_user_id, to_user_id, text, request_id),
+            timeout=timeout,
+            metadata=metadata,
+            safe_to_repeat=True,
+        )
+        return _sent(response, request_id)
+
+    async def get_dialog(
+        self,
+        user_id: int,
+        peer_user_id: int,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        order: Order = Order.NEWEST_FIRST,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> DialogPage:
+        """One page of the dialog of `user_id` with `peer_user_id` (page_size 0: the server's default)."""
+        response = await self._call(
+            self._stub.GetDialog,
+            _dialog_request(user_id, peer_user_id, page_size, page_token, order),
+            timeout=timeout,
+            metadata=metadata,
+            safe_to_repeat=True,
+        )
+        return _page(response)
+
+    async def iter_dialog(
+        self,
+        user_id: int,
+        peer_user_id: int,
+        *,
+        page_size: int = 0,
+        order: Order = Order.NEWEST_FIRST,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> AsyncIterator[Message]:
+        """Every message of the dialog, following next_page_token; `timeout` applies per page."""
+        token = ""
+        while True:
+            page = await self.get_dialog(
+                user_id,
+                peer_user_id,
+                page_size=page_size,
+                page_token=token,
+                order=order,
+                timeout=timeout,
+                metadata=metadata,
+            )
+            for message in page.messages:
+                yield message
+            token = page.next_page_token
+            if not token:
+                return
