@@ -12,7 +12,15 @@ import grpc
 
 from client._calls import DEFAULT_TIMEOUT, AsyncCaller, Metadata, SyncCaller
 from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
-from client._models import ClusterStats, OverridePage, ShardOverride, ShardResolution, ShardSource
+from client._models import (
+    ClusterStats,
+    OverridePage,
+    PlacedMessage,
+    PlacedMessagePage,
+    ShardOverride,
+    ShardResolution,
+    ShardSource,
+)
 from client._retry import RetryPolicy
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc as pb_grpc
@@ -21,6 +29,23 @@ from client.gen.dialog.v1 import admin_service_pb2_grpc as pb_grpc
 def _overrides(response: pb.ListShardOverridesResponse) -> OverridePage:
     return OverridePage(
         tuple(ShardOverride.from_proto(o) for o in response.overrides), response.next_page_token
+    )
+
+
+def _messages_request(
+    pair: tuple[int, int] | None, shard_id: int | None, page_size: int, page_token: str
+) -> pb.ListMessagesRequest:
+    request = pb.ListMessagesRequest(page_size=page_size, page_token=page_token)
+    if pair is not None:
+        request.user_id_1, request.user_id_2 = pair
+    if shard_id is not None:
+        request.shard_id = shard_id
+    return request
+
+
+def _placed(response: pb.ListMessagesResponse) -> PlacedMessagePage:
+    return PlacedMessagePage(
+        tuple(PlacedMessage.from_proto(m) for m in response.messages), response.next_page_token
     )
 
 
@@ -151,6 +176,48 @@ class AdminClient(SyncCaller):
         )
         return ClusterStats.from_proto(response)
 
+    def list_messages(
+        self,
+        *,
+        pair: tuple[int, int] | None = None,
+        shard_id: int | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> PlacedMessagePage:
+        """One page of stored messages with their placement, by shard then id; filter by pair or shard."""
+        request = _messages_request(pair, shard_id, page_size, page_token)
+        response = self._call(
+            self._stub.ListMessages, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return _placed(response)
+
+    def iter_messages(
+        self,
+        *,
+        pair: tuple[int, int] | None = None,
+        shard_id: int | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> Iterator[PlacedMessage]:
+        """Every stored message matching the filters, following next_page_token."""
+        token = ""
+        while True:
+            page = self.list_messages(
+                pair=pair,
+                shard_id=shard_id,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+                metadata=metadata,
+            )
+            yield from page.messages
+            token = page.next_page_token
+            if not token:
+                return
+
 
 class AsyncAdminClient(AsyncCaller):
     """The asyncio twin of `AdminClient`: same methods, awaited; `async with` closes it."""
@@ -269,3 +336,46 @@ class AsyncAdminClient(AsyncCaller):
             safe_to_repeat=True,
         )
         return ClusterStats.from_proto(response)
+
+    async def list_messages(
+        self,
+        *,
+        pair: tuple[int, int] | None = None,
+        shard_id: int | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> PlacedMessagePage:
+        """One page of stored messages with their placement, by shard then id; filter by pair or shard."""
+        request = _messages_request(pair, shard_id, page_size, page_token)
+        response = await self._call(
+            self._stub.ListMessages, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return _placed(response)
+
+    async def iter_messages(
+        self,
+        *,
+        pair: tuple[int, int] | None = None,
+        shard_id: int | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> AsyncIterator[PlacedMessage]:
+        """Every stored message matching the filters, following next_page_token."""
+        token = ""
+        while True:
+            page = await self.list_messages(
+                pair=pair,
+                shard_id=shard_id,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+                metadata=metadata,
+            )
+            for message in page.messages:
+                yield message
+            token = page.next_page_token
+            if not token:
+                return

@@ -135,3 +135,29 @@ class ClusterStats:
             for s in r.shards
         )
         return cls(shards, r.num_shards, r.total_message_count, r.override_count)
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedMessage:
+    """A stored message, the shard holding it and why its pair is placed where it is."""
+
+    message: Message
+    shard_id: int
+    source: ShardSource
+    #: Where the pair resolves now; differs from shard_id only while the message awaits a move.
+    resolved_shard_id: int
+    bucket: int
+
+    @classmethod
+    def from_proto(cls, m: admin_pb.PlacedMessage) -> PlacedMessage:
+        return cls(
+            Message.from_proto(m.message), m.shard_id, ShardSource(m.source), m.resolved_shard_id, m.bucket
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedMessagePage:
+    """One page of AdminService.ListMessages."""
+
+    messages: tuple[PlacedMessage, ...]
+    next_page_token: str

@@ -29,6 +29,7 @@ class PageTokenCodec:
     #: Token kinds; a token of one list cannot page another.
     DIALOG = 1
     OVERRIDES = 2
+    MESSAGES = 3
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:

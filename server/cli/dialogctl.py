@@ -561,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command(commands, "stats", cmd_stats, "messages and overrides per shard, and how evenly they spread")
+
+    from server.cli import backup, messages  # here: they import this module
+
+    for extension in (messages, backup):
+        extension.register(commands, command)
     return parser
 
 

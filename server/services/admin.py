@@ -15,6 +15,7 @@ from server.errors import ShardUnavailable
 from server.pagination import InvalidPageToken, PageTokenCodec
 from server.placement import Placement
 from server.routing import Pair, ShardSource
+from server.services.admin_messages import list_placed_messages
 from server.services.convert import timestamp
 from server.services.validation import Violations, check_pair, page_size
 from server.storage.overrides import OverrideRow
@@ -148,3 +149,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
             total_message_count=sum(n or 0 for n in counts),
             override_count=self._placement.router.override_count,
         )
+
+    async def ListMessages(
+        self, request: pb.ListMessagesRequest, context: Context
+    ) -> pb.ListMessagesResponse:
+        return await list_placed_messages(request, self._placement, self._shards, self._tokens)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from client.gen.dialog.v1 import dialog_service_pb2 as _dialog_service_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -398,3 +399,119 @@ class GetShardStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetShardStatsResponse: _TypeAlias = GetShardStatsResponse  # noqa: Y015
+
+@_typing.final
+class ListMessagesRequest(_message.Message):
+    """Request of AdminService.ListMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_1_FIELD_NUMBER: _builtins.int
+    USER_ID_2_FIELD_NUMBER: _builtins.int
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id_1: _builtins.int
+    """With `user_id_2`, lists only the dialog of this pair (order does not
+    matter); both zero lists every pair.
+    """
+    user_id_2: _builtins.int
+    """The other user of the pair filter."""
+    shard_id: _builtins.int
+    """When set, lists only the messages stored on this shard."""
+    page_size: _builtins.int
+    """Maximum number of messages to return: 0 means 100, values above 1000
+    are treated as 1000, negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of a previous response with the same filters, or
+    empty for the first page.
+    """
+    def __init__(
+        self,
+        *,
+        user_id_1: _builtins.int = ...,
+        user_id_2: _builtins.int = ...,
+        shard_id: _builtins.int | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard_id", b"_shard_id", "shard_id", b"shard_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard_id", b"_shard_id", "page_size", b"page_size", "page_token", b"page_token", "shard_id", b"shard_id", "user_id_1", b"user_id_1", "user_id_2", b"user_id_2"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__shard_id: _TypeAlias = _typing.Literal["shard_id"]  # noqa: Y015
+    _WhichOneofArgType__shard_id: _TypeAlias = _typing.Literal["_shard_id", b"_shard_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard_id) -> _WhichOneofReturnType__shard_id | None: ...
+
+Global___ListMessagesRequest: _TypeAlias = ListMessagesRequest  # noqa: Y015
+
+@_typing.final
+class PlacedMessage(_message.Message):
+    """A stored message and where it lives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    RESOLVED_SHARD_ID_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.int
+    """Shard that stores the message."""
+    source: Global___ShardSource.ValueType
+    """Why the pair resolves to `resolved_shard_id`."""
+    resolved_shard_id: _builtins.int
+    """Shard the pair resolves to now; differs from `shard_id` only while the
+    message has not been moved to its pair's current shard.
+    """
+    bucket: _builtins.int
+    """The pair's hash bucket (hash modulo 4096)."""
+    @_builtins.property
+    def message(self) -> _dialog_service_pb2.Message:
+        """The message."""
+
+    def __init__(
+        self,
+        *,
+        message: _dialog_service_pb2.Message | None = ...,
+        shard_id: _builtins.int = ...,
+        source: Global___ShardSource.ValueType = ...,
+        resolved_shard_id: _builtins.int = ...,
+        bucket: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "message", b"message", "resolved_shard_id", b"resolved_shard_id", "shard_id", b"shard_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacedMessage: _TypeAlias = PlacedMessage  # noqa: Y015
+
+@_typing.final
+class ListMessagesResponse(_message.Message):
+    """Response of AdminService.ListMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more messages."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlacedMessage]:
+        """Messages ordered by (shard_id, message_id)."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___PlacedMessage] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015

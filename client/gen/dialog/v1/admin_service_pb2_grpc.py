@@ -61,6 +61,11 @@ class AdminServiceStub:
                 request_serializer=dialog_dot_v1_dot_admin__service__pb2.GetShardStatsRequest.SerializeToString,
                 response_deserializer=dialog_dot_v1_dot_admin__service__pb2.GetShardStatsResponse.FromString,
                 _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/dialog.v1.AdminService/ListMessages',
+                request_serializer=dialog_dot_v1_dot_admin__service__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=dialog_dot_v1_dot_admin__service__pb2.ListMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -105,6 +110,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMessages(self, request, context):
+        """Lists stored messages with the shard holding each and why the pair is
+        placed there, ordered by shard and message id; filters by pair or shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +145,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetShardStats,
                     request_deserializer=dialog_dot_v1_dot_admin__service__pb2.GetShardStatsRequest.FromString,
                     response_serializer=dialog_dot_v1_dot_admin__service__pb2.GetShardStatsResponse.SerializeToString,
+            ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=dialog_dot_v1_dot_admin__service__pb2.ListMessagesRequest.FromString,
+                    response_serializer=dialog_dot_v1_dot_admin__service__pb2.ListMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +289,33 @@ class AdminService:
             '/dialog.v1.AdminService/GetShardStats',
             dialog_dot_v1_dot_admin__service__pb2.GetShardStatsRequest.SerializeToString,
             dialog_dot_v1_dot_admin__service__pb2.GetShardStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dialog.v1.AdminService/ListMessages',
+            dialog_dot_v1_dot_admin__service__pb2.ListMessagesRequest.SerializeToString,
+            dialog_dot_v1_dot_admin__service__pb2.ListMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,10 @@ class AdminServiceStub:
     """Tells which shard holds a pair's dialog and why."""
     GetShardStats: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetShardStatsRequest, _admin_service_pb2.GetShardStatsResponse]
     """Counts messages and overrides per shard."""
+    ListMessages: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListMessagesRequest, _admin_service_pb2.ListMessagesResponse]
+    """Lists stored messages with the shard holding each and why the pair is
+    placed there, ordered by shard and message id; filters by pair or shard.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -71,6 +75,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Tells which shard holds a pair's dialog and why."""
     GetShardStats: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetShardStatsRequest, _admin_service_pb2.GetShardStatsResponse]  # type: ignore[assignment]
     """Counts messages and overrides per shard."""
+    ListMessages: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListMessagesRequest, _admin_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
+    """Lists stored messages with the shard holding each and why the pair is
+    placed there, ordered by shard and message id; filters by pair or shard.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService lets operators inspect and steer shard placement. Every call
@@ -120,5 +128,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.GetShardStatsResponse, _abc.Awaitable[_admin_service_pb2.GetShardStatsResponse]]:
         """Counts messages and overrides per shard."""
+
+    @_abc_1.abstractmethod
+    def ListMessages(
+        self,
+        request: _admin_service_pb2.ListMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListMessagesResponse, _abc.Awaitable[_admin_service_pb2.ListMessagesResponse]]:
+        """Lists stored messages with the shard holding each and why the pair is
+        placed there, ordered by shard and message id; filters by pair or shard.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

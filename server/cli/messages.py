@@ -1,0 +1,104 @@
+"""`dialogctl messages`: stored messages with their shard and placement reason (the seed's debug_messages).
+
+    dialogctl messages                      # first page over all shards
+    dialogctl messages --pair 1 2 --all     # every message of one dialog, wherever it is stored
+    dialogctl messages --shard 3 --json     # one shard, as JSON
+
+Calls AdminService.ListMessages; `--all` follows next_page_token to the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
+from server.cli.dialogctl import (
+    CliError,
+    Session,
+    _int64,
+    _message_dict,
+    _page_size,
+    _print_json,
+    _shard_id,
+    _source_name,
+    format_table,
+)
+from server.cli.progress import Progress
+
+_TEXT_WIDTH = 40
+_HEADERS = ("SHARD", "MESSAGE_ID", "FROM", "TO", "CREATED", "PLACEMENT", "TEXT")
+
+
+def _placement(m: admin_pb.PlacedMessage) -> str:
+    reason = _source_name(m.source)
+    if m.resolved_shard_id != m.shard_id:
+        return f"{reason} -> {m.resolved_shard_id} (not moved yet)"
+    return reason
+
+
+def _short(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _TEXT_WIDTH else flat[: _TEXT_WIDTH - 1] + "…"
+
+
+def cmd_messages(session: Session) -> int:
+    args = session.args
+    request = admin_pb.ListMessagesRequest(page_size=args.page_size, page_token=args.page_token)
+    if args.pair is not None:
+        request.user_id_1, request.user_id_2 = args.pair
+    if args.shard is not None:
+        request.shard_id = args.shard
+    stub = session.admin_stub()
+    collected: list[admin_pb.PlacedMessage] = []
+    seen_tokens: set[str] = set()
+    with Progress("messages") as progress:
+        while True:
+            response = session.call(stub.ListMessages, request)
+            collected.extend(response.messages)
+            progress.update(f"{len(collected)} fetched")
+            token = response.next_page_token
+            if not args.all or not token:
+                break
+            if token in seen_tokens:
+                raise CliError("the server returned the same page token twice; stopping", 1)
+            seen_tokens.add(token)
+            request.page_token = token
+    if session.json:
+        _print_json(_message_dict(admin_pb.ListMessagesResponse(messages=collected, next_page_token=token)))
+        return 0
+    rows = [
+        [
+            m.shard_id,
+            m.message.message_id,
+            m.message.from_user_id,
+            m.message.to_user_id,
+            m.message.create_time.ToJsonString(),
+            _placement(m),
+            _short(m.message.text),
+        ]
+        for m in collected
+    ]
+    if rows:
+        print(format_table(_HEADERS, rows, right=(0, 2, 3)))
+    print(f"{len(collected)} message{'' if len(collected) == 1 else 's'}")
+    if token:
+        print(f"more: dialogctl messages ... --page-token {token}   (or --all)")
+    return 0
+
+
+def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add `messages` to dialogctl's subcommands."""
+    parser = command(
+        commands, "messages", cmd_messages, "list stored messages with their shard and placement reason"
+    )
+    parser.add_argument(
+        "--pair", nargs=2, type=_int64, metavar=("A", "B"), help="only the dialog of users A and B"
+    )
+    parser.add_argument("--shard", type=_shard_id, metavar="SHARD", help="only messages stored on SHARD")
+    parser.add_argument(
+        "--page-size", type=_page_size, default=0, metavar="N", help="messages per page (default 100)"
+    )
+    parser.add_argument("--page-token", default="", metavar="TOKEN", help="continue after an earlier page")
+    parser.add_argument("--all", action="store_true", help="follow next_page_token to the last page")

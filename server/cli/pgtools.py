@@ -1,0 +1,83 @@
+"""Finding and running PostgreSQL's client programs (pg_dump, pg_restore) for dialogctl.
+
+Search order: `--pg-bindir DIR`, `$DIALOG_PG_BINDIR`, `PATH`, `pg_config --bindir`, the binaries
+bundled by the PyPI package `pgserver`. A password in a DSN goes to the child in `PGPASSWORD`,
+never on its command line (where `ps` would show it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from server.cli.dialogctl import CliError
+
+#: Exit status of a failed external program (pg_dump, pg_restore).
+EXIT_TOOL_FAILED = 1
+
+_INSTALL_HINT = (
+    "install the PostgreSQL client programs (e.g. `apt-get install postgresql-client`, "
+    "`brew install libpq`), or pass --pg-bindir DIR (or set DIALOG_PG_BINDIR) to where they are"
+)
+
+
+def _candidates(bindir: Path | None) -> list[Path]:
+    dirs: list[Path] = []
+    if bindir is not None:
+        return [bindir.expanduser()]
+    env = os.environ.get("DIALOG_PG_BINDIR")
+    if env:
+        return [Path(env).expanduser()]
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+            if out:
+                dirs.append(Path(out))
+    with contextlib.suppress(ImportError, ValueError):
+        spec = importlib.util.find_spec("pgserver")  # does not import it (importing has side effects)
+        if spec is not None and spec.submodule_search_locations:
+            dirs.append(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin")
+    return dirs
+
+
+def find_tool(name: str, bindir: Path | None = None) -> Path:
+    """The path of PostgreSQL program `name`, or a CliError saying how to get it."""
+    if bindir is None and not os.environ.get("DIALOG_PG_BINDIR"):
+        on_path = shutil.which(name)
+        if on_path is not None:
+            return Path(on_path)
+    for directory in _candidates(bindir):
+        candidate = directory / name
+        if os.access(candidate, os.X_OK):
+            return candidate
+    where = f" in {bindir}" if bindir is not None else ""
+    raise CliError(f"{name} not found{where}: {_INSTALL_HINT}")
+
+
+def run_tool(program: Path, args: Sequence[str], dsn: str, what: str) -> str:
+    """Run `program args --dbname=DSN`; its stderr's last line becomes the error when it fails."""
+    params = conninfo_to_dict(dsn)
+    password = params.pop("password", None)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    argv = [str(program), *args, "--dbname=" + make_conninfo("", **params)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    except OSError as exc:
+        raise CliError(f"cannot run {program}: {exc.strerror or exc}", EXIT_TOOL_FAILED) from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {done.returncode}"
+        raise CliError(f"{what}: {program.name} failed: {reason}", EXIT_TOOL_FAILED)
+    return done.stderr
