@@ -11,6 +11,7 @@ Exception tree::
     ├── FailedPrecondition       FAILED_PRECONDITION: the system is not in a state that allows it
     ├── ResourceExhausted        RESOURCE_EXHAUSTED + google.rpc.RetryInfo: over a rate limit; retry later
     ├── ShardUnavailable         UNAVAILABLE + google.rpc.RetryInfo: a shard's database cannot be reached
+    ├── DialogMoving             UNAVAILABLE + google.rpc.RetryInfo: the dialog is moving between shards
     └── InternalError            INTERNAL: a bug; details only in the server log
 
 Every status carries a `google.rpc.ErrorInfo` with an UPPER_SNAKE `reason` and the
@@ -165,6 +166,27 @@ class ShardUnavailable(ServiceError):
 
     def details(self) -> list[object]:
         return [_retry_info(self.retry_after_seconds)]
+
+
+class DialogMoving(ServiceError):
+    """The dialog's messages are moving between shards; retrying after RetryInfo's delay is safe."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "DIALOG_MOVING"
+    #: How long a move keeps writes of the moving dialog paused: the final catch-up copy,
+    #: the routing flip and its NOTIFY reaching every server (normally well under a second).
+    RETRY_AFTER_SECONDS = 0.2
+
+    def __init__(self, shard_id: int) -> None:
+        super().__init__(
+            f"the dialog is moving away from shard {shard_id}; retry in a moment "
+            "(SendMessage with the same request_id is safe to retry)",
+            metadata={"shard_id": str(shard_id)},
+        )
+        self.shard_id = shard_id
+
+    def details(self) -> list[object]:
+        return [_retry_info(self.RETRY_AFTER_SECONDS)]
 
 
 class InternalError(ServiceError):

@@ -1,8 +1,8 @@
 """Placement of pairs on shards: the router, its shard-map mirror and override changes.
 
 `Placement` owns the control database's pool and the LISTEN/NOTIFY mirror; it
-resolves pairs without I/O and changes overrides only when that cannot strand
-a pair's existing messages (moving them comes with the resharding work).
+resolves pairs without I/O and changes overrides through `server.mover`, which
+moves a pair's existing messages to its new shard online.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from server.config import PoolConfig
 from server.errors import FailedPrecondition, NotFound
+from server.mover import Mover
 from server.routing import Pair, Resolution, ShardRouter
 from server.storage.overrides import OverrideRow, OverrideStore, OverrideSync
 from server.storage.pools import ShardSet, open_pool
@@ -59,57 +60,27 @@ class Placement:
     def resolve(self, user_id_1: int, user_id_2: int) -> Resolution:
         return self.router.resolve(user_id_1, user_id_2)
 
+    def mover(self, shards: ShardSet) -> Mover:
+        if self._pool is None:
+            raise RuntimeError("Placement is not open")
+        return Mover(self._control_dsn, self._pool, shards, self.router)
+
     async def set_override(self, pair: Pair, shard_id: int, shards: ShardSet) -> OverrideRow:
-        """Pin `pair` to `shard_id`, refusing while its messages live on another shard."""
-        current = self.router.resolve(*pair)
-        await self._refuse_if_stranding(pair, current.shard_id, shard_id, shards)
-        previous = self.router.override_of(pair)
-        row = await self.store.upsert(pair, shard_id)
-        # Apply locally now so this process reads its own write; the NOTIFY
-        # reaches the other processes (and this one again, harmlessly).
-        self.router.set(pair, shard_id)
-        # A message may have been written by a process that had not seen the
-        # change yet: re-check, and undo the override rather than hide it.
-        try:
-            await self._refuse_if_stranding(pair, current.shard_id, shard_id, shards)
-        except FailedPrecondition:
-            await self._restore(pair, previous)
-            raise
+        """Pin `pair` to `shard_id`, moving its messages there (server.mover)."""
+        await self.mover(shards).move_pair(pair, shard_id)
+        row = await self.store.get(pair)
+        if row is None or row.shard_id != shard_id:  # pragma: no cover - changed by a concurrent call
+            raise FailedPrecondition(
+                f"the override of pair ({pair.low}, {pair.high}) was changed concurrently; list it and retry",
+                reason="OVERRIDE_CHANGED",
+            )
         return row
 
     async def delete_override(self, pair: Pair, shards: ShardSet, *, allow_missing: bool) -> int:
-        """Drop the pair's override; returns the shard the pair lives on afterwards."""
-        override = self.router.override_of(pair)
-        hash_shard = self.router.resolve(*pair).hash_shard_id
-        if override is None:
-            if allow_missing:
-                return hash_shard
+        """Drop the pair's override, moving its messages back to the hash shard; returns that shard."""
+        if await self.store.get(pair) is None and not allow_missing:
             raise NotFound(
                 f"the pair ({pair.low}, {pair.high}) has no shard override", reason="OVERRIDE_NOT_FOUND"
             )
-        await self._refuse_if_stranding(pair, override, hash_shard, shards)
-        if not await self.store.delete(pair) and not allow_missing:
-            raise NotFound(
-                f"the pair ({pair.low}, {pair.high}) has no shard override", reason="OVERRIDE_NOT_FOUND"
-            )
-        self.router.discard(pair)
-        return hash_shard
-
-    async def _restore(self, pair: Pair, previous: int | None) -> None:
-        if previous is None:
-            await self.store.delete(pair)
-            self.router.discard(pair)
-        else:
-            await self.store.upsert(pair, previous)
-            self.router.set(pair, previous)
-
-    @staticmethod
-    async def _refuse_if_stranding(pair: Pair, source: int, target: int, shards: ShardSet) -> None:
-        if source != target and await shards.store(source).has_messages(pair):
-            raise FailedPrecondition(
-                f"the pair ({pair.low}, {pair.high}) has messages on shard {source}; routing it to shard "
-                f"{target} would hide them. Moving a pair's messages between shards is not supported yet, "
-                "so overrides can only be changed for pairs without messages",
-                reason="PAIR_HAS_MESSAGES",
-                metadata={"source_shard_id": str(source), "target_shard_id": str(target)},
-            )
+        result = await self.mover(shards).move_pair(pair, None)
+        return result.shard_id

@@ -1,4 +1,4 @@
-"""AdminService: overrides win, stay coherent across processes, and never strand messages."""
+"""AdminService: overrides win, stay coherent across processes, and move the messages they place."""
 
 from __future__ import annotations
 
@@ -66,35 +66,48 @@ async def test_override_wins_for_sends_and_reads(
     assert [m.message_id for m in page.messages] == [sent.message.message_id]
 
 
-async def test_override_that_would_strand_messages_is_refused(
+async def test_override_moves_the_pairs_messages(
     admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
 ):
     a, b = new_pair()
-    await dialog_stub.SendMessage(
-        dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="here"), metadata=auth_for(a)
-    )
+    sent = [
+        (
+            await dialog_stub.SendMessage(
+                dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text=f"m{i}", request_id=f"r{i}"),
+                metadata=auth_for(a),
+            )
+        ).message.message_id
+        for i in range(3)
+    ]
     home = calculate_shard(a, b, 4)
-    err = await expect_error(
-        admin_stub.SetShardOverride(
-            pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=other_shard(a, b)),
-            metadata=admin_auth,
-        ),
-        grpc.StatusCode.FAILED_PRECONDITION,
+    target = other_shard(a, b)
+    await admin_stub.SetShardOverride(
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
     )
-    assert f"has messages on shard {home}" in (err.details() or "")
-    resolved = await admin_stub.ResolveShard(
-        pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+    rows = rows_for_pair(cluster_config, (a, b))
+    assert list(rows) == [target], "moved, and gone from the hash shard"
+    assert [str(r[0]) for r in rows[target]] == sent
+    page = await dialog_stub.GetDialog(
+        dpb.GetDialogRequest(user_id=b, peer_user_id=a, order=dpb.MESSAGE_ORDER_OLDEST_FIRST),
+        metadata=auth_for(b),
     )
-    assert resolved.source == pb.SHARD_SOURCE_HASH
-    # Pinning it where it already lives strands nothing, so it is allowed.
+    assert [m.message_id for m in page.messages] == sent
+    # request_id idempotency travels with the messages.
+    replay = await dialog_stub.SendMessage(
+        dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="m1", request_id="r1"), metadata=auth_for(a)
+    )
+    assert replay.replayed and replay.message.message_id == sent[1]
+    # Pinning it back home moves it back.
     await admin_stub.SetShardOverride(
         pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=home), metadata=admin_auth
     )
-    assert list(rows_for_pair(cluster_config, (a, b))) == [home]
+    assert {k: [str(r[0]) for r in v] for k, v in rows_for_pair(cluster_config, (a, b)).items()} == {
+        home: sent
+    }
 
 
 async def test_delete_override_returns_pair_to_hash_shard(
-    admin_stub, dialog_stub, admin_auth, auth_for, new_pair
+    admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
 ):
     a, b = new_pair()
     target = other_shard(a, b)
@@ -115,19 +128,19 @@ async def test_delete_override_returns_pair_to_hash_shard(
     await admin_stub.DeleteShardOverride(
         pb.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b, allow_missing=True), metadata=admin_auth
     )
-    # With messages on the override shard, deleting it would strand them.
+    # With messages on the override shard, deleting the override moves them home.
     await admin_stub.SetShardOverride(
         pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
     )
     await dialog_stub.SendMessage(
         dpb.SendMessageRequest(from_user_id=b, to_user_id=a, text="x"), metadata=auth_for(b)
     )
-    await expect_error(
-        admin_stub.DeleteShardOverride(
-            pb.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
-        ),
-        grpc.StatusCode.FAILED_PRECONDITION,
+    await admin_stub.DeleteShardOverride(
+        pb.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
     )
+    home = calculate_shard(a, b, 4)
+    rows = rows_for_pair(cluster_config, (a, b))
+    assert list(rows) == [home] and [r[3] for r in rows[home]] == ["x"]
 
 
 async def test_invalid_admin_requests(admin_stub, admin_auth, new_pair):

@@ -49,10 +49,13 @@ def explain_first_page(
     cursor = MIN_ID if oldest_first else MAX_ID
     conn.execute(f"SET plan_cache_mode = {plan_mode}")
     conn.execute(
-        "PREPARE page(bigint, bigint, uuid, bigint) AS " + sql.replace("%s", "${}").format(1, 2, 3, 4)
+        "PREPARE page(bigint, bigint, uuid, integer, bigint, bigint, bigint) AS "
+        + sql.replace("%s", "${}").format(*range(1, 8))
     )
     try:
-        rows = conn.execute(f"EXPLAIN EXECUTE page({pair[0]}, {pair[1]}, '{cursor}', 51)").fetchall()
+        rows = conn.execute(
+            f"EXPLAIN EXECUTE page({pair[0]}, {pair[1]}, '{cursor}', 0, {pair[0]}, {pair[1]}, 51)"
+        ).fetchall()
     finally:
         conn.execute("DEALLOCATE page")
     return "\n".join(r[0] for r in rows)

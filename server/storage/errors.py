@@ -1,4 +1,4 @@
-"""Turns driver and pool failures of one shard into the domain's ShardUnavailable."""
+"""Turns driver and pool failures of one shard into the domain's ShardUnavailable (or DialogMoving)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 import psycopg
 from psycopg_pool import PoolTimeout, TooManyRequests
 
-from server.errors import ShardUnavailable
+from server.errors import DialogMoving, ShardUnavailable
+from server.storage.fences import FENCED_SQLSTATE
 
 
 def describe_db_error(exc: BaseException) -> str:
@@ -26,8 +27,15 @@ def describe_db_error(exc: BaseException) -> str:
 
 @asynccontextmanager
 async def shard_errors(shard_id: int) -> AsyncIterator[None]:
-    """Map connection-level failures inside the block to ShardUnavailable(shard_id)."""
+    """Map connection-level failures inside the block to ShardUnavailable(shard_id), and a fenced
+    unit (server.storage.fences) to DialogMoving(shard_id)."""
     try:
         yield
-    except (psycopg.OperationalError, PoolTimeout, TooManyRequests) as exc:
+    except psycopg.Error as exc:
+        if exc.sqlstate == FENCED_SQLSTATE:
+            raise DialogMoving(shard_id) from None
+        if isinstance(exc, psycopg.OperationalError):
+            raise ShardUnavailable(shard_id, describe_db_error(exc)) from exc
+        raise
+    except (PoolTimeout, TooManyRequests) as exc:
         raise ShardUnavailable(shard_id, describe_db_error(exc)) from exc

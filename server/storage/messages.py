@@ -14,7 +14,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from server.routing import Pair
+from server.routing import Pair, bucket_of
 from server.storage.errors import shard_errors
 from server.storage.ids import MAX_ID, MIN_ID
 
@@ -64,13 +64,17 @@ class MessageStore:
         self.pool = pool
         # One statement serves both first tries and retries: when request_id
         # matched an earlier row, ON CONFLICT skips the insert and the second
-        # branch returns that row instead, in the same round trip.
+        # branch returns that row instead, in the same round trip. The WHERE
+        # clause is the move fence (server.storage.fences): it raises while the
+        # pair's messages are moving away from this shard.
         self.insert_sql = f"""
             WITH inserted AS (
                 INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,
                                      to_user_id, text, created_at, request_id)
-                VALUES (%(id)s, %(low)s, %(high)s, %(bucket)s, %(from)s, %(to)s, %(text)s,
-                        %(created)s, %(request_id)s)
+                SELECT %(id)s::uuid, %(low)s::bigint, %(high)s::bigint, %(bucket)s::smallint,
+                       %(from)s::bigint, %(to)s::bigint, %(text)s::text, %(created)s::timestamptz,
+                       %(request_id)s::text
+                WHERE {table}_writable(%(bucket)s, %(low)s, %(high)s)
                 ON CONFLICT (user_low, user_high, from_user_id, request_id)
                     WHERE request_id IS NOT NULL DO NOTHING
                 RETURNING {_COLUMNS}
@@ -88,15 +92,19 @@ class MessageStore:
         # The ORDER BY names the whole dialog index, not just message_id: ordering by the
         # primary key alone lets the planner walk it backwards and filter by pair, which
         # reads every newer row of other dialogs when one dialog dominates the shard.
+        # The last condition runs once per statement (an InitPlan): it raises when the
+        # pair has moved away from this shard, for a reader whose routing is stale.
         self.page_sql = {
             False: f"""
                 SELECT {_COLUMNS} FROM {table}
                 WHERE user_low = %s AND user_high = %s AND message_id < %s
+                  AND (SELECT {table}_readable(%s, %s, %s))
                 ORDER BY user_low DESC, user_high DESC, message_id DESC LIMIT %s
             """,
             True: f"""
                 SELECT {_COLUMNS} FROM {table}
                 WHERE user_low = %s AND user_high = %s AND message_id > %s
+                  AND (SELECT {table}_readable(%s, %s, %s))
                 ORDER BY user_low, user_high, message_id LIMIT %s
             """,
         }
@@ -137,7 +145,10 @@ class MessageStore:
         """Up to `limit` messages of the pair strictly beyond the cursor `after`, in the given order."""
         cursor = after if after is not None else (MIN_ID if oldest_first else MAX_ID)
         async with shard_errors(self.shard_id), self.pool.connection() as conn:
-            cur = await conn.execute(self.page_sql[oldest_first], (pair.low, pair.high, cursor, limit))
+            cur = await conn.execute(
+                self.page_sql[oldest_first],
+                (pair.low, pair.high, cursor, bucket_of(*pair), pair.low, pair.high, limit),
+            )
             return [StoredMessage(*row) for row in await cur.fetchall()]
 
     async def has_messages(self, pair: Pair) -> bool:

@@ -56,31 +56,22 @@ class OverrideStore:
 
     async def upsert(self, pair: Pair, shard_id: int) -> OverrideRow:
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                """
-                INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, %s)
-                ON CONFLICT (user1, user2) DO UPDATE SET shard_id = EXCLUDED.shard_id, created_at = now()
-                RETURNING created_at
-                """,
-                (pair.low, pair.high, shard_id),
-            )
-            row = await cur.fetchone()
-            await conn.execute(
-                "SELECT pg_notify(%s, %s)", (CHANNEL, f"set {pair.low} {pair.high} {shard_id}")
-            )
-        assert row is not None
-        return OverrideRow(pair, shard_id, row[0])
+            return await upsert_override_in(conn, pair, shard_id)
 
     async def delete(self, pair: Pair) -> bool:
         """Remove the pair's override; False if it had none."""
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn, conn.transaction():
+            return await delete_override_in(conn, pair)
+
+    async def get(self, pair: Pair) -> OverrideRow | None:
+        """The pair's override as stored (the authority, unlike a process's mirror)."""
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
             cur = await conn.execute(
-                "DELETE FROM shard_map WHERE user1 = %s AND user2 = %s", (pair.low, pair.high)
+                "SELECT shard_id, created_at FROM shard_map WHERE user1 = %s AND user2 = %s",
+                (pair.low, pair.high),
             )
-            if cur.rowcount == 0:
-                return False
-            await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"del {pair.low} {pair.high}"))
-        return True
+            row = await cur.fetchone()
+        return OverrideRow(pair, row[0], row[1]) if row else None
 
     async def page(self, after: Pair | None, limit: int) -> list[OverrideRow]:
         """Overrides ordered by pair, strictly after `after`."""
@@ -94,6 +85,31 @@ class OverrideStore:
                 (low, high, limit),
             )
             return [OverrideRow(Pair(r[0], r[1]), r[2], r[3]) for r in await cur.fetchall()]
+
+
+async def upsert_override_in(conn: psycopg.AsyncConnection[Any], pair: Pair, shard_id: int) -> OverrideRow:
+    """Pin the pair inside the caller's transaction; the NOTIFY goes out when it commits."""
+    cur = await conn.execute(
+        """
+        INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, %s)
+        ON CONFLICT (user1, user2) DO UPDATE SET shard_id = EXCLUDED.shard_id, created_at = now()
+        RETURNING created_at
+        """,
+        (pair.low, pair.high, shard_id),
+    )
+    row = await cur.fetchone()
+    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"set {pair.low} {pair.high} {shard_id}"))
+    assert row is not None
+    return OverrideRow(pair, shard_id, row[0])
+
+
+async def delete_override_in(conn: psycopg.AsyncConnection[Any], pair: Pair) -> bool:
+    """Drop the pair's override inside the caller's transaction; False if it had none."""
+    cur = await conn.execute("DELETE FROM shard_map WHERE user1 = %s AND user2 = %s", (pair.low, pair.high))
+    if cur.rowcount == 0:
+        return False
+    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"del {pair.low} {pair.high}"))
+    return True
 
 
 def apply_notification(router: ShardRouter, payload: str) -> None:

@@ -6,7 +6,11 @@ an advisory lock serializes concurrent server starts against one database.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from psycopg import AsyncConnection
+
+from server.storage.fences import fence_schema
 
 # Arbitrary constant: the advisory lock key that serializes migrations.
 _MIGRATION_LOCK = 0x6469616C6F67
@@ -20,6 +24,27 @@ CREATE TABLE IF NOT EXISTS shard_map (
     PRIMARY KEY (user1, user2),
     CHECK (user1 < user2)
 );
+"""
+
+# One row per unit (a pair, or a bucket with user_low = user_high = 0) moving between
+# shards; at most one unfinished move per unit. See server.storage.moves.
+MOVES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shard_moves (
+    move_id BIGSERIAL PRIMARY KEY,
+    bucket SMALLINT NOT NULL,
+    user_low BIGINT NOT NULL,
+    user_high BIGINT NOT NULL,
+    source_shard INTEGER NOT NULL,
+    target_shard INTEGER NOT NULL,
+    flip TEXT NOT NULL CHECK (flip IN ('set_override', 'delete_override', 'bucket')),
+    state TEXT NOT NULL CHECK (state IN ('copying', 'fenced', 'flipped', 'done')),
+    copied_rows BIGINT NOT NULL DEFAULT 0,
+    deleted_rows BIGINT NOT NULL DEFAULT 0,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_unfinished_idx
+    ON shard_moves (bucket, user_low, user_high) WHERE state <> 'done';
 """
 
 # The pair is stored ordered (user_low < user_high) with its hash bucket, so a
@@ -47,18 +72,19 @@ CREATE INDEX IF NOT EXISTS {table}_bucket_idx ON {table} (bucket);
 """
 
 
-async def _apply(conn: AsyncConnection[object], script: str) -> None:
+async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str] = ()) -> None:
+    """Run the `;`-separated script, then the `extra` statements (which may contain `;`)."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        for statement in filter(None, (s.strip() for s in script.split(";"))):
+        for statement in [*filter(None, (s.strip() for s in script.split(";"))), *extra]:
             await conn.execute(statement)
 
 
 async def migrate_control(conn: AsyncConnection[object]) -> None:
-    """Create the control tables (shard_map)."""
-    await _apply(conn, CONTROL_SCHEMA)
+    """Create the control tables (shard_map, shard_moves)."""
+    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA)
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
-    """Create one shard's message table and indexes; `table` is a validated identifier."""
-    await _apply(conn, SHARD_SCHEMA.format(table=table))
+    """Create one shard's message table, indexes and fences; `table` is a validated identifier."""
+    await _apply(conn, SHARD_SCHEMA.format(table=table), fence_schema(table))

@@ -74,16 +74,19 @@ class AdminServiceServicer:
     """
 
     def SetShardOverride(self, request, context):
-        """Pins a pair of users to a shard, overriding the hash. Refused with
-        FAILED_PRECONDITION while the pair has messages on another shard.
+        """Pins a pair of users to a shard, overriding the hash, and moves the
+        pair's existing messages there online. While the move's final catch-up
+        runs, SendMessage for that pair (only) answers UNAVAILABLE with reason
+        DIALOG_MOVING and a RetryInfo. If the call fails or is interrupted,
+        calling it again completes the move.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteShardOverride(self, request, context):
-        """Removes a pair's override, so the pair goes back to its hash shard.
-        Refused with FAILED_PRECONDITION while that would strand messages.
+        """Removes a pair's override, so the pair goes back to its hash shard, and
+        moves its messages there the same way as SetShardOverride.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,12 +36,15 @@ class AdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     SetShardOverride: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetShardOverrideRequest, _admin_service_pb2.SetShardOverrideResponse]
-    """Pins a pair of users to a shard, overriding the hash. Refused with
-    FAILED_PRECONDITION while the pair has messages on another shard.
+    """Pins a pair of users to a shard, overriding the hash, and moves the
+    pair's existing messages there online. While the move's final catch-up
+    runs, SendMessage for that pair (only) answers UNAVAILABLE with reason
+    DIALOG_MOVING and a RetryInfo. If the call fails or is interrupted,
+    calling it again completes the move.
     """
     DeleteShardOverride: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteShardOverrideRequest, _admin_service_pb2.DeleteShardOverrideResponse]
-    """Removes a pair's override, so the pair goes back to its hash shard.
-    Refused with FAILED_PRECONDITION while that would strand messages.
+    """Removes a pair's override, so the pair goes back to its hash shard, and
+    moves its messages there the same way as SetShardOverride.
     """
     ListShardOverrides: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListShardOverridesRequest, _admin_service_pb2.ListShardOverridesResponse]
     """Lists overrides ordered by pair."""
@@ -62,12 +65,15 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SetShardOverride: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetShardOverrideRequest, _admin_service_pb2.SetShardOverrideResponse]  # type: ignore[assignment]
-    """Pins a pair of users to a shard, overriding the hash. Refused with
-    FAILED_PRECONDITION while the pair has messages on another shard.
+    """Pins a pair of users to a shard, overriding the hash, and moves the
+    pair's existing messages there online. While the move's final catch-up
+    runs, SendMessage for that pair (only) answers UNAVAILABLE with reason
+    DIALOG_MOVING and a RetryInfo. If the call fails or is interrupted,
+    calling it again completes the move.
     """
     DeleteShardOverride: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteShardOverrideRequest, _admin_service_pb2.DeleteShardOverrideResponse]  # type: ignore[assignment]
-    """Removes a pair's override, so the pair goes back to its hash shard.
-    Refused with FAILED_PRECONDITION while that would strand messages.
+    """Removes a pair's override, so the pair goes back to its hash shard, and
+    moves its messages there the same way as SetShardOverride.
     """
     ListShardOverrides: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListShardOverridesRequest, _admin_service_pb2.ListShardOverridesResponse]  # type: ignore[assignment]
     """Lists overrides ordered by pair."""
@@ -91,8 +97,11 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.SetShardOverrideRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.SetShardOverrideResponse, _abc.Awaitable[_admin_service_pb2.SetShardOverrideResponse]]:
-        """Pins a pair of users to a shard, overriding the hash. Refused with
-        FAILED_PRECONDITION while the pair has messages on another shard.
+        """Pins a pair of users to a shard, overriding the hash, and moves the
+        pair's existing messages there online. While the move's final catch-up
+        runs, SendMessage for that pair (only) answers UNAVAILABLE with reason
+        DIALOG_MOVING and a RetryInfo. If the call fails or is interrupted,
+        calling it again completes the move.
         """
 
     @_abc_1.abstractmethod
@@ -101,8 +110,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.DeleteShardOverrideRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.DeleteShardOverrideResponse, _abc.Awaitable[_admin_service_pb2.DeleteShardOverrideResponse]]:
-        """Removes a pair's override, so the pair goes back to its hash shard.
-        Refused with FAILED_PRECONDITION while that would strand messages.
+        """Removes a pair's override, so the pair goes back to its hash shard, and
+        moves its messages there the same way as SetShardOverride.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,238 @@
+"""Moving a unit's messages between shards online: copy -> fence -> catch up -> verify -> flip -> clean.
+
+There is no transaction spanning the shards and the control database, and other
+server processes may route by a stale mirror for a moment, so a move is a
+sequence of idempotent steps recorded in `shard_moves` (server.storage.moves):
+
+1. `copying`: the move is recorded, then the unit's rows are copied to the target in
+   keyset chunks (`ON CONFLICT (message_id) DO NOTHING`) while writers go on writing
+   to the source.
+2. fence: on the source, wait for in-flight inserts of the bucket and commit a
+   `fenced` row (server.storage.fences); from then on no insert of the unit commits
+   there, and writers get a retryable UNAVAILABLE (DIALOG_MOVING). State `fenced`.
+3. catch up and verify: copy what arrived meanwhile (an id comparison, not a time
+   window: ids minted by other processes need not be ordered with ours), then compare
+   counts and checksums of both copies.
+4. flip: the target is opened (its own fence row for the unit, left by an earlier move
+   away from it, is dropped), then shard_map changes with its NOTIFY and the move
+   becomes `flipped`, in one control-database transaction.
+5. clean: the source's fence becomes `moved` (stale readers there now get the
+   retryable error rather than a dialog with holes), the source rows are deleted,
+   and the move is `done`. The fence row stays, so a process that still routes
+   to the source can never write there again.
+
+A crash anywhere leaves a state from which `run` continues: the same RPC (or
+`dialogctl`) re-run first completes any unfinished move of the unit. A failure
+before the flip that is not a crash re-opens the source, so writers are paused
+only while a move is actually running; a crash while `fenced` keeps the pair's
+writes paused (with the retryable error) until the move is re-run.
+
+Only one move runs at a time across all servers (a session advisory lock in the
+control database): moves are rare operator actions, and serializing them keeps
+overrides and resharding from interleaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from server.errors import FailedPrecondition, ShardUnavailable
+from server.routing import Pair, ShardRouter, bucket_of
+from server.storage import transfer
+from server.storage.errors import describe_db_error, shard_errors
+from server.storage.fences import FenceState, FenceStore
+from server.storage.messages import MessageStore
+from server.storage.moves import Flip, Move, MoveLog, MoveState
+from server.storage.overrides import CONTROL_SHARD, OverrideStore
+from server.storage.pools import ShardSet
+
+log = logging.getLogger(__name__)
+
+#: Session advisory lock (control database) held by the one running mover.
+MOVER_LOCK = 0x6D6F7665
+#: Test hook: the mover process exits at once (os._exit) when it reaches this step.
+CRASH_ENV = "DIALOG_TEST_MOVE_CRASH_AT"
+#: The steps a crash can be injected at, in order.
+CRASH_POINTS = ("copied", "fence_committed", "fenced", "target_opened", "flipped", "retired", "deleted")
+
+
+@dataclass(frozen=True, slots=True)
+class MoveResult:
+    """Where the pair lives after the move and how many rows were moved."""
+
+    shard_id: int
+    copied_rows: int
+    deleted_rows: int
+
+
+def _maybe_crash(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        log.error("test hook %s=%s: exiting now", CRASH_ENV, step)
+        os._exit(70)
+
+
+class Mover:
+    """Runs moves of pairs between shards; see the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        control_dsn: str,
+        control_pool: AsyncConnectionPool[Any],
+        shards: ShardSet,
+        router: ShardRouter,
+        *,
+        lock_wait_seconds: float = 60.0,
+        chunk_rows: int = 1000,
+    ) -> None:
+        self._control_dsn = control_dsn
+        self._log = MoveLog(control_pool)
+        self._overrides = OverrideStore(control_pool)
+        self._shards = shards
+        self._router = router
+        self._lock_wait_seconds = lock_wait_seconds
+        self._chunk_rows = chunk_rows
+
+    async def move_pair(self, pair: Pair, override: int | None) -> MoveResult:
+        """Route `pair` to shard `override` (None: its hash shard, no override), moving its messages."""
+        async with self.exclusive():
+            bucket = bucket_of(*pair)
+            pending = await self._log.unfinished(bucket, pair.low, pair.high)
+            if pending is not None:
+                log.info("completing unfinished move %d of pair %s first", pending.move_id, pair)
+                await self.run(pending)
+            stored = await self._overrides.get(pair)
+            hash_shard = self._router.resolve(*pair).hash_shard_id
+            source = stored.shard_id if stored is not None else hash_shard
+            target = override if override is not None else hash_shard
+            flip = Flip.SET_OVERRIDE if override is not None else Flip.DELETE_OVERRIDE
+            if source == target:
+                # No data moves; the shard map changes in one step.
+                if override is not None:
+                    await self._overrides.upsert(pair, override)
+                    self._router.set(pair, override)
+                elif stored is not None:
+                    await self._overrides.delete(pair)
+                    self._router.discard(pair)
+                return MoveResult(target, 0, 0)
+            self._shards.store(source)  # both shards must be configured here
+            self._shards.store(target)
+            move = await self._log.create(bucket, pair.low, pair.high, source, target, flip)
+            return await self.run(move)
+
+    async def run(self, move: Move) -> MoveResult:
+        """Continue `move` from its recorded state to `done`; shielded from the caller's cancellation."""
+        return await asyncio.shield(self._run(move))
+
+    async def _run(self, move: Move) -> MoveResult:
+        source = self._shards.store(move.source_shard)
+        target = self._shards.store(move.target_shard)
+        unit = transfer.Unit(move.bucket, move.low, move.high)
+        copied = deleted = 0
+        if move.state in (MoveState.COPYING, MoveState.FENCED):
+            try:
+                if move.state is MoveState.COPYING:
+                    copied += await transfer.copy(source, target, unit, chunk_rows=self._chunk_rows)
+                    _maybe_crash("copied")
+                    await self._fence(source, unit, FenceState.FENCED, move)
+                    _maybe_crash("fence_committed")
+                    move = await self._log.advance(move, MoveState.FENCED, copied_rows=copied)
+                    _maybe_crash("fenced")
+                caught_up = await transfer.sync(source, target, unit)
+                copied += caught_up
+                await transfer.verify(source, target, unit)
+                await self._open(target, unit)
+                _maybe_crash("target_opened")
+                move = await self._log.flip_pair(move)
+            except Exception:
+                await self._reopen_after_failure(source, unit, move.move_id)
+                raise
+            log.info(
+                "move %d: pair (%d, %d) flipped from shard %d to %d (%d rows copied, %d in the catch-up)",
+                move.move_id,
+                move.low,
+                move.high,
+                move.source_shard,
+                move.target_shard,
+                copied,
+                caught_up,
+            )
+            self._apply_locally(move)
+            _maybe_crash("flipped")
+        if move.state is MoveState.FLIPPED:
+            self._apply_locally(move)
+            await self._fence(source, unit, FenceState.MOVED, move)
+            _maybe_crash("retired")
+            deleted = await transfer.delete(source, unit)
+            _maybe_crash("deleted")
+            move = await self._log.advance(move, MoveState.DONE, deleted_rows=deleted)
+        return MoveResult(move.target_shard, copied, deleted)
+
+    def _apply_locally(self, move: Move) -> None:
+        # This process reads its own write at once; the NOTIFY reaches the others.
+        if move.flip is Flip.SET_OVERRIDE:
+            self._router.set(move.pair, move.target_shard)
+        elif move.flip is Flip.DELETE_OVERRIDE:
+            self._router.discard(move.pair)
+
+    async def _fence(self, store: MessageStore, unit: transfer.Unit, state: FenceState, move: Move) -> None:
+        async with shard_errors(store.shard_id), store.pool.connection() as conn:
+            await FenceStore(store.table).set(conn, unit.bucket, unit.low, unit.high, state, move.move_id)
+
+    async def _open(self, store: MessageStore, unit: transfer.Unit) -> None:
+        async with shard_errors(store.shard_id), store.pool.connection() as conn:
+            await FenceStore(store.table).open(conn, unit.bucket, unit.low, unit.high)
+
+    async def _reopen_after_failure(self, source: MessageStore, unit: transfer.Unit, move_id: int) -> None:
+        """If routing certainly still names the source, let its writers in again; a re-run resumes the copy.
+
+        The recorded state decides, not what this process believes: a flip whose commit was
+        acknowledged ambiguously must never be followed by re-opening the old shard.
+        """
+        try:
+            move = await self._log.get(move_id)
+            if move.state not in (MoveState.COPYING, MoveState.FENCED):
+                return
+            await self._open(source, unit)
+            if move.state is MoveState.FENCED:
+                await self._log.advance(move, MoveState.COPYING)
+        except Exception as exc:  # the original failure matters more; the fence waits for a re-run
+            log.warning(
+                "move %d: shard %d stays fenced until the move is re-run (%s)", move_id, source.shard_id, exc
+            )
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the cluster-wide mover lock (a session advisory lock on its own connection)."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._control_dsn, autocommit=True, connect_timeout=10, application_name="dialog-shard mover"
+            )
+        except psycopg.Error as exc:
+            raise ShardUnavailable(CONTROL_SHARD, describe_db_error(exc)) from None
+        async with conn:
+            deadline = asyncio.get_running_loop().time() + self._lock_wait_seconds
+            while True:
+                row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (MOVER_LOCK,))).fetchone()
+                if row and row[0]:
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise FailedPrecondition(
+                        "another move or reshard is running and did not finish within "
+                        f"{self._lock_wait_seconds:g} s; retry when it is done",
+                        reason="MOVE_IN_PROGRESS",
+                    )
+                await asyncio.sleep(0.1)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("SELECT pg_advisory_unlock(%s)", (MOVER_LOCK,))

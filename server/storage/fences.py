@@ -1,0 +1,161 @@
+"""Fences on a shard: which units (a pair, or a whole hash bucket) may be written or read there.
+
+Moving a unit between shards has no cross-server transaction to lean on, and
+other server processes may route by a stale shard-map mirror for a moment. So
+the *source* shard itself refuses writes once the mover has fenced the unit:
+
+- every insert runs `<table>_writable(bucket, low, high)` in its WHERE clause. The
+  function takes `pg_advisory_xact_lock_shared(<table key>, bucket)` and only then
+  reads the fence table. It is VOLATILE plpgsql, so that read takes a fresh snapshot
+  after the lock was granted and cannot miss a fence committed while it waited.
+- the mover fences in its own transaction: `pg_advisory_xact_lock(<table key>, bucket)`
+  waits for every in-flight insert of the bucket to commit, then the fence row is
+  written and committed. No insert of the unit can commit on the source after that.
+- a fenced insert raises SQLSTATE `DSM01`, which the service answers with UNAVAILABLE,
+  reason `DIALOG_MOVING` and a RetryInfo: a retry (same request_id) is safe.
+- every page read runs `<table>_readable(...)` once (an InitPlan): after the routing
+  flip the source's fence becomes `moved`, and a reader whose mirror is still stale
+  gets the same retryable error instead of the half-deleted dialog on the old shard.
+
+A unit's state is its pair row if one exists, else its bucket row (user_low = user_high
+= 0; real user ids are >= 1), else open. A pair row `open` re-opens one pair inside a
+fenced bucket (a pair pinned by an override to a shard its bucket left).
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from typing import Any
+
+from psycopg import AsyncConnection
+
+#: SQLSTATE raised by the fence functions (class "DS": dialog-shard's own).
+FENCED_SQLSTATE = "DSM01"
+#: user_low/user_high of a whole-bucket fence row.
+WHOLE_BUCKET = 0
+
+
+class FenceState(enum.StrEnum):
+    """The state of a unit on one shard."""
+
+    #: Writes and reads allowed (used to re-open one pair inside a fenced bucket).
+    OPEN = "open"
+    #: Writes refused; reads allowed: the copy on the target is being completed.
+    FENCED = "fenced"
+    #: Writes and reads refused: routing names another shard and these rows are going away.
+    MOVED = "moved"
+
+
+def lock_key(table: str) -> int:
+    """The first advisory-lock key of a shard table (the second is the bucket), as a signed int4."""
+    value = zlib.crc32(table.encode())
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def fence_schema(table: str) -> list[str]:
+    """Statements creating `<table>_fences` and its two guard functions (idempotent)."""
+    key = lock_key(table)
+    fences = f"{table}_fences"
+    state_of = f"""
+        SELECT state INTO s FROM {fences} WHERE bucket = b AND user_low = lo AND user_high = hi;
+        IF NOT FOUND THEN
+            SELECT state INTO s FROM {fences} WHERE bucket = b AND user_low = 0 AND user_high = 0;
+        END IF;
+    """
+    refuse = f"""
+            RAISE EXCEPTION 'the dialog of users % and % is moving to another shard', lo, hi
+                USING ERRCODE = '{FENCED_SQLSTATE}', HINT = 'retry in a moment';
+    """
+    return [
+        f"""
+        CREATE TABLE IF NOT EXISTS {fences} (
+            bucket SMALLINT NOT NULL,
+            user_low BIGINT NOT NULL,
+            user_high BIGINT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('open', 'fenced', 'moved')),
+            move_id BIGINT,
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (bucket, user_low, user_high)
+        )
+        """,
+        f"""
+        CREATE OR REPLACE FUNCTION {table}_writable(b integer, lo bigint, hi bigint) RETURNS boolean
+        LANGUAGE plpgsql VOLATILE AS $fn$
+        DECLARE s text;
+        BEGIN
+            PERFORM pg_advisory_xact_lock_shared({key}, b);
+            {state_of}
+            IF s IS NOT NULL AND s <> 'open' THEN {refuse} END IF;
+            RETURN true;
+        END
+        $fn$
+        """,
+        f"""
+        CREATE OR REPLACE FUNCTION {table}_readable(b integer, lo bigint, hi bigint) RETURNS boolean
+        LANGUAGE plpgsql VOLATILE AS $fn$
+        DECLARE s text;
+        BEGIN
+            {state_of}
+            IF s = 'moved' THEN {refuse} END IF;
+            RETURN true;
+        END
+        $fn$
+        """,
+    ]
+
+
+class FenceStore:
+    """The mover's side of one shard table's fences."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self._fences = f"{table}_fences"
+        self._key = lock_key(table)
+
+    async def set(
+        self, conn: AsyncConnection[Any], bucket: int, low: int, high: int, state: FenceState, move_id: int
+    ) -> None:
+        """Set the unit's state once no insert of its bucket is in flight (commits on return)."""
+        async with conn.transaction():
+            # Waits for every insert of the bucket that passed the check to commit.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (self._key, bucket))
+            await conn.execute(
+                f"""
+                INSERT INTO {self._fences} (bucket, user_low, user_high, state, move_id)
+                VALUES (%s, %s, %s, %s, %s)
+                ON CONFLICT (bucket, user_low, user_high)
+                    DO UPDATE SET state = EXCLUDED.state, move_id = EXCLUDED.move_id, updated_at = now()
+                """,
+                (bucket, low, high, str(state), move_id),
+            )
+
+    async def open(self, conn: AsyncConnection[Any], bucket: int, low: int, high: int) -> None:
+        """Let the unit be written here: drop its own row, or mark it open inside a fenced bucket."""
+        async with conn.transaction():
+            await conn.execute(
+                f"DELETE FROM {self._fences} WHERE bucket = %s AND user_low = %s AND user_high = %s",
+                (bucket, low, high),
+            )
+            if (low, high) != (WHOLE_BUCKET, WHOLE_BUCKET):
+                await conn.execute(
+                    f"""
+                    INSERT INTO {self._fences} (bucket, user_low, user_high, state)
+                    SELECT %s, %s, %s, 'open' WHERE EXISTS (
+                        SELECT 1 FROM {self._fences}
+                        WHERE bucket = %s AND user_low = 0 AND user_high = 0 AND state <> 'open')
+                    """,
+                    (bucket, low, high, bucket),
+                )
+
+    async def state(self, conn: AsyncConnection[Any], bucket: int, low: int, high: int) -> FenceState:
+        cur = await conn.execute(
+            f"""
+            SELECT state FROM {self._fences} WHERE bucket = %s
+               AND ((user_low = %s AND user_high = %s) OR (user_low = 0 AND user_high = 0))
+            ORDER BY user_low DESC LIMIT 1
+            """,
+            (bucket, low, high),
+        )
+        row = await cur.fetchone()
+        return FenceState(row[0]) if row else FenceState.OPEN

@@ -1,0 +1,155 @@
+"""The control database's record of moves: one row per unit moving between shards.
+
+A move goes `copying -> fenced -> flipped -> done`; each state says which steps
+are certainly complete, so a re-run after a crash continues from there. At most
+one unfinished move exists per unit (a pair, or a bucket with user_low =
+user_high = 0). The routing flip and the `flipped` state commit in one
+transaction with the shard_map change and its NOTIFY.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from server.routing import Pair
+from server.storage.errors import shard_errors
+from server.storage.overrides import CONTROL_SHARD, delete_override_in, upsert_override_in
+
+
+class MoveState(enum.StrEnum):
+    COPYING = "copying"
+    FENCED = "fenced"
+    FLIPPED = "flipped"
+    DONE = "done"
+
+
+class Flip(enum.StrEnum):
+    """What changes in routing when the move flips."""
+
+    #: shard_map pins the pair to the target shard.
+    SET_OVERRIDE = "set_override"
+    #: the pair's shard_map row goes away: the target is its hash shard.
+    DELETE_OVERRIDE = "delete_override"
+    #: the bucket moves to its shard under the new shard count (resharding).
+    BUCKET = "bucket"
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One row of shard_moves."""
+
+    move_id: int
+    bucket: int
+    low: int
+    high: int
+    source_shard: int
+    target_shard: int
+    flip: Flip
+    state: MoveState
+    copied_rows: int
+
+    @property
+    def pair(self) -> Pair:
+        return Pair(self.low, self.high)
+
+
+_COLUMNS = "move_id, bucket, user_low, user_high, source_shard, target_shard, flip, state, copied_rows"
+
+
+def _move(row: tuple[Any, ...]) -> Move:
+    return Move(*row[:6], Flip(row[6]), MoveState(row[7]), row[8])  # type: ignore[call-arg]
+
+
+class MoveLog:
+    """SQL of the shard_moves table."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def unfinished(self, bucket: int, low: int, high: int) -> Move | None:
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM shard_moves WHERE bucket = %s AND user_low = %s AND user_high = %s"
+                " AND state <> 'done'",
+                (bucket, low, high),
+            )
+            row = await cur.fetchone()
+        return _move(row) if row else None
+
+    async def all_unfinished(self) -> list[Move]:
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM shard_moves WHERE state <> 'done' ORDER BY move_id"
+            )
+            return [_move(r) for r in await cur.fetchall()]
+
+    async def get(self, move_id: int) -> Move:
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
+            cur = await conn.execute(f"SELECT {_COLUMNS} FROM shard_moves WHERE move_id = %s", (move_id,))
+            row = await cur.fetchone()
+        assert row is not None
+        return _move(row)
+
+    async def create(
+        self, bucket: int, low: int, high: int, source_shard: int, target_shard: int, flip: Flip
+    ) -> Move:
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"""
+                INSERT INTO shard_moves (bucket, user_low, user_high, source_shard, target_shard, flip, state)
+                VALUES (%s, %s, %s, %s, %s, %s, 'copying') RETURNING {_COLUMNS}
+                """,
+                (bucket, low, high, source_shard, target_shard, str(flip)),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return _move(row)
+
+    async def advance(
+        self, move: Move, state: MoveState, *, copied_rows: int = 0, deleted_rows: int = 0
+    ) -> Move:
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
+            await self._set_state(conn, move, state, copied_rows, deleted_rows)
+        return _replace_state(move, state)
+
+    async def flip_pair(self, move: Move) -> Move:
+        """Change the pair's shard_map row (with NOTIFY) and mark the move flipped, atomically."""
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn, conn.transaction():
+            if move.flip is Flip.SET_OVERRIDE:
+                await upsert_override_in(conn, move.pair, move.target_shard)
+            else:
+                await delete_override_in(conn, move.pair)
+            await self._set_state(conn, move, MoveState.FLIPPED, 0, 0)
+        return _replace_state(move, MoveState.FLIPPED)
+
+    @staticmethod
+    async def _set_state(
+        conn: AsyncConnection[Any], move: Move, state: MoveState, copied_rows: int, deleted_rows: int
+    ) -> None:
+        await conn.execute(
+            """
+            UPDATE shard_moves SET state = %s, copied_rows = copied_rows + %s,
+                   deleted_rows = deleted_rows + %s, updated_at = now()
+            WHERE move_id = %s
+            """,
+            (str(state), copied_rows, deleted_rows, move.move_id),
+        )
+
+
+def _replace_state(move: Move, state: MoveState) -> Move:
+    return Move(
+        move.move_id,
+        move.bucket,
+        move.low,
+        move.high,
+        move.source_shard,
+        move.target_shard,
+        move.flip,
+        state,
+        move.copied_rows,
+    )

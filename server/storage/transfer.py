@@ -1,0 +1,198 @@
+"""Copying, comparing and deleting one unit's messages between two shards.
+
+A unit is one pair, or one hash bucket (user_low = user_high = 0) minus the
+pairs pinned elsewhere by overrides. Every step is idempotent: the copy is
+`INSERT ... ON CONFLICT (message_id) DO NOTHING` in keyset chunks, the sync
+compares ids chunk by chunk and copies what is missing, the delete removes
+chunks until none is left. Nothing here holds a transaction across shards.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.routing import Pair
+from server.storage.errors import shard_errors
+from server.storage.fences import WHOLE_BUCKET
+from server.storage.ids import MAX_ID, MIN_ID
+from server.storage.messages import MessageStore
+
+ROW_COLUMNS = (
+    "message_id, user_low, user_high, bucket, from_user_id, to_user_id, text, created_at, request_id"
+)
+_ARRAY_TYPES = ("uuid", "bigint", "bigint", "smallint", "bigint", "bigint", "text", "timestamptz", "text")
+# A row's fingerprint: independent of the session's time zone and of row order when summed.
+ROW_FINGERPRINT = (
+    "('x' || left(md5(concat_ws('|', message_id, user_low, user_high, bucket, from_user_id, to_user_id, "
+    "text, (extract(epoch FROM created_at) * 1000000)::bigint, coalesce(request_id, '\\N'))), 15))"
+    "::bit(60)::bigint"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """What moves: one pair, or a whole bucket except the `pinned` pairs (overrides keep those)."""
+
+    bucket: int
+    low: int = WHOLE_BUCKET
+    high: int = WHOLE_BUCKET
+    pinned: tuple[Pair, ...] = field(default=())
+
+    @classmethod
+    def of_pair(cls, pair: Pair, bucket: int) -> Unit:
+        return cls(bucket, pair.low, pair.high)
+
+    @property
+    def is_pair(self) -> bool:
+        return self.low != WHOLE_BUCKET
+
+    def where(self) -> tuple[str, list[Any]]:
+        """SQL condition selecting the unit's rows, and its parameters."""
+        if self.is_pair:
+            return "user_low = %s AND user_high = %s", [self.low, self.high]
+        if not self.pinned:
+            return "bucket = %s", [self.bucket]
+        return (
+            "bucket = %s AND (user_low, user_high) NOT IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))",
+            [self.bucket, [p.low for p in self.pinned], [p.high for p in self.pinned]],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """Count and order-independent checksum of a unit's rows on one shard."""
+
+    count: int
+    checksum: int
+
+
+class VerificationError(Exception):
+    """Source and target disagree after the sync; the message says how."""
+
+
+async def copy(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_rows: int = 1000) -> int:
+    """Copy every row of the unit from source to target; returns rows newly inserted."""
+    where, params = unit.where()
+    after = MIN_ID
+    inserted = 0
+    while True:
+        async with shard_errors(source.shard_id), source.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {ROW_COLUMNS} FROM {source.table} WHERE {where} AND message_id > %s "
+                "ORDER BY message_id LIMIT %s",
+                [*params, after, chunk_rows],
+            )
+            rows = await cur.fetchall()
+        if not rows:
+            return inserted
+        inserted += await _insert_rows(target, rows)
+        after = rows[-1][0]
+        if len(rows) < chunk_rows:
+            return inserted
+
+
+async def sync(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_ids: int = 5000) -> int:
+    """Make target hold exactly source's rows of the unit, comparing ids range by range.
+
+    Returns rows copied. Raises VerificationError if the target holds rows the source
+    lacks (nothing a move wrote; the target is not the unit's shard, so nobody else should).
+    """
+    where, params = unit.where()
+    after = MIN_ID
+    copied = 0
+    while True:
+        async with shard_errors(source.shard_id), source.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT message_id FROM {source.table} WHERE {where} AND message_id > %s "
+                "ORDER BY message_id LIMIT %s",
+                [*params, after, chunk_ids],
+            )
+            source_ids = [r[0] for r in await cur.fetchall()]
+        last = len(source_ids) < chunk_ids
+        upto = MAX_ID if last else source_ids[-1]
+        async with shard_errors(target.shard_id), target.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT message_id FROM {target.table} WHERE {where} AND message_id > %s "
+                "AND message_id <= %s",
+                [*params, after, upto],
+            )
+            target_ids = {r[0] for r in await cur.fetchall()}
+        extra = target_ids.difference(source_ids)
+        if extra:
+            raise VerificationError(
+                f"shard {target.shard_id} holds {len(extra)} message(s) of the unit that shard "
+                f"{source.shard_id} lacks, e.g. {sorted(extra)[0]}"
+            )
+        missing = [i for i in source_ids if i not in target_ids]
+        if missing:
+            copied += await copy_ids(source, target, missing)
+        if last:
+            return copied
+        after = upto
+
+
+async def copy_ids(source: MessageStore, target: MessageStore, ids: Sequence[uuid.UUID]) -> int:
+    """Copy the rows with these ids from source to target (ON CONFLICT DO NOTHING)."""
+    async with shard_errors(source.shard_id), source.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT {ROW_COLUMNS} FROM {source.table} WHERE message_id = ANY(%s) ORDER BY message_id",
+            (list(ids),),
+        )
+        rows = await cur.fetchall()
+    return await _insert_rows(target, rows) if rows else 0
+
+
+async def fingerprint(store: MessageStore, unit: Unit) -> Fingerprint:
+    where, params = unit.where()
+    async with shard_errors(store.shard_id), store.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT count(*), coalesce(sum({ROW_FINGERPRINT}), 0) FROM {store.table} WHERE {where}", params
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return Fingerprint(int(row[0]), int(row[1]))
+
+
+async def verify(source: MessageStore, target: MessageStore, unit: Unit) -> Fingerprint:
+    """Compare counts and checksums of the unit on both shards; raise VerificationError if they differ."""
+    on_source = await fingerprint(source, unit)
+    on_target = await fingerprint(target, unit)
+    if on_source != on_target:
+        raise VerificationError(
+            f"the unit differs between shard {source.shard_id} ({on_source.count} messages) and shard "
+            f"{target.shard_id} ({on_target.count} messages) after copying"
+        )
+    return on_source
+
+
+async def delete(store: MessageStore, unit: Unit, *, chunk_rows: int = 5000) -> int:
+    """Delete the unit's rows from the shard in chunks; returns rows deleted."""
+    where, params = unit.where()
+    deleted = 0
+    while True:
+        async with shard_errors(store.shard_id), store.pool.connection() as conn:
+            cur = await conn.execute(
+                f"DELETE FROM {store.table} WHERE message_id IN "
+                f"(SELECT message_id FROM {store.table} WHERE {where} LIMIT %s)",
+                [*params, chunk_rows],
+            )
+        count: int = cur.rowcount
+        deleted += count
+        if count < chunk_rows:
+            return deleted
+
+
+async def _insert_rows(target: MessageStore, rows: Sequence[Sequence[Any]]) -> int:
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    arrays = ", ".join(f"%s::{t}[]" for t in _ARRAY_TYPES)
+    async with shard_errors(target.shard_id), target.pool.connection() as conn:
+        cur = await conn.execute(
+            f"INSERT INTO {target.table} ({ROW_COLUMNS}) SELECT * FROM unnest({arrays}) "
+            "ON CONFLICT (message_id) DO NOTHING",
+            columns,
+        )
+    count: int = cur.rowcount
+    return count

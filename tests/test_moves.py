@@ -1,0 +1,319 @@
+"""Moving a pair between shards online: under load, across processes, and after a crash at each step."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from client.gen.dialog.v1 import admin_service_pb2 as pb
+from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
+from client.gen.dialog.v1 import dialog_service_pb2 as dpb
+from server.config import ServerConfig
+from server.errors import DialogMoving
+from server.mover import CRASH_ENV, CRASH_POINTS
+from server.routing import Pair, bucket_of, calculate_shard
+from server.storage.ids import MessageIdGenerator, id_time
+from tests.conftest import rows_for_pair
+from tests.processes import child_env, write_server_config
+from tests.test_bad_input import expect_error, status_details
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def other_shard(a: int, b: int) -> int:
+    return (calculate_shard(a, b, 4) + 1) % 4
+
+
+def preload(config: ServerConfig, shard_id: int, pair: tuple[int, int], count: int) -> list[str]:
+    """Write `count` messages of the pair straight into a shard table; returns their ids in order."""
+    low, high = Pair.of(*pair)
+    ids = MessageIdGenerator()
+    rows = []
+    for i in range(count):
+        message_id = ids.next()
+        sender, recipient = (low, high) if i % 2 == 0 else (high, low)
+        rows.append(
+            (message_id, low, high, bucket_of(low, high), sender, recipient, f"old {i}", id_time(message_id))
+        )
+    shard = config.shards[shard_id]
+    with psycopg.connect(shard.dsn) as conn, conn.cursor() as cur:
+        cur.executemany(
+            f"INSERT INTO {shard.table} (message_id, user_low, user_high, bucket, from_user_id, to_user_id, "
+            "text, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            rows,
+        )
+    return [str(r[0]) for r in rows]
+
+
+async def read_all(
+    stub: dialog_service_pb2_grpc.DialogServiceStub, user: int, peer: int, auth: Metadata
+) -> list[str]:
+    """Every message of the dialog through GetDialog, oldest first, following page tokens."""
+    ids: list[str] = []
+    token = ""
+    while True:
+        page = await stub.GetDialog(
+            dpb.GetDialogRequest(
+                user_id=user,
+                peer_user_id=peer,
+                page_size=1000,
+                page_token=token,
+                order=dpb.MESSAGE_ORDER_OLDEST_FIRST,
+            ),
+            metadata=auth,
+        )
+        ids += [m.message_id for m in page.messages]
+        token = page.next_page_token
+        if not token:
+            return ids
+
+
+@asynccontextmanager
+async def server_process(
+    tmp_path: Path, config: ServerConfig, jwt_secret: str, **env: str
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """A `dialog-server` process on the same shards and control database; yields its address."""
+    path = write_server_config(
+        tmp_path / f"server-{time.monotonic_ns()}.toml", config, "127.0.0.1:0", jwt_secret
+    )
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "dialog-server"),
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(**env),
+    )
+    assert proc.stdout is not None
+    output = []
+    try:
+        async with asyncio.timeout(30):
+            while line := (await proc.stdout.readline()).decode():
+                output.append(line)
+                if match := re.search(r"serving on port (\d+)", line):
+                    break
+            else:
+                pytest.fail("server process did not start:\n" + "".join(output))
+        drain = asyncio.create_task(proc.stdout.read())  # keep its pipe from filling up
+        yield f"127.0.0.1:{match.group(1)}", proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+        if "drain" in locals():
+            await drain
+
+
+@dataclass
+class Writer:
+    """Sends messages as `sender` until stopped, retrying DIALOG_MOVING with the same request_id."""
+
+    stub: dialog_service_pb2_grpc.DialogServiceStub
+    sender: int
+    recipient: int
+    auth: Metadata
+    acked: list[str] = field(default_factory=list)
+    moving_retries: int = 0
+    longest_pause: float = 0.0
+    other_errors: list[str] = field(default_factory=list)
+
+    async def run(self, stop: asyncio.Event, *, max_messages: int = 90) -> None:
+        while not stop.is_set() and len(self.acked) < max_messages:
+            request = dpb.SendMessageRequest(
+                from_user_id=self.sender,
+                to_user_id=self.recipient,
+                text=f"live {len(self.acked)}",
+                request_id=f"w{self.sender}-{len(self.acked)}",
+            )
+            first_try = time.monotonic()
+            for _ in range(100):
+                try:
+                    reply = await self.stub.SendMessage(request, metadata=self.auth, timeout=10)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    info, _ = status_details(err)
+                    if (
+                        err.code() != grpc.StatusCode.UNAVAILABLE
+                        or info is None
+                        or info.reason != "DIALOG_MOVING"
+                    ):
+                        self.other_errors.append(f"{err.code().name}: {err.details()}")
+                        return
+                    self.moving_retries += 1
+                    await asyncio.sleep(retry_delay(err))
+            else:
+                self.other_errors.append("still moving after 100 retries")
+                return
+            self.longest_pause = max(self.longest_pause, time.monotonic() - first_try)
+            self.acked.append(reply.message.message_id)
+            await asyncio.sleep(0.01)
+
+
+def retry_delay(err: grpc.aio.AioRpcError) -> float:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    raise AssertionError("DIALOG_MOVING without RetryInfo")
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_move_under_load_loses_and_duplicates_nothing(
+    tmp_path, cluster_config, jwt_secret, dialog_stub, admin_stub, admin_auth, auth_for, new_pair
+):
+    """Writers to the moving pair (through two server processes) and to other pairs keep going."""
+    a, b = new_pair()
+    source, target = calculate_shard(a, b, 4), other_shard(a, b)
+    history = preload(cluster_config, source, (a, b), 2500)
+    async with (
+        server_process(tmp_path, cluster_config, jwt_secret) as (address, _),
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        remote = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        others = [new_pair() for _ in range(2)]
+        writers = [
+            Writer(dialog_stub, a, b, auth_for(a)),
+            Writer(remote, b, a, auth_for(b)),  # routes by the other process's mirror
+            *(Writer(dialog_stub, x, y, auth_for(x)) for x, y in others),
+        ]
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(w.run(stop)) for w in writers]
+        await wait_until(lambda: all(len(w.acked) >= 10 for w in writers), "the writers are going")
+        await admin_stub.SetShardOverride(
+            pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target),
+            metadata=admin_auth,
+            timeout=60,
+        )
+        during = [len(w.acked) for w in writers]
+        await wait_until(
+            lambda: all(len(w.acked) >= n + 10 for w, n in zip(writers, during, strict=True)),
+            "the writers wrote after the move",
+        )
+        stop.set()
+        await asyncio.gather(*tasks)
+        remote_read = await read_all(remote, b, a, auth_for(b))
+
+    for w in writers:
+        assert w.other_errors == [], w.other_errors
+    assert all(w.moving_retries == 0 for w in writers[2:]), "other pairs never pause"
+    # The pause is bounded: well under the writer's 100 retries.
+    assert max(w.longest_pause for w in writers[:2]) < 10
+    moved_acked = writers[0].acked + writers[1].acked
+    read_back = await read_all(dialog_stub, a, b, auth_for(a))
+    assert read_back == remote_read, "both processes read the same dialog"
+    assert len(read_back) == len(set(read_back)), "no duplicates"
+    assert read_back == sorted(read_back), "in message id (time) order"
+    assert set(read_back) == set(history) | set(moved_acked), "every acknowledged message, nothing else"
+    for w in writers[:2]:
+        positions = [read_back.index(i) for i in w.acked]
+        assert positions == sorted(positions), "each writer's messages in the order they were acknowledged"
+    rows = rows_for_pair(cluster_config, (a, b))
+    assert list(rows) == [target] and len(rows[target]) == len(history) + len(moved_acked)
+    for (x, y), w in zip(others, writers[2:], strict=True):
+        assert await read_all(dialog_stub, x, y, auth_for(x)) == w.acked
+
+
+async def test_stale_process_gets_a_retryable_error_not_the_old_shard(
+    server, cluster_config, dialog_stub, auth_for, new_pair
+):
+    """A writer or reader whose routing still names the source is refused there once the pair moved."""
+    a, b = new_pair()
+    source, target = calculate_shard(a, b, 4), other_shard(a, b)
+    preload(cluster_config, source, (a, b), 3)
+    mover = server.placement.mover(server.shards)
+    pair = Pair.of(a, b)
+    await mover.move_pair(pair, target)
+    # Simulate a process that has not seen the flip yet: route by the hash again, in memory only.
+    server.placement.router.discard(pair)
+    try:
+        err = await expect_error(
+            dialog_stub.SendMessage(
+                dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="stale"), metadata=auth_for(a)
+            ),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        info, _ = status_details(err)
+        assert info is not None and info.reason == "DIALOG_MOVING"
+        assert retry_delay(err) == DialogMoving.RETRY_AFTER_SECONDS
+        err = await expect_error(
+            dialog_stub.GetDialog(dpb.GetDialogRequest(user_id=a, peer_user_id=b), metadata=auth_for(a)),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert status_details(err)[0].reason == "DIALOG_MOVING"  # type: ignore[union-attr]
+    finally:
+        server.placement.router.set(pair, target)
+    assert list(rows_for_pair(cluster_config, (a, b))) == [target]
+
+
+def move_rows(config: ServerConfig, pair: tuple[int, int]) -> list[tuple[str, int, int]]:
+    low, high = Pair.of(*pair)
+    with psycopg.connect(config.control_dsn) as conn:
+        rows = conn.execute(
+            "SELECT state, source_shard, target_shard FROM shard_moves "
+            "WHERE user_low = %s AND user_high = %s ORDER BY move_id",
+            (low, high),
+        ).fetchall()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+_STATE_AFTER_CRASH = {
+    "copied": "copying",
+    "fence_committed": "copying",
+    "fenced": "fenced",
+    "target_opened": "fenced",
+    "flipped": "flipped",
+    "retired": "flipped",
+    "deleted": "flipped",
+}
+
+
+@pytest.mark.parametrize("step", CRASH_POINTS)
+async def test_move_crashed_at_each_step_completes_on_rerun(
+    step, tmp_path, cluster_config, jwt_secret, dialog_stub, admin_stub, admin_auth, auth_for, new_pair
+):
+    a, b = new_pair()
+    source, target = calculate_shard(a, b, 4), other_shard(a, b)
+    history = preload(cluster_config, source, (a, b), 1500)
+    async with server_process(tmp_path, cluster_config, jwt_secret, **{CRASH_ENV: step}) as (address, proc):
+        async with grpc.aio.insecure_channel(address) as channel:
+            doomed = admin_service_pb2_grpc.AdminServiceStub(channel)
+            await expect_error(
+                doomed.SetShardOverride(
+                    pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
+                ),
+                grpc.StatusCode.UNAVAILABLE,
+            )
+        assert await proc.wait() == 70, "the mover process died at the step"
+    assert move_rows(cluster_config, (a, b)) == [(_STATE_AFTER_CRASH[step], source, target)]
+    # The same request again (here through another server) completes the move.
+    reply = await admin_stub.SetShardOverride(
+        pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth, timeout=60
+    )
+    assert reply.override.shard_id == target
+    assert move_rows(cluster_config, (a, b)) == [("done", source, target)]
+    rows = rows_for_pair(cluster_config, (a, b))
+    assert list(rows) == [target] and [str(r[0]) for r in rows[target]] == history
+    sent = await dialog_stub.SendMessage(
+        dpb.SendMessageRequest(from_user_id=b, to_user_id=a, text="after"), metadata=auth_for(b)
+    )
+    assert await read_all(dialog_stub, a, b, auth_for(a)) == [*history, sent.message.message_id]
