@@ -104,6 +104,9 @@ class PoolConfig:
     acquire_timeout: float = 5.0
     #: Seconds to wait for each shard at startup before failing fast.
     open_timeout: float = 10.0
+    #: Most concurrent SendMessage inserts of one shard sent as one statement and commit
+    #: (server.storage.batching); 1 sends every insert alone.
+    max_write_batch: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +289,10 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
     limits = LimitsConfig(**_known(data.get("limits", {}), LimitsConfig, "limits"))
     if pool.min_size < 0 or pool.max_size < max(1, pool.min_size):
         raise ConfigError(f"pool sizes are inconsistent: min_size={pool.min_size}, max_size={pool.max_size}")
+    if pool.max_write_batch < 1:
+        raise ConfigError(
+            f"pool.max_write_batch must be at least 1 (1 disables batching), got {pool.max_write_batch}"
+        )
     _check_limits(limits)
     return ServerConfig(
         shards=shards,

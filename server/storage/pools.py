@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from server.config import PoolConfig, ShardConfig, describe_dsn
 from server.errors import FailedPrecondition
+from server.storage.batching import BatchingMessageStore
 from server.storage.messages import MessageStore
 from server.storage.schema import migrate_shard
 
@@ -104,7 +105,16 @@ class ShardSet:
             self._stack.push_async_callback(pool.close)
             async with pool.connection() as conn:
                 await migrate_shard(conn, config.table)
-            self._stores[config.shard_id] = MessageStore(config.shard_id, config.table, pool)
+            self._stores[config.shard_id] = self._store(config, pool)
+
+    def _store(self, config: ShardConfig, pool: AsyncConnectionPool[Any]) -> MessageStore:
+        batch = self._pool_config.max_write_batch
+        if batch < 2:
+            return MessageStore(config.shard_id, config.table, pool)
+        store = BatchingMessageStore(config.shard_id, config.table, pool, max_batch=batch)
+        # Registered after the pool: runs before it closes, so queued inserts finish first.
+        self._stack.push_async_callback(store.drain)
+        return store
 
     async def close(self) -> None:
         await self._stack.aclose()

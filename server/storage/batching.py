@@ -1,0 +1,244 @@
+"""Per-shard write batching: concurrent SendMessage inserts share one statement and one commit.
+
+Under load most of a server's time per message goes to round trips and commits, not to the row.
+`BatchingMessageStore` queues the inserts of one shard: when no batch is running, the first one
+is sent at once (alone, through `MessageStore.insert`: no added latency at low load); inserts that
+arrive while a batch runs wait for it and then go together as one multi-row INSERT in one
+autocommit statement. A full queue (`max_batch`) starts another batch right away, up to
+`max_in_flight` at once. There is no timer: nothing ever waits for company.
+
+What a single insert guarantees holds per message:
+
+- Durability: a caller's result is set only after the statement (and so its commit) returned.
+- Idempotency: the batch statement is the single-row statement over `unnest(...)` arrays, with the
+  same `ON CONFLICT ... DO NOTHING` on the request index and the same read of the earlier row.
+  Two messages of one batch with the same (pair, sender, request_id) are one insert: the later
+  ones get the first one's stored row as a replay (the service then answers ALREADY_EXISTS if
+  their text or recipient differ, as for any replay).
+- Per-message errors: if the batch statement fails with a database error, nothing was committed
+  (one statement is atomic), and each message of the batch is retried alone through
+  `MessageStore.insert`, so one bad message gets its own error and the others are stored. A
+  connection-level failure is not retried (the commit may have happened): every caller of that
+  batch gets UNAVAILABLE, as a single insert would, and retries with a request_id are safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+
+from server.storage.errors import shard_errors
+from server.storage.messages import _COLUMNS, InsertResult, MessageStore, NewMessage, StoredMessage
+
+#: Default largest number of messages in one statement.
+DEFAULT_MAX_BATCH = 64
+#: Default most batch statements of one shard running at once (each holds a pool connection).
+DEFAULT_MAX_IN_FLIGHT = 2
+
+
+def batch_insert_sql(table: str) -> str:
+    """The multi-row form of `MessageStore.insert_sql`: one row per `ord`, replays marked `true`."""
+    return f"""
+        WITH batch AS (
+            SELECT * FROM unnest(%(ord)s::int4[], %(id)s::uuid[], %(low)s::int8[], %(high)s::int8[],
+                                 %(bucket)s::int2[], %(from)s::int8[], %(to)s::int8[], %(text)s::text[],
+                                 %(created)s::timestamptz[], %(request_id)s::text[])
+                AS b(ord, message_id, user_low, user_high, bucket, from_user_id, to_user_id, text,
+                     created_at, request_id)
+        ),
+        inserted AS (
+            INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,
+                                 to_user_id, text, created_at, request_id)
+            SELECT message_id, user_low, user_high, bucket, from_user_id, to_user_id, text,
+                   created_at, request_id
+            FROM batch ORDER BY ord
+            ON CONFLICT (user_low, user_high, from_user_id, request_id)
+                WHERE request_id IS NOT NULL DO NOTHING
+            RETURNING {_COLUMNS}
+        )
+        SELECT b.ord, i.message_id, i.from_user_id, i.to_user_id, i.text, i.created_at, false
+        FROM inserted i JOIN batch b ON b.message_id = i.message_id
+        UNION ALL
+        SELECT b.ord, m.message_id, m.from_user_id, m.to_user_id, m.text, m.created_at, true
+        FROM batch b JOIN {table} m
+          ON m.user_low = b.user_low AND m.user_high = b.user_high
+         AND m.from_user_id = b.from_user_id AND m.request_id = b.request_id
+        WHERE b.request_id IS NOT NULL
+    """
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Counters of one shard's batching (read by tests and the benchmark)."""
+
+    #: Statements that carried more than one message.
+    batches: int = 0
+    #: Messages stored or replayed through those statements.
+    batched_messages: int = 0
+    #: Inserts sent alone (nothing else was waiting).
+    single: int = 0
+    #: Batches that failed with a database error and were retried message by message.
+    split: int = 0
+    #: Largest batch so far.
+    largest: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    message: NewMessage
+    done: asyncio.Future[InsertResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class BatchingMessageStore(MessageStore):
+    """A MessageStore whose `insert` coalesces concurrent calls into multi-row statements."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        table: str,
+        pool: AsyncConnectionPool[Any],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:
+        super().__init__(shard_id, table, pool)
+        if max_batch < 2 or max_in_flight < 1:
+            raise ValueError("max_batch must be >= 2 and max_in_flight >= 1")
+        self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
+        self.batch_sql = batch_insert_sql(table)
+        self.stats = BatchStats()
+        self._queue: list[_Pending] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def insert(self, message: NewMessage) -> InsertResult:
+        """Store `message` (alone or with others waiting), or return the earlier replayed row."""
+        pending = _Pending(message)
+        self._queue.append(pending)
+        self._maybe_flush()
+        # The batch goes on if this caller gives up (its deadline): the others still need it.
+        return await asyncio.shield(pending.done)
+
+    async def drain(self) -> None:
+        """Wait for every queued and running batch (before the pool closes)."""
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _maybe_flush(self) -> None:
+        """Start a batch when none runs, or when a full batch waits and another may run."""
+        while self._queue and (
+            not self._running
+            or (len(self._queue) >= self.max_batch and len(self._running) < self.max_in_flight)
+        ):
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            task = asyncio.get_running_loop().create_task(self._flush(batch))
+            self._running.add(task)
+            task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._maybe_flush()
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            if len(batch) == 1:
+                self.stats.single += 1
+                _settle(batch[0], await super().insert(batch[0].message))
+            else:
+                await self._flush_many(batch)
+        except BaseException as exc:
+            for pending in batch:
+                _fail(pending, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _flush_many(self, batch: list[_Pending]) -> None:
+        # One insert per (pair, sender, request_id): later duplicates replay the first one's row.
+        leaders: list[_Pending] = []
+        followers: dict[int, list[_Pending]] = {}
+        first_of: dict[tuple[int, int, int, str], int] = {}
+        for pending in batch:
+            m = pending.message
+            if m.request_id is not None:
+                key = (m.pair.low, m.pair.high, m.from_user_id, m.request_id)
+                if key in first_of:
+                    followers.setdefault(first_of[key], []).append(pending)
+                    continue
+                first_of[key] = len(leaders)
+            leaders.append(pending)
+        try:
+            results = await self._insert_many([p.message for p in leaders])
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError | PoolTimeout | TooManyRequests):
+                raise  # shard_errors made it UNAVAILABLE; the commit may have happened: no retry
+            # Nothing was committed: each message alone gets its own result or error.
+            self.stats.split += 1
+            results = list(
+                await asyncio.gather(
+                    *(super(BatchingMessageStore, self).insert(p.message) for p in leaders),
+                    return_exceptions=True,
+                )
+            )
+        self.stats.batches += 1
+        self.stats.batched_messages += len(batch)
+        self.stats.largest = max(self.stats.largest, len(batch))
+        for index, (pending, result) in enumerate(zip(leaders, results, strict=True)):
+            if isinstance(result, BaseException):
+                _fail(pending, result)
+                for follower in followers.get(index, ()):
+                    _fail(follower, result)
+                continue
+            _settle(pending, result)
+            for follower in followers.get(index, ()):
+                _settle(follower, InsertResult(result.message, replayed=True))
+
+    async def _insert_many(self, messages: Sequence[NewMessage]) -> list[InsertResult | BaseException]:
+        params: dict[str, list[Any]] = {
+            "ord": list(range(len(messages))),
+            "id": [m.message_id for m in messages],
+            "low": [m.pair.low for m in messages],
+            "high": [m.pair.high for m in messages],
+            "bucket": [m.bucket for m in messages],
+            "from": [m.from_user_id for m in messages],
+            "to": [m.to_user_id for m in messages],
+            "text": [m.text for m in messages],
+            "created": [m.created_at for m in messages],
+            "request_id": [m.request_id for m in messages],
+        }
+        found: dict[int, InsertResult] = {}
+        async with shard_errors(self.shard_id), self.pool.connection() as conn:
+            for row in await (await conn.execute(self.batch_sql, params)).fetchall():
+                found.setdefault(row[0], InsertResult(StoredMessage(*row[1:6]), replayed=bool(row[6])))
+        results: list[InsertResult | BaseException] = []
+        for index, message in enumerate(messages):
+            if index in found:
+                results.append(found[index])
+                continue
+            # Not inserted and no earlier row visible to the statement's snapshot: a concurrent
+            # insert with the same request_id committed meanwhile. The single-row path reads it.
+            try:
+                results.append(await super().insert(message))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+
+def _settle(pending: _Pending, result: InsertResult) -> None:
+    if not pending.done.done():
+        pending.done.set_result(result)
+
+
+def _fail(pending: _Pending, exc: BaseException) -> None:
+    if not pending.done.done():
+        pending.done.set_exception(exc)
+        # A caller that gave up never reads it; don't let asyncio report it as unretrieved.
+        with contextlib.suppress(BaseException):
+            pending.done.exception()

@@ -1,0 +1,155 @@
+"""Per-shard write batching (server.storage.batching) against a real PostgreSQL, and through the service.
+
+`asyncio.gather` queues every insert before the first batch starts, so what is batched is
+deterministic here; the counters say which statements ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import psycopg
+import pytest_asyncio
+
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from server.config import PoolConfig
+from server.routing import ShardRouter
+from server.storage.batching import BatchingMessageStore
+from server.storage.ids import MessageIdGenerator, id_time
+from server.storage.messages import InsertResult, NewMessage
+from server.storage.pools import open_pool
+from server.storage.schema import migrate_shard
+from tests.conftest import rows_for_pair
+
+_router = ShardRouter(4)
+_ids = MessageIdGenerator()
+
+
+@pytest_asyncio.fixture
+async def store(pg_server) -> AsyncIterator[BatchingMessageStore]:
+    table = f"batch_{secrets.token_hex(6)}"
+    pool = await open_pool("batch-test", pg_server.dsn, PoolConfig(min_size=1, max_size=4))
+    try:
+        async with pool.connection() as conn:
+            await migrate_shard(conn, table)
+        batching = BatchingMessageStore(0, table, pool, max_batch=8)
+        yield batching
+        await batching.drain()
+    finally:
+        await pool.close()
+
+
+def _message(pair: tuple[int, int], text: str, request_id: str | None = None, **changes: Any) -> NewMessage:
+    where = _router.resolve(*pair)
+    message_id = _ids.next()
+    fields: dict[str, Any] = {
+        "message_id": message_id,
+        "pair": where.pair,
+        "bucket": where.bucket,
+        "from_user_id": pair[0],
+        "to_user_id": pair[1],
+        "text": text,
+        "created_at": id_time(message_id),
+        "request_id": request_id,
+        **changes,
+    }
+    return NewMessage(**fields)
+
+
+async def _stored(store: BatchingMessageStore, results: list[InsertResult]) -> list[tuple[Any, ...]]:
+    async with store.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT message_id, text FROM {store.table} WHERE message_id = ANY(%s) ORDER BY message_id",
+            ([r.message.message_id for r in results],),
+        )
+        return await cur.fetchall()
+
+
+async def test_concurrent_inserts_share_statements_and_every_ack_is_stored_once(store, new_pair):
+    messages = [_message(new_pair(), f"message {i}") for i in range(20)]
+    results = await asyncio.gather(*(store.insert(m) for m in messages))
+    # The first goes alone at once; the 19 queued meanwhile go as 8 + 8 (a full batch starts a
+    # second statement) and then the remaining 3 once nothing runs.
+    assert (store.stats.single, store.stats.batches, store.stats.batched_messages) == (1, 3, 19)
+    assert store.stats.largest == 8
+    assert [r.message.message_id for r in results] == [m.message_id for m in messages]
+    assert [r.message.text for r in results] == [m.text for m in messages]
+    assert not any(r.replayed for r in results)
+    rows = await _stored(store, results)
+    assert sorted((m.message_id, m.text) for m in messages) == [tuple(r) for r in rows]
+    # Alone, an insert goes at once through the single-row statement.
+    alone = await store.insert(_message(new_pair(), "alone"))
+    assert store.stats.single == 2 and not alone.replayed
+
+
+async def test_request_id_duplicates_within_and_across_batches_are_replays(store, new_pair):
+    pair = new_pair()
+    # The first insert of each gather goes alone; the ones queued behind it form the batch.
+    _, first, again_same_batch, other = await asyncio.gather(
+        store.insert(_message(new_pair(), "goes alone")),
+        store.insert(_message(pair, "hello", "req-1")),
+        store.insert(_message(pair, "hello", "req-1")),
+        store.insert(_message(pair, "other", "req-2")),
+    )
+    assert store.stats.batches == 1
+    assert not first.replayed and again_same_batch.replayed
+    assert again_same_batch.message == first.message
+    assert not other.replayed
+    # In a later batch: the same request replays; a reused request_id with another text returns
+    # the stored message (the service answers ALREADY_EXISTS), and a new message is stored.
+    _, replay, reused, new = await asyncio.gather(
+        store.insert(_message(new_pair(), "goes alone")),
+        store.insert(_message(pair, "hello", "req-1")),
+        store.insert(_message(pair, "different text", "req-2")),
+        store.insert(_message(pair, "new", "req-3")),
+    )
+    assert store.stats.batches == 2
+    assert replay.replayed and replay.message == first.message
+    assert reused.replayed and reused.message == other.message and reused.message.text == "other"
+    assert not new.replayed
+    assert sorted(text for _, text in await _stored(store, [first, other, new])) == ["hello", "new", "other"]
+
+
+async def test_a_failing_message_fails_alone_and_the_rest_of_its_batch_is_stored(store, new_pair):
+    good = [_message(new_pair(), f"good {i}") for i in range(5)]
+    bad = _message(new_pair(), "bad", bucket=9999)  # violates the table's CHECK on bucket
+    outcomes = await asyncio.gather(
+        *(store.insert(m) for m in [*good[:2], bad, *good[2:]]), return_exceptions=True
+    )
+    assert (store.stats.single, store.stats.batches, store.stats.split) == (1, 1, 1)
+    assert isinstance(outcomes[2], psycopg.errors.CheckViolation)
+    stored = [o for o in outcomes if isinstance(o, InsertResult)]
+    assert [r.message.message_id for r in stored] == [m.message_id for m in good]
+    assert len(await _stored(store, stored)) == len(good)
+
+
+async def test_conflicting_request_id_reuse_is_already_exists_for_that_call_only(
+    dialog_stub, auth_for: Callable[..., Any], cluster_config, new_pair
+):
+    sender, peer = pair = new_pair()
+    metadata = auth_for(sender)
+
+    def send(text: str, request_id: str) -> Any:
+        request = pb.SendMessageRequest(
+            from_user_id=sender, to_user_id=peer, text=text, request_id=request_id
+        )
+        return dialog_stub.SendMessage(request, metadata=metadata, timeout=10)
+
+    calls = [
+        send("first", "shared"),
+        send("second", "shared"),
+        *(send(f"m{i}", f"own-{i}") for i in range(10)),
+    ]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    shared = outcomes[:2]
+    winners = [o for o in shared if isinstance(o, pb.SendMessageResponse)]
+    losers = [o for o in shared if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(winners) == 1 and len(losers) == 1
+    assert losers[0].code() == grpc.StatusCode.ALREADY_EXISTS
+    assert all(isinstance(o, pb.SendMessageResponse) and not o.replayed for o in outcomes[2:])
+    rows = [row for rows in rows_for_pair(cluster_config, pair).values() for row in rows]
+    assert sorted(row[3] for row in rows) == sorted([winners[0].message.text, *(f"m{i}" for i in range(10))])
