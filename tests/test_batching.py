@@ -17,8 +17,10 @@ import pytest_asyncio
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.config import PoolConfig
+from server.errors import DialogMoving
 from server.routing import ShardRouter
 from server.storage.batching import BatchingMessageStore
+from server.storage.fences import FenceState, FenceStore
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import InsertResult, NewMessage
 from server.storage.pools import open_pool
@@ -125,6 +127,29 @@ async def test_a_failing_message_fails_alone_and_the_rest_of_its_batch_is_stored
     stored = [o for o in outcomes if isinstance(o, InsertResult)]
     assert [r.message.message_id for r in stored] == [m.message_id for m in good]
     assert len(await _stored(store, stored)) == len(good)
+
+
+async def test_a_fenced_dialog_in_a_batch_is_moving_and_the_others_are_stored(store, new_pair):
+    fenced_pair = new_pair()
+    fenced = _message(fenced_pair, "to a moving dialog")
+    async with store.pool.connection() as conn:
+        await FenceStore(store.table).set(
+            conn, fenced.bucket, fenced.pair.low, fenced.pair.high, FenceState.FENCED, move_id=1
+        )
+    good = [_message(new_pair(), f"good {i}") for i in range(3)]
+    outcomes = await asyncio.gather(
+        *(store.insert(m) for m in [good[0], fenced, *good[1:]]), return_exceptions=True
+    )
+    assert (store.stats.batches, store.stats.split) == (1, 1)
+    assert isinstance(outcomes[1], DialogMoving)
+    stored = [o for o in outcomes if isinstance(o, InsertResult)]
+    assert [r.message.message_id for r in stored] == [m.message_id for m in good]
+    async with store.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT count(*) FROM {store.table} WHERE user_low = %s AND user_high = %s",
+            (fenced.pair.low, fenced.pair.high),
+        )
+        assert await cur.fetchone() == (0,)
 
 
 async def test_conflicting_request_id_reuse_is_already_exists_for_that_call_only(

@@ -15,11 +15,13 @@ What a single insert guarantees holds per message:
   Two messages of one batch with the same (pair, sender, request_id) are one insert: the later
   ones get the first one's stored row as a replay (the service then answers ALREADY_EXISTS if
   their text or recipient differ, as for any replay).
-- Per-message errors: if the batch statement fails with a database error, nothing was committed
-  (one statement is atomic), and each message of the batch is retried alone through
-  `MessageStore.insert`, so one bad message gets its own error and the others are stored. A
-  connection-level failure is not retried (the commit may have happened): every caller of that
-  batch gets UNAVAILABLE, as a single insert would, and retries with a request_id are safe.
+- The move fence: every row of a batch passes `<table>_writable` like a single insert.
+- Per-message errors: if the batch statement fails with a database error (a fenced dialog, a
+  bad row), nothing was committed (one statement is atomic), and each message of the batch is
+  retried alone through `MessageStore.insert`, so one message gets its own error (DialogMoving
+  for a moving dialog) and the others are stored. A connection-level failure is not retried (the
+  commit may have happened): every caller of that batch gets UNAVAILABLE, as a single insert
+  would, and retries with a request_id are safe.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool import AsyncConnectionPool
 
 from server.storage.errors import shard_errors
 from server.storage.messages import _COLUMNS, InsertResult, MessageStore, NewMessage, StoredMessage
@@ -42,8 +44,17 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_IN_FLIGHT = 2
 
 
+class _Rejected(Exception):
+    """The batch statement failed with a database error: nothing of it was committed."""
+
+
 def batch_insert_sql(table: str) -> str:
-    """The multi-row form of `MessageStore.insert_sql`: one row per `ord`, replays marked `true`."""
+    """The multi-row form of `MessageStore.insert_sql`: one row per `ord`, replays marked `true`.
+
+    Every row passes the same move fence as a single insert (`<table>_writable`, see
+    server.storage.fences); a fenced row makes the whole statement fail, and the batch is
+    then retried message by message.
+    """
     return f"""
         WITH batch AS (
             SELECT * FROM unnest(%(ord)s::int4[], %(id)s::uuid[], %(low)s::int8[], %(high)s::int8[],
@@ -57,7 +68,7 @@ def batch_insert_sql(table: str) -> str:
                                  to_user_id, text, created_at, request_id)
             SELECT message_id, user_low, user_high, bucket, from_user_id, to_user_id, text,
                    created_at, request_id
-            FROM batch ORDER BY ord
+            FROM batch WHERE {table}_writable(bucket, user_low, user_high) ORDER BY ord
             ON CONFLICT (user_low, user_high, from_user_id, request_id)
                 WHERE request_id IS NOT NULL DO NOTHING
             RETURNING {_COLUMNS}
@@ -176,10 +187,10 @@ class BatchingMessageStore(MessageStore):
             leaders.append(pending)
         try:
             results = await self._insert_many([p.message for p in leaders])
-        except psycopg.Error as exc:
-            if isinstance(exc, psycopg.OperationalError | PoolTimeout | TooManyRequests):
-                raise  # shard_errors made it UNAVAILABLE; the commit may have happened: no retry
-            # Nothing was committed: each message alone gets its own result or error.
+        except _Rejected:
+            # Nothing was committed: each message alone gets its own result or error (a fenced
+            # dialog its DialogMoving, a bad row its own error). Connection failures are not
+            # _Rejected: the commit may have happened, so they fail the batch without a retry.
             self.stats.split += 1
             results = list(
                 await asyncio.gather(
@@ -215,8 +226,14 @@ class BatchingMessageStore(MessageStore):
         }
         found: dict[int, InsertResult] = {}
         async with shard_errors(self.shard_id), self.pool.connection() as conn:
-            for row in await (await conn.execute(self.batch_sql, params)).fetchall():
-                found.setdefault(row[0], InsertResult(StoredMessage(*row[1:6]), replayed=bool(row[6])))
+            try:
+                rows = await (await conn.execute(self.batch_sql, params)).fetchall()
+            except psycopg.Error as exc:
+                if isinstance(exc, psycopg.OperationalError):
+                    raise
+                raise _Rejected from exc
+        for row in rows:
+            found.setdefault(row[0], InsertResult(StoredMessage(*row[1:6]), replayed=bool(row[6])))
         results: list[InsertResult | BaseException] = []
         for index, message in enumerate(messages):
             if index in found:
