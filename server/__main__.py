@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from server import devstack, supervisor
 from server.app import running_server
-from server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, load_config
+from server.config import DEFAULT_LISTEN, ConfigError, LogConfig, ServerConfig, load_config
 from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.logs import configure_logging
 from server.storage.pools import StartupError
 
 _DEV_BANNER = """\
@@ -46,12 +47,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="server processes sharing the port (default: the config's `workers`, else 1)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (overrides config)")
     parser.add_argument(supervisor.WORKER_FLAG, type=int, dest="worker_of", help=argparse.SUPPRESS)
+    parser.add_argument(supervisor.WORKER_INDEX_FLAG, type=int, dest="worker_index", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-async def _serve(config: ServerConfig, banner: str | None, worker_of: int | None = None) -> None:
+async def _serve(
+    config: ServerConfig, banner: str | None, log_level: str | None, worker_of: int | None = None
+) -> None:
+    configure_logging(replace(config.log, level=log_level.upper()) if log_level else config.log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -65,6 +70,9 @@ async def _serve(config: ServerConfig, banner: str | None, worker_of: int | None
             watchdog.cancel()
             return
         print(f"dialog-shard serving on {address} with {config.num_shards} shards", flush=True)
+        if running.metrics_port is not None and config.metrics.listen is not None:
+            host = config.metrics.listen.rsplit(":", 1)[0]
+            print(f"metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
         if banner:
             print(banner.replace("{address}", address), flush=True)
         await stop.wait()
@@ -78,11 +86,16 @@ def _start(
     config = load_config(config_path, environ)
     workers = args.workers if args.workers is not None else config.workers
     if args.worker_of is not None or workers == 1:
-        asyncio.run(_serve(config, banner, args.worker_of))
+        if args.worker_index is not None:
+            # Each worker serves its own metrics endpoint: the configured port + its index.
+            config = replace(config, metrics=config.metrics.for_worker(args.worker_index))
+        asyncio.run(_serve(config, banner, args.log_level, args.worker_of))
         return 0
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    worker_argv = [sys.executable, "-m", "server", "--log-level", args.log_level]
+    worker_argv = [sys.executable, "-m", "server"]
+    if args.log_level:
+        worker_argv += ["--log-level", args.log_level]
     if config_path is not None:
         worker_argv += ["--config", str(config_path)]
     return asyncio.run(
@@ -117,9 +130,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # Until the config is read (it may say otherwise), log as its defaults say.
+    configure_logging(LogConfig(level=args.log_level.upper()) if args.log_level else LogConfig())
     # Until the event loop installs its own handlers, SIGTERM interrupts startup like Ctrl-C
     # does, so the `finally` blocks stop an embedded PostgreSQL that was already started.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -1,9 +1,10 @@
 """Wiring: the server's whole lifetime as one async context manager.
 
 Order on the way up: shard pools (with schema) -> control pool and shard-map
-mirror -> gRPC server (servicers, health, reflection) -> SERVING. On the way
-down, the reverse: NOT_SERVING -> stop accepting and drain in-flight RPCs
-within the grace period -> close the mirror and the pools.
+mirror -> gRPC server (servicers, health, reflection) -> metrics endpoint ->
+SERVING. On the way down, the reverse: NOT_SERVING -> stop accepting and drain
+in-flight RPCs within the grace period -> metrics endpoint -> close the mirror
+and the pools.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from client.gen.dialog.v1 import (
 from server.auth import TokenVerifier
 from server.config import ServerConfig, TlsConfig
 from server.interceptors import AuthInterceptor, ErrorMappingInterceptor, RateLimitInterceptor
+from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import TokenBucketLimiter
+from server.logs import RpcLog
+from server.metrics import MetricsEndpoint, ServerMetrics
 from server.pagination import PageTokenCodec
 from server.placement import Placement
 from server.services.admin import AdminService
@@ -49,6 +53,8 @@ class RunningServer:
     placement: Placement
     shards: ShardSet
     health: health.aio.HealthServicer
+    #: The metrics endpoint's port (None: metrics disabled).
+    metrics_port: int | None = None
 
 
 @asynccontextmanager
@@ -64,7 +70,14 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
         Placement(config.control_dsn, config.num_shards, config.pool) as placement,
     ):
         tokens = PageTokenCodec(config.page_token_secret)
+        metrics = ServerMetrics(c.shard_id for c in config.shards)
+        metrics.watch(
+            {c.shard_id: shards.store(c.shard_id).pool for c in config.shards},
+            overrides=placement.router.overrides,
+            reloads=lambda: placement.reloads,
+        )
         interceptors: list[grpc.aio.ServerInterceptor] = [
+            ObserveInterceptor(metrics, RpcLog()),
             ErrorMappingInterceptor(),
             AuthInterceptor(verifier),
         ]
@@ -106,6 +119,12 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {config.listen}: {exc}") from None
         await server.start()
+        try:
+            listen = config.metrics.listen
+            endpoint = MetricsEndpoint(metrics.registry, listen) if listen is not None else None
+        except OSError:
+            await server.stop(None)
+            raise
         for name in ("", DIALOG_SERVICE, ADMIN_SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -114,11 +133,17 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             config.num_shards,
             "plaintext" if config.tls is None else "mutual TLS" if config.tls.require_client_cert else "TLS",
         )
+        if endpoint is not None:
+            log.info("metrics on %s", endpoint.url)
         try:
-            yield RunningServer(server, port, placement, shards, health_servicer)
+            yield RunningServer(
+                server, port, placement, shards, health_servicer, endpoint.port if endpoint else None
+            )
         finally:
             await health_servicer.enter_graceful_shutdown()
             await server.stop(config.shutdown_grace_seconds)
+            if endpoint is not None:
+                endpoint.close()
             log.info("server stopped")
 
 

@@ -23,6 +23,15 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     send_rate_per_second = 20               # per-user SendMessage token bucket; 0 disables
     send_burst = 100
 
+    [metrics]
+    listen = "127.0.0.1:9464"               # Prometheus endpoint http://ADDRESS/metrics; port 0 picks one
+    # enabled = false                       # no endpoint at all
+
+    [log]
+    format = "auto"                         # json | text | auto (text on a terminal, else JSON)
+    level = "INFO"
+    rpc = true                              # one line per RPC (logger server.rpc, INFO)
+
     [[shards]]
     id = 0
     dsn = "postgresql://postgres@10.0.0.1:5432/dialog"
@@ -41,6 +50,9 @@ Environment variables (they win over the file):
 - `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`.
 - `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key;
   required when only public keys are configured).
+- `DIALOG_METRICS_LISTEN`: address of the metrics endpoint, or `off`.
+- `DIALOG_LOG_FORMAT` (`json`, `text`, `auto`), `DIALOG_LOG_LEVEL`, `DIALOG_LOG_RPC` (`0` silences
+  the per-RPC lines).
 
 Relative file paths are relative to the config file's directory.
 """
@@ -63,6 +75,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_NUM_SHARDS = 4
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+LOG_FORMATS = ("auto", "json", "text")
 #: JWT algorithms verified with the shared secret.
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 #: JWT algorithms verified with an issuer's public key (PEM file or JWKS).
@@ -170,6 +184,33 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (prometheus-client's HTTP server; path /metrics)."""
+
+    #: `host:port` it listens on (port 0 picks a free one); None: no endpoint.
+    listen: str | None = DEFAULT_METRICS_LISTEN
+
+    def for_worker(self, index: int) -> MetricsConfig:
+        """The endpoint of worker `index` of several server processes: port + index (0 stays 0)."""
+        if self.listen is None or index == 0:
+            return self
+        host, port = split_host_port(self.listen)
+        return MetricsConfig(f"{host}:{port + index}" if port else self.listen)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Logging (stderr): format, level and the per-RPC lines."""
+
+    #: `json` (one object per line), `text` (for people), or `auto`: text on a terminal, else JSON.
+    format: str = "auto"
+    #: Level of the root logger (DEBUG, INFO, WARNING, ERROR).
+    level: str = "INFO"
+    #: One line per RPC (logger `server.rpc`, level INFO): method, status, duration, shard.
+    rpc: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything the server needs, validated."""
 
@@ -190,6 +231,8 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     #: Server processes sharing the listening port (SO_REUSEPORT); `dialog-server --workers` wins.
     workers: int = 1
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def num_shards(self) -> int:
@@ -205,6 +248,14 @@ def describe_dsn(dsn: str) -> str:
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
     return f"{host}:{port}/{params.get('dbname', '')}"
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`("127.0.0.1", 9464)` from `127.0.0.1:9464`, `("::", 9464)` from `[::]:9464`."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"address {address!r} must be HOST:PORT with a port in 0..65535")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def render_config(
@@ -306,7 +357,34 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         reflection=_bool(env.get("DIALOG_REFLECTION", data.get("reflection", True))),
         shutdown_grace_seconds=float(data.get("shutdown_grace_seconds", 10.0)),
         workers=_workers(env.get("DIALOG_WORKERS", data.get("workers", 1))),
+        metrics=_metrics(data.get("metrics", {}), env),
+        log=_log(data.get("log", {}), env),
     )
+
+
+def _metrics(section: Mapping[str, Any], env: Mapping[str, str]) -> MetricsConfig:
+    unknown = set(section) - {"listen", "enabled"}
+    if unknown:
+        raise ConfigError(f"unknown keys in [metrics]: {', '.join(sorted(unknown))}")
+    listen = env.get("DIALOG_METRICS_LISTEN", section.get("listen", DEFAULT_METRICS_LISTEN))
+    if not _bool(section.get("enabled", True)) or str(listen).strip().lower() in {"", "off", "none"}:
+        return MetricsConfig(listen=None)
+    split_host_port(str(listen))
+    return MetricsConfig(listen=str(listen))
+
+
+def _log(section: Mapping[str, Any], env: Mapping[str, str]) -> LogConfig:
+    values = _known(section, LogConfig, "log")
+    config = LogConfig(
+        format=str(env.get("DIALOG_LOG_FORMAT", values.get("format", "auto"))).lower(),
+        level=str(env.get("DIALOG_LOG_LEVEL", values.get("level", "INFO"))).upper(),
+        rpc=_bool(env.get("DIALOG_LOG_RPC", values.get("rpc", True))),
+    )
+    if config.format not in LOG_FORMATS:
+        raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {config.format!r}")
+    if config.level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ConfigError(f"log level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {config.level!r}")
+    return config
 
 
 def _workers(value: object) -> int:

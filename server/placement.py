@@ -12,6 +12,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
+from server.call_context import current_shard
 from server.config import PoolConfig
 from server.errors import FailedPrecondition, NotFound
 from server.mover import Mover
@@ -58,7 +59,10 @@ class Placement:
             await self._pool.close()
 
     def resolve(self, user_id_1: int, user_id_2: int) -> Resolution:
-        return self.router.resolve(user_id_1, user_id_2)
+        """Where the pair lives; also records the shard as the current RPC's (metrics, logs)."""
+        where = self.router.resolve(user_id_1, user_id_2)
+        current_shard.set(where.shard_id)
+        return where
 
     def mover(self, shards: ShardSet) -> Mover:
         if self._pool is None:

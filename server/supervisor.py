@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 #: Hidden `dialog-server` option that makes a process a worker of the given parent pid.
 WORKER_FLAG = "--worker-of"
+#: Hidden `dialog-server` option giving a worker its index (0..N-1); worker i serves metrics on port + i.
+WORKER_INDEX_FLAG = "--worker-index"
 #: What a worker prints (instead of the usual banner) once it serves.
 READY_LINE = "dialog-shard worker ready"
 #: Seconds a worker has to start serving.
@@ -157,6 +159,8 @@ class Supervisor:
             address,
             WORKER_FLAG,
             str(os.getpid()),
+            WORKER_INDEX_FLAG,
+            str(index),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,

@@ -42,6 +42,7 @@ def make_config(dsns: list[str], jwt_secret: str, **overrides: Any) -> ServerCon
         "shards": [{"id": i, "dsn": dsn, "table": f"messages_{i}"} for i, dsn in enumerate(dsns)],
         "auth": {"jwt_secret": jwt_secret},
         "shutdown_grace_seconds": 2.0,
+        "metrics": {"listen": "127.0.0.1:0"},
         **overrides,
     }
     return config_from_mapping(data, {}, base_dir=__import__("pathlib").Path.cwd())

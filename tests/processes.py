@@ -31,9 +31,14 @@ class Result:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """This environment without DIALOG_* variables (they would win over a child's config file)."""
+    """This environment without DIALOG_* variables (they would win over a child's config file).
+
+    A child server's metrics endpoint takes a free port, never the default one (several test runs
+    and a developer's `make run` share this machine).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIALOG_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["DIALOG_METRICS_LISTEN"] = "127.0.0.1:0"
     env.update(extra)
     return env
 

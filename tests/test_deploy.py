@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import re
 import signal
 import subprocess
@@ -33,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import config_from_mapping
 from tests.pgfixtures import free_port, reachable_temp_dir
+from tests.processes import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -392,7 +392,7 @@ def test_local_cluster_starts_serves_and_stops(cluster_dir: Path) -> None:
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=child_env(),
         )
     try:
         deadline = time.monotonic() + 120

@@ -1,0 +1,86 @@
+"""Observation of every call: status code, duration and shard, reported to metrics and the RPC log.
+
+The outermost interceptor, so it sees the status the caller gets (after error mapping) and
+times everything the server does for the call. The shard is what the servicer resolved
+(`server.call_context.current_shard`); calls that resolve none report no shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+
+from server.call_context import current_shard
+from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
+from server.logs import RpcLog
+from server.metrics import ServerMetrics, go_code_name
+
+
+class ObserveInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times unary calls of registered methods; must be the outermost interceptor."""
+
+    def __init__(self, metrics: ServerMetrics | None, rpc_log: RpcLog | None) -> None:
+        self._metrics = metrics
+        self._log = rpc_log
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        # No handler: an unknown method, answered UNIMPLEMENTED by gRPC and never a label value.
+        if handler is None or handler.unary_unary is None:
+            return handler
+        full_method = handler_call_details.method
+        method_metrics = self._metrics.method(full_method) if self._metrics is not None else None
+        rpc_log = self._log
+        service, _, name = full_method.lstrip("/").rpartition("/")
+        x_request_id = next(
+            (str(v) for k, v in (handler_call_details.invocation_metadata or ()) if k == "x-request-id"),
+            None,
+        )
+
+        def wrap(behavior: Behavior) -> Behavior:
+            async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                current_shard.set(None)
+                if method_metrics is not None:
+                    method_metrics.started()
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                response = None
+                try:
+                    response = await behavior(request, context)
+                    return response
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except BaseException:
+                    code = grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    seconds = time.perf_counter() - start
+                    shard = current_shard.get()
+                    if method_metrics is not None:
+                        method_metrics.handled(code, seconds, shard, response)
+                    if rpc_log is not None and rpc_log.enabled():
+                        rpc_log.record(
+                            service=service,
+                            method=name,
+                            code=go_code_name(code),
+                            seconds=seconds,
+                            shard=shard,
+                            peer=context.peer(),
+                            x_request_id=x_request_id,
+                            request_id=getattr(request, "request_id", None),
+                        )
+
+            return observed
+
+        return wrap_unary_unary(handler, wrap)

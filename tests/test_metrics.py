@@ -1,0 +1,223 @@
+"""The Prometheus endpoint of a running server: per-shard counts after known traffic, label sets.
+
+The session server is shared, so every count is asserted as the difference between a scrape
+before and a scrape after this test's own traffic (tests run one at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import urllib.request
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from client.gen.dialog.v1 import admin_service_pb2, dialog_service_pb2
+from server.app import RunningServer, running_server
+from server.config import ConfigError, MetricsConfig, ServerConfig, config_from_mapping
+from server.metrics import ServerMetrics, go_code_name
+from server.routing import calculate_shard
+
+Labels = tuple[tuple[str, str], ...]
+Samples = dict[tuple[str, Labels], float]
+
+RPC_LABELS = {"grpc_type", "grpc_service", "grpc_method"}
+
+
+async def scrape(port: int) -> tuple[Samples, dict[str, set[str]]]:
+    """Every sample by (name, sorted labels), and the label names of every sample name."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+            return str(reply.read().decode())
+
+    samples: Samples = {}
+    label_names: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+            label_names.setdefault(sample.name, set()).update(sample.labels)
+    return samples, label_names
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels` (0 when none)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
+
+
+def pair_on_shard(shard: int, num_shards: int, new_pair: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    while True:
+        a, b = new_pair()
+        if calculate_shard(a, b, num_shards) == shard:
+            return a, b
+
+
+def send(a: int, b: int, text: str, request_id: str = "") -> dialog_service_pb2.SendMessageRequest:
+    return dialog_service_pb2.SendMessageRequest(
+        from_user_id=a, to_user_id=b, text=text, request_id=request_id
+    )
+
+
+async def test_rpc_and_message_counts_per_shard(server: RunningServer, dialog_stub, auth_for, new_pair):
+    assert server.metrics_port is not None
+    num_shards = len(server.shards)
+    before, _ = await scrape(server.metrics_port)
+
+    pairs = [pair_on_shard(shard, num_shards, new_pair) for shard in range(num_shards)]
+    users = {str(u) for pair in pairs for u in pair}
+    for shard, (a, b) in enumerate(pairs):
+        for i in range(shard + 1):  # shard s gets s + 1 messages
+            await dialog_stub.SendMessage(send(a, b, f"m{i}", f"req-{i}"), metadata=auth_for(a))
+    # A retry of an acknowledged request writes nothing new.
+    a0, b0 = pairs[0]
+    replay = await dialog_stub.SendMessage(send(a0, b0, "m0", "req-0"), metadata=auth_for(a0))
+    assert replay.replayed
+    # Pages of 2: shard s's dialog (s + 1 messages) reads min(s + 1, 2) messages.
+    for a, b in pairs:
+        request = dialog_service_pb2.GetDialogRequest(user_id=a, peer_user_id=b, page_size=2)
+        await dialog_stub.GetDialog(request, metadata=auth_for(a))
+    # Refused before any shard is resolved: a message to oneself, and sending as someone else.
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await dialog_stub.SendMessage(send(a0, a0, "x"), metadata=auth_for(a0))
+    assert invalid.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await dialog_stub.SendMessage(send(b0, a0, "x"), metadata=auth_for(a0))
+    assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+    after, label_names = await scrape(server.metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    sends = sum(range(1, num_shards + 1)) + 1
+    rpc = {"grpc_service": "dialog.v1.DialogService", "grpc_type": "unary"}
+    assert delta("grpc_server_started_total", grpc_method="SendMessage", **rpc) == sends + 2
+    assert delta("grpc_server_handled_total", grpc_method="SendMessage", grpc_code="OK", **rpc) == sends
+    assert delta("grpc_server_handled_total", grpc_method="SendMessage", grpc_code="InvalidArgument") == 1
+    assert delta("grpc_server_handled_total", grpc_method="SendMessage", grpc_code="PermissionDenied") == 1
+    assert delta("grpc_server_handled_total", grpc_method="GetDialog", grpc_code="OK") == num_shards
+    for shard in range(num_shards):
+        label = str(shard)
+        sends_here = shard + 1 + (1 if shard == 0 else 0)
+        assert (
+            delta("grpc_server_handling_seconds_count", grpc_method="SendMessage", shard=label) == sends_here
+        )
+        assert delta("grpc_server_handling_seconds_count", grpc_method="GetDialog", shard=label) == 1
+        assert delta("dialog_shard_messages_written_total", shard=label) == shard + 1
+        assert delta("dialog_shard_messages_read_total", shard=label) == min(shard + 1, 2)
+    assert delta("grpc_server_handling_seconds_count", grpc_method="SendMessage", shard="none") == 2
+    assert delta("grpc_server_handling_seconds_sum", grpc_method="SendMessage") > 0
+    # Histogram buckets are cumulative: the +Inf bucket holds every call.
+    inf = delta("grpc_server_handling_seconds_bucket", grpc_method="SendMessage", le="+Inf")
+    assert inf == sends + 2
+
+    # Label sets are fixed; label values are bounded (methods, shards, codes), never a user id.
+    assert label_names["grpc_server_started_total"] == RPC_LABELS
+    assert label_names["grpc_server_handled_total"] == RPC_LABELS | {"grpc_code"}
+    assert label_names["grpc_server_handling_seconds_bucket"] == RPC_LABELS | {"shard", "le"}
+    assert label_names["dialog_shard_messages_written_total"] == {"shard"}
+    shard_values = {v for (_, ls), _ in after.items() for k, v in ls if k == "shard"}
+    assert shard_values <= {str(s) for s in range(num_shards)} | {"none", "unconfigured"}
+    methods = {v for (_, ls), _ in after.items() for k, v in ls if k == "grpc_method"}
+    assert {"SendMessage", "GetDialog"} <= methods
+    assert methods <= {
+        "SendMessage",
+        "GetDialog",
+        *admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].methods_by_name,
+        "Check",
+    }
+    all_values = {v for (_, ls), _ in after.items() for _, v in ls}
+    assert not all_values & users
+
+
+async def test_pool_and_shard_map_state(
+    server: RunningServer, admin_stub, admin_auth, new_pair, cluster_config
+):
+    assert server.metrics_port is not None
+    before, _ = await scrape(server.metrics_port)
+    a, b = new_pair()
+    target = (calculate_shard(a, b, len(server.shards)) + 1) % len(server.shards)
+    await admin_stub.SetShardOverride(
+        admin_service_pb2.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target),
+        metadata=admin_auth,
+    )
+    try:
+        after, label_names = await scrape(server.metrics_port)
+    finally:
+        await admin_stub.DeleteShardOverride(
+            admin_service_pb2.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+        )
+    for shard in range(len(server.shards)):
+        label = str(shard)
+        expected = value(before, "dialog_shard_overrides", shard=label) + (1 if shard == target else 0)
+        assert value(after, "dialog_shard_overrides", shard=label) == expected
+        size = value(after, "dialog_shard_pool_size", shard=label)
+        assert cluster_config.pool.min_size <= size <= cluster_config.pool.max_size
+        assert value(after, "dialog_shard_pool_max_size", shard=label) == cluster_config.pool.max_size
+        assert 0 <= value(after, "dialog_shard_pool_available", shard=label) <= size
+        assert value(after, "dialog_shard_pool_waiting", shard=label) >= 0
+        assert ("dialog_shard_pool_request_errors_total", (("shard", label),)) in after
+    assert value(after, "dialog_shard_override_reloads_total") == server.placement.reloads >= 1
+    for name in ("dialog_shard_pool_size", "dialog_shard_pool_available", "dialog_shard_overrides"):
+        assert label_names[name] == {"shard"}
+
+
+async def test_metrics_port_in_use_fails_startup_with_a_clear_error(cluster_config: ServerConfig):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = replace(cluster_config, metrics=MetricsConfig(f"127.0.0.1:{port}"))
+        with pytest.raises(OSError, match=re.escape(f"cannot serve metrics on 127.0.0.1:{port}")):
+            async with running_server(config):
+                pytest.fail("server must not start")
+
+
+async def test_metrics_can_be_disabled(cluster_config: ServerConfig):
+    async with running_server(replace(cluster_config, metrics=MetricsConfig(None))) as running:
+        assert running.metrics_port is None
+
+
+def _load(metrics: object = None, **env: str) -> MetricsConfig:
+    data: dict[str, object] = {
+        "auth": {"jwt_secret": "k" * 32},
+        "shards": [{"id": 0, "dsn": "postgresql://h/db"}],
+    }
+    if metrics is not None:
+        data["metrics"] = metrics
+    return config_from_mapping(data, env, base_dir=Path.cwd()).metrics
+
+
+def test_metrics_config():
+    assert _load().listen == "127.0.0.1:9464"
+    assert _load({"listen": "0.0.0.0:9100"}).listen == "0.0.0.0:9100"
+    assert _load({"enabled": False}).listen is None
+    assert _load({"listen": "0.0.0.0:9100"}, DIALOG_METRICS_LISTEN="off").listen is None
+    assert _load(DIALOG_METRICS_LISTEN="[::1]:0").listen == "[::1]:0"
+    for bad in ({"listen": "9464"}, {"listen": "h:99999"}, {"port": 1}):
+        with pytest.raises(ConfigError, match=r"\[metrics\]|HOST:PORT"):
+            _load(bad)
+    assert MetricsConfig("0.0.0.0:9464").for_worker(2).listen == "0.0.0.0:9466"
+    assert MetricsConfig("127.0.0.1:0").for_worker(3).listen == "127.0.0.1:0"
+    assert MetricsConfig(None).for_worker(1).listen is None
+
+
+def test_code_names_follow_go():
+    assert go_code_name(grpc.StatusCode.OK) == "OK"
+    assert go_code_name(grpc.StatusCode.CANCELLED) == "Canceled"
+    assert go_code_name(grpc.StatusCode.INVALID_ARGUMENT) == "InvalidArgument"
+    assert go_code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DeadlineExceeded"
+
+
+def test_shard_labels_stay_bounded():
+    metrics = ServerMetrics([0, 1])
+    labels = [metrics.shard_label(s) for s in (0, 1, None, 9, -1)]
+    assert labels == ["0", "1", "none", "unconfigured", "unconfigured"]
