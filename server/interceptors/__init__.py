@@ -1,4 +1,4 @@
-"""Server interceptors: error mapping (outermost), then authentication, then rate limiting."""
+"""Server interceptors: observation (outermost), error mapping, authentication, then rate limiting."""
 
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor

@@ -47,7 +47,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions raised by inner layers into statuses; must be the outermost interceptor."""
+    """Turns exceptions raised by inner layers into statuses; outermost but for observation."""
 
     async def intercept_service(
         self,
