@@ -177,6 +177,7 @@ def test_both_configs_are_accepted_by_the_server_with_four_shards() -> None:
         assert _port_of(config.listen) == SERVICE_PORT
         # Inside a container the service must be reachable from outside its loopback.
         assert config.listen.rsplit(":", 1)[0] == "0.0.0.0"
+        assert config.metrics.listen == f"0.0.0.0:{METRICS_PORT}"
         hosts = {urlsplit(s.dsn).hostname for s in config.shards}
         assert len(hosts) == NUM_SHARDS, "every shard on its own PostgreSQL server"
 
@@ -222,7 +223,8 @@ def test_compose_service_wiring() -> None:
             ["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True, check=False
         )
         assert tracked.returncode != 0, f"{path} must not be committed"
-    # Prometheus scrapes the service's (future) metrics port.
+    # Prometheus scrapes the service's metrics port, which the container exposes.
+    assert [int(p) for p in service["expose"]] == [METRICS_PORT]
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = [
         t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
@@ -262,7 +264,12 @@ def test_k8s_deployment_wiring() -> None:
         pdb["spec"]["selector"]["matchLabels"],
     ):
         assert selector.items() <= labels.items()
-    assert [p["containerPort"] for p in container["ports"]] == [SERVICE_PORT]
+    assert [p["containerPort"] for p in container["ports"]] == [SERVICE_PORT, METRICS_PORT]
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert (
+        int(annotations["prometheus.io/port"]) == _port_of(_k8s_toml()["metrics"]["listen"]) == METRICS_PORT
+    )
     assert _port_of(_k8s_toml()["listen"]) == SERVICE_PORT
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == SERVICE_PORT
@@ -308,7 +315,7 @@ def test_dockerfile() -> None:
     user = users[-1].split(":")[0]
     assert user not in ("root", "0")
     expose = [arg for op, arg in instructions if op == "EXPOSE"]
-    assert expose == [str(SERVICE_PORT)]
+    assert expose == [f"{SERVICE_PORT} {METRICS_PORT}"]
     (healthcheck,) = [arg for op, arg in final if op == "HEALTHCHECK"]
     probe = json.loads(healthcheck.split("CMD", 1)[1])
     assert probe[-1] == f"127.0.0.1:{SERVICE_PORT}"
