@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed-stamp
 NODE_INSTALLED := node_modules/.installed-stamp
 PY_SOURCES := server client tests scripts bench
+#: The last released API (a buf image); `make lint` refuses changes that break it.
+API_BASELINE := api/released.json
 
-.PHONY: all install run test lint fmt proto proto-check clean bench bench-quick cluster
+.PHONY: all install run test lint fmt proto proto-check api-release clean bench bench-quick cluster
 
 all: lint test
 
@@ -52,6 +54,7 @@ lint: $(INSTALLED) $(NODE_INSTALLED)
 	$(BIN)/python scripts/gen_protos.py --check
 	npx --no-install buf lint
 	npx --no-install buf format -d --exit-code protos
+	npx --no-install buf breaking --against $(API_BASELINE)
 
 fmt: $(INSTALLED)
 	$(BIN)/ruff format $(PY_SOURCES)
@@ -63,6 +66,10 @@ proto: $(INSTALLED)
 
 proto-check: $(INSTALLED)
 	$(BIN)/python scripts/gen_protos.py --check
+
+## At a release: record protos/ as the released API that `make lint` (buf breaking) compares against.
+api-release: $(NODE_INSTALLED)
+	npx --no-install buf build --exclude-source-info -o $(API_BASELINE)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
