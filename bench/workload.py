@@ -124,8 +124,13 @@ def pgbench_scripts(table: str) -> tuple[str, str, str]:
     insert, page, source = _service_sql(table)
     literal = {"id": _SQL_UUIDV7, "created": "clock_timestamp()", "request_id": "NULL::text"}
     insert = re.sub(r"%\((\w+)\)s", lambda m: literal.get(m.group(1), f":{m.group(1)}"), insert)
-    names = iter((":low", ":high", ":cursor", ":limit"))
-    page = re.sub(r"%s", lambda _m: next(names), page)
+    # MessageStore.page's parameters: the pair and cursor, the move fence's (bucket, pair), the limit.
+    names = [":low", ":high", ":cursor", ":bucket", ":low", ":high", ":limit"]
+    if page.count("%s") != len(names):
+        raise RuntimeError(
+            f"MessageStore.page_sql takes {page.count('%s')} parameters; update pgbench_scripts"
+        )
+    page = re.sub(r"%s", lambda _m: names.pop(0), page)
     # pgbench wants one statement per line unless continued; collapse whitespace.
     return " ".join(insert.split()) + ";\n", " ".join(page.split()) + ";\n", source
 
@@ -143,6 +148,7 @@ def pgbench_variables(dialog: Dialog, page_size: int) -> tuple[dict[str, str], d
     }
     # The service asks for one row more than the page size to know whether another page exists.
     select = {
+        "bucket": str(dialog.where.bucket),
         "low": str(pair.low),
         "high": str(pair.high),
         "cursor": str(MAX_ID),

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from server import devstack, supervisor
+from server import devstack, eventloop, supervisor
 from server.app import running_server
 from server.config import DEFAULT_LISTEN, ConfigError, LogConfig, ServerConfig, load_config
 from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
@@ -47,6 +48,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="server processes sharing the port (default: the config's `workers`, else 1)",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=eventloop.CHOICES,
+        default="auto",
+        help="asyncio event loop: uvloop when installed (auto, the default), or force one",
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (overrides config)")
     parser.add_argument(supervisor.WORKER_FLAG, type=int, dest="worker_of", help=argparse.SUPPRESS)
     parser.add_argument(supervisor.WORKER_INDEX_FLAG, type=int, dest="worker_index", help=argparse.SUPPRESS)
@@ -61,6 +68,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    logging.getLogger(__name__).info("event loop: %s", eventloop.name())
     async with running_server(config, reuse_port=worker_of is not None) as running:
         address = f"{config.listen.rsplit(':', 1)[0]}:{running.port}"
         if worker_of is not None:
@@ -89,11 +97,12 @@ def _start(
         if args.worker_index is not None:
             # Each worker serves its own metrics endpoint: the configured port + its index.
             config = replace(config, metrics=config.metrics.for_worker(args.worker_index))
-        asyncio.run(_serve(config, banner, args.log_level, args.worker_of))
+        eventloop.run(_serve(config, banner, args.log_level, args.worker_of), args.event_loop)
         return 0
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    worker_argv = [sys.executable, "-m", "server"]
+    eventloop.loop_factory(args.event_loop)  # an unavailable loop fails here, not in every worker
+    worker_argv = [sys.executable, "-m", "server", "--event-loop", args.event_loop]
     if args.log_level:
         worker_argv += ["--log-level", args.log_level]
     if config_path is not None:
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(args)
-    except (ConfigError, StartupError, EmbeddedPostgresError, OSError) as exc:
+    except (ConfigError, StartupError, EmbeddedPostgresError, OSError, eventloop.EventLoopError) as exc:
         print(f"dialog-server: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,48 @@
+"""Which asyncio event loop the server runs on: uvloop when it is installed, else asyncio's own.
+
+uvloop (the `fast` extra) makes the event loop's own work cheaper: psycopg registers and
+removes a reader on every query and grpc.aio wakes the loop from its poller thread for every
+call. The server behaves the same on either loop; `--event-loop asyncio` forces the standard one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: Accepted values of `dialog-server --event-loop`.
+CHOICES = ("auto", "uvloop", "asyncio")
+
+
+class EventLoopError(RuntimeError):
+    """The requested event loop is not available."""
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory of the chosen loop (None: asyncio's default)."""
+    if choice == "asyncio":
+        return None
+    if importlib.util.find_spec("uvloop") is None:
+        if choice == "uvloop":
+            raise EventLoopError("--event-loop uvloop needs uvloop: pip install 'dialog-shard[fast]'")
+        return None
+    import uvloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
+    """`asyncio.run(main)` on the chosen event loop."""
+    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+        return runner.run(main)
+
+
+def name() -> str:
+    """The running loop's kind, for the startup log line."""
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
