@@ -8,6 +8,7 @@ call. The server behaves the same on either loop; `--event-loop asyncio` forces 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -30,9 +31,8 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         if choice == "uvloop":
             raise EventLoopError("--event-loop uvloop needs uvloop: pip install 'dialog-shard[fast]'")
         return None
-    import uvloop
-
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    # Imported by name: uvloop is optional, so its type stubs may be absent.
+    factory: Callable[[], asyncio.AbstractEventLoop] = importlib.import_module("uvloop").new_event_loop
     return factory
 
 
