@@ -93,7 +93,7 @@ def test_additive_changes_pass(workspace: Path):
     edit(
         workspace,
         "bool replayed = 2;",
-        "bool replayed = 2;\n  // When the server stored the message (an added field).\n  int64 stored_at_ms = 3;",
+        "bool replayed = 2;\n  // When the server stored the message (added).\n  int64 stored_at_ms = 3;",
     )
     path = workspace / DIALOG_PROTO
     path.write_text(
