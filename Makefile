@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed-stamp
 NODE_INSTALLED := node_modules/.installed-stamp
-PY_SOURCES := server client tests scripts bench
+PY_SOURCES := server client tests scripts bench examples
 #: The last released API (a buf image); `make lint` refuses changes that break it.
 API_BASELINE := api/released.json
 
