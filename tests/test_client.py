@@ -232,6 +232,7 @@ async def test_admin_clients(address, token_for, new_pair, cluster_config) -> No
                 for o in admin.iter_overrides(page_size=1)
                 if (o.user_id_1, o.user_id_2) == (min(a, b), max(a, b))
             ]
+            assert [m.shard_id for m in admin.iter_messages(pair=(a, b))] == []
             return override, resolved, listed
 
     override, resolved, listed = await asyncio.to_thread(sync_part)

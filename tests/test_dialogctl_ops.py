@@ -99,16 +99,32 @@ async def test_backup_then_restore_brings_a_dropped_shard_back_complete(
     sent = {p: await _send(address, cluster_config, *p, [f"{p[0]}-{i}" for i in range(4)]) for p in pairs}
     out = tmp_path / "backup"
 
-    backup = (await ctl("backup", "--shard", str(shard), "--out", str(out), "--json")).json()
-    (item,) = backup["items"]
-    assert (item["name"], item["shard_id"], item["tables"]) == ("shard-2", 2, ["messages_2"])
+    # Everything by default: every shard and the control tables, one archive each.
+    backup = (await ctl("backup", "--out", str(out), "--json")).json()
+    names = [i["name"] for i in backup["items"]]
+    assert names == [f"shard-{s.shard_id}" for s in cluster_config.shards] + ["control"]
+    item = backup["items"][shard]
+    # The shard's message table and the tables named after it (its fences).
+    assert (item["name"], item["shard_id"]) == ("shard-2", 2)
+    assert item["tables"][0] == "messages_2"
+    assert all(t.startswith("messages_2_") for t in item["tables"][1:])
+    control = backup["items"][-1]
+    assert "shard_map" in control["tables"]
+    assert not any(t.startswith("messages_") for t in control["tables"])
     assert item["rows"] >= 12
     assert (out / "shard-2.dump").stat().st_size == item["bytes"] > 0
     assert json.loads((out / "manifest.json").read_text())["items"] == backup["items"]
 
     table = cluster_config.shards[shard]
+    # Wipe the shard: its tables and the functions named after it (which no table archive holds).
     with psycopg.connect(table.dsn, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE {table.table}")
+        conn.execute(f"DROP TABLE {', '.join(item['tables'])} CASCADE")
+        functions = conn.execute(
+            "SELECT oid::regprocedure::text FROM pg_proc WHERE proname LIKE %s", (f"{table.table}\\_%",)
+        ).fetchall()
+        assert functions, "the shard's fence functions exist (restore must bring them back)"
+        for (signature,) in functions:
+            conn.execute(f"DROP FUNCTION {signature}")
     assert rows_for_pair_safe(cluster_config, pairs[0]) is None
 
     refused = await ctl("restore", str(out), "--shard", str(shard))
@@ -143,7 +159,9 @@ async def test_control_tables_restore_and_the_servers_reload_them(
 ) -> None:
     out = tmp_path / "control"
     backup = (await ctl("backup", "--control", "--out", str(out), "--json")).json()
-    assert [(i["name"], i["tables"]) for i in backup["items"]] == [("control", ["shard_map"])]
+    ((name, tables),) = [(i["name"], i["tables"]) for i in backup["items"]]
+    assert name == "control"
+    assert "shard_map" in tables
 
     a, b = new_pair()
     target = (calculate_shard(a, b, cluster_config.num_shards) + 1) % cluster_config.num_shards

@@ -5,11 +5,14 @@
     dialogctl restore backups/s2 --shard 2 --yes        # put shard 2's table back as it was
 
 A backup directory holds one custom-format archive per item (`shard-N.dump`, `control.dump`) and
-`manifest.json` (table, location, exact row count, size). Rows are counted in the very snapshot
+`manifest.json` (tables, location, exact row count, size). A shard's item is its message table and
+the tables named after it (`messages_N_fences`); the control item is every other table of the
+control database. Rows are counted in the very snapshot
 pg_dump reads (`pg_export_snapshot` + `pg_dump --snapshot`), so a restore can verify that every
 row came back. Restoring replaces the item's tables (`pg_restore --clean --if-exists`, in one
-transaction): messages stored since the backup are lost, hence `--yes`. After restoring the
-control tables, the servers' shard-map mirrors are made to reload (their listener connections
+transaction): messages stored since the backup are lost, hence `--yes`. The item's migration then
+runs (idempotent), recreating what archives of tables do not hold (the fence functions). After
+restoring the control tables, the servers' shard-map mirrors are made to reload (their listener connections
 are ended; they reconnect and load the whole table). dialogctl talks to the databases directly
 here, with the DSNs of the config; exit status 1 when pg_dump or pg_restore fails.
 """
@@ -17,8 +20,8 @@ here, with the DSNs of the config; exit status 1 when pg_dump or pg_restore fail
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,26 +36,40 @@ from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, run_tool
 from server.cli.progress import Progress
 from server.config import describe_dsn
 from server.storage.overrides import LISTENER_APPLICATION_NAME
-from server.storage.schema import CONTROL_SCHEMA
+from server.storage.schema import migrate_control, migrate_shard
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
 CONTROL = "control"
 
 
-def control_tables() -> list[str]:
-    """The control database's tables, as the schema creates them."""
-    return re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", CONTROL_SCHEMA)
+_TABLES = """
+    SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') ORDER BY c.relname
+"""
+
+
+def owned_by_shard(table: str, shard_table: str) -> bool:
+    """Whether `table` belongs to the shard whose message table is `shard_table` (itself or `<it>_...`)."""
+    return table == shard_table or table.startswith(shard_table + "_")
 
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One unit of backup: a shard's message table, or the control tables."""
+    """One unit of backup: a shard's tables, or the control tables."""
 
     name: str
     shard_id: int | None
-    tables: tuple[str, ...]
+    #: The shard's message table; None for the control item.
+    table: str | None
     dsn: str
+    #: Message tables of every configured shard (what the control item leaves out).
+    shard_tables: tuple[str, ...]
+
+    def owns(self, table: str) -> bool:
+        if self.table is not None:
+            return owned_by_shard(table, self.table)
+        return not any(owned_by_shard(table, t) for t in self.shard_tables)
 
     @property
     def file(self) -> str:
@@ -69,9 +86,13 @@ def _items(session: Session, shards: Sequence[int] | None, control: bool) -> lis
         raise CliError(
             f"no shard {unknown[0]} in the config (shards: {', '.join(map(str, sorted(configured)))})"
         )
-    items = [Item(f"shard-{s}", s, (configured[s].table,), configured[s].dsn) for s in dict.fromkeys(chosen)]
+    shard_tables = tuple(c.table for c in config.shards)
+    items = [
+        Item(f"shard-{s}", s, configured[s].table, configured[s].dsn, shard_tables)
+        for s in dict.fromkeys(chosen)
+    ]
     if everything or control:
-        items.append(Item(CONTROL, None, tuple(control_tables()), config.control_dsn))
+        items.append(Item(CONTROL, None, None, config.control_dsn, shard_tables))
     return items
 
 
@@ -98,10 +119,12 @@ def _dump(item: Item, out: Path, pg_dump: Path) -> dict[str, Any]:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         row = conn.execute("SELECT pg_export_snapshot()").fetchone()
         assert row is not None
-        try:
-            rows = _count(conn, item.tables)
-        except psycopg.errors.UndefinedTable as exc:
-            raise CliError(f"{item.name}: {exc.diag.message_primary}; run `dialogctl migrate`") from None
+        tables = [t for (t,) in conn.execute(_TABLES).fetchall() if item.owns(t)]
+        if item.table is not None and item.table not in tables:
+            raise CliError(f"{item.name}: table {item.table} does not exist; run `dialogctl migrate`")
+        if not tables:
+            raise CliError(f"{item.name}: no control tables found; run `dialogctl migrate`")
+        rows = _count(conn, tables)
         args = [
             "--format=custom",
             "--no-owner",
@@ -109,13 +132,13 @@ def _dump(item: Item, out: Path, pg_dump: Path) -> dict[str, Any]:
             f"--snapshot={row[0]}",
             f"--file={target}",
         ]
-        args += [f"--table={t}" for t in item.tables]
+        args += [f"--table={t}" for t in tables]
         run_tool(pg_dump, args, item.dsn, f"backup of {item.name}")
         conn.rollback()
     return {
         "name": item.name,
         "shard_id": item.shard_id,
-        "tables": list(item.tables),
+        "tables": tables,
         "location": describe_dsn(item.dsn),
         "rows": rows,
         "file": item.file,
@@ -167,6 +190,14 @@ def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in manifest["items"]}
 
 
+async def _migrate(item: Item) -> None:
+    async with await psycopg.AsyncConnection.connect(item.dsn, autocommit=True, connect_timeout=10) as conn:
+        if item.table is None:
+            await migrate_control(conn)
+        else:
+            await migrate_shard(conn, item.table)
+
+
 def _reload_mirrors(item: Item) -> int:
     """End the servers' shard-map listener connections: each reconnects and reloads the whole table."""
     with _connect(item) as conn:
@@ -179,18 +210,20 @@ def _reload_mirrors(item: Item) -> int:
 
 
 def _restore(item: Item, entry: dict[str, Any], directory: Path, pg_restore: Path) -> dict[str, Any]:
-    if tuple(entry["tables"]) != item.tables:
+    tables: list[str] = entry["tables"]
+    if item.table is not None and item.table not in tables:
         raise CliError(
-            f"{item.name}: the backup holds tables {', '.join(entry['tables'])} but the config says "
-            f"{', '.join(item.tables)}; restore with a config that matches the backup"
+            f"{item.name}: the backup holds tables {', '.join(tables)} but the config names the shard's "
+            f"table {item.table}; restore with a config that matches the backup"
         )
     archive = directory / entry["file"]
     if not archive.is_file():
         raise CliError(f"{archive} is missing from the backup")
     args = ["--clean", "--if-exists", "--no-owner", "--no-privileges", "--single-transaction", str(archive)]
     run_tool(pg_restore, args, item.dsn, f"restore of {item.name}")
+    asyncio.run(_migrate(item))
     with _connect(item) as conn:
-        rows = _count(conn, item.tables)
+        rows = _count(conn, tables)
     if rows != entry["rows"]:
         raise CliError(
             f"{item.name}: restored {rows} rows but the backup recorded {entry['rows']}", EXIT_TOOL_FAILED
@@ -261,4 +294,4 @@ def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> 
     restore.add_argument("--yes", action="store_true", help="confirm replacing the current tables")
 
 
-__all__ = ["Item", "cmd_backup", "cmd_restore", "control_tables", "register"]
+__all__ = ["Item", "cmd_backup", "cmd_restore", "owned_by_shard", "register"]

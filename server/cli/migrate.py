@@ -2,7 +2,7 @@
 
 The migrations (server/storage/schema.py) are idempotent and serialized by an advisory lock, so
 running this against a live cluster, twice, or beside a starting server is safe. The report lists
-the relations (tables, indexes) each database gained; "up to date" when there were none. Every
+the tables, indexes, sequences and functions each database gained ("up to date" when none). Every
 target is tried even when one fails; the exit status is then 1.
 """
 
@@ -27,6 +27,9 @@ EXIT_FAILED = 1
 _RELATIONS = """
     SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'i', 'I', 'S', 'v', 'm')
+    UNION ALL
+    SELECT p.proname || '()' FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = current_schema()
 """
 
 

@@ -21,7 +21,6 @@ from server.storage.pools import ShardSet
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-_SOURCES = {ShardSource.HASH: pb.SHARD_SOURCE_HASH, ShardSource.OVERRIDE: pb.SHARD_SOURCE_OVERRIDE}
 _CURSOR = struct.Struct(">i16s")
 
 
@@ -30,12 +29,17 @@ def _binding(pair: Pair | None, shard_filter: int | None) -> bytes:
     return struct.pack(">qq?i", low, high, shard_filter is not None, shard_filter or 0)
 
 
+def _source(source: ShardSource) -> pb.ShardSource.ValueType:
+    # By name, so a placement reason added to routing and to the proto needs no edit here.
+    return pb.ShardSource.Value(f"SHARD_SOURCE_{source.name}")
+
+
 def _placed(placement: Placement, shard_id: int, row: ListedMessage) -> pb.PlacedMessage:
     where = placement.resolve(row.pair.low, row.pair.high)
     return pb.PlacedMessage(
         message=message_to_proto(row.message),
         shard_id=shard_id,
-        source=_SOURCES[where.source],
+        source=_source(where.source),
         resolved_shard_id=where.shard_id,
         bucket=row.bucket,
     )
