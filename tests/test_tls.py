@@ -14,7 +14,15 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client import ChannelSecurity, aio_channel, sync_channel
+from client import (
+    AsyncDialogClient,
+    ChannelSecurity,
+    DialogClient,
+    DialogShardError,
+    RetryPolicy,
+    aio_channel,
+    sync_channel,
+)
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.app import running_server
@@ -206,3 +214,24 @@ def test_channel_security_refuses_contradictions():
         ChannelSecurity(plaintext=True, root_certificates=b"x")
     with pytest.raises(ValueError, match="go together"):
         ChannelSecurity(client_cert_chain=b"x")
+
+
+async def test_typed_clients_over_mutual_tls(mtls_address, token_for, new_pair):
+    a, b = new_pair()
+    security = client_security(CLIENT_CERT)
+    async with AsyncDialogClient.connect(mtls_address, security, token=token_for(a)) as client:
+        sent = await client.send_message(a, b, "typed over mtls")
+
+    def blocking_read() -> list[str]:
+        with DialogClient.connect(mtls_address, security, token=token_for(b)) as client:
+            return [m.message_id for m in client.iter_dialog(b, a)]
+
+    assert await asyncio.to_thread(blocking_read) == [sent.message.message_id]
+
+    # Without a client certificate the handshake fails: UNAVAILABLE, retried until the deadline.
+    async with AsyncDialogClient.connect(
+        mtls_address, client_security(), token=token_for(a), retry=RetryPolicy(initial_backoff=0.01)
+    ) as client:
+        with pytest.raises(DialogShardError) as refused:
+            await client.get_dialog(a, b, timeout=1.0)
+    assert refused.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
