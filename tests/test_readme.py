@@ -87,7 +87,8 @@ async def readme_server(cluster_config: ServerConfig) -> AsyncIterator[RunningSe
         while not _port_is_free():
             if loop.time() > deadline:
                 pytest.fail(
-                    f"{README_ADDRESS[0]}:{README_ADDRESS[1]} stays busy; the README's commands need it"
+                    f"{README_ADDRESS[0]}:{README_ADDRESS[1]} stays busy (is `make run` running?); "
+                    "the README's commands need that address"
                 )
             await asyncio.sleep(0.2)
         listen = f"{README_ADDRESS[0]}:{README_ADDRESS[1]}"
