@@ -1,10 +1,12 @@
 """Wiring: the server's whole lifetime as one async context manager.
 
-Order on the way up: shard pools (with schema) -> control pool and shard-map
-mirror -> gRPC server (servicers, health, reflection) -> metrics endpoint ->
-SERVING. On the way down, the reverse: NOT_SERVING -> stop accepting and drain
-in-flight RPCs within the grace period -> metrics endpoint -> close the mirror
-and the pools.
+Order on the way up: shard pools (with schema; unreachable shards start
+unavailable unless all are required) and their monitors -> control pool and
+shard-map mirror -> gRPC server (servicers, health, reflection) -> metrics
+endpoint -> health from shard state. On the way down, the reverse: NOT_SERVING
+-> stop accepting (new calls get UNAVAILABLE) and drain in-flight RPCs within
+the grace period -> metrics endpoint -> close the mirror, the monitors and the
+pools.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client.gen.dialog.v1 import (
@@ -26,7 +28,12 @@ from client.gen.dialog.v1 import (
 )
 from server.auth import TokenVerifier
 from server.config import ServerConfig, TlsConfig
-from server.interceptors import AuthInterceptor, ErrorMappingInterceptor, RateLimitInterceptor
+from server.interceptors import (
+    AuthInterceptor,
+    DeadlineInterceptor,
+    ErrorMappingInterceptor,
+    RateLimitInterceptor,
+)
 from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import TokenBucketLimiter
 from server.logs import RpcLog
@@ -35,6 +42,7 @@ from server.pagination import PageTokenCodec
 from server.placement import Placement
 from server.services.admin import AdminService
 from server.services.dialog import DialogService
+from server.shard_health import ShardHealthReporter
 from server.storage.pools import ShardSet
 
 log = logging.getLogger(__name__)
@@ -66,7 +74,7 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
     """
     verifier = TokenVerifier(config.auth)  # loads the key files: a bad one fails before any connection
     async with (
-        ShardSet(config.shards, config.pool) as shards,
+        ShardSet(config.shards, config.pool, config.resilience) as shards,
         Placement(config.control_dsn, config.num_shards, config.pool) as placement,
     ):
         tokens = PageTokenCodec(config.page_token_secret)
@@ -75,10 +83,12 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             {c.shard_id: shards.store(c.shard_id).pool for c in config.shards},
             overrides=placement.router.overrides,
             reloads=lambda: placement.reloads,
+            breakers=lambda: {s.shard_id: s.primary.breaker.value for s in shards.states()},
         )
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ObserveInterceptor(metrics, RpcLog()),
             ErrorMappingInterceptor(),
+            DeadlineInterceptor(),
             AuthInterceptor(verifier),
         ]
         limits = config.limits
@@ -125,8 +135,14 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
         except OSError:
             await server.stop(None)
             raise
-        for name in ("", DIALOG_SERVICE, ADMIN_SERVICE):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reporter = ShardHealthReporter(
+            shards,
+            health_servicer,
+            services=("", DIALOG_SERVICE),
+            admin_service=ADMIN_SERVICE,
+            interval=config.resilience.probe_interval,
+        )
+        await reporter.start()
         log.info(
             "serving on port %d with %d shards (%s)",
             port,
@@ -140,6 +156,7 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
                 server, port, placement, shards, health_servicer, endpoint.port if endpoint else None
             )
         finally:
+            await reporter.stop()
             await health_servicer.enter_graceful_shutdown()
             await server.stop(config.shutdown_grace_seconds)
             if endpoint is not None:

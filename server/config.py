@@ -32,9 +32,15 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     level = "INFO"
     rpc = true                              # one line per RPC (logger server.rpc, INFO)
 
+    [resilience]                            # optional; see ResilienceConfig for every key
+    require_all_shards = false              # start with some shards down (they answer UNAVAILABLE)
+    replica_reads = true                    # GetDialog may read from a replica lagging <= replica_max_lag
+    replica_max_lag = 5.0
+
     [[shards]]
     id = 0
     dsn = "postgresql://postgres@10.0.0.1:5432/dialog"
+    replica_dsns = ["postgresql://postgres@10.0.1.1:5432/dialog"]   # streaming replicas, optional
     [[shards]]
     id = 1
     dsn = "postgresql://postgres@10.0.0.2:5432/dialog"
@@ -99,6 +105,8 @@ class ShardConfig:
     dsn: str
     #: Table holding the shard's messages (the seed's `messages_N`).
     table: str
+    #: Streaming replicas of the shard's database (GetDialog may read there; see ResilienceConfig).
+    replica_dsns: tuple[str, ...] = ()
 
     @property
     def location(self) -> str:
@@ -121,6 +129,37 @@ class PoolConfig:
     #: Most concurrent SendMessage inserts of one shard sent as one statement and commit
     #: (server.storage.batching); 1 sends every insert alone.
     max_write_batch: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ResilienceConfig:
+    """How the server keeps serving through shard failures (server.resilience)."""
+
+    #: Consecutive failed calls of a shard that open its circuit breaker.
+    failure_threshold: int = 5
+    #: Seconds an open breaker refuses calls before letting one trial call through.
+    open_seconds: float = 2.0
+    #: Seconds between health probes of each shard (and replica lag readings).
+    probe_interval: float = 1.0
+    #: Seconds a probe may take before the shard counts as hung.
+    probe_timeout: float = 2.0
+    #: Ceiling of one statement, in seconds: the client side cancels then, and the connection's
+    #: `statement_timeout` stops the server side too. An RPC deadline lowers it per call.
+    statement_timeout: float = 10.0
+    #: Attempts of one shard call on transient errors (1 disables retries).
+    retry_attempts: int = 3
+    #: First retry backoff in seconds; doubles per attempt, with full jitter.
+    retry_backoff: float = 0.05
+    #: Largest retry backoff in seconds.
+    retry_backoff_max: float = 1.0
+    #: Seconds a pool keeps retrying a lost connection before leaving the slot to on-demand growth.
+    reconnect_timeout: float = 5.0
+    #: Refuse to start unless every shard is reachable (default: start degraded).
+    require_all_shards: bool = False
+    #: GetDialog reads from a replica whose lag is within `replica_max_lag` (else the primary).
+    replica_reads: bool = False
+    #: Largest acceptable replica lag for reads, in seconds.
+    replica_max_lag: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +262,7 @@ class ServerConfig:
     listen: str = DEFAULT_LISTEN
     pool: PoolConfig = field(default_factory=PoolConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     #: TLS for the listening port; None serves plaintext.
     tls: TlsConfig | None = None
     #: Serve gRPC server reflection (grpcurl list/describe).
@@ -345,6 +385,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
             f"pool.max_write_batch must be at least 1 (1 disables batching), got {pool.max_write_batch}"
         )
     _check_limits(limits)
+    resilience = _resilience(data.get("resilience", {}))
     return ServerConfig(
         shards=shards,
         control_dsn=env.get("DIALOG_CONTROL_DSN") or data.get("control_dsn") or shards[0].dsn,
@@ -353,6 +394,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         listen=env.get("DIALOG_LISTEN", data.get("listen", DEFAULT_LISTEN)),
         pool=pool,
         limits=limits,
+        resilience=resilience,
         tls=_tls(data.get("tls"), base_dir),
         reflection=_bool(env.get("DIALOG_REFLECTION", data.get("reflection", True))),
         shutdown_grace_seconds=float(data.get("shutdown_grace_seconds", 10.0)),
@@ -423,7 +465,19 @@ def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfi
             conninfo_to_dict(dsn)
         except Exception:
             raise ConfigError(f"shard {shard_id}: DSN is not a valid PostgreSQL connection string") from None
-        shards.append(ShardConfig(shard_id=shard_id, dsn=dsn, table=table))
+        replicas = entry.get("replica_dsns", [])
+        if not isinstance(replicas, list):
+            raise ConfigError(f"shard {shard_id}: replica_dsns must be a list of DSNs")
+        for replica in replicas:
+            try:
+                conninfo_to_dict(str(replica))
+            except Exception:
+                raise ConfigError(
+                    f"shard {shard_id}: a replica DSN is not a valid PostgreSQL connection string"
+                ) from None
+        shards.append(
+            ShardConfig(shard_id=shard_id, dsn=dsn, table=table, replica_dsns=tuple(str(r) for r in replicas))
+        )
     shards.sort(key=lambda s: s.shard_id)
     ids = [s.shard_id for s in shards]
     if ids != list(range(len(shards))):
@@ -487,6 +541,35 @@ def _check_limits(limits: LimitsConfig) -> None:
         )
     if limits.max_metadata_bytes < 4096:
         raise ConfigError("limits.max_metadata_bytes must be at least 4096 (bearer tokens travel there)")
+
+
+def _resilience(section: Mapping[str, Any]) -> ResilienceConfig:
+    values = _known(section, ResilienceConfig, "resilience")
+    for flag in ("require_all_shards", "replica_reads"):
+        if flag in values:
+            values[flag] = _bool(values[flag])
+    resilience = ResilienceConfig(**values)
+    if resilience.failure_threshold < 1 or resilience.retry_attempts < 1:
+        raise ConfigError("resilience.failure_threshold and resilience.retry_attempts must be at least 1")
+    durations = {
+        name: getattr(resilience, name)
+        for name in (
+            "open_seconds",
+            "probe_interval",
+            "probe_timeout",
+            "statement_timeout",
+            "reconnect_timeout",
+        )
+    }
+    if any(float(v) <= 0 for v in durations.values()):
+        raise ConfigError(
+            "resilience durations must be positive: " + ", ".join(f"{k}={v}" for k, v in durations.items())
+        )
+    if resilience.retry_backoff < 0 or resilience.retry_backoff_max < resilience.retry_backoff:
+        raise ConfigError("resilience.retry_backoff must be >= 0 and <= resilience.retry_backoff_max")
+    if resilience.replica_max_lag < 0:
+        raise ConfigError("resilience.replica_max_lag must be >= 0")
+    return resilience
 
 
 def _tls(section: Mapping[str, Any] | None, base_dir: Path) -> TlsConfig | None:

@@ -12,6 +12,7 @@ Exception tree::
     ├── ResourceExhausted        RESOURCE_EXHAUSTED + google.rpc.RetryInfo: over a rate limit; retry later
     ├── ShardUnavailable         UNAVAILABLE + google.rpc.RetryInfo: a shard's database cannot be reached
     ├── DialogMoving             UNAVAILABLE + google.rpc.RetryInfo: the dialog is moving between shards
+    ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call's deadline passed while a shard was working
     └── InternalError            INTERNAL: a bug; details only in the server log
 
 Every status carries a `google.rpc.ErrorInfo` with an UPPER_SNAKE `reason` and the
@@ -189,6 +190,13 @@ class DialogMoving(ServiceError):
         return [_retry_info(self.RETRY_AFTER_SECONDS)]
 
 
+class DeadlineExceeded(ServiceError):
+    """The RPC's deadline ran out before the shard answered (the statement was cancelled)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
 class InternalError(ServiceError):
     """A bug; the message says only that it happened and where to look."""
 
@@ -214,6 +222,7 @@ _CODE_NUMBERS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
     grpc.StatusCode.UNKNOWN: code_pb2.UNKNOWN,
 }

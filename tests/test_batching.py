@@ -18,6 +18,7 @@ import pytest_asyncio
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.config import PoolConfig
 from server.errors import DialogMoving
+from server.resilience import Shard
 from server.routing import ShardRouter
 from server.storage.batching import BatchingMessageStore
 from server.storage.fences import FenceState, FenceStore
@@ -38,7 +39,7 @@ async def store(pg_server) -> AsyncIterator[BatchingMessageStore]:
     try:
         async with pool.connection() as conn:
             await migrate_shard(conn, table)
-        batching = BatchingMessageStore(0, table, pool, max_batch=8)
+        batching = BatchingMessageStore(0, table, Shard.of_pool(0, pool), max_batch=8)
         yield batching
         await batching.drain()
     finally:

@@ -18,7 +18,11 @@ from tests.pgfixtures import free_port
 
 async def test_unreachable_shard_names_the_shard_and_the_reason(pg_servers, jwt_secret):
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/dialog"
-    config = make_config([pg_servers[0].dsn, pg_servers[1].dsn, dead, pg_servers[3].dsn], jwt_secret)
+    config = make_config(
+        [pg_servers[0].dsn, pg_servers[1].dsn, dead, pg_servers[3].dsn],
+        jwt_secret,
+        resilience={"require_all_shards": True},
+    )
     started = time.monotonic()
     with pytest.raises(StartupError) as caught:
         async with running_server(config):

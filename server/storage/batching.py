@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg import AsyncConnection
 
-from server.storage.errors import shard_errors
+from server.errors import DialogMoving
+from server.resilience import Shard
 from server.storage.messages import _COLUMNS, InsertResult, MessageStore, NewMessage, StoredMessage
 
 #: Default largest number of messages in one statement.
@@ -115,12 +116,12 @@ class BatchingMessageStore(MessageStore):
         self,
         shard_id: int,
         table: str,
-        pool: AsyncConnectionPool[Any],
+        shard: Shard,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
-        super().__init__(shard_id, table, pool)
+        super().__init__(shard_id, table, shard)
         if max_batch < 2 or max_in_flight < 1:
             raise ValueError("max_batch must be >= 2 and max_in_flight >= 1")
         self.max_batch = max_batch
@@ -225,13 +226,18 @@ class BatchingMessageStore(MessageStore):
             "request_id": [m.request_id for m in messages],
         }
         found: dict[int, InsertResult] = {}
-        async with shard_errors(self.shard_id), self.pool.connection() as conn:
-            try:
-                rows = await (await conn.execute(self.batch_sql, params)).fetchall()
-            except psycopg.Error as exc:
-                if isinstance(exc, psycopg.OperationalError):
-                    raise
-                raise _Rejected from exc
+
+        async def op(conn: AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(self.batch_sql, params)).fetchall()
+
+        # Through the shard's gate like every statement (breaker, deadline, retries: a retry is safe,
+        # as a message_id already stored fails the statement, which is then split and each message
+        # alone finds its row). Connection failures come out as ShardUnavailable; what is left of
+        # psycopg's errors, and DialogMoving, rejected the statement as a whole.
+        try:
+            rows = await self.shard.write(op, idempotent=True)
+        except (DialogMoving, psycopg.Error) as exc:
+            raise _Rejected from exc
         for row in rows:
             found.setdefault(row[0], InsertResult(StoredMessage(*row[1:6]), replayed=bool(row[6])))
         results: list[InsertResult | BaseException] = []

@@ -2,7 +2,8 @@
 
 Statements are built once per shard (the table name is a validated
 identifier from the config) and always parameterized; the pool prepares them
-on first use (`prepare_threshold=0`).
+on first use (`prepare_threshold=0`). Every statement runs through the shard's
+gate (server.resilience): breaker, deadline, retries and error mapping.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from psycopg import AsyncConnection
+from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
 
 from server.routing import Pair, bucket_of
-from server.storage.errors import shard_errors
 from server.storage.ids import MAX_ID, MIN_ID
+
+if TYPE_CHECKING:
+    from server.resilience import Shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +61,12 @@ _COLUMNS = "message_id, from_user_id, to_user_id, text, created_at"
 
 
 class MessageStore:
-    """Reads and writes one shard's `messages_N` table through the shard's pool."""
+    """Reads and writes one shard's `messages_N` table through the shard's gates."""
 
-    def __init__(self, shard_id: int, table: str, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, shard_id: int, table: str, shard: Shard) -> None:
         self.shard_id = shard_id
         self.table = table
-        self.pool = pool
+        self.shard = shard
         # One statement serves both first tries and retries: when request_id
         # matched an earlier row, ON CONFLICT skips the insert and the second
         # branch returns that row instead, in the same round trip. The WHERE
@@ -85,6 +90,8 @@ class MessageStore:
             WHERE user_low = %(low)s AND user_high = %(high)s AND from_user_id = %(from)s
               AND request_id = %(request_id)s AND NOT EXISTS (SELECT 1 FROM inserted)
         """
+        self._by_id_sql = f"SELECT {_COLUMNS}, false FROM {table} WHERE message_id = %s"
+        self._primary_key = f"{table}_pkey"
         self._by_request_sql = f"""
             SELECT {_COLUMNS}, true FROM {table}
             WHERE user_low = %s AND user_high = %s AND from_user_id = %s AND request_id = %s
@@ -111,8 +118,19 @@ class MessageStore:
         self._has_pair_sql = f"SELECT EXISTS (SELECT 1 FROM {table} WHERE user_low = %s AND user_high = %s)"
         self._count_sql = f"SELECT count(*) FROM {table}"
 
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The primary's pool (statements should go through `shard` instead, to get its policy)."""
+        return self.shard.primary.pool
+
     async def insert(self, message: NewMessage) -> InsertResult:
-        """Store `message`, or return the message stored earlier under the same request_id."""
+        """Store `message`, or return the message stored earlier under the same request_id.
+
+        Safe to retry whatever happened to an earlier attempt (the gate retries it when the
+        connection broke after sending it): `message_id` is minted once per call, so an
+        attempt that finds its own id already stored returns that row, and a request_id
+        already stored returns the earlier message.
+        """
         params = {
             "id": message.message_id,
             "low": message.pair.low,
@@ -124,8 +142,15 @@ class MessageStore:
             "created": message.created_at,
             "request_id": message.request_id,
         }
-        async with shard_errors(self.shard_id), self.pool.connection() as conn:
-            row = await (await conn.execute(self.insert_sql, params)).fetchone()
+
+        async def op(conn: AsyncConnection[Any]) -> tuple[Any, ...] | None:
+            try:
+                row = await (await conn.execute(self.insert_sql, params)).fetchone()
+            except pg_errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != self._primary_key:
+                    raise
+                # An earlier attempt of this very call committed before its answer was lost.
+                return await (await conn.execute(self._by_id_sql, (message.message_id,))).fetchone()
             if row is None:
                 # A concurrent call with the same request_id committed after this
                 # statement's snapshot was taken: its row is visible now.
@@ -135,6 +160,9 @@ class MessageStore:
                         (message.pair.low, message.pair.high, message.from_user_id, message.request_id),
                     )
                 ).fetchone()
+            return row
+
+        row = await self.shard.write(op, idempotent=True)
         if row is None:  # pragma: no cover - the conflicting row cannot vanish: rows are never deleted here
             raise RuntimeError("insert returned no row")
         return InsertResult(StoredMessage(*row[:5]), replayed=bool(row[5]))
@@ -142,23 +170,36 @@ class MessageStore:
     async def page(
         self, pair: Pair, *, after: uuid.UUID | None, oldest_first: bool, limit: int
     ) -> list[StoredMessage]:
-        """Up to `limit` messages of the pair strictly beyond the cursor `after`, in the given order."""
+        """Up to `limit` messages of the pair strictly beyond the cursor `after`, in the given order.
+
+        May be served by a replica within the configured lag (or any replica while the primary
+        is down): a page can then miss the newest messages, never show a wrong one.
+        """
         cursor = after if after is not None else (MIN_ID if oldest_first else MAX_ID)
-        async with shard_errors(self.shard_id), self.pool.connection() as conn:
+
+        async def op(conn: AsyncConnection[Any]) -> list[StoredMessage]:
             cur = await conn.execute(
                 self.page_sql[oldest_first],
                 (pair.low, pair.high, cursor, bucket_of(*pair), pair.low, pair.high, limit),
             )
             return [StoredMessage(*row) for row in await cur.fetchall()]
 
+        return await self.shard.read(op, stale_ok=True)
+
     async def has_messages(self, pair: Pair) -> bool:
-        """Whether any message of the pair is stored on this shard."""
-        async with shard_errors(self.shard_id), self.pool.connection() as conn:
+        """Whether any message of the pair is stored on this shard (read on the primary)."""
+
+        async def op(conn: AsyncConnection[Any]) -> bool:
             row = await (await conn.execute(self._has_pair_sql, (pair.low, pair.high))).fetchone()
-        return bool(row and row[0])
+            return bool(row and row[0])
+
+        return await self.shard.read(op, stale_ok=False)
 
     async def count(self) -> int:
-        """Number of messages on this shard (exact)."""
-        async with shard_errors(self.shard_id), self.pool.connection() as conn:
+        """Number of messages on this shard (exact, on the primary)."""
+
+        async def op(conn: AsyncConnection[Any]) -> int:
             row = await (await conn.execute(self._count_sql)).fetchone()
-        return int(row[0]) if row else 0
+            return int(row[0]) if row else 0
+
+        return await self.shard.read(op, stale_ok=False)

@@ -3,12 +3,17 @@
 `ShardSet` opens one psycopg_pool.AsyncConnectionPool per shard (even when
 several shards share a database: each shard is its own failure domain and
 its own resource budget), applies the schema, and closes them in reverse.
-Startup fails fast with a message naming the shard and where it lives.
+Startup fails fast with a message naming the shard and where it lives when
+`require_all_shards` is set or no shard at all can be reached; otherwise a shard
+that cannot be reached starts unavailable (its calls answer UNAVAILABLE) and
+joins when its monitor reaches it.
+Every statement goes through the shard's gate (server.resilience).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -17,11 +22,14 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from server.config import PoolConfig, ShardConfig, describe_dsn
+from server.config import PoolConfig, ResilienceConfig, ShardConfig, describe_dsn
 from server.errors import FailedPrecondition
+from server.resilience import EndpointMonitor, Shard, ShardGate, ShardState
 from server.storage.batching import BatchingMessageStore
 from server.storage.messages import MessageStore
 from server.storage.schema import migrate_shard
+
+log = logging.getLogger(__name__)
 
 
 class StartupError(RuntimeError):
@@ -37,8 +45,47 @@ def connect_failure_reason(exc: BaseException) -> str:
     return first.rsplit("failed: ", 1)[-1].strip() or first
 
 
+def make_pool(
+    name: str,
+    dsn: str,
+    config: PoolConfig,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    statement_timeout: float | None = None,
+    reconnect_timeout: float = 300.0,
+) -> AsyncConnectionPool[Any]:
+    """An unopened pool; `statement_timeout` (seconds) becomes each connection's server-side ceiling."""
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        "prepare_threshold": 0,
+        "application_name": f"dialog-shard {name}",
+    }
+    if statement_timeout is not None:
+        kwargs["options"] = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+    return AsyncConnectionPool(
+        dsn,
+        min_size=config.min_size if min_size is None else min_size,
+        max_size=config.max_size if max_size is None else max_size,
+        open=False,
+        name=name,
+        timeout=config.acquire_timeout,
+        # Short: a slot whose reconnection gives up is refilled on demand, at once, when the server
+        # is back, instead of after the pool's exponential backoff (which grows with the outage).
+        reconnect_timeout=reconnect_timeout,
+        kwargs=kwargs,
+    )
+
+
 async def open_pool(
-    name: str, dsn: str, config: PoolConfig, *, min_size: int | None = None, max_size: int | None = None
+    name: str,
+    dsn: str,
+    config: PoolConfig,
+    *,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    statement_timeout: float | None = None,
+    reconnect_timeout: float = 300.0,
 ) -> AsyncConnectionPool[Any]:
     """Connect once to report a clear error, then open a pool and wait for its first connections."""
     label = f"{name} ({describe_dsn(dsn)})"
@@ -47,14 +94,14 @@ async def open_pool(
     except psycopg.Error as exc:
         raise StartupError(f"{label}: {connect_failure_reason(exc)}") from None
     await probe.close()
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+    pool = make_pool(
+        name,
         dsn,
-        min_size=config.min_size if min_size is None else min_size,
-        max_size=config.max_size if max_size is None else max_size,
-        open=False,
-        name=name,
-        timeout=config.acquire_timeout,
-        kwargs={"autocommit": True, "prepare_threshold": 0, "application_name": f"dialog-shard {name}"},
+        config,
+        min_size=min_size,
+        max_size=max_size,
+        statement_timeout=statement_timeout,
+        reconnect_timeout=reconnect_timeout,
     )
     try:
         await pool.open(wait=True, timeout=config.open_timeout)
@@ -65,12 +112,19 @@ async def open_pool(
 
 
 class ShardSet:
-    """The shards' message stores; an async context manager owning their pools."""
+    """The shards' message stores; an async context manager owning their pools and monitors."""
 
-    def __init__(self, shards: Sequence[ShardConfig], pool_config: PoolConfig) -> None:
+    def __init__(
+        self,
+        shards: Sequence[ShardConfig],
+        pool_config: PoolConfig,
+        resilience: ResilienceConfig | None = None,
+    ) -> None:
         self._configs = tuple(shards)
         self._pool_config = pool_config
+        self._resilience = resilience or ResilienceConfig()
         self._stores: dict[int, MessageStore] = {}
+        self._shards: dict[int, Shard] = {}
         self._stack = AsyncExitStack()
 
     @property
@@ -88,30 +142,112 @@ class ShardSet:
                 reason="SHARD_NOT_CONFIGURED",
             ) from None
 
+    def state(self, shard_id: int) -> ShardState:
+        """A snapshot of the shard's primary and replicas (availability, breaker, lag)."""
+        return self._shards[shard_id].state()
+
+    def states(self) -> list[ShardState]:
+        """Snapshots of every shard, by shard id."""
+        return [self._shards[c.shard_id].state() for c in self._configs]
+
     def __len__(self) -> int:
         return len(self._configs)
 
     async def open(self) -> None:
+        resilience = self._resilience
         results = await asyncio.gather(
-            *(open_pool(f"shard-{c.shard_id}", c.dsn, self._pool_config) for c in self._configs),
+            *(self._open_primary(c) for c in self._configs),
             return_exceptions=True,
         )
         failures = [r for r in results if isinstance(r, BaseException)]
-        pools = [r for r in results if isinstance(r, AsyncConnectionPool)]
-        if failures:
-            await asyncio.gather(*(p.close() for p in pools))
+        unexpected = [f for f in failures if not isinstance(f, StartupError)]
+        # Degraded start needs at least one shard: none reachable is more likely a wrong config.
+        if unexpected or (failures and (resilience.require_all_shards or len(failures) == len(results))):
+            await asyncio.gather(*(r.close() for r in results if isinstance(r, AsyncConnectionPool)))
+            if unexpected:
+                raise unexpected[0]
             raise StartupError("; ".join(str(f) for f in failures))
-        for config, pool in zip(self._configs, pools, strict=True):
+        for config, result in zip(self._configs, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("starting without %s; it joins when it can be reached", result)
+                pool = make_pool(
+                    f"shard-{config.shard_id}",
+                    config.dsn,
+                    self._pool_config,
+                    statement_timeout=resilience.statement_timeout,
+                    reconnect_timeout=resilience.reconnect_timeout,
+                )
+                await pool.open(wait=False)
+                ready = False
+            else:
+                pool, ready = result, True
             self._stack.push_async_callback(pool.close)
-            async with pool.connection() as conn:
-                await migrate_shard(conn, config.table)
-            self._stores[config.shard_id] = self._store(config, pool)
+            shard = Shard(
+                self._monitor(config, config.dsn, pool, ready=ready, replica=False),
+                [await self._open_replica(config, dsn) for dsn in config.replica_dsns],
+                resilience,
+            )
+            self._shards[config.shard_id] = shard
+            self._stores[config.shard_id] = self._store(config, shard)
+        for shard in self._shards.values():
+            for monitor in shard.monitors:
+                monitor.start()
+                self._stack.push_async_callback(monitor.stop)
 
-    def _store(self, config: ShardConfig, pool: AsyncConnectionPool[Any]) -> MessageStore:
+    async def _open_primary(self, config: ShardConfig) -> AsyncConnectionPool[Any]:
+        pool = await open_pool(
+            f"shard-{config.shard_id}",
+            config.dsn,
+            self._pool_config,
+            statement_timeout=self._resilience.statement_timeout,
+            reconnect_timeout=self._resilience.reconnect_timeout,
+        )
+        try:
+            async with await psycopg.AsyncConnection.connect(config.dsn, autocommit=True) as conn:
+                await migrate_shard(conn, config.table)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    async def _open_replica(self, config: ShardConfig, dsn: str) -> EndpointMonitor:
+        # Replicas never block startup: they serve reads once their monitor reaches them.
+        pool = make_pool(
+            f"shard-{config.shard_id}-replica",
+            dsn,
+            self._pool_config,
+            statement_timeout=self._resilience.statement_timeout,
+            reconnect_timeout=self._resilience.reconnect_timeout,
+        )
+        await pool.open(wait=False)
+        self._stack.push_async_callback(pool.close)
+        return self._monitor(config, dsn, pool, ready=False, replica=True)
+
+    def _monitor(
+        self, config: ShardConfig, dsn: str, pool: AsyncConnectionPool[Any], *, ready: bool, replica: bool
+    ) -> EndpointMonitor:
+        gate = ShardGate(
+            config.shard_id,
+            pool,
+            self._resilience,
+            acquire_timeout=self._pool_config.acquire_timeout,
+            role="replica" if replica else "primary",
+            location=describe_dsn(dsn),
+            ready=ready,
+        )
+
+        async def migrate(conn: psycopg.AsyncConnection[Any]) -> None:
+            await migrate_shard(conn, config.table)
+
+        return EndpointMonitor(
+            gate, dsn, self._resilience, replica=replica, prepare=None if replica else migrate
+        )
+
+    def _store(self, config: ShardConfig, shard: Shard) -> MessageStore:
         batch = self._pool_config.max_write_batch
         if batch < 2:
-            return MessageStore(config.shard_id, config.table, pool)
-        store = BatchingMessageStore(config.shard_id, config.table, pool, max_batch=batch)
+            return MessageStore(config.shard_id, config.table, shard)
+        store = BatchingMessageStore(config.shard_id, config.table, shard, max_batch=batch)
         # Registered after the pool: runs before it closes, so queued inserts finish first.
         self._stack.push_async_callback(store.drain)
         return store
@@ -119,6 +255,7 @@ class ShardSet:
     async def close(self) -> None:
         await self._stack.aclose()
         self._stores.clear()
+        self._shards.clear()
 
     async def __aenter__(self) -> ShardSet:
         try:

@@ -1,0 +1,202 @@
+"""The one way to a shard's database: circuit breaker, deadline, retries and error mapping.
+
+Every statement a `MessageStore` runs goes through `ShardGate.run(op)`:
+
+1. the breaker admits the call (or it fails at once with UNAVAILABLE and a retry hint);
+2. the pool wait and the statement share a budget: the RPC's remaining deadline, at most the
+   configured statement ceiling (the pool's connections also carry that ceiling as their
+   server-side `statement_timeout`, so a statement never outlives it even if a cancel is lost);
+3. the attempt runs in its own task: when the budget runs out or the RPC is cancelled, the caller
+   is answered at once while the task cancels the statement on the server (psycopg sends a cancel
+   request on asyncio cancellation) and hands the connection back, in the background. A hung
+   server thus costs the caller its budget, not the driver's cancellation timeouts on top;
+4. transient failures are retried with full-jitter backoff while the deadline leaves room, but a
+   statement whose outcome is unknown (the connection broke after it was sent) only when the
+   caller says it is idempotent;
+5. a statement refused because its dialog is moving (server.storage.fences) is DialogMoving,
+   and does not count against the shard;
+6. each outcome is reported to the breaker, and a failure wakes the shard's monitor, which probes
+   the server right away and opens the breaker if the probe fails too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from server.config import ResilienceConfig
+from server.errors import DeadlineExceeded, DialogMoving, ShardUnavailable
+from server.resilience.breaker import BreakerState, CircuitBreaker
+from server.resilience.deadline import remaining
+from server.resilience.retry import backoff, is_shard_failure, is_transient, may_have_run
+from server.storage.errors import describe_db_error
+from server.storage.fences import FENCED_SQLSTATE
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Operation = Callable[[AsyncConnection[Any]], Awaitable[T]]
+
+#: Smallest retry hint sent to callers, in seconds.
+_MIN_RETRY_AFTER = 0.1
+#: Tasks left behind to finish a cancellation; referenced so they are not garbage-collected.
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _background.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log "exception was never retrieved"
+
+
+def abandon(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` without waiting for it; it finishes (and releases what it holds) on its own."""
+    if task.done():
+        _forget(task)
+        return
+    task.cancel()
+    _background.add(task)
+    task.add_done_callback(_forget)
+
+
+async def within(budget: float, work: Awaitable[T]) -> T:
+    """`work` in its own task, bounded by `budget` seconds without waiting for its cancellation."""
+    task = asyncio.ensure_future(work)
+    try:
+        async with asyncio.timeout(budget):
+            return await asyncio.shield(task)
+    except BaseException:
+        abandon(task)
+        raise
+
+
+class ShardGate:
+    """One database endpoint of a shard (its primary or a replica): pool, breaker and call policy."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        pool: AsyncConnectionPool[Any],
+        resilience: ResilienceConfig,
+        *,
+        acquire_timeout: float,
+        role: str = "primary",
+        location: str = "",
+        ready: bool = True,
+    ) -> None:
+        self.shard_id = shard_id
+        self.pool = pool
+        self.role = role
+        self.location = location
+        self.breaker = CircuitBreaker(
+            failure_threshold=resilience.failure_threshold,
+            open_seconds=resilience.open_seconds,
+            opened=not ready,
+        )
+        #: False until the endpoint was reached once (and, for a primary, its schema applied).
+        self.ready = ready
+        #: Why the last call or probe failed, for UNAVAILABLE messages and the admin API.
+        self.last_error: str | None = None if ready else "not reachable since startup"
+        self._resilience = resilience
+        self._acquire_timeout = acquire_timeout
+        self._wake_monitor: Callable[[], None] = lambda: None
+
+    def on_failure(self, wake: Callable[[], None]) -> None:
+        """Call `wake` after every failed call (the monitor then probes the server at once)."""
+        self._wake_monitor = wake
+
+    @property
+    def available(self) -> bool:
+        """Calls are let through (the breaker is not open and the endpoint was reached once)."""
+        return self.ready and self.breaker.state is not BreakerState.OPEN
+
+    def unavailable(self, cause: str | None = None) -> ShardUnavailable:
+        """The error a refused or failed call raises, with a retry hint from the breaker."""
+        hint = self.breaker.retry_after() or self._resilience.open_seconds
+        return ShardUnavailable(
+            self.shard_id,
+            cause or self.last_error or "circuit breaker open",
+            retry_after_seconds=max(_MIN_RETRY_AFTER, hint),
+        )
+
+    async def run(self, op: Operation[T], *, idempotent: bool) -> T:
+        """Run `op` on a pooled connection under the policy above; returns its result."""
+        attempt = 0
+        while True:
+            attempt += 1
+            trial = self.breaker.admit() if self.ready else None
+            if trial is None:
+                raise self.unavailable()
+            budget, by_deadline = remaining(self._resilience.statement_timeout)
+            if budget <= 0:
+                if trial:
+                    self.breaker.release_trial()
+                raise DeadlineExceeded("the call's deadline passed before the shard was reached")
+            try:
+                result = await within(budget, self._attempt(op, budget))
+            except TimeoutError:
+                if by_deadline:
+                    # The caller's own deadline: not evidence against the shard (unless it repeats,
+                    # which the monitor's probe then sees).
+                    if trial:
+                        self.breaker.release_trial()
+                    self._wake_monitor()
+                    raise DeadlineExceeded(
+                        f"shard {self.shard_id} did not answer within the deadline"
+                    ) from None
+                self._failed(f"no answer within {budget:.1f}s")
+                raise self.unavailable(f"no answer within {budget:.1f}s") from None
+            except asyncio.CancelledError:
+                if trial:
+                    self.breaker.release_trial()
+                raise
+            except Exception as exc:
+                if isinstance(exc, psycopg.Error) and exc.sqlstate == FENCED_SQLSTATE:
+                    self._succeeded()
+                    raise DialogMoving(self.shard_id) from None
+                if not is_transient(exc):
+                    self._succeeded()  # the server answered; the statement was refused
+                    raise
+                cause = describe_db_error(exc)
+                if is_shard_failure(exc):
+                    self._failed(cause)
+                elif trial:
+                    self.breaker.release_trial()
+                delay = backoff(
+                    attempt, base=self._resilience.retry_backoff, maximum=self._resilience.retry_backoff_max
+                )
+                left, _ = remaining(self._resilience.statement_timeout)
+                retry = (
+                    attempt < self._resilience.retry_attempts
+                    and (idempotent or not may_have_run(exc))
+                    and self.breaker.state is not BreakerState.OPEN
+                    and left > delay
+                )
+                if not retry:
+                    raise self.unavailable(cause) from exc
+                log.debug(
+                    "shard %d %s: retrying after %s (attempt %d)", self.shard_id, self.role, cause, attempt
+                )
+                await asyncio.sleep(delay)
+            else:
+                self._succeeded()
+                return result
+
+    async def _attempt(self, op: Operation[T], budget: float) -> T:
+        async with self.pool.connection(timeout=min(self._acquire_timeout, budget)) as conn:
+            return await op(conn)
+
+    def _succeeded(self) -> None:
+        if self.breaker.state is not BreakerState.CLOSED or self.breaker.consecutive_failures:
+            self.breaker.record_success()
+
+    def _failed(self, cause: str) -> None:
+        self.last_error = cause
+        self.breaker.record_failure()
+        self._wake_monitor()

@@ -1,0 +1,235 @@
+"""Fault tests: break one shard's real PostgreSQL server under a bounded concurrent load.
+
+Shard 1 lives on a PostgreSQL server of its own, started for each test (so killing it harms no
+other test); shard 0 and the control tables live in a fresh database of a session server. Each
+test records every SendMessage attempt and checks afterwards that shard 0 answered every call,
+that shard 1 failed with UNAVAILABLE + RetryInfo while broken and recovered by itself, and that
+every acknowledged message is stored exactly once (unacknowledged ones are then re-sent with
+their request_id, as a client would, and are stored once too). Figures are printed (`-s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.app import RunningServer, running_server
+from server.auth import issue_token
+from server.config import ServerConfig
+from server.embedded_pg import EmbeddedPostgres
+from server.resilience import BreakerState
+from tests.conftest import make_config
+from tests.faults import (
+    Load,
+    LoadReport,
+    Watch,
+    assert_exactly_once,
+    crash,
+    frozen,
+    pairs_on,
+    start_postgres,
+)
+from tests.pgfixtures import reachable_temp_dir
+
+#: Short timeouts, so each fault plays out in seconds.
+FAST_RESILIENCE = {
+    "failure_threshold": 3,
+    "open_seconds": 0.5,
+    "probe_interval": 0.2,
+    "probe_timeout": 0.5,
+    "statement_timeout": 2.0,
+    "reconnect_timeout": 1.0,
+    "retry_attempts": 3,
+    "retry_backoff": 0.02,
+    "retry_backoff_max": 0.2,
+}
+FAST_POOL = {"min_size": 2, "max_size": 6, "acquire_timeout": 0.5, "open_timeout": 5.0}
+WORKERS_PER_SHARD = 3
+rng = random.Random()
+
+
+@pytest.fixture
+def victim() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL server of this test's own, for shard 1; stopped and deleted afterwards."""
+    with reachable_temp_dir("dialog-shard-fault-") as base:
+        yield start_postgres(base, "victim")
+
+
+@pytest.fixture
+def fault_config(
+    pg_servers: list[EmbeddedPostgres], victim: EmbeddedPostgres, jwt_secret: str
+) -> ServerConfig:
+    healthy = pg_servers[1]
+    database = f"fault_{uuid.uuid4().hex[:12]}"
+    healthy.create_database(database)
+    return make_config(
+        [healthy.dsn_for(database), victim.dsn],
+        jwt_secret,
+        pool=FAST_POOL,
+        resilience=FAST_RESILIENCE,
+        limits={"send_rate_per_second": 0},
+    )
+
+
+@pytest_asyncio.fixture
+async def fault_server(fault_config: ServerConfig) -> AsyncIterator[RunningServer]:
+    async with running_server(fault_config) as running:
+        yield running
+
+
+def _breaker(running: RunningServer) -> BreakerState:
+    return running.shards.state(1).primary.breaker
+
+
+async def _resend_unacked(address: str, config: ServerConfig, report: LoadReport) -> int:
+    """Re-send every unacknowledged message with its request_id, as a retrying client does."""
+    unacked = [o for o in report.outcomes if o.code is not grpc.StatusCode.OK]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        for o in unacked:
+            token = issue_token(config.auth, user_id=o.pair[0])
+            response = await stub.SendMessage(
+                pb.SendMessageRequest(
+                    from_user_id=o.pair[0], to_user_id=o.pair[1], text=o.text, request_id=o.request_id
+                ),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=5,
+            )
+            o.code, o.message_id = grpc.StatusCode.OK, response.message.message_id
+    return len(unacked)
+
+
+def _figures(name: str, report: LoadReport, marks: dict[str, float]) -> None:
+    fault = marks["fault"]
+    lines = [f"--- {name} ---"]
+    for shard_id in (0, 1):
+        lines.append(f"shard {shard_id} outcomes: {dict(report.codes(shard_id))}")
+    first_unavailable = report.first(1, grpc.StatusCode.UNAVAILABLE, fault)
+    if first_unavailable is not None:
+        lines.append(f"time to first UNAVAILABLE: {first_unavailable.finished - fault:.3f}s")
+    lines.append(f"time to breaker open: {marks['opened'] - fault:.3f}s")
+    fast = [
+        o.finished - o.started
+        for o in report.of(1)
+        if o.code is grpc.StatusCode.UNAVAILABLE and o.started >= marks["opened"]
+    ]
+    if fast:
+        lines.append(
+            f"UNAVAILABLE latency while open: median {statistics.median(fast) * 1000:.1f} ms, "
+            f"max {max(fast) * 1000:.1f} ms over {len(fast)} calls"
+        )
+    lines.append(f"time to recover (first ack after repair): {marks['recovered'] - marks['repaired']:.3f}s")
+    print("\n".join(lines))
+
+
+def _check_common(report: LoadReport, marks: dict[str, float]) -> None:
+    healthy = report.of(0)
+    assert healthy and all(o.code is grpc.StatusCode.OK for o in healthy), report.codes(0)
+    during = [o for o in report.of(1) if marks["opened"] <= o.started and o.finished <= marks["repaired"]]
+    unavailable = [o for o in during if o.code is grpc.StatusCode.UNAVAILABLE]
+    assert unavailable, f"no UNAVAILABLE while shard 1 was down: {report.codes(1)}"
+    assert all(o.retry_delay is not None and o.retry_delay > 0 for o in unavailable)
+    assert set(report.codes(1)) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, report.codes(1)
+
+
+async def _warm(load: Load) -> None:
+    await load.wait_for(
+        lambda: len(load.report.acked(0)) >= 20 and len(load.report.acked(1)) >= 20, 15, "warm-up acks"
+    )
+
+
+async def _until_recovered(load: Load, running: RunningServer, marks: dict[str, float]) -> None:
+    repaired = marks["repaired"]
+    marks["recovered"] = await load.wait_for(
+        lambda: load.report.first(1, grpc.StatusCode.OK, repaired) is not None, 30, "shard 1 to recover"
+    )
+    marks["recovered"] = load.report.first(1, grpc.StatusCode.OK, repaired).finished  # type: ignore[union-attr]
+    after = marks["recovered"]
+    await load.wait_for(lambda: len([o for o in load.report.acked(1) if o.started > after]) >= 20, 15, "acks")
+    assert _breaker(running) is BreakerState.CLOSED
+
+
+async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
+    address = f"127.0.0.1:{fault_server.port}"
+    pairs = {s: pairs_on(s, 2, WORKERS_PER_SHARD, rng) for s in (0, 1)}
+    marks: dict[str, float] = {}
+    async with (
+        Watch(lambda: _breaker(fault_server)) as watch,
+        Load(address, fault_config.auth, pairs) as load,
+    ):
+        await _warm(load)
+        marks["fault"] = time.monotonic()
+        await asyncio.to_thread(crash, victim)
+        marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
+        await load.wait_for(
+            lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20, 10, "refusals"
+        )
+        marks["repaired"] = time.monotonic()
+        await asyncio.to_thread(victim.start)
+        await _until_recovered(load, fault_server, marks)
+    _figures("kill -9 of shard 1's PostgreSQL", load.report, marks)
+    _check_common(load.report, marks)
+    resent = await _resend_unacked(address, fault_config, load.report)
+    checked = assert_exactly_once(load.report, fault_config, (0, 1))
+    print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
+
+
+async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config, victim):
+    address = f"127.0.0.1:{fault_server.port}"
+    pairs = {s: pairs_on(s, 2, WORKERS_PER_SHARD, rng) for s in (0, 1)}
+    marks: dict[str, float] = {}
+    async with (
+        Watch(lambda: _breaker(fault_server)) as watch,
+        Load(address, fault_config.auth, pairs) as load,
+    ):
+        await _warm(load)
+        with frozen(victim):
+            marks["fault"] = time.monotonic()
+            marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
+            await load.wait_for(
+                lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20,
+                10,
+                "refusals",
+            )
+            marks["repaired"] = time.monotonic()
+        await _until_recovered(load, fault_server, marks)
+    _figures("SIGSTOP (hang) of shard 1's PostgreSQL, then SIGCONT", load.report, marks)
+    _check_common(load.report, marks)
+    resent = await _resend_unacked(address, fault_config, load.report)
+    checked = assert_exactly_once(load.report, fault_config, (0, 1))
+    print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
+
+
+async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
+    address = f"127.0.0.1:{fault_server.port}"
+    pairs = {s: pairs_on(s, 2, WORKERS_PER_SHARD, rng) for s in (0, 1)}
+    marks: dict[str, float] = {}
+    async with (
+        Watch(lambda: _breaker(fault_server)) as watch,
+        Load(address, fault_config.auth, pairs) as load,
+    ):
+        await _warm(load)
+        marks["fault"] = time.monotonic()
+        await asyncio.to_thread(victim.stop, "fast")
+        marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
+        await load.wait_for(
+            lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20, 10, "refusals"
+        )
+        marks["repaired"] = time.monotonic()
+        await asyncio.to_thread(victim.start)
+        await _until_recovered(load, fault_server, marks)
+    _figures("restart (fast shutdown, start) of shard 1's PostgreSQL", load.report, marks)
+    _check_common(load.report, marks)
+    resent = await _resend_unacked(address, fault_config, load.report)
+    checked = assert_exactly_once(load.report, fault_config, (0, 1))
+    print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
