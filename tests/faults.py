@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -32,10 +33,13 @@ from server.config import AuthConfig, ServerConfig
 from server.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, calculate_shard
 from tests.pgfixtures import free_port
+from tests.processes import child_env
 
 #: Settings of servers that tests crash: commits must reach the OS before they are acknowledged
 #: (the session's servers run with synchronous_commit=off, which a SIGKILL could betray).
 CRASH_SAFE_SETTINGS = {"synchronous_commit": "on"}
+#: Random source of fresh user ids.
+rng = random.Random()
 
 
 def start_postgres(base: Path, name: str) -> EmbeddedPostgres:
@@ -305,3 +309,30 @@ class Watch:
             assert time.monotonic() < ends, f"timed out waiting for {value!r}; saw {self.transitions}"
             await asyncio.sleep(0.01)
         return when
+
+
+async def start_server_process(config_path: Path, within: float = 30.0) -> asyncio.subprocess.Process:
+    """Run `dialog-server --config config_path` (output in `<config>.log`) until it says it serves."""
+    log_path = config_path.with_suffix(".log")
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    # A file, not a pipe: nobody reads a pipe after startup, and a full one would block the server.
+    with log_path.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "dialog-server"),
+            "--config",
+            str(config_path),
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            env=child_env(),
+        )
+    ends = time.monotonic() + within
+    while True:
+        output = log_path.read_bytes()[offset:].decode(errors="replace")
+        if "dialog-shard serving on" in output:
+            return proc
+        if proc.returncode is not None or time.monotonic() > ends:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            raise AssertionError(f"dialog-server did not start (exit {proc.returncode}):\n{output}")
+        await asyncio.sleep(0.05)

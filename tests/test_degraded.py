@@ -1,0 +1,102 @@
+"""Starting with a shard down, health from real shard state, and the shard joining when it comes up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.app import DIALOG_SERVICE, running_server
+from server.auth import issue_token
+from server.embedded_pg import EmbeddedPostgres
+from server.storage.pools import StartupError
+from tests.conftest import make_config
+from tests.faults import CRASH_SAFE_SETTINGS, pairs_on, retry_delay_of, rng
+from tests.pgfixtures import free_port, reachable_temp_dir
+from tests.test_faults import FAST_POOL, FAST_RESILIENCE
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _status(channel: grpc.aio.Channel, service: str) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+    return int(reply.status)
+
+
+async def _poll(check, within: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    ends = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
+        await asyncio.sleep(0.05)
+    return time.monotonic()
+
+
+async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg_servers, jwt_secret):
+    database = f"degraded_{uuid.uuid4().hex[:12]}"
+    pg_servers[2].create_database(database)
+    late_port = free_port()
+    config = make_config(
+        [pg_servers[2].dsn_for(database), f"postgresql://postgres@127.0.0.1:{late_port}/dialog"],
+        jwt_secret,
+        pool=FAST_POOL,
+        resilience=FAST_RESILIENCE,
+    )
+    (up_pair,) = pairs_on(0, 2, 1, rng)
+    (down_pair,) = pairs_on(1, 2, 1, rng)
+
+    async def send(pair: tuple[int, int], text: str) -> pb.SendMessageResponse:
+        token = issue_token(config.auth, user_id=pair[0])
+        return await stub.SendMessage(
+            pb.SendMessageRequest(
+                from_user_id=pair[0], to_user_id=pair[1], text=text, request_id=text.replace(" ", "-")
+            ),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=5,
+        )
+
+    async with (
+        running_server(config) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        assert await _status(channel, "shard-0") == SERVING
+        assert await _status(channel, "shard-1") == NOT_SERVING
+        assert await _status(channel, DIALOG_SERVICE) == SERVING  # degraded, still useful
+        assert await _status(channel, "") == SERVING
+        assert not running.shards.state(1).writable
+
+        await send(up_pair, "to the live shard")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await send(down_pair, "to the missing shard")
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "shard 1 is unavailable" in (refused.value.details() or "")
+        assert (retry_delay_of(refused.value) or 0) > 0
+
+        with reachable_temp_dir("dialog-shard-late-") as base:
+            late = EmbeddedPostgres(base / "late", port=late_port, fsync=False, settings=CRASH_SAFE_SETTINGS)
+            started = time.monotonic()
+            await asyncio.to_thread(late.start)
+
+            async def shard_serving() -> bool:
+                return await _status(channel, "shard-1") == SERVING
+
+            joined = await _poll(shard_serving, 20, "shard 1 to join")
+            print(f"shard 1 joined {joined - started:.2f}s after its server was started")
+            # Its schema was applied when it joined: the message is stored.
+            sent = await send(down_pair, "to the missing shard")
+            assert sent.message.text == "to the missing shard"
+            assert running.shards.state(1).writable
+
+
+async def test_no_reachable_shard_at_all_fails_startup(jwt_secret):
+    dead = [f"postgresql://postgres@127.0.0.1:{free_port()}/dialog" for _ in range(2)]
+    with pytest.raises(StartupError, match=r"shard-0 .*; shard-1 "):
+        async with running_server(make_config(dead, jwt_secret)):
+            pytest.fail("server must not start")
