@@ -3,7 +3,9 @@
 Each `EndpointMonitor` keeps one connection of its own to its endpoint and runs a tiny query every
 `probe_interval` seconds, or at once when its gate reports a failed call. A probe that fails or does
 not answer within `probe_timeout` opens the gate's breaker (its connection is dropped and made
-again next time); a probe that succeeds while the breaker is open first discards the pool's broken
+again next time): at once when the server refused or dropped the connection, after
+`failure_threshold` slow probes in a row when it just did not answer in time. A probe that
+succeeds while the breaker is open first discards the pool's broken
 connections (`pool.check()`), then closes the breaker. On a replica the probe also reads its
 replication lag. An endpoint that was down at startup gets its schema applied (`prepare`) the
 first time it is reached, and only then becomes ready.
@@ -107,12 +109,25 @@ class EndpointMonitor:
                 else describe_db_error(exc)
             )
             self.lag_seconds = None
-            if gate.breaker.state is BreakerState.CLOSED and gate.ready:
-                log.warning("shard %d %s is unavailable (%s)", gate.shard_id, gate.role, cause)
             gate.last_error = cause
-            gate.breaker.trip()
+            if gate.breaker.state is BreakerState.CLOSED and gate.ready:
+                if isinstance(exc, TimeoutError):
+                    # One slow answer (a busy machine) is not an outage: it counts as a failed
+                    # call, and `failure_threshold` of them in a row open the breaker.
+                    gate.breaker.record_failure()
+                    if gate.breaker.state is BreakerState.CLOSED:
+                        return False
+                else:
+                    gate.breaker.trip()
+                log.warning("shard %d %s is unavailable (%s)", gate.shard_id, gate.role, cause)
+            else:
+                gate.breaker.trip()
             return False
-        if gate.breaker.state is not BreakerState.CLOSED:
+        if gate.breaker.state is BreakerState.CLOSED:
+            gate.last_error = None
+            if gate.breaker.consecutive_failures:
+                gate.breaker.record_success()  # the server answers: earlier failures were not an outage
+        else:
             # Connections made before the outage are broken: replace them before letting calls in.
             with contextlib.suppress(Exception):
                 await within(self._resilience.probe_timeout, gate.pool.check())
