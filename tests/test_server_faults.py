@@ -6,6 +6,7 @@ The server runs as a real `dialog-server` child process on the session's four Po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections import Counter
@@ -59,20 +60,29 @@ async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, clu
         _write_config(tmp_path / "drain.toml", cluster_config, port, jwt_secret, 10)
     )
     address = f"127.0.0.1:{port}"
-    pairs = pairs_on(0, cluster_config.num_shards, 3, rng)
+    # One pair on each of three shards: each insert is then its shard's only statement (inserts of one
+    # shard that queue behind a running one would wait in the server's write batcher instead).
+    shard_ids = (0, 1, 2)
+    pairs = [pairs_on(s, cluster_config.num_shards, 1, rng)[0] for s in shard_ids]
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
-            with table_locked(cluster_config, 0):
+            with contextlib.ExitStack() as locks:
+                for s in shard_ids:
+                    locks.enter_context(table_locked(cluster_config, s))
                 in_flight = [
                     asyncio.ensure_future(
                         _send(stub, cluster_config, pair, f"drain-{i}-{time.time_ns()}", 30)
                     )
                     for i, pair in enumerate(pairs)
                 ]
+
+                def all_waiting() -> bool:
+                    return all(waiting_statements(cluster_config, s) for s in shard_ids)
+
                 ends = time.monotonic() + 10
-                while len(await asyncio.to_thread(waiting_statements, cluster_config, 0)) < len(pairs):
-                    assert time.monotonic() < ends, "the in-flight calls never reached the shard"
+                while not await asyncio.to_thread(all_waiting):
+                    assert time.monotonic() < ends, "the in-flight calls never reached the shards"
                     await asyncio.sleep(0.02)
                 proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
