@@ -12,6 +12,7 @@ import grpc
 
 from client._calls import DEFAULT_TIMEOUT, AsyncCaller, Metadata, SyncCaller
 from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
+from client._errors import build_request
 from client._models import (
     ClusterStats,
     OverridePage,
@@ -35,12 +36,12 @@ def _overrides(response: pb.ListShardOverridesResponse) -> OverridePage:
 def _messages_request(
     pair: tuple[int, int] | None, shard_id: int | None, page_size: int, page_token: str
 ) -> pb.ListMessagesRequest:
-    request = pb.ListMessagesRequest(page_size=page_size, page_token=page_token)
+    fields: dict[str, Any] = {"page_size": page_size, "page_token": page_token}
     if pair is not None:
-        request.user_id_1, request.user_id_2 = pair
+        fields["user_id_1"], fields["user_id_2"] = pair
     if shard_id is not None:
-        request.shard_id = shard_id
-    return request
+        fields["shard_id"] = shard_id
+    return build_request(pb.ListMessagesRequest, **fields)
 
 
 def _placed(response: pb.ListMessagesResponse) -> PlacedMessagePage:
@@ -98,7 +99,9 @@ class AdminClient(SyncCaller):
         metadata: Metadata = (),
     ) -> ShardOverride:
         """Pin a pair to a shard (FAILED_PRECONDITION while the pair has messages elsewhere)."""
-        request = pb.SetShardOverrideRequest(user_id_1=user_id_1, user_id_2=user_id_2, shard_id=shard_id)
+        request = build_request(
+            pb.SetShardOverrideRequest, user_id_1=user_id_1, user_id_2=user_id_2, shard_id=shard_id
+        )
         response = self._call(
             self._stub.SetShardOverride, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
         )
@@ -114,8 +117,11 @@ class AdminClient(SyncCaller):
         metadata: Metadata = (),
     ) -> int:
         """Send a pair back to its hash shard; returns that shard id."""
-        request = pb.DeleteShardOverrideRequest(
-            user_id_1=user_id_1, user_id_2=user_id_2, allow_missing=allow_missing
+        request = build_request(
+            pb.DeleteShardOverrideRequest,
+            user_id_1=user_id_1,
+            user_id_2=user_id_2,
+            allow_missing=allow_missing,
         )
         response = self._call(
             self._stub.DeleteShardOverride,
@@ -135,7 +141,7 @@ class AdminClient(SyncCaller):
         metadata: Metadata = (),
     ) -> OverridePage:
         """One page of overrides, ordered by pair."""
-        request = pb.ListShardOverridesRequest(page_size=page_size, page_token=page_token)
+        request = build_request(pb.ListShardOverridesRequest, page_size=page_size, page_token=page_token)
         response = self._call(
             self._stub.ListShardOverrides, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
         )
@@ -159,7 +165,7 @@ class AdminClient(SyncCaller):
         self, user_id_1: int, user_id_2: int, *, timeout: float | None = None, metadata: Metadata = ()
     ) -> ShardResolution:
         """Which shard holds the pair's dialog, and why."""
-        request = pb.ResolveShardRequest(user_id_1=user_id_1, user_id_2=user_id_2)
+        request = build_request(pb.ResolveShardRequest, user_id_1=user_id_1, user_id_2=user_id_2)
         response = self._call(
             self._stub.ResolveShard, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
         )
@@ -169,7 +175,7 @@ class AdminClient(SyncCaller):
         """Messages and overrides per shard."""
         response = self._call(
             self._stub.GetShardStats,
-            pb.GetShardStatsRequest(),
+            build_request(pb.GetShardStatsRequest),
             timeout=timeout,
             metadata=metadata,
             safe_to_repeat=True,
@@ -258,7 +264,9 @@ class AsyncAdminClient(AsyncCaller):
         metadata: Metadata = (),
     ) -> ShardOverride:
         """Pin a pair to a shard (FAILED_PRECONDITION while the pair has messages elsewhere)."""
-        request = pb.SetShardOverrideRequest(user_id_1=user_id_1, user_id_2=user_id_2, shard_id=shard_id)
+        request = build_request(
+            pb.SetShardOverrideRequest, user_id_1=user_id_1, user_id_2=user_id_2, shard_id=shard_id
+        )
         response = await self._call(
             self._stub.SetShardOverride, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
         )
@@ -274,8 +282,11 @@ class AsyncAdminClient(AsyncCaller):
         metadata: Metadata = (),
     ) -> int:
         """Send a pair back to its hash shard; returns that shard id."""
-        request = pb.DeleteShardOverrideRequest(
-            user_id_1=user_id_1, user_id_2=user_id_2, allow_missing=allow_missing
+        request = build_request(
+            pb.DeleteShardOverrideRequest,
+            user_id_1=user_id_1,
+            user_id_2=user_id_2,
+            allow_missing=allow_missing,
         )
         response = await self._call(
             self._stub.DeleteShardOverride,
@@ -295,7 +306,7 @@ class AsyncAdminClient(AsyncCaller):
         metadata: Metadata = (),
     ) -> OverridePage:
         """One page of overrides, ordered by pair."""
-        request = pb.ListShardOverridesRequest(page_size=page_size, page_token=page_token)
+        request = build_request(pb.ListShardOverridesRequest, page_size=page_size, page_token=page_token)
         response = await self._call(
             self._stub.ListShardOverrides, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
         )
@@ -320,7 +331,7 @@ class AsyncAdminClient(AsyncCaller):
         self, user_id_1: int, user_id_2: int, *, timeout: float | None = None, metadata: Metadata = ()
     ) -> ShardResolution:
         """Which shard holds the pair's dialog, and why."""
-        request = pb.ResolveShardRequest(user_id_1=user_id_1, user_id_2=user_id_2)
+        request = build_request(pb.ResolveShardRequest, user_id_1=user_id_1, user_id_2=user_id_2)
         response = await self._call(
             self._stub.ResolveShard, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
         )
@@ -330,7 +341,7 @@ class AsyncAdminClient(AsyncCaller):
         """Messages and overrides per shard."""
         response = await self._call(
             self._stub.GetShardStats,
-            pb.GetShardStatsRequest(),
+            build_request(pb.GetShardStatsRequest),
             timeout=timeout,
             metadata=metadata,
             safe_to_repeat=True,

@@ -10,6 +10,7 @@ import grpc
 
 from client._calls import DEFAULT_TIMEOUT, AsyncCaller, Metadata, SyncCaller
 from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
+from client._errors import build_request
 from client._models import DialogPage, Message, Order, SentMessage
 from client._retry import RetryPolicy
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
@@ -22,15 +23,20 @@ def new_request_id() -> str:
 
 
 def _send_request(from_user_id: int, to_user_id: int, text: str, request_id: str) -> pb.SendMessageRequest:
-    return pb.SendMessageRequest(
-        from_user_id=from_user_id, to_user_id=to_user_id, text=text, request_id=request_id
+    return build_request(
+        pb.SendMessageRequest,
+        from_user_id=from_user_id,
+        to_user_id=to_user_id,
+        text=text,
+        request_id=request_id,
     )
 
 
 def _dialog_request(
     user_id: int, peer_user_id: int, page_size: int, page_token: str, order: Order
 ) -> pb.GetDialogRequest:
-    return pb.GetDialogRequest(
+    return build_request(
+        pb.GetDialogRequest,
         user_id=user_id,
         peer_user_id=peer_user_id,
         page_size=page_size,

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -59,7 +61,7 @@ class DialogShardError(Exception):
         self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
         #: `RetryInfo.retry_delay` in seconds, when the server said how long to wait.
         self.retry_delay = retry_delay
-        #: How many attempts were made before giving up (retries included).
+        #: Attempts made before giving up, retries included (0: refused before sending).
         self.attempts = attempts
 
     def __repr__(self) -> str:
@@ -94,3 +96,32 @@ def error_from_rpc(exc: grpc.RpcError, *, attempts: int = 1) -> DialogShardError
             error.retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
     error.field_violations = tuple(violations)
     return error
+
+
+_Request = TypeVar("_Request", bound=Message)
+
+
+def build_request(message_type: type[_Request], /, **fields: Any) -> _Request:
+    """The request message, or DialogShardError(INVALID_ARGUMENT) when a value cannot be encoded.
+
+    E.g. a user id beyond int64 or a str where an int belongs: the call fails like any other,
+    with the offending fields named, before anything is sent.
+    """
+    try:
+        return message_type(**fields)
+    except (ValueError, TypeError):
+        pass
+    violations = []
+    for name, value in fields.items():
+        try:
+            message_type(**{name: value})
+        except (ValueError, TypeError) as exc:
+            violations.append(FieldViolation(name, f"cannot be encoded ({exc}): got {value!r}"))
+    error = DialogShardError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "; ".join(f"{v.field}: {v.description}" for v in violations) or "the request cannot be encoded",
+        reason="CLIENT_INVALID_ARGUMENT",
+        attempts=0,
+    )
+    error.field_violations = tuple(violations)
+    raise error

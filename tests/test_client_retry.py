@@ -267,3 +267,19 @@ def test_attempt_timeouts_shrink_with_the_deadline() -> None:
 def test_nonsense_policies_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_values_that_cannot_be_encoded_fail_before_sending(channel) -> None:
+    client = DialogClient(channel)
+    with pytest.raises(DialogShardError) as raised:
+        client.send_message(2**63, 1, "x")  # beyond int64
+    error = raised.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.reason == "CLIENT_INVALID_ARGUMENT"
+    assert [v.field for v in error.field_violations] == ["from_user_id"]
+    assert error.attempts == 0
+
+    admin = AdminClient(channel)
+    with pytest.raises(DialogShardError) as raised:
+        admin.list_messages(pair=(1, "2"), shard_id=2**31)  # type: ignore[arg-type]
+    assert [v.field for v in raised.value.field_violations] == ["user_id_2", "shard_id"]
