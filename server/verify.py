@@ -1,0 +1,149 @@
+"""Checking (and repairing) that every message is stored once, on the shard routing names (like Vitess VDiff).
+
+`verify` scans every shard once, grouping rows by pair: count and an order-independent
+checksum per (pair, shard). A pair stored anywhere but its routed shard is a
+finding; for those pairs the message ids on each shard are compared, so the report
+names them:
+
+- `misplaced`: a message only on a wrong shard (readers never see it);
+- `duplicate`: a message on a wrong shard that the routed shard also holds, identically;
+- `conflict`: the same message id on two shards with different content (never repaired);
+- `bad_bucket`: rows whose stored bucket is not the pair's hash bucket (reported only).
+
+Pairs with an unfinished move are skipped (the move owns them; re-run it first).
+`repair` copies misplaced messages to the routed shard and then deletes the wrong-shard
+copies that the routed shard now holds identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from server.routing import Pair, bucket_of
+from server.storage import transfer
+from server.storage.errors import shard_errors
+from server.storage.messages import MessageStore
+from server.storage.pools import ShardSet
+
+#: How many message ids a finding lists (the counts are always complete).
+MAX_IDS_PER_FINDING = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """Messages of one pair on one shard that are not where they should be."""
+
+    kind: str
+    pair: Pair
+    shard_id: int
+    expected_shard_id: int
+    count: int
+    message_ids: tuple[uuid.UUID, ...]
+
+
+@dataclass(slots=True)
+class Report:
+    """What a verification found, and what a repair changed."""
+
+    shards_scanned: int = 0
+    pairs: int = 0
+    messages: int = 0
+    skipped_moving_pairs: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    copied: int = 0
+    deleted: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+
+async def _pair_summaries(store: MessageStore) -> list[tuple[int, int, int, int, int]]:
+    """(low, high, bucket, count, checksum) of every pair on the shard."""
+    async with shard_errors(store.shard_id), store.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT user_low, user_high, bucket, count(*), sum({transfer.ROW_FINGERPRINT}) "
+            f"FROM {store.table} GROUP BY user_low, user_high, bucket"
+        )
+        return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in await cur.fetchall()]
+
+
+async def _fingerprints(store: MessageStore, pair: Pair) -> dict[uuid.UUID, int]:
+    async with shard_errors(store.shard_id), store.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT message_id, {transfer.ROW_FINGERPRINT} FROM {store.table} "
+            "WHERE user_low = %s AND user_high = %s",
+            (pair.low, pair.high),
+        )
+        return {r[0]: int(r[1]) for r in await cur.fetchall()}
+
+
+def _finding(kind: str, pair: Pair, shard: int, expected: int, ids: Iterable[uuid.UUID]) -> Finding:
+    ordered = sorted(ids)
+    return Finding(kind, pair, shard, expected, len(ordered), tuple(ordered[:MAX_IDS_PER_FINDING]))
+
+
+async def verify(
+    shards: ShardSet,
+    route: Callable[[Pair], int],
+    *,
+    moving: frozenset[Pair] = frozenset(),
+    repair: bool = False,
+) -> Report:
+    """Scan every shard; report (and with `repair`, fix) messages stored off their routed shard."""
+    report = Report()
+    stores = [shards.store(c.shard_id) for c in shards.configs]
+    summaries = await asyncio.gather(*(_pair_summaries(s) for s in stores))
+    where: dict[Pair, dict[int, int]] = defaultdict(dict)
+    for store, rows in zip(stores, summaries, strict=True):
+        report.shards_scanned += 1
+        for low, high, bucket, count, _checksum in rows:
+            pair = Pair(low, high)
+            where[pair][store.shard_id] = where[pair].get(store.shard_id, 0) + count
+            report.messages += count
+            if bucket != bucket_of(low, high):
+                report.findings.append(_finding("bad_bucket", pair, store.shard_id, store.shard_id, ()))
+    report.pairs = len(where)
+    for pair, per_shard in sorted(where.items()):
+        if pair in moving:
+            report.skipped_moving_pairs += 1
+            continue
+        expected = route(pair)
+        strays = [s for s in per_shard if s != expected]
+        if strays:
+            await _check_pair(shards, pair, expected, strays, report, repair=repair)
+    return report
+
+
+async def _check_pair(
+    shards: ShardSet, pair: Pair, expected: int, strays: list[int], report: Report, *, repair: bool
+) -> None:
+    home = shards.store(expected)
+    at_home = await _fingerprints(home, pair)
+    for shard_id in sorted(strays):
+        stray = shards.store(shard_id)
+        there = await _fingerprints(stray, pair)
+        misplaced = [i for i in there if i not in at_home]
+        duplicate = [i for i in there if i in at_home and at_home[i] == there[i]]
+        conflict = [i for i in there if i in at_home and at_home[i] != there[i]]
+        for kind, ids in (("misplaced", misplaced), ("duplicate", duplicate), ("conflict", conflict)):
+            if ids:
+                report.findings.append(_finding(kind, pair, shard_id, expected, ids))
+        if repair and (misplaced or duplicate):
+            report.copied += await transfer.copy_ids(stray, home, misplaced) if misplaced else 0
+            at_home = await _fingerprints(home, pair)
+            settled = [i for i in there if at_home.get(i) == there[i]]
+            report.deleted += await _delete_ids(stray, settled)
+
+
+async def _delete_ids(store: MessageStore, ids: list[uuid.UUID]) -> int:
+    if not ids:
+        return 0
+    async with shard_errors(store.shard_id), store.pool.connection() as conn:
+        cur = await conn.execute(f"DELETE FROM {store.table} WHERE message_id = ANY(%s)", (ids,))
+    count: int = cur.rowcount
+    return count
