@@ -46,10 +46,11 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from server.errors import FailedPrecondition, ShardUnavailable
-from server.routing import Pair, ShardRouter, bucket_of
+from server.routing import Pair, ShardRouter, bucket_of, pair_hash
 from server.storage import transfer
 from server.storage.errors import describe_db_error, shard_errors
-from server.storage.fences import FenceState, FenceStore
+from server.storage.fences import FenceKey, FenceState, FenceStore
+from server.storage.layout import Layout, load_layout
 from server.storage.messages import MessageStore
 from server.storage.moves import Flip, Move, MoveLog, MoveState
 from server.storage.overrides import CONTROL_SHARD, OverrideStore
@@ -94,6 +95,7 @@ class Mover:
         chunk_rows: int = 1000,
     ) -> None:
         self._control_dsn = control_dsn
+        self._control_pool = control_pool
         self._log = MoveLog(control_pool)
         self._overrides = OverrideStore(control_pool)
         self._shards = shards
@@ -110,7 +112,8 @@ class Mover:
                 log.info("completing unfinished move %d of pair %s first", pending.move_id, pair)
                 await self.run(pending)
             stored = await self._overrides.get(pair)
-            hash_shard = self._router.resolve(*pair).hash_shard_id
+            # The stored layout, not this process's mirror: a bucket may have flipped a moment ago.
+            hash_shard = (await self.layout()).hash_shard(pair_hash(*pair))
             source = stored.shard_id if stored is not None else hash_shard
             target = override if override is not None else hash_shard
             flip = Flip.SET_OVERRIDE if override is not None else Flip.DELETE_OVERRIDE
@@ -125,24 +128,57 @@ class Mover:
                 return MoveResult(target, 0, 0)
             self._shards.store(source)  # both shards must be configured here
             self._shards.store(target)
-            move = await self._log.create(bucket, pair.low, pair.high, source, target, flip)
+            move = await self._log.create((bucket,), pair.low, pair.high, source, target, flip)
             return await self.run(move)
+
+    async def move_buckets(self, buckets: tuple[int, ...], source: int, target: int) -> MoveResult:
+        """Move the buckets' messages (except pairs that overrides place) and flip them (resharding).
+
+        The caller holds `exclusive()` and has started the reshard in the layout.
+        """
+        move = await self._log.create(buckets, 0, 0, source, target, Flip.BUCKET)
+        return await self.run(move)
+
+    @property
+    def log(self) -> MoveLog:
+        return self._log
+
+    @property
+    def router(self) -> ShardRouter:
+        return self._router
+
+    def control_connection(self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        return self._control_pool.connection()
+
+    async def layout(self) -> Layout:
+        async with shard_errors(CONTROL_SHARD), self._control_pool.connection() as conn:
+            return await load_layout(conn)
 
     async def run(self, move: Move) -> MoveResult:
         """Continue `move` from its recorded state to `done`; shielded from the caller's cancellation."""
         return await asyncio.shield(self._run(move))
 
+    async def _unit(self, move: Move) -> tuple[transfer.Unit, list[FenceKey]]:
+        """The unit a move carries, and the pairs a bucket fence on its source must leave writable."""
+        if move.is_pair:
+            return transfer.Unit.of_pair(move.pair, move.buckets[0]), []
+        wanted = set(move.buckets)
+        pinned = {p: s for p, s in (await self._overrides.all()).items() if bucket_of(*p) in wanted}
+        unit = transfer.Unit(move.buckets, pinned=tuple(sorted(pinned)))
+        exempt = [(bucket_of(*p), p.low, p.high) for p, s in sorted(pinned.items()) if s == move.source_shard]
+        return unit, exempt
+
     async def _run(self, move: Move) -> MoveResult:
         source = self._shards.store(move.source_shard)
         target = self._shards.store(move.target_shard)
-        unit = transfer.Unit(move.bucket, move.low, move.high)
+        unit, exempt = await self._unit(move)
         copied = deleted = 0
         if move.state in (MoveState.COPYING, MoveState.FENCED):
             try:
                 if move.state is MoveState.COPYING:
                     copied += await transfer.copy(source, target, unit, chunk_rows=self._chunk_rows)
                     _maybe_crash("copied")
-                    await self._fence(source, unit, FenceState.FENCED, move)
+                    await self._fence(source, unit, FenceState.FENCED, move, exempt)
                     _maybe_crash("fence_committed")
                     move = await self._log.advance(move, MoveState.FENCED, copied_rows=copied)
                     _maybe_crash("fenced")
@@ -151,15 +187,14 @@ class Mover:
                 await transfer.verify(source, target, unit)
                 await self._open(target, unit)
                 _maybe_crash("target_opened")
-                move = await self._log.flip_pair(move)
+                move = await self._log.flip(move)
             except Exception:
                 await self._reopen_after_failure(source, unit, move.move_id)
                 raise
             log.info(
-                "move %d: pair (%d, %d) flipped from shard %d to %d (%d rows copied, %d in the catch-up)",
+                "move %d: %s flipped from shard %d to %d (%d rows copied, %d in the catch-up)",
                 move.move_id,
-                move.low,
-                move.high,
+                f"pair ({move.low}, {move.high})" if move.is_pair else f"{len(move.buckets)} bucket(s)",
                 move.source_shard,
                 move.target_shard,
                 copied,
@@ -169,7 +204,7 @@ class Mover:
             _maybe_crash("flipped")
         if move.state is MoveState.FLIPPED:
             self._apply_locally(move)
-            await self._fence(source, unit, FenceState.MOVED, move)
+            await self._fence(source, unit, FenceState.MOVED, move, exempt)
             _maybe_crash("retired")
             deleted = await transfer.delete(source, unit)
             _maybe_crash("deleted")
@@ -182,14 +217,18 @@ class Mover:
             self._router.set(move.pair, move.target_shard)
         elif move.flip is Flip.DELETE_OVERRIDE:
             self._router.discard(move.pair)
+        elif self._router.target_shards is not None:
+            self._router.flip_buckets(move.buckets)
 
-    async def _fence(self, store: MessageStore, unit: transfer.Unit, state: FenceState, move: Move) -> None:
+    async def _fence(
+        self, store: MessageStore, unit: transfer.Unit, state: FenceState, move: Move, exempt: list[FenceKey]
+    ) -> None:
         async with shard_errors(store.shard_id), store.pool.connection() as conn:
-            await FenceStore(store.table).set(conn, unit.bucket, unit.low, unit.high, state, move.move_id)
+            await FenceStore(store.table).set(conn, unit.fence_keys(), state, move.move_id, exempt=exempt)
 
     async def _open(self, store: MessageStore, unit: transfer.Unit) -> None:
         async with shard_errors(store.shard_id), store.pool.connection() as conn:
-            await FenceStore(store.table).open(conn, unit.bucket, unit.low, unit.high)
+            await FenceStore(store.table).open(conn, unit.fence_keys())
 
     async def _reopen_after_failure(self, source: MessageStore, unit: transfer.Unit, move_id: int) -> None:
         """If routing certainly still names the source, let its writers in again; a re-run resumes the copy.

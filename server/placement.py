@@ -17,8 +17,9 @@ from server.config import PoolConfig
 from server.errors import FailedPrecondition, NotFound
 from server.mover import Mover
 from server.routing import Pair, Resolution, ShardRouter
+from server.storage.layout import ensure_layout, load_layout
 from server.storage.overrides import OverrideRow, OverrideStore, OverrideSync
-from server.storage.pools import ShardSet, open_pool
+from server.storage.pools import ShardSet, StartupError, open_pool
 
 
 class Placement:
@@ -26,6 +27,7 @@ class Placement:
 
     def __init__(self, control_dsn: str, num_shards: int, pool_config: PoolConfig) -> None:
         self.router = ShardRouter(num_shards)
+        self._configured_shards = num_shards
         self._control_dsn = control_dsn
         self._pool_config = pool_config
         self._pool: AsyncConnectionPool[Any] | None = None
@@ -45,6 +47,7 @@ class Placement:
         self._pool = await open_pool("control", self._control_dsn, self._pool_config, min_size=1, max_size=4)
         try:
             await self.store.migrate()
+            await self._check_layout()
             await self._sync.start()
         except BaseException:
             await self._pool.close()
@@ -57,6 +60,19 @@ class Placement:
         await self._sync.stop()
         if self._pool is not None:
             await self._pool.close()
+
+    async def _check_layout(self) -> None:
+        """Record the layout on a fresh control database; refuse to route over shards not configured here."""
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            await ensure_layout(conn, self._configured_shards)
+            layout = await load_layout(conn)
+        if layout.active_shards > self._configured_shards:
+            raise StartupError(
+                f"the control database routes over {layout.active_shards} shards but this server's config "
+                f"lists {self._configured_shards}: add the missing [[shards]] entries (every server needs "
+                "every shard's DSN)"
+            )
 
     def resolve(self, user_id_1: int, user_id_2: int) -> Resolution:
         """Where the pair lives; also records the shard as the current RPC's (metrics, logs)."""

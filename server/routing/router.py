@@ -1,9 +1,13 @@
 """Shard resolution: an override from the shard map wins, else the seed's hash.
 
 The router is pure and in memory: resolving a shard never touches a database.
-Keeping `overrides` coherent with the `shard_map` table is the job of
-`server.storage.overrides.OverrideSync`, which calls `replace_all`, `set` and
-`discard` here.
+Keeping `overrides` and the layout coherent with the control database is the job
+of `server.storage.overrides.OverrideSync`, which calls `replace_all`, `set`,
+`discard`, `set_layout` and `flip_buckets` here.
+
+Layout: the hash shard is `hash % num_shards`. While a reshard to `target_shards`
+runs, a bucket already moved ("flipped") uses `hash % target_shards` instead. Both
+counts divide NUM_BUCKETS, so a bucket's pairs all share one shard under either.
 """
 
 from __future__ import annotations
@@ -41,14 +45,23 @@ class ShardRouter:
         if num_shards <= 0:
             raise ValueError(f"num_shards must be positive, got {num_shards}")
         self.num_shards = num_shards
+        #: The shard count a running reshard moves to; None when none runs.
+        self.target_shards: int | None = None
+        self._flipped: frozenset[int] = frozenset()
         self._overrides: dict[Pair, int] = dict(overrides or {})
         #: Bumped by every change, so callers can tell a reload happened.
         self.version = 0
 
+    def hash_shard(self, hashed: int) -> int:
+        """The shard of a pair hash without override, under the current layout."""
+        if self.target_shards is not None and hashed % NUM_BUCKETS in self._flipped:
+            return hashed % self.target_shards
+        return hashed % self.num_shards
+
     def resolve(self, user_id_1: int, user_id_2: int) -> Resolution:
         pair = Pair.of(user_id_1, user_id_2)
         hashed = pair_hash(pair.low, pair.high)
-        hash_shard = hashed % self.num_shards
+        hash_shard = self.hash_shard(hashed)
         override = self._overrides.get(pair)
         if override is None:
             return Resolution(pair, hash_shard, ShardSource.HASH, hash_shard, hashed % NUM_BUCKETS)
@@ -76,3 +89,21 @@ class ShardRouter:
     def replace_all(self, overrides: Iterable[tuple[Pair, int]]) -> None:
         self._overrides = dict(overrides)
         self.version += 1
+
+    def set_layout(self, num_shards: int, target_shards: int | None, flipped: Iterable[int] = ()) -> None:
+        """Route by `num_shards`, and by `target_shards` for the `flipped` buckets of a running reshard."""
+        if num_shards <= 0 or (target_shards is not None and target_shards <= 0):
+            raise ValueError(f"shard counts must be positive, got {num_shards} and {target_shards}")
+        self.num_shards = num_shards
+        self.target_shards = target_shards
+        self._flipped = frozenset(flipped) if target_shards is not None else frozenset()
+        self.version += 1
+
+    def flip_buckets(self, buckets: Iterable[int]) -> None:
+        """These buckets have moved to their shard under `target_shards`."""
+        self._flipped = self._flipped | frozenset(buckets)
+        self.version += 1
+
+    @property
+    def flipped_buckets(self) -> frozenset[int]:
+        return self._flipped

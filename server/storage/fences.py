@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -105,6 +106,11 @@ def fence_schema(table: str) -> list[str]:
     ]
 
 
+_KEYS = "unnest(%s::smallint[], %s::bigint[], %s::bigint[]) AS u(b, lo, hi)"
+#: A fence row's key: (bucket, user_low, user_high); user_low = user_high = 0 for a whole bucket.
+FenceKey = tuple[int, int, int]
+
+
 class FenceStore:
     """The mover's side of one shard table's fences."""
 
@@ -114,38 +120,62 @@ class FenceStore:
         self._key = lock_key(table)
 
     async def set(
-        self, conn: AsyncConnection[Any], bucket: int, low: int, high: int, state: FenceState, move_id: int
+        self,
+        conn: AsyncConnection[Any],
+        keys: Sequence[FenceKey],
+        state: FenceState,
+        move_id: int,
+        *,
+        exempt: Sequence[FenceKey] = (),
     ) -> None:
-        """Set the unit's state once no insert of its bucket is in flight (commits on return)."""
+        """Set the units' state once no insert of their buckets is in flight (commits on return).
+
+        `exempt` pairs (pinned here by an override inside a fenced bucket) stay writable.
+        """
         async with conn.transaction():
-            # Waits for every insert of the bucket that passed the check to commit.
-            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (self._key, bucket))
+            # Waits for every insert of these buckets that passed the check to commit.
+            for bucket in sorted({k[0] for k in keys}):
+                await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (self._key, bucket))
             await conn.execute(
                 f"""
                 INSERT INTO {self._fences} (bucket, user_low, user_high, state, move_id)
-                VALUES (%s, %s, %s, %s, %s)
+                SELECT b, lo, hi, %s, %s FROM {_KEYS}
                 ON CONFLICT (bucket, user_low, user_high)
                     DO UPDATE SET state = EXCLUDED.state, move_id = EXCLUDED.move_id, updated_at = now()
                 """,
-                (bucket, low, high, str(state), move_id),
+                (str(state), move_id, *_columns(keys)),
             )
-
-    async def open(self, conn: AsyncConnection[Any], bucket: int, low: int, high: int) -> None:
-        """Let the unit be written here: drop its own row, or mark it open inside a fenced bucket."""
-        async with conn.transaction():
-            await conn.execute(
-                f"DELETE FROM {self._fences} WHERE bucket = %s AND user_low = %s AND user_high = %s",
-                (bucket, low, high),
-            )
-            if (low, high) != (WHOLE_BUCKET, WHOLE_BUCKET):
+            if exempt:
                 await conn.execute(
                     f"""
                     INSERT INTO {self._fences} (bucket, user_low, user_high, state)
-                    SELECT %s, %s, %s, 'open' WHERE EXISTS (
-                        SELECT 1 FROM {self._fences}
-                        WHERE bucket = %s AND user_low = 0 AND user_high = 0 AND state <> 'open')
+                    SELECT b, lo, hi, 'open' FROM {_KEYS}
+                    ON CONFLICT (bucket, user_low, user_high) DO NOTHING
                     """,
-                    (bucket, low, high, bucket),
+                    _columns(exempt),
+                )
+
+    async def open(self, conn: AsyncConnection[Any], keys: Sequence[FenceKey]) -> None:
+        """Let the units be written here: drop their rows; a pair inside a fenced bucket is marked open."""
+        async with conn.transaction():
+            await conn.execute(
+                f"""
+                DELETE FROM {self._fences} WHERE (bucket, user_low, user_high) IN
+                    (SELECT * FROM unnest(%s::smallint[], %s::bigint[], %s::bigint[]))
+                """,
+                _columns(keys),
+            )
+            pairs = [k for k in keys if k[1] != WHOLE_BUCKET]
+            if pairs:
+                await conn.execute(
+                    f"""
+                    INSERT INTO {self._fences} (bucket, user_low, user_high, state)
+                    SELECT b, lo, hi, 'open' FROM {_KEYS}
+                    WHERE EXISTS (
+                        SELECT 1 FROM {self._fences} f
+                        WHERE f.bucket = u.b AND f.user_low = 0 AND f.user_high = 0 AND f.state <> 'open')
+                    """,
+                    _columns(pairs),
                 )
 
     async def state(self, conn: AsyncConnection[Any], bucket: int, low: int, high: int) -> FenceState:
@@ -159,3 +189,7 @@ class FenceStore:
         )
         row = await cur.fetchone()
         return FenceState(row[0]) if row else FenceState.OPEN
+
+
+def _columns(keys: Sequence[FenceKey]) -> tuple[list[int], list[int], list[int]]:
+    return [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]

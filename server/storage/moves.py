@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from server.routing import Pair
 from server.storage.errors import shard_errors
+from server.storage.layout import flip_buckets_in
 from server.storage.overrides import CONTROL_SHARD, delete_override_in, upsert_override_in
 
 
@@ -52,17 +53,26 @@ class Move:
     flip: Flip
     state: MoveState
     copied_rows: int
+    #: The buckets of a bucket move (resharding); a pair move's is its pair's bucket.
+    buckets: tuple[int, ...]
 
     @property
     def pair(self) -> Pair:
         return Pair(self.low, self.high)
 
+    @property
+    def is_pair(self) -> bool:
+        return self.low != 0
 
-_COLUMNS = "move_id, bucket, user_low, user_high, source_shard, target_shard, flip, state, copied_rows"
+
+_COLUMNS = (
+    "move_id, bucket, user_low, user_high, source_shard, target_shard, flip, state, copied_rows, buckets"
+)
 
 
 def _move(row: tuple[Any, ...]) -> Move:
-    return Move(*row[:6], Flip(row[6]), MoveState(row[7]), row[8])  # type: ignore[call-arg]
+    buckets = tuple(row[9]) if row[9] else (row[1],)
+    return Move(*row[:6], Flip(row[6]), MoveState(row[7]), row[8], buckets)  # type: ignore[call-arg]
 
 
 class MoveLog:
@@ -81,10 +91,12 @@ class MoveLog:
             row = await cur.fetchone()
         return _move(row) if row else None
 
-    async def all_unfinished(self) -> list[Move]:
+    async def all_unfinished(self, *, flip: Flip | None = None) -> list[Move]:
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
             cur = await conn.execute(
-                f"SELECT {_COLUMNS} FROM shard_moves WHERE state <> 'done' ORDER BY move_id"
+                f"SELECT {_COLUMNS} FROM shard_moves WHERE state <> 'done' "
+                "AND (%s::text IS NULL OR flip = %s) ORDER BY move_id",
+                (flip and str(flip), flip and str(flip)),
             )
             return [_move(r) for r in await cur.fetchall()]
 
@@ -96,15 +108,22 @@ class MoveLog:
         return _move(row)
 
     async def create(
-        self, bucket: int, low: int, high: int, source_shard: int, target_shard: int, flip: Flip
+        self,
+        buckets: tuple[int, ...],
+        low: int,
+        high: int,
+        source_shard: int,
+        target_shard: int,
+        flip: Flip,
     ) -> Move:
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
             cur = await conn.execute(
                 f"""
-                INSERT INTO shard_moves (bucket, user_low, user_high, source_shard, target_shard, flip, state)
-                VALUES (%s, %s, %s, %s, %s, %s, 'copying') RETURNING {_COLUMNS}
+                INSERT INTO shard_moves (bucket, buckets, user_low, user_high, source_shard, target_shard,
+                                         flip, state)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, 'copying') RETURNING {_COLUMNS}
                 """,
-                (bucket, low, high, source_shard, target_shard, str(flip)),
+                (buckets[0], list(buckets), low, high, source_shard, target_shard, str(flip)),
             )
             row = await cur.fetchone()
         assert row is not None
@@ -117,13 +136,15 @@ class MoveLog:
             await self._set_state(conn, move, state, copied_rows, deleted_rows)
         return _replace_state(move, state)
 
-    async def flip_pair(self, move: Move) -> Move:
-        """Change the pair's shard_map row (with NOTIFY) and mark the move flipped, atomically."""
+    async def flip(self, move: Move) -> Move:
+        """Change routing (shard_map or bucket_flips, with NOTIFY) and mark the move flipped, atomically."""
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn, conn.transaction():
             if move.flip is Flip.SET_OVERRIDE:
                 await upsert_override_in(conn, move.pair, move.target_shard)
-            else:
+            elif move.flip is Flip.DELETE_OVERRIDE:
                 await delete_override_in(conn, move.pair)
+            else:
+                await flip_buckets_in(conn, move.buckets)
             await self._set_state(conn, move, MoveState.FLIPPED, 0, 0)
         return _replace_state(move, MoveState.FLIPPED)
 
@@ -152,4 +173,5 @@ def _replace_state(move: Move, state: MoveState) -> Move:
         move.flip,
         state,
         move.copied_rows,
+        move.buckets,
     )

@@ -3,9 +3,10 @@
 Writes go through `OverrideStore`, which changes `shard_map` and sends a
 NOTIFY in the same transaction, so the notification is delivered exactly when
 the change commits. `OverrideSync` keeps a `ShardRouter` coherent with the
-table in every server process: it LISTENs first and loads the whole table
-second (so no change falls between the two), applies each notification, and
-on any connection trouble reconnects with backoff and reloads everything.
+table (and the layout, server.storage.layout) in every server process: it
+LISTENs first and loads everything second (so no change falls between the
+two), applies each notification, and on any connection trouble reconnects
+with backoff and reloads everything.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from server.routing import Pair, ShardRouter
+from server.storage.channel import CHANNEL
 from server.storage.errors import shard_errors
+from server.storage.layout import load_layout
 from server.storage.pools import StartupError, connect_failure_reason
 from server.storage.schema import migrate_control
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "dialog_shard_map"
 #: application_name of the listener connection, to spot it in pg_stat_activity.
 LISTENER_APPLICATION_NAME = "dialog-shard override-sync"
 #: Shard id reported for control-database failures (ShardUnavailable metadata).
@@ -62,6 +64,12 @@ class OverrideStore:
         """Remove the pair's override; False if it had none."""
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn, conn.transaction():
             return await delete_override_in(conn, pair)
+
+    async def all(self) -> dict[Pair, int]:
+        """Every override: pair -> shard."""
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
+            cur = await conn.execute("SELECT user1, user2, shard_id FROM shard_map")
+            return {Pair(r[0], r[1]): r[2] for r in await cur.fetchall()}
 
     async def get(self, pair: Pair) -> OverrideRow | None:
         """The pair's override as stored (the authority, unlike a process's mirror)."""
@@ -113,12 +121,16 @@ async def delete_override_in(conn: psycopg.AsyncConnection[Any], pair: Pair) -> 
 
 
 def apply_notification(router: ShardRouter, payload: str) -> None:
-    """Apply one `set low high shard` / `del low high` payload to the router."""
+    """Apply one `set low high shard` / `del low high` / `layout n t|-` / `flip b,b` payload to the router."""
     parts = payload.split()
     if len(parts) == 4 and parts[0] == "set":
         router.set(Pair(int(parts[1]), int(parts[2])), int(parts[3]))
     elif len(parts) == 3 and parts[0] == "del":
         router.discard(Pair(int(parts[1]), int(parts[2])))
+    elif len(parts) == 3 and parts[0] == "layout":
+        router.set_layout(int(parts[1]), None if parts[2] == "-" else int(parts[2]))
+    elif len(parts) == 2 and parts[0] == "flip":
+        router.flip_buckets(int(b) for b in parts[1].split(","))
     else:
         log.warning("ignoring malformed shard_map notification %r", payload)
 
@@ -163,11 +175,16 @@ class OverrideSync:
         )
         try:
             await conn.execute(f"LISTEN {CHANNEL}")
-            cur = await conn.execute("SELECT user1, user2, shard_id FROM shard_map")
-            rows = await cur.fetchall()
+            async with conn.transaction():
+                # One snapshot for the overrides and the layout.
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cur = await conn.execute("SELECT user1, user2, shard_id FROM shard_map")
+                rows = await cur.fetchall()
+                layout = await load_layout(conn)
         except BaseException:
             await conn.close()
             raise
+        self._router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
         self._router.replace_all((Pair(r[0], r[1]), r[2]) for r in rows)
         self.reloads += 1
         log.info("loaded %d shard overrides", len(rows))

@@ -15,6 +15,9 @@ from server.storage.fences import fence_schema
 # Arbitrary constant: the advisory lock key that serializes migrations.
 _MIGRATION_LOCK = 0x6469616C6F67
 
+# shard_map: the overrides. shard_layout: the number of shards the hash routes over,
+# and while a reshard runs the number it moves to; bucket_flips: buckets already moved
+# to their shard under target_shards (server.storage.layout).
 CONTROL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_map (
     user1 BIGINT NOT NULL,
@@ -24,10 +27,20 @@ CREATE TABLE IF NOT EXISTS shard_map (
     PRIMARY KEY (user1, user2),
     CHECK (user1 < user2)
 );
+CREATE TABLE IF NOT EXISTS shard_layout (
+    singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+    num_shards INTEGER NOT NULL CHECK (num_shards > 0),
+    target_shards INTEGER CHECK (target_shards > 0),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS bucket_flips (
+    bucket SMALLINT PRIMARY KEY CHECK (bucket >= 0 AND bucket < 4096)
+);
 """
 
-# One row per unit (a pair, or a bucket with user_low = user_high = 0) moving between
-# shards; at most one unfinished move per unit. See server.storage.moves.
+# One row per unit (a pair, or a group of buckets with user_low = user_high = 0 and
+# `bucket` its first bucket) moving between shards; at most one unfinished move per
+# unit. See server.storage.moves.
 MOVES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_moves (
     move_id BIGSERIAL PRIMARY KEY,
@@ -45,6 +58,7 @@ CREATE TABLE IF NOT EXISTS shard_moves (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_unfinished_idx
     ON shard_moves (bucket, user_low, user_high) WHERE state <> 'done';
+ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS buckets SMALLINT[];
 """
 
 # The pair is stored ordered (user_low < user_high) with its hash bucket, so a

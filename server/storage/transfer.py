@@ -1,7 +1,7 @@
 """Copying, comparing and deleting one unit's messages between two shards.
 
-A unit is one pair, or one hash bucket (user_low = user_high = 0) minus the
-pairs pinned elsewhere by overrides. Every step is idempotent: the copy is
+A unit is one pair, or a group of hash buckets minus the pairs that overrides
+place (they do not move with their bucket). Every step is idempotent: the copy is
 `INSERT ... ON CONFLICT (message_id) DO NOTHING` in keyset chunks, the sync
 compares ids chunk by chunk and copies what is missing, the delete removes
 chunks until none is left. Nothing here holds a transaction across shards.
@@ -16,7 +16,7 @@ from typing import Any
 
 from server.routing import Pair
 from server.storage.errors import shard_errors
-from server.storage.fences import WHOLE_BUCKET
+from server.storage.fences import WHOLE_BUCKET, FenceKey
 from server.storage.ids import MAX_ID, MIN_ID
 from server.storage.messages import MessageStore
 
@@ -34,30 +34,32 @@ ROW_FINGERPRINT = (
 
 @dataclass(frozen=True, slots=True)
 class Unit:
-    """What moves: one pair, or a whole bucket except the `pinned` pairs (overrides keep those)."""
+    """What moves: one pair, or whole buckets except the `pinned` pairs (overrides place those)."""
 
-    bucket: int
-    low: int = WHOLE_BUCKET
-    high: int = WHOLE_BUCKET
+    buckets: tuple[int, ...]
+    pair: Pair | None = None
     pinned: tuple[Pair, ...] = field(default=())
 
     @classmethod
     def of_pair(cls, pair: Pair, bucket: int) -> Unit:
-        return cls(bucket, pair.low, pair.high)
+        return cls((bucket,), pair)
 
-    @property
-    def is_pair(self) -> bool:
-        return self.low != WHOLE_BUCKET
+    def fence_keys(self) -> list[FenceKey]:
+        """The fence rows that stand for this unit on a shard."""
+        if self.pair is not None:
+            return [(self.buckets[0], self.pair.low, self.pair.high)]
+        return [(b, WHOLE_BUCKET, WHOLE_BUCKET) for b in self.buckets]
 
     def where(self) -> tuple[str, list[Any]]:
         """SQL condition selecting the unit's rows, and its parameters."""
-        if self.is_pair:
-            return "user_low = %s AND user_high = %s", [self.low, self.high]
+        if self.pair is not None:
+            return "user_low = %s AND user_high = %s", [self.pair.low, self.pair.high]
         if not self.pinned:
-            return "bucket = %s", [self.bucket]
+            return "bucket = ANY(%s::smallint[])", [list(self.buckets)]
         return (
-            "bucket = %s AND (user_low, user_high) NOT IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))",
-            [self.bucket, [p.low for p in self.pinned], [p.high for p in self.pinned]],
+            "bucket = ANY(%s::smallint[]) AND (user_low, user_high) NOT IN "
+            "(SELECT * FROM unnest(%s::bigint[], %s::bigint[]))",
+            [list(self.buckets), [p.low for p in self.pinned], [p.high for p in self.pinned]],
         )
 
 

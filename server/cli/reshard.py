@@ -1,0 +1,170 @@
+"""`dialogctl reshard`: grow the cluster from N to N' shards online (server.reshard).
+
+    dialogctl reshard --shards 8 --dry-run    # what would move: buckets, messages and pairs per route
+    dialogctl reshard --shards 8              # move them; Ctrl-C or a crash: run it again to continue
+
+Before running it, list the new shards in every server's config ([[shards]] with
+their DSNs) and restart the servers, so every server can reach every shard; the
+control database says how many of them the hash uses. The command connects to
+the databases named in the config itself (no server needed), creates the new
+shards' tables, and moves hash buckets in groups while the servers keep serving;
+writes to a group's pairs pause only for its final catch-up (retryable
+UNAVAILABLE, reason DIALOG_MOVING). Each group is verified (counts and checksums)
+before its routing flips and its old rows are deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from server.cli.dialogctl import CliError, Session, _print_json, format_table
+from server.cli.progress import Progress as ProgressLine
+from server.config import PoolConfig, ServerConfig
+from server.errors import ServiceError
+from server.mover import Mover
+from server.reshard import Progress, Resharder, check_target, estimate, plan_steps
+from server.routing import ShardRouter
+from server.storage.layout import load_layout
+from server.storage.overrides import OverrideStore
+from server.storage.pools import ShardSet, StartupError, open_pool
+from server.storage.schema import migrate_control
+
+_POOL = PoolConfig(min_size=1, max_size=4)
+
+
+async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLine) -> dict[str, Any]:
+    control = await open_pool("control", config.control_dsn, _POOL, min_size=1, max_size=4)
+    try:
+        async with control.connection() as conn:
+            await migrate_control(conn)
+            try:
+                layout = await load_layout(conn)
+            except LookupError:
+                raise CliError(
+                    "no server has started on this control database yet, so it has no shard layout; "
+                    "start the servers first"
+                ) from None
+        async with ShardSet(config.shards, _POOL) as shards:
+            router = ShardRouter(layout.num_shards)
+            router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
+            mover = Mover(config.control_dsn, control, shards, router)
+            if args.dry_run:
+                if layout.target_shards is None:
+                    check_target(
+                        layout.num_shards, args.shards, config.num_shards, full_reshuffle=args.full_reshuffle
+                    )
+                pinned = await OverrideStore(control).all()
+                estimates = await estimate(shards, layout, args.shards, pinned)
+                return {
+                    "dry_run": True,
+                    "num_shards": layout.num_shards,
+                    "target_shards": args.shards,
+                    "steps": len(plan_steps(layout, args.shards, args.buckets_per_step)),
+                    "routes": [
+                        {
+                            "source": e.source,
+                            "target": e.target,
+                            "buckets": e.buckets,
+                            "messages": e.messages,
+                            "pairs": e.pairs,
+                        }
+                        for e in estimates
+                    ],
+                    "messages": sum(e.messages for e in estimates),
+                    "pairs": sum(e.pairs for e in estimates),
+                }
+
+            def report(p: Progress) -> None:
+                line.update(
+                    f"step {p.steps_done}/{p.steps_total}, {p.rows_copied} rows copied "
+                    f"({p.rows_per_second:.0f} rows/s)"
+                )
+
+            started = time.monotonic()
+            progress = await Resharder(mover, config.num_shards).run(
+                args.shards,
+                buckets_per_step=args.buckets_per_step,
+                full_reshuffle=args.full_reshuffle,
+                on_progress=report,
+            )
+            elapsed = time.monotonic() - started
+            return {
+                "dry_run": False,
+                "num_shards": args.shards,
+                "steps": progress.steps_done,
+                "rows_copied": progress.rows_copied,
+                "rows_deleted": progress.rows_deleted,
+                "seconds": round(elapsed, 3),
+                "rows_per_second": round(progress.rows_copied / elapsed, 1) if elapsed > 0 else 0.0,
+            }
+    finally:
+        await control.close()
+
+
+def cmd_reshard(session: Session) -> int:
+    args = session.args
+    config = session.config()
+    try:
+        with ProgressLine("reshard") as line:
+            result = asyncio.run(_run(config, args, line))
+    except (StartupError, psycopg.Error) as exc:
+        raise CliError(f"cannot reach the databases: {exc}", 1) from None
+    except ServiceError as exc:
+        raise CliError(exc.message, 1) from None
+    if session.json:
+        _print_json(result)
+    elif result["dry_run"]:
+        rows = [[r["source"], r["target"], r["buckets"], r["messages"], r["pairs"]] for r in result["routes"]]
+        print(format_table(("SOURCE", "TARGET", "BUCKETS", "MESSAGES", "PAIRS"), rows, right=(0, 1, 2, 3, 4)))
+        print(
+            f"dry run: {result['num_shards']} -> {result['target_shards']} shards would move "
+            f"{result['messages']} messages of {result['pairs']} pairs in {result['steps']} steps; "
+            "nothing changed"
+        )
+    else:
+        print(
+            f"resharded to {result['num_shards']} shards: {result['steps']} steps, "
+            f"{result['rows_copied']} rows copied ({result['rows_per_second']:.0f} rows/s), "
+            f"{result['rows_deleted']} old rows deleted"
+        )
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add `reshard` to dialogctl's subcommands."""
+    reshard = command(commands, "reshard", cmd_reshard, "grow the cluster to more shards while it serves")
+    reshard.add_argument(
+        "--shards", type=_positive, required=True, metavar="N", help="the new number of shards"
+    )
+    reshard.add_argument("--dry-run", action="store_true", help="print what would move; change nothing")
+    reshard.add_argument(
+        "--buckets-per-step",
+        type=_positive,
+        default=64,
+        metavar="K",
+        help="hash buckets moved (and fenced for their catch-up) together (default: 64 of 4096)",
+    )
+    reshard.add_argument(
+        "--full-reshuffle",
+        action="store_true",
+        help="accept a shard count that is not a multiple of the current one (not implemented yet)",
+    )
+
+
+__all__ = ["cmd_reshard", "register"]
