@@ -6,7 +6,8 @@
 
 It connects to the shards and the control database named in the config (no server
 needed) and routes pairs as the servers do: the shard map first, else the hash.
-Pairs with an unfinished move are skipped: re-run the move first.
+Pairs with an unfinished move (or in buckets a reshard is moving) are skipped:
+re-run the move first.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from server.cli.dialogctl import CliError, Session, _print_json, format_table
 from server.cli.progress import Progress
 from server.config import PoolConfig, ServerConfig
 from server.errors import ServiceError
-from server.routing import Pair, ShardRouter
+from server.routing import Pair, ShardRouter, bucket_of
+from server.storage.layout import ensure_layout, load_layout
 from server.storage.pools import ShardSet, StartupError
 from server.storage.schema import migrate_control
 from server.verify import Report, verify
@@ -31,22 +33,36 @@ _EXIT_FINDINGS = 1
 _UNREPAIRABLE = frozenset({"conflict", "bad_bucket"})
 
 
-async def load_router(config: ServerConfig) -> tuple[ShardRouter, frozenset[Pair]]:
-    """The routing the servers use (shard map + hash), and the pairs with an unfinished move."""
+async def load_router(config: ServerConfig) -> tuple[ShardRouter, frozenset[Pair], frozenset[int]]:
+    """The routing the servers use (layout, shard map, hash), and the pairs and buckets being moved."""
     async with await psycopg.AsyncConnection.connect(config.control_dsn, connect_timeout=10) as conn:
         await migrate_control(conn)  # a fresh control database has no tables yet
-        overrides = await (await conn.execute("SELECT user1, user2, shard_id FROM shard_map")).fetchall()
-        moving = await (
-            await conn.execute("SELECT user_low, user_high FROM shard_moves WHERE state <> 'done'")
-        ).fetchall()
-    router = ShardRouter(config.num_shards, {Pair(r[0], r[1]): r[2] for r in overrides})
-    return router, frozenset(Pair(r[0], r[1]) for r in moving)
+        await ensure_layout(conn, config.num_shards)
+        async with conn.transaction():
+            overrides = await (await conn.execute("SELECT user1, user2, shard_id FROM shard_map")).fetchall()
+            layout = await load_layout(conn)
+            moving = await (
+                await conn.execute(
+                    "SELECT user_low, user_high, coalesce(buckets, ARRAY[bucket]) FROM shard_moves "
+                    "WHERE state <> 'done'"
+                )
+            ).fetchall()
+    router = ShardRouter(layout.num_shards, {Pair(r[0], r[1]): r[2] for r in overrides})
+    router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
+    pairs = frozenset(Pair(r[0], r[1]) for r in moving if r[0] != 0)
+    buckets = frozenset(b for r in moving if r[0] == 0 for b in r[2])
+    return router, pairs, buckets
 
 
 async def run_verify(config: ServerConfig, *, repair: bool) -> Report:
-    router, moving = await load_router(config)
+    router, moving_pairs, moving_buckets = await load_router(config)
     async with ShardSet(config.shards, PoolConfig(min_size=1, max_size=2)) as shards:
-        return await verify(shards, lambda p: router.resolve(*p).shard_id, moving=moving, repair=repair)
+        return await verify(
+            shards,
+            lambda p: router.resolve(*p).shard_id,
+            moving=lambda p: p in moving_pairs or bucket_of(*p) in moving_buckets,
+            repair=repair,
+        )
 
 
 def cmd_verify(session: Session) -> int:

@@ -1,0 +1,204 @@
+"""Online resharding 4 -> 8 and 4 -> 16 while writers run, and after a crash, with `dialogctl reshard`.
+
+4 -> 16 takes about 15 s and is marked slow: `pytest -m slow tests/test_reshard.py` runs it.
+
+Each test gets fresh databases on the four PostgreSQL servers (shard i on server i % 4), so
+several shards share a server and at least one is on a different server from the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+
+from client.gen.dialog.v1 import admin_service_pb2 as pb
+from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
+from server.app import RunningServer, running_server
+from server.config import ServerConfig
+from server.embedded_pg import EmbeddedPostgres
+from server.mover import CRASH_ENV
+from server.reshard import check_target, moving_fraction, plan_steps
+from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard
+from server.storage.ids import MessageIdGenerator, id_time
+from server.storage.layout import Layout
+from tests.conftest import make_config
+from tests.processes import child_env, run_async, write_server_config
+from tests.test_moves import Writer, read_all, wait_until
+
+DIALOGCTL = Path(sys.executable).parent / "dialogctl"
+
+
+def cluster(pg_servers: list[EmbeddedPostgres], jwt_secret: str, shards: int) -> ServerConfig:
+    """`shards` shards in a fresh database on each server; the control tables beside shard 0."""
+    name = f"reshard_{secrets.token_hex(4)}"
+    for server in pg_servers:
+        server.create_database(name)
+    return make_config([pg_servers[i % 4].dsn_for(name) for i in range(shards)], jwt_secret)
+
+
+def preload(config: ServerConfig, pairs: list[tuple[int, int]], per_pair: int) -> set[str]:
+    """Messages written straight to each pair's 4-shard home."""
+    ids = MessageIdGenerator()
+    by_shard: dict[int, list[tuple[Any, ...]]] = {}
+    for a, b in pairs:
+        low, high = Pair.of(a, b)
+        for i in range(per_pair):
+            message_id = ids.next()
+            by_shard.setdefault(calculate_shard(a, b, 4), []).append(
+                (message_id, low, high, bucket_of(a, b), low, high, f"m{i}", id_time(message_id))
+            )
+    for shard_id, rows in by_shard.items():
+        shard = config.shards[shard_id]
+        with psycopg.connect(shard.dsn) as conn, conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {shard.table} (message_id, user_low, user_high, bucket, from_user_id, "
+                "to_user_id, text, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                rows,
+            )
+    return {str(r[0]) for rows in by_shard.values() for r in rows}
+
+
+def stored(config: ServerConfig) -> list[tuple[int, str, Pair]]:
+    """(shard, message id, pair) of every row of every shard."""
+    found = []
+    for shard in config.shards:
+        with psycopg.connect(shard.dsn) as conn:
+            for message_id, low, high in conn.execute(
+                f"SELECT message_id, user_low, user_high FROM {shard.table}"
+            ).fetchall():
+                found.append((shard.shard_id, str(message_id), Pair(low, high)))
+    return found
+
+
+@asynccontextmanager
+async def serving(config: ServerConfig) -> AsyncIterator[tuple[RunningServer, grpc.aio.Channel]]:
+    async with (
+        running_server(config) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch,
+    ):
+        yield running, ch
+
+
+async def dialogctl(config_path: Path, *args: str, **env: str) -> Any:
+    return await run_async(DIALOGCTL, "--config", str(config_path), *args, env=child_env(**env))
+
+
+def test_refusals_explain_themselves() -> None:
+    with pytest.raises(Exception, match=r"not a multiple of 4.*about 67% of all pairs"):
+        check_target(4, 6, 16, full_reshuffle=False)
+    with pytest.raises(Exception, match="does not divide the 4096"):
+        check_target(4, 12, 16, full_reshuffle=False)
+    with pytest.raises(Exception, match=r"add \[\[shards\]\] entries for shards 8\.\.15"):
+        check_target(4, 16, 8, full_reshuffle=False)
+    with pytest.raises(Exception, match="cannot shrink"):
+        check_target(8, 4, 8, full_reshuffle=False)
+    check_target(4, 16, 16, full_reshuffle=False)
+    assert moving_fraction(4, 8) == 0.5 and moving_fraction(4, 16) == 0.75
+
+
+def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
+    steps = plan_steps(Layout(4, 16, frozenset({4})), 16, 64)
+    moved = [b for s in steps for b in s.buckets]
+    assert len(moved) == len(set(moved)) == NUM_BUCKETS * 3 // 4 - 1, "bucket 4 already flipped"
+    assert all(
+        b % 4 == s.source and b % 16 == s.target and len(s.buckets) <= 64 for s in steps for b in s.buckets
+    )
+
+
+@pytest.mark.parametrize("target_shards", [8, pytest.param(16, marks=pytest.mark.slow)])
+async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_says(
+    target_shards, pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
+):
+    config = cluster(pg_servers, jwt_secret, target_shards)
+    four = make_config([s.dsn for s in config.shards[:4]], jwt_secret)
+    pairs = [new_pair() for _ in range(200)]
+    pinned = pairs[0]
+    # The first server starts with four shards: the control database records that layout.
+    async with serving(four) as (_, channel):
+        history = preload(config, pairs, 4)
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        pin_to = (calculate_shard(*pinned, 4) + 1) % 4
+        await admin.SetShardOverride(
+            pb.SetShardOverrideRequest(user_id_1=pinned[0], user_id_2=pinned[1], shard_id=pin_to),
+            metadata=admin_auth,
+        )
+    path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
+    dry = (await dialogctl(path, "reshard", "--shards", str(target_shards), "--dry-run", "--json")).json()
+    should_move = [p for p in pairs[1:] if calculate_shard(*p, 4) != calculate_shard(*p, target_shards)]
+    assert (dry["messages"], dry["pairs"]) == (4 * len(should_move), len(should_move))
+
+    # Every server lists all shards; the layout still says 4 until the reshard ends.
+    async with serving(config) as (running, channel):
+        assert running.placement.router.num_shards == 4
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        writers = [Writer(stub, a, b, auth_for(a)) for a, b in pairs[:6]]
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(w.run(stop, max_messages=80)) for w in writers]
+        await wait_until(lambda: all(len(w.acked) >= 5 for w in writers), "the writers are going")
+        result = (
+            await dialogctl(
+                path, "reshard", "--shards", str(target_shards), "--buckets-per-step", "256", "--json"
+            )
+        ).json()
+        during = [len(w.acked) for w in writers]
+        await wait_until(
+            lambda: all(len(w.acked) >= min(n + 5, 80) for w, n in zip(writers, during, strict=True)),
+            "the writers wrote after the reshard",
+        )
+        stop.set()
+        await asyncio.gather(*tasks)
+        await wait_until(lambda: running.placement.router.num_shards == target_shards, "the mirror saw it")
+        for w in writers:
+            assert w.other_errors == [], w.other_errors
+            pair = Pair.of(w.sender, w.recipient)
+            pair_history = {i for _, i, p in stored(config) if p == pair}
+            assert await read_all(stub, w.sender, w.recipient, w.auth) == sorted(pair_history)
+    assert result["rows_copied"] >= 4 * len(should_move)
+
+    acknowledged = history | {i for w in writers for i in w.acked}
+    rows = stored(config)
+    counts = Counter(i for _, i, _ in rows)
+    assert set(counts) == acknowledged, "nothing lost, nothing extra"
+    assert max(counts.values()) == 1, "nothing duplicated"
+    for shard_id, _, pair in rows:
+        expected = pin_to if pair == Pair.of(*pinned) else calculate_shard(*pair, target_shards)
+        assert shard_id == expected
+    with psycopg.connect(config.control_dsn) as conn:
+        assert conn.execute("SELECT num_shards, target_shards FROM shard_layout").fetchone() == (
+            target_shards,
+            None,
+        )
+    assert (await dialogctl(path, "verify", "--json")).json()["clean"] is True
+
+
+@pytest.mark.parametrize("step", ["fence_committed", "retired"])
+async def test_reshard_crashed_mid_step_completes_on_rerun(step, pg_servers, jwt_secret, tmp_path, new_pair):
+    config = cluster(pg_servers, jwt_secret, 8)
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
+        pass  # records the 4-shard layout and creates the schema
+    pairs = [new_pair() for _ in range(100)]
+    history = preload(config, pairs, 2)
+    path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
+    crashed = await dialogctl(
+        path, "reshard", "--shards", "8", "--buckets-per-step", "512", **{CRASH_ENV: step}
+    )
+    assert crashed.returncode == 70, crashed.stderr
+    with psycopg.connect(config.control_dsn) as conn:
+        assert conn.execute("SELECT target_shards FROM shard_layout").fetchone() == (8,)
+        assert conn.execute("SELECT count(*) FROM shard_moves WHERE state <> 'done'").fetchone() == (1,)
+    finished = await dialogctl(path, "reshard", "--shards", "8", "--buckets-per-step", "512", "--json")
+    assert finished.json()["num_shards"] == 8
+    rows = stored(config)
+    assert sorted(i for _, i, _ in rows) == sorted(history)
+    assert all(shard_id == calculate_shard(*pair, 8) for shard_id, _, pair in rows)
+    assert (await dialogctl(path, "verify", "--json")).json()["clean"] is True
