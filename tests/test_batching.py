@@ -135,7 +135,7 @@ async def test_a_fenced_dialog_in_a_batch_is_moving_and_the_others_are_stored(st
     fenced = _message(fenced_pair, "to a moving dialog")
     async with store.pool.connection() as conn:
         await FenceStore(store.table).set(
-            conn, fenced.bucket, fenced.pair.low, fenced.pair.high, FenceState.FENCED, move_id=1
+            conn, [(fenced.bucket, fenced.pair.low, fenced.pair.high)], FenceState.FENCED, move_id=1
         )
     good = [_message(new_pair(), f"good {i}") for i in range(3)]
     outcomes = await asyncio.gather(
