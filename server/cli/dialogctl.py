@@ -562,9 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command(commands, "stats", cmd_stats, "messages and overrides per shard, and how evenly they spread")
 
-    from server.cli import backup, messages, migrate, reshard, verify  # here: they import this module
+    from server.cli import backup, hotspots, messages, migrate, reshard, verify  # here: they import this module
 
-    for extension in (messages, migrate, backup, verify, reshard):
+    for extension in (messages, migrate, backup, verify, reshard, hotspots):
         extension.register(commands, command)
     return parser
 
