@@ -145,7 +145,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         ]
         return pb.GetShardStatsResponse(
             shards=stats,
-            num_shards=len(configs),
+            num_shards=self._placement.router.num_shards,
             total_message_count=sum(n or 0 for n in counts),
             override_count=self._placement.router.override_count,
         )
