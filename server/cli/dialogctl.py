@@ -562,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command(commands, "stats", cmd_stats, "messages and overrides per shard, and how evenly they spread")
 
-    from server.cli import backup, hotspots, messages, migrate, reshard, verify  # here: they import this module
+    # Imported here: these modules import this one.
+    from server.cli import backup, hotspots, messages, migrate, reshard, verify
 
     for extension in (messages, migrate, backup, verify, reshard, hotspots):
         extension.register(commands, command)
