@@ -187,7 +187,11 @@ class Bench:
                 listen="127.0.0.1:0",
                 auth={"jwt_secret_file": str(secret_file)},
                 settings={"shutdown_grace_seconds": 5.0},
-                sections={"limits": self.limits_overrides} if self.limits_overrides else None,
+                sections={
+                    # Metrics stay on (their per-call cost is part of the service) on a free port.
+                    "metrics": {"listen": "127.0.0.1:0"},
+                    **({"limits": self.limits_overrides} if self.limits_overrides else {}),
+                },
             )
         )
         server_bin = Path(sys.executable).parent / "dialog-server"

@@ -189,7 +189,11 @@ def _start_server(
             listen="127.0.0.1:0",
             auth={"jwt_secret_file": str(secret_file)},
             settings={"shutdown_grace_seconds": 5.0},
-            sections={"limits": {"send_rate_per_second": 0}, "pool": {"max_write_batch": v.batch}},
+            sections={
+                "limits": {"send_rate_per_second": 0},
+                "pool": {"max_write_batch": v.batch},
+                "metrics": {"listen": "127.0.0.1:0"},  # several servers at once: free ports
+            },
         )
     )
     argv = [

@@ -158,10 +158,17 @@ class TokenVerifier:
     Construction loads the key files and raises ConfigError if they are unusable.
     """
 
+    #: Verified tokens remembered (clients send the same token on every call); beyond, start over.
+    MAX_REMEMBERED = 10_000
+
     def __init__(self, config: AuthConfig) -> None:
         self._config = config
         self._public_key = load_public_key(config.public_key_file) if config.public_key_file else None
         self._jwks = _JwksFile(config.jwks_file) if config.jwks_file else None
+        # token -> (key it was verified with, expiry incl. leeway, principal). A hit skips only the
+        # signature and claim checks: the key is still looked up per call (a withdrawn kid fails at
+        # once) and must be the very key object that verified the token; expiry is checked again.
+        self._verified: dict[str, tuple[object, float, Principal]] = {}
 
     def verify_header(self, value: str | None) -> Principal:
         if not value:
@@ -205,6 +212,9 @@ class TokenVerifier:
     def verify(self, token: str) -> Principal:
         config = self._config
         algorithm, key = self._key_for(token)
+        remembered = self._verified.get(token)
+        if remembered is not None and remembered[0] is key and time.time() < remembered[1]:
+            return remembered[2]
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -239,7 +249,11 @@ class TokenVerifier:
                 )
         elif not admin:
             raise Unauthenticated("the bearer token has no sub claim naming the user", reason="TOKEN_INVALID")
-        return Principal(user_id=user_id, admin=admin)
+        principal = Principal(user_id=user_id, admin=admin)
+        if len(self._verified) >= self.MAX_REMEMBERED:
+            self._verified.clear()
+        self._verified[token] = (key, float(claims["exp"]) + config.leeway_seconds, principal)
+        return principal
 
 
 def issue_token(
