@@ -10,7 +10,7 @@ PY_SOURCES := server client tests scripts bench examples
 #: The last released API (a buf image); `make lint` refuses changes that break it.
 API_BASELINE := api/released.json
 
-.PHONY: all install run test lint fmt proto proto-check api-release clean bench bench-quick cluster
+.PHONY: all install run test lint fmt proto proto-check api-release clean bench bench-quick bench-scale cluster
 
 all: lint test
 
@@ -46,6 +46,10 @@ bench: $(INSTALLED)
 ## The same in one short round (~1 min): a smoke test of the numbers, not a measurement to quote.
 bench-quick: $(INSTALLED)
 	$(BIN)/python -m bench.run --quick
+
+## Throughput and CPU per 1,000 messages over 1, 2 and 4 shard servers and 1 and 2 worker processes (~6 min).
+bench-scale: $(INSTALLED)
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 lint: $(INSTALLED) $(NODE_INSTALLED)
 	$(BIN)/ruff check $(PY_SOURCES)
