@@ -16,7 +16,10 @@ actually appeared in the database, GetDialog and echo successes against the resp
 answers errors with HTTP 200 too). The last line printed is one JSON object with every figure, also
 written to bench-results/<timestamp>.json.
 
-    python -m bench.run [--quick] [--repeats N] [--duration S] [--server-arg=--workers=2 ...]
+    python -m bench.run [--quick] [--repeats N] [--duration S] [--workers N] [--server-arg=...]
+
+The service runs as deployed on this machine: one worker process per CPU (`--workers 1` measures one
+process); the echo server is one process, the per-process gRPC ceiling.
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="messages of 20,000 other dialogs on the deep dialog's shard (default 1,000,000, quick 200,000)",
     )
     parser.add_argument("--read-messages", type=int, default=2_000, help="size of each GetDialog dialog")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="dialog-server --workers: server processes (default: one per CPU, as deployed)",
+    )
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra dialog-server argument (repeatable)"
     )
@@ -195,7 +204,8 @@ class Bench:
             )
         )
         server_bin = Path(sys.executable).parent / "dialog-server"
-        argv = [str(server_bin), "--config", str(config), "--log-level", "WARNING", *self.args.server_arg]
+        argv = [str(server_bin), "--config", str(config), "--log-level", "WARNING"]
+        argv += ["--workers", str(self.args.workers), *self.args.server_arg]
         self.log(f"starting {' '.join(argv[:1] + argv[3:])} --config ...")
         self.server = ServerProcess("dialog-server", argv, self.tmp / "dialog-server.log", self.stack)
         self.echo = ServerProcess(
@@ -463,6 +473,7 @@ class Bench:
                 "page_size": PAGE_SIZE,
                 "deep_dialog_messages": args.deep_messages,
                 "deep_page_offset_messages": self.deep_depth,
+                "server_workers": args.workers,
                 "server_args": args.server_arg,
                 "config_limits": self.limits_overrides,
                 "fsync": "on",
@@ -484,6 +495,8 @@ def render_table(result: dict[str, Any]) -> str:
     lines = [
         f"dialog-shard benchmark: {result['machine']['cpus']} CPUs, {result['settings']['repeats']} round(s) "
         f"of {result['settings']['duration_s']:g}s runs, medians; fsync and synchronous_commit on",
+        f"dialog-server with {result['settings'].get('server_workers', 1)} worker process(es); "
+        "echo server: one process",
         "",
         f"{'measurement':<34}{'conc':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'srv CPU µs':>12}{'PG CPU µs':>11}",
