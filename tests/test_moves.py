@@ -26,7 +26,7 @@ from server.mover import CRASH_ENV, CRASH_POINTS
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.ids import MessageIdGenerator, id_time
 from tests.conftest import rows_for_pair
-from tests.processes import child_env, write_server_config
+from tests.processes import child_env, run_async, write_server_config
 from tests.test_bad_input import expect_error, status_details
 
 Metadata = tuple[tuple[str, str], ...]
@@ -316,4 +316,54 @@ async def test_move_crashed_at_each_step_completes_on_rerun(
     sent = await dialog_stub.SendMessage(
         dpb.SendMessageRequest(from_user_id=b, to_user_id=a, text="after"), metadata=auth_for(b)
     )
+    assert await read_all(dialog_stub, a, b, auth_for(a)) == [*history, sent.message.message_id]
+
+
+async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
+    tmp_path, cluster_config, jwt_secret, dialog_stub, auth_for, admin_auth, new_pair
+):
+    a, b = new_pair()
+    source, target = calculate_shard(a, b, 4), other_shard(a, b)
+    history = preload(cluster_config, source, (a, b), 10)
+    async with server_process(tmp_path, cluster_config, jwt_secret, **{CRASH_ENV: "fenced"}) as (
+        address,
+        proc,
+    ):
+        async with grpc.aio.insecure_channel(address) as channel:
+            await expect_error(
+                admin_service_pb2_grpc.AdminServiceStub(channel).SetShardOverride(
+                    pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
+                ),
+                grpc.StatusCode.UNAVAILABLE,
+            )
+        assert await proc.wait() == 70
+    # Fenced: writes of the pair are paused with the retryable error until the move completes.
+    err = await expect_error(
+        dialog_stub.SendMessage(
+            dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="paused"), metadata=auth_for(a)
+        ),
+        grpc.StatusCode.UNAVAILABLE,
+    )
+    assert status_details(err)[0].reason == "DIALOG_MOVING"  # type: ignore[union-attr]
+    config = write_server_config(tmp_path / "ctl.toml", cluster_config, "127.0.0.1:1", jwt_secret)
+    ctl = Path(sys.executable).parent / "dialogctl"
+    listed = (await run_async(ctl, "--config", str(config), "moves", "--json")).json()
+    mine = [m for m in listed["moves"] if m["pair"] == list(Pair.of(a, b))]
+    assert [(m["state"], m["source_shard"], m["target_shard"]) for m in mine] == [("fenced", source, target)]
+    resumed = (await run_async(ctl, "--config", str(config), "moves", "--resume", "--json")).json()
+    assert mine[0]["move_id"] in resumed["resumed"]
+    assert move_rows(cluster_config, (a, b)) == [("done", source, target)]
+    rows = rows_for_pair(cluster_config, (a, b))
+    assert list(rows) == [target] and [str(r[0]) for r in rows[target]] == history
+    sent = None
+    for _ in range(100):  # the session server applies the flip's NOTIFY within moments
+        try:
+            sent = await dialog_stub.SendMessage(
+                dpb.SendMessageRequest(from_user_id=b, to_user_id=a, text="after"), metadata=auth_for(b)
+            )
+            break
+        except grpc.aio.AioRpcError as exc:
+            assert status_details(exc)[0].reason == "DIALOG_MOVING"  # type: ignore[union-attr]
+            await asyncio.sleep(retry_delay(exc))
+    assert sent is not None
     assert await read_all(dialog_stub, a, b, auth_for(a)) == [*history, sent.message.message_id]

@@ -563,9 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(commands, "stats", cmd_stats, "messages and overrides per shard, and how evenly they spread")
 
     # Imported here: these modules import this one.
-    from server.cli import backup, hotspots, messages, migrate, reshard, verify
+    from server.cli import backup, hotspots, messages, migrate, moves, reshard, verify
 
-    for extension in (messages, migrate, backup, verify, reshard, hotspots):
+    for extension in (messages, migrate, backup, verify, reshard, hotspots, moves):
         extension.register(commands, command)
     return parser
 
