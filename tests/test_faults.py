@@ -21,8 +21,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from client.gen.dialog.v1 import admin_service_pb2, admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
-from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.app import RunningServer, running_server
 from server.auth import issue_token
 from server.config import ServerConfig
@@ -109,6 +109,17 @@ async def _resend_unacked(address: str, config: ServerConfig, report: LoadReport
     return len(unacked)
 
 
+async def _shard_stats(address: str, config: ServerConfig) -> list[admin_service_pb2.ShardStats]:
+    token = issue_token(config.auth, admin=True)
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await admin_service_pb2_grpc.AdminServiceStub(channel).GetShardStats(
+            admin_service_pb2.GetShardStatsRequest(),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=5,
+        )
+    return list(reply.shards)
+
+
 def _figures(name: str, report: LoadReport, marks: dict[str, float]) -> None:
     fault = marks["fault"]
     lines = [f"--- {name} ---"]
@@ -171,6 +182,14 @@ async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
         marks["fault"] = time.monotonic()
         await asyncio.to_thread(crash, victim)
         marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
+        # Operators see it: AdminService reports the shard's primary down, with its breaker and why.
+        healthy, broken = await _shard_stats(address, fault_config)
+        assert healthy.primary.up and healthy.primary.breaker_state == admin_service_pb2.BREAKER_STATE_CLOSED
+        assert not broken.available and not broken.primary.up and broken.primary.last_error
+        assert broken.primary.breaker_state in (
+            admin_service_pb2.BREAKER_STATE_OPEN,
+            admin_service_pb2.BREAKER_STATE_HALF_OPEN,
+        )
         await load.wait_for(
             lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20, 10, "refusals"
         )
@@ -178,6 +197,9 @@ async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
         await asyncio.to_thread(victim.start)
         await _until_recovered(load, fault_server, marks)
     _figures("kill -9 of shard 1's PostgreSQL", load.report, marks)
+    _, recovered = await _shard_stats(address, fault_config)
+    assert recovered.available and recovered.primary.up and not recovered.primary.last_error
+    assert recovered.primary.breaker_trips >= 1
     _check_common(load.report, marks)
     resent = await _resend_unacked(address, fault_config, load.report)
     checked = assert_exactly_once(load.report, fault_config, (0, 1))

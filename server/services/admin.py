@@ -17,6 +17,7 @@ from server.placement import Placement
 from server.routing import Pair, ShardSource
 from server.services.admin_messages import list_placed_messages
 from server.services.convert import timestamp
+from server.services.shard_state import endpoint_health
 from server.services.validation import Violations, check_pair, page_size
 from server.storage.overrides import OverrideRow
 from server.storage.pools import ShardSet
@@ -132,6 +133,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
         configs = self._shards.configs
         counts = await asyncio.gather(*(count(c.shard_id) for c in configs))
+        states = self._shards.states()
         stats = [
             pb.ShardStats(
                 shard_id=c.shard_id,
@@ -140,8 +142,10 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 table_name=c.table,
                 location=c.location,
                 available=n is not None,
+                primary=endpoint_health(state.primary),
+                replicas=[endpoint_health(r) for r in state.replicas],
             )
-            for c, n in zip(configs, counts, strict=True)
+            for c, n, state in zip(configs, counts, states, strict=True)
         ]
         return pb.GetShardStatsResponse(
             shards=stats,

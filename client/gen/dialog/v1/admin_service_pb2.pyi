@@ -45,6 +45,34 @@ SHARD_SOURCE_OVERRIDE: ShardSource.ValueType  # 2
 """An operator's override in the shard map."""
 Global___ShardSource: _TypeAlias = ShardSource  # noqa: Y015
 
+class _BreakerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BreakerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BREAKER_STATE_UNSPECIFIED: _BreakerState.ValueType  # 0
+    """Not set."""
+    BREAKER_STATE_CLOSED: _BreakerState.ValueType  # 1
+    """Calls go through."""
+    BREAKER_STATE_OPEN: _BreakerState.ValueType  # 2
+    """Calls are refused at once (UNAVAILABLE) until the cool-down has passed."""
+    BREAKER_STATE_HALF_OPEN: _BreakerState.ValueType  # 3
+    """The cool-down has passed: one trial call at a time tests the database."""
+
+class BreakerState(_BreakerState, metaclass=_BreakerStateEnumTypeWrapper):
+    """State of the circuit breaker in front of one database."""
+
+BREAKER_STATE_UNSPECIFIED: BreakerState.ValueType  # 0
+"""Not set."""
+BREAKER_STATE_CLOSED: BreakerState.ValueType  # 1
+"""Calls go through."""
+BREAKER_STATE_OPEN: BreakerState.ValueType  # 2
+"""Calls are refused at once (UNAVAILABLE) until the cool-down has passed."""
+BREAKER_STATE_HALF_OPEN: BreakerState.ValueType  # 3
+"""The cool-down has passed: one trial call at a time tests the database."""
+Global___BreakerState: _TypeAlias = BreakerState  # noqa: Y015
+
 @_typing.final
 class ShardOverride(_message.Message):
     """An operator's placement of one pair of users."""
@@ -334,6 +362,8 @@ class ShardStats(_message.Message):
     TABLE_NAME_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.int
     """Shard id."""
     message_count: _builtins.int
@@ -346,6 +376,14 @@ class ShardStats(_message.Message):
     """Where the shard lives (host, port and database; never credentials)."""
     available: _builtins.bool
     """False when the shard could not be reached; counts are then zero."""
+    @_builtins.property
+    def primary(self) -> Global___EndpointHealth:
+        """The shard's primary database as this server sees it."""
+
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___EndpointHealth]:
+        """The shard's streaming replicas, in configured order."""
+
     def __init__(
         self,
         *,
@@ -355,14 +393,70 @@ class ShardStats(_message.Message):
         table_name: _builtins.str = ...,
         location: _builtins.str = ...,
         available: _builtins.bool = ...,
+        primary: Global___EndpointHealth | None = ...,
+        replicas: _abc.Iterable[Global___EndpointHealth] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["primary", b"primary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "location", b"location", "message_count", b"message_count", "override_count", b"override_count", "shard_id", b"shard_id", "table_name", b"table_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "location", b"location", "message_count", b"message_count", "override_count", b"override_count", "primary", b"primary", "replicas", b"replicas", "shard_id", b"shard_id", "table_name", b"table_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ShardStats: _TypeAlias = ShardStats  # noqa: Y015
+
+@_typing.final
+class EndpointHealth(_message.Message):
+    """Health of one database of a shard (its primary or a replica), as this
+    server sees it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCATION_FIELD_NUMBER: _builtins.int
+    UP_FIELD_NUMBER: _builtins.int
+    BREAKER_STATE_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    BREAKER_TRIPS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    location: _builtins.str
+    """Where it lives (host, port and database; never credentials)."""
+    up: _builtins.bool
+    """True when calls are let through: reached at least once since startup
+    and its breaker not open.
+    """
+    breaker_state: Global___BreakerState.ValueType
+    """The circuit breaker's state."""
+    consecutive_failures: _builtins.int
+    """Failed calls in a row (reset by a success)."""
+    breaker_trips: _builtins.int
+    """Times the breaker opened since this server started."""
+    last_error: _builtins.str
+    """Why the last call or probe failed; empty while healthy."""
+    lag_seconds: _builtins.float
+    """Replication lag in seconds, as of the last probe (replicas only; unset
+    when unknown).
+    """
+    def __init__(
+        self,
+        *,
+        location: _builtins.str = ...,
+        up: _builtins.bool = ...,
+        breaker_state: Global___BreakerState.ValueType = ...,
+        consecutive_failures: _builtins.int = ...,
+        breaker_trips: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        lag_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lag_seconds", b"_lag_seconds", "lag_seconds", b"lag_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lag_seconds", b"_lag_seconds", "breaker_state", b"breaker_state", "breaker_trips", b"breaker_trips", "consecutive_failures", b"consecutive_failures", "lag_seconds", b"lag_seconds", "last_error", b"last_error", "location", b"location", "up", b"up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__lag_seconds: _TypeAlias = _typing.Literal["lag_seconds"]  # noqa: Y015
+    _WhichOneofArgType__lag_seconds: _TypeAlias = _typing.Literal["_lag_seconds", b"_lag_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lag_seconds) -> _WhichOneofReturnType__lag_seconds | None: ...
+
+Global___EndpointHealth: _TypeAlias = EndpointHealth  # noqa: Y015
 
 @_typing.final
 class GetShardStatsResponse(_message.Message):
