@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import random
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -336,3 +338,37 @@ async def start_server_process(config_path: Path, within: float = 30.0) -> async
             await proc.wait()
             raise AssertionError(f"dialog-server did not start (exit {proc.returncode}):\n{output}")
         await asyncio.sleep(0.05)
+
+
+def start_replica(primary: EmbeddedPostgres, base: Path, name: str) -> EmbeddedPostgres:
+    """A real streaming replica of `primary`: pg_basebackup -R (standby.signal + primary_conninfo), started."""
+    data_dir = base / name
+    data_dir.mkdir(mode=0o700)
+    owner = primary.data_dir.stat()
+    os.chown(data_dir, owner.st_uid, owner.st_gid)
+    argv = [
+        str(primary.bin_dir / "pg_basebackup"),
+        "-D",
+        str(data_dir),
+        "-h",
+        primary.host,
+        "-p",
+        str(primary.port),
+        "-U",
+        "postgres",
+        "-X",
+        "stream",
+        "-R",
+        "--no-sync",
+        "--checkpoint=fast",  # the default spreads the starting checkpoint over minutes
+    ]
+    if os.geteuid() == 0:
+        argv = ["runuser", "-u", pwd.getpwuid(owner.st_uid).pw_name, "--", *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert done.returncode == 0, f"pg_basebackup failed: {done.stderr}"
+    assert (data_dir / "standby.signal").exists()
+    replica = EmbeddedPostgres(
+        data_dir, port=free_port(), fsync=False, settings=CRASH_SAFE_SETTINGS, log_file=base / f"{name}.log"
+    )
+    replica.start(timeout=30)  # the application database came with the base backup
+    return replica

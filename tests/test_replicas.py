@@ -1,0 +1,193 @@
+"""Read replicas: a real streaming replica (pg_basebackup + standby.signal) of a shard's primary.
+
+GetDialog reads from the replica while its lag is within `replica_max_lag` (shown by pausing
+its WAL replay: a message written since stays invisible), from the primary beyond that; when
+the primary is down, reads keep working from the replica while writes get UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.app import DIALOG_SERVICE, RunningServer, running_server
+from server.auth import issue_token
+from server.config import ServerConfig
+from server.embedded_pg import EmbeddedPostgres
+from server.resilience import BreakerState
+from tests.conftest import make_config
+from tests.faults import pairs_on, rng, start_postgres, start_replica
+from tests.pgfixtures import reachable_temp_dir
+from tests.test_faults import FAST_POOL, FAST_RESILIENCE
+
+
+@pytest.fixture
+def primary_and_replica() -> Iterator[tuple[EmbeddedPostgres, EmbeddedPostgres]]:
+    with reachable_temp_dir("dialog-shard-replica-") as base:
+        primary = start_postgres(base, "primary")
+        yield primary, start_replica(primary, base, "replica")
+
+
+def _config(
+    primary: EmbeddedPostgres, replica: EmbeddedPostgres, control: str, jwt_secret: str, max_lag: float
+) -> ServerConfig:
+    return make_config(
+        [primary.dsn],
+        jwt_secret,
+        shards=[{"id": 0, "dsn": primary.dsn, "table": "messages_0", "replica_dsns": [replica.dsn]}],
+        control_dsn=control,
+        pool=FAST_POOL,
+        resilience={**FAST_RESILIENCE, "replica_reads": True, "replica_max_lag": max_lag},
+    )
+
+
+@pytest.fixture
+def control_dsn(pg_servers: list[EmbeddedPostgres]) -> str:
+    database = f"replica_control_{uuid.uuid4().hex[:12]}"
+    pg_servers[3].create_database(database)
+    return pg_servers[3].dsn_for(database)
+
+
+async def _poll(check: Any, within: float, what: str) -> float:
+    ends = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
+        await asyncio.sleep(0.05)
+    return time.monotonic()
+
+
+class Dialog:
+    """One pair's SendMessage/GetDialog calls against a running server."""
+
+    def __init__(self, running: RunningServer, config: ServerConfig, channel: grpc.aio.Channel) -> None:
+        (self.pair,) = pairs_on(0, 1, 1, rng)
+        self._stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        token = issue_token(config.auth, user_id=self.pair[0])
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    async def send(self, text: str) -> pb.SendMessageResponse:
+        return await self._stub.SendMessage(
+            pb.SendMessageRequest(
+                from_user_id=self.pair[0], to_user_id=self.pair[1], text=text, request_id=text
+            ),
+            metadata=self._metadata,
+            timeout=5,
+        )
+
+    async def texts(self) -> list[str]:
+        page = await self._stub.GetDialog(
+            pb.GetDialogRequest(user_id=self.pair[0], peer_user_id=self.pair[1], page_size=100),
+            metadata=self._metadata,
+            timeout=5,
+        )
+        return [m.text for m in page.messages]
+
+
+@pytest_asyncio.fixture
+async def lagging_reads(
+    primary_and_replica, control_dsn, jwt_secret
+) -> AsyncIterator[tuple[RunningServer, ServerConfig, EmbeddedPostgres, EmbeddedPostgres]]:
+    primary, replica = primary_and_replica
+    config = _config(primary, replica, control_dsn, jwt_secret, max_lag=60)
+    async with running_server(config) as running:
+        yield running, config, primary, replica
+
+
+def _replay(replica: EmbeddedPostgres, action: str) -> None:
+    with psycopg.connect(replica.dsn, autocommit=True) as conn:
+        conn.execute(f"SELECT pg_wal_replay_{action}()")
+
+
+async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
+    lagging_reads, control_dsn, jwt_secret
+):
+    running, config, primary, replica = lagging_reads
+
+    async def replica_up() -> bool:
+        state = running.shards.state(0).replicas[0]
+        return state.available and state.lag_seconds is not None
+
+    await _poll(replica_up, 10, "the replica to be probed")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        dialog = Dialog(running, config, channel)
+        await dialog.send("first")
+
+        async def sees(text: str) -> Any:
+            async def check() -> bool:
+                return text in await dialog.texts()
+
+            return check
+
+        await _poll(await sees("first"), 10, "the first message to be readable")
+
+        # Replay paused: the replica stays behind, and reads served by it do not show what follows.
+        await asyncio.to_thread(_replay, replica, "pause")
+        await dialog.send("second")
+        for _ in range(5):
+            assert await dialog.texts() == ["first"], "GetDialog did not read from the replica"
+
+        # Another server with a 0.5 s lag bound reads from the primary once the replica's lag exceeds it.
+        strict = _config(primary, replica, control_dsn, jwt_secret, max_lag=0.5)
+        async with running_server(strict) as strict_running:
+
+            async def stale() -> bool:
+                lag = strict_running.shards.state(0).replicas[0].lag_seconds
+                return lag is not None and lag > 0.5
+
+            await _poll(stale, 10, "the paused replica's lag to exceed 0.5 s")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{strict_running.port}") as strict_channel:
+                strict_dialog = Dialog(strict_running, strict, strict_channel)
+                strict_dialog.pair, strict_dialog._metadata = dialog.pair, dialog._metadata
+                assert await strict_dialog.texts() == ["second", "first"]
+
+        await asyncio.to_thread(_replay, replica, "resume")
+        await _poll(await sees("second"), 10, "the replica to catch up")
+
+        # The primary goes down: reads keep working from the replica, writes are refused.
+        await asyncio.to_thread(primary.stop, "fast")
+
+        async def primary_open() -> bool:
+            return running.shards.state(0).primary.breaker is BreakerState.OPEN
+
+        await _poll(primary_open, 10, "the primary's breaker to open")
+        for _ in range(5):
+            assert await dialog.texts() == ["second", "first"]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dialog.send("third")
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status(service: str) -> int:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            return int(reply.status)
+
+        async def shard_not_serving() -> bool:
+            return await status("shard-0") == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await _poll(shard_not_serving, 5, "shard-0 health to turn NOT_SERVING")
+        assert await status(DIALOG_SERVICE) == health_pb2.HealthCheckResponse.SERVING  # read-only
+
+        # The primary returns: writes resume by themselves.
+        await asyncio.to_thread(primary.start)
+
+        async def writable() -> bool:
+            try:
+                await dialog.send("third")
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() is grpc.StatusCode.UNAVAILABLE
+                return False
+            return True
+
+        await _poll(writable, 20, "writes to resume")
+        await _poll(await sees("third"), 10, "the third message to be readable")
