@@ -341,7 +341,7 @@ async def start_server_process(config_path: Path, within: float = 30.0) -> async
 
 
 def start_replica(primary: EmbeddedPostgres, base: Path, name: str) -> EmbeddedPostgres:
-    """A real streaming replica of `primary`: pg_basebackup -R (standby.signal + primary_conninfo), started."""
+    """A streaming replica of `primary` made by pg_basebackup -R (standby.signal), started."""
     data_dir = base / name
     data_dir.mkdir(mode=0o700)
     owner = primary.data_dir.stat()
