@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,8 +14,13 @@ from psycopg import errors as pg_errors
 
 from server.config import PoolConfig, ResilienceConfig
 from server.errors import ShardUnavailable
-from server.resilience import BreakerState, ShardGate
+from server.resilience import BreakerState, Shard, ShardGate
+from server.routing import ShardRouter
+from server.storage.batching import BatchingMessageStore
+from server.storage.ids import MessageIdGenerator, id_time
+from server.storage.messages import MessageStore, NewMessage
 from server.storage.pools import open_pool
+from server.storage.schema import migrate_shard
 
 RESILIENCE = ResilienceConfig(
     failure_threshold=5, retry_attempts=3, retry_backoff=0.01, retry_backoff_max=0.05
@@ -84,3 +91,41 @@ async def test_attempts_are_bounded(gate):
         await gate.run(op, idempotent=True)
     assert op.attempts == RESILIENCE.retry_attempts
     assert gate.breaker.consecutive_failures == RESILIENCE.retry_attempts
+
+
+async def test_an_insert_repeated_after_an_unknown_outcome_is_stored_once(pg_server, new_pair):
+    """The gate retries SendMessage's insert even without a request_id: the retry carries the same
+    message_id, and finding it stored means the earlier attempt committed."""
+    table = f"gate_{secrets.token_hex(6)}"
+    pool = await open_pool("gate-insert", pg_server.dsn, PoolConfig(min_size=1, max_size=2))
+    try:
+        async with pool.connection() as conn:
+            await migrate_shard(conn, table)
+        shard = Shard.of_pool(0, pool, RESILIENCE)
+        single, batching = MessageStore(0, table, shard), BatchingMessageStore(0, table, shard, max_batch=4)
+        ids = MessageIdGenerator()
+        router = ShardRouter(1)
+
+        def message(text: str) -> NewMessage:
+            a, b = new_pair()
+            where, message_id = router.resolve(a, b), ids.next()
+            return NewMessage(message_id, where.pair, where.bucket, a, b, text, id_time(message_id), None)
+
+        first = message("once")
+        stored = await single.insert(first)
+        again = await single.insert(first)  # what the gate's retry sends
+        assert again == stored and not again.replayed
+        # The same through a batch: the stored message fails the batch statement on its primary
+        # key, the batch is split, and each message alone finds its row or is stored.
+        other = message("with company")
+        results = await asyncio.gather(batching.insert(first), batching.insert(other), batching.insert(first))
+        assert results[0].message == results[2].message == stored.message
+        assert results[1].message.text == "with company"
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT message_id, count(*) FROM {table} GROUP BY message_id ORDER BY message_id"
+            )
+            assert sorted(await cur.fetchall()) == sorted([(first.message_id, 1), (other.message_id, 1)])
+        await batching.drain()
+    finally:
+        await pool.close()

@@ -122,7 +122,9 @@ class ShardSet:
     ) -> None:
         self._configs = tuple(shards)
         self._pool_config = pool_config
-        self._resilience = resilience or ResilienceConfig()
+        # Without a policy (tools such as dialogctl) every shard must be reachable, as before;
+        # the server passes its configured one, which by default starts degraded.
+        self._resilience = resilience or ResilienceConfig(require_all_shards=True)
         self._stores: dict[int, MessageStore] = {}
         self._shards: dict[int, Shard] = {}
         self._stack = AsyncExitStack()
