@@ -109,3 +109,41 @@ def test_values_of_the_wrong_type_are_config_errors(data, fragment):
     base = {"auth": {"jwt_secret": "k" * 32}, "shards": [{"id": 0, "dsn": "postgresql://h/db"}]}
     with pytest.raises(ConfigError, match=fragment):
         config_from_mapping({**base, **data}, {}, base_dir=Path.cwd())
+
+
+@pytest.mark.parametrize(
+    ("resilience", "shard", "fragment"),
+    [
+        ({"retries": 3}, {}, r"unknown keys in \[resilience\]: retries"),
+        ({"probe_timeout": 0}, {}, "durations must be positive"),
+        ({"failure_threshold": 0}, {}, "at least 1"),
+        ({"retry_backoff": 2.0}, {}, "retry_backoff must be"),
+        ({"replica_max_lag": -1}, {}, "replica_max_lag"),
+        ({"open_seconds": "soon"}, {}, "invalid configuration value"),
+        ({}, {"replica_dsns": "postgresql://r/db"}, "replica_dsns must be a list"),
+        ({}, {"replica_dsns": ["host='unterminated"]}, "replica DSN is not a valid"),
+    ],
+)
+def test_resilience_config_errors_say_what_to_fix(resilience, shard, fragment):
+    data = {
+        "auth": {"jwt_secret": "k" * 32},
+        "shards": [{"id": 0, "dsn": "postgresql://h/db", **shard}],
+        "resilience": resilience,
+    }
+    with pytest.raises(ConfigError, match=fragment):
+        config_from_mapping(data, {}, base_dir=Path.cwd())
+
+
+def test_resilience_config_is_read():
+    config = config_from_mapping(
+        {
+            "auth": {"jwt_secret": "k" * 32},
+            "shards": [{"id": 0, "dsn": "postgresql://h/db", "replica_dsns": ["postgresql://r/db"]}],
+            "resilience": {"require_all_shards": "true", "replica_reads": True, "open_seconds": 0.5},
+        },
+        {},
+        base_dir=Path.cwd(),
+    )
+    assert config.resilience.require_all_shards and config.resilience.replica_reads
+    assert config.resilience.open_seconds == 0.5 and config.resilience.failure_threshold == 5
+    assert config.shards[0].replica_dsns == ("postgresql://r/db",)
