@@ -104,7 +104,14 @@ class Mover:
         self._chunk_rows = chunk_rows
 
     async def move_pair(self, pair: Pair, override: int | None) -> MoveResult:
-        """Route `pair` to shard `override` (None: its hash shard, no override), moving its messages."""
+        """Route `pair` to shard `override` (None: its hash shard, no override), moving its messages.
+
+        Shielded with its lock: a caller that gives up (an RPC deadline) neither abandons the move
+        half-way nor lets another mover start before this one ends.
+        """
+        return await asyncio.shield(self._move_pair(pair, override))
+
+    async def _move_pair(self, pair: Pair, override: int | None) -> MoveResult:
         async with self.exclusive():
             bucket = bucket_of(*pair)
             pending = await self._log.unfinished(bucket, pair.low, pair.high)
