@@ -13,7 +13,8 @@ sequence of idempotent steps recorded in `shard_moves` (server.storage.moves):
 3. catch up and verify: copy what arrived meanwhile (an id comparison, not a time
    window: ids minted by other processes need not be ordered with ours), then compare
    counts and checksums of both copies.
-4. flip: the target is opened (its own fence row for the unit, left by an earlier move
+4. flip: the target's replicas (if any) are waited for until they have replayed the copy, the
+   target is opened (its own fence row for the unit, left by an earlier move
    away from it, is dropped), then shard_map changes with its NOTIFY and the move
    becomes `flipped`, in one control-database transaction.
 5. clean: the source's fence becomes `moved` (stale readers there now get the
@@ -93,6 +94,7 @@ class Mover:
         *,
         lock_wait_seconds: float = 60.0,
         chunk_rows: int = 1000,
+        replica_wait_seconds: float = 10.0,
     ) -> None:
         self._control_dsn = control_dsn
         self._control_pool = control_pool
@@ -102,6 +104,7 @@ class Mover:
         self._router = router
         self._lock_wait_seconds = lock_wait_seconds
         self._chunk_rows = chunk_rows
+        self._replica_wait_seconds = replica_wait_seconds
 
     async def move_pair(self, pair: Pair, override: int | None) -> MoveResult:
         """Route `pair` to shard `override` (None: its hash shard, no override), moving its messages.
@@ -192,6 +195,7 @@ class Mover:
                 caught_up = await transfer.sync(source, target, unit)
                 copied += caught_up
                 await transfer.verify(source, target, unit)
+                await self._await_replicas(target)
                 await self._open(target, unit)
                 _maybe_crash("target_opened")
                 move = await self._log.flip(move)
@@ -217,6 +221,41 @@ class Mover:
             _maybe_crash("deleted")
             move = await self._log.advance(move, MoveState.DONE, deleted_rows=deleted)
         return MoveResult(move.target_shard, copied, deleted)
+
+    async def _await_replicas(self, target: MessageStore) -> None:
+        """Before the flip, the target's replicas must show the copy: a reader sent to a replica
+        (within its lag bound) right after the flip would otherwise see a dialog with holes."""
+        config = next(c for c in self._shards.configs if c.shard_id == target.shard_id)
+        if not config.replica_dsns:
+            return
+        async with shard_errors(target.shard_id), target.pool.connection() as conn:
+            row = await (await conn.execute("SELECT pg_current_wal_lsn()::text")).fetchone()
+        assert row is not None
+        deadline = asyncio.get_running_loop().time() + self._replica_wait_seconds
+        for dsn in config.replica_dsns:
+            try:
+                conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5)
+            except psycopg.Error as exc:
+                # Unreachable, so not serving reads either; it catches up before its lag allows reads.
+                log.warning(
+                    "shard %d: a replica is unreachable (%s); not waiting for it", target.shard_id, exc
+                )
+                continue
+            async with conn:
+                while True:
+                    cur = await conn.execute(
+                        "SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= %s::pg_lsn", (row[0],)
+                    )
+                    replayed = await cur.fetchone()
+                    if replayed and replayed[0]:
+                        break
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise ShardUnavailable(
+                            target.shard_id,
+                            f"a replica has not replayed the copy within {self._replica_wait_seconds:g} s, "
+                            "so the move was not flipped",
+                        )
+                    await asyncio.sleep(0.05)
 
     def _apply_locally(self, move: Move) -> None:
         # This process reads its own write at once; the NOTIFY reaches the others.

@@ -80,10 +80,11 @@ class Placement:
         current_shard.set(where.shard_id)
         return where
 
-    def mover(self, shards: ShardSet) -> Mover:
+    def mover(self, shards: ShardSet, **options: float) -> Mover:
+        """A mover of pairs on these shards (options: Mover's keyword arguments)."""
         if self._pool is None:
             raise RuntimeError("Placement is not open")
-        return Mover(self._control_dsn, self._pool, shards, self.router)
+        return Mover(self._control_dsn, self._pool, shards, self.router, **options)  # type: ignore[arg-type]
 
     async def set_override(self, pair: Pair, shard_id: int, shards: ShardSet) -> OverrideRow:
         """Pin `pair` to `shard_id`, moving its messages there (server.mover)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,14 +21,18 @@ from grpc_status import rpc_status
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
+from server.app import running_server
 from server.config import ServerConfig
-from server.errors import DialogMoving
+from server.errors import DialogMoving, ShardUnavailable
 from server.mover import CRASH_ENV, CRASH_POINTS
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.ids import MessageIdGenerator, id_time
-from tests.conftest import rows_for_pair
+from tests.conftest import make_config, rows_for_pair
+from tests.faults import start_postgres, start_replica
+from tests.pgfixtures import reachable_temp_dir
 from tests.processes import child_env, run_async, write_server_config
 from tests.test_bad_input import expect_error, status_details
+from tests.test_replicas import _replay
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -367,3 +372,40 @@ async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
             await asyncio.sleep(retry_delay(exc))
     assert sent is not None
     assert await read_all(dialog_stub, a, b, auth_for(a)) == [*history, sent.message.message_id]
+
+
+async def test_move_waits_for_the_targets_replica_before_flipping(pg_servers, jwt_secret, new_pair):
+    """Readers may be sent to a replica of the new shard right after the flip: it must hold the copy."""
+    name = f"replica_move_{secrets.token_hex(4)}"
+    pg_servers[0].create_database(name)
+    with reachable_temp_dir("dialog-shard-move-replica-") as base:
+        primary = start_postgres(base, "primary")
+        replica = start_replica(primary, base, "replica")
+        config = make_config(
+            [pg_servers[0].dsn_for(name), primary.dsn],
+            jwt_secret,
+            shards=[
+                {"id": 0, "dsn": pg_servers[0].dsn_for(name), "table": "messages_0"},
+                {"id": 1, "dsn": primary.dsn, "table": "messages_1", "replica_dsns": [replica.dsn]},
+            ],
+        )
+        a, b = new_pair()
+        while calculate_shard(a, b, 2) != 0:
+            a, b = new_pair()
+        pair = Pair.of(a, b)
+        async with running_server(config) as running:
+            history = preload(config, 0, (a, b), 50)
+            mover = running.placement.mover(running.shards, replica_wait_seconds=1.0)
+            _replay(replica, "pause")
+            with pytest.raises(ShardUnavailable, match="has not replayed the copy"):
+                await mover.move_pair(pair, 1)
+            assert list(rows_for_pair(config, (a, b))) == [0, 1], "not flipped: the source keeps its rows"
+            assert running.placement.resolve(a, b).shard_id == 0
+            _replay(replica, "resume")
+            await mover.move_pair(pair, 1)
+            assert list(rows_for_pair(config, (a, b))) == [1]
+            with psycopg.connect(replica.dsn) as conn:
+                on_replica = conn.execute(
+                    "SELECT count(*) FROM messages_1 WHERE user_low = %s AND user_high = %s", tuple(pair)
+                ).fetchone()
+            assert on_replica == (len(history),), "the replica showed the copy when routing flipped"
