@@ -20,18 +20,19 @@ import psycopg
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from server.cli.dialogctl import CliError, Session, _print_json, format_table
-from server.config import PoolConfig, ServerConfig
+from server.cli.shards import tool_shards
+from server.config import ServerConfig
 from server.errors import ServiceError
 from server.routing import Pair
 from server.routing.rebalance import PairLoad, Proposal, propose
 from server.storage.hotspots import Load, heaviest_pairs, shard_load
-from server.storage.pools import ShardSet, StartupError
+from server.storage.pools import StartupError
 
 
 async def _scan(
     config: ServerConfig, *, window: float, top: int, by_recent: bool
 ) -> tuple[dict[int, Load], list[tuple[int, Pair, Load]]]:
-    async with ShardSet(config.shards, PoolConfig(min_size=1, max_size=2)) as shards:
+    async with tool_shards(config) as shards:
         stores = [shards.store(c.shard_id) for c in config.shards]
         loads = await asyncio.gather(*(shard_load(s, window) for s in stores))
         tops = await asyncio.gather(

@@ -20,12 +20,13 @@ from typing import Any
 import psycopg
 
 from server.cli.dialogctl import CliError, Session, _print_json, format_table
+from server.cli.shards import tool_shards
 from server.config import PoolConfig, ServerConfig
 from server.errors import ServiceError
 from server.mover import Mover
 from server.routing import ShardRouter
 from server.storage.layout import load_layout
-from server.storage.pools import ShardSet, StartupError, open_pool
+from server.storage.pools import StartupError, open_pool
 from server.storage.schema import migrate_control
 
 _POOL = PoolConfig(min_size=1, max_size=4)
@@ -71,7 +72,7 @@ async def _run(config: ServerConfig, args: argparse.Namespace) -> dict[str, Any]
                     layout = await load_layout(conn)
                 except LookupError:
                     return {"moves": moves, "resumed": resumed}
-            async with ShardSet(config.shards, _POOL) as shards:
+            async with tool_shards(config) as shards:
                 router = ShardRouter(layout.num_shards)
                 router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
                 mover = Mover(config.control_dsn, control, shards, router)

@@ -25,6 +25,7 @@ import psycopg
 
 from server.cli.dialogctl import CliError, Session, _print_json, format_table
 from server.cli.progress import Progress as ProgressLine
+from server.cli.shards import tool_shards
 from server.config import PoolConfig, ServerConfig
 from server.errors import ServiceError
 from server.mover import Mover
@@ -32,7 +33,7 @@ from server.reshard import Progress, Resharder, check_target, estimate, plan_ste
 from server.routing import ShardRouter
 from server.storage.layout import load_layout
 from server.storage.overrides import OverrideStore
-from server.storage.pools import ShardSet, StartupError, open_pool
+from server.storage.pools import StartupError, open_pool
 from server.storage.schema import migrate_control
 
 _POOL = PoolConfig(min_size=1, max_size=4)
@@ -50,7 +51,7 @@ async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLin
                     "no server has started on this control database yet, so it has no shard layout; "
                     "start the servers first"
                 ) from None
-        async with ShardSet(config.shards, _POOL) as shards:
+        async with tool_shards(config) as shards:
             router = ShardRouter(layout.num_shards)
             router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
             mover = Mover(config.control_dsn, control, shards, router)

@@ -21,11 +21,12 @@ import psycopg
 
 from server.cli.dialogctl import CliError, Session, _print_json, format_table
 from server.cli.progress import Progress
-from server.config import PoolConfig, ServerConfig
+from server.cli.shards import tool_shards
+from server.config import ServerConfig
 from server.errors import ServiceError
 from server.routing import Pair, ShardRouter, bucket_of
 from server.storage.layout import ensure_layout, load_layout
-from server.storage.pools import ShardSet, StartupError
+from server.storage.pools import StartupError
 from server.storage.schema import migrate_control
 from server.verify import Report, verify
 
@@ -56,7 +57,7 @@ async def load_router(config: ServerConfig) -> tuple[ShardRouter, frozenset[Pair
 
 async def run_verify(config: ServerConfig, *, repair: bool) -> Report:
     router, moving_pairs, moving_buckets = await load_router(config)
-    async with ShardSet(config.shards, PoolConfig(min_size=1, max_size=2)) as shards:
+    async with tool_shards(config) as shards:
         return await verify(
             shards,
             lambda p: router.resolve(*p).shard_id,

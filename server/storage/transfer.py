@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.routing import Pair
+from server.routing import Pair, bucket_of
 from server.storage.errors import shard_errors
 from server.storage.fences import WHOLE_BUCKET, FenceKey
 from server.storage.ids import MAX_ID, MIN_ID
@@ -50,6 +50,13 @@ class Unit:
             return [(self.buckets[0], self.pair.low, self.pair.high)]
         return [(b, WHOLE_BUCKET, WHOLE_BUCKET) for b in self.buckets]
 
+    def parts(self) -> list[Unit]:
+        """The unit one bucket at a time, for the keyset walks: `ORDER BY message_id` then sorts one
+        bucket (1/4096 of a shard) per chunk, not the whole group of buckets."""
+        if self.pair is not None or len(self.buckets) == 1:
+            return [self]
+        return [Unit((b,), None, tuple(p for p in self.pinned if bucket_of(*p) == b)) for b in self.buckets]
+
     def where(self) -> tuple[str, list[Any]]:
         """SQL condition selecting the unit's rows, and its parameters."""
         if self.pair is not None:
@@ -77,6 +84,10 @@ class VerificationError(Exception):
 
 async def copy(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_rows: int = 1000) -> int:
     """Copy every row of the unit from source to target; returns rows newly inserted."""
+    return sum([await _copy(source, target, part, chunk_rows=chunk_rows) for part in unit.parts()])
+
+
+async def _copy(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_rows: int) -> int:
     where, params = unit.where()
     after = MIN_ID
     inserted = 0
@@ -102,6 +113,10 @@ async def sync(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_
     Returns rows copied. Raises VerificationError if the target holds rows the source
     lacks (nothing a move wrote; the target is not the unit's shard, so nobody else should).
     """
+    return sum([await _sync(source, target, part, chunk_ids=chunk_ids) for part in unit.parts()])
+
+
+async def _sync(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_ids: int) -> int:
     where, params = unit.where()
     after = MIN_ID
     copied = 0
