@@ -12,7 +12,9 @@ twins. Results are frozen dataclasses (`Message`, `DialogPage`, ...). Every call
 (the client's `timeout`, or a per-call `timeout=`) that bounds all its attempts; UNAVAILABLE is
 retried with exponential backoff and jitter (honouring the server's RetryInfo), and SendMessage
 reuses one generated `request_id` across attempts so a retry never stores a message twice.
-Every failure is a `DialogShardError` carrying the gRPC code and the decoded details.
+Every failure is a `DialogShardError` carrying the gRPC code and the decoded details. Using a
+closed client is a programming error (RuntimeError); a client that owns its channel and is never
+closed warns (ResourceWarning).
 """
 
 from client._admin import AdminClient, AsyncAdminClient

@@ -48,7 +48,8 @@ class _Base:
         )
 
     def __del__(self) -> None:
-        if self._owns_channel and not getattr(self, "_closed", True):
+        # getattr: __init__ may have raised before setting them.
+        if getattr(self, "_owns_channel", False) and not getattr(self, "_closed", True):
             warnings.warn(
                 f"unclosed {type(self).__name__}: use it with `with` or call close()",
                 ResourceWarning,

@@ -16,7 +16,7 @@ import grpc
 import grpc_testing
 import pytest
 
-from client import AdminClient, DialogClient, DialogShardError, FieldViolation, RetryPolicy
+from client import AdminClient, ChannelSecurity, DialogClient, DialogShardError, FieldViolation, RetryPolicy
 from client._retry import Attempts
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
@@ -283,3 +283,13 @@ def test_values_that_cannot_be_encoded_fail_before_sending(channel) -> None:
     with pytest.raises(DialogShardError) as raised:
         admin.list_messages(pair=(1, "2"), shard_id=2**31)  # type: ignore[arg-type]
     assert [v.field for v in raised.value.field_violations] == ["user_id_2", "shard_id"]
+
+
+def test_an_unclosed_client_that_owns_its_channel_warns() -> None:
+    with pytest.warns(ResourceWarning, match="unclosed DialogClient"):
+        client = DialogClient.connect("127.0.0.1:1", ChannelSecurity(plaintext=True))
+        del client
+    with DialogClient.connect("127.0.0.1:1", ChannelSecurity(plaintext=True)) as closed:
+        pass
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.get_dialog(1, 2)
