@@ -7,8 +7,11 @@ before and a scrape after this test's own traffic (tests run one at a time).
 from __future__ import annotations
 
 import asyncio
+import random
 import re
+import signal
 import socket
+import sys
 import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,11 +21,12 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.gen.dialog.v1 import admin_service_pb2, dialog_service_pb2
+from client.gen.dialog.v1 import admin_service_pb2, dialog_service_pb2, dialog_service_pb2_grpc
 from server.app import RunningServer, running_server
 from server.config import ConfigError, MetricsConfig, ServerConfig, config_from_mapping
 from server.metrics import ServerMetrics, go_code_name
 from server.routing import calculate_shard
+from tests.processes import CHILD_TIMEOUT_SECONDS, child_env, write_server_config
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
@@ -221,3 +225,65 @@ def test_shard_labels_stay_bounded():
     metrics = ServerMetrics([0, 1])
     labels = [metrics.shard_label(s) for s in (0, 1, None, 9, -1)]
     assert labels == ["0", "1", "none", "unconfigured", "unconfigured"]
+
+
+def _free_port_pair() -> int:
+    """A port P such that P and P + 1 on 127.0.0.1 were both free a moment ago.
+
+    Drawn below the ephemeral range (32768 and up on Linux), where outgoing connections, such as
+    the workers' own connections to PostgreSQL, take their local ports.
+    """
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no two adjacent free ports")
+
+
+async def test_each_worker_serves_its_own_endpoint(
+    tmp_path: Path, cluster_config, jwt_secret, auth_for, new_pair
+):
+    """`--workers 2`: worker i on the configured port + i; their counts add up to the calls made."""
+    base = _free_port_pair()
+    config = write_server_config(tmp_path / "workers.toml", cluster_config, "127.0.0.1:0", jwt_secret)
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "dialog-server"),
+        "--config",
+        str(config),
+        "--workers",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(DIALOG_METRICS_LISTEN=f"127.0.0.1:{base}", DIALOG_LOG_RPC="0"),
+    )
+    try:
+        assert proc.stdout is not None
+        address, output = None, []
+        while address is None:
+            output.append((await asyncio.wait_for(proc.stdout.readline(), CHILD_TIMEOUT_SECONDS)).decode())
+            assert output[-1], "dialog-server exited before serving:\n" + "".join(output)
+            if match := re.search(r"serving on (\S+:\d+) with 2 worker", output[-1]):
+                address = match.group(1)
+        a, b = new_pair()
+        calls = 8
+        for i in range(calls):  # a fresh connection per call: the kernel spreads them over the workers
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+                await stub.SendMessage(send(a, b, f"m{i}"), metadata=auth_for(a))
+        scrapes = [(await scrape(port))[0] for port in (base, base + 1)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), CHILD_TIMEOUT_SECONDS) == 0
+    shard = str(calculate_shard(a, b, cluster_config.num_shards))
+    written = [value(s, "dialog_shard_messages_written_total", shard=shard) for s in scrapes]
+    assert sum(written) == calls
+    handled = [
+        value(s, "grpc_server_handled_total", grpc_method="SendMessage", grpc_code="OK") for s in scrapes
+    ]
+    assert sum(handled) == calls
