@@ -202,3 +202,21 @@ async def test_reshard_crashed_mid_step_completes_on_rerun(step, pg_servers, jwt
     assert sorted(i for _, i, _ in rows) == sorted(history)
     assert all(shard_id == calculate_shard(*pair, 8) for shard_id, _, pair in rows)
     assert (await dialogctl(path, "verify", "--json")).json()["clean"] is True
+
+
+async def test_a_bucket_group_is_copied_and_synced_in_parts(pg_servers, jwt_secret, new_pair):
+    """A group bigger than `part_rows` is walked in several parts, each keyset walk over fewer buckets."""
+    from server.cli.shards import tool_shards
+    from server.storage import transfer
+
+    config = cluster(pg_servers, jwt_secret, 4)
+    async with tool_shards(config) as shards:  # creates the schema
+        pairs = [p for p in (new_pair() for _ in range(200)) if calculate_shard(*p, 4) == 0][:20]
+        preload(config, pairs, 3)
+        source, target = shards.store(0), shards.store(1)
+        unit = transfer.Unit(tuple(sorted({bucket_of(*p) for p in pairs})), pinned=(Pair.of(*pairs[0]),))
+        assert len(await transfer._parts(source, unit, 7)) > 1
+        copied = await transfer.copy(source, target, unit, chunk_rows=2, part_rows=7)
+        assert copied == 3 * (len(pairs) - 1), "every row but the pinned pair's"
+        assert await transfer.sync(source, target, unit, chunk_ids=4, part_rows=7) == 0
+        assert (await transfer.verify(source, target, unit)).count == copied

@@ -50,12 +50,13 @@ class Unit:
             return [(self.buckets[0], self.pair.low, self.pair.high)]
         return [(b, WHOLE_BUCKET, WHOLE_BUCKET) for b in self.buckets]
 
-    def parts(self) -> list[Unit]:
-        """The unit one bucket at a time, for the keyset walks: `ORDER BY message_id` then sorts one
-        bucket (1/4096 of a shard) per chunk, not the whole group of buckets."""
-        if self.pair is not None or len(self.buckets) == 1:
-            return [self]
-        return [Unit((b,), None, tuple(p for p in self.pinned if bucket_of(*p) == b)) for b in self.buckets]
+    def split(self, groups: Sequence[Sequence[int]]) -> list[Unit]:
+        """The unit as parts holding these groups of its buckets (each with its pinned pairs)."""
+        return [
+            Unit(tuple(g), None, tuple(p for p in self.pinned if bucket_of(*p) in set(g)))
+            for g in groups
+            if g
+        ]
 
     def where(self) -> tuple[str, list[Any]]:
         """SQL condition selecting the unit's rows, and its parameters."""
@@ -82,9 +83,43 @@ class VerificationError(Exception):
     """Source and target disagree after the sync; the message says how."""
 
 
-async def copy(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_rows: int = 1000) -> int:
+#: Rows a keyset walk of a bucket group may have to sort per chunk: buckets are packed into parts
+#: up to this many rows, so a big shard's group is walked bucket by bucket and a small one at once.
+PART_ROWS = 50_000
+
+
+async def _parts(source: MessageStore, unit: Unit, part_rows: int = PART_ROWS) -> list[Unit]:
+    """The unit in parts of about PART_ROWS rows on the source (one part for a pair or a small group)."""
+    if unit.pair is not None or len(unit.buckets) == 1:
+        return [unit]
+    async with shard_errors(source.shard_id), source.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT bucket, count(*) FROM {source.table} WHERE bucket = ANY(%s::smallint[]) GROUP BY bucket",
+            (list(unit.buckets),),
+        )
+        counts = {int(r[0]): int(r[1]) for r in await cur.fetchall()}
+    groups: list[list[int]] = [[]]
+    rows = 0
+    for bucket in unit.buckets:
+        if groups[-1] and rows + counts.get(bucket, 0) > part_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(bucket)
+        rows += counts.get(bucket, 0)
+    return unit.split(groups)
+
+
+async def copy(
+    source: MessageStore,
+    target: MessageStore,
+    unit: Unit,
+    *,
+    chunk_rows: int = 1000,
+    part_rows: int = PART_ROWS,
+) -> int:
     """Copy every row of the unit from source to target; returns rows newly inserted."""
-    return sum([await _copy(source, target, part, chunk_rows=chunk_rows) for part in unit.parts()])
+    parts = await _parts(source, unit, part_rows)
+    return sum([await _copy(source, target, part, chunk_rows=chunk_rows) for part in parts])
 
 
 async def _copy(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_rows: int) -> int:
@@ -107,13 +142,21 @@ async def _copy(source: MessageStore, target: MessageStore, unit: Unit, *, chunk
             return inserted
 
 
-async def sync(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_ids: int = 5000) -> int:
+async def sync(
+    source: MessageStore,
+    target: MessageStore,
+    unit: Unit,
+    *,
+    chunk_ids: int = 5000,
+    part_rows: int = PART_ROWS,
+) -> int:
     """Make target hold exactly source's rows of the unit, comparing ids range by range.
 
     Returns rows copied. Raises VerificationError if the target holds rows the source
     lacks (nothing a move wrote; the target is not the unit's shard, so nobody else should).
     """
-    return sum([await _sync(source, target, part, chunk_ids=chunk_ids) for part in unit.parts()])
+    parts = await _parts(source, unit, part_rows)
+    return sum([await _sync(source, target, part, chunk_ids=chunk_ids) for part in parts])
 
 
 async def _sync(source: MessageStore, target: MessageStore, unit: Unit, *, chunk_ids: int) -> int:
