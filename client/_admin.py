@@ -5,13 +5,10 @@ Every call needs a token with the admin claim (give the channel a token provider
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import grpc
-
-from client._calls import DEFAULT_TIMEOUT, AsyncCaller, Metadata, SyncCaller
-from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
+from client._calls import AsyncCaller, Metadata, SyncCaller
 from client._errors import build_request
 from client._models import (
     ClusterStats,
@@ -22,9 +19,13 @@ from client._models import (
     ShardResolution,
     ShardSource,
 )
-from client._retry import RetryPolicy
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    _AsyncStub: TypeAlias = pb_grpc.AdminServiceAsyncStub
+else:
+    _AsyncStub = pb_grpc.AdminServiceStub
 
 
 def _overrides(response: pb.ListShardOverridesResponse) -> OverridePage:
@@ -56,38 +57,14 @@ def _resolution(response: pb.ResolveShardResponse) -> ShardResolution:
     )
 
 
-class AdminClient(SyncCaller):
+class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
     """Blocking AdminService client; methods take keyword-only `timeout` and `metadata` like DialogClient.
 
     Setting an override is safe to repeat, deleting one is not (a repeat after a lost answer
     would say NOT_FOUND), so only UNAVAILABLE retries `delete_override`.
     """
 
-    def __init__(
-        self,
-        channel: grpc.Channel,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-        owns_channel: bool = False,
-    ) -> None:
-        super().__init__(channel, timeout=timeout, retry=retry, owns_channel=owns_channel)
-        self._stub = pb_grpc.AdminServiceStub(channel)
-
-    @classmethod
-    def connect(
-        cls,
-        address: str,
-        security: ChannelSecurity,
-        *,
-        token: TokenProvider | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> AdminClient:
-        """A client on its own channel to `address` (`host:port`), closed with the client."""
-        channel = sync_channel(address, security, token=token, options=options)
-        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
+    stub_class = pb_grpc.AdminServiceStub
 
     def set_override(
         self,
@@ -98,7 +75,7 @@ class AdminClient(SyncCaller):
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> ShardOverride:
-        """Pin a pair to a shard (FAILED_PRECONDITION while the pair has messages elsewhere)."""
+        """Pin a pair to a shard and move its messages there online; calling again completes a move."""
         request = build_request(
             pb.SetShardOverrideRequest, user_id_1=user_id_1, user_id_2=user_id_2, shard_id=shard_id
         )
@@ -225,34 +202,10 @@ class AdminClient(SyncCaller):
                 return
 
 
-class AsyncAdminClient(AsyncCaller):
+class AsyncAdminClient(AsyncCaller[_AsyncStub]):
     """The asyncio twin of `AdminClient`: same methods, awaited; `async with` closes it."""
 
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-        owns_channel: bool = False,
-    ) -> None:
-        super().__init__(channel, timeout=timeout, retry=retry, owns_channel=owns_channel)
-        self._stub = pb_grpc.AdminServiceStub(channel)
-
-    @classmethod
-    def connect(
-        cls,
-        address: str,
-        security: ChannelSecurity,
-        *,
-        token: TokenProvider | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> AsyncAdminClient:
-        """A client on its own channel to `address` (`host:port`), closed with the client."""
-        channel = aio_channel(address, security, token=token, options=options)
-        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
+    stub_class = pb_grpc.AdminServiceStub
 
     async def set_override(
         self,
@@ -263,7 +216,7 @@ class AsyncAdminClient(AsyncCaller):
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> ShardOverride:
-        """Pin a pair to a shard (FAILED_PRECONDITION while the pair has messages elsewhere)."""
+        """Pin a pair to a shard and move its messages there online; calling again completes a move."""
         request = build_request(
             pb.SetShardOverrideRequest, user_id_1=user_id_1, user_id_2=user_id_2, shard_id=shard_id
         )

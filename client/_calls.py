@@ -12,14 +12,17 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import grpc
 
+from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
 from client._errors import DialogShardError, error_from_rpc
 from client._retry import Attempts, RetryPolicy
 
 _Response = TypeVar("_Response")
+#: The generated stub class a client calls through (e.g. DialogServiceStub).
+_Stub = TypeVar("_Stub")
 
 #: Metadata pairs added to one call, e.g. `[("x-trace-id", "abc")]`.
 Metadata = Sequence[tuple[str, str]]
@@ -57,8 +60,13 @@ class _Base:
             )
 
 
-class SyncCaller(_Base):
-    """Blocking calls over a `grpc.Channel`; a context manager that closes the channel it owns."""
+class SyncCaller(_Base, Generic[_Stub]):
+    """Blocking calls over a `grpc.Channel`; a context manager that closes the channel it owns.
+
+    Subclasses name their generated stub class in `stub_class`.
+    """
+
+    stub_class: Callable[[grpc.Channel], _Stub]
 
     def __init__(
         self,
@@ -70,8 +78,24 @@ class SyncCaller(_Base):
     ) -> None:
         super().__init__(timeout=timeout, retry=retry or RetryPolicy(), owns_channel=owns_channel)
         self._channel = channel
+        self._stub: _Stub = type(self).stub_class(channel)
         #: How the client waits between attempts (replaceable in tests).
         self._sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        security: ChannelSecurity,
+        *,
+        token: TokenProvider | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> Self:
+        """A client on its own channel to `address` (`host:port`), closed with the client."""
+        channel = sync_channel(address, security, token=token, options=options)
+        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
 
     def _call(
         self,
@@ -108,8 +132,13 @@ class SyncCaller(_Base):
         self.close()
 
 
-class AsyncCaller(_Base):
-    """Awaitable calls over a `grpc.aio.Channel`; an async context manager closing the channel it owns."""
+class AsyncCaller(_Base, Generic[_Stub]):
+    """Awaitable calls over a `grpc.aio.Channel`; an async context manager closing the channel it owns.
+
+    Subclasses name their generated stub class in `stub_class`.
+    """
+
+    stub_class: Callable[[grpc.aio.Channel], _Stub]
 
     def __init__(
         self,
@@ -121,7 +150,23 @@ class AsyncCaller(_Base):
     ) -> None:
         super().__init__(timeout=timeout, retry=retry or RetryPolicy(), owns_channel=owns_channel)
         self._channel = channel
+        self._stub: _Stub = type(self).stub_class(channel)
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        security: ChannelSecurity,
+        *,
+        token: TokenProvider | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> Self:
+        """A client on its own channel to `address` (`host:port`), closed with the client."""
+        channel = aio_channel(address, security, token=token, options=options)
+        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
 
     async def _call(
         self,

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, TypeAlias
 
-import grpc
-
-from client._calls import DEFAULT_TIMEOUT, AsyncCaller, Metadata, SyncCaller
-from client._channel import ChannelSecurity, TokenProvider, aio_channel, sync_channel
+from client._calls import AsyncCaller, Metadata, SyncCaller
 from client._errors import build_request
 from client._models import DialogPage, Message, Order, SentMessage
-from client._retry import RetryPolicy
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    _AsyncStub: TypeAlias = pb_grpc.DialogServiceAsyncStub
+else:
+    _AsyncStub = pb_grpc.DialogServiceStub
 
 
 def new_request_id() -> str:
@@ -53,7 +54,7 @@ def _page(response: pb.GetDialogResponse) -> DialogPage:
     return DialogPage(tuple(Message.from_proto(m) for m in response.messages), response.next_page_token)
 
 
-class DialogClient(SyncCaller):
+class DialogClient(SyncCaller[pb_grpc.DialogServiceStub]):
     """Blocking DialogService client; every method takes keyword-only `timeout` and `metadata`.
 
     `timeout` (seconds) bounds the whole call, retries included; None uses the client's default.
@@ -61,31 +62,7 @@ class DialogClient(SyncCaller):
     channel you manage (`DialogClient(channel)`; closing the client then leaves it open).
     """
 
-    def __init__(
-        self,
-        channel: grpc.Channel,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-        owns_channel: bool = False,
-    ) -> None:
-        super().__init__(channel, timeout=timeout, retry=retry, owns_channel=owns_channel)
-        self._stub = pb_grpc.DialogServiceStub(channel)
-
-    @classmethod
-    def connect(
-        cls,
-        address: str,
-        security: ChannelSecurity,
-        *,
-        token: TokenProvider | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> DialogClient:
-        """A client on its own channel to `address` (`host:port`), closed with the client."""
-        channel = sync_channel(address, security, token=token, options=options)
-        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
+    stub_class = pb_grpc.DialogServiceStub
 
     def send_message(
         self,
@@ -157,34 +134,10 @@ class DialogClient(SyncCaller):
                 return
 
 
-class AsyncDialogClient(AsyncCaller):
+class AsyncDialogClient(AsyncCaller[_AsyncStub]):
     """The asyncio twin of `DialogClient`: same methods, awaited; `async with` closes it."""
 
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-        owns_channel: bool = False,
-    ) -> None:
-        super().__init__(channel, timeout=timeout, retry=retry, owns_channel=owns_channel)
-        self._stub = pb_grpc.DialogServiceStub(channel)
-
-    @classmethod
-    def connect(
-        cls,
-        address: str,
-        security: ChannelSecurity,
-        *,
-        token: TokenProvider | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> AsyncDialogClient:
-        """A client on its own channel to `address` (`host:port`), closed with the client."""
-        channel = aio_channel(address, security, token=token, options=options)
-        return cls(channel, timeout=timeout, retry=retry, owns_channel=True)
+    stub_class = pb_grpc.DialogServiceStub
 
     async def send_message(
         self,
