@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.config import PoolConfig
 from server.errors import DialogMoving
 from server.resilience import Shard
+from server.resilience.deadline import rpc_deadline
 from server.routing import ShardRouter
 from server.storage.batching import BatchingMessageStore
 from server.storage.fences import FenceState, FenceStore
@@ -179,3 +181,48 @@ async def test_conflicting_request_id_reuse_is_already_exists_for_that_call_only
     assert all(isinstance(o, pb.SendMessageResponse) and not o.replayed for o in outcomes[2:])
     rows = [row for rows in rows_for_pair(cluster_config, pair).values() for row in rows]
     assert sorted(row[3] for row in rows) == sorted([winners[0].message.text, *(f"m{i}" for i in range(10))])
+
+
+async def test_a_batch_runs_under_its_callers_latest_deadline(store, new_pair, pg_server):
+    # The batch task is started from whichever call ran before it (here the one that went alone,
+    # with a short deadline); the statement must still get the time its own callers have.
+    held_pair = new_pair()
+    held = _message(held_pair, "held", "req-held")
+    async with await psycopg.AsyncConnection.connect(pg_server.dsn) as blocker:
+        # An uncommitted row with the same request key makes the batch's INSERT wait for this
+        # transaction (ON CONFLICT waits for the in-progress duplicate).
+        await blocker.execute(
+            f"INSERT INTO {store.table} (message_id, user_low, user_high, bucket, from_user_id,"
+            " to_user_id, text, created_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                _ids.next(),
+                held.pair.low,
+                held.pair.high,
+                held.bucket,
+                held.from_user_id,
+                held.to_user_id,
+                "uncommitted",
+                held.created_at,
+                "req-held",
+            ),
+        )
+
+        async def insert_within(message: NewMessage, seconds: float) -> InsertResult:
+            rpc_deadline.set(time.monotonic() + seconds)
+            return await store.insert(message)
+
+        async def release_later() -> None:
+            await asyncio.sleep(1.2)  # well past the first caller's deadline
+            await blocker.rollback()
+
+        results = await asyncio.gather(
+            insert_within(_message(new_pair(), "goes alone, short deadline"), 0.5),
+            insert_within(held, 30.0),
+            insert_within(_message(new_pair(), "batched with it"), 30.0),
+            release_later(),
+        )
+    assert store.stats.batches == 1
+    stored = [r for r in results if isinstance(r, InsertResult)]
+    assert len(stored) == 3 and not any(r.replayed for r in stored)
+    assert stored[1].message.text == "held"
+    assert len(await _stored(store, stored)) == 3

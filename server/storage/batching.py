@@ -37,6 +37,7 @@ from psycopg import AsyncConnection
 
 from server.errors import DialogMoving
 from server.resilience import Shard
+from server.resilience.deadline import rpc_deadline
 from server.storage.messages import _COLUMNS, InsertResult, MessageStore, NewMessage, StoredMessage
 
 #: Default largest number of messages in one statement.
@@ -104,9 +105,20 @@ class BatchStats:
 @dataclass(slots=True)
 class _Pending:
     message: NewMessage
+    #: The caller's RPC deadline (`time.monotonic()`), None without one.
+    deadline: float | None = field(default_factory=rpc_deadline.get)
     done: asyncio.Future[InsertResult] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+
+def _batch_deadline(batch: Sequence[_Pending]) -> float | None:
+    """The latest deadline of the batch's callers (None if one has none): no caller's short
+    deadline cuts the statement the others still wait for; each caller stops waiting at its own."""
+    deadlines = [p.deadline for p in batch]
+    if any(d is None for d in deadlines):
+        return None
+    return max(d for d in deadlines if d is not None)
 
 
 class BatchingMessageStore(MessageStore):
@@ -160,6 +172,9 @@ class BatchingMessageStore(MessageStore):
         self._maybe_flush()
 
     async def _flush(self, batch: list[_Pending]) -> None:
+        # The task runs in a copy of whichever context started it; the batch's own deadline
+        # replaces the deadline found there (set here, it stays local to this task).
+        rpc_deadline.set(_batch_deadline(batch))
         try:
             if len(batch) == 1:
                 self.stats.single += 1
