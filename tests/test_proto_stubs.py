@@ -25,3 +25,14 @@ def test_stubs_come_with_type_stubs() -> None:
     for name in ("dialog_service", "admin_service"):
         assert (generated / f"{name}_pb2.pyi").is_file()
         assert (generated / f"{name}_pb2_grpc.pyi").is_file()
+
+
+def test_protected_services_define_unary_methods_only() -> None:
+    # The interceptors (authentication among them) wrap unary-unary behaviors and pass other
+    # handlers through: a streaming method in these services would need them extended first.
+    from client.gen.dialog.v1 import admin_service_pb2, dialog_service_pb2
+
+    for module, name in ((dialog_service_pb2, "DialogService"), (admin_service_pb2, "AdminService")):
+        service = module.DESCRIPTOR.services_by_name[name]
+        streaming = [m.name for m in service.methods if m.client_streaming or m.server_streaming]
+        assert not streaming, f"{name} has streaming methods the interceptors would not guard: {streaming}"

@@ -14,30 +14,27 @@ import grpc
 
 from server.auth import Principal, TokenVerifier, current_principal
 from server.errors import PermissionDenied
-from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
+from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper
 
 DIALOG_SERVICE_PREFIX = "/dialog.v1.DialogService/"
 ADMIN_SERVICE_PREFIX = "/dialog.v1.AdminService/"
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(UnaryUnaryInterceptor):
     """Verifies the bearer token of protected methods before the servicer runs."""
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = handler_call_details.method
+    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper | None:
+        method = details.method
         admin_only = method.startswith(ADMIN_SERVICE_PREFIX)
-        handler = await continuation(handler_call_details)
-        if handler is None or not (admin_only or method.startswith(DIALOG_SERVICE_PREFIX)):
-            return handler
+        if not (admin_only or method.startswith(DIALOG_SERVICE_PREFIX)):
+            return None  # health and reflection stay open
+        # Protected services are unary only (tests/test_proto_stubs.py checks): the base class
+        # passes streaming handlers through, which would leave them unauthenticated.
         header = next(
-            (str(v) for k, v in (handler_call_details.invocation_metadata or ()) if k == "authorization"),
+            (str(v) for k, v in (details.invocation_metadata or ()) if k == "authorization"),
             None,
         )
         verifier = self._verifier
@@ -54,4 +51,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             return authenticated
 
-        return wrap_unary_unary(handler, wrap)
+        return wrap

@@ -11,22 +11,14 @@ from typing import Any
 
 import grpc
 
-from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
+from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper
 from server.resilience.deadline import rpc_deadline
 
 
-class DeadlineInterceptor(grpc.aio.ServerInterceptor):
+class DeadlineInterceptor(UnaryUnaryInterceptor):
     """Publishes the call's absolute deadline (time.monotonic() based) for the storage layer."""
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-
+    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper:
         def wrap(behavior: Behavior) -> Behavior:
             async def bounded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 left = context.time_remaining()
@@ -37,4 +29,4 @@ class DeadlineInterceptor(grpc.aio.ServerInterceptor):
 
             return bounded
 
-        return wrap_unary_unary(handler, wrap)
+        return wrap

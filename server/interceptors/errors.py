@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from server.errors import InternalError, InvalidArgument, ServiceError, to_grpc_status
-from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
+from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper, wrap_unary_unary
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,19 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(UnaryUnaryInterceptor):
     """Turns exceptions raised by inner layers into statuses; outermost but for observation."""
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method
+    def wrap_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        # A request that does not parse reaches the wrapper as a marker, answered INVALID_ARGUMENT.
+        return wrap_unary_unary(
+            handler, self.wrapper(details), request_deserializer=_tolerant(handler.request_deserializer)
+        )
+
+    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper:
+        method = details.method
 
         def wrap(behavior: Behavior) -> Behavior:
             async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -82,4 +83,4 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             return mapped
 
-        return wrap_unary_unary(handler, wrap, request_deserializer=_tolerant(handler.request_deserializer))
+        return wrap

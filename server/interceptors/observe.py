@@ -14,33 +14,27 @@ from typing import Any
 import grpc
 
 from server.call_context import current_shard
-from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
+from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper
 from server.logs import RpcLog
 from server.metrics import ServerMetrics, go_code_name
 
 
-class ObserveInterceptor(grpc.aio.ServerInterceptor):
+class ObserveInterceptor(UnaryUnaryInterceptor):
     """Counts and times unary calls of registered methods; must be the outermost interceptor."""
 
     def __init__(self, metrics: ServerMetrics | None, rpc_log: RpcLog | None) -> None:
         self._metrics = metrics
         self._log = rpc_log
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        # No handler: an unknown method, answered UNIMPLEMENTED by gRPC and never a label value.
-        if handler is None or handler.unary_unary is None:
-            return handler
-        full_method = handler_call_details.method
+    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper:
+        # Only registered methods get here (an unknown one is answered UNIMPLEMENTED by gRPC and
+        # passed through by the base class), so method names are a bounded label set.
+        full_method = details.method
         method_metrics = self._metrics.method(full_method) if self._metrics is not None else None
         rpc_log = self._log
         service, _, name = full_method.lstrip("/").rpartition("/")
         x_request_id = next(
-            (str(v) for k, v in (handler_call_details.invocation_metadata or ()) if k == "x-request-id"),
+            (str(v) for k, v in (details.invocation_metadata or ()) if k == "x-request-id"),
             None,
         )
 
@@ -83,4 +77,4 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
 
             return observed
 
-        return wrap_unary_unary(handler, wrap)
+        return wrap

@@ -18,7 +18,7 @@ import grpc
 
 from server.auth import current_principal
 from server.errors import ResourceExhausted
-from server.interceptors._wrap import Behavior, Continuation, wrap_unary_unary
+from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper
 
 
 class TokenBucketLimiter:
@@ -70,22 +70,17 @@ class TokenBucketLimiter:
             self._buckets.popitem(last=False)
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+class RateLimitInterceptor(UnaryUnaryInterceptor):
     """Applies a per-user limiter to some methods; must run after the auth interceptor."""
 
     def __init__(self, limiter: TokenBucketLimiter, methods: frozenset[str]) -> None:
         self._limiter = limiter
         self._methods = methods
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method not in self._methods:
-            return handler
+    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper | None:
+        method = details.method
+        if method not in self._methods:
+            return None
         limiter = self._limiter
         name = method.rsplit("/", 1)[-1]
 
@@ -106,4 +101,4 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
 
             return limited
 
-        return wrap_unary_unary(handler, wrap)
+        return wrap
