@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from server.cli.dialogctl import EXIT_CONFIG, CliError, Session, _print_json, format_table
+from server.cli.dialogctl import EXIT_CONFIG, CliError, Session, format_table, print_json
 from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, run_tool
 from server.cli.progress import Progress
 from server.config import describe_dsn
@@ -162,7 +162,7 @@ def cmd_backup(session: Session) -> int:
     manifest = {"format": _FORMAT, "created_at": datetime.now(UTC).isoformat(), "items": entries}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if session.json:
-        _print_json({"directory": str(out), **manifest})
+        print_json({"directory": str(out), **manifest})
         return 0
     _print_items(entries)
     print(f"backup of {len(entries)} item{'' if len(entries) == 1 else 's'} in {out}")
@@ -262,7 +262,7 @@ def cmd_restore(session: Session) -> int:
             progress.update(f"{item.name} ({n}/{len(items)})")
             restored.append(_restore(item, entries[item.name], directory, pg_restore))
     if session.json:
-        _print_json({"directory": str(directory), "items": restored})
+        print_json({"directory": str(directory), "items": restored})
         return 0
     _print_items(restored)
     print(f"restored {len(restored)} item{'' if len(restored) == 1 else 's'} from {directory}")

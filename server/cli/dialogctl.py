@@ -48,7 +48,23 @@ from server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, load_config
 from server.routing import bucket_of, calculate_shard
 from server.routing.distribution import DistributionSummary
 
-__all__ = ["EXIT_CONFIG", "EXIT_INTERRUPTED", "RPC_EXIT_BASE", "main"]
+# Besides `main`, what the subcommand modules (server/cli/*.py) build on.
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_INTERRUPTED",
+    "RPC_EXIT_BASE",
+    "CliError",
+    "Session",
+    "fail",
+    "format_table",
+    "int64_arg",
+    "main",
+    "message_dict",
+    "page_size_arg",
+    "print_json",
+    "shard_id_arg",
+    "source_name",
+]
 
 PROG = "dialogctl"
 #: Exit status of usage and configuration errors (argparse uses 2 as well).
@@ -92,10 +108,10 @@ def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
     return parse
 
 
-_int64 = _int_in(_MIN_INT64, _MAX_INT64, "user id")
+int64_arg = _int_in(_MIN_INT64, _MAX_INT64, "user id")
 _user_id = _int_in(1, _MAX_INT64, "user id")
-_shard_id = _int_in(-(2**31), _MAX_INT32, "shard id")
-_page_size = _int_in(-(2**31), _MAX_INT32, "page size")
+shard_id_arg = _int_in(-(2**31), _MAX_INT32, "shard id")
+page_size_arg = _int_in(-(2**31), _MAX_INT32, "page size")
 _shard_count = _int_in(1, _MAX_INT32, "shard count")
 _ttl = _int_in(1, 10 * 365 * 24 * 3600, "ttl")
 
@@ -217,13 +233,13 @@ def _rpc_failure(exc: grpc.RpcError) -> CliError:
 # -- output -----------------------------------------------------------------------------------------
 
 
-def _message_dict(message: Message) -> dict[str, Any]:
+def message_dict(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
 
 
-def _print_json(document: object) -> None:
+def print_json(document: object) -> None:
     print(json.dumps(document, indent=2))
 
 
@@ -247,7 +263,7 @@ def _format_fields(fields: Sequence[tuple[str, object]]) -> str:
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
 
 
-def _source_name(source: int) -> str:
+def source_name(source: int) -> str:
     return admin_pb.ShardSource.Name(source).removeprefix("SHARD_SOURCE_").lower()  # type: ignore[arg-type]
 
 
@@ -261,7 +277,7 @@ def cmd_token(session: Session) -> int:
     token = session.issue_token(user_id=args.user, admin=args.admin, ttl_seconds=args.ttl)
     if session.json:
         claims = jwt.decode(token, options={"verify_signature": False})
-        _print_json({"token": token, "claims": claims})
+        print_json({"token": token, "claims": claims})
     else:
         print(token)
     return 0
@@ -278,14 +294,14 @@ def cmd_shard_of(session: Session) -> int:
         session.admin_stub().ResolveShard, admin_pb.ResolveShardRequest(user_id_1=a, user_id_2=b)
     )
     if session.json:
-        _print_json(_message_dict(response))
+        print_json(message_dict(response))
         return 0
     print(
         _format_fields(
             [
                 ("pair", f"{min(a, b)} {max(a, b)}"),
                 ("shard", response.shard_id),
-                ("source", _source_name(response.source)),
+                ("source", source_name(response.source)),
                 ("hash shard", response.hash_shard_id),
                 ("bucket", response.bucket),
             ]
@@ -312,7 +328,7 @@ def _shard_of_offline(session: Session, a: int, b: int) -> int:
     shard = calculate_shard(a, b, shards)
     bucket = bucket_of(a, b)
     if session.json:
-        _print_json(
+        print_json(
             {
                 "shard_id": shard,
                 "source": admin_pb.ShardSource.Name(admin_pb.SHARD_SOURCE_HASH),
@@ -364,10 +380,10 @@ def cmd_overrides_list(session: Session) -> int:
             raise CliError("the server returned the same page token twice; stopping", 1)
         seen_tokens.add(token)
     if session.json:
-        document = _message_dict(
+        document = message_dict(
             admin_pb.ListShardOverridesResponse(overrides=collected, next_page_token=token)
         )
-        _print_json(document)
+        print_json(document)
         return 0
     if collected:
         print(format_table(_OVERRIDE_HEADERS, _override_rows(collected), right=(0, 1, 2)))
@@ -384,7 +400,7 @@ def cmd_overrides_set(session: Session) -> int:
     )
     response = session.call(session.admin_stub().SetShardOverride, request)
     if session.json:
-        _print_json(_message_dict(response))
+        print_json(message_dict(response))
         return 0
     print(format_table(_OVERRIDE_HEADERS, _override_rows([response.override]), right=(0, 1, 2)))
     return 0
@@ -397,7 +413,7 @@ def cmd_overrides_delete(session: Session) -> int:
     )
     response = session.call(session.admin_stub().DeleteShardOverride, request)
     if session.json:
-        _print_json(_message_dict(response))
+        print_json(message_dict(response))
         return 0
     low, high = sorted((args.user_id_1, args.user_id_2))
     print(f"pair {low} {high} has no override; it lives on its hash shard {response.shard_id}")
@@ -409,9 +425,9 @@ def cmd_stats(session: Session) -> int:
     available = [s for s in response.shards if s.available]
     summary = DistributionSummary.summarize([s.message_count for s in available]) if available else None
     if session.json:
-        document = _message_dict(response)
+        document = message_dict(response)
         document["distribution"] = dataclasses.asdict(summary) if summary is not None else None
-        _print_json(document)
+        print_json(document)
         return 0
     rows = [
         [
@@ -523,8 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     shard_of = command(commands, "shard-of", cmd_shard_of, "tell which shard holds the dialog of two users")
-    shard_of.add_argument("user_id_1", type=_int64, metavar="A")
-    shard_of.add_argument("user_id_2", type=_int64, metavar="B")
+    shard_of.add_argument("user_id_1", type=int64_arg, metavar="A")
+    shard_of.add_argument("user_id_2", type=int64_arg, metavar="B")
     shard_of.add_argument(
         "--offline",
         action="store_true",
@@ -544,18 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     actions = overrides.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     listing = command(actions, "list", cmd_overrides_list, "list shard overrides ordered by pair")
-    listing.add_argument("--page-size", type=_page_size, default=0, metavar="N", help="overrides per page")
+    listing.add_argument("--page-size", type=page_size_arg, default=0, metavar="N", help="overrides per page")
     listing.add_argument("--page-token", default="", metavar="TOKEN", help="continue after an earlier page")
     listing.add_argument("--all", action="store_true", help="follow next_page_token to the last page")
 
     setting = command(actions, "set", cmd_overrides_set, "pin a pair of users to a shard")
-    setting.add_argument("user_id_1", type=_int64, metavar="A")
-    setting.add_argument("user_id_2", type=_int64, metavar="B")
-    setting.add_argument("shard", type=_shard_id, metavar="SHARD")
+    setting.add_argument("user_id_1", type=int64_arg, metavar="A")
+    setting.add_argument("user_id_2", type=int64_arg, metavar="B")
+    setting.add_argument("shard", type=shard_id_arg, metavar="SHARD")
 
     deleting = command(actions, "delete", cmd_overrides_delete, "send a pair back to its hash shard")
-    deleting.add_argument("user_id_1", type=_int64, metavar="A")
-    deleting.add_argument("user_id_2", type=_int64, metavar="B")
+    deleting.add_argument("user_id_1", type=int64_arg, metavar="A")
+    deleting.add_argument("user_id_2", type=int64_arg, metavar="B")
     deleting.add_argument(
         "--allow-missing", action="store_true", help="succeed when the pair has no override"
     )
@@ -570,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
     print(f"{PROG}: {message}", file=sys.stderr)
     return code
 
@@ -583,9 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except CliError as exc:
-        return _fail(exc.message, exc.exit_code)
+        return fail(exc.message, exc.exit_code)
     except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+        return fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:
         # `dialogctl ... | head`: the reader left; do not let the interpreter complain at exit.
         devnull = os.open(os.devnull, os.O_WRONLY)

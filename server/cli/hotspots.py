@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from server.cli.dialogctl import CliError, Session, _print_json, format_table
+from server.cli.dialogctl import CliError, Session, format_table, print_json
 from server.cli.shards import tool_shards
 from server.config import ServerConfig
 from server.errors import ServiceError
@@ -66,7 +66,7 @@ def cmd_hotspots(session: Session) -> int:
     pairs = pairs[: args.top]
     total = sum(load.messages for load in shards.values()) or 1
     if session.json:
-        _print_json(
+        print_json(
             {
                 "window_seconds": args.window,
                 "shards": [
@@ -136,7 +136,7 @@ def cmd_rebalance(session: Session) -> int:
             )
             applied.append(proposal)
     if session.json:
-        _print_json(
+        print_json(
             {
                 "by": args.by,
                 "proposals": [

@@ -17,13 +17,13 @@ from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from server.cli.dialogctl import (
     CliError,
     Session,
-    _int64,
-    _message_dict,
-    _page_size,
-    _print_json,
-    _shard_id,
-    _source_name,
     format_table,
+    int64_arg,
+    message_dict,
+    page_size_arg,
+    print_json,
+    shard_id_arg,
+    source_name,
 )
 from server.cli.progress import Progress
 
@@ -32,7 +32,7 @@ _HEADERS = ("SHARD", "MESSAGE_ID", "FROM", "TO", "CREATED", "PLACEMENT", "TEXT")
 
 
 def _placement(m: admin_pb.PlacedMessage) -> str:
-    reason = _source_name(m.source)
+    reason = source_name(m.source)
     if m.resolved_shard_id != m.shard_id:
         return f"{reason} -> {m.resolved_shard_id} (not moved yet)"
     return reason
@@ -66,7 +66,7 @@ def cmd_messages(session: Session) -> int:
             seen_tokens.add(token)
             request.page_token = token
     if session.json:
-        _print_json(_message_dict(admin_pb.ListMessagesResponse(messages=collected, next_page_token=token)))
+        print_json(message_dict(admin_pb.ListMessagesResponse(messages=collected, next_page_token=token)))
         return 0
     rows = [
         [
@@ -94,11 +94,11 @@ def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> 
         commands, "messages", cmd_messages, "list stored messages with their shard and placement reason"
     )
     parser.add_argument(
-        "--pair", nargs=2, type=_int64, metavar=("A", "B"), help="only the dialog of users A and B"
+        "--pair", nargs=2, type=int64_arg, metavar=("A", "B"), help="only the dialog of users A and B"
     )
-    parser.add_argument("--shard", type=_shard_id, metavar="SHARD", help="only messages stored on SHARD")
+    parser.add_argument("--shard", type=shard_id_arg, metavar="SHARD", help="only messages stored on SHARD")
     parser.add_argument(
-        "--page-size", type=_page_size, default=0, metavar="N", help="messages per page (default 100)"
+        "--page-size", type=page_size_arg, default=0, metavar="N", help="messages per page (default 100)"
     )
     parser.add_argument("--page-token", default="", metavar="TOKEN", help="continue after an earlier page")
     parser.add_argument("--all", action="store_true", help="follow next_page_token to the last page")

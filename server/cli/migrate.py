@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import Session, _fail, _print_json, format_table
+from server.cli.dialogctl import Session, fail, format_table, print_json
 from server.cli.progress import Progress
 from server.config import describe_dsn
 from server.storage.pools import connect_failure_reason
@@ -99,7 +99,7 @@ def cmd_migrate(session: Session) -> int:
     reports = [t.report() for t in targets]
     failed = [r for r in reports if r["status"] == "failed"]
     if session.json:
-        _print_json({"targets": reports})
+        print_json({"targets": reports})
     else:
         rows = [
             [
@@ -113,7 +113,7 @@ def cmd_migrate(session: Session) -> int:
         print(format_table(("TARGET", "LOCATION", "STATUS", "CREATED"), rows))
     if failed:
         what = "; ".join(f"{r['name']} ({r['location']}): {r['error']}" for r in failed)
-        return _fail(f"migration failed for {what}", EXIT_FAILED)
+        return fail(f"migration failed for {what}", EXIT_FAILED)
     return 0
 
 

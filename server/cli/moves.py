@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import CliError, Session, _print_json, format_table
+from server.cli.dialogctl import CliError, Session, format_table, print_json
 from server.cli.shards import tool_shards
 from server.config import PoolConfig, ServerConfig
 from server.errors import ServiceError
@@ -96,7 +96,7 @@ def cmd_moves(session: Session) -> int:
     except ServiceError as exc:
         raise CliError(exc.message, 1) from None
     if session.json:
-        _print_json(result)
+        print_json(result)
         return 0
     rows = [
         [

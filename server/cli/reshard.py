@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import CliError, Session, _print_json, format_table
+from server.cli.dialogctl import CliError, Session, format_table, print_json
 from server.cli.progress import Progress as ProgressLine
 from server.cli.shards import tool_shards
 from server.config import PoolConfig, ServerConfig
@@ -119,7 +119,7 @@ def cmd_reshard(session: Session) -> int:
     except ServiceError as exc:
         raise CliError(exc.message, 1) from None
     if session.json:
-        _print_json(result)
+        print_json(result)
     elif result["dry_run"]:
         rows = [[r["source"], r["target"], r["buckets"], r["messages"], r["pairs"]] for r in result["routes"]]
         print(format_table(("SOURCE", "TARGET", "BUCKETS", "MESSAGES", "PAIRS"), rows, right=(0, 1, 2, 3, 4)))

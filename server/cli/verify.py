@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import CliError, Session, _print_json, format_table
+from server.cli.dialogctl import CliError, Session, format_table, print_json
 from server.cli.progress import Progress
 from server.cli.shards import tool_shards
 from server.config import ServerConfig
@@ -79,7 +79,7 @@ def cmd_verify(session: Session) -> int:
         raise CliError(exc.message, _EXIT_FINDINGS) from None
     remaining = [f for f in report.findings if not args.repair or f.kind in _UNREPAIRABLE]
     if session.json:
-        _print_json(
+        print_json(
             {
                 "shards_scanned": report.shards_scanned,
                 "pairs": report.pairs,
