@@ -42,6 +42,7 @@ test: $(INSTALLED)
 ## Benchmark on local PostgreSQL shards with h2load and pgbench (~5 min); results in bench-results/.
 bench: $(INSTALLED)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.resolve
 
 ## The same in one short round (~1 min): a smoke test of the numbers, not a measurement to quote.
 bench-quick: $(INSTALLED)
