@@ -5,10 +5,10 @@ Every call needs a token with the admin claim (give the channel a token provider
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from client._calls import AsyncCaller, Metadata, SyncCaller
+from client._calls import AsyncCaller, Metadata, SyncCaller, follow_pages, follow_pages_async
 from client._errors import build_request
 from client._models import (
     ClusterStats,
@@ -128,15 +128,14 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
         self, *, page_size: int = 0, timeout: float | None = None, metadata: Metadata = ()
     ) -> Iterator[ShardOverride]:
         """Every override, following next_page_token; `timeout` applies per page."""
-        token = ""
-        while True:
+
+        def fetch(token: str) -> tuple[Sequence[ShardOverride], str]:
             page = self.list_overrides(
                 page_size=page_size, page_token=token, timeout=timeout, metadata=metadata
             )
-            yield from page.overrides
-            token = page.next_page_token
-            if not token:
-                return
+            return page.overrides, page.next_page_token
+
+        return follow_pages(fetch)
 
     def resolve_shard(
         self, user_id_1: int, user_id_2: int, *, timeout: float | None = None, metadata: Metadata = ()
@@ -186,8 +185,8 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
         metadata: Metadata = (),
     ) -> Iterator[PlacedMessage]:
         """Every stored message matching the filters, following next_page_token."""
-        token = ""
-        while True:
+
+        def fetch(token: str) -> tuple[Sequence[PlacedMessage], str]:
             page = self.list_messages(
                 pair=pair,
                 shard_id=shard_id,
@@ -196,10 +195,9 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
                 timeout=timeout,
                 metadata=metadata,
             )
-            yield from page.messages
-            token = page.next_page_token
-            if not token:
-                return
+            return page.messages, page.next_page_token
+
+        return follow_pages(fetch)
 
 
 class AsyncAdminClient(AsyncCaller[_AsyncStub]):
@@ -265,20 +263,18 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
         )
         return _overrides(response)
 
-    async def iter_overrides(
+    def iter_overrides(
         self, *, page_size: int = 0, timeout: float | None = None, metadata: Metadata = ()
     ) -> AsyncIterator[ShardOverride]:
         """Every override, following next_page_token; `timeout` applies per page."""
-        token = ""
-        while True:
+
+        async def fetch(token: str) -> tuple[Sequence[ShardOverride], str]:
             page = await self.list_overrides(
                 page_size=page_size, page_token=token, timeout=timeout, metadata=metadata
             )
-            for override in page.overrides:
-                yield override
-            token = page.next_page_token
-            if not token:
-                return
+            return page.overrides, page.next_page_token
+
+        return follow_pages_async(fetch)
 
     async def resolve_shard(
         self, user_id_1: int, user_id_2: int, *, timeout: float | None = None, metadata: Metadata = ()
@@ -318,7 +314,7 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
         )
         return _placed(response)
 
-    async def iter_messages(
+    def iter_messages(
         self,
         *,
         pair: tuple[int, int] | None = None,
@@ -328,8 +324,8 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
         metadata: Metadata = (),
     ) -> AsyncIterator[PlacedMessage]:
         """Every stored message matching the filters, following next_page_token."""
-        token = ""
-        while True:
+
+        async def fetch(token: str) -> tuple[Sequence[PlacedMessage], str]:
             page = await self.list_messages(
                 pair=pair,
                 shard_id=shard_id,
@@ -338,8 +334,6 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
                 timeout=timeout,
                 metadata=metadata,
             )
-            for message in page.messages:
-                yield message
-            token = page.next_page_token
-            if not token:
-                return
+            return page.messages, page.next_page_token
+
+        return follow_pages_async(fetch)

@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -23,6 +23,7 @@ from client._retry import Attempts, RetryPolicy
 _Response = TypeVar("_Response")
 #: The generated stub class a client calls through (e.g. DialogServiceStub).
 _Stub = TypeVar("_Stub")
+_Item = TypeVar("_Item")
 
 #: Metadata pairs added to one call, e.g. `[("x-trace-id", "abc")]`.
 Metadata = Sequence[tuple[str, str]]
@@ -203,4 +204,35 @@ class AsyncCaller(_Base, Generic[_Stub]):
         await self.close()
 
 
-__all__ = ["DEFAULT_TIMEOUT", "AsyncCaller", "DialogShardError", "Metadata", "SyncCaller"]
+def follow_pages(fetch: Callable[[str], tuple[Sequence[_Item], str]]) -> Iterator[_Item]:
+    """The items of every page: `fetch(page_token)` returns one page's items and its next token."""
+    token = ""
+    while True:
+        items, token = fetch(token)
+        yield from items
+        if not token:
+            return
+
+
+async def follow_pages_async(
+    fetch: Callable[[str], Awaitable[tuple[Sequence[_Item], str]]],
+) -> AsyncIterator[_Item]:
+    """The asyncio twin of `follow_pages`."""
+    token = ""
+    while True:
+        items, token = await fetch(token)
+        for item in items:
+            yield item
+        if not token:
+            return
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "AsyncCaller",
+    "DialogShardError",
+    "Metadata",
+    "SyncCaller",
+    "follow_pages",
+    "follow_pages_async",
+]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
-from client._calls import AsyncCaller, Metadata, SyncCaller
+from client._calls import AsyncCaller, Metadata, SyncCaller, follow_pages, follow_pages_async
 from client._errors import build_request
 from client._models import DialogPage, Message, Order, SentMessage
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
@@ -117,8 +117,8 @@ class DialogClient(SyncCaller[pb_grpc.DialogServiceStub]):
         metadata: Metadata = (),
     ) -> Iterator[Message]:
         """Every message of the dialog, following next_page_token; `timeout` applies per page."""
-        token = ""
-        while True:
+
+        def fetch(token: str) -> tuple[Sequence[Message], str]:
             page = self.get_dialog(
                 user_id,
                 peer_user_id,
@@ -128,10 +128,9 @@ class DialogClient(SyncCaller[pb_grpc.DialogServiceStub]):
                 timeout=timeout,
                 metadata=metadata,
             )
-            yield from page.messages
-            token = page.next_page_token
-            if not token:
-                return
+            return page.messages, page.next_page_token
+
+        return follow_pages(fetch)
 
 
 class AsyncDialogClient(AsyncCaller[_AsyncStub]):
@@ -181,7 +180,7 @@ class AsyncDialogClient(AsyncCaller[_AsyncStub]):
         )
         return _page(response)
 
-    async def iter_dialog(
+    def iter_dialog(
         self,
         user_id: int,
         peer_user_id: int,
@@ -192,8 +191,8 @@ class AsyncDialogClient(AsyncCaller[_AsyncStub]):
         metadata: Metadata = (),
     ) -> AsyncIterator[Message]:
         """Every message of the dialog, following next_page_token; `timeout` applies per page."""
-        token = ""
-        while True:
+
+        async def fetch(token: str) -> tuple[Sequence[Message], str]:
             page = await self.get_dialog(
                 user_id,
                 peer_user_id,
@@ -203,8 +202,6 @@ class AsyncDialogClient(AsyncCaller[_AsyncStub]):
                 timeout=timeout,
                 metadata=metadata,
             )
-            for message in page.messages:
-                yield message
-            token = page.next_page_token
-            if not token:
-                return
+            return page.messages, page.next_page_token
+
+        return follow_pages_async(fetch)
