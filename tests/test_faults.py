@@ -143,6 +143,23 @@ def _figures(name: str, report: LoadReport, marks: dict[str, float]) -> None:
     print("\n".join(lines))
 
 
+async def _refused_while_open(load: Load, marks: dict[str, float]) -> None:
+    """Wait until 20 calls to the broken shard started after its breaker opened."""
+    await load.wait_for(
+        lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20, 10, "refusals"
+    )
+
+
+async def _check_outcome(
+    address: str, config: ServerConfig, report: LoadReport, marks: dict[str, float]
+) -> None:
+    """The common checks, then every acknowledged (and re-sent unacknowledged) message stored once."""
+    _check_common(report, marks)
+    resent = await _resend_unacked(address, config, report)
+    checked = assert_exactly_once(report, config, (0, 1))
+    print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
+
+
 def _check_common(report: LoadReport, marks: dict[str, float]) -> None:
     healthy = report.of(0)
     assert healthy and all(o.code is grpc.StatusCode.OK for o in healthy), report.codes(0)
@@ -190,9 +207,7 @@ async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
             admin_service_pb2.BREAKER_STATE_OPEN,
             admin_service_pb2.BREAKER_STATE_HALF_OPEN,
         )
-        await load.wait_for(
-            lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20, 10, "refusals"
-        )
+        await _refused_while_open(load, marks)
         marks["repaired"] = time.monotonic()
         await asyncio.to_thread(victim.start)
         await _until_recovered(load, fault_server, marks)
@@ -200,10 +215,7 @@ async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
     _, recovered = await _shard_stats(address, fault_config)
     assert recovered.available and recovered.primary.up and not recovered.primary.last_error
     assert recovered.primary.breaker_trips >= 1
-    _check_common(load.report, marks)
-    resent = await _resend_unacked(address, fault_config, load.report)
-    checked = assert_exactly_once(load.report, fault_config, (0, 1))
-    print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
+    await _check_outcome(address, fault_config, load.report, marks)
 
 
 async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config, victim):
@@ -218,18 +230,11 @@ async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config
         with frozen(victim):
             marks["fault"] = time.monotonic()
             marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
-            await load.wait_for(
-                lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20,
-                10,
-                "refusals",
-            )
+            await _refused_while_open(load, marks)
             marks["repaired"] = time.monotonic()
         await _until_recovered(load, fault_server, marks)
     _figures("SIGSTOP (hang) of shard 1's PostgreSQL, then SIGCONT", load.report, marks)
-    _check_common(load.report, marks)
-    resent = await _resend_unacked(address, fault_config, load.report)
-    checked = assert_exactly_once(load.report, fault_config, (0, 1))
-    print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
+    await _check_outcome(address, fault_config, load.report, marks)
 
 
 async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
@@ -244,14 +249,9 @@ async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
         marks["fault"] = time.monotonic()
         await asyncio.to_thread(victim.stop, "fast")
         marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
-        await load.wait_for(
-            lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20, 10, "refusals"
-        )
+        await _refused_while_open(load, marks)
         marks["repaired"] = time.monotonic()
         await asyncio.to_thread(victim.start)
         await _until_recovered(load, fault_server, marks)
     _figures("restart (fast shutdown, start) of shard 1's PostgreSQL", load.report, marks)
-    _check_common(load.report, marks)
-    resent = await _resend_unacked(address, fault_config, load.report)
-    checked = assert_exactly_once(load.report, fault_config, (0, 1))
-    print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
+    await _check_outcome(address, fault_config, load.report, marks)
