@@ -1,5 +1,6 @@
 # dialog-shard: `make run` serves on 127.0.0.1:50051, `make test` runs the suite.
-# Both create the virtualenv on first use; nothing else is needed but Python 3.11+ and make.
+# Both create the virtualenv on first use (`make test` also `npm ci` for the buf CLI the README and
+# API-compatibility tests run); nothing else is needed but Python 3.11+, make and npm.
 
 PYTHON ?= python3
 VENV := .venv
@@ -35,8 +36,9 @@ run: $(INSTALLED)
 cluster: $(INSTALLED)
 	$(BIN)/python scripts/local_cluster.py $(CLUSTER_ARGS)
 
-## The test suite: real PostgreSQL servers and a real gRPC server, started by the fixtures.
-test: $(INSTALLED)
+## The test suite: real PostgreSQL servers and a real gRPC server, started by the fixtures;
+## node_modules brings the buf CLI that the README and API-compatibility tests call.
+test: $(INSTALLED) $(NODE_INSTALLED)
 	$(BIN)/pytest
 
 ## Benchmark on local PostgreSQL shards with h2load and pgbench (~5 min); results in bench-results/.
