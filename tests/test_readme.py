@@ -122,7 +122,7 @@ async def test_readme_commands_run_as_written(readme_server: RunningServer, chec
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     outputs = re.split(r"^--- readme block \d+ ---\n", result.stdout, flags=re.M)[1:]
     assert len(outputs) == len(shell_blocks)
-    quick_start, buf_curl, example = outputs[0], outputs[1], outputs[-1]
+    quick_start, buf_curl, example, operations = outputs
 
     assert '"text": "hello"' in quick_start
     assert "dialog.v1.DialogService" in quick_start  # grpcurl list
@@ -135,3 +135,11 @@ async def test_readme_commands_run_as_written(readme_server: RunningServer, chec
     assert re.search(r"^stored \S+ replayed: False$", example, re.M)
     assert re.search(r" 1 -> 2 hello from Python$", example, re.M)
     assert "refused: INVALID_ARGUMENT ['text']" in example
+
+    # dialogctl operations: the Quick start's message listed with its placement, every database
+    # up to date, full and one-shard backups with manifests, and the shard restored and checked.
+    assert re.search(r"^\s*\d+\s+\S+\s+1\s+2\s.*hash.*hello$", operations, re.M)
+    assert "up to date" in operations
+    assert (checkout / "backups" / "today" / "manifest.json").is_file()
+    assert (checkout / "b" / "s2" / "shard-2.dump").is_file()
+    assert "restored 1 item from b/s2" in operations
