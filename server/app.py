@@ -32,8 +32,10 @@ from server.interceptors import (
     AuthInterceptor,
     DeadlineInterceptor,
     ErrorMappingInterceptor,
+    FusedInterceptors,
     RateLimitInterceptor,
 )
+from server.interceptors._wrap import UnaryUnaryInterceptor
 from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import TokenBucketLimiter
 from server.logs import RpcLog
@@ -85,7 +87,7 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             reloads=lambda: placement.reloads,
             breakers=lambda: {s.shard_id: s.primary.breaker.value for s in shards.states()},
         )
-        interceptors: list[grpc.aio.ServerInterceptor] = [
+        interceptors: list[UnaryUnaryInterceptor] = [
             ObserveInterceptor(metrics, RpcLog()),
             ErrorMappingInterceptor(),
             DeadlineInterceptor(),
@@ -100,7 +102,8 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             )
             interceptors.append(RateLimitInterceptor(limiter, frozenset({SEND_MESSAGE_METHOD})))
         server = grpc.aio.server(
-            interceptors=interceptors,
+            # One interceptor for all: each method's wrapped handler is built on its first call.
+            interceptors=[FusedInterceptors(interceptors)],
             options=[
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # gRPC itself refuses larger requests with RESOURCE_EXHAUSTED before any handler runs.

@@ -1,8 +1,15 @@
 """Server interceptors: observation (outermost), error mapping, deadline, authentication, rate limiting."""
 
+from server.interceptors._wrap import FusedInterceptors
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.deadline import DeadlineInterceptor
 from server.interceptors.errors import ErrorMappingInterceptor
 from server.interceptors.rate_limit import RateLimitInterceptor
 
-__all__ = ["AuthInterceptor", "DeadlineInterceptor", "ErrorMappingInterceptor", "RateLimitInterceptor"]
+__all__ = [
+    "AuthInterceptor",
+    "DeadlineInterceptor",
+    "ErrorMappingInterceptor",
+    "FusedInterceptors",
+    "RateLimitInterceptor",
+]

@@ -1,18 +1,30 @@
-"""Wrapping the behavior of unary-unary handlers, the only RPC kind this service defines."""
+"""Wrapping the behavior of unary-unary handlers, the only RPC kind this service defines.
+
+Each interceptor says once per method how it wraps that method's behavior (`wrapper`), or, for
+the ones that only check or record something before the call (`CallCheck`), what it checks
+(`check`). Per-call facts (metadata, deadline) are read from the call's context when it runs.
+`FusedInterceptors` serves the server's interceptors as one: the first call of a method builds
+its wrapped handler, with consecutive checks run in one wrapper, and later calls reuse it, so a
+call pays for neither rebuilding handlers nor one coroutine per check.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+#: Runs before the behavior; raises to refuse the call (the error mapper answers it).
+Check = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], None]
 #: What `intercept_service` receives to look up the next handler (a string: grpc's classes are
 #: generic only in their type stubs, not at run time).
 Continuation: TypeAlias = (
     "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
 )
+#: Turns a behavior into the wrapped one.
+Wrapper = Callable[[Behavior], Behavior]
 
 
 def wrap_unary_unary(
@@ -29,14 +41,18 @@ def wrap_unary_unary(
     )
 
 
-#: Turns a behavior into the wrapped one.
-Wrapper = Callable[[Behavior], Behavior]
+def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    """The first value of invocation metadata `key` (lowercase) of the current call, or None."""
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return str(v)
+    return None
 
 
 class UnaryUnaryInterceptor(grpc.aio.ServerInterceptor):
     """Base of the interceptors that wrap unary-unary behaviors.
 
-    Subclasses say in `wrapper` how to wrap one call's behavior (None leaves the handler as it
+    Subclasses say in `wrapper` how to wrap a method's behavior (None leaves the handler as it
     is); other handlers (unknown methods, streams such as health Watch) pass through untouched.
     """
 
@@ -48,13 +64,100 @@ class UnaryUnaryInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        return self.wrap_handler(handler, handler_call_details)
+        return self.wrap_handler(handler, handler_call_details.method)
 
     def wrap_handler(
-        self, handler: grpc.RpcMethodHandler[Any, Any], details: grpc.HandlerCallDetails
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        wrap = self.wrapper(details)
+        wrap = self.wrapper(method)
         return handler if wrap is None else wrap_unary_unary(handler, wrap)
 
-    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper | None:
+    def wrapper(self, method: str) -> Wrapper | None:
         raise NotImplementedError
+
+
+class CallCheck(UnaryUnaryInterceptor):
+    """An interceptor that only checks or records something before the behavior runs."""
+
+    def check(self, method: str) -> Check | None:
+        """What to run before each call of `method` (None: nothing)."""
+        raise NotImplementedError
+
+    def wrapper(self, method: str) -> Wrapper | None:
+        check = self.check(method)
+        return None if check is None else _checked([check])
+
+
+def _checked(checks: Sequence[Check]) -> Wrapper:
+    """Runs `checks` in order, then the behavior: one coroutine for all of them."""
+    if len(checks) == 1:
+        (only,) = checks
+
+        def wrap_one(behavior: Behavior) -> Behavior:
+            async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                only(request, context)
+                return await behavior(request, context)
+
+            return checked
+
+        return wrap_one
+    run = tuple(checks)
+
+    def wrap(behavior: Behavior) -> Behavior:
+        async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            for check in run:
+                check(request, context)
+            return await behavior(request, context)
+
+        return checked
+
+    return wrap
+
+
+class FusedInterceptors(grpc.aio.ServerInterceptor):
+    """`interceptors` (outermost first) as one interceptor, with each method's handler built once.
+
+    Equivalent to passing them to the server one by one: the same wrappers in the same order,
+    consecutive `CallCheck`s run one after the other inside one wrapper. Handlers that are not
+    unary-unary, or unknown methods, go through untouched (and are not remembered).
+    """
+
+    def __init__(self, interceptors: Sequence[UnaryUnaryInterceptor]) -> None:
+        self._interceptors = tuple(interceptors)
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is not None:
+            return handler
+        found = await continuation(handler_call_details)
+        if found is None or found.unary_unary is None:
+            return found
+        # The services are registered before the server starts and never change, so a method's
+        # handler is the same for every call.
+        handler = self._handlers[method] = self.wrap_handler(found, method)
+        return handler
+
+    def wrap_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler` wrapped by every interceptor, innermost first."""
+        checks: list[Check] = []
+        for interceptor in reversed(self._interceptors):
+            if isinstance(interceptor, CallCheck):
+                check = interceptor.check(method)
+                if check is not None:
+                    checks.insert(0, check)
+                continue
+            if checks:
+                handler = wrap_unary_unary(handler, _checked(checks))
+                checks = []
+            handler = interceptor.wrap_handler(handler, method)
+        if checks:
+            handler = wrap_unary_unary(handler, _checked(checks))
+        return handler

@@ -14,41 +14,32 @@ import grpc
 
 from server.auth import Principal, TokenVerifier, current_principal
 from server.errors import PermissionDenied
-from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper
+from server.interceptors._wrap import CallCheck, Check, metadata_value
 
 DIALOG_SERVICE_PREFIX = "/dialog.v1.DialogService/"
 ADMIN_SERVICE_PREFIX = "/dialog.v1.AdminService/"
 
 
-class AuthInterceptor(UnaryUnaryInterceptor):
+class AuthInterceptor(CallCheck):
     """Verifies the bearer token of protected methods before the servicer runs."""
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
 
-    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper | None:
-        method = details.method
+    def check(self, method: str) -> Check | None:
         admin_only = method.startswith(ADMIN_SERVICE_PREFIX)
         if not (admin_only or method.startswith(DIALOG_SERVICE_PREFIX)):
             return None  # health and reflection stay open
         # Protected services are unary only (tests/test_proto_stubs.py checks): the base class
         # passes streaming handlers through, which would leave them unauthenticated.
-        header = next(
-            (str(v) for k, v in (details.invocation_metadata or ()) if k == "authorization"),
-            None,
-        )
-        verifier = self._verifier
+        verify_header = self._verifier.verify_header
 
-        def wrap(behavior: Behavior) -> Behavior:
-            async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                principal: Principal = verifier.verify_header(header)
-                if admin_only and not principal.admin:
-                    raise PermissionDenied(
-                        "AdminService needs a token with the admin claim", reason="ADMIN_REQUIRED"
-                    )
-                current_principal.set(principal)
-                return await behavior(request, context)
+        def authenticate(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            principal: Principal = verify_header(metadata_value(context, "authorization"))
+            if admin_only and not principal.admin:
+                raise PermissionDenied(
+                    "AdminService needs a token with the admin claim", reason="ADMIN_REQUIRED"
+                )
+            current_principal.set(principal)
 
-            return authenticated
-
-        return wrap
+        return authenticate

@@ -11,22 +11,19 @@ from typing import Any
 
 import grpc
 
-from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper
+from server.interceptors._wrap import CallCheck, Check
 from server.resilience.deadline import rpc_deadline
 
 
-class DeadlineInterceptor(UnaryUnaryInterceptor):
+class DeadlineInterceptor(CallCheck):
     """Publishes the call's absolute deadline (time.monotonic() based) for the storage layer."""
 
-    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper:
-        def wrap(behavior: Behavior) -> Behavior:
-            async def bounded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                left = context.time_remaining()
-                # grpc reports "no deadline" as None (or a huge number from some stacks).
-                if left is not None and left < 1e9:
-                    rpc_deadline.set(time.monotonic() + left)
-                return await behavior(request, context)
+    def check(self, method: str) -> Check:
+        return _publish_deadline
 
-            return bounded
 
-        return wrap
+def _publish_deadline(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    left = context.time_remaining()
+    # grpc reports "no deadline" as None (or a huge number from some stacks).
+    if left is not None and left < 1e9:
+        rpc_deadline.set(time.monotonic() + left)

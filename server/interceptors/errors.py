@@ -50,15 +50,14 @@ class ErrorMappingInterceptor(UnaryUnaryInterceptor):
     """Turns exceptions raised by inner layers into statuses; outermost but for observation."""
 
     def wrap_handler(
-        self, handler: grpc.RpcMethodHandler[Any, Any], details: grpc.HandlerCallDetails
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
         # A request that does not parse reaches the wrapper as a marker, answered INVALID_ARGUMENT.
         return wrap_unary_unary(
-            handler, self.wrapper(details), request_deserializer=_tolerant(handler.request_deserializer)
+            handler, self.wrapper(method), request_deserializer=_tolerant(handler.request_deserializer)
         )
 
-    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper:
-        method = details.method
+    def wrapper(self, method: str) -> Wrapper:
 
         def wrap(behavior: Behavior) -> Behavior:
             async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

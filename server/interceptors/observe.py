@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from server.call_context import current_shard
-from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper
+from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper, metadata_value
 from server.logs import RpcLog
 from server.metrics import ServerMetrics, go_code_name
 
@@ -26,17 +26,12 @@ class ObserveInterceptor(UnaryUnaryInterceptor):
         self._metrics = metrics
         self._log = rpc_log
 
-    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper:
+    def wrapper(self, full_method: str) -> Wrapper:
         # Only registered methods get here (an unknown one is answered UNIMPLEMENTED by gRPC and
         # passed through by the base class), so method names are a bounded label set.
-        full_method = details.method
         method_metrics = self._metrics.method(full_method) if self._metrics is not None else None
         rpc_log = self._log
         service, _, name = full_method.lstrip("/").rpartition("/")
-        x_request_id = next(
-            (str(v) for k, v in (details.invocation_metadata or ()) if k == "x-request-id"),
-            None,
-        )
 
         def wrap(behavior: Behavior) -> Behavior:
             async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -71,7 +66,7 @@ class ObserveInterceptor(UnaryUnaryInterceptor):
                             seconds=seconds,
                             shard=shard,
                             peer=context.peer(),
-                            x_request_id=x_request_id,
+                            x_request_id=metadata_value(context, "x-request-id"),
                             request_id=getattr(request, "request_id", None),
                         )
 

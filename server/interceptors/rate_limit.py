@@ -18,7 +18,7 @@ import grpc
 
 from server.auth import current_principal
 from server.errors import ResourceExhausted
-from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper
+from server.interceptors._wrap import CallCheck, Check
 
 
 class TokenBucketLimiter:
@@ -70,35 +70,30 @@ class TokenBucketLimiter:
             self._buckets.popitem(last=False)
 
 
-class RateLimitInterceptor(UnaryUnaryInterceptor):
+class RateLimitInterceptor(CallCheck):
     """Applies a per-user limiter to some methods; must run after the auth interceptor."""
 
     def __init__(self, limiter: TokenBucketLimiter, methods: frozenset[str]) -> None:
         self._limiter = limiter
         self._methods = methods
 
-    def wrapper(self, details: grpc.HandlerCallDetails) -> Wrapper | None:
-        method = details.method
+    def check(self, method: str) -> Check | None:
         if method not in self._methods:
             return None
         limiter = self._limiter
         name = method.rsplit("/", 1)[-1]
 
-        def wrap(behavior: Behavior) -> Behavior:
-            async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                principal = current_principal.get(None)
-                if principal is not None and principal.user_id is not None:
-                    wait = limiter.acquire(principal.user_id)
-                    if wait > 0:
-                        raise ResourceExhausted(
-                            f"too many {name} calls: at most {limiter.rate_per_second:g} per second per user "
-                            f"(bursts of {limiter.burst}); retry in {wait:.3f} s",
-                            retry_after_seconds=wait,
-                            reason="RATE_LIMITED",
-                            metadata={"method": name},
-                        )
-                return await behavior(request, context)
+        def limit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            principal = current_principal.get(None)
+            if principal is not None and principal.user_id is not None:
+                wait = limiter.acquire(principal.user_id)
+                if wait > 0:
+                    raise ResourceExhausted(
+                        f"too many {name} calls: at most {limiter.rate_per_second:g} per second per user "
+                        f"(bursts of {limiter.burst}); retry in {wait:.3f} s",
+                        retry_after_seconds=wait,
+                        reason="RATE_LIMITED",
+                        metadata={"method": name},
+                    )
 
-            return limited
-
-        return wrap
+        return limit
