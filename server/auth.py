@@ -165,10 +165,11 @@ class TokenVerifier:
         self._config = config
         self._public_key = load_public_key(config.public_key_file) if config.public_key_file else None
         self._jwks = _JwksFile(config.jwks_file) if config.jwks_file else None
-        # token -> (key it was verified with, expiry incl. leeway, principal). A hit skips only the
-        # signature and claim checks: the key is still looked up per call (a withdrawn kid fails at
-        # once) and must be the very key object that verified the token; expiry is checked again.
-        self._verified: dict[str, tuple[object, float, Principal]] = {}
+        # token -> (key it was verified with, expiry incl. leeway, principal, header alg and kid).
+        # A hit skips only parsing the header and the signature and claim checks: the key is still
+        # looked up per call (a withdrawn kid fails at once) and must be the very key object that
+        # verified the token; expiry is checked again.
+        self._verified: dict[str, tuple[object, float, Principal, object, object]] = {}
 
     def verify_header(self, value: str | None) -> Principal:
         if not value:
@@ -182,20 +183,22 @@ class TokenVerifier:
             )
         return self.verify(token.strip())
 
-    def _key_for(self, token: str) -> tuple[str, bytes | PublicKey]:
-        """The token's algorithm and the one key that may verify it."""
+    @staticmethod
+    def _header(token: str) -> dict[str, Any]:
+        """The token's (unverified) JOSE header."""
         try:
-            header = jwt.get_unverified_header(token)
+            return jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise Unauthenticated(_MALFORMED, reason="TOKEN_INVALID") from None
-        algorithm = header.get("alg")
+
+    def _key_of(self, algorithm: object, kid: object) -> tuple[str, bytes | PublicKey]:
+        """The one key that may verify a token whose header names `algorithm` and `kid`."""
         if not isinstance(algorithm, str) or algorithm not in self._config.algorithms:
             raise Unauthenticated(_WRONG_ALGORITHM, reason="TOKEN_INVALID")
         if algorithm in HMAC_ALGORITHMS and self._config.jwt_secret is not None:
             return algorithm, self._config.jwt_secret
         key: PublicKey | None = None
         if self._jwks is not None:
-            kid = header.get("kid")
             if not isinstance(kid, str) or not kid:
                 raise Unauthenticated(
                     "the bearer token's header lacks a key id (kid)", reason="TOKEN_INVALID"
@@ -211,10 +214,15 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Principal:
         config = self._config
-        algorithm, key = self._key_for(token)
         remembered = self._verified.get(token)
-        if remembered is not None and remembered[0] is key and time.time() < remembered[1]:
-            return remembered[2]
+        if remembered is not None:
+            # The same token string has the same header: its parse is remembered too.
+            verified_with, expires, principal, header_alg, header_kid = remembered
+            if self._key_of(header_alg, header_kid)[1] is verified_with and time.time() < expires:
+                return principal
+        header = self._header(token)
+        header_alg, header_kid = header.get("alg"), header.get("kid")
+        algorithm, key = self._key_of(header_alg, header_kid)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -252,7 +260,13 @@ class TokenVerifier:
         principal = Principal(user_id=user_id, admin=admin)
         if len(self._verified) >= self.MAX_REMEMBERED:
             self._verified.clear()
-        self._verified[token] = (key, float(claims["exp"]) + config.leeway_seconds, principal)
+        self._verified[token] = (
+            key,
+            float(claims["exp"]) + config.leeway_seconds,
+            principal,
+            header_alg,
+            header_kid,
+        )
         return principal
 
 
