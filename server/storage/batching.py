@@ -2,10 +2,10 @@
 
 Under load most of a server's time per message goes to round trips and commits, not to the row.
 `BatchingMessageStore` queues the inserts of one shard: when no batch is running, the first one
-is sent at once (alone, through `MessageStore.insert`: no added latency at low load); inserts that
-arrive while a batch runs wait for it and then go together as one multi-row INSERT in one
-autocommit statement. A full queue (`max_batch`) starts another batch right away, up to
-`max_in_flight` at once. There is no timer: nothing ever waits for company.
+is sent at once (alone, in its caller's task, through `MessageStore.insert`: no added latency at
+low load); inserts that arrive while a batch runs wait for it and then go together as one
+multi-row INSERT in one autocommit statement. A full queue (`max_batch`) starts another batch
+right away, up to `max_in_flight` at once. There is no timer: nothing ever waits for company.
 
 What a single insert guarantees holds per message:
 
@@ -142,9 +142,22 @@ class BatchingMessageStore(MessageStore):
         self.stats = BatchStats()
         self._queue: list[_Pending] = []
         self._running: set[asyncio.Task[None]] = set()
+        #: An insert is running alone in its caller's task.
+        self._alone = False
 
     async def insert(self, message: NewMessage) -> InsertResult:
         """Store `message` (alone or with others waiting), or return the earlier replayed row."""
+        if not self._alone and not self._running and not self._queue:
+            # Nothing runs: this insert goes alone at once, in the caller's own task (no batch
+            # task, no future to hand the result over); a caller that gives up cancels its own
+            # statement, as without batching. Inserts arriving meanwhile queue behind it.
+            self._alone = True
+            self.stats.single += 1
+            try:
+                return await super().insert(message)
+            finally:
+                self._alone = False
+                self._maybe_flush()
         pending = _Pending(message)
         self._queue.append(pending)
         self._maybe_flush()
@@ -159,8 +172,8 @@ class BatchingMessageStore(MessageStore):
     def _maybe_flush(self) -> None:
         """Start a batch when none runs, or when a full batch waits and another may run."""
         while self._queue and (
-            not self._running
-            or (len(self._queue) >= self.max_batch and len(self._running) < self.max_in_flight)
+            not (self._running or self._alone)
+            or (len(self._queue) >= self.max_batch and len(self._running) + self._alone < self.max_in_flight)
         ):
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             task = asyncio.get_running_loop().create_task(self._flush(batch))
