@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -48,6 +49,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from server.errors import FailedPrecondition, ShardUnavailable
 from server.routing import Pair, ShardRouter, bucket_of, pair_hash
+from server.routing.layout import units_of_move
 from server.storage import transfer
 from server.storage.errors import describe_db_error, shard_errors
 from server.storage.fences import FenceKey, FenceState, FenceStore
@@ -141,12 +143,24 @@ class Mover:
             move = await self._log.create((bucket,), pair.low, pair.high, source, target, flip)
             return await self.run(move)
 
-    async def move_buckets(self, buckets: tuple[int, ...], source: int, target: int) -> MoveResult:
+    async def move_buckets(
+        self,
+        buckets: tuple[int, ...],
+        source: int,
+        target: int,
+        *,
+        residue_modulus: int | None = None,
+        source_modulus: int | None = None,
+    ) -> MoveResult:
         """Move the buckets' messages (except pairs that overrides place) and flip them (resharding).
 
-        The caller holds `exclusive()` and has started the reshard in the layout.
+        With `residue_modulus` (`source_modulus`), only the buckets' pairs whose hash modulo it is
+        `target` (`source`) move: a bucket that does not decide the shards alone. The caller holds
+        `exclusive()` and has started the reshard in the layout.
         """
-        move = await self._log.create(buckets, 0, 0, source, target, Flip.BUCKET)
+        move = await self._log.create(
+            buckets, 0, 0, source, target, Flip.BUCKET, residue_modulus, source_modulus
+        )
         return await self.run(move)
 
     @property
@@ -172,9 +186,13 @@ class Mover:
         """The unit a move carries, and the pairs a bucket fence on its source must leave writable."""
         if move.is_pair:
             return transfer.Unit.of_pair(move.pair, move.buckets[0]), []
-        wanted = set(move.buckets)
-        pinned = {p: s for p, s in (await self._overrides.all()).items() if bucket_of(*p) in wanted}
-        unit = transfer.Unit(move.buckets, pinned=tuple(sorted(pinned)))
+        unit = transfer.Unit(
+            move.buckets,
+            residue=None if move.residue_modulus is None else (move.residue_modulus, move.target_shard),
+            source_residue=None if move.source_modulus is None else (move.source_modulus, move.source_shard),
+        )
+        pinned = {p: s for p, s in (await self._overrides.all()).items() if unit.covers(p)}
+        unit = dataclasses.replace(unit, pinned=tuple(sorted(pinned)))
         exempt = [(bucket_of(*p), p.low, p.high) for p, s in sorted(pinned.items()) if s == move.source_shard]
         return unit, exempt
 
@@ -263,8 +281,8 @@ class Mover:
             self._router.set(move.pair, move.target_shard)
         elif move.flip is Flip.DELETE_OVERRIDE:
             self._router.discard(move.pair)
-        elif self._router.target_shards is not None:
-            self._router.flip_buckets(move.buckets)
+        else:
+            self._router.flip_units(units_of_move(move.buckets, move.source_shard, move.target_shard))
 
     async def _fence(
         self, store: MessageStore, unit: transfer.Unit, state: FenceState, move: Move, exempt: list[FenceKey]
@@ -294,30 +312,39 @@ class Mover:
                 "move %d: shard %d stays fenced until the move is re-run (%s)", move_id, source.shard_id, exc
             )
 
-    @contextlib.asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        """Hold the cluster-wide mover lock (a session advisory lock on its own connection)."""
+    def exclusive(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the cluster-wide mover lock (see `mover_lock`)."""
+        return mover_lock(self._control_dsn, self._lock_wait_seconds)
+
+
+@contextlib.asynccontextmanager
+async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncIterator[None]:
+    """Hold the cluster-wide mover lock (a session advisory lock on its own connection).
+
+    Moves, reshard steps and `dialogctl verify --repair` take it, so none of them sees
+    another's half-done unit.
+    """
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            control_dsn, autocommit=True, connect_timeout=10, application_name="dialog-shard mover"
+        )
+    except psycopg.Error as exc:
+        raise ShardUnavailable(CONTROL_SHARD, describe_db_error(exc)) from None
+    async with conn:
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while True:
+            row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (MOVER_LOCK,))).fetchone()
+            if row and row[0]:
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise FailedPrecondition(
+                    "another move or reshard is running and did not finish within "
+                    f"{wait_seconds:g} s; retry when it is done",
+                    reason="MOVE_IN_PROGRESS",
+                )
+            await asyncio.sleep(0.1)
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._control_dsn, autocommit=True, connect_timeout=10, application_name="dialog-shard mover"
-            )
-        except psycopg.Error as exc:
-            raise ShardUnavailable(CONTROL_SHARD, describe_db_error(exc)) from None
-        async with conn:
-            deadline = asyncio.get_running_loop().time() + self._lock_wait_seconds
-            while True:
-                row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (MOVER_LOCK,))).fetchone()
-                if row and row[0]:
-                    break
-                if asyncio.get_running_loop().time() > deadline:
-                    raise FailedPrecondition(
-                        "another move or reshard is running and did not finish within "
-                        f"{self._lock_wait_seconds:g} s; retry when it is done",
-                        reason="MOVE_IN_PROGRESS",
-                    )
-                await asyncio.sleep(0.1)
-            try:
-                yield
-            finally:
-                with contextlib.suppress(psycopg.Error):
-                    await conn.execute("SELECT pg_advisory_unlock(%s)", (MOVER_LOCK,))
+            yield
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (MOVER_LOCK,))

@@ -1,38 +1,60 @@
-"""Online resharding from N to N' shards by moving hash buckets (server.mover does each move).
+"""Online resharding from N to N' shards by moving units (server.mover does each move).
 
-A pair's bucket is `hash % 4096`. When N divides N' and N' divides 4096, `bucket % N'`
-is the seed's `hash % N'` and refines `bucket % N`: every bucket moves whole, from
-shard `b % N` to shard `b % N'`, and only the fraction 1 - N/N' of the buckets moves
-at all (each old shard sends to its own new shards). Buckets move in groups of
-`buckets_per_step` sharing a source and a target; writes to a group pause only for
-its final catch-up. Pairs that overrides place do not move with their bucket.
+A unit is the pairs of one hash bucket going from one source shard to one target
+shard (server.routing.layout). Only pairs whose `hash % n` changes move. When N'
+is a multiple of N and divides 4096, a unit is a whole bucket of its source, and
+each old shard only sends to its own new shards. Any other N' (4 -> 6, shrinking
+8 -> 4 ...) is a *full reshuffle*: every old shard may send to every new one, a
+bucket's pairs on a source split by `hash % N'`, and most pairs move (about 67% for
+4 -> 6); it needs `full_reshuffle=True`. Units move in groups of `buckets_per_step`
+buckets sharing a source and a target; writes to a group pause only for its final
+catch-up. Pairs that overrides place do not move with their bucket.
 
 Progress lives in the control database: `shard_layout.target_shards` says a reshard
-runs, `bucket_flips` lists the buckets already moved, `shard_moves` the group in
+runs, `unit_flips` lists the units already moved, `shard_moves` the group in
 flight. Running the same reshard again continues where it stopped; when every
-bucket has moved, the layout becomes N' and the flips are cleared.
+unit has moved, the layout becomes N' and the flips are cleared.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from server.errors import FailedPrecondition
 from server.mover import Mover
-from server.routing import NUM_BUCKETS, Pair
+from server.routing import NUM_BUCKETS, Pair, pair_hash
+from server.routing.layout import (
+    Layout,
+    moving_fraction,
+    moving_units,
+    residue_modulus,
+    unit_of,
+    unit_period,
+)
 from server.storage.errors import shard_errors
-from server.storage.layout import Layout, begin_reshard_in, finish_reshard_in
+from server.storage.layout import begin_reshard_in, finish_reshard_in
 from server.storage.moves import Flip
 from server.storage.overrides import CONTROL_SHARD
 from server.storage.pools import ShardSet
 
+__all__ = [
+    "Estimate",
+    "Progress",
+    "ReshardRefused",
+    "Resharder",
+    "Step",
+    "check_target",
+    "estimate",
+    "moving_fraction",
+    "plan_steps",
+]
+
 
 class ReshardRefused(FailedPrecondition):
-    """The requested shard count cannot be reached by moving buckets; the message says why."""
+    """The requested shard count needs a consent or a config change first; the message says which."""
 
     default_reason = "RESHARD_REFUSED"
 
@@ -73,53 +95,42 @@ class Progress:
         return self.rows_copied / elapsed if elapsed > 0 else 0.0
 
 
-def moving_fraction(num_shards: int, target_shards: int) -> float:
-    """Share of pairs whose `hash % n` changes from num_shards to target_shards (hashes uniform)."""
-    period = math.lcm(num_shards, target_shards)
-    return sum(1 for r in range(period) if r % num_shards != r % target_shards) / period
-
-
 def check_target(
     num_shards: int, target_shards: int, configured_shards: int, *, full_reshuffle: bool
 ) -> None:
-    """Refuse shard counts that buckets cannot reach, explaining why and what it would cost."""
-    if target_shards < num_shards:
-        raise ReshardRefused(
-            f"cannot shrink from {num_shards} to {target_shards} shards; only growing is supported"
-        )
-    if target_shards % num_shards != 0 or NUM_BUCKETS % target_shards != 0:
-        share = moving_fraction(num_shards, target_shards)
-        why = (
-            f"{target_shards} is not a multiple of {num_shards}"
-            if target_shards % num_shards
-            else f"{target_shards} does not divide the {NUM_BUCKETS} hash buckets"
-        )
-        advice = (
-            "--full-reshuffle is not implemented: it would have to move pairs one by one, not by bucket"
-            if full_reshuffle
-            else "pass --full-reshuffle to accept that"
-        )
-        raise ReshardRefused(
-            f"{why}: growing by buckets needs the new count to be a multiple of the current one and a "
-            f"divisor of {NUM_BUCKETS} (a power of two), so that each shard splits its buckets and only "
-            f"{1 - num_shards / max(target_shards, 1):.0%} of the data moves. Going from {num_shards} to "
-            f"{target_shards} shards is a full reshuffle: about {share:.0%} of all pairs would change shards "
-            f"({advice}). A power of two such as {num_shards * 2} or {num_shards * 4} avoids it"
-        )
+    """Refuse shard counts that need a consent or a config change, explaining why and what it costs."""
     if target_shards > configured_shards:
         raise ReshardRefused(
             f"the config lists {configured_shards} shards; add [[shards]] entries for shards "
             f"{configured_shards}..{target_shards - 1} to every server's config, restart the servers so they "
             "know where those shards live, then run the reshard again"
         )
+    if target_shards % num_shards != 0 and not full_reshuffle:
+        share = moving_fraction(num_shards, target_shards)
+        if target_shards < num_shards:
+            raise ReshardRefused(
+                f"shrinking from {num_shards} to {target_shards} shards moves about {share:.0%} of all pairs "
+                f"onto the remaining shards; pass --full-reshuffle to accept that"
+            )
+        double, quadruple = num_shards * 2, num_shards * 4
+        raise ReshardRefused(
+            f"{target_shards} is not a multiple of {num_shards}, so growing to it is a full reshuffle: "
+            f"every old shard hands pairs to every new one and about {share:.0%} of all pairs change shards. "
+            f"Growing to a multiple such as {double} or {quadruple} moves "
+            f"{moving_fraction(num_shards, double):.0%} or {moving_fraction(num_shards, quadruple):.0%}, "
+            "each old shard handing pairs only to its own new shards. Pass --full-reshuffle to accept that"
+        )
+    try:
+        unit_period(num_shards, target_shards)
+    except ValueError as exc:
+        raise ReshardRefused(str(exc)) from None
 
 
 def plan_steps(layout: Layout, target_shards: int, buckets_per_step: int) -> list[Step]:
-    """The groups of buckets still to move (buckets already flipped are skipped)."""
+    """The groups of units still to move (units already flipped are skipped)."""
     by_route: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for bucket in range(NUM_BUCKETS):
-        source, target = bucket % layout.num_shards, bucket % target_shards
-        if source != target and bucket not in layout.flipped:
+    for bucket, source, target in moving_units(layout.num_shards, target_shards):
+        if (bucket, source, target) not in layout.flipped:
             by_route[(source, target)].append(bucket)
     steps = []
     for (source, target), buckets in sorted(by_route.items()):
@@ -131,39 +142,32 @@ def plan_steps(layout: Layout, target_shards: int, buckets_per_step: int) -> lis
 async def estimate(
     shards: ShardSet, layout: Layout, target_shards: int, pinned: Iterable[Pair]
 ) -> list[Estimate]:
-    """Messages and pairs each (source, target) would move, from exact counts per bucket."""
+    """Messages and pairs each (source, target) would move, from exact counts per pair."""
     pinned = list(pinned)
-    result = []
+    steps = plan_steps(layout, target_shards, NUM_BUCKETS)
+    buckets = Counter({(s.source, s.target): len(s.buckets) for s in steps})
+    messages: Counter[tuple[int, int]] = Counter()
+    pairs: Counter[tuple[int, int]] = Counter()
     for source in range(layout.num_shards):
         store = shards.store(source)
         async with shard_errors(source), store.pool.connection() as conn:
             cur = await conn.execute(
-                f"SELECT bucket, count(*), count(DISTINCT (user_low, user_high)) FROM {store.table} "
+                f"SELECT user_low, user_high, count(*) FROM {store.table} "
                 "WHERE (user_low, user_high) NOT IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[])) "
-                "GROUP BY bucket",
+                "GROUP BY user_low, user_high",
                 ([p.low for p in pinned], [p.high for p in pinned]),
             )
             rows = await cur.fetchall()
-        totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
-        for bucket, messages, pairs in rows:
-            target = bucket % target_shards
-            if target != source and bucket not in layout.flipped:
-                totals[target][1] += messages
-                totals[target][2] += pairs
-        for target in sorted(
-            {b % target_shards for b in range(source, NUM_BUCKETS, layout.num_shards)} - {source}
-        ):
-            buckets = sum(
-                1
-                for b in range(NUM_BUCKETS)
-                if b % layout.num_shards == source and b % target_shards == target and b not in layout.flipped
-            )
-            result.append(Estimate(source, target, buckets, totals[target][1], totals[target][2]))
-    return result
+        for low, high, count in rows:
+            unit = unit_of(pair_hash(low, high), layout.num_shards, target_shards)
+            if unit[1] == source and unit[2] != source and unit not in layout.flipped:
+                messages[(source, unit[2])] += count
+                pairs[(source, unit[2])] += 1
+    return [Estimate(s, t, n, messages[(s, t)], pairs[(s, t)]) for (s, t), n in sorted(buckets.items())]
 
 
 class Resharder:
-    """Grows the cluster to `target_shards`, one group of buckets at a time; resumable."""
+    """Moves the cluster to `target_shards` shards, one group of units at a time; resumable."""
 
     def __init__(self, mover: Mover, configured_shards: int) -> None:
         self._mover = mover
@@ -191,7 +195,7 @@ class Resharder:
                     f"finish it first (dialogctl reshard --shards {layout.target_shards})"
                 )
             layout = await self._mover.layout()
-            self._mover.router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
+            self._mover.router.set_layout(layout)
             return layout
 
     async def run(
@@ -202,7 +206,7 @@ class Resharder:
         full_reshuffle: bool = False,
         on_progress: Callable[[Progress], None] = lambda p: None,
     ) -> Progress:
-        """Move every bucket that changes shard, then make `target_shards` the layout."""
+        """Move every unit that changes shard, then make `target_shards` the layout."""
         layout = await self.begin(target_shards, full_reshuffle=full_reshuffle)
         progress = Progress(0, 0, started=time.monotonic())
         if layout.target_shards is None:
@@ -219,12 +223,18 @@ class Resharder:
         for step in steps:
             # One step at a time under the lock, so override moves can run in between.
             async with self._mover.exclusive():
-                result = await self._mover.move_buckets(step.buckets, step.source, step.target)
+                result = await self._mover.move_buckets(
+                    step.buckets,
+                    step.source,
+                    step.target,
+                    residue_modulus=residue_modulus(target_shards),
+                    source_modulus=residue_modulus(layout.num_shards),
+                )
             progress.steps_done += 1
             progress.rows_copied += result.copied_rows
             progress.rows_deleted += result.deleted_rows
             on_progress(progress)
         async with self._mover.exclusive(), self._mover.control_connection() as conn, conn.transaction():
             await finish_reshard_in(conn, target_shards)
-        self._mover.router.set_layout(target_shards, None)
+        self._mover.router.set_layout(Layout(target_shards))
         return progress

@@ -1,6 +1,8 @@
-"""Online resharding 4 -> 8 and 4 -> 16 while writers run, and after a crash, with `dialogctl reshard`.
+"""Online resharding while writers run, and after a crash, with `dialogctl reshard`.
 
-4 -> 16 takes about 15 s and is marked slow: `pytest -m slow tests/test_reshard.py` runs it.
+Growing 4 -> 8 (bucket units), a full reshuffle 4 -> 6, shrinking 6 -> 4 (both split
+buckets by hash residue), and 4 -> 16, which takes about 15 s and is marked slow:
+`pytest -m slow tests/test_reshard.py` runs it.
 
 Each test gets fresh databases on the four PostgreSQL servers (shard i on server i % 4), so
 several shards share a server and at least one is on a different server from the others.
@@ -9,9 +11,10 @@ several shards share a server and at least one is on a different server from the
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,8 +30,9 @@ from server.app import RunningServer, running_server
 from server.config import ServerConfig
 from server.embedded_pg import EmbeddedPostgres
 from server.mover import CRASH_ENV
-from server.reshard import check_target, moving_fraction, plan_steps
-from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard
+from server.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
+from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard, pair_hash
+from server.routing.layout import unit_of
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.layout import Layout
 from tests.conftest import make_config
@@ -46,15 +50,15 @@ def cluster(pg_servers: list[EmbeddedPostgres], jwt_secret: str, shards: int) ->
     return make_config([pg_servers[i % 4].dsn_for(name) for i in range(shards)], jwt_secret)
 
 
-def preload(config: ServerConfig, pairs: list[tuple[int, int]], per_pair: int) -> set[str]:
-    """Messages written straight to each pair's 4-shard home."""
+def preload(config: ServerConfig, pairs: list[tuple[int, int]], per_pair: int, shards: int = 4) -> set[str]:
+    """Messages written straight to each pair's home among the first `shards` shards."""
     ids = MessageIdGenerator()
     by_shard: dict[int, list[tuple[Any, ...]]] = {}
     for a, b in pairs:
         low, high = Pair.of(a, b)
         for i in range(per_pair):
             message_id = ids.next()
-            by_shard.setdefault(calculate_shard(a, b, 4), []).append(
+            by_shard.setdefault(calculate_shard(a, b, shards), []).append(
                 (message_id, low, high, bucket_of(a, b), low, high, f"m{i}", id_time(message_id))
             )
     for shard_id, rows in by_shard.items():
@@ -94,20 +98,23 @@ async def dialogctl(config_path: Path, *args: str, **env: str) -> Any:
 
 
 def test_refusals_explain_themselves() -> None:
-    with pytest.raises(Exception, match=r"not a multiple of 4.*about 67% of all pairs"):
+    with pytest.raises(ReshardRefused, match=r"not a multiple of 4.*about 67% of all pairs.*--full-reshuf"):
         check_target(4, 6, 16, full_reshuffle=False)
-    with pytest.raises(Exception, match="does not divide the 4096"):
-        check_target(4, 12, 16, full_reshuffle=False)
-    with pytest.raises(Exception, match=r"add \[\[shards\]\] entries for shards 8\.\.15"):
-        check_target(4, 16, 8, full_reshuffle=False)
-    with pytest.raises(Exception, match="cannot shrink"):
-        check_target(8, 4, 8, full_reshuffle=False)
+    with pytest.raises(ReshardRefused, match=r"shrinking from 8 to 6 shards moves about 75%.*--full-reshuf"):
+        check_target(8, 6, 8, full_reshuffle=False)
+    with pytest.raises(ReshardRefused, match=r"add \[\[shards\]\] entries for shards 8\.\.15"):
+        check_target(4, 16, 8, full_reshuffle=True)
+    with pytest.raises(ReshardRefused, match=r"would walk 4,198,400 hash residues"):
+        check_target(4, 1025, 2048, full_reshuffle=True)
     check_target(4, 16, 16, full_reshuffle=False)
+    check_target(4, 12, 16, full_reshuffle=False)  # a multiple: only the pairs that change shard move
+    check_target(4, 6, 16, full_reshuffle=True)
+    check_target(8, 4, 8, full_reshuffle=True)
     assert moving_fraction(4, 8) == 0.5 and moving_fraction(4, 16) == 0.75
 
 
 def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
-    steps = plan_steps(Layout(4, 16, frozenset({4})), 16, 64)
+    steps = plan_steps(Layout(4, 16, frozenset({(4, 0, 4)})), 16, 64)
     moved = [b for s in steps for b in s.buckets]
     assert len(moved) == len(set(moved)) == NUM_BUCKETS * 3 // 4 - 1, "bucket 4 already flipped"
     assert all(
@@ -115,41 +122,52 @@ def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
     )
 
 
-@pytest.mark.parametrize("target_shards", [8, pytest.param(16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("start_shards", "target_shards", "flags"),
+    [
+        (4, 8, ()),
+        (4, 6, ("--full-reshuffle",)),
+        (6, 4, ("--full-reshuffle",)),
+        pytest.param(4, 16, (), marks=pytest.mark.slow),
+    ],
+    ids=["4-to-8", "4-to-6-full-reshuffle", "6-to-4-shrink", "4-to-16"],
+)
 async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_says(
-    target_shards, pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
+    start_shards, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
 ):
-    config = cluster(pg_servers, jwt_secret, target_shards)
-    four = make_config([s.dsn for s in config.shards[:4]], jwt_secret)
+    config = cluster(pg_servers, jwt_secret, max(start_shards, target_shards))
+    first = make_config([s.dsn for s in config.shards[:start_shards]], jwt_secret)
     pairs = [new_pair() for _ in range(200)]
     pinned = pairs[0]
-    # The first server starts with four shards: the control database records that layout.
-    async with serving(four) as (_, channel):
-        history = preload(config, pairs, 4)
+    # The first server starts with `start_shards` shards: the control database records that layout.
+    async with serving(first) as (_, channel):
+        history = preload(config, pairs, 4, start_shards)
         admin = admin_service_pb2_grpc.AdminServiceStub(channel)
-        pin_to = (calculate_shard(*pinned, 4) + 1) % 4
+        pin_to = (calculate_shard(*pinned, start_shards) + 1) % start_shards
         await admin.SetShardOverride(
             pb.SetShardOverrideRequest(user_id_1=pinned[0], user_id_2=pinned[1], shard_id=pin_to),
             metadata=admin_auth,
         )
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
-    dry = (await dialogctl(path, "reshard", "--shards", str(target_shards), "--dry-run", "--json")).json()
-    should_move = [p for p in pairs[1:] if calculate_shard(*p, 4) != calculate_shard(*p, target_shards)]
+    reshard = ("reshard", "--shards", str(target_shards), *flags)
+    if flags:
+        refused = await dialogctl(path, "reshard", "--shards", str(target_shards), "--dry-run")
+        assert refused.returncode == 1 and "--full-reshuffle" in refused.stderr, refused.stderr
+    dry = (await dialogctl(path, *reshard, "--dry-run", "--json")).json()
+    should_move = [
+        p for p in pairs[1:] if calculate_shard(*p, start_shards) != calculate_shard(*p, target_shards)
+    ]
     assert (dry["messages"], dry["pairs"]) == (4 * len(should_move), len(should_move))
 
-    # Every server lists all shards; the layout still says 4 until the reshard ends.
+    # Every server lists all shards; the layout keeps the old count until the reshard ends.
     async with serving(config) as (running, channel):
-        assert running.placement.router.num_shards == 4
+        assert running.placement.router.num_shards == start_shards
         stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
         writers = [Writer(stub, a, b, auth_for(a)) for a, b in pairs[:6]]
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run(stop, max_messages=80)) for w in writers]
         await wait_until(lambda: all(len(w.acked) >= 5 for w in writers), "the writers are going")
-        result = (
-            await dialogctl(
-                path, "reshard", "--shards", str(target_shards), "--buckets-per-step", "256", "--json"
-            )
-        ).json()
+        result = (await dialogctl(path, *reshard, "--buckets-per-step", "256", "--json")).json()
         during = [len(w.acked) for w in writers]
         await wait_until(
             lambda: all(len(w.acked) >= min(n + 5, 80) for w, n in zip(writers, during, strict=True)),
@@ -164,6 +182,9 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
             pair_history = {i for _, i, p in stored(config) if p == pair}
             assert await read_all(stub, w.sender, w.recipient, w.auth) == sorted(pair_history)
     assert result["rows_copied"] >= 4 * len(should_move)
+    assert result["unused_shards"] == [
+        {"shard_id": s, "pinned_pairs": int(s == pin_to)} for s in range(target_shards, start_shards)
+    ], "after shrinking, the shards the hash left are listed with what overrides keep there"
 
     acknowledged = history | {i for w in writers for i in w.acked}
     rows = stored(config)
@@ -181,26 +202,30 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
     assert (await dialogctl(path, "verify", "--json")).json()["clean"] is True
 
 
-@pytest.mark.parametrize("step", ["fence_committed", "retired"])
-async def test_reshard_crashed_mid_step_completes_on_rerun(step, pg_servers, jwt_secret, tmp_path, new_pair):
-    config = cluster(pg_servers, jwt_secret, 8)
+@pytest.mark.parametrize(
+    ("step", "target_shards", "flags"),
+    [("fence_committed", 8, ()), ("retired", 8, ()), ("fenced", 6, ("--full-reshuffle",))],
+)
+async def test_reshard_crashed_mid_step_completes_on_rerun(
+    step, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair
+):
+    config = cluster(pg_servers, jwt_secret, target_shards)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout and creates the schema
     pairs = [new_pair() for _ in range(100)]
     history = preload(config, pairs, 2)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
-    crashed = await dialogctl(
-        path, "reshard", "--shards", "8", "--buckets-per-step", "512", **{CRASH_ENV: step}
-    )
+    reshard = ("reshard", "--shards", str(target_shards), "--buckets-per-step", "512", *flags)
+    crashed = await dialogctl(path, *reshard, **{CRASH_ENV: step})
     assert crashed.returncode == 70, crashed.stderr
     with psycopg.connect(config.control_dsn) as conn:
-        assert conn.execute("SELECT target_shards FROM shard_layout").fetchone() == (8,)
+        assert conn.execute("SELECT target_shards FROM shard_layout").fetchone() == (target_shards,)
         assert conn.execute("SELECT count(*) FROM shard_moves WHERE state <> 'done'").fetchone() == (1,)
-    finished = await dialogctl(path, "reshard", "--shards", "8", "--buckets-per-step", "512", "--json")
-    assert finished.json()["num_shards"] == 8
+    finished = await dialogctl(path, *reshard, "--json")
+    assert finished.json()["num_shards"] == target_shards
     rows = stored(config)
     assert sorted(i for _, i, _ in rows) == sorted(history)
-    assert all(shard_id == calculate_shard(*pair, 8) for shard_id, _, pair in rows)
+    assert all(shard_id == calculate_shard(*pair, target_shards) for shard_id, _, pair in rows)
     assert (await dialogctl(path, "verify", "--json")).json()["clean"] is True
 
 
@@ -220,3 +245,103 @@ async def test_a_bucket_group_is_copied_and_synced_in_parts(pg_servers, jwt_secr
         assert copied == 3 * (len(pairs) - 1), "every row but the pinned pair's"
         assert await transfer.sync(source, target, unit, chunk_ids=4, part_rows=7) == 0
         assert (await transfer.verify(source, target, unit)).count == copied
+
+
+async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(pg_servers, jwt_secret):
+    """The fences and a full reshuffle's selections compute the hash in SQL: it must match Go's."""
+    from server.cli.shards import tool_shards
+
+    vectors = json.loads((Path(__file__).parent / "golden" / "calculate_shard_vectors.json").read_text())
+    config = cluster(pg_servers, jwt_secret, 1)
+    async with tool_shards(config):  # creates the schema, the function with it
+        pass
+    pairs = sorted({Pair.of(v["a"], v["b"]) for v in vectors})
+    with psycopg.connect(config.shards[0].dsn) as conn:
+        rows = conn.execute(
+            "SELECT lo, hi, dialog_pair_hash(lo, hi) FROM unnest(%s::bigint[], %s::bigint[]) AS u(lo, hi)",
+            ([p.low for p in pairs], [p.high for p in pairs]),
+        ).fetchall()
+    expected = {Pair.of(v["a"], v["b"]): int(v["hash"]) for v in vectors}
+    assert len(rows) == len(pairs) > 1000
+    assert [(Pair(lo, hi), int(h)) for lo, hi, h in rows] == [(p, expected[p]) for p in pairs]
+
+
+async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(pg_servers, jwt_secret, new_pair):
+    """A full reshuffle fences the pairs of a bucket going to one shard; the bucket's others write on."""
+    from server.cli.shards import tool_shards
+    from server.storage.fences import FENCED_SQLSTATE, FenceState, FenceStore
+
+    config = cluster(pg_servers, jwt_secret, 1)
+    bucket = bucket_of(*new_pair())
+    # Two pairs for each of three residues of hash % 6, all in one bucket.
+    by_residue: dict[int, list[Pair]] = defaultdict(list)
+    low = 1_000_000 + secrets.randbelow(10**9)
+    high = low
+    while len(by_residue) < 3 or any(len(p) < 2 for p in by_residue.values()):
+        high += 1
+        if bucket_of(low, high) == bucket:
+            by_residue[pair_hash(low, high) % 6].append(Pair(low, high))
+    fenced_residue = next(iter(by_residue))
+    exempt = by_residue[fenced_residue][1]  # pinned to this shard by an override: stays writable
+
+    async with tool_shards(config) as shards:
+        store = shards.store(0)
+        async with store.pool.connection() as conn:
+            await FenceStore(store.table).set(
+                conn,
+                [(bucket, -6, fenced_residue)],
+                FenceState.FENCED,
+                1,
+                exempt=[(bucket, exempt.low, exempt.high)],
+            )
+            for residue, pairs in by_residue.items():
+                for pair in pairs:
+                    query = f"SELECT {store.table}_writable(%s, %s, %s)"
+                    if residue == fenced_residue and pair != exempt:
+                        with pytest.raises(psycopg.Error) as refused:
+                            await conn.execute(query, (bucket, pair.low, pair.high))
+                        assert refused.value.sqlstate == FENCED_SQLSTATE
+                    else:
+                        cur = await conn.execute(query, (bucket, pair.low, pair.high))
+                        assert await cur.fetchone() == (True,), (residue, pair)
+
+
+async def test_a_stray_copy_on_the_target_stops_the_step_until_verify_repairs_it(
+    pg_servers, jwt_secret, tmp_path, new_pair
+):
+    from server.cli.shards import tool_shards
+
+    config = cluster(pg_servers, jwt_secret, 8)
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
+        pass  # records the 4-shard layout and creates the schema
+    async with tool_shards(config):
+        pass  # creates the new shards' tables too
+    pairs = [p for p in (new_pair() for _ in range(400)) if calculate_shard(*p, 4) != calculate_shard(*p, 8)]
+    history = preload(config, pairs[:50], 2)
+    # A message of a moving pair that only its future shard holds: nothing the mover wrote.
+    stray_pair = pairs[0]
+    message_id = MessageIdGenerator().next()
+    low, high = Pair.of(*stray_pair)
+    shard = config.shards[calculate_shard(*stray_pair, 8)]
+    with psycopg.connect(shard.dsn) as conn:
+        conn.execute(
+            f"INSERT INTO {shard.table} (message_id, user_low, user_high, bucket, from_user_id, to_user_id, "
+            "text, created_at) VALUES (%s, %s, %s, %s, %s, %s, 'stray', %s)",
+            (message_id, low, high, bucket_of(low, high), low, high, id_time(message_id)),
+        )
+    stray = {str(message_id)}
+    path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
+
+    failed = await dialogctl(path, "reshard", "--shards", "8", "--buckets-per-step", "4096")
+    assert failed.returncode == 1
+    assert "nothing was moved" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+    with psycopg.connect(config.control_dsn) as conn:
+        flipped = conn.execute("SELECT bucket, source_shard, target_shard FROM unit_flips").fetchall()
+    assert unit_of(pair_hash(*stray_pair), 4, 8) not in flipped, "the failed step did not flip"
+    repaired = (await dialogctl(path, "verify", "--repair", "--json")).json()
+    assert repaired["copied"] == 1, repaired
+    finished = await dialogctl(path, "reshard", "--shards", "8", "--buckets-per-step", "4096", "--json")
+    assert finished.json()["num_shards"] == 8
+    rows = stored(config)
+    assert sorted(i for _, i, _ in rows) == sorted(history | stray)
+    assert all(shard_id == calculate_shard(*pair, 8) for shard_id, _, pair in rows)

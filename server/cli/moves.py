@@ -74,7 +74,7 @@ async def _run(config: ServerConfig, args: argparse.Namespace) -> dict[str, Any]
                     return {"moves": moves, "resumed": resumed}
             async with tool_shards(config) as shards:
                 router = ShardRouter(layout.num_shards)
-                router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
+                router.set_layout(layout)
                 mover = Mover(config.control_dsn, control, shards, router)
                 async with mover.exclusive():
                     for move in await mover.log.all_unfinished():

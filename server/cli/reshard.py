@@ -1,13 +1,15 @@
-"""`dialogctl reshard`: grow the cluster from N to N' shards online (server.reshard).
+"""`dialogctl reshard`: move the cluster from N to N' shards online (server.reshard).
 
     dialogctl reshard --shards 8 --dry-run    # what would move: buckets, messages and pairs per route
     dialogctl reshard --shards 8              # move them; Ctrl-C or a crash: run it again to continue
+    dialogctl reshard --shards 6 --full-reshuffle   # a count that is not a multiple (or a smaller one)
 
 Before running it, list the new shards in every server's config ([[shards]] with
 their DSNs) and restart the servers, so every server can reach every shard; the
 control database says how many of them the hash uses. The command connects to
 the databases named in the config itself (no server needed), creates the new
-shards' tables, and moves hash buckets in groups while the servers keep serving;
+shards' tables, and moves units (a hash bucket's pairs going from one shard to
+another) in groups while the servers keep serving;
 writes to a group's pairs pause only for its final catch-up (retryable
 UNAVAILABLE, reason DIALOG_MOVING). Each group is verified (counts and checksums)
 before its routing flips and its old rows are deleted.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +56,7 @@ async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLin
                 ) from None
         async with tool_shards(config) as shards:
             router = ShardRouter(layout.num_shards)
-            router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
+            router.set_layout(layout)
             mover = Mover(config.control_dsn, control, shards, router)
             if args.dry_run:
                 if layout.target_shards is None:
@@ -95,9 +98,16 @@ async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLin
                 on_progress=report,
             )
             elapsed = time.monotonic() - started
+            pinned_per_shard = Counter((await OverrideStore(control).all()).values())
             return {
                 "dry_run": False,
                 "num_shards": args.shards,
+                # Shards the hash no longer uses after shrinking, with the pairs overrides still keep there.
+                "unused_shards": [
+                    {"shard_id": c.shard_id, "pinned_pairs": pinned_per_shard[c.shard_id]}
+                    for c in config.shards
+                    if c.shard_id >= args.shards
+                ],
                 "steps": progress.steps_done,
                 "rows_copied": progress.rows_copied,
                 "rows_deleted": progress.rows_deleted,
@@ -134,6 +144,16 @@ def cmd_reshard(session: Session) -> int:
             f"{result['rows_copied']} rows copied ({result['rows_per_second']:.0f} rows/s), "
             f"{result['rows_deleted']} old rows deleted"
         )
+        for unused in result["unused_shards"]:
+            kept = unused["pinned_pairs"]
+            print(
+                f"shard {unused['shard_id']}: the hash no longer uses it; "
+                + (
+                    f"overrides still pin {kept} pair(s) there"
+                    if kept
+                    else "nothing is pinned there: it can leave the config"
+                )
+            )
     return 0
 
 
@@ -149,7 +169,7 @@ def _positive(text: str) -> int:
 
 def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add `reshard` to dialogctl's subcommands."""
-    reshard = command(commands, "reshard", cmd_reshard, "grow the cluster to more shards while it serves")
+    reshard = command(commands, "reshard", cmd_reshard, "change the shard count while serving")
     reshard.add_argument(
         "--shards", type=_positive, required=True, metavar="N", help="the new number of shards"
     )
@@ -164,7 +184,7 @@ def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> 
     reshard.add_argument(
         "--full-reshuffle",
         action="store_true",
-        help="accept a shard count that is not a multiple of the current one (not implemented yet)",
+        help="accept a count that is not a multiple of the current one (most pairs move), or a smaller one",
     )
 
 

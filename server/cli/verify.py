@@ -6,8 +6,11 @@
 
 It connects to the shards and the control database named in the config (no server
 needed) and routes pairs as the servers do: the shard map first, else the hash.
-Pairs with an unfinished move (or in buckets a reshard is moving) are skipped:
-re-run the move first.
+Without --repair, pairs with an unfinished move (or in buckets a reshard is
+moving) are skipped: a mover may be working on them. --repair takes the mover
+lock, so no move runs meanwhile, and checks those pairs too: a crashed or failed
+move's copies on its target are settled as strays, and re-running the move
+copies them again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from server.cli.progress import Progress
 from server.cli.shards import tool_shards
 from server.config import ServerConfig
 from server.errors import ServiceError
+from server.mover import mover_lock
 from server.routing import Pair, ShardRouter, bucket_of
 from server.storage.layout import ensure_layout, load_layout
 from server.storage.pools import StartupError
@@ -49,19 +53,28 @@ async def load_router(config: ServerConfig) -> tuple[ShardRouter, frozenset[Pair
                 )
             ).fetchall()
     router = ShardRouter(layout.num_shards, {Pair(r[0], r[1]): r[2] for r in overrides})
-    router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
+    router.set_layout(layout)
     pairs = frozenset(Pair(r[0], r[1]) for r in moving if r[0] != 0)
     buckets = frozenset(b for r in moving if r[0] == 0 for b in r[2])
     return router, pairs, buckets
 
 
 async def run_verify(config: ServerConfig, *, repair: bool) -> Report:
+    if not repair:
+        return await _verify(config, repair=False)
+    # No move runs while a repair holds the mover lock: every unit, even one whose move
+    # crashed or failed, is where routing says, and the rest are strays to settle.
+    async with mover_lock(config.control_dsn):
+        return await _verify(config, repair=True)
+
+
+async def _verify(config: ServerConfig, *, repair: bool) -> Report:
     router, moving_pairs, moving_buckets = await load_router(config)
     async with tool_shards(config) as shards:
         return await verify(
             shards,
             lambda p: router.resolve(*p).shard_id,
-            moving=lambda p: p in moving_pairs or bucket_of(*p) in moving_buckets,
+            moving=lambda p: not repair and (p in moving_pairs or bucket_of(*p) in moving_buckets),
             repair=repair,
         )
 

@@ -3,11 +3,11 @@
 The router is pure and in memory: resolving a shard never touches a database.
 Keeping `overrides` and the layout coherent with the control database is the job
 of `server.storage.overrides.OverrideSync`, which calls `replace_all`, `set`,
-`discard`, `set_layout` and `flip_buckets` here.
+`discard`, `set_layout` and `flip_units` here.
 
-Layout: the hash shard is `hash % num_shards`. While a reshard to `target_shards`
-runs, a bucket already moved ("flipped") uses `hash % target_shards` instead. Both
-counts divide NUM_BUCKETS, so a bucket's pairs all share one shard under either.
+Layout (server.routing.layout): the hash shard is `hash % num_shards`. While a
+reshard to `target_shards` runs, a pair whose unit has already moved ("flipped")
+uses `hash % target_shards` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from server.routing.hash import NUM_BUCKETS, Pair, pair_hash
+from server.routing.layout import Layout, UnitKey
 
 
 class ShardSource(enum.Enum):
@@ -44,24 +45,32 @@ class ShardRouter:
     def __init__(self, num_shards: int, overrides: Mapping[Pair, int] | None = None) -> None:
         if num_shards <= 0:
             raise ValueError(f"num_shards must be positive, got {num_shards}")
-        self.num_shards = num_shards
-        #: The shard count a running reshard moves to; None when none runs.
-        self.target_shards: int | None = None
-        self._flipped: frozenset[int] = frozenset()
+        self._layout = Layout(num_shards)
         self._overrides: dict[Pair, int] = dict(overrides or {})
         #: Bumped by every change, so callers can tell a reload happened.
         self.version = 0
 
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    @property
+    def num_shards(self) -> int:
+        return self._layout.num_shards
+
+    @property
+    def target_shards(self) -> int | None:
+        """The shard count a running reshard moves to; None when none runs."""
+        return self._layout.target_shards
+
     def hash_shard(self, hashed: int) -> int:
         """The shard of a pair hash without override, under the current layout."""
-        if self.target_shards is not None and hashed % NUM_BUCKETS in self._flipped:
-            return hashed % self.target_shards
-        return hashed % self.num_shards
+        return self._layout.hash_shard(hashed)
 
     def resolve(self, user_id_1: int, user_id_2: int) -> Resolution:
         pair = Pair.of(user_id_1, user_id_2)
         hashed = pair_hash(pair.low, pair.high)
-        hash_shard = self.hash_shard(hashed)
+        hash_shard = self._layout.hash_shard(hashed)
         override = self._overrides.get(pair)
         if override is None:
             return Resolution(pair, hash_shard, ShardSource.HASH, hash_shard, hashed % NUM_BUCKETS)
@@ -90,20 +99,12 @@ class ShardRouter:
         self._overrides = dict(overrides)
         self.version += 1
 
-    def set_layout(self, num_shards: int, target_shards: int | None, flipped: Iterable[int] = ()) -> None:
-        """Route by `num_shards`, and by `target_shards` for the `flipped` buckets of a running reshard."""
-        if num_shards <= 0 or (target_shards is not None and target_shards <= 0):
-            raise ValueError(f"shard counts must be positive, got {num_shards} and {target_shards}")
-        self.num_shards = num_shards
-        self.target_shards = target_shards
-        self._flipped = frozenset(flipped) if target_shards is not None else frozenset()
+    def set_layout(self, layout: Layout) -> None:
+        """Route by `layout` from now on."""
+        self._layout = layout
         self.version += 1
 
-    def flip_buckets(self, buckets: Iterable[int]) -> None:
-        """These buckets have moved to their shard under `target_shards`."""
-        self._flipped = self._flipped | frozenset(buckets)
+    def flip_units(self, units: Iterable[UnitKey]) -> None:
+        """These units have moved to their shard under the running reshard's `target_shards`."""
+        self._layout = self._layout.with_flips(units)
         self.version += 1
-
-    @property
-    def flipped_buckets(self) -> frozenset[int]:
-        return self._flipped

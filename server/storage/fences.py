@@ -17,9 +17,17 @@ the *source* shard itself refuses writes once the mover has fenced the unit:
   flip the source's fence becomes `moved`, and a reader whose mirror is still stale
   gets the same retryable error instead of the half-deleted dialog on the old shard.
 
-A unit's state is its pair row if one exists, else its bucket row (user_low = user_high
-= 0; real user ids are >= 1), else open. A pair row `open` re-opens one pair inside a
-fenced bucket (a pair pinned by an override to a shard its bucket left).
+Fence rows of a bucket, by (user_low, user_high):
+
+- `(low, high)`, a pair (real user ids are >= 1);
+- `(0, 0)`, the whole bucket (a reshard whose unit is a bucket);
+- `(-m, r)`, the bucket's pairs whose `dialog_pair_hash(...) % m = r` (a full reshuffle's
+  unit: the part of a bucket going to shard r of m).
+
+A pair's state is its pair row if one exists, else the bucket's whole or residue row
+that covers it, else open. A pair row `open` re-opens one pair inside a fenced bucket
+(a pair pinned by an override to a shard its bucket left). The residue's hash is only
+computed for a bucket that has residue rows, so inserts elsewhere never pay for it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ from psycopg import AsyncConnection
 FENCED_SQLSTATE = "DSM01"
 #: user_low/user_high of a whole-bucket fence row.
 WHOLE_BUCKET = 0
+#: A fence row covering other fence rows' pairs (a whole bucket, or a residue of one).
+_COVERS = """
+    f.bucket = u.b AND f.user_low <= 0 AND (f.user_low = 0
+        OR mod(dialog_pair_hash(u.lo, u.hi), -f.user_low) = f.user_high)
+"""
 
 
 class FenceState(enum.StrEnum):
@@ -58,11 +71,13 @@ def fence_schema(table: str) -> list[str]:
     """Statements creating `<table>_fences` and its two guard functions (idempotent)."""
     key = lock_key(table)
     fences = f"{table}_fences"
+    # One index range per call: the bucket's rows; the pair's own row sorts first
+    # (user_low >= 1), then the whole-bucket row (0), then residue rows (< 0).
     state_of = f"""
-        SELECT state INTO s FROM {fences} WHERE bucket = b AND user_low = lo AND user_high = hi;
-        IF NOT FOUND THEN
-            SELECT state INTO s FROM {fences} WHERE bucket = b AND user_low = 0 AND user_high = 0;
-        END IF;
+        SELECT state INTO s FROM {fences}
+        WHERE bucket = b AND ((user_low = lo AND user_high = hi) OR (user_low = 0 AND user_high = 0)
+            OR (user_low < 0 AND mod(dialog_pair_hash(lo, hi), -user_low) = user_high))
+        ORDER BY user_low DESC LIMIT 1;
     """
     refuse = f"""
             RAISE EXCEPTION 'the dialog of users % and % is moving to another shard', lo, hi
@@ -156,7 +171,12 @@ class FenceStore:
                 )
 
     async def open(self, conn: AsyncConnection[Any], keys: Sequence[FenceKey]) -> None:
-        """Let the units be written here: drop their rows; a pair inside a fenced bucket is marked open."""
+        """Let the units be written here: drop their rows; a pair inside a fenced bucket is marked open.
+
+        A bucket unit coming (back) here also drops the bucket's whole and residue rows left
+        by earlier reshards that moved other parts of it away, except the running reshard's
+        own residue rows (same modulus), which still turn away writers with a stale layout.
+        """
         async with conn.transaction():
             await conn.execute(
                 f"""
@@ -165,30 +185,25 @@ class FenceStore:
                 """,
                 _columns(keys),
             )
-            pairs = [k for k in keys if k[1] != WHOLE_BUCKET]
+            parts = [k for k in keys if k[1] <= WHOLE_BUCKET]
+            if parts:
+                await conn.execute(
+                    f"""
+                    DELETE FROM {self._fences} f USING {_KEYS}
+                    WHERE f.bucket = u.b AND f.user_low <= 0 AND (u.lo = 0 OR f.user_low <> u.lo)
+                    """,
+                    _columns(parts),
+                )
+            pairs = [k for k in keys if k[1] > WHOLE_BUCKET]
             if pairs:
                 await conn.execute(
                     f"""
                     INSERT INTO {self._fences} (bucket, user_low, user_high, state)
                     SELECT b, lo, hi, 'open' FROM {_KEYS}
-                    WHERE EXISTS (
-                        SELECT 1 FROM {self._fences} f
-                        WHERE f.bucket = u.b AND f.user_low = 0 AND f.user_high = 0 AND f.state <> 'open')
+                    WHERE EXISTS (SELECT 1 FROM {self._fences} f WHERE {_COVERS} AND f.state <> 'open')
                     """,
                     _columns(pairs),
                 )
-
-    async def state(self, conn: AsyncConnection[Any], bucket: int, low: int, high: int) -> FenceState:
-        cur = await conn.execute(
-            f"""
-            SELECT state FROM {self._fences} WHERE bucket = %s
-               AND ((user_low = %s AND user_high = %s) OR (user_low = 0 AND user_high = 0))
-            ORDER BY user_low DESC LIMIT 1
-            """,
-            (bucket, low, high),
-        )
-        row = await cur.fetchone()
-        return FenceState(row[0]) if row else FenceState.OPEN
 
 
 def _columns(keys: Sequence[FenceKey]) -> tuple[list[int], list[int], list[int]]:

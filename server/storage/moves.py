@@ -9,6 +9,7 @@ transaction with the shard_map change and its NOTIFY.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from server.routing import Pair
 from server.storage.errors import shard_errors
-from server.storage.layout import flip_buckets_in
+from server.storage.layout import flip_units_in
 from server.storage.overrides import CONTROL_SHARD, delete_override_in, upsert_override_in
 
 
@@ -36,7 +37,7 @@ class Flip(enum.StrEnum):
     SET_OVERRIDE = "set_override"
     #: the pair's shard_map row goes away: the target is its hash shard.
     DELETE_OVERRIDE = "delete_override"
-    #: the bucket moves to its shard under the new shard count (resharding).
+    #: the buckets' units move to their shard under the new shard count (resharding).
     BUCKET = "bucket"
 
 
@@ -55,6 +56,11 @@ class Move:
     copied_rows: int
     #: The buckets of a bucket move (resharding); a pair move's is its pair's bucket.
     buckets: tuple[int, ...]
+    #: A full reshuffle's bucket move takes only the pairs with `hash % residue_modulus`
+    #: equal to the target shard; None: all of the buckets' pairs on the source.
+    residue_modulus: int | None = None
+    #: ... and, with `source_modulus`, `hash % source_modulus` equal to the source shard.
+    source_modulus: int | None = None
 
     @property
     def pair(self) -> Pair:
@@ -64,15 +70,19 @@ class Move:
     def is_pair(self) -> bool:
         return self.low != 0
 
+    def with_state(self, state: MoveState) -> Move:
+        return dataclasses.replace(self, state=state)
+
 
 _COLUMNS = (
-    "move_id, bucket, user_low, user_high, source_shard, target_shard, flip, state, copied_rows, buckets"
+    "move_id, bucket, user_low, user_high, source_shard, target_shard, flip, state, copied_rows, buckets, "
+    "residue_modulus, source_modulus"
 )
 
 
 def _move(row: tuple[Any, ...]) -> Move:
     buckets = tuple(row[9]) if row[9] else (row[1],)
-    return Move(*row[:6], Flip(row[6]), MoveState(row[7]), row[8], buckets)  # type: ignore[call-arg]
+    return Move(*row[:6], Flip(row[6]), MoveState(row[7]), row[8], buckets, *row[10:])  # type: ignore[call-arg]
 
 
 class MoveLog:
@@ -115,15 +125,27 @@ class MoveLog:
         source_shard: int,
         target_shard: int,
         flip: Flip,
+        residue_modulus: int | None = None,
+        source_modulus: int | None = None,
     ) -> Move:
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
             cur = await conn.execute(
                 f"""
                 INSERT INTO shard_moves (bucket, buckets, user_low, user_high, source_shard, target_shard,
-                                         flip, state)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, 'copying') RETURNING {_COLUMNS}
+                                         flip, state, residue_modulus, source_modulus)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, 'copying', %s, %s) RETURNING {_COLUMNS}
                 """,
-                (buckets[0], list(buckets), low, high, source_shard, target_shard, str(flip)),
+                (
+                    buckets[0],
+                    list(buckets),
+                    low,
+                    high,
+                    source_shard,
+                    target_shard,
+                    str(flip),
+                    residue_modulus,
+                    source_modulus,
+                ),
             )
             row = await cur.fetchone()
         assert row is not None
@@ -134,7 +156,7 @@ class MoveLog:
     ) -> Move:
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
             await self._set_state(conn, move, state, copied_rows, deleted_rows)
-        return _replace_state(move, state)
+        return move.with_state(state)
 
     async def flip(self, move: Move) -> Move:
         """Change routing (shard_map or bucket_flips, with NOTIFY) and mark the move flipped, atomically."""
@@ -144,9 +166,9 @@ class MoveLog:
             elif move.flip is Flip.DELETE_OVERRIDE:
                 await delete_override_in(conn, move.pair)
             else:
-                await flip_buckets_in(conn, move.buckets)
+                await flip_units_in(conn, move.buckets, move.source_shard, move.target_shard)
             await self._set_state(conn, move, MoveState.FLIPPED, 0, 0)
-        return _replace_state(move, MoveState.FLIPPED)
+        return move.with_state(MoveState.FLIPPED)
 
     @staticmethod
     async def _set_state(
@@ -160,18 +182,3 @@ class MoveLog:
             """,
             (str(state), copied_rows, deleted_rows, move.move_id),
         )
-
-
-def _replace_state(move: Move, state: MoveState) -> Move:
-    return Move(
-        move.move_id,
-        move.bucket,
-        move.low,
-        move.high,
-        move.source_shard,
-        move.target_shard,
-        move.flip,
-        state,
-        move.copied_rows,
-        move.buckets,
-    )

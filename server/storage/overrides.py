@@ -22,7 +22,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from server.routing import Pair, ShardRouter
+from server.routing import Layout, Pair, ShardRouter
+from server.routing.layout import units_of_move
 from server.storage.channel import CHANNEL
 from server.storage.errors import shard_errors
 from server.storage.layout import load_layout
@@ -121,16 +122,17 @@ async def delete_override_in(conn: psycopg.AsyncConnection[Any], pair: Pair) -> 
 
 
 def apply_notification(router: ShardRouter, payload: str) -> None:
-    """Apply one `set low high shard` / `del low high` / `layout n t|-` / `flip b,b` payload to the router."""
+    """Apply a `set low high shard` / `del low high` / `layout n t|-` / `flip s t b,b` payload."""
     parts = payload.split()
     if len(parts) == 4 and parts[0] == "set":
         router.set(Pair(int(parts[1]), int(parts[2])), int(parts[3]))
     elif len(parts) == 3 and parts[0] == "del":
         router.discard(Pair(int(parts[1]), int(parts[2])))
     elif len(parts) == 3 and parts[0] == "layout":
-        router.set_layout(int(parts[1]), None if parts[2] == "-" else int(parts[2]))
-    elif len(parts) == 2 and parts[0] == "flip":
-        router.flip_buckets(int(b) for b in parts[1].split(","))
+        router.set_layout(Layout(int(parts[1]), None if parts[2] == "-" else int(parts[2])))
+    elif len(parts) == 4 and parts[0] == "flip":
+        source, target = int(parts[1]), int(parts[2])
+        router.flip_units(units_of_move((int(b) for b in parts[3].split(",")), source, target))
     else:
         log.warning("ignoring malformed shard_map notification %r", payload)
 
@@ -184,7 +186,7 @@ class OverrideSync:
         except BaseException:
             await conn.close()
             raise
-        self._router.set_layout(layout.num_shards, layout.target_shards, layout.flipped)
+        self._router.set_layout(layout)
         self._router.replace_all((Pair(r[0], r[1]), r[2]) for r in rows)
         self.reloads += 1
         log.info("loaded %d shard overrides", len(rows))

@@ -16,8 +16,8 @@ from server.storage.fences import fence_schema
 _MIGRATION_LOCK = 0x6469616C6F67
 
 # shard_map: the overrides. shard_layout: the number of shards the hash routes over,
-# and while a reshard runs the number it moves to; bucket_flips: buckets already moved
-# to their shard under target_shards (server.storage.layout).
+# and while a reshard runs the number it moves to; unit_flips: units (bucket, source,
+# target) already moved to their shard under target_shards (server.routing.layout).
 CONTROL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_map (
     user1 BIGINT NOT NULL,
@@ -33,14 +33,33 @@ CREATE TABLE IF NOT EXISTS shard_layout (
     target_shards INTEGER CHECK (target_shards > 0),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CREATE TABLE IF NOT EXISTS bucket_flips (
-    bucket SMALLINT PRIMARY KEY CHECK (bucket >= 0 AND bucket < 4096)
+CREATE TABLE IF NOT EXISTS unit_flips (
+    bucket SMALLINT NOT NULL CHECK (bucket >= 0 AND bucket < 4096),
+    source_shard INTEGER NOT NULL,
+    target_shard INTEGER NOT NULL,
+    PRIMARY KEY (bucket, source_shard, target_shard)
 );
 """
 
+# Earlier versions kept whole moved buckets in bucket_flips; a reshard in progress keeps them.
+_FLIPS_UPGRADE = """
+DO $upgrade$
+BEGIN
+    IF to_regclass('bucket_flips') IS NOT NULL THEN
+        INSERT INTO unit_flips (bucket, source_shard, target_shard)
+        SELECT f.bucket, f.bucket % l.num_shards, f.bucket % l.target_shards
+        FROM bucket_flips f, shard_layout l WHERE l.target_shards IS NOT NULL
+        ON CONFLICT DO NOTHING;
+        DROP TABLE bucket_flips;
+    END IF;
+END
+$upgrade$
+"""
+
 # One row per unit (a pair, or a group of buckets with user_low = user_high = 0 and
-# `bucket` its first bucket) moving between shards; at most one unfinished move per
-# unit. See server.storage.moves.
+# `bucket` its first bucket, limited to hash % residue_modulus = target_shard and
+# hash % source_modulus = source_shard when those are set) moving between shards; at
+# most one unfinished move per unit. See server.storage.moves.
 MOVES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_moves (
     move_id BIGSERIAL PRIMARY KEY,
@@ -59,6 +78,8 @@ CREATE TABLE IF NOT EXISTS shard_moves (
 CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_unfinished_idx
     ON shard_moves (bucket, user_low, user_high) WHERE state <> 'done';
 ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS buckets SMALLINT[];
+ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS residue_modulus INTEGER;
+ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS source_modulus INTEGER;
 """
 
 # The pair is stored ordered (user_low < user_high) with its hash bucket, so a
@@ -86,6 +107,31 @@ CREATE INDEX IF NOT EXISTS {table}_bucket_idx ON {table} (bucket);
 """
 
 
+# The seed's pair hash in SQL, bit for bit (server.routing.hash), as a numeric in
+# 0..2^64-1: a full reshuffle selects the pairs of a bucket that go to one shard by
+# `mod(dialog_pair_hash(user_low, user_high), N')`. PostgreSQL has no unsigned 64-bit
+# type: products are taken modulo 2^64 in numeric, and the xor-shifts on the same
+# bits as a signed bigint (`>>` sign-extends, so the shifted value is masked to 48 bits).
+PAIR_HASH_FUNCTION = """
+CREATE OR REPLACE FUNCTION dialog_pair_hash(lo bigint, hi bigint) RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
+DECLARE
+    two64 CONSTANT numeric := 18446744073709551616;
+    v numeric;
+    x bigint;
+BEGIN
+    v := mod(mod(lo + two64, two64) * 2654435761 + mod(hi + two64, two64) * 2654435789, two64);
+    x := (CASE WHEN v >= 9223372036854775808 THEN v - two64 ELSE v END)::bigint;
+    x := x # ((x >> 16) & 281474976710655);
+    v := mod(mod(x + two64, two64) * 2654435761, two64);
+    x := (CASE WHEN v >= 9223372036854775808 THEN v - two64 ELSE v END)::bigint;
+    x := x # ((x >> 16) & 281474976710655);
+    RETURN mod(x + two64, two64);
+END
+$fn$
+"""
+
+
 async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str] = ()) -> None:
     """Run the `;`-separated script, then the `extra` statements (which may contain `;`)."""
     async with conn.transaction():
@@ -96,9 +142,9 @@ async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str
 
 async def migrate_control(conn: AsyncConnection[object]) -> None:
     """Create the control tables (shard_map, shard_moves)."""
-    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA)
+    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA, [_FLIPS_UPGRADE])
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
     """Create one shard's message table, indexes and fences; `table` is a validated identifier."""
-    await _apply(conn, SHARD_SCHEMA.format(table=table), fence_schema(table))
+    await _apply(conn, SHARD_SCHEMA.format(table=table), [PAIR_HASH_FUNCTION, *fence_schema(table)])

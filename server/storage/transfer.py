@@ -1,7 +1,8 @@
 """Copying, comparing and deleting one unit's messages between two shards.
 
-A unit is one pair, or a group of hash buckets minus the pairs that overrides
-place (they do not move with their bucket). Every step is idempotent: the copy is
+A unit is one pair, or a group of hash buckets (in a full reshuffle, the part of
+them going to one shard) minus the pairs that overrides place (they do not move
+with their bucket). Every step is idempotent: the copy is
 `INSERT ... ON CONFLICT (message_id) DO NOTHING` in keyset chunks, the sync
 compares ids chunk by chunk and copies what is missing, the delete removes
 chunks until none is left. Nothing here holds a transaction across shards.
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.routing import Pair, bucket_of
+from server.errors import FailedPrecondition
+from server.routing import NUM_BUCKETS, Pair, bucket_of, pair_hash
 from server.storage.errors import shard_errors
 from server.storage.fences import WHOLE_BUCKET, FenceKey
 from server.storage.ids import MAX_ID, MIN_ID
@@ -34,11 +36,21 @@ ROW_FINGERPRINT = (
 
 @dataclass(frozen=True, slots=True)
 class Unit:
-    """What moves: one pair, or whole buckets except the `pinned` pairs (overrides place those)."""
+    """What moves: one pair, or buckets except the `pinned` pairs (overrides place those).
+
+    With a `residue` (modulus, remainder), only the buckets' pairs whose hash modulo
+    `modulus` is `remainder`: the target's part of a bucket in a full reshuffle
+    (server.routing.layout); fence rows name it. A `source_residue` narrows the
+    selection the same way to the pairs whose old hash shard is the source, so that
+    the target's own pairs of these buckets (and pairs other sources moved there) are
+    not taken for the unit's.
+    """
 
     buckets: tuple[int, ...]
     pair: Pair | None = None
     pinned: tuple[Pair, ...] = field(default=())
+    residue: tuple[int, int] | None = None
+    source_residue: tuple[int, int] | None = None
 
     @classmethod
     def of_pair(cls, pair: Pair, bucket: int) -> Unit:
@@ -48,12 +60,33 @@ class Unit:
         """The fence rows that stand for this unit on a shard."""
         if self.pair is not None:
             return [(self.buckets[0], self.pair.low, self.pair.high)]
+        if self.residue is not None:
+            modulus, remainder = self.residue
+            return [(b, -modulus, remainder) for b in self.buckets]
         return [(b, WHOLE_BUCKET, WHOLE_BUCKET) for b in self.buckets]
+
+    def covers(self, pair: Pair) -> bool:
+        """Whether the pair's rows are this unit's (pinned pairs aside)."""
+        if self.pair is not None:
+            return pair == self.pair
+        hashed = pair_hash(*pair)
+        return hashed % NUM_BUCKETS in self.buckets and all(
+            hashed % modulus == remainder for modulus, remainder in self._residues()
+        )
+
+    def _residues(self) -> list[tuple[int, int]]:
+        return [r for r in (self.residue, self.source_residue) if r is not None]
 
     def split(self, groups: Sequence[Sequence[int]]) -> list[Unit]:
         """The unit as parts holding these groups of its buckets (each with its pinned pairs)."""
         return [
-            Unit(tuple(g), None, tuple(p for p in self.pinned if bucket_of(*p) in set(g)))
+            Unit(
+                tuple(g),
+                None,
+                tuple(p for p in self.pinned if bucket_of(*p) in set(g)),
+                self.residue,
+                self.source_residue,
+            )
             for g in groups
             if g
         ]
@@ -62,13 +95,15 @@ class Unit:
         """SQL condition selecting the unit's rows, and its parameters."""
         if self.pair is not None:
             return "user_low = %s AND user_high = %s", [self.pair.low, self.pair.high]
-        if not self.pinned:
-            return "bucket = ANY(%s::smallint[])", [list(self.buckets)]
-        return (
-            "bucket = ANY(%s::smallint[]) AND (user_low, user_high) NOT IN "
-            "(SELECT * FROM unnest(%s::bigint[], %s::bigint[]))",
-            [list(self.buckets), [p.low for p in self.pinned], [p.high for p in self.pinned]],
-        )
+        clauses: list[str] = ["bucket = ANY(%s::smallint[])"]
+        params: list[Any] = [list(self.buckets)]
+        for modulus, remainder in self._residues():
+            clauses.append("mod(dialog_pair_hash(user_low, user_high), %s) = %s")
+            params += [modulus, remainder]
+        if self.pinned:
+            clauses.append("(user_low, user_high) NOT IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))")
+            params += [[p.low for p in self.pinned], [p.high for p in self.pinned]]
+        return " AND ".join(clauses), params
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +114,15 @@ class Fingerprint:
     checksum: int
 
 
-class VerificationError(Exception):
-    """Source and target disagree after the sync; the message says how."""
+class VerificationError(FailedPrecondition):
+    """Source and target disagree after the sync; the message says how.
+
+    The move is not flipped and the source is writable again: the data is where
+    routing says. Something other than the mover wrote the unit's rows to the target
+    (a misplaced row `dialogctl verify --repair` can settle), so retrying as is fails again.
+    """
+
+    default_reason = "MOVE_NOT_VERIFIED"
 
 
 #: Rows a keyset walk of a bucket group may have to sort per chunk: buckets are packed into parts
@@ -184,7 +226,8 @@ async def _sync(source: MessageStore, target: MessageStore, unit: Unit, *, chunk
         if extra:
             raise VerificationError(
                 f"shard {target.shard_id} holds {len(extra)} message(s) of the unit that shard "
-                f"{source.shard_id} lacks, e.g. {sorted(extra)[0]}"
+                f"{source.shard_id} lacks, e.g. {sorted(extra)[0]}; nothing was moved: run "
+                "`dialogctl verify --repair`, then the move again"
             )
         missing = [i for i in source_ids if i not in target_ids]
         if missing:
@@ -223,7 +266,8 @@ async def verify(source: MessageStore, target: MessageStore, unit: Unit) -> Fing
     if on_source != on_target:
         raise VerificationError(
             f"the unit differs between shard {source.shard_id} ({on_source.count} messages) and shard "
-            f"{target.shard_id} ({on_target.count} messages) after copying"
+            f"{target.shard_id} ({on_target.count} messages) after copying; nothing was moved: "
+            "`dialogctl verify` names the differing messages"
         )
     return on_source
 
