@@ -45,7 +45,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.reshard", description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000, help="seeded messages (default 200,000)")
     parser.add_argument("--pairs", type=int, default=20_000, help="seeded pairs (default 20,000)")
-    parser.add_argument("--target-shards", type=int, default=8, help="reshard 4 -> this (default 8)")
+    parser.add_argument(
+        "--target-shards", type=int, default=8, help="reshard 4 -> this (default 8; 6 is a full reshuffle)"
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="SendMessage calls in flight")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the before phase")
     parser.add_argument("--buckets-per-step", type=int, default=64)
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             "--buckets-per-step",
             str(args.buckets_per_step),
             "--json",
+            # Not a multiple of 4 (4 -> 6): the operator's explicit consent to a full reshuffle.
+            *(["--full-reshuffle"] if args.target_shards % 4 else []),
         ]
         print(f"SendMessage load for {args.seconds:g} s, then during the reshard", file=sys.stderr)
         result = asyncio.run(_measure(args, load, ctl))

@@ -200,6 +200,11 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
             None,
         )
     assert (await dialogctl(path, "verify", "--json")).json()["clean"] is True
+    # The offline calculator follows the stored layout, not the config's count of shards.
+    a, b = pairs[1]
+    offline = (await dialogctl(path, "--json", "shard-of", "--offline", str(a), str(b))).json()
+    assert offline["num_shards"] == target_shards
+    assert offline["shard_id"] == calculate_shard(a, b, target_shards)
 
 
 @pytest.mark.parametrize(

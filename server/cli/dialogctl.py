@@ -26,6 +26,7 @@ when an RPC fails (the convention grpcurl uses, e.g. 67 for INVALID_ARGUMENT,
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import math
@@ -37,6 +38,7 @@ from typing import Any, TypeVar
 
 import grpc
 import jwt
+import psycopg
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -45,8 +47,9 @@ from client.gen.dialog.v1 import admin_service_pb2_grpc as admin_grpc
 from server import devstack
 from server.auth import issue_token
 from server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, load_config
-from server.routing import bucket_of, calculate_shard
+from server.routing import Layout, bucket_of, pair_hash
 from server.routing.distribution import DistributionSummary
+from server.storage.layout import load_layout
 
 # Besides `main`, what the subcommand modules (server/cli/*.py) build on.
 __all__ = [
@@ -310,6 +313,32 @@ def cmd_shard_of(session: Session) -> int:
     return 0
 
 
+def _stored_layout(session: Session) -> Layout:
+    """The layout the servers route by, read from the control database named in the config.
+
+    Not the config's shard count: every config lists the shards a reshard has not reached
+    yet (and, after shrinking, those it left), and a running reshard routes moved units by
+    its new count.
+    """
+    try:
+        dsn = session.config().control_dsn
+    except CliError as exc:
+        raise CliError(
+            f"--offline needs --shards N or a config naming the control database: {exc.message}"
+        ) from None
+
+    async def read() -> Layout:
+        async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=5) as conn:
+            return await load_layout(conn)
+
+    try:
+        return asyncio.run(read())
+    except (psycopg.Error, LookupError) as exc:
+        raise CliError(
+            f"cannot read the shard layout from the control database ({exc}); pass --shards N"
+        ) from None
+
+
 def _shard_of_offline(session: Session, a: int, b: int) -> int:
     args = session.args
     for value in (a, b):
@@ -317,15 +346,9 @@ def _shard_of_offline(session: Session, a: int, b: int) -> int:
             args.subparser.error(f"user ids must be in 1..{_MAX_INT64}, got {value}")
     if a == b:
         args.subparser.error("a dialog is between two different users: the user ids must differ")
-    shards: int | None = args.shards
-    if shards is None:
-        try:
-            shards = session.config().num_shards
-        except CliError as exc:
-            raise CliError(
-                f"--offline needs --shards N or a config to count the shards of: {exc.message}"
-            ) from None
-    shard = calculate_shard(a, b, shards)
+    layout = Layout(args.shards) if args.shards is not None else _stored_layout(session)
+    shards = layout.num_shards
+    shard = layout.hash_shard(pair_hash(a, b))
     bucket = bucket_of(a, b)
     if session.json:
         print_json(
@@ -544,13 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     shard_of.add_argument(
         "--offline",
         action="store_true",
-        help="compute the hash shard locally, without a server (ignores overrides)",
+        help="compute the hash shard without a server (overrides not consulted)",
     )
     shard_of.add_argument(
         "--shards",
         type=_shard_count,
         metavar="N",
-        help="number of shards for --offline (default: from the config)",
+        help="number of shards for --offline (default: the layout in the config's control database)",
     )
 
     overrides = commands.add_parser(
