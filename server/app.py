@@ -40,6 +40,7 @@ from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import TokenBucketLimiter
 from server.logs import RpcLog
 from server.metrics import MetricsEndpoint, ServerMetrics
+from server.move_resumer import MoveResumer
 from server.pagination import PageTokenCodec
 from server.placement import Placement
 from server.services.admin import AdminService
@@ -146,6 +147,8 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             interval=config.resilience.probe_interval,
         )
         await reporter.start()
+        resumer = MoveResumer(placement.mover(shards), after=config.resilience.move_resume_after)
+        await resumer.start()
         log.info(
             "serving on port %d with %d shards (%s)",
             port,
@@ -159,6 +162,7 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
                 server, port, placement, shards, health_servicer, endpoint.port if endpoint else None
             )
         finally:
+            await resumer.stop()
             await reporter.stop()
             await health_servicer.enter_graceful_shutdown()
             await server.stop(config.shutdown_grace_seconds)

@@ -160,6 +160,9 @@ class ResilienceConfig:
     replica_reads: bool = False
     #: Largest acceptable replica lag for reads, in seconds.
     replica_max_lag: float = 5.0
+    #: Seconds after which a server completes an unfinished move whose mover is gone (its
+    #: lock is free), so a crashed `dialogctl` does not leave a unit's writes paused; 0: never.
+    move_resume_after: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,6 +572,8 @@ def _resilience(section: Mapping[str, Any]) -> ResilienceConfig:
         raise ConfigError("resilience.retry_backoff must be >= 0 and <= resilience.retry_backoff_max")
     if resilience.replica_max_lag < 0:
         raise ConfigError("resilience.replica_max_lag must be >= 0")
+    if resilience.move_resume_after < 0:
+        raise ConfigError("resilience.move_resume_after must be >= 0 (0 turns resuming off)")
     return resilience
 
 

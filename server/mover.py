@@ -223,7 +223,7 @@ class Mover:
             log.info(
                 "move %d: %s flipped from shard %d to %d (%d rows copied, %d in the catch-up)",
                 move.move_id,
-                f"pair ({move.low}, {move.high})" if move.is_pair else f"{len(move.buckets)} bucket(s)",
+                move.unit,
                 move.source_shard,
                 move.target_shard,
                 copied,
@@ -312,9 +312,16 @@ class Mover:
                 "move %d: shard %d stays fenced until the move is re-run (%s)", move_id, source.shard_id, exc
             )
 
-    def exclusive(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """Hold the cluster-wide mover lock (see `mover_lock`)."""
-        return mover_lock(self._control_dsn, self._lock_wait_seconds)
+    def exclusive(self, *, wait_seconds: float | None = None) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the cluster-wide mover lock (see `mover_lock`); MoverBusy after `wait_seconds`."""
+        wait = self._lock_wait_seconds if wait_seconds is None else wait_seconds
+        return mover_lock(self._control_dsn, wait)
+
+
+class MoverBusy(FailedPrecondition):
+    """Another mover held the lock for longer than the caller would wait."""
+
+    default_reason = "MOVE_IN_PROGRESS"
 
 
 @contextlib.asynccontextmanager
@@ -337,10 +344,9 @@ async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncItera
             if row and row[0]:
                 break
             if asyncio.get_running_loop().time() > deadline:
-                raise FailedPrecondition(
+                raise MoverBusy(
                     "another move or reshard is running and did not finish within "
-                    f"{wait_seconds:g} s; retry when it is done",
-                    reason="MOVE_IN_PROGRESS",
+                    f"{wait_seconds:g} s; retry when it is done"
                 )
             await asyncio.sleep(0.1)
         try:

@@ -350,3 +350,48 @@ async def test_a_stray_copy_on_the_target_stops_the_step_until_verify_repairs_it
     rows = stored(config)
     assert sorted(i for _, i, _ in rows) == sorted(history | stray)
     assert all(shard_id == calculate_shard(*pair, 8) for shard_id, _, pair in rows)
+
+
+async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
+    pg_servers, jwt_secret, tmp_path, new_pair, auth_for
+):
+    from client.gen.dialog.v1 import dialog_service_pb2 as dpb
+
+    config = cluster(pg_servers, jwt_secret, 8)
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
+        pass  # records the 4-shard layout and creates the schema
+    pairs = [new_pair() for _ in range(200)]
+    history = preload(config, pairs, 2)
+    path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
+    reshard = ("reshard", "--shards", "8", "--buckets-per-step", "4096")
+    crashed = await dialogctl(path, *reshard, **{CRASH_ENV: "fenced"})
+    assert crashed.returncode == 70, crashed.stderr
+
+    def unfinished() -> list[tuple[int, int, int]]:
+        with psycopg.connect(config.control_dsn) as conn:
+            return conn.execute(
+                "SELECT move_id, source_shard, target_shard FROM shard_moves WHERE state <> 'done'"
+            ).fetchall()
+
+    [(move_id, source, target)] = unfinished()
+    fenced = next(p for p in pairs if (calculate_shard(*p, 4), calculate_shard(*p, 8)) == (source, target))
+    resuming = make_config([s.dsn for s in config.shards], jwt_secret, resilience={"move_resume_after": 0.5})
+    async with serving(resuming) as (_, channel):
+        # Nobody re-runs the reshard: the server sees the move idle with its lock free.
+        await wait_until(lambda: unfinished() == [], "a server completed the move", seconds=20)
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        sent = await stub.SendMessage(
+            dpb.SendMessageRequest(from_user_id=fenced[0], to_user_id=fenced[1], text="after"),
+            metadata=auth_for(fenced[0]),
+        )
+    with psycopg.connect(config.control_dsn) as conn:
+        assert conn.execute("SELECT state FROM shard_moves WHERE move_id = %s", (move_id,)).fetchone() == (
+            "done",
+        )
+    placed = {i: shard for shard, i, _ in stored(config)}
+    assert placed[sent.message.message_id] == target, "written to the pair's new shard"
+    finished = await dialogctl(path, *reshard, "--json")
+    assert finished.json()["num_shards"] == 8
+    rows = stored(config)
+    assert sorted(i for _, i, _ in rows) == sorted(history | {sent.message.message_id})
+    assert all(shard_id == calculate_shard(*pair, 8) for shard_id, _, pair in rows)

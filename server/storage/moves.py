@@ -70,6 +70,11 @@ class Move:
     def is_pair(self) -> bool:
         return self.low != 0
 
+    @property
+    def unit(self) -> str:
+        """What moves, for logs: the pair, or how many buckets."""
+        return f"pair ({self.low}, {self.high})" if self.is_pair else f"{len(self.buckets)} bucket(s)"
+
     def with_state(self, state: MoveState) -> Move:
         return dataclasses.replace(self, state=state)
 
@@ -107,6 +112,16 @@ class MoveLog:
                 f"SELECT {_COLUMNS} FROM shard_moves WHERE state <> 'done' "
                 "AND (%s::text IS NULL OR flip = %s) ORDER BY move_id",
                 (flip and str(flip), flip and str(flip)),
+            )
+            return [_move(r) for r in await cur.fetchall()]
+
+    async def stale(self, idle_seconds: float) -> list[Move]:
+        """Unfinished moves whose record has not changed for `idle_seconds`, oldest first."""
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM shard_moves WHERE state <> 'done' "
+                "AND updated_at < now() - make_interval(secs => %s) ORDER BY move_id",
+                (idle_seconds,),
             )
             return [_move(r) for r in await cur.fetchall()]
 

@@ -1,0 +1,78 @@
+"""Completing moves whose mover died, from any server (server.mover).
+
+A move that crashed after fencing its unit keeps that unit's writes paused (the
+retryable DIALOG_MOVING) until someone runs it again. So every server looks, every
+few seconds, for unfinished moves whose record has not changed for
+`resilience.move_resume_after` seconds. If the movers' lock is free, no mover is
+alive (a session advisory lock dies with its process's connection): the server
+takes the lock and runs those moves to the end, exactly as a re-run would.
+
+Only the move in flight is completed. A reshard's remaining steps wait for the
+operator's `dialogctl reshard` (routing is correct in between, just mixed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from server.mover import Mover, MoverBusy
+
+log = logging.getLogger(__name__)
+
+
+class MoveResumer:
+    """Background task: completes stale unfinished moves when no mover holds the lock."""
+
+    def __init__(self, mover: Mover, *, after: float) -> None:
+        self._mover = mover
+        self._after = after
+        self._interval = min(max(after / 2, 0.2), 10.0)
+        self._task: asyncio.Task[None] | None = None
+        #: Moves this process completed.
+        self.resumed = 0
+
+    async def start(self) -> None:
+        if self._after > 0:
+            self._task = asyncio.create_task(self._loop(), name="move-resumer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def resume_once(self) -> int:
+        """Complete the stale unfinished moves if no mover is alive; returns how many."""
+        if not await self._mover.log.stale(self._after):
+            return 0
+        try:
+            async with self._mover.exclusive(wait_seconds=0):
+                # Re-read under the lock: the mover that held it a moment ago may have finished.
+                stale = await self._mover.log.stale(self._after)
+                for move in stale:
+                    log.warning(
+                        "move %d (shard %d -> %d, %s) was left %s by a mover that is gone; completing it",
+                        move.move_id,
+                        move.source_shard,
+                        move.target_shard,
+                        move.unit,
+                        move.state,
+                    )
+                    await self._mover.run(move)
+                    self.resumed += 1
+                return len(stale)
+        except MoverBusy:
+            return 0  # a mover is alive: it owns its move
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.resume_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a shard or the control database is down: try again later
+                log.warning("resuming unfinished moves failed (%s); retrying in %.1f s", exc, self._interval)
