@@ -15,6 +15,7 @@ import pytest
 from server.config import ServerConfig
 from server.storage.ids import MAX_ID, MIN_ID
 from server.storage.messages import MessageStore
+from server.storage.schema import migrate_shard
 
 HOT = (1_000_001, 1_000_002)
 
@@ -98,3 +99,39 @@ def test_first_page_of_a_dialog_that_dominates_its_shard_avoids_the_primary_key(
         plan = explain_first_page(conn, shard.table, big, oldest_first=False, plan_mode="force_generic_plan")
     assert f"using {shard.table}_dialog_idx" in plan, plan
     assert "pkey" not in plan and "Sort" not in plan, plan
+
+
+async def test_a_page_of_a_dialog_others_wrote_after_keeps_to_the_dialog_index(
+    server: object, cluster_config: ServerConfig
+) -> None:
+    """A dialog that stops being written while another dialog of its shard keeps growing: its
+    page must not walk the primary key backwards over the other dialog's newer rows.
+
+    The benchmark's shape: statistics taken when the dialog held half of the table, then
+    thousands of newer rows of another dialog (not yet analyzed). Ordering by message_id with
+    the pair as constants let the planner pick that walk, and each page read every newer row.
+    """
+    table = "messages_plan_check"
+    async with await psycopg.AsyncConnection.connect(cluster_config.shards[1].dsn, autocommit=True) as aconn:
+        await migrate_shard(aconn, table)
+    quiet, busy = (7_000_001, 7_000_002), (7_000_003, 7_000_004)
+    rows = f"""
+        INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id, to_user_id, text,
+                             created_at)
+        SELECT ('01' || lpad(to_hex(%s + g), 30, '0'))::uuid, %s, %s, 0, %s, %s, 'm', now()
+        FROM generate_series(1, %s) g
+    """
+    try:
+        with psycopg.connect(cluster_config.shards[1].dsn, autocommit=True) as conn:
+            conn.execute(rows, (0, *quiet, *quiet, 2_000))
+            conn.execute(rows, (10_000, *busy, *busy, 2_000))
+            conn.execute(f"ANALYZE {table}")
+            conn.execute(rows, (20_000, *busy, *busy, 6_000))  # newer ids than all of `quiet`'s
+            for plan_mode in ("force_custom_plan", "force_generic_plan"):
+                plan = explain_first_page(conn, table, quiet, oldest_first=False, plan_mode=plan_mode)
+                assert f"Index Scan Backward using {table}_dialog_idx" in plan, plan
+                assert "pkey" not in plan and "Sort" not in plan, plan
+    finally:
+        with psycopg.connect(cluster_config.shards[1].dsn, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_fences")
+            conn.execute(f"DROP FUNCTION IF EXISTS {table}_writable, {table}_readable")

@@ -96,21 +96,29 @@ class MessageStore:
             SELECT {_COLUMNS}, true FROM {table}
             WHERE user_low = %s AND user_high = %s AND from_user_id = %s AND request_id = %s
         """
-        # The ORDER BY names the whole dialog index, not just message_id: ordering by the
-        # primary key alone lets the planner walk it backwards and filter by pair, which
-        # reads every newer row of other dialogs when one dialog dominates the shard.
+        # The pair and cursor bound the dialog index's columns as one range of row values, with
+        # no equality on the pair: ORDER BY over all three columns can then be served only by
+        # the dialog index (range scan, no sort). With `user_low = .. AND user_high = ..` the
+        # planner treats the pair as constants, so ordering by message_id alone fits, and it may
+        # walk the primary key backwards filtering by pair (LIMIT's guess that the pair's rows
+        # are spread evenly), reading every newer row of other dialogs: a dialog that stops
+        # being written while others are costs more per page the more they write.
+        # The subquery names the pair and cursor once (it is pulled up: they stay parameters).
         # The last condition runs once per statement (an InitPlan): it raises when the
         # pair has moved away from this shard, for a reader whose routing is stale.
+        pair_and_cursor = "(SELECT %s::bigint AS lo, %s::bigint AS hi, %s::uuid AS cursor) AS p"
         self.page_sql = {
             False: f"""
-                SELECT {_COLUMNS} FROM {table}
-                WHERE user_low = %s AND user_high = %s AND message_id < %s
+                SELECT {_COLUMNS} FROM {table}, {pair_and_cursor}
+                WHERE (user_low, user_high, message_id) < (p.lo, p.hi, p.cursor)
+                  AND (user_low, user_high, message_id) > (p.lo, p.hi, '{MIN_ID}'::uuid)
                   AND (SELECT {table}_readable(%s, %s, %s))
                 ORDER BY user_low DESC, user_high DESC, message_id DESC LIMIT %s
             """,
             True: f"""
-                SELECT {_COLUMNS} FROM {table}
-                WHERE user_low = %s AND user_high = %s AND message_id > %s
+                SELECT {_COLUMNS} FROM {table}, {pair_and_cursor}
+                WHERE (user_low, user_high, message_id) > (p.lo, p.hi, p.cursor)
+                  AND (user_low, user_high, message_id) < (p.lo, p.hi, '{MAX_ID}'::uuid)
                   AND (SELECT {table}_readable(%s, %s, %s))
                 ORDER BY user_low, user_high, message_id LIMIT %s
             """,
