@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.storage.messages import StoredMessage
@@ -13,24 +15,48 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    """`value` as a Timestamp (a naive datetime is taken as UTC, as Timestamp.FromDatetime does).
+    """`value` as a Timestamp (a naive datetime is taken as UTC, as Timestamp.FromDatetime does)."""
+    ts = timestamp_pb2.Timestamp()
+    set_timestamp(ts, value)
+    return ts
 
-    Computed from the difference to the epoch: the same result as FromDatetime, without its
-    per-call Python conversions (every message of every response goes through here).
-    """
+
+def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:
+    """Set `target` to `value`: the same result as Timestamp.FromDatetime, from the difference to
+    the epoch, without its per-call Python conversions (every message of every response goes
+    through here)."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     delta = value - _EPOCH
-    return timestamp_pb2.Timestamp(
-        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
-    )
+    target.seconds = delta.days * 86_400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
 
 
 def message_to_proto(message: StoredMessage) -> pb.Message:
-    return pb.Message(
-        message_id=str(message.message_id),
-        from_user_id=message.from_user_id,
-        to_user_id=message.to_user_id,
-        text=message.text,
-        create_time=timestamp(message.created_at),
-    )
+    proto = pb.Message()
+    fill_message(proto, message)
+    return proto
+
+
+def fill_message(target: pb.Message, message: StoredMessage) -> None:
+    """Set the fields of `target` (e.g. a response's own message field) from `message`."""
+    target.message_id = str(message.message_id)
+    target.from_user_id = message.from_user_id
+    target.to_user_id = message.to_user_id
+    target.text = message.text
+    set_timestamp(target.create_time, message.created_at)
+
+
+def add_messages(
+    target: RepeatedCompositeFieldContainer[pb.Message], messages: Iterable[StoredMessage]
+) -> None:
+    """Append `messages` to a repeated field, built in place (no message built and then copied)."""
+    add = target.add
+    for message in messages:
+        proto = add(
+            message_id=str(message.message_id),
+            from_user_id=message.from_user_id,
+            to_user_id=message.to_user_id,
+            text=message.text,
+        )
+        set_timestamp(proto.create_time, message.created_at)

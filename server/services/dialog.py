@@ -15,7 +15,7 @@ from server.config import LimitsConfig
 from server.errors import AlreadyExists, PermissionDenied
 from server.pagination import InvalidPageToken, PageTokenCodec
 from server.placement import Placement
-from server.services.convert import message_to_proto
+from server.services.convert import add_messages, fill_message
 from server.services.validation import (
     Violations,
     check_pair,
@@ -77,7 +77,9 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 reason="REQUEST_ID_REUSED",
                 metadata={"message_id": str(stored.message_id)},
             )
-        return pb.SendMessageResponse(message=message_to_proto(stored), replayed=result.replayed)
+        response = pb.SendMessageResponse(replayed=result.replayed)
+        fill_message(response.message, stored)
+        return response
 
     async def GetDialog(self, request: pb.GetDialogRequest, context: Context) -> pb.GetDialogResponse:
         _require_caller("user_id", request.user_id, "read its own dialogs", "NOT_DIALOG_MEMBER")
@@ -115,4 +117,6 @@ class DialogService(pb_grpc.DialogServiceServicer):
         if len(rows) > limit:
             rows = rows[:limit]
             next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, rows[-1].message_id.bytes)
-        return pb.GetDialogResponse(messages=[message_to_proto(m) for m in rows], next_page_token=next_token)
+        response = pb.GetDialogResponse(next_page_token=next_token)
+        add_messages(response.messages, rows)
+        return response
