@@ -1,8 +1,7 @@
 """Online resharding while writers run, and after a crash, with `dialogctl reshard`.
 
-Growing 4 -> 8 (bucket units), a full reshuffle 4 -> 6, shrinking 6 -> 4 (both split
-buckets by hash residue), and 4 -> 16, which takes about 15 s and is marked slow:
-`pytest -m slow tests/test_reshard.py` runs it.
+Growing 4 -> 8 and 4 -> 16 (bucket units), a full reshuffle 4 -> 6 and shrinking
+6 -> 4 (both split buckets by hash residue); a reshard killed at each step of a move.
 
 Each test gets fresh databases on the four PostgreSQL servers (shard i on server i % 4), so
 several shards share a server and at least one is on a different server from the others.
@@ -29,7 +28,7 @@ from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from server.app import RunningServer, running_server
 from server.config import ServerConfig
 from server.embedded_pg import EmbeddedPostgres
-from server.mover import CRASH_ENV
+from server.mover import CRASH_ENV, CRASH_POINTS
 from server.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
 from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard, pair_hash
 from server.routing.layout import unit_of
@@ -128,7 +127,7 @@ def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
         (4, 8, ()),
         (4, 6, ("--full-reshuffle",)),
         (6, 4, ("--full-reshuffle",)),
-        pytest.param(4, 16, (), marks=pytest.mark.slow),
+        (4, 16, ()),
     ],
     ids=["4-to-8", "4-to-6-full-reshuffle", "6-to-4-shrink", "4-to-16"],
 )
@@ -209,7 +208,11 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
 
 @pytest.mark.parametrize(
     ("step", "target_shards", "flags"),
-    [("fence_committed", 8, ()), ("retired", 8, ()), ("fenced", 6, ("--full-reshuffle",))],
+    [
+        pytest.param("fence_committed", 8, (), id="fence_committed-4-to-8"),
+        pytest.param("retired", 8, (), id="retired-4-to-8"),
+        *(pytest.param(step, 6, ("--full-reshuffle",), id=f"{step}-4-to-6") for step in CRASH_POINTS),
+    ],
 )
 async def test_reshard_crashed_mid_step_completes_on_rerun(
     step, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair
