@@ -14,9 +14,9 @@ operator's `dialogctl reshard` (routing is correct in between, just mixed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from server.background import stop_task
 from server.mover import Mover, MoverBusy
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,8 @@ class MoveResumer:
             self._task = asyncio.create_task(self._loop(), name="move-resumer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def resume_once(self) -> int:
         """Complete the stale unfinished moves if no mover is alive; returns how many."""

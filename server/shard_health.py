@@ -14,10 +14,10 @@ On shutdown everything turns NOT_SERVING before the server drains (see server.ap
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from grpc_health.v1 import health, health_pb2
 
+from server.background import stop_task
 from server.storage.pools import ShardSet
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -71,10 +71,8 @@ class ShardHealthReporter:
         self._task = asyncio.create_task(self._loop(), name="shard-health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 
+from server.background import stop_task
 from server.config import ResilienceConfig
 from server.resilience.breaker import BreakerState
 from server.resilience.gate import ShardGate, within
@@ -74,11 +75,8 @@ class EndpointMonitor:
         self._task = asyncio.create_task(self._loop(), name=name)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error, OSError):
                 await self._conn.close()

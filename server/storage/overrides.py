@@ -12,7 +12,6 @@ with backoff and reloads everything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from server.background import stop_task
 from server.routing import Layout, Pair, ShardRouter
 from server.routing.layout import units_of_move
 from server.storage.channel import CHANNEL
@@ -165,11 +165,8 @@ class OverrideSync:
         self._task = asyncio.create_task(self._follow(conn), name="override-sync")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _connect_and_load(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(
