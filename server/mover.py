@@ -291,8 +291,9 @@ class Mover:
             await FenceStore(store.table).set(conn, unit.fence_keys(), state, move.move_id, exempt=exempt)
 
     async def _open(self, store: MessageStore, unit: transfer.Unit) -> None:
+        pinned = [(bucket_of(*p), p.low, p.high) for p in unit.pinned]
         async with shard_errors(store.shard_id), store.pool.connection() as conn:
-            await FenceStore(store.table).open(conn, unit.fence_keys())
+            await FenceStore(store.table).open(conn, unit.fence_keys(), keep=pinned)
 
     async def _reopen_after_failure(self, source: MessageStore, unit: transfer.Unit, move_id: int) -> None:
         """If routing certainly still names the source, let its writers in again; a re-run resumes the copy.

@@ -398,3 +398,46 @@ async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
     rows = stored(config)
     assert sorted(i for _, i, _ in rows) == sorted(history | {sent.message.message_id})
     assert all(shard_id == calculate_shard(*pair, 8) for shard_id, _, pair in rows)
+
+
+async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
+    pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
+):
+    """Its old fence row on the shard its unit moves to must not keep refusing its writes there."""
+    from client.gen.dialog.v1 import dialog_service_pb2 as dpb
+
+    config = cluster(pg_servers, jwt_secret, 6)
+    pair = next(
+        p
+        for p in (new_pair() for _ in range(1000))
+        if calculate_shard(*p, 6) < 4 and calculate_shard(*p, 6) != calculate_shard(*p, 4)
+    )
+    home, comes_to = calculate_shard(*pair, 4), calculate_shard(*pair, 6)
+    elsewhere = next(s for s in range(4) if s not in (home, comes_to))
+    a, b = pair
+    sent: list[str] = []
+
+    async def send(stub: dialog_service_pb2_grpc.DialogServiceStub, text: str) -> None:
+        request = dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text)
+        sent.append((await stub.SendMessage(request, metadata=auth_for(a))).message.message_id)
+
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)) as (_, channel):
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        await send(stub, "at home")
+        # Pinned to the shard its unit will move to, then away from it (leaving a fence row there),
+        # then back to its hash shard.
+        for shard_id in (comes_to, elsewhere):
+            request = pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=shard_id)
+            await admin.SetShardOverride(request, metadata=admin_auth)
+            await send(stub, f"pinned to {shard_id}")
+        await admin.DeleteShardOverride(
+            pb.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+        )
+    path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
+    await dialogctl(path, "reshard", "--shards", "6", "--full-reshuffle", "--json")
+    async with serving(config) as (_, channel):
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        await send(stub, "after the reshuffle")
+        assert await read_all(stub, a, b, auth_for(a)) == sorted(sent)
+    assert {shard for shard, i, _ in stored(config) if i in sent} == {comes_to}

@@ -170,12 +170,17 @@ class FenceStore:
                     _columns(exempt),
                 )
 
-    async def open(self, conn: AsyncConnection[Any], keys: Sequence[FenceKey]) -> None:
+    async def open(
+        self, conn: AsyncConnection[Any], keys: Sequence[FenceKey], *, keep: Sequence[FenceKey] = ()
+    ) -> None:
         """Let the units be written here: drop their rows; a pair inside a fenced bucket is marked open.
 
-        A bucket unit coming (back) here also drops the bucket's whole and residue rows left
-        by earlier reshards that moved other parts of it away, except the running reshard's
-        own residue rows (same modulus), which still turn away writers with a stale layout.
+        A bucket unit coming (back) here also drops what earlier moves away from this shard
+        left in its part of the bucket: whole and residue rows of earlier reshards (except
+        the running reshard's own residue rows, same modulus, which still turn away writers
+        with a stale layout) and the rows of pairs that overrides once moved away and that
+        now come back with the unit. The `keep` pairs (pinned elsewhere, they do not come
+        with the unit) keep theirs.
         """
         async with conn.transaction():
             await conn.execute(
@@ -193,6 +198,16 @@ class FenceStore:
                     WHERE f.bucket = u.b AND f.user_low <= 0 AND (u.lo = 0 OR f.user_low <> u.lo)
                     """,
                     _columns(parts),
+                )
+                await conn.execute(
+                    f"""
+                    DELETE FROM {self._fences} f USING {_KEYS}
+                    WHERE f.bucket = u.b AND f.user_low > 0
+                      AND (u.lo = 0 OR mod(dialog_pair_hash(f.user_low, f.user_high), -u.lo) = u.hi)
+                      AND (f.user_low, f.user_high) NOT IN
+                          (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))
+                    """,
+                    (*_columns(parts), [k[1] for k in keep], [k[2] for k in keep]),
                 )
             pairs = [k for k in keys if k[1] > WHOLE_BUCKET]
             if pairs:
