@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from server.routing import Pair, calculate_shard
 from server.routing.rebalance import PairLoad, Proposal, propose
-from tests.conftest import rows_for_pair
+from tests.conftest import make_config, rows_for_pair
 from tests.processes import write_server_config
 from tests.test_reshard import cluster, dialogctl, preload, serving
 
@@ -61,3 +61,21 @@ async def test_hotspots_and_rebalance_apply(pg_servers, jwt_secret, tmp_path, ne
         assert list(rows) == [first["target"]] and len(rows[first["target"]]) == first["load"]
         after = (await dialogctl(path, "hotspots", "--json")).json()
         assert max(s["messages"] for s in after["shards"]) < max(s["messages"] for s in spots["shards"])
+
+
+async def test_rebalance_only_uses_the_shards_the_hash_routes_over(
+    pg_servers, jwt_secret, tmp_path, new_pair
+):
+    """Shards listed ahead of a reshard are empty; they must not look like the lightest targets."""
+    config = cluster(pg_servers, jwt_secret, 6)
+    heavy = new_pair()
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
+        pass  # records the 4-shard layout
+    preload(config, [heavy], 120)
+    light = [p for p in (new_pair() for _ in range(200)) if p != heavy]
+    # Every routed shard holds a little, so only the unrouted ones are empty.
+    preload(config, [next(p for p in light if calculate_shard(*p, 4) == s) for s in range(4)], 3)
+    path = write_server_config(tmp_path / "six.toml", config, "127.0.0.1:1", jwt_secret)
+    proposals = (await dialogctl(path, "rebalance", "--json")).json()["proposals"]
+    assert proposals, "the heavy pair's shard is far above the mean of the four"
+    assert all(p["target"] < 4 for p in proposals), proposals

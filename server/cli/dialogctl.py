@@ -67,6 +67,7 @@ __all__ = [
     "print_json",
     "shard_id_arg",
     "source_name",
+    "stored_layout",
 ]
 
 PROG = "dialogctl"
@@ -313,7 +314,7 @@ def cmd_shard_of(session: Session) -> int:
     return 0
 
 
-def _stored_layout(session: Session) -> Layout:
+def stored_layout(session: Session) -> Layout:
     """The layout the servers route by, read from the control database named in the config.
 
     Not the config's shard count: every config lists the shards a reshard has not reached
@@ -346,7 +347,7 @@ def _shard_of_offline(session: Session, a: int, b: int) -> int:
             args.subparser.error(f"user ids must be in 1..{_MAX_INT64}, got {value}")
     if a == b:
         args.subparser.error("a dialog is between two different users: the user ids must differ")
-    layout = Layout(args.shards) if args.shards is not None else _stored_layout(session)
+    layout = Layout(args.shards) if args.shards is not None else stored_layout(session)
     shards = layout.num_shards
     shard = layout.hash_shard(pair_hash(a, b))
     bucket = bucket_of(a, b)

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from server.cli.dialogctl import CliError, Session, format_table, print_json
+from server.cli.dialogctl import CliError, Session, format_table, print_json, stored_layout
 from server.cli.shards import tool_shards
 from server.config import ServerConfig
 from server.errors import ServiceError
@@ -118,9 +118,12 @@ def cmd_rebalance(session: Session) -> int:
     def weight(load: Load) -> float:
         return load.recent / args.window if by_rate else float(load.messages)
 
+    # Only the shards the hash routes over share the load: the config also lists shards a
+    # reshard has not reached yet (or has left), and those must not look like the lightest.
+    routed = set(range(stored_layout(session).active_shards))
     proposals = propose(
-        {s: weight(load) for s, load in shards.items()},
-        [PairLoad(p, s, weight(load)) for s, p, load in pairs],
+        {s: weight(load) for s, load in shards.items() if s in routed},
+        [PairLoad(p, s, weight(load)) for s, p, load in pairs if s in routed],
         tolerance=args.tolerance,
         max_moves=args.max_moves,
     )
