@@ -20,6 +20,7 @@ from server.routing import Pair, Resolution, ShardRouter
 from server.storage.layout import ensure_layout, load_layout
 from server.storage.overrides import OverrideRow, OverrideStore, OverrideSync
 from server.storage.pools import ShardSet, StartupError, open_pool
+from server.storage.presence import PresenceBeacon
 
 
 class Placement:
@@ -45,11 +46,14 @@ class Placement:
 
     async def __aenter__(self) -> Placement:
         self._pool = await open_pool("control", self._control_dsn, self._pool_config, min_size=1, max_size=4)
+        self._presence = PresenceBeacon(self._pool, self._configured_shards)
         try:
             await self.store.migrate()
             await self._check_layout()
             await self._sync.start()
+            await self._presence.start()
         except BaseException:
+            await self._sync.stop()
             await self._pool.close()
             raise
         return self
@@ -57,6 +61,7 @@ class Placement:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        await self._presence.stop()
         await self._sync.stop()
         if self._pool is not None:
             await self._pool.close()

@@ -39,6 +39,7 @@ from server.storage.layout import begin_reshard_in, finish_reshard_in
 from server.storage.moves import Flip
 from server.storage.overrides import CONTROL_SHARD
 from server.storage.pools import ShardSet
+from server.storage.presence import LiveServer, live_servers
 
 __all__ = [
     "Estimate",
@@ -46,6 +47,7 @@ __all__ = [
     "ReshardRefused",
     "Resharder",
     "Step",
+    "check_servers",
     "check_target",
     "estimate",
     "moving_fraction",
@@ -126,6 +128,19 @@ def check_target(
         raise ReshardRefused(str(exc)) from None
 
 
+def check_servers(live: Iterable[LiveServer], target_shards: int) -> None:
+    """Refuse while a live server's config lists fewer shards than the reshard routes to."""
+    behind = [s for s in live if s.configured_shards < target_shards]
+    if behind:
+        names = "; ".join(f"{s} lists {s.configured_shards}" for s in behind)
+        raise ReshardRefused(
+            f"{len(behind)} running server process(es) cannot reach all {target_shards} shards ({names}): "
+            f"give every server's config the [[shards]] entries of shards 0..{target_shards - 1} and restart "
+            "it, then run the reshard again (otherwise those servers would refuse the dialogs moved to "
+            "the new shards)"
+        )
+
+
 def plan_steps(layout: Layout, target_shards: int, buckets_per_step: int) -> list[Step]:
     """The groups of units still to move (units already flipped are skipped)."""
     by_route: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -177,6 +192,9 @@ class Resharder:
         """Record the reshard in the layout (or check it matches the one already running)."""
         async with self._mover.exclusive():
             layout = await self._mover.layout()
+            if layout.num_shards != target_shards or layout.target_shards is not None:
+                async with shard_errors(CONTROL_SHARD), self._mover.control_connection() as conn:
+                    check_servers(await live_servers(conn), layout.target_shards or target_shards)
             if layout.target_shards is None:
                 if layout.num_shards == target_shards:
                     return layout

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import sys
 from collections import Counter, defaultdict
@@ -441,3 +442,24 @@ async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
         await send(stub, "after the reshuffle")
         assert await read_all(stub, a, b, auth_for(a)) == sorted(sent)
     assert {shard for shard, i, _ in stored(config) if i in sent} == {comes_to}
+
+
+async def test_a_reshard_waits_for_every_running_server_to_know_the_new_shards(
+    pg_servers, jwt_secret, tmp_path, new_pair
+):
+    config = cluster(pg_servers, jwt_secret, 8)
+    path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
+        history = preload(config, [new_pair() for _ in range(40)], 2)
+        for args in (("--dry-run",), ()):
+            refused = await dialogctl(path, "reshard", "--shards", "8", *args)
+            assert refused.returncode == 1
+            assert f"server process {os.getpid()}" in refused.stderr and "lists 4" in refused.stderr, (
+                refused.stderr
+            )
+        with psycopg.connect(config.control_dsn) as conn:
+            assert conn.execute("SELECT num_shards, target_shards FROM shard_layout").fetchone() == (4, None)
+    # That server stopped (withdrawing its presence): nothing else stands in the way.
+    finished = await dialogctl(path, "reshard", "--shards", "8", "--json")
+    assert finished.json()["num_shards"] == 8
+    assert sorted(i for _, i, _ in stored(config)) == sorted(history)

@@ -32,11 +32,12 @@ from server.cli.shards import tool_shards
 from server.config import PoolConfig, ServerConfig
 from server.errors import ServiceError
 from server.mover import Mover
-from server.reshard import Progress, Resharder, check_target, estimate, plan_steps
+from server.reshard import Progress, Resharder, check_servers, check_target, estimate, plan_steps
 from server.routing import ShardRouter
 from server.storage.layout import load_layout
 from server.storage.overrides import OverrideStore
 from server.storage.pools import StartupError, open_pool
+from server.storage.presence import live_servers
 from server.storage.schema import migrate_control
 
 _POOL = PoolConfig(min_size=1, max_size=4)
@@ -63,6 +64,8 @@ async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLin
                     check_target(
                         layout.num_shards, args.shards, config.num_shards, full_reshuffle=args.full_reshuffle
                     )
+                async with control.connection() as conn:
+                    check_servers(await live_servers(conn), args.shards)
                 pinned = await OverrideStore(control).all()
                 estimates = await estimate(shards, layout, args.shards, pinned)
                 return {

@@ -17,7 +17,9 @@ _MIGRATION_LOCK = 0x6469616C6F67
 
 # shard_map: the overrides. shard_layout: the number of shards the hash routes over,
 # and while a reshard runs the number it moves to; unit_flips: units (bucket, source,
-# target) already moved to their shard under target_shards (server.routing.layout).
+# target) already moved to their shard under target_shards (server.routing.layout);
+# server_presence: the live servers and their configured shard counts
+# (server.storage.presence).
 CONTROL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_map (
     user1 BIGINT NOT NULL,
@@ -32,6 +34,14 @@ CREATE TABLE IF NOT EXISTS shard_layout (
     num_shards INTEGER NOT NULL CHECK (num_shards > 0),
     target_shards INTEGER CHECK (target_shards > 0),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS server_presence (
+    instance TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    configured_shards INTEGER NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    seen_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS unit_flips (
     bucket SMALLINT NOT NULL CHECK (bucket >= 0 AND bucket < 4096),
