@@ -1,7 +1,8 @@
 """Online resharding while writers run, and after a crash, with `dialogctl reshard`.
 
-Growing 4 -> 8 and 4 -> 16 (bucket units), a full reshuffle 4 -> 6 and shrinking
-6 -> 4 (both split buckets by hash residue); a reshard killed at each step of a move.
+Growing 4 -> 8 and 4 -> 16 (bucket units), full reshuffles 4 -> 6 and 6 -> 9 and
+shrinking 6 -> 4 (buckets split by hash residue on the target side, the source side or
+both); a reshard killed at each step of a move.
 
 Each test gets fresh databases on the four PostgreSQL servers (shard i on server i % 4), so
 several shards share a server and at least one is on a different server from the others.
@@ -128,9 +129,10 @@ def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
         (4, 8, ()),
         (4, 6, ("--full-reshuffle",)),
         (6, 4, ("--full-reshuffle",)),
+        (6, 9, ("--full-reshuffle",)),
         (4, 16, ()),
     ],
-    ids=["4-to-8", "4-to-6-full-reshuffle", "6-to-4-shrink", "4-to-16"],
+    ids=["4-to-8", "4-to-6-full-reshuffle", "6-to-4-shrink", "6-to-9-full-reshuffle", "4-to-16"],
 )
 async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_says(
     start_shards, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
