@@ -78,7 +78,9 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
     verifier = TokenVerifier(config.auth)  # loads the key files: a bad one fails before any connection
     async with (
         ShardSet(config.shards, config.pool, config.resilience) as shards,
-        Placement(config.control_dsn, config.num_shards, config.pool) as placement,
+        Placement(
+            config.control_dsn, config.num_shards, config.pool, moving_wait=config.resilience.moving_wait
+        ) as placement,
     ):
         tokens = PageTokenCodec(config.page_token_secret)
         metrics = ServerMetrics(c.shard_id for c in config.shards)

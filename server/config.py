@@ -163,6 +163,9 @@ class ResilienceConfig:
     #: Seconds after which a server completes an unfinished move whose mover is gone (its
     #: lock is free), so a crashed `dialogctl` does not leave a unit's writes paused; 0: never.
     move_resume_after: float = 30.0
+    #: Seconds a call to a moving dialog waits (within its deadline) for routing to flip before
+    #: answering UNAVAILABLE / DIALOG_MOVING; 0: answer at once.
+    moving_wait: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,6 +575,8 @@ def _resilience(section: Mapping[str, Any]) -> ResilienceConfig:
         raise ConfigError("resilience.retry_backoff must be >= 0 and <= resilience.retry_backoff_max")
     if resilience.replica_max_lag < 0:
         raise ConfigError("resilience.replica_max_lag must be >= 0")
+    if resilience.moving_wait < 0:
+        raise ConfigError("resilience.moving_wait must be >= 0 (0 answers DIALOG_MOVING at once)")
     if resilience.move_resume_after < 0:
         raise ConfigError("resilience.move_resume_after must be >= 0 (0 turns resuming off)")
     return resilience

@@ -7,27 +7,42 @@ moves a pair's existing messages to its new shard online.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 
 from server.call_context import current_shard
 from server.config import PoolConfig
-from server.errors import FailedPrecondition, NotFound
+from server.errors import DialogMoving, FailedPrecondition, NotFound
 from server.mover import Mover
+from server.resilience.deadline import remaining
 from server.routing import Pair, Resolution, ShardRouter
 from server.storage.layout import ensure_layout, load_layout
 from server.storage.overrides import OverrideRow, OverrideStore, OverrideSync
 from server.storage.pools import ShardSet, StartupError, open_pool
 from server.storage.presence import PresenceBeacon
 
+T = TypeVar("T")
+#: How often a call waiting out a move looks whether routing changed.
+_ROUTING_POLL_SECONDS = 0.01
+#: Left of the RPC's deadline when a wait gives up, so the caller gets DIALOG_MOVING, not a timeout.
+_DEADLINE_MARGIN = 0.05
+
 
 class Placement:
     """Router + shard map; an async context manager owning the control pool and listener."""
 
-    def __init__(self, control_dsn: str, num_shards: int, pool_config: PoolConfig) -> None:
+    def __init__(
+        self, control_dsn: str, num_shards: int, pool_config: PoolConfig, *, moving_wait: float = 0.0
+    ) -> None:
         self.router = ShardRouter(num_shards)
+        self._moving_wait = moving_wait
+        #: Calls that found their dialog moving and waited for routing to change.
+        self.moving_waits = 0
         self._configured_shards = num_shards
         self._control_dsn = control_dsn
         self._pool_config = pool_config
@@ -84,6 +99,35 @@ class Placement:
         where = self.router.resolve(user_id_1, user_id_2)
         current_shard.set(where.shard_id)
         return where
+
+    async def through_moves(self, where: Resolution, call: Callable[[int], Awaitable[T]]) -> T:
+        """`call(shard_id)` on the pair's shard, waiting out a move of its dialog.
+
+        A dialog in a move's final catch-up, or one this process still routes to its old
+        shard, is refused there (DialogMoving). Rather than hand every caller that retry, wait
+        until this process's routing changes (the flip's NOTIFY) and call the shard it names
+        then, for up to `moving_wait` seconds within the RPC's deadline; past that the last
+        DialogMoving goes to the caller (UNAVAILABLE with a RetryInfo, safe to retry).
+        """
+        version = self.router.version
+        try:
+            return await call(where.shard_id)
+        except DialogMoving as refused:
+            moving = refused
+        self.moving_waits += 1
+        budget, by_deadline = remaining(self._moving_wait)
+        give_up = time.monotonic() + budget - (_DEADLINE_MARGIN if by_deadline else 0.0)
+        while True:
+            while self.router.version == version:
+                if time.monotonic() >= give_up:
+                    raise moving
+                await asyncio.sleep(_ROUTING_POLL_SECONDS)
+            version = self.router.version
+            where = self.resolve(where.pair.low, where.pair.high)
+            try:
+                return await call(where.shard_id)
+            except DialogMoving as refused:
+                moving = refused
 
     def mover(self, shards: ShardSet, **options: float) -> Mover:
         """A mover of pairs on these shards (options: Mover's keyword arguments)."""

@@ -270,6 +270,46 @@ async def test_stale_process_gets_a_retryable_error_not_the_old_shard(
     assert list(rows_for_pair(cluster_config, (a, b))) == [target]
 
 
+async def test_a_call_to_a_moving_dialog_waits_for_the_flip_instead_of_failing(
+    server, cluster_config, dialog_stub, auth_for, new_pair
+):
+    """The server holds the refused call until its routing changes, then serves it from the new shard."""
+    a, b = new_pair()
+    source, target = calculate_shard(a, b, 4), other_shard(a, b)
+    history = preload(cluster_config, source, (a, b), 3)
+    pair = Pair.of(a, b)
+    await server.placement.mover(server.shards).move_pair(pair, target)
+    server.placement.router.discard(pair)  # as if this process had not seen the flip yet
+    waits = server.placement.moving_waits
+    send = asyncio.ensure_future(
+        dialog_stub.SendMessage(
+            dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="held"),
+            metadata=auth_for(a),
+            timeout=20,
+        )
+    )
+    read = asyncio.ensure_future(
+        dialog_stub.GetDialog(
+            dpb.GetDialogRequest(
+                user_id=b, peer_user_id=a, page_size=3, order=dpb.MESSAGE_ORDER_OLDEST_FIRST
+            ),
+            metadata=auth_for(b),
+            timeout=20,
+        )
+    )
+    try:
+        await wait_until(lambda: server.placement.moving_waits >= waits + 2, "both calls were refused")
+        assert not send.done() and not read.done(), "refused, but waiting rather than failing"
+    finally:
+        server.placement.router.set(pair, target)  # the flip's NOTIFY arrives
+    sent, page = await send, await read
+    assert [m.message_id for m in page.messages] == history
+    assert [str(r[0]) for r in rows_for_pair(cluster_config, (a, b))[target]] == [
+        *history,
+        sent.message.message_id,
+    ]
+
+
 def move_rows(config: ServerConfig, pair: tuple[int, int]) -> list[tuple[str, int, int]]:
     low, high = Pair.of(*pair)
     with psycopg.connect(config.control_dsn) as conn:

@@ -58,17 +58,19 @@ class DialogService(pb_grpc.DialogServiceServicer):
 
         where = self._placement.resolve(request.from_user_id, request.to_user_id)
         message_id = self._ids.next()
-        result = await self._shards.store(where.shard_id).insert(
-            NewMessage(
-                message_id=message_id,
-                pair=where.pair,
-                bucket=where.bucket,
-                from_user_id=request.from_user_id,
-                to_user_id=request.to_user_id,
-                text=request.text,
-                created_at=id_time(message_id),
-                request_id=request.request_id or None,
-            )
+        message = NewMessage(
+            message_id=message_id,
+            pair=where.pair,
+            bucket=where.bucket,
+            from_user_id=request.from_user_id,
+            to_user_id=request.to_user_id,
+            text=request.text,
+            created_at=id_time(message_id),
+            request_id=request.request_id or None,
+        )
+        # A refused insert committed nothing, so the same message (same id) goes to the new shard.
+        result = await self._placement.through_moves(
+            where, lambda shard_id: self._shards.store(shard_id).insert(message)
         )
         stored = result.message
         if result.replayed and (stored.to_user_id != request.to_user_id or stored.text != request.text):
@@ -110,8 +112,11 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 violations.raise_if_any()
 
         # One row more than asked tells whether another page exists without a count.
-        rows = await self._shards.store(where.shard_id).page(
-            where.pair, after=after, oldest_first=oldest_first, limit=limit + 1
+        rows = await self._placement.through_moves(
+            where,
+            lambda shard_id: self._shards.store(shard_id).page(
+                where.pair, after=after, oldest_first=oldest_first, limit=limit + 1
+            ),
         )
         next_token = ""
         if len(rows) > limit:
