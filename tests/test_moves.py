@@ -321,7 +321,7 @@ def move_rows(config: ServerConfig, pair: tuple[int, int]) -> list[tuple[str, in
     return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
-_STATE_AFTER_CRASH = {
+STATE_AFTER_CRASH = {
     "copied": "copying",
     "fence_committed": "copying",
     "fenced": "fenced",
@@ -349,7 +349,7 @@ async def test_move_crashed_at_each_step_completes_on_rerun(
                 grpc.StatusCode.UNAVAILABLE,
             )
         assert await proc.wait() == 70, "the mover process died at the step"
-    assert move_rows(cluster_config, (a, b)) == [(_STATE_AFTER_CRASH[step], source, target)]
+    assert move_rows(cluster_config, (a, b)) == [(STATE_AFTER_CRASH[step], source, target)]
     # The same request again (here through another server) completes the move.
     reply = await admin_stub.SetShardOverride(
         pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth, timeout=60

@@ -33,12 +33,12 @@ from server.embedded_pg import EmbeddedPostgres
 from server.mover import CRASH_ENV, CRASH_POINTS
 from server.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
 from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard, pair_hash
-from server.routing.layout import unit_of
+from server.routing.layout import moving_units, unit_of
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.layout import Layout
 from tests.conftest import make_config
 from tests.processes import child_env, run_async, write_server_config
-from tests.test_moves import Writer, read_all, wait_until
+from tests.test_moves import STATE_AFTER_CRASH, Writer, read_all, wait_until
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 
@@ -232,8 +232,14 @@ async def test_reshard_crashed_mid_step_completes_on_rerun(
     with psycopg.connect(config.control_dsn) as conn:
         assert conn.execute("SELECT target_shards FROM shard_layout").fetchone() == (target_shards,)
         assert conn.execute("SELECT count(*) FROM shard_moves WHERE state <> 'done'").fetchone() == (1,)
+    status = (await dialogctl(path, "reshard", "--status", "--json")).json()
+    assert (status["num_shards"], status["target_shards"]) == (4, target_shards)
+    assert 0 <= status["units_moved"] < status["units_total"] == len(moving_units(4, target_shards))
+    assert [m["state"] for m in status["unfinished_moves"]] == [STATE_AFTER_CRASH[step]]
     finished = await dialogctl(path, *reshard, "--json")
     assert finished.json()["num_shards"] == target_shards
+    human = await dialogctl(path, "reshard", "--status")
+    assert f"layout: {target_shards} shards; no reshard running" in human.stdout
     rows = stored(config)
     assert sorted(i for _, i, _ in rows) == sorted(history)
     assert all(shard_id == calculate_shard(*pair, target_shards) for shard_id, _, pair in rows)

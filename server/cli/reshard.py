@@ -3,6 +3,7 @@
     dialogctl reshard --shards 8 --dry-run    # what would move: buckets, messages and pairs per route
     dialogctl reshard --shards 8              # move them; Ctrl-C or a crash: run it again to continue
     dialogctl reshard --shards 6 --full-reshuffle   # a count that is not a multiple (or a smaller one)
+    dialogctl reshard --status                # layout, units moved so far, unfinished moves, servers
 
 Before running it, list the new shards in every server's config ([[shards]] with
 their DSNs) and restart the servers, so every server can reach every shard; the
@@ -34,6 +35,7 @@ from server.errors import ServiceError
 from server.mover import Mover
 from server.reshard import Progress, Resharder, check_servers, check_target, estimate, plan_steps
 from server.routing import ShardRouter
+from server.routing.layout import moving_units
 from server.storage.layout import load_layout
 from server.storage.overrides import OverrideStore
 from server.storage.pools import StartupError, open_pool
@@ -121,9 +123,85 @@ async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLin
         await control.close()
 
 
+async def _status(config: ServerConfig) -> dict[str, Any]:
+    """Where the cluster stands: layout, units moved so far, the move in flight, the live servers."""
+    async with await psycopg.AsyncConnection.connect(config.control_dsn, connect_timeout=10) as conn:
+        await migrate_control(conn)
+        try:
+            layout = await load_layout(conn)
+        except LookupError:
+            raise CliError(
+                "no server has started on this control database yet, so it has no shard layout"
+            ) from None
+        cur = await conn.execute(
+            "SELECT move_id, state, source_shard, target_shard, user_low, user_high, "
+            "cardinality(coalesce(buckets, ARRAY[bucket])), extract(epoch FROM now() - updated_at)::float8 "
+            "FROM shard_moves WHERE state <> 'done' ORDER BY move_id"
+        )
+        moves = await cur.fetchall()
+        servers = await live_servers(conn)
+    total = len(moving_units(layout.num_shards, layout.target_shards)) if layout.target_shards else 0
+    return {
+        "num_shards": layout.num_shards,
+        "target_shards": layout.target_shards,
+        "units_moved": len(layout.flipped),
+        "units_total": total,
+        "unfinished_moves": [
+            {
+                "move_id": m[0],
+                "state": m[1],
+                "source_shard": m[2],
+                "target_shard": m[3],
+                "unit": f"pair ({m[4]}, {m[5]})" if m[4] else f"{m[6]} bucket(s)",
+                "idle_seconds": round(m[7], 1),
+            }
+            for m in moves
+        ],
+        "live_servers": [
+            {"host": s.host, "pid": s.pid, "configured_shards": s.configured_shards} for s in servers
+        ],
+    }
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    target = status["target_shards"]
+    if target is None:
+        print(f"layout: {status['num_shards']} shards; no reshard running")
+    else:
+        done, total = status["units_moved"], status["units_total"]
+        print(
+            f"layout: {status['num_shards']} shards, resharding to {target}: {done} of {total} units moved "
+            f"({done / max(total, 1):.0%}); run `dialogctl reshard --shards {target}` to continue"
+        )
+    for m in status["unfinished_moves"]:
+        print(
+            f"unfinished move {m['move_id']}: shard {m['source_shard']} -> {m['target_shard']}, {m['unit']}, "
+            f"{m['state']}, idle {m['idle_seconds']:.0f} s"
+        )
+    servers = status["live_servers"]
+    print(
+        f"live servers: {len(servers)}"
+        + "".join(
+            f"\n  {s['host']} pid {s['pid']}: {s['configured_shards']} shards configured" for s in servers
+        )
+    )
+
+
 def cmd_reshard(session: Session) -> int:
     args = session.args
     config = session.config()
+    if args.status:
+        try:
+            status = asyncio.run(_status(config))
+        except psycopg.Error as exc:
+            raise CliError(f"cannot reach the control database: {exc}", 1) from None
+        if session.json:
+            print_json(status)
+        else:
+            _print_status(status)
+        return 0
+    if args.shards is None:
+        args.subparser.error("--shards N is required (or --status)")
     try:
         with ProgressLine("reshard") as line:
             result = asyncio.run(_run(config, args, line))
@@ -173,8 +251,11 @@ def _positive(text: str) -> int:
 def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add `reshard` to dialogctl's subcommands."""
     reshard = command(commands, "reshard", cmd_reshard, "change the shard count while serving")
+    reshard.add_argument("--shards", type=_positive, metavar="N", help="the new number of shards")
     reshard.add_argument(
-        "--shards", type=_positive, required=True, metavar="N", help="the new number of shards"
+        "--status",
+        action="store_true",
+        help="show the layout, how far a running reshard is, unfinished moves and the live servers",
     )
     reshard.add_argument("--dry-run", action="store_true", help="print what would move; change nothing")
     reshard.add_argument(
