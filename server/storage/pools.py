@@ -61,8 +61,13 @@ def make_pool(
         "prepare_threshold": 0,
         "application_name": f"dialog-shard {name}",
     }
+    # Sessions in UTC: psycopg then gives timestamps a fixed UTC offset (`datetime.timezone.utc`)
+    # instead of a ZoneInfo of the server's zone (e.g. `Etc/UTC`), whose per-value conversions
+    # cost ~1 µs per timestamp read. The values are the same instants either way.
+    options = "-c TimeZone=UTC"
     if statement_timeout is not None:
-        kwargs["options"] = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+        options += f" -c statement_timeout={max(1, round(statement_timeout * 1000))}"
+    kwargs["options"] = options
     return AsyncConnectionPool(
         dsn,
         min_size=config.min_size if min_size is None else min_size,
