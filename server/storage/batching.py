@@ -256,7 +256,7 @@ class BatchingMessageStore(MessageStore):
         found: dict[int, InsertResult] = {}
 
         async def op(conn: AsyncConnection[Any]) -> list[tuple[Any, ...]]:
-            return await (await conn.execute(self.batch_sql, params)).fetchall()
+            return await (await conn.execute(self.batch_sql, params, binary=True)).fetchall()
 
         # Through the shard's gate like every statement (breaker, deadline, retries: a retry is safe,
         # as a message_id already stored fails the statement, which is then split and each message

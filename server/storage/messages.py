@@ -2,8 +2,11 @@
 
 Statements are built once per shard (the table name is a validated
 identifier from the config) and always parameterized; the pool prepares them
-on first use (`prepare_threshold=0`). Every statement runs through the shard's
-gate (server.resilience): breaker, deadline, retries and error mapping.
+on first use (`prepare_threshold=0`). The hot statements (insert, page) ask for
+binary results: PostgreSQL then sends ids and timestamps as bytes instead of
+formatting them as text, which costs it less CPU, and they load faster. Every
+statement runs through the shard's gate (server.resilience): breaker, deadline,
+retries and error mapping.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ class MessageStore:
 
         async def op(conn: AsyncConnection[Any]) -> tuple[Any, ...] | None:
             try:
-                row = await (await conn.execute(self.insert_sql, params)).fetchone()
+                row = await (await conn.execute(self.insert_sql, params, binary=True)).fetchone()
             except pg_errors.UniqueViolation as exc:
                 if exc.diag.constraint_name != self._primary_key:
                     raise
@@ -189,6 +192,7 @@ class MessageStore:
             cur = await conn.execute(
                 self.page_sql[oldest_first],
                 (pair.low, pair.high, cursor, bucket_of(*pair), pair.low, pair.high, limit),
+                binary=True,
             )
             return [StoredMessage(*row) for row in await cur.fetchall()]
 
