@@ -102,7 +102,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--shard-rows",
         type=int,
-        help="messages of 20,000 other dialogs on the deep dialog's shard (default 1,000,000, quick 200,000)",
+        help="messages of 20,000 other dialogs on the deep dialog's shard (default 2,000,000, quick 200,000)",
     )
     parser.add_argument("--read-messages", type=int, default=2_000, help="size of each GetDialog dialog")
     parser.add_argument(
@@ -119,7 +119,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.duration = args.duration or (2.0 if args.quick else 4.0)
     if args.shard_rows is None:
-        args.shard_rows = 200_000 if args.quick else 1_000_000
+        args.shard_rows = 200_000 if args.quick else 2_000_000
     for c in args.concurrency:
         Layout.for_concurrency(c)  # fail early on a concurrency h2load cannot be mapped to
     return args
