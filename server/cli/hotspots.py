@@ -16,17 +16,13 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
-
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from server.cli.dialogctl import CliError, Session, format_table, print_json, stored_layout
-from server.cli.shards import tool_shards
+from server.cli.dialogctl import Session, format_table, print_json, stored_layout
+from server.cli.shards import run_tool, tool_shards
 from server.config import ServerConfig
-from server.errors import ServiceError
 from server.routing import Pair
 from server.routing.rebalance import PairLoad, Proposal, propose
 from server.storage.hotspots import Load, heaviest_pairs, shard_load
-from server.storage.pools import StartupError
 
 
 async def _scan(
@@ -50,14 +46,10 @@ async def _scan(
 
 def _scan_or_fail(session: Session) -> tuple[dict[int, Load], list[tuple[int, Pair, Load]]]:
     args = session.args
-    try:
-        return asyncio.run(
-            _scan(session.config(), window=args.window, top=args.top, by_recent=args.by == "rate")
-        )
-    except (StartupError, psycopg.Error) as exc:
-        raise CliError(f"cannot reach the shards: {exc}", 1) from None
-    except ServiceError as exc:
-        raise CliError(exc.message, 1) from None
+    return run_tool(
+        _scan(session.config(), window=args.window, top=args.top, by_recent=args.by == "rate"),
+        reaching="the shards",
+    )
 
 
 def cmd_hotspots(session: Session) -> int:

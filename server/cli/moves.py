@@ -13,20 +13,18 @@ knowing which request started it. It connects to the databases named in the conf
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import CliError, Session, format_table, print_json
-from server.cli.shards import tool_shards
+from server.cli.dialogctl import Session, format_table, print_json
+from server.cli.shards import run_tool, tool_shards
 from server.config import PoolConfig, ServerConfig
-from server.errors import ServiceError
 from server.mover import Mover
 from server.routing import ShardRouter
 from server.storage.layout import load_layout
-from server.storage.pools import StartupError, open_pool
+from server.storage.pools import open_pool
 from server.storage.schema import migrate_control
 
 _POOL = PoolConfig(min_size=1, max_size=4)
@@ -89,12 +87,7 @@ async def _run(config: ServerConfig, args: argparse.Namespace) -> dict[str, Any]
 
 def cmd_moves(session: Session) -> int:
     args = session.args
-    try:
-        result = asyncio.run(_run(session.config(), args))
-    except (StartupError, psycopg.Error) as exc:
-        raise CliError(f"cannot reach the databases: {exc}", 1) from None
-    except ServiceError as exc:
-        raise CliError(exc.message, 1) from None
+    result = run_tool(_run(session.config(), args))
     if session.json:
         print_json(result)
         return 0

@@ -1,4 +1,4 @@
-"""The shard pools of dialogctl's long operations (verify, reshard, hotspots, moves).
+"""The shard pools of dialogctl's long operations (verify, reshard, hotspots, moves), and how they run.
 
 They scan whole shards or move many rows, so their statements get an hour instead of the
 server's per-statement ceiling; every shard must be reachable, as for any tool.
@@ -6,8 +6,18 @@ server's per-statement ceiling; every shard must be reachable, as for any tool.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import psycopg
+
+from server.cli.dialogctl import CliError
 from server.config import PoolConfig, ResilienceConfig, ServerConfig
-from server.storage.pools import ShardSet
+from server.errors import ServiceError
+from server.storage.pools import ShardSet, StartupError
+
+T = TypeVar("T")
 
 #: Seconds one statement of a tool may run (a whole-shard scan of a large shard).
 TOOL_STATEMENT_TIMEOUT = 3600.0
@@ -20,3 +30,13 @@ def tool_shards(config: ServerConfig, *, max_size: int = 4) -> ShardSet:
         PoolConfig(min_size=1, max_size=max_size),
         ResilienceConfig(require_all_shards=True, statement_timeout=TOOL_STATEMENT_TIMEOUT),
     )
+
+
+def run_tool(work: Coroutine[Any, Any, T], *, reaching: str = "the databases") -> T:
+    """Run a long operation's work to its end; unreachable databases and refusals exit 1 with the reason."""
+    try:
+        return asyncio.run(work)
+    except (StartupError, psycopg.Error) as exc:
+        raise CliError(f"cannot reach {reaching}: {exc}", 1) from None
+    except ServiceError as exc:
+        raise CliError(exc.message, 1) from None

@@ -16,21 +16,18 @@ copies them again.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import CliError, Session, format_table, print_json
+from server.cli.dialogctl import Session, format_table, print_json
 from server.cli.progress import Progress
-from server.cli.shards import tool_shards
+from server.cli.shards import run_tool, tool_shards
 from server.config import ServerConfig
-from server.errors import ServiceError
 from server.mover import mover_lock
 from server.routing import Pair, ShardRouter, bucket_of
 from server.storage.layout import ensure_layout, load_layout
-from server.storage.pools import StartupError
 from server.storage.schema import migrate_control
 from server.verify import Report, verify
 
@@ -82,14 +79,9 @@ async def _verify(config: ServerConfig, *, repair: bool) -> Report:
 def cmd_verify(session: Session) -> int:
     args = session.args
     config = session.config()
-    try:
-        with Progress("verify") as progress:
-            progress.update(f"scanning {config.num_shards} shards")
-            report = asyncio.run(run_verify(config, repair=args.repair))
-    except (StartupError, psycopg.Error) as exc:
-        raise CliError(f"cannot reach the databases: {exc}", _EXIT_FINDINGS) from None
-    except ServiceError as exc:
-        raise CliError(exc.message, _EXIT_FINDINGS) from None
+    with Progress("verify") as progress:
+        progress.update(f"scanning {config.num_shards} shards")
+        report = run_tool(run_verify(config, repair=args.repair))
     remaining = [f for f in report.findings if not args.repair or f.kind in _UNREPAIRABLE]
     if session.json:
         print_json(
