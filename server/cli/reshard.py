@@ -19,7 +19,6 @@ before its routing flips and its old rows are deleted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,34 +28,38 @@ import psycopg
 
 from server.cli.dialogctl import CliError, Session, format_table, print_json
 from server.cli.progress import Progress as ProgressLine
-from server.cli.shards import tool_shards
+from server.cli.shards import run_tool, tool_shards
 from server.config import PoolConfig, ServerConfig
-from server.errors import ServiceError
 from server.mover import Mover
 from server.reshard import Progress, Resharder, check_servers, check_target, estimate, plan_steps
 from server.routing import ShardRouter
 from server.routing.layout import moving_units
-from server.storage.layout import load_layout
+from server.storage.layout import Layout, load_layout
 from server.storage.overrides import OverrideStore
-from server.storage.pools import StartupError, open_pool
+from server.storage.pools import open_pool
 from server.storage.presence import live_servers
 from server.storage.schema import migrate_control
 
 _POOL = PoolConfig(min_size=1, max_size=4)
 
 
+async def _stored_layout(conn: psycopg.AsyncConnection[Any]) -> Layout:
+    """The control database's layout (its tables created first if it is new)."""
+    await migrate_control(conn)
+    try:
+        return await load_layout(conn)
+    except LookupError:
+        raise CliError(
+            "no server has started on this control database yet, so it has no shard layout; "
+            "start the servers first"
+        ) from None
+
+
 async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLine) -> dict[str, Any]:
     control = await open_pool("control", config.control_dsn, _POOL, min_size=1, max_size=4)
     try:
         async with control.connection() as conn:
-            await migrate_control(conn)
-            try:
-                layout = await load_layout(conn)
-            except LookupError:
-                raise CliError(
-                    "no server has started on this control database yet, so it has no shard layout; "
-                    "start the servers first"
-                ) from None
+            layout = await _stored_layout(conn)
         async with tool_shards(config) as shards:
             router = ShardRouter(layout.num_shards)
             router.set_layout(layout)
@@ -126,13 +129,7 @@ async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLin
 async def _status(config: ServerConfig) -> dict[str, Any]:
     """Where the cluster stands: layout, units moved so far, the move in flight, the live servers."""
     async with await psycopg.AsyncConnection.connect(config.control_dsn, connect_timeout=10) as conn:
-        await migrate_control(conn)
-        try:
-            layout = await load_layout(conn)
-        except LookupError:
-            raise CliError(
-                "no server has started on this control database yet, so it has no shard layout"
-            ) from None
+        layout = await _stored_layout(conn)
         cur = await conn.execute(
             "SELECT move_id, state, source_shard, target_shard, user_low, user_high, "
             "cardinality(coalesce(buckets, ARRAY[bucket])), extract(epoch FROM now() - updated_at)::float8 "
@@ -191,10 +188,7 @@ def cmd_reshard(session: Session) -> int:
     args = session.args
     config = session.config()
     if args.status:
-        try:
-            status = asyncio.run(_status(config))
-        except psycopg.Error as exc:
-            raise CliError(f"cannot reach the control database: {exc}", 1) from None
+        status = run_tool(_status(config), reaching="the control database")
         if session.json:
             print_json(status)
         else:
@@ -202,13 +196,8 @@ def cmd_reshard(session: Session) -> int:
         return 0
     if args.shards is None:
         args.subparser.error("--shards N is required (or --status)")
-    try:
-        with ProgressLine("reshard") as line:
-            result = asyncio.run(_run(config, args, line))
-    except (StartupError, psycopg.Error) as exc:
-        raise CliError(f"cannot reach the databases: {exc}", 1) from None
-    except ServiceError as exc:
-        raise CliError(exc.message, 1) from None
+    with ProgressLine("reshard") as line:
+        result = run_tool(_run(config, args, line))
     if session.json:
         print_json(result)
     elif result["dry_run"]:
