@@ -16,6 +16,7 @@ import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -187,15 +188,22 @@ async def _until_recovered(load: Load, running: RunningServer, marks: dict[str, 
     assert _breaker(running) is BreakerState.CLOSED
 
 
-async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
-    address = f"127.0.0.1:{fault_server.port}"
+@asynccontextmanager
+async def _warmed_load(running: RunningServer, config: ServerConfig) -> AsyncIterator[tuple[Watch, Load]]:
+    """Both shards under the bounded load, past its warm-up, with shard 1's breaker watched."""
     pairs = {s: pairs_on(s, 2, WORKERS_PER_SHARD, rng) for s in (0, 1)}
-    marks: dict[str, float] = {}
     async with (
-        Watch(lambda: _breaker(fault_server)) as watch,
-        Load(address, fault_config.auth, pairs) as load,
+        Watch(lambda: _breaker(running)) as watch,
+        Load(f"127.0.0.1:{running.port}", config.auth, pairs) as load,
     ):
         await _warm(load)
+        yield watch, load
+
+
+async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
+    address = f"127.0.0.1:{fault_server.port}"
+    marks: dict[str, float] = {}
+    async with _warmed_load(fault_server, fault_config) as (watch, load):
         marks["fault"] = time.monotonic()
         await asyncio.to_thread(crash, victim)
         marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
@@ -220,13 +228,8 @@ async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
 
 async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config, victim):
     address = f"127.0.0.1:{fault_server.port}"
-    pairs = {s: pairs_on(s, 2, WORKERS_PER_SHARD, rng) for s in (0, 1)}
     marks: dict[str, float] = {}
-    async with (
-        Watch(lambda: _breaker(fault_server)) as watch,
-        Load(address, fault_config.auth, pairs) as load,
-    ):
-        await _warm(load)
+    async with _warmed_load(fault_server, fault_config) as (watch, load):
         with frozen(victim):
             marks["fault"] = time.monotonic()
             marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
@@ -239,13 +242,8 @@ async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config
 
 async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
     address = f"127.0.0.1:{fault_server.port}"
-    pairs = {s: pairs_on(s, 2, WORKERS_PER_SHARD, rng) for s in (0, 1)}
     marks: dict[str, float] = {}
-    async with (
-        Watch(lambda: _breaker(fault_server)) as watch,
-        Load(address, fault_config.auth, pairs) as load,
-    ):
-        await _warm(load)
+    async with _warmed_load(fault_server, fault_config) as (watch, load):
         marks["fault"] = time.monotonic()
         await asyncio.to_thread(victim.stop, "fast")
         marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
