@@ -177,3 +177,12 @@ def ensure_h2load() -> str:
     if not found:
         raise SystemExit(f"bench: installing nghttp2-client failed; {hint}")
     return found
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so a benchmark stopped either way stops what it started."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)

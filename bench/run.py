@@ -32,7 +32,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from bench.procs import (
     ServerProcess,
     cpu_seconds,
     ensure_h2load,
+    interrupt_on_sigterm,
     postmaster_pid,
     rss_kib,
     start_postgres,
@@ -545,13 +545,9 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     try:
         with contextlib.ExitStack() as stack:
             bench = Bench(args, stack)

@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,15 @@ from typing import Any
 
 from bench import echo_server
 from bench.loadgen import Layout, Target, grpc_frame, run_h2load
-from bench.procs import REPO, ServerProcess, cpu_seconds, ensure_h2load, postmaster_pid, start_postgres
+from bench.procs import (
+    REPO,
+    ServerProcess,
+    cpu_seconds,
+    ensure_h2load,
+    interrupt_on_sigterm,
+    postmaster_pid,
+    start_postgres,
+)
 from bench.workload import MESSAGE_TEXT, Dialog, count_rows, dialogs_per_shard
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.auth import issue_token
@@ -295,13 +302,9 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     try:
         result = run(args)
     except KeyboardInterrupt:
