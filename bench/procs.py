@@ -16,12 +16,16 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.embedded_pg import EmbeddedPostgres
 
 REPO = Path(__file__).resolve().parent.parent
 _SERVING = re.compile(r"serving on (\S+:\d+)")
+_METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
 def free_port() -> int:
@@ -78,6 +82,15 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def metrics_urls(self, count: int, timeout: float = 30.0) -> list[str]:
+        """The metrics endpoints the server printed, once `count` of them (one per worker) are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            urls = _METRICS.findall(self.log_file.read_text(errors="replace"))
+            if len(urls) >= count or time.monotonic() > deadline:
+                return urls
+            time.sleep(0.05)
+
     def _wait_serving(self, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -126,6 +139,24 @@ def process_tree(pid: int) -> list[int]:
         found.append(current)
         todo.extend(tree.get(current, []))
     return found
+
+
+def worker_cpu_seconds(pid: int) -> list[float]:
+    """CPU seconds of each direct child of `pid` with its own descendants (a server's workers)."""
+    return [cpu_seconds([child]) for child in sorted(_children().get(pid, []))]
+
+
+def counter_totals(urls: list[str], names: set[str]) -> dict[str, float]:
+    """The sum over every endpoint and label set of each named Prometheus sample."""
+    totals = dict.fromkeys(names, 0.0)
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+    return totals
 
 
 def rss_kib(pid: int) -> int:

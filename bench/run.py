@@ -51,12 +51,14 @@ from bench.loadgen import Layout, Measurement, Target, grpc_frame, run_h2load, r
 from bench.procs import (
     REPO,
     ServerProcess,
+    counter_totals,
     cpu_seconds,
     ensure_h2load,
     interrupt_on_sigterm,
     postmaster_pid,
     rss_kib,
     start_postgres,
+    worker_cpu_seconds,
 )
 from bench.workload import (
     MESSAGE_TEXT,
@@ -80,6 +82,9 @@ SEND_PATH = "/dialog.v1.DialogService/SendMessage"
 GET_PATH = "/dialog.v1.DialogService/GetDialog"
 #: Config [limits] set for the benchmark when the server knows them (0 disables the per-user rate limit).
 BENCH_LIMITS = {"send_rate_per_second": 0}
+#: The server's write batching counters (summed over shards, kinds and workers).
+_STATEMENTS = "dialog_shard_insert_statements_total"
+_STATEMENT_MESSAGES = "dialog_shard_insert_statement_messages_total"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,6 +220,7 @@ class Bench:
             self.stack,
         )
         self.base_url = f"http://{self.server.address}"
+        self.metrics_urls = self.server.metrics_urls(self.args.workers)
         self.echo_url = f"http://{self.echo.address}"
 
         first_user = 1_000_000_000 + secrets.randbelow(10**9)
@@ -324,21 +330,34 @@ class Bench:
     def _h2load(self, url: str, targets: list[Target], concurrency: int, server_pid: int) -> Measurement:
         pg_pids = [p for p in (postmaster_pid(s) for s in self.pg) if p is not None]
         cpu_before, pg_before = cpu_seconds([server_pid]), cpu_seconds(pg_pids)
+        workers_before = worker_cpu_seconds(server_pid)
         m = run_h2load(url, targets, concurrency, self.args.duration, self.tmp)
         calls = max(1, m.succeeded)
         m.extra["server_cpu_us_per_call"] = (cpu_seconds([server_pid]) - cpu_before) / calls * 1e6
         m.extra["postgres_cpu_us_per_call"] = (cpu_seconds(pg_pids) - pg_before) / calls * 1e6
+        workers = [a - b for a, b in zip(worker_cpu_seconds(server_pid), workers_before, strict=False)]
+        if len(workers) > 1 and sum(workers) > 0:
+            # The kernel spreads connections over the workers by a hash; with few connections
+            # one worker can get most of them (and a full core) while the other idles.
+            m.extra["busiest_worker_cpu_share"] = max(workers) / sum(workers)
         return m
 
     def measure_send(self, concurrency: int) -> Measurement:
-        before = self._send_rows()
+        before, batching_before = self._send_rows(), self._insert_statements()
         m = self._h2load(self.base_url, self.send_targets, concurrency, self.server.pid)
         stored = self._send_rows() - before
+        batching = {k: v - batching_before[k] for k, v in self._insert_statements().items()}
+        if batching[_STATEMENTS]:
+            m.extra["messages_per_insert_statement"] = batching[_STATEMENT_MESSAGES] / batching[_STATEMENTS]
         m.extra["rows_stored"] = stored
         # h2load counts HTTP 200 as success; gRPC errors are HTTP 200 too, so the rows are the truth.
         # Requests cut off at the deadline may have been stored without h2load counting them.
         m.extra["rows_match"] = m.succeeded <= stored <= m.succeeded + m.cut_off
         return m
+
+    def _insert_statements(self) -> dict[str, float]:
+        """The server's INSERT statements and the messages they carried, over all its workers."""
+        return counter_totals(self.metrics_urls, {_STATEMENTS, _STATEMENT_MESSAGES})
 
     def _send_rows(self) -> int:
         return sum(count_rows(self.dsn(d), self.table(d), [d]) for d in self.send_dialogs)
@@ -517,6 +536,13 @@ def render_table(result: dict[str, Any]) -> str:
                 f"{_fmt(s.get('postgres_cpu_us_per_call')):>11}"
             )
         lines.append("")
+    for key, s in result.get("send_message", {}).items():
+        per_statement, share = s.get("messages_per_insert_statement"), s.get("busiest_worker_cpu_share")
+        lines.append(
+            f"SendMessage at {key}: {_fmt(per_statement, '.2f')} messages per INSERT statement; "
+            f"busiest worker used {_fmt(None if share is None else 100 * share, '.0f')}% of the workers' CPU"
+        )
+    lines.append("")
     depth = result["settings"]["deep_page_offset_messages"]
     for key, label in (("first", "GetDialog first page"), ("deep", f"GetDialog {depth:,} msgs deep")):
         s = result["get_dialog_page"][key]

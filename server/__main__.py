@@ -71,16 +71,22 @@ async def _serve(
     logging.getLogger(__name__).info("event loop: %s", eventloop.name())
     async with running_server(config, reuse_port=worker_of is not None) as running:
         address = f"{config.listen.rsplit(':', 1)[0]}:{running.port}"
+        metrics_line = None
+        if running.metrics_port is not None and config.metrics.listen is not None:
+            # Printed by every process: with port 0 (or several workers) it is how to find it.
+            host = config.metrics.listen.rsplit(":", 1)[0]
+            metrics_line = f"{supervisor.METRICS_LINE}http://{host}:{running.metrics_port}/metrics"
         if worker_of is not None:
             watchdog = loop.create_task(supervisor.watch_parent(worker_of, stop))
+            if metrics_line:
+                print(metrics_line, flush=True)
             print(f"{supervisor.READY_LINE} on {address}", flush=True)
             await stop.wait()
             watchdog.cancel()
             return
         print(f"dialog-shard serving on {address} with {config.num_shards} shards", flush=True)
-        if running.metrics_port is not None and config.metrics.listen is not None:
-            host = config.metrics.listen.rsplit(":", 1)[0]
-            print(f"metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
+        if metrics_line:
+            print(metrics_line, flush=True)
         if banner:
             print(banner.replace("{address}", address), flush=True)
         await stop.wait()

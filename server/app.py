@@ -89,6 +89,7 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             overrides=placement.router.overrides,
             reloads=lambda: placement.reloads,
             breakers=lambda: {s.shard_id: s.primary.breaker.value for s in shards.states()},
+            batches=shards.batch_stats,
         )
         interceptors: list[UnaryUnaryInterceptor] = [
             ObserveInterceptor(metrics, RpcLog()),

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
 from server.config import split_host_port
+from server.storage.batching import BatchStats
 
 #: The `shard` label of a call that resolved no shard.
 NO_SHARD = "none"
@@ -192,9 +193,11 @@ class ServerMetrics:
         overrides: Callable[[], Mapping[Any, int]],
         reloads: Callable[[], int],
         breakers: Callable[[], Mapping[int, str]] | None = None,
+        batches: Callable[[], Mapping[int, BatchStats]] | None = None,
     ) -> None:
-        """Export state read at scrape time: pool statistics, overrides, mirror reloads, breakers."""
-        self.registry.register(StateCollector(pools, overrides, reloads, breakers))
+        """Export state read at scrape time: pool statistics, overrides, mirror reloads, breakers
+        and write batching."""
+        self.registry.register(StateCollector(pools, overrides, reloads, breakers, batches))
 
 
 class StateCollector(Collector):
@@ -209,11 +212,13 @@ class StateCollector(Collector):
         overrides: Callable[[], Mapping[Any, int]],
         reloads: Callable[[], int],
         breakers: Callable[[], Mapping[int, str]] | None,
+        batches: Callable[[], Mapping[int, BatchStats]] | None = None,
     ) -> None:
         self._pools = dict(pools)
         self._overrides = overrides
         self._reloads = reloads
         self._breakers = breakers
+        self._batches = batches
 
     def collect(self) -> Iterator[Metric]:
         yield from self._pool_metrics()
@@ -238,6 +243,38 @@ class StateCollector(Collector):
             for shard, name in sorted(self._breakers().items()):
                 state.add_metric([str(shard)], BREAKER_STATES.get(name, 2))
             yield state
+        if self._batches is not None:
+            yield from self._batch_metrics(self._batches())
+
+    @staticmethod
+    def _batch_metrics(batches: Mapping[int, BatchStats]) -> Iterator[Metric]:
+        # Messages per statement is what batching buys: each statement is one round trip and one
+        # commit. Near 1 means the shard's inserts rarely overlap (low load, or load spread thin).
+        statements = CounterMetricFamily(
+            "dialog_shard_insert_statements",
+            "INSERT statements that stored messages: `single` (one message) or `batch` (several).",
+            labels=["shard", "kind"],
+        )
+        messages = CounterMetricFamily(
+            "dialog_shard_insert_statement_messages",
+            "Messages carried by those statements (stored or replayed), by kind.",
+            labels=["shard", "kind"],
+        )
+        splits = CounterMetricFamily(
+            "dialog_shard_insert_batch_splits",
+            "Batch statements refused by the database and retried message by message.",
+            labels=["shard"],
+        )
+        for shard, stats in sorted(batches.items()):
+            label = str(shard)
+            statements.add_metric([label, "single"], stats.single)
+            statements.add_metric([label, "batch"], stats.batches)
+            messages.add_metric([label, "single"], stats.single)
+            messages.add_metric([label, "batch"], stats.batched_messages)
+            splits.add_metric([label], stats.split)
+        yield statements
+        yield messages
+        yield splits
 
     def _pool_metrics(self) -> Iterator[Metric]:
         gauges: dict[str, GaugeMetricFamily] = {

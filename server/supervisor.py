@@ -36,6 +36,8 @@ WORKER_FLAG = "--worker-of"
 WORKER_INDEX_FLAG = "--worker-index"
 #: What a worker prints (instead of the usual banner) once it serves.
 READY_LINE = "dialog-shard worker ready"
+#: How every server process announces its metrics endpoint (prefixed with the worker's index here).
+METRICS_LINE = "metrics on "
 #: Seconds a worker has to start serving.
 START_TIMEOUT_SECONDS = 60.0
 #: Seconds past the drain grace period before a worker that has not exited is killed.
@@ -177,6 +179,8 @@ class Supervisor:
             if line.startswith(READY_LINE):
                 worker.ready.set()
                 line = f"worker {worker.index} (pid {worker.pid}) serving"
+            elif line.startswith(METRICS_LINE):
+                line = f"worker {worker.index} (pid {worker.pid}) {line}"
             print(line, flush=True)
 
     async def _wait_ready(self) -> _Worker | None:

@@ -174,6 +174,42 @@ async def test_pool_and_shard_map_state(
         assert label_names[name] == {"shard"}
 
 
+async def test_write_batching_counts_messages_per_statement(
+    server: RunningServer, dialog_stub, auth_for, new_pair
+):
+    """Concurrent sends to one shard: every message is in exactly one counted statement, and
+    the ones that overlapped shared batch statements (fewer statements than messages)."""
+    assert server.metrics_port is not None
+    label = "1"
+    a, b = pair_on_shard(int(label), len(server.shards), new_pair)
+    before, _ = await scrape(server.metrics_port)
+    sends = 40
+    await asyncio.gather(
+        *(dialog_stub.SendMessage(send(a, b, f"m{i}"), metadata=auth_for(a)) for i in range(sends))
+    )
+    after, label_names = await scrape(server.metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    carried = {
+        kind: delta("dialog_shard_insert_statement_messages_total", shard=label, kind=kind)
+        for kind in ("single", "batch")
+    }
+    statements = {
+        kind: delta("dialog_shard_insert_statements_total", shard=label, kind=kind)
+        for kind in ("single", "batch")
+    }
+    assert carried["single"] + carried["batch"] == sends
+    assert statements["single"] == carried["single"]
+    # A batch carries at least 2 messages; with 40 sends in flight some of them overlapped.
+    assert statements["batch"] >= 1
+    assert 2 * statements["batch"] <= carried["batch"]
+    assert delta("dialog_shard_insert_batch_splits_total", shard=label) == 0
+    assert label_names["dialog_shard_insert_statements_total"] == {"shard", "kind"}
+    assert label_names["dialog_shard_insert_batch_splits_total"] == {"shard"}
+
+
 async def test_metrics_port_in_use_fails_startup_with_a_clear_error(cluster_config: ServerConfig):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -270,6 +306,13 @@ async def test_each_worker_serves_its_own_endpoint(
             assert output[-1], "dialog-server exited before serving:\n" + "".join(output)
             if match := re.search(r"serving on (\S+:\d+) with 2 worker", output[-1]):
                 address = match.group(1)
+        # Each worker announced its endpoint before it served (how to find them with port 0).
+        announced = re.findall(
+            r"^worker (\d) \(pid \d+\) metrics on http://127\.0\.0\.1:(\d+)/metrics$",
+            "".join(output),
+            re.MULTILINE,
+        )
+        assert sorted(announced) == [("0", str(base)), ("1", str(base + 1))]
         a, b = new_pair()
         calls = 8
         for i in range(calls):  # a fresh connection per call: the kernel spreads them over the workers

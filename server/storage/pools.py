@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from server.config import PoolConfig, ResilienceConfig, ShardConfig, describe_dsn
 from server.errors import FailedPrecondition
 from server.resilience import EndpointMonitor, Shard, ShardGate, ShardState
-from server.storage.batching import BatchingMessageStore
+from server.storage.batching import BatchingMessageStore, BatchStats
 from server.storage.messages import MessageStore
 from server.storage.schema import migrate_shard
 
@@ -156,6 +156,14 @@ class ShardSet:
     def states(self) -> list[ShardState]:
         """Snapshots of every shard, by shard id."""
         return [self._shards[c.shard_id].state() for c in self._configs]
+
+    def batch_stats(self) -> dict[int, BatchStats]:
+        """The write batching counters of the shards that batch (none when batching is off)."""
+        return {
+            shard_id: store.stats
+            for shard_id, store in self._stores.items()
+            if isinstance(store, BatchingMessageStore)
+        }
 
     def __len__(self) -> int:
         return len(self._configs)
