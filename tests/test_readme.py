@@ -6,6 +6,8 @@ checkout after `make run`: `.venv`, `node_modules` and `examples/` of this repos
 `.data/dialog-shard.toml` naming this session's shard servers. A server listens on
 127.0.0.1:50051, the address the README uses. `<!-- readme-test: file PATH -->` marks a block
 that must equal the file PATH of the repository (the client example, which a shell block runs).
+`<!-- readme-test: reshard -->` blocks change the cluster's layout: tests/test_reshard.py runs
+them against a cluster of their own.
 
 The port is fixed by the README, so concurrent runs on one machine take turns (a file lock).
 """
@@ -33,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 README_ADDRESS = ("127.0.0.1", 50051)
 _BLOCK = re.compile(
-    r"<!-- readme-test: (?P<kind>sh|file (?P<path>\S+)) -->\n```(?P<lang>\w+)\n(?P<body>.*?)^```", re.M | re.S
+    r"<!-- readme-test: (?P<kind>sh|reshard|file (?P<path>\S+)) -->\n```(?P<lang>\w+)\n(?P<body>.*?)^```",
+    re.M | re.S,
 )
 _SEPARATOR = "--- readme block {} ---"
 
@@ -47,7 +50,7 @@ class Block:
 
 def readme_blocks() -> list[Block]:
     return [
-        Block("sh" if m["kind"] == "sh" else "file", m["path"], m["body"])
+        Block("file" if m["path"] else m["kind"], m["path"], m["body"])
         for m in _BLOCK.finditer(README.read_text())
     ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import sys
 from collections import Counter, defaultdict
@@ -39,6 +40,7 @@ from server.storage.layout import Layout
 from tests.conftest import make_config
 from tests.processes import child_env, run_async, write_server_config
 from tests.test_moves import STATE_AFTER_CRASH, Writer, read_all, wait_until
+from tests.test_readme import readme_blocks
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 
@@ -471,3 +473,30 @@ async def test_a_reshard_waits_for_every_running_server_to_know_the_new_shards(
     finished = await dialogctl(path, "reshard", "--shards", "8", "--json")
     assert finished.json()["num_shards"] == 8
     assert sorted(i for _, i, _ in stored(config)) == sorted(history)
+
+
+async def test_the_readme_resharding_commands_run_as_written(pg_servers, jwt_secret, tmp_path, new_pair):
+    """The README's 4 -> 6 block, verbatim, with `dialogctl` on PATH and a server serving meanwhile."""
+    (block,) = [b.body for b in readme_blocks() if b.kind == "reshard"]
+    config = cluster(pg_servers, jwt_secret, 6)
+    pairs = [new_pair() for _ in range(60)]
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
+        history = preload(config, pairs, 3)
+    path = write_server_config(tmp_path / "dialog-shard.toml", config, "127.0.0.1:1", jwt_secret)
+    async with serving(config) as (running, _):
+        env = child_env(DIALOG_CONFIG=str(path), PATH=f"{DIALOGCTL.parent}:{os.environ['PATH']}")
+        result = await run_async("bash", "-c", "set -eo pipefail\n" + block, cwd=tmp_path, env=env)
+        assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        await wait_until(lambda: running.placement.router.num_shards == 6, "the server follows the layout")
+    moved = [p for p in pairs if calculate_shard(*p, 4) != calculate_shard(*p, 6)]
+    # The dry run changed nothing, the reshard moved what it said, the status shows it finished.
+    dry_run = f"dry run: 4 -> 6 shards would move {3 * len(moved)} messages of {len(moved)} pairs"
+    assert dry_run in result.stdout
+    assert re.search(rf"^resharded to 6 shards: \d+ steps, {3 * len(moved)} rows copied", result.stdout, re.M)
+    assert "layout: 6 shards; no reshard running" in result.stdout
+    assert re.search(r"^live servers: 1\n  \S+ pid \d+: 6 shards configured$", result.stdout, re.M)
+    rows = stored(config)
+    assert sorted(i for _, i, _ in rows) == sorted(history)
+    assert all(shard == calculate_shard(*pair, 6) for shard, _, pair in rows)
+    status = (await dialogctl(path, "--json", "reshard", "--status")).json()
+    assert status["num_shards"] == 6 and status["target_shards"] is None
