@@ -10,8 +10,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
+from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
-from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.app import DIALOG_SERVICE, running_server
 from server.auth import issue_token
 from server.embedded_pg import EmbeddedPostgres
@@ -79,6 +80,18 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "shard 1 is unavailable" in (refused.value.details() or "")
         assert (retry_delay_of(refused.value) or 0) > 0
+        # The operator's listing of that shard is refused the same way, by the same gate.
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        admin_token = issue_token(config.auth, admin=True)
+        with pytest.raises(grpc.aio.AioRpcError) as listing:
+            await admin.ListMessages(
+                admin_pb.ListMessagesRequest(shard_id=1),
+                metadata=(("authorization", f"Bearer {admin_token}"),),
+                timeout=5,
+            )
+        assert listing.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "shard 1 is unavailable" in (listing.value.details() or "")
+        assert (retry_delay_of(listing.value) or 0) > 0
         # The metrics tell the same: shard 1's breaker is open, the refused call is counted on it.
         assert running.metrics_port is not None
         samples, _ = await scrape(running.metrics_port)

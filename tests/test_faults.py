@@ -121,6 +121,18 @@ async def _shard_stats(address: str, config: ServerConfig) -> list[admin_service
     return list(reply.shards)
 
 
+async def _list_messages(
+    address: str, config: ServerConfig, *, shard_id: int
+) -> admin_service_pb2.ListMessagesResponse:
+    token = issue_token(config.auth, admin=True)
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await admin_service_pb2_grpc.AdminServiceStub(channel).ListMessages(
+            admin_service_pb2.ListMessagesRequest(shard_id=shard_id),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=5,
+        )
+
+
 def _figures(name: str, report: LoadReport, marks: dict[str, float]) -> None:
     fault = marks["fault"]
     lines = [f"--- {name} ---"]
@@ -234,6 +246,17 @@ async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config
             marks["fault"] = time.monotonic()
             marks["opened"] = await watch.wait(BreakerState.OPEN, marks["fault"], 10)
             await _refused_while_open(load, marks)
+            # An operator's listing of the hung shard is refused by the same open breaker, not
+            # left waiting on a connection that will not answer until the call's deadline.
+            asked = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as listing:
+                await _list_messages(address, fault_config, shard_id=1)
+            refused_after = time.monotonic() - asked
+            assert listing.value.code() is grpc.StatusCode.UNAVAILABLE, listing.value.details()
+            assert "shard 1 is unavailable" in (listing.value.details() or "")
+            # Not a speed figure: refused by the breaker, it never waited out the pool's acquire
+            # timeout for a connection (what the listing did before it went through the gate).
+            assert refused_after < FAST_POOL["acquire_timeout"], refused_after
             marks["repaired"] = time.monotonic()
         await _until_recovered(load, fault_server, marks)
     _figures("SIGSTOP (hang) of shard 1's PostgreSQL, then SIGCONT", load.report, marks)

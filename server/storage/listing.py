@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
 
 from server.routing import Pair
-from server.storage.errors import shard_errors
 from server.storage.ids import MIN_ID
 from server.storage.messages import MessageStore, StoredMessage
 
@@ -40,7 +42,12 @@ async def list_messages(
     """Up to `limit` messages of the shard (of `pair` only, if given) with ids after `after`."""
     cursor = after if after is not None else MIN_ID
     params: tuple[object, ...] = (cursor, limit) if pair is None else (pair.low, pair.high, cursor, limit)
-    async with shard_errors(store.shard_id), store.pool.connection() as conn:
-        cur = await conn.execute(_sql(store.table, pair is not None), params)
-        rows = await cur.fetchall()
+    sql = _sql(store.table, pair is not None)
+
+    async def op(conn: AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+        return await (await conn.execute(sql, params)).fetchall()
+
+    # Through the shard's gate like the service's own reads: a down or hung shard fails fast
+    # (breaker, the call's deadline) instead of holding the operator's call until it times out.
+    rows = await store.shard.read(op, stale_ok=False)
     return [ListedMessage(StoredMessage(*row[:5]), Pair(row[5], row[6]), row[7]) for row in rows]
