@@ -219,7 +219,7 @@ def _start_server(
 
 
 def _summary(shards: int, v: Variant, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("rps", "p50_ms", "p99_ms", "echo_rps", "send_over_echo")
+    keys: tuple[str, ...] = ("rps", "p50_ms", "p99_ms", "echo_rps", "send_over_echo")
     keys += ("server_cpu_ms_per_1000", "postgres_cpu_ms_per_1000")
     return {
         "shard_servers": shards,
