@@ -171,14 +171,17 @@ def rss_kib(pid: int) -> int:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by the given processes and their descendants."""
+    """User + system CPU seconds used so far by the given processes and their descendants,
+    including descendants that have exited and were reaped."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for root in pids:
         for p in process_tree(root):
             with contextlib.suppress(OSError):
                 fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
+                # utime, stime, and cutime, cstime: the children it already reaped (PostgreSQL
+                # backends of connections that closed, such as pgbench's, live on only there).
+                total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
     return total / ticks
 
 

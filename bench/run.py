@@ -385,9 +385,15 @@ class Bench:
         server = self.pg[d.shard_id]
         parts = {"host": "127.0.0.1", "port": str(server.port), "user": "postgres", "dbname": server.database}
         script, variables = (insert_sql, insert_vars) if kind == "insert" else (select_sql, select_vars)
-        return run_pgbench(
+        pg_pids = [p for p in (postmaster_pid(s) for s in self.pg) if p is not None]
+        pg_before = cpu_seconds(pg_pids)
+        m = run_pgbench(
             self.pgbench, parts, script, variables, clients, self.args.duration, self.tmp, prepared=prepared
         )
+        # PostgreSQL's own CPU per statement when a C client keeps it busy: what the service's
+        # per-message figure compares with (pgbench's own CPU is not counted, like h2load's).
+        m.extra["postgres_cpu_us_per_call"] = (cpu_seconds(pg_pids) - pg_before) / max(1, m.succeeded) * 1e6
+        return m
 
     def run(self) -> dict[str, Any]:
         args = self.args
