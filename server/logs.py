@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from server.config import LogConfig
 
 RPC_LOGGER = "server.rpc"
+_RPC_MESSAGE = "%s/%s %s %.2f ms"
 
 #: Longest caller-supplied id written to a log line; longer ones are cut.
 MAX_ID_CHARS = 128
@@ -36,10 +37,22 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; structured fields (`extra=`) become top-level keys."""
 
+    #: One encoder for every line (`json.dumps` with options builds a new one per call).
+    _encoder = json.JSONEncoder(default=str, ensure_ascii=False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The time up to the second, formatted once per second: a server writes a line per call.
+        self._second = -1
+        self._second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{self._second_text}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -47,7 +60,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(_fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return self._encoder.encode(entry)
 
 
 #: Fields the per-RPC line's text already shows.
@@ -116,6 +129,9 @@ class RpcLog:
         x_request_id: str | None,
         request_id: str | None,
     ) -> None:
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
         duration_ms = round(seconds * 1000, 3)
         fields: dict[str, Any] = {
             "grpc_service": service,
@@ -129,4 +145,17 @@ class RpcLog:
             fields["x_request_id"] = safe_id(x_request_id)
         if request_id:
             fields["request_id"] = safe_id(request_id)
-        self._logger.info("%s/%s %s %.2f ms", service, method, code, duration_ms, extra=fields)
+        # The record is made here rather than by `logger.info`, which would walk the stack to find
+        # the caller's file and line on every call: this line never shows them.
+        record = logger.makeRecord(
+            RPC_LOGGER,
+            logging.INFO,
+            __file__,
+            0,
+            _RPC_MESSAGE,
+            (service, method, code, duration_ms),
+            None,
+            None,
+            fields,
+        )
+        logger.handle(record)
