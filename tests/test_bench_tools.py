@@ -1,0 +1,72 @@
+"""The benchmark's own measuring tools: what `make bench` divides by must count what it claims.
+
+CPU per call is only honest if a process's CPU includes the children it already reaped (pgbench's
+PostgreSQL backends exit before the second reading), and the batching figure sums every worker's
+metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+from bench.procs import counter_totals, cpu_seconds, worker_cpu_seconds
+from tests.pgfixtures import free_port
+
+BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+
+
+def test_cpu_seconds_counts_children_that_already_exited() -> None:
+    before = cpu_seconds([os.getpid()])
+    subprocess.run([sys.executable, "-c", BURN], check=True)  # exits and is reaped before the reading
+    assert cpu_seconds([os.getpid()]) - before >= 0.25
+
+
+def test_worker_cpu_seconds_is_one_figure_per_child() -> None:
+    """A supervisor with two busy workers: one figure each, each with its own CPU."""
+    worker = BURN + "time.sleep(60)\n"
+    supervisor = (
+        "import subprocess, sys, time\n"
+        f"workers = [subprocess.Popen([sys.executable, '-c', {worker!r}]) for _ in range(2)]\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", supervisor], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            figures = worker_cpu_seconds(parent.pid)
+            if len(figures) == 2 and all(f >= 0.25 for f in figures):
+                break
+            assert parent.poll() is None and time.monotonic() < deadline, figures
+            time.sleep(0.05)
+        assert cpu_seconds([parent.pid]) >= sum(figures)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+
+def test_counter_totals_sum_every_endpoint_and_label() -> None:
+    urls, servers = [], []
+    for increments in ((3, 4), (5, 0)):
+        registry = CollectorRegistry()
+        statements = Counter("dialog_shard_insert_statements", "", ["shard", "kind"], registry=registry)
+        statements.labels("0", "single").inc(increments[0])
+        statements.labels("1", "batch").inc(increments[1])
+        Counter("unrelated", "", registry=registry).inc(100)
+        port = free_port()
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+        servers.append((server, thread))
+        urls.append(f"http://127.0.0.1:{port}/metrics")
+    try:
+        totals = counter_totals(urls, {"dialog_shard_insert_statements_total", "missing_total"})
+    finally:
+        for server, thread in servers:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+    assert totals == {"dialog_shard_insert_statements_total": 12.0, "missing_total": 0.0}
