@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from server.background import stop_task
+from server.background import repeat_every, stop_task
 from server.mover import Mover, MoverBusy
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,16 @@ class MoveResumer:
 
     async def start(self) -> None:
         if self._after > 0:
-            self._task = asyncio.create_task(self._loop(), name="move-resumer")
+            self._task = repeat_every(
+                self._interval,
+                self.resume_once,
+                name="move-resumer",
+                # A shard or the control database is down: try again next time.
+                retry_on=(Exception,),
+                on_failure=lambda exc: log.warning(
+                    "resuming unfinished moves failed (%s); retrying in %.1f s", exc, self._interval
+                ),
+            )
 
     async def stop(self) -> None:
         await stop_task(self._task)
@@ -63,13 +72,3 @@ class MoveResumer:
                 return len(stale)
         except MoverBusy:
             return 0  # a mover is alive: it owns its move
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.resume_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a shard or the control database is down: try again later
-                log.warning("resuming unfinished moves failed (%s); retrying in %.1f s", exc, self._interval)

@@ -17,7 +17,7 @@ import asyncio
 
 from grpc_health.v1 import health, health_pb2
 
-from server.background import stop_task
+from server.background import repeat_every, stop_task
 from server.storage.pools import ShardSet
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -68,13 +68,8 @@ class ShardHealthReporter:
 
     async def start(self) -> None:
         await self.update()
-        self._task = asyncio.create_task(self._loop(), name="shard-health")
+        self._task = repeat_every(self._interval, self.update, name="shard-health")
 
     async def stop(self) -> None:
         await stop_task(self._task)
         self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.update()

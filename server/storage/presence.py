@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from server.background import stop_task
+from server.background import repeat_every, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,14 @@ class PresenceBeacon:
 
     async def start(self) -> None:
         await self._refresh()
-        self._task = asyncio.create_task(self._loop(), name="presence")
+        self._task = repeat_every(
+            REFRESH_SECONDS,
+            self._refresh,
+            name="presence",
+            # The control database is down: try again next time.
+            retry_on=(psycopg.Error,),
+            on_failure=lambda exc: log.warning("could not refresh this server's presence row: %s", exc),
+        )
 
     async def stop(self) -> None:
         await stop_task(self._task)
@@ -85,11 +92,3 @@ class PresenceBeacon:
             )
             # Rows of servers that died without withdrawing them.
             await conn.execute("DELETE FROM server_presence WHERE seen_at < now() - interval '1 day'")
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(REFRESH_SECONDS)
-            try:
-                await self._refresh()
-            except psycopg.Error as exc:  # the control database is down: try again later
-                log.warning("could not refresh this server's presence row: %s", exc)
