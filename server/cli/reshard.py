@@ -35,6 +35,7 @@ from server.reshard import Progress, Resharder, check_servers, check_target, est
 from server.routing import ShardRouter
 from server.routing.layout import moving_units
 from server.storage.layout import Layout, load_layout
+from server.storage.moves import MoveLog
 from server.storage.overrides import OverrideStore
 from server.storage.pools import open_pool
 from server.storage.presence import live_servers
@@ -128,15 +129,14 @@ async def _run(config: ServerConfig, args: argparse.Namespace, line: ProgressLin
 
 async def _status(config: ServerConfig) -> dict[str, Any]:
     """Where the cluster stands: layout, units moved so far, the move in flight, the live servers."""
-    async with await psycopg.AsyncConnection.connect(config.control_dsn, connect_timeout=10) as conn:
-        layout = await _stored_layout(conn)
-        cur = await conn.execute(
-            "SELECT move_id, state, source_shard, target_shard, user_low, user_high, "
-            "cardinality(coalesce(buckets, ARRAY[bucket])), extract(epoch FROM now() - updated_at)::float8 "
-            "FROM shard_moves WHERE state <> 'done' ORDER BY move_id"
-        )
-        moves = await cur.fetchall()
-        servers = await live_servers(conn)
+    control = await open_pool("control", config.control_dsn, _POOL, min_size=1, max_size=1)
+    try:
+        async with control.connection() as conn:
+            layout = await _stored_layout(conn)
+            servers = await live_servers(conn)
+        moves = await MoveLog(control).all_unfinished()
+    finally:
+        await control.close()
     total = len(moving_units(layout.num_shards, layout.target_shards)) if layout.target_shards else 0
     return {
         "num_shards": layout.num_shards,
@@ -145,12 +145,12 @@ async def _status(config: ServerConfig) -> dict[str, Any]:
         "units_total": total,
         "unfinished_moves": [
             {
-                "move_id": m[0],
-                "state": m[1],
-                "source_shard": m[2],
-                "target_shard": m[3],
-                "unit": f"pair ({m[4]}, {m[5]})" if m[4] else f"{m[6]} bucket(s)",
-                "idle_seconds": round(m[7], 1),
+                "move_id": m.move_id,
+                "state": str(m.state),
+                "source_shard": m.source_shard,
+                "target_shard": m.target_shard,
+                "unit": m.unit,
+                "idle_seconds": round(m.idle_seconds, 1),
             }
             for m in moves
         ],

@@ -61,6 +61,8 @@ class Move:
     residue_modulus: int | None = None
     #: ... and, with `source_modulus`, `hash % source_modulus` equal to the source shard.
     source_modulus: int | None = None
+    #: Seconds since the record last changed, when it was read.
+    idle_seconds: float = 0.0
 
     @property
     def pair(self) -> Pair:
@@ -81,7 +83,7 @@ class Move:
 
 _COLUMNS = (
     "move_id, bucket, user_low, user_high, source_shard, target_shard, flip, state, copied_rows, buckets, "
-    "residue_modulus, source_modulus"
+    "residue_modulus, source_modulus, extract(epoch FROM now() - updated_at)::float8"
 )
 
 
@@ -174,7 +176,7 @@ class MoveLog:
         return move.with_state(state)
 
     async def flip(self, move: Move) -> Move:
-        """Change routing (shard_map or bucket_flips, with NOTIFY) and mark the move flipped, atomically."""
+        """Change routing (shard_map or unit_flips, with NOTIFY) and mark the move flipped, atomically."""
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn, conn.transaction():
             if move.flip is Flip.SET_OVERRIDE:
                 await upsert_override_in(conn, move.pair, move.target_shard)
