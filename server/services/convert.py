@@ -53,10 +53,4 @@ def add_messages(
     """Append `messages` to a repeated field, built in place (no message built and then copied)."""
     add = target.add
     for message in messages:
-        proto = add(
-            message_id=str(message.message_id),
-            from_user_id=message.from_user_id,
-            to_user_id=message.to_user_id,
-            text=message.text,
-        )
-        set_timestamp(proto.create_time, message.created_at)
+        fill_message(add(), message)
