@@ -90,17 +90,6 @@ class CallCheck(UnaryUnaryInterceptor):
 
 def _checked(checks: Sequence[Check]) -> Wrapper:
     """Runs `checks` in order, then the behavior: one coroutine for all of them."""
-    if len(checks) == 1:
-        (only,) = checks
-
-        def wrap_one(behavior: Behavior) -> Behavior:
-            async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                only(request, context)
-                return await behavior(request, context)
-
-            return checked
-
-        return wrap_one
     run = tuple(checks)
 
     def wrap(behavior: Behavior) -> Behavior:
