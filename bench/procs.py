@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -185,11 +186,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
-def postmaster_pid(server: EmbeddedPostgres) -> int | None:
-    try:
-        return abs(int((server.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]))
-    except (OSError, ValueError):
-        return None
+def postmaster_pids(servers: Iterable[EmbeddedPostgres]) -> list[int]:
+    """The postmasters of the running servers (their backends are their descendants)."""
+    pids = []
+    for server in servers:
+        try:
+            pids.append(abs(int((server.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])))
+        except (OSError, ValueError):
+            continue
+    return pids
 
 
 def ensure_h2load() -> str:

@@ -55,7 +55,7 @@ from bench.procs import (
     cpu_seconds,
     ensure_h2load,
     interrupt_on_sigterm,
-    postmaster_pid,
+    postmaster_pids,
     rss_kib,
     start_postgres,
     worker_cpu_seconds,
@@ -328,7 +328,7 @@ class Bench:
     # -- measurements ------------------------------------------------------------------------------
 
     def _h2load(self, url: str, targets: list[Target], concurrency: int, server_pid: int) -> Measurement:
-        pg_pids = [p for p in (postmaster_pid(s) for s in self.pg) if p is not None]
+        pg_pids = postmaster_pids(self.pg)
         cpu_before, pg_before = cpu_seconds([server_pid]), cpu_seconds(pg_pids)
         workers_before = worker_cpu_seconds(server_pid)
         m = run_h2load(url, targets, concurrency, self.args.duration, self.tmp)
@@ -385,7 +385,7 @@ class Bench:
         server = self.pg[d.shard_id]
         parts = {"host": "127.0.0.1", "port": str(server.port), "user": "postgres", "dbname": server.database}
         script, variables = (insert_sql, insert_vars) if kind == "insert" else (select_sql, select_vars)
-        pg_pids = [p for p in (postmaster_pid(s) for s in self.pg) if p is not None]
+        pg_pids = postmaster_pids(self.pg)
         pg_before = cpu_seconds(pg_pids)
         m = run_pgbench(
             self.pgbench, parts, script, variables, clients, self.args.duration, self.tmp, prepared=prepared

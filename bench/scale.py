@@ -39,7 +39,7 @@ from bench.procs import (
     cpu_seconds,
     ensure_h2load,
     interrupt_on_sigterm,
-    postmaster_pid,
+    postmaster_pids,
     start_postgres,
 )
 from bench.workload import MESSAGE_TEXT, Dialog, count_rows, dialogs_per_shard
@@ -245,7 +245,7 @@ def _round_of(
     senders: list[Dialog],
 ) -> dict[str, Any]:
     """One round: echo, then SendMessage with the server's and PostgreSQL's CPU and the stored rows."""
-    pg_pids = [p for p in (postmaster_pid(s) for s in pg) if p is not None]
+    pg_pids = postmaster_pids(pg)
 
     def rows() -> int:
         return sum(count_rows(pg[d.shard_id].dsn, f"messages_{d.shard_id}", [d]) for d in senders)
