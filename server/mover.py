@@ -52,7 +52,7 @@ from server.routing import Pair, ShardRouter, bucket_of, pair_hash
 from server.routing.layout import units_of_move
 from server.storage import transfer
 from server.storage.errors import describe_db_error, shard_errors
-from server.storage.fences import FenceKey, FenceState, FenceStore
+from server.storage.fences import FenceKey, FenceState, FenceStore, pair_fence_key
 from server.storage.layout import Layout, load_layout
 from server.storage.messages import MessageStore
 from server.storage.moves import Flip, Move, MoveLog, MoveState
@@ -193,7 +193,7 @@ class Mover:
         )
         pinned = {p: s for p, s in (await self._overrides.all()).items() if unit.covers(p)}
         unit = dataclasses.replace(unit, pinned=tuple(sorted(pinned)))
-        exempt = [(bucket_of(*p), p.low, p.high) for p, s in sorted(pinned.items()) if s == move.source_shard]
+        exempt = [pair_fence_key(p) for p, s in sorted(pinned.items()) if s == move.source_shard]
         return unit, exempt
 
     async def _run(self, move: Move) -> MoveResult:
@@ -291,9 +291,9 @@ class Mover:
             await FenceStore(store.table).set(conn, unit.fence_keys(), state, move.move_id, exempt=exempt)
 
     async def _open(self, store: MessageStore, unit: transfer.Unit) -> None:
-        pinned = [(bucket_of(*p), p.low, p.high) for p in unit.pinned]
+        keep = [pair_fence_key(p) for p in unit.pinned]
         async with shard_errors(store.shard_id), store.pool.connection() as conn:
-            await FenceStore(store.table).open(conn, unit.fence_keys(), keep=pinned)
+            await FenceStore(store.table).open(conn, unit.fence_keys(), keep=keep)
 
     async def _reopen_after_failure(self, source: MessageStore, unit: transfer.Unit, move_id: int) -> None:
         """If routing certainly still names the source, let its writers in again; a re-run resumes the copy.

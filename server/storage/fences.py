@@ -39,6 +39,8 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from server.routing import Pair, bucket_of
+
 #: SQLSTATE raised by the fence functions (class "DS": dialog-shard's own).
 FENCED_SQLSTATE = "DSM01"
 #: user_low/user_high of a whole-bucket fence row.
@@ -124,6 +126,11 @@ def fence_schema(table: str) -> list[str]:
 _KEYS = "unnest(%s::smallint[], %s::bigint[], %s::bigint[]) AS u(b, lo, hi)"
 #: A fence row's key: (bucket, user_low, user_high); user_low = user_high = 0 for a whole bucket.
 FenceKey = tuple[int, int, int]
+
+
+def pair_fence_key(pair: Pair) -> FenceKey:
+    """The fence row key of one pair."""
+    return bucket_of(*pair), pair.low, pair.high
 
 
 class FenceStore:
