@@ -79,17 +79,14 @@ class Unit:
 
     def split(self, groups: Sequence[Sequence[int]]) -> list[Unit]:
         """The unit as parts holding these groups of its buckets (each with its pinned pairs)."""
-        return [
-            Unit(
-                tuple(g),
-                None,
-                tuple(p for p in self.pinned if bucket_of(*p) in set(g)),
-                self.residue,
-                self.source_residue,
-            )
-            for g in groups
-            if g
-        ]
+        parts = []
+        for group in groups:
+            if not group:
+                continue
+            in_group = set(group)
+            pinned = tuple(p for p in self.pinned if bucket_of(*p) in in_group)
+            parts.append(Unit(tuple(group), None, pinned, self.residue, self.source_residue))
+        return parts
 
     def where(self) -> tuple[str, list[Any]]:
         """SQL condition selecting the unit's rows, and its parameters."""
