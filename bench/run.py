@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import fields
 from functools import partial
@@ -119,6 +120,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra dialog-server argument (repeatable)"
     )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_pool_setting,
+        help="a [pool] setting of the server's config (repeatable), e.g. max_write_batch_wait_ms=0",
+    )
     parser.add_argument("--output-dir", type=Path, default=REPO / "bench-results")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -128,6 +137,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     for c in args.concurrency:
         Layout.for_concurrency(c)  # fail early on a concurrency h2load cannot be mapped to
     return args
+
+
+def _pool_setting(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` of `--pool`, the value read as TOML (a number, a quoted string, ...)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not TOML ({exc})") from exc
 
 
 def _median(values: list[float]) -> float | None:
@@ -205,6 +225,7 @@ class Bench:
                     # Metrics stay on (their per-call cost is part of the service) on a free port.
                     "metrics": {"listen": "127.0.0.1:0"},
                     **({"limits": self.limits_overrides} if self.limits_overrides else {}),
+                    **({"pool": dict(self.args.pool)} if self.args.pool else {}),
                 },
             )
         )
@@ -500,6 +521,7 @@ class Bench:
                 "deep_page_offset_messages": self.deep_depth,
                 "server_workers": args.workers,
                 "server_args": args.server_arg,
+                "config_pool": dict(args.pool),
                 "config_limits": self.limits_overrides,
                 "fsync": "on",
                 "synchronous_commit": "on",

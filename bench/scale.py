@@ -7,10 +7,11 @@ that each ratio comes from one round. It reports requests/s, p50/p99 latency, an
 the server processes (all workers) and PostgreSQL (all shard servers) spent per 1,000 messages:
 the figures an operator sizes a deployment with. Figures are medians over rounds.
 
-    python -m bench.scale [--shards 1 2 4] [--workers 1 2] [--batch 64] [--event-loop auto]
-                          [--concurrency 32] [--repeats 3] [--duration 3] [--server-arg=...]
+    python -m bench.scale [--shards 1 2 4] [--workers 1 2] [--batch 64] [--batch-wait 2]
+                          [--event-loop auto] [--concurrency 32] [--repeats 3] [--duration 3]
+                          [--server-arg=...]
 
-Every combination of --workers, --batch and --event-loop is started at once per shard count and
+Every combination of --workers, --batch, --batch-wait and --event-loop is started at once per shard count and
 the rounds interleave them, so the machine's background noise hits them alike.
 """
 
@@ -45,7 +46,7 @@ from bench.procs import (
 from bench.workload import MESSAGE_TEXT, Dialog, count_rows, dialogs_per_shard
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.auth import issue_token
-from server.config import AuthConfig, render_config
+from server.config import AuthConfig, PoolConfig, render_config
 
 SEND_PATH = "/dialog.v1.DialogService/SendMessage"
 #: h2load processes each send as one user; this many users (dialogs) spread the load over shards.
@@ -58,6 +59,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="dialog-server --workers")
     parser.add_argument(
         "--batch", type=int, nargs="+", default=[64], help="[pool] max_write_batch (1: no batching)"
+    )
+    parser.add_argument(
+        "--batch-wait",
+        type=float,
+        nargs="+",
+        default=[PoolConfig().max_write_batch_wait_ms],
+        help="[pool] max_write_batch_wait_ms (0: never wait for company)",
     )
     parser.add_argument(
         "--event-loop", nargs="+", default=["auto"], help="dialog-server --event-loop values to compare"
@@ -86,11 +94,13 @@ class Variant:
 
     workers: int
     batch: int
+    batch_wait_ms: float
     event_loop: str
 
     @property
     def label(self) -> str:
-        return f"workers={self.workers} batch={self.batch} loop={self.event_loop}"
+        wait = f"{self.batch_wait_ms:g}ms"
+        return f"workers={self.workers} batch={self.batch} wait={wait} loop={self.event_loop}"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +109,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
     secret = secrets.token_urlsafe(48)
     auth = AuthConfig(jwt_secret=secret.encode())
-    variants = [Variant(w, b, loop) for b in args.batch for loop in args.event_loop for w in args.workers]
+    variants = [
+        Variant(w, b, wait, loop)
+        for b in args.batch
+        for wait in args.batch_wait
+        for loop in args.event_loop
+        for w in args.workers
+    ]
     results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as outer:
         tmp = Path(tempfile.mkdtemp(prefix="dialog-scale-", dir=root))
@@ -188,7 +204,7 @@ def _start_server(
     shards: int,
     v: Variant,
 ) -> ServerProcess:
-    name = f"{shards}-{v.workers}-{v.batch}-{v.event_loop}"
+    name = f"{shards}-{v.workers}-{v.batch}-{v.batch_wait_ms:g}-{v.event_loop}"
     config = tmp / f"dialog-{name}.toml"
     config.write_text(
         render_config(
@@ -198,7 +214,7 @@ def _start_server(
             settings={"shutdown_grace_seconds": 5.0},
             sections={
                 "limits": {"send_rate_per_second": 0},
-                "pool": {"max_write_batch": v.batch},
+                "pool": {"max_write_batch": v.batch, "max_write_batch_wait_ms": v.batch_wait_ms},
                 "metrics": {"listen": "127.0.0.1:0"},  # several servers at once: free ports
             },
         )
@@ -225,6 +241,7 @@ def _summary(shards: int, v: Variant, rounds: list[dict[str, Any]]) -> dict[str,
         "shard_servers": shards,
         "workers": v.workers,
         "max_write_batch": v.batch,
+        "max_write_batch_wait_ms": v.batch_wait_ms,
         "event_loop": v.event_loop,
         **{key: _median([r[key] for r in rounds]) for key in keys},
         "rows_match_every_round": all(r["rows_match"] for r in rounds),
@@ -286,12 +303,14 @@ def render_table(result: dict[str, Any]) -> str:
         f"SendMessage at {s['concurrency']} in flight, {s['repeats']} rounds of {s['duration_s']:g}s, "
         f"medians; {result['cpus']} CPUs shared by load generator, server and PostgreSQL",
         "",
-        f"{'shard servers':>13}{'workers':>8}{'batch':>6}{'loop':>8}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'shard servers':>13}{'workers':>8}{'batch':>6}{'wait ms':>8}{'loop':>8}{'req/s':>9}"
+        f"{'p50 ms':>8}{'p99 ms':>8}"
         f"{'echo req/s':>11}{'send/echo':>10}{'srv CPU ms/1k':>14}{'PG CPU ms/1k':>13}",
     ]
     for r in result["results"]:
         lines.append(
-            f"{r['shard_servers']:>13}{r['workers']:>8}{r['max_write_batch']:>6}{r['event_loop']:>8}"
+            f"{r['shard_servers']:>13}{r['workers']:>8}{r['max_write_batch']:>6}"
+            f"{r['max_write_batch_wait_ms']:>8g}{r['event_loop']:>8}"
             f"{r['rps']:>9,.0f}"
             f"{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['echo_rps']:>11,.0f}{r['send_over_echo']:>10.3f}"
             f"{r['server_cpu_ms_per_1000']:>14.0f}{r['postgres_cpu_ms_per_1000']:>13.0f}"

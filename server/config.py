@@ -129,6 +129,9 @@ class PoolConfig:
     #: Most concurrent SendMessage inserts of one shard sent as one statement and commit
     #: (server.storage.batching); 1 sends every insert alone.
     max_write_batch: int = 64
+    #: Longest wait (milliseconds) of a queued insert for as many others as its shard's last batch
+    #: had (server.storage.batching); 0 never waits. No wait while a shard's inserts come alone.
+    max_write_batch_wait_ms: float = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +392,11 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
     if pool.max_write_batch < 1:
         raise ConfigError(
             f"pool.max_write_batch must be at least 1 (1 disables batching), got {pool.max_write_batch}"
+        )
+    if not 0 <= pool.max_write_batch_wait_ms <= 1000:
+        raise ConfigError(
+            "pool.max_write_batch_wait_ms must be between 0 and 1000 (0 never waits), "
+            f"got {pool.max_write_batch_wait_ms}"
         )
     _check_limits(limits)
     resilience = _resilience(data.get("resilience", {}))

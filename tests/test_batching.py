@@ -1,7 +1,8 @@
 """Per-shard write batching (server.storage.batching) against a real PostgreSQL, and through the service.
 
 `asyncio.gather` queues every insert before the first batch starts, so what is batched is
-deterministic here; the counters say which statements ran.
+deterministic here; the counters say which statements ran. The waits for company are checked
+with waits far longer than a statement takes, so which of the two ended a wait is unambiguous.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -22,7 +24,7 @@ from server.errors import DialogMoving
 from server.resilience import Shard
 from server.resilience.deadline import rpc_deadline
 from server.routing import ShardRouter
-from server.storage.batching import BatchingMessageStore
+from server.storage.batching import BatchingMessageStore, CompanyForecast
 from server.storage.fences import FenceState, FenceStore
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import InsertResult, NewMessage
@@ -34,18 +36,28 @@ _router = ShardRouter(4)
 _ids = MessageIdGenerator()
 
 
-@pytest_asyncio.fixture
-async def store(pg_server) -> AsyncIterator[BatchingMessageStore]:
+@asynccontextmanager
+async def _batching_store(dsn: str, **options: Any) -> AsyncIterator[BatchingMessageStore]:
     table = f"batch_{secrets.token_hex(6)}"
-    pool = await open_pool("batch-test", pg_server.dsn, PoolConfig(min_size=1, max_size=4))
+    pool = await open_pool("batch-test", dsn, PoolConfig(min_size=1, max_size=4))
     try:
         async with pool.connection() as conn:
             await migrate_shard(conn, table)
-        batching = BatchingMessageStore(0, table, Shard.of_pool(0, pool), max_batch=8)
+        batching = BatchingMessageStore(0, table, Shard.of_pool(0, pool), max_batch=8, **options)
         yield batching
         await batching.drain()
     finally:
         await pool.close()
+
+
+@pytest_asyncio.fixture
+async def store(pg_server) -> AsyncIterator[BatchingMessageStore]:
+    async with _batching_store(pg_server.dsn) as batching:
+        yield batching
+
+
+#: Longer than any statement here takes: a wait that ends sooner ended because company came.
+_LONG_WAIT = 1.0
 
 
 def _message(pair: tuple[int, int], text: str, request_id: str | None = None, **changes: Any) -> NewMessage:
@@ -226,3 +238,110 @@ async def test_a_batch_runs_under_its_callers_latest_deadline(store, new_pair, p
     assert len(stored) == 3 and not any(r.replayed for r in stored)
     assert stored[1].message.text == "held"
     assert len(await _stored(store, stored)) == 3
+
+
+# -- waiting for company ------------------------------------------------------------------------
+
+
+def test_the_forecast_expects_the_largest_recent_batch_and_probes_for_more():
+    forecast = CompanyForecast(window=3, probe_every=4)
+    assert forecast.expected == 1 and not forecast.waits_for_more(1)  # alone: at once
+    forecast.batch_left(3, waited_out=False)  # 1 left
+    assert forecast.expected == 3
+    assert forecast.waits_for_more(2) and not forecast.waits_for_more(3)
+    forecast.batch_left(2, waited_out=True)  # 2 left: a short one does not lower the forecast...
+    forecast.batch_left(2, waited_out=True)  # 3
+    assert forecast.expected == 3
+    # ...until the larger batch falls out of the window.
+    forecast.batch_left(2, waited_out=False)  # 4 left: the next batch is a probe
+    assert forecast.expected == 2
+    assert forecast.waits_for_more(2) and forecast.waits_for_more(5)  # a probe waits whatever it holds
+    forecast.batch_left(5, waited_out=True)  # the probe found more callers
+    assert forecast.expected == 5 and not forecast.waits_for_more(5)
+    # A whole wait that brought nobody: inserts go at once again.
+    forecast.batch_left(1, waited_out=True)
+    assert forecast.expected == 1 and not forecast.waits_for_more(1)
+    # A lone insert that left without waiting (it found nothing expected) keeps nothing either.
+    forecast.batch_left(1, waited_out=False)
+    assert forecast.expected == 1
+
+
+async def _batch_of(store: BatchingMessageStore, new_pair, size: int) -> None:
+    """One lone insert and `size` queued behind it: afterwards the shard expects `size`."""
+    batches = store.stats.batches
+    await asyncio.gather(*(store.insert(_message(new_pair(), f"warm {i}")) for i in range(size + 1)))
+    assert store.stats.batches == batches + 1 and store.forecast.expected == size
+
+
+async def test_after_a_batch_of_three_the_queue_waits_for_three_and_then_goes_at_once(pg_server, new_pair):
+    async with _batching_store(pg_server.dsn, max_wait=60.0) as store:
+        await _batch_of(store, new_pair, 3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.create_task(store.insert(_message(new_pair(), "first")))
+        second = asyncio.create_task(store.insert(_message(new_pair(), "second")))
+        # Long enough for a statement to run and return: without the wait they would be done.
+        done, _ = await asyncio.wait([first, second], timeout=0.5)
+        assert not done, "inserts went before the expected company arrived"
+        third = await store.insert(_message(new_pair(), "third"))
+        results = [await first, await second, third]
+        # The third arrival completed the batch: nobody waited out the 60 s.
+        assert loop.time() - started < 30
+        assert (store.stats.batches, store.stats.largest) == (2, 3)
+        assert [r.message.text for r in results] == ["first", "second", "third"]
+        assert len(await _stored(store, results)) == 3
+
+
+async def test_a_short_queue_leaves_after_the_wait_and_a_wait_without_company_ends_waiting(
+    pg_server, new_pair
+):
+    async with _batching_store(pg_server.dsn, max_wait=_LONG_WAIT) as store:
+        await _batch_of(store, new_pair, 3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        two = await asyncio.gather(*(store.insert(_message(new_pair(), f"two {i}")) for i in range(2)))
+        # Two of the three expected came: they left together when the wait was over.
+        assert loop.time() - started >= _LONG_WAIT
+        assert store.stats.batches == 2 and store.stats.batched_messages == 3 + 2
+        assert store.forecast.expected == 3
+        started = loop.time()
+        lone = await store.insert(_message(new_pair(), "nobody came"))
+        assert loop.time() - started >= _LONG_WAIT
+        assert store.forecast.expected == 1
+        # Back to sending at once.
+        started = loop.time()
+        at_once = await store.insert(_message(new_pair(), "at once"))
+        assert loop.time() - started < _LONG_WAIT
+        assert len(await _stored(store, [*two, lone, at_once])) == 4
+
+
+async def test_draining_sends_what_waits_for_company_at_once(pg_server, new_pair):
+    async with _batching_store(pg_server.dsn, max_wait=60.0) as store:
+        await _batch_of(store, new_pair, 3)
+        waiting = asyncio.create_task(store.insert(_message(new_pair(), "waiting")))
+        done, _ = await asyncio.wait([waiting], timeout=0.2)
+        assert not done
+        await asyncio.wait_for(store.drain(), timeout=10)
+        result = await asyncio.wait_for(waiting, timeout=10)
+        assert len(await _stored(store, [result])) == 1
+
+
+async def test_a_caller_that_gives_up_while_queued_leaves_its_batch_going(pg_server, new_pair):
+    async with _batching_store(pg_server.dsn, max_wait=60.0) as store:
+        await _batch_of(store, new_pair, 3)
+        gives_up = asyncio.create_task(store.insert(_message(new_pair(), "gives up")))
+        stays = asyncio.create_task(store.insert(_message(new_pair(), "stays")))
+        done, _ = await asyncio.wait([gives_up, stays], timeout=0.2)
+        assert not done  # both queued, waiting for a third
+        gives_up.cancel()
+        await asyncio.wait([gives_up], timeout=10)
+        assert gives_up.cancelled() and not stays.done()
+        last = await asyncio.wait_for(store.insert(_message(new_pair(), "completes it")), timeout=10)
+        results = [await stays, last]
+        # The batch went with all three: the one whose caller left is stored too, as an insert
+        # that reached the server may be stored after its caller left.
+        assert store.stats.largest == 3 and store.stats.batches == 2
+        assert len(await _stored(store, results)) == 2
+        async with store.pool.connection() as conn:
+            cur = await conn.execute(f"SELECT count(*) FROM {store.table} WHERE text = 'gives up'")
+            assert await cur.fetchone() == (1,)

@@ -103,6 +103,8 @@ def test_environment_gives_the_seed_layout_from_one_dsn():
         ({"shutdown_grace_seconds": "soon"}, "invalid configuration value"),
         ({"pool": {"min_size": "x"}}, "invalid configuration value"),
         ({"auth": "not a table"}, "invalid configuration value"),
+        ({"pool": {"max_write_batch_wait_ms": -1}}, "max_write_batch_wait_ms must be between 0 and 1000"),
+        ({"pool": {"max_write_batch_wait_ms": 5000}}, "max_write_batch_wait_ms must be between 0 and 1000"),
     ],
 )
 def test_values_of_the_wrong_type_are_config_errors(data, fragment):

@@ -1,11 +1,27 @@
 """Per-shard write batching: concurrent SendMessage inserts share one statement and one commit.
 
 Under load most of a server's time per message goes to round trips and commits, not to the row.
-`BatchingMessageStore` queues the inserts of one shard: when no batch is running, the first one
-is sent at once (alone, in its caller's task, through `MessageStore.insert`: no added latency at
-low load); inserts that arrive while a batch runs wait for it and then go together as one
-multi-row INSERT in one autocommit statement. A full queue (`max_batch`) starts another batch
-right away, up to `max_in_flight` at once. There is no timer: nothing ever waits for company.
+`BatchingMessageStore` queues the inserts of one shard and sends them together as one multi-row
+INSERT in one autocommit statement: those that arrive while a statement runs go with the next
+one, and a full queue (`max_batch`) starts another statement at once, up to `max_in_flight`.
+
+When nothing runs, whether an insert waits for company is learnt from the shard's own traffic
+(`CompanyForecast`): callers that a batch answers come back, so the next batch can expect as
+many inserts as the last ones had.
+
+- While a shard's inserts come alone, an insert goes at once, alone in its caller's task through
+  `MessageStore.insert`: no added latency at low load.
+- Once batches of several form, the queue waits until it holds as many inserts as the largest of
+  the last 8 batches, or until its first insert has waited `max_wait` (4 ms by default).
+  One batch in 4 waits out `max_wait` whatever it holds, so that more callers show up in the
+  forecast (a batch that leaves once the expected number is there would never show them).
+- A wait that brought no company at all sends its insert and goes back to sending at once.
+
+Waiting costs no CPU, and on a server whose CPU is the bottleneck the CPU saved per message
+(one statement, one round trip and one commit for many messages) is what raises throughput: in
+the benchmark (32 requests in flight over 4 shards and 2 workers, ~4 per shard and worker) the
+batches grew from ~1.5 to ~4-6 messages. `max_wait = 0` never waits: batches then form only from
+inserts that arrive while a statement runs.
 
 What a single insert guarantees holds per message:
 
@@ -22,12 +38,15 @@ What a single insert guarantees holds per message:
   for a moving dialog) and the others are stored. A connection-level failure is not retried (the
   commit may have happened): every caller of that batch gets UNAVAILABLE, as a single insert
   would, and retries with a request_id are safe.
+- A caller that gives up (deadline, cancellation) stops waiting; its message stays in the batch
+  (queued or sent), as an insert that reached the server may be stored after its caller left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +63,8 @@ from server.storage.messages import _COLUMNS, InsertResult, MessageStore, NewMes
 DEFAULT_MAX_BATCH = 64
 #: Default most batch statements of one shard running at once (each holds a pool connection).
 DEFAULT_MAX_IN_FLIGHT = 2
+#: Default longest wait (seconds) of a queued insert for the company the shard's last batch had.
+DEFAULT_MAX_WAIT = 0.004
 
 
 class _Rejected(Exception):
@@ -121,6 +142,42 @@ def _batch_deadline(batch: Sequence[_Pending]) -> float | None:
     return max(d for d in deadlines if d is not None)
 
 
+class CompanyForecast:
+    """How many inserts a shard's queue waits for before its batch leaves (pure bookkeeping).
+
+    `expected` is the largest of the last `window` batches (1 until batches of several form).
+    Every `probe_every`-th batch is a probe: it waits out the whole wait whatever it holds, so a
+    rise in callers shows up. A batch that left after a whole wait with a single insert clears
+    the history: nobody else is sending to the shard, and inserts go at once again.
+    """
+
+    __slots__ = ("_left", "_probe_every", "_recent", "expected")
+
+    def __init__(self, *, window: int = 8, probe_every: int = 4) -> None:
+        if window < 1 or probe_every < 1:
+            raise ValueError("window and probe_every must be >= 1")
+        self._probe_every = probe_every
+        self._recent: deque[int] = deque(maxlen=window)
+        self._left = 0
+        self.expected = 1
+
+    def waits_for_more(self, queued: int) -> bool:
+        """Whether a queue of `queued` inserts, with nothing running, should wait for more."""
+        if self.expected == 1:
+            return False
+        return queued < self.expected or self._left % self._probe_every == 0
+
+    def batch_left(self, size: int, *, waited_out: bool) -> None:
+        """Record a batch of `size` inserts that left (`waited_out`: on the timer, short of the forecast)."""
+        self._left += 1
+        if waited_out and size == 1:
+            self._recent.clear()
+            self.expected = 1
+            return
+        self._recent.append(size)
+        self.expected = max(self._recent)
+
+
 class BatchingMessageStore(MessageStore):
     """A MessageStore whose `insert` coalesces concurrent calls into multi-row statements."""
 
@@ -132,25 +189,36 @@ class BatchingMessageStore(MessageStore):
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_wait: float = DEFAULT_MAX_WAIT,
     ) -> None:
         super().__init__(shard_id, table, shard)
-        if max_batch < 2 or max_in_flight < 1:
-            raise ValueError("max_batch must be >= 2 and max_in_flight >= 1")
+        if max_batch < 2 or max_in_flight < 1 or max_wait < 0:
+            raise ValueError("max_batch must be >= 2, max_in_flight >= 1 and max_wait >= 0")
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.max_wait = max_wait
         self.batch_sql = batch_insert_sql(table)
         self.stats = BatchStats()
         self._queue: list[_Pending] = []
         self._running: set[asyncio.Task[None]] = set()
         #: An insert is running alone in its caller's task.
         self._alone = False
+        #: How many inserts the queue waits for when nothing runs.
+        self.forecast = CompanyForecast()
+        #: When the oldest queued insert arrived (the event loop's clock).
+        self._queued_since = 0.0
+        #: Ends the wait for company (set while the queue waits with nothing running).
+        self._wait_timer: asyncio.TimerHandle | None = None
+        #: Draining: queued inserts go at once, nothing waits for company any more.
+        self._closing = False
 
     async def insert(self, message: NewMessage) -> InsertResult:
         """Store `message` (alone or with others waiting), or return the earlier replayed row."""
-        if not self._alone and not self._running and not self._queue:
-            # Nothing runs: this insert goes alone at once, in the caller's own task (no batch
-            # task, no future to hand the result over); a caller that gives up cancels its own
-            # statement, as without batching. Inserts arriving meanwhile queue behind it.
+        if self.forecast.expected == 1 and not self._alone and not self._running and not self._queue:
+            # Nothing runs and no company is expected: this insert goes alone at once, in the
+            # caller's own task (no batch task, no future to hand the result over); a caller that
+            # gives up cancels its own statement, as without batching. Inserts arriving
+            # meanwhile queue behind it.
             self._alone = True
             self.stats.single += 1
             try:
@@ -159,26 +227,51 @@ class BatchingMessageStore(MessageStore):
                 self._alone = False
                 self._maybe_flush()
         pending = _Pending(message)
+        if not self._queue:
+            self._queued_since = asyncio.get_running_loop().time()
         self._queue.append(pending)
         self._maybe_flush()
-        # The batch goes on if this caller gives up (its deadline): the others still need it.
-        return await asyncio.shield(pending.done)
+        # A caller that gives up cancels only its own future: the batch (queued or running, not a
+        # task of this caller) goes on for the others, and settling skips a cancelled future.
+        return await pending.done
 
     async def drain(self) -> None:
-        """Wait for every queued and running batch (before the pool closes)."""
+        """Send what waits for company now, and wait for every running batch (before the pool closes)."""
+        self._closing = True
+        self._maybe_flush()
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     def _maybe_flush(self) -> None:
-        """Start a batch when none runs, or when a full batch waits and another may run."""
-        while self._queue and (
-            not (self._running or self._alone)
-            or (len(self._queue) >= self.max_batch and len(self._running) + self._alone < self.max_in_flight)
-        ):
+        """Start a batch when none runs and the expected company is there (or waited for long
+        enough), or when a full batch waits and another may run."""
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            idle = not (self._running or self._alone)
+            short = len(self._queue) < self.max_batch and self.forecast.waits_for_more(len(self._queue))
+            if idle and short and not self._closing:
+                waited_out = self._queued_since + self.max_wait - loop.time()
+                if waited_out > 0:
+                    if self._wait_timer is None:
+                        self._wait_timer = loop.call_later(waited_out, self._wait_over)
+                    return
+            elif not idle and not (
+                len(self._queue) >= self.max_batch and len(self._running) + self._alone < self.max_in_flight
+            ):
+                return
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            task = asyncio.get_running_loop().create_task(self._flush(batch))
+            self.forecast.batch_left(len(batch), waited_out=idle and short)
+            self._queued_since = loop.time()
+            if self._wait_timer is not None:
+                self._wait_timer.cancel()
+                self._wait_timer = None
+            task = loop.create_task(self._flush(batch))
             self._running.add(task)
             task.add_done_callback(self._flushed)
+
+    def _wait_over(self) -> None:
+        self._wait_timer = None
+        self._maybe_flush()
 
     def _flushed(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

@@ -262,7 +262,13 @@ class ShardSet:
         batch = self._pool_config.max_write_batch
         if batch < 2:
             return MessageStore(config.shard_id, config.table, shard)
-        store = BatchingMessageStore(config.shard_id, config.table, shard, max_batch=batch)
+        store = BatchingMessageStore(
+            config.shard_id,
+            config.table,
+            shard,
+            max_batch=batch,
+            max_wait=self._pool_config.max_write_batch_wait_ms / 1000,
+        )
         # Registered after the pool: runs before it closes, so queued inserts finish first.
         self._stack.push_async_callback(store.drain)
         return store
