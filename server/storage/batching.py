@@ -38,8 +38,10 @@ What a single insert guarantees holds per message:
   for a moving dialog) and the others are stored. A connection-level failure is not retried (the
   commit may have happened): every caller of that batch gets UNAVAILABLE, as a single insert
   would, and retries with a request_id are safe.
-- A caller that gives up (deadline, cancellation) stops waiting; its message stays in the batch
-  (queued or sent), as an insert that reached the server may be stored after its caller left.
+- A caller that gives up (deadline, cancellation) while its insert waits in the queue takes it
+  out: it is not stored. Once its statement was sent, the others still need the statement, so
+  it goes on, and the message may be stored after its caller left (as a single insert's may be
+  when the cancel comes too late); a retry with the same request_id is safe either way.
 """
 
 from __future__ import annotations
@@ -265,6 +267,11 @@ class BatchingMessageStore(MessageStore):
             if self._wait_timer is not None:
                 self._wait_timer.cancel()
                 self._wait_timer = None
+            # A caller that gave up before its statement left is not stored (as a single
+            # insert's caller that gives up cancels its statement).
+            batch = [pending for pending in batch if not pending.done.cancelled()]
+            if not batch:
+                continue
             task = loop.create_task(self._flush(batch))
             self._running.add(task)
             task.add_done_callback(self._flushed)
