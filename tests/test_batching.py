@@ -24,7 +24,7 @@ from server.errors import DialogMoving
 from server.resilience import Shard
 from server.resilience.deadline import rpc_deadline
 from server.routing import ShardRouter
-from server.storage.batching import BatchingMessageStore, CompanyForecast
+from server.storage.batching import BatchingMessageStore, CompanyForecast, WriteActivity
 from server.storage.fences import FenceState, FenceStore
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import InsertResult, NewMessage
@@ -244,16 +244,15 @@ async def test_a_batch_runs_under_its_callers_latest_deadline(store, new_pair, p
 
 
 def test_the_forecast_expects_the_largest_recent_batch_and_probes_for_more():
-    forecast = CompanyForecast(window=3, probe_every=4)
+    forecast = CompanyForecast(window=2, probe_every=4)
     assert forecast.expected == 1 and not forecast.waits_for_more(1)  # alone: at once
     forecast.batch_left(3, waited_out=False)  # 1 left
     assert forecast.expected == 3
     assert forecast.waits_for_more(2) and not forecast.waits_for_more(3)
-    forecast.batch_left(2, waited_out=True)  # 2 left: a short one does not lower the forecast...
-    forecast.batch_left(2, waited_out=True)  # 3
+    forecast.batch_left(2, waited_out=True)  # 2 left: a short one does not lower the forecast
     assert forecast.expected == 3
-    # ...until the larger batch falls out of the window.
-    forecast.batch_left(2, waited_out=False)  # 4 left: the next batch is a probe
+    # 3 left: the larger batch is out of the window, and the 4th batch is a probe
+    forecast.batch_left(2, waited_out=False)
     assert forecast.expected == 2
     assert forecast.waits_for_more(2) and forecast.waits_for_more(5)  # a probe waits whatever it holds
     forecast.batch_left(5, waited_out=True)  # the probe found more callers
@@ -264,6 +263,22 @@ def test_the_forecast_expects_the_largest_recent_batch_and_probes_for_more():
     # A lone insert that left without waiting (it found nothing expected) keeps nothing either.
     forecast.batch_left(1, waited_out=False)
     assert forecast.expected == 1
+
+
+def test_a_lone_insert_probes_for_a_companion_only_while_others_are_in_progress():
+    forecast = CompanyForecast(alone_probe_every=3)
+    # A lone caller (nothing else in progress on the server) never waits.
+    assert not any(forecast.probe_alone(others_in_progress=False) for _ in range(10))
+    assert forecast.expected == 1
+    # With others in progress, every third would-be lone insert waits for one companion.
+    assert [forecast.probe_alone(others_in_progress=True) for _ in range(3)] == [False, False, True]
+    assert forecast.expected == 2 and forecast.waits_for_more(1) and not forecast.waits_for_more(2)
+    # Nobody came: back to going alone; a companion came: batches of two are expected.
+    forecast.batch_left(1, waited_out=True)
+    assert forecast.expected == 1
+    assert [forecast.probe_alone(others_in_progress=True) for _ in range(3)] == [False, False, True]
+    forecast.batch_left(2, waited_out=False)
+    assert forecast.expected == 2
 
 
 async def _batch_of(store: BatchingMessageStore, new_pair, size: int) -> None:
@@ -344,3 +359,50 @@ async def test_a_caller_that_gives_up_while_queued_is_not_stored_and_the_others_
         async with store.pool.connection() as conn:
             cur = await conn.execute(f"SELECT count(*) FROM {store.table} WHERE text = 'gives up'")
             assert await cur.fetchone() == (0,)
+
+
+async def test_two_callers_of_a_shard_are_paired_while_the_server_has_other_inserts_in_progress(
+    pg_server, new_pair
+):
+    activity = WriteActivity()
+    async with (
+        _batching_store(pg_server.dsn, max_wait=60.0, activity=activity) as busy,
+        _batching_store(
+            pg_server.dsn,
+            max_wait=60.0,
+            activity=activity,
+            forecast=CompanyForecast(alone_probe_every=1),
+        ) as quiet,
+    ):
+        # Alone on the server: the quiet shard's insert goes at once.
+        await asyncio.wait_for(quiet.insert(_message(new_pair(), "alone on the server")), timeout=10)
+        assert quiet.stats.single == 1 and quiet.forecast.expected == 1
+        # Another shard's insert in progress: it waits on an uncommitted row with its request key.
+        held = _message(new_pair(), "held", "req-held")
+        async with await psycopg.AsyncConnection.connect(pg_server.dsn) as blocker:
+            await blocker.execute(
+                f"INSERT INTO {busy.table} (message_id, user_low, user_high, bucket, from_user_id,"
+                " to_user_id, text, created_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    _ids.next(),
+                    held.pair.low,
+                    held.pair.high,
+                    held.bucket,
+                    held.from_user_id,
+                    held.to_user_id,
+                    "uncommitted",
+                    held.created_at,
+                    "req-held",
+                ),
+            )
+            in_progress = asyncio.create_task(busy.insert(held))
+            first = asyncio.create_task(quiet.insert(_message(new_pair(), "first")))
+            done, _ = await asyncio.wait([first], timeout=0.3)
+            assert not done and activity.in_progress == 2  # waiting for a companion
+            second = await asyncio.wait_for(quiet.insert(_message(new_pair(), "second")), timeout=10)
+            assert (await first).message.text == "first" and second.message.text == "second"
+            assert quiet.stats.batches == 1 and quiet.stats.batched_messages == 2
+            assert quiet.forecast.expected == 2
+            await blocker.rollback()
+        assert not (await asyncio.wait_for(in_progress, timeout=10)).replayed
+        assert activity.in_progress == 0

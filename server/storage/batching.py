@@ -16,6 +16,9 @@ many inserts as the last ones had.
   One batch in 4 waits out `max_wait` whatever it holds, so that more callers show up in the
   forecast (a batch that leaves once the expected number is there would never show them).
 - A wait that brought no company at all sends its insert and goes back to sending at once.
+- Two callers of a shard whose inserts never happen to overlap would never form a batch, so
+  while a shard's inserts go alone, one in 64 that starts while the server has other inserts in
+  progress waits for one companion. A lone caller, with nothing else in progress, never waits.
 
 Waiting costs no CPU, and on a server whose CPU is the bottleneck the CPU saved per message
 (one statement, one round trip and one commit for many messages) is what raises throughput: in
@@ -151,23 +154,40 @@ class CompanyForecast:
     Every `probe_every`-th batch is a probe: it waits out the whole wait whatever it holds, so a
     rise in callers shows up. A batch that left after a whole wait with a single insert clears
     the history: nobody else is sending to the shard, and inserts go at once again.
+
+    While inserts go alone, one in `alone_probe_every` of those that start while the server has
+    other inserts in progress waits for one companion (`probe_alone`): two callers of a shard
+    whose inserts never overlap by chance would otherwise never be batched, though the server
+    is busy. A lone caller (nothing else in progress) never waits.
     """
 
-    __slots__ = ("_left", "_probe_every", "_recent", "expected")
+    __slots__ = ("_alone", "_alone_probe_every", "_left", "_probe_every", "_recent", "expected")
 
-    def __init__(self, *, window: int = 8, probe_every: int = 4) -> None:
-        if window < 1 or probe_every < 1:
-            raise ValueError("window and probe_every must be >= 1")
+    def __init__(self, *, window: int = 8, probe_every: int = 4, alone_probe_every: int = 64) -> None:
+        if window < 1 or probe_every < 1 or alone_probe_every < 1:
+            raise ValueError("window, probe_every and alone_probe_every must be >= 1")
         self._probe_every = probe_every
+        self._alone_probe_every = alone_probe_every
         self._recent: deque[int] = deque(maxlen=window)
         self._left = 0
+        self._alone = 0
         self.expected = 1
+
+    def probe_alone(self, *, others_in_progress: bool) -> bool:
+        """For an insert that would go alone: whether it should wait for one companion instead."""
+        if not others_in_progress:
+            return False
+        self._alone += 1
+        if self._alone % self._alone_probe_every:
+            return False
+        self.expected = 2
+        return True
 
     def waits_for_more(self, queued: int) -> bool:
         """Whether a queue of `queued` inserts, with nothing running, should wait for more."""
         if self.expected == 1:
             return False
-        return queued < self.expected or self._left % self._probe_every == 0
+        return queued < self.expected or (self._left + 1) % self._probe_every == 0
 
     def batch_left(self, size: int, *, waited_out: bool) -> None:
         """Record a batch of `size` inserts that left (`waited_out`: on the timer, short of the forecast)."""
@@ -178,6 +198,15 @@ class CompanyForecast:
             return
         self._recent.append(size)
         self.expected = max(self._recent)
+
+
+class WriteActivity:
+    """Inserts in progress in one server process, over all its shards (shared by their stores)."""
+
+    __slots__ = ("in_progress",)
+
+    def __init__(self) -> None:
+        self.in_progress = 0
 
 
 class BatchingMessageStore(MessageStore):
@@ -192,6 +221,8 @@ class BatchingMessageStore(MessageStore):
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_wait: float = DEFAULT_MAX_WAIT,
+        activity: WriteActivity | None = None,
+        forecast: CompanyForecast | None = None,
     ) -> None:
         super().__init__(shard_id, table, shard)
         if max_batch < 2 or max_in_flight < 1 or max_wait < 0:
@@ -206,7 +237,9 @@ class BatchingMessageStore(MessageStore):
         #: An insert is running alone in its caller's task.
         self._alone = False
         #: How many inserts the queue waits for when nothing runs.
-        self.forecast = CompanyForecast()
+        self.forecast = forecast or CompanyForecast()
+        #: The inserts in progress on every shard of this server (whether a lone insert has peers).
+        self.activity = activity or WriteActivity()
         #: When the oldest queued insert arrived (the event loop's clock).
         self._queued_since = 0.0
         #: Ends the wait for company (set while the queue waits with nothing running).
@@ -216,7 +249,21 @@ class BatchingMessageStore(MessageStore):
 
     async def insert(self, message: NewMessage) -> InsertResult:
         """Store `message` (alone or with others waiting), or return the earlier replayed row."""
-        if self.forecast.expected == 1 and not self._alone and not self._running and not self._queue:
+        activity = self.activity
+        activity.in_progress += 1
+        try:
+            return await self._insert(message)
+        finally:
+            activity.in_progress -= 1
+
+    async def _insert(self, message: NewMessage) -> InsertResult:
+        if (
+            self.forecast.expected == 1
+            and not self._alone
+            and not self._running
+            and not self._queue
+            and not self.forecast.probe_alone(others_in_progress=self.activity.in_progress > 1)
+        ):
             # Nothing runs and no company is expected: this insert goes alone at once, in the
             # caller's own task (no batch task, no future to hand the result over); a caller that
             # gives up cancels its own statement, as without batching. Inserts arriving

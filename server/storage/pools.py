@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from server.config import PoolConfig, ResilienceConfig, ShardConfig, describe_dsn
 from server.errors import FailedPrecondition
 from server.resilience import EndpointMonitor, Shard, ShardGate, ShardState
-from server.storage.batching import BatchingMessageStore, BatchStats
+from server.storage.batching import BatchingMessageStore, BatchStats, WriteActivity
 from server.storage.messages import MessageStore
 from server.storage.schema import migrate_shard
 
@@ -131,6 +131,8 @@ class ShardSet:
         # the server passes its configured one, which by default starts degraded.
         self._resilience = resilience or ResilienceConfig(require_all_shards=True)
         self._stores: dict[int, MessageStore] = {}
+        #: Inserts in progress over all shards: a lone insert with peers may wait for company.
+        self._write_activity = WriteActivity()
         self._shards: dict[int, Shard] = {}
         self._stack = AsyncExitStack()
 
@@ -268,6 +270,7 @@ class ShardSet:
             shard,
             max_batch=batch,
             max_wait=self._pool_config.max_write_batch_wait_ms / 1000,
+            activity=self._write_activity,
         )
         # Registered after the pool: runs before it closes, so queued inserts finish first.
         self._stack.push_async_callback(store.drain)
