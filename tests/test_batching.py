@@ -406,3 +406,34 @@ async def test_two_callers_of_a_shard_are_paired_while_the_server_has_other_inse
             await blocker.rollback()
         assert not (await asyncio.wait_for(in_progress, timeout=10)).replayed
         assert activity.in_progress == 0
+
+
+async def test_a_batch_stores_every_field_exactly_as_a_single_insert_would(store, new_pair):
+    texts = ['quotes " and \\ backslash', "line\nbreak\ttab", "emoji 🦄 and ünïcödé", '{"json": [1]}', ""]
+    messages = [
+        _message(new_pair(), text, request_id=None if i % 2 else f"req-{i}") for i, text in enumerate(texts)
+    ]
+    _alone, *batched = await asyncio.gather(
+        *(store.insert(m) for m in [_message(new_pair(), "alone"), *messages])
+    )
+    assert store.stats.batches == 1 and store.stats.batched_messages == len(messages)
+    async with store.pool.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT message_id, user_low, user_high, bucket, from_user_id, to_user_id, text, created_at,"
+            f" request_id FROM {store.table} WHERE message_id = ANY(%s)",
+            ([m.message_id for m in messages],),
+        )
+        rows = {row[0]: row[1:] for row in await cur.fetchall()}
+    for message, result in zip(messages, batched, strict=True):
+        expected = (
+            message.pair.low,
+            message.pair.high,
+            message.bucket,
+            message.from_user_id,
+            message.to_user_id,
+            message.text,
+            message.created_at,
+            message.request_id,
+        )
+        assert rows[message.message_id] == expected
+        assert result.message.created_at == message.created_at and result.message.text == message.text

@@ -29,7 +29,7 @@ inserts that arrive while a statement runs.
 What a single insert guarantees holds per message:
 
 - Durability: a caller's result is set only after the statement (and so its commit) returned.
-- Idempotency: the batch statement is the single-row statement over `unnest(...)` arrays, with the
+- Idempotency: the batch statement is the single-row statement over the batch's rows, with the
   same `ON CONFLICT ... DO NOTHING` on the request index and the same read of the earlier row.
   Two messages of one batch with the same (pair, sender, request_id) are one insert: the later
   ones get the first one's stored row as a replay (the service then answers ALREADY_EXISTS if
@@ -51,9 +51,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -79,17 +81,24 @@ class _Rejected(Exception):
 def batch_insert_sql(table: str) -> str:
     """The multi-row form of `MessageStore.insert_sql`: one row per `ord`, replays marked `true`.
 
+    The rows come as one JSON array of arrays (`batch_rows`): json.dumps builds it in C, where
+    ten array parameters cost psycopg ~10 µs of Python per row to dump (an 8-row statement:
+    ~170 -> ~92 µs of client CPU, for ~+25 µs of PostgreSQL's). `created_at` travels as
+    microseconds since the epoch, converted exactly (integer microseconds, no float).
+
     Every row passes the same move fence as a single insert (`<table>_writable`, see
     server.storage.fences); a fenced row makes the whole statement fail, and the batch is
     then retried message by message.
     """
     return f"""
         WITH batch AS (
-            SELECT * FROM unnest(%(ord)s::int4[], %(id)s::uuid[], %(low)s::int8[], %(high)s::int8[],
-                                 %(bucket)s::int2[], %(from)s::int8[], %(to)s::int8[], %(text)s::text[],
-                                 %(created)s::timestamptz[], %(request_id)s::text[])
-                AS b(ord, message_id, user_low, user_high, bucket, from_user_id, to_user_id, text,
-                     created_at, request_id)
+            SELECT (e.ord - 1)::int4 AS ord, (r->>0)::uuid AS message_id,
+                   (r->>1)::int8 AS user_low, (r->>2)::int8 AS user_high, (r->>3)::int2 AS bucket,
+                   (r->>4)::int8 AS from_user_id, (r->>5)::int8 AS to_user_id, r->>6 AS text,
+                   timestamptz '1970-01-01 00:00:00+00' + (r->>7)::int8 * interval '1 microsecond'
+                       AS created_at,
+                   r->>8 AS request_id
+            FROM json_array_elements(%(rows)s::json) WITH ORDINALITY AS e(r, ord)
         ),
         inserted AS (
             INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,
@@ -388,18 +397,7 @@ class BatchingMessageStore(MessageStore):
                 _settle(follower, InsertResult(result.message, replayed=True))
 
     async def _insert_many(self, messages: Sequence[NewMessage]) -> list[InsertResult | BaseException]:
-        params: dict[str, list[Any]] = {
-            "ord": list(range(len(messages))),
-            "id": [m.message_id for m in messages],
-            "low": [m.pair.low for m in messages],
-            "high": [m.pair.high for m in messages],
-            "bucket": [m.bucket for m in messages],
-            "from": [m.from_user_id for m in messages],
-            "to": [m.to_user_id for m in messages],
-            "text": [m.text for m in messages],
-            "created": [m.created_at for m in messages],
-            "request_id": [m.request_id for m in messages],
-        }
+        params = {"rows": batch_rows(messages)}
         found: dict[int, InsertResult] = {}
 
         async def op(conn: AsyncConnection[Any]) -> list[tuple[Any, ...]]:
@@ -427,6 +425,32 @@ class BatchingMessageStore(MessageStore):
             except Exception as exc:
                 results.append(exc)
         return results
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def batch_rows(messages: Sequence[NewMessage]) -> str:
+    """The `rows` parameter of `batch_insert_sql`: one JSON array per message, in order."""
+    return json.dumps(
+        [
+            [
+                str(m.message_id),
+                m.pair.low,
+                m.pair.high,
+                m.bucket,
+                m.from_user_id,
+                m.to_user_id,
+                m.text,
+                (m.created_at - _EPOCH) // _MICROSECOND,
+                m.request_id,
+            ]
+            for m in messages
+        ],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
 
 
 def _settle(pending: _Pending, result: InsertResult) -> None:
