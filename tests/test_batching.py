@@ -86,6 +86,26 @@ async def _stored(store: BatchingMessageStore, results: list[InsertResult]) -> l
         return await cur.fetchall()
 
 
+async def _hold_request_key(blocker: psycopg.AsyncConnection[Any], table: str, message: NewMessage) -> None:
+    """An uncommitted row with `message`'s request key: an INSERT of `message` waits for `blocker`'s
+    transaction (ON CONFLICT waits for the in-progress duplicate) until it rolls back."""
+    await blocker.execute(
+        f"INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,"
+        " to_user_id, text, created_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            _ids.next(),
+            message.pair.low,
+            message.pair.high,
+            message.bucket,
+            message.from_user_id,
+            message.to_user_id,
+            "uncommitted",
+            message.created_at,
+            message.request_id,
+        ),
+    )
+
+
 async def test_concurrent_inserts_share_statements_and_every_ack_is_stored_once(store, new_pair):
     messages = [_message(new_pair(), f"message {i}") for i in range(20)]
     results = await asyncio.gather(*(store.insert(m) for m in messages))
@@ -201,23 +221,7 @@ async def test_a_batch_runs_under_its_callers_latest_deadline(store, new_pair, p
     held_pair = new_pair()
     held = _message(held_pair, "held", "req-held")
     async with await psycopg.AsyncConnection.connect(pg_server.dsn) as blocker:
-        # An uncommitted row with the same request key makes the batch's INSERT wait for this
-        # transaction (ON CONFLICT waits for the in-progress duplicate).
-        await blocker.execute(
-            f"INSERT INTO {store.table} (message_id, user_low, user_high, bucket, from_user_id,"
-            " to_user_id, text, created_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                _ids.next(),
-                held.pair.low,
-                held.pair.high,
-                held.bucket,
-                held.from_user_id,
-                held.to_user_id,
-                "uncommitted",
-                held.created_at,
-                "req-held",
-            ),
-        )
+        await _hold_request_key(blocker, store.table, held)
 
         async def insert_within(message: NewMessage, seconds: float) -> InsertResult:
             rpc_deadline.set(time.monotonic() + seconds)
@@ -380,21 +384,7 @@ async def test_two_callers_of_a_shard_are_paired_while_the_server_has_other_inse
         # Another shard's insert in progress: it waits on an uncommitted row with its request key.
         held = _message(new_pair(), "held", "req-held")
         async with await psycopg.AsyncConnection.connect(pg_server.dsn) as blocker:
-            await blocker.execute(
-                f"INSERT INTO {busy.table} (message_id, user_low, user_high, bucket, from_user_id,"
-                " to_user_id, text, created_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    _ids.next(),
-                    held.pair.low,
-                    held.pair.high,
-                    held.bucket,
-                    held.from_user_id,
-                    held.to_user_id,
-                    "uncommitted",
-                    held.created_at,
-                    "req-held",
-                ),
-            )
+            await _hold_request_key(blocker, busy.table, held)
             in_progress = asyncio.create_task(busy.insert(held))
             first = asyncio.create_task(quiet.insert(_message(new_pair(), "first")))
             done, _ = await asyncio.wait([first], timeout=0.3)
