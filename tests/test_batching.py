@@ -427,3 +427,18 @@ async def test_a_batch_stores_every_field_exactly_as_a_single_insert_would(store
         )
         assert rows[message.message_id] == expected
         assert result.message.created_at == message.created_at and result.message.text == message.text
+
+
+async def test_text_postgresql_cannot_store_fails_its_own_message_only(store, new_pair):
+    # The service refuses NUL before storage; here the store alone: the JSON row reaches
+    # PostgreSQL escaped, the batch statement fails, and only that message gets an error.
+    good = [_message(new_pair(), f"good {i}") for i in range(3)]
+    bad = _message(new_pair(), "nul \x00 inside")
+    outcomes = await asyncio.gather(
+        *(store.insert(m) for m in [good[0], bad, *good[1:]]), return_exceptions=True
+    )
+    assert (store.stats.batches, store.stats.split) == (1, 1)
+    assert isinstance(outcomes[1], psycopg.DataError)
+    stored = [o for o in outcomes if isinstance(o, InsertResult)]
+    assert [r.message.message_id for r in stored] == [m.message_id for m in good]
+    assert len(await _stored(store, stored)) == len(good)

@@ -104,7 +104,16 @@ async def test_soak_steady_load_without_errors_or_growth(tmp_path, cluster_confi
             await asyncio.gather(*tasks)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        try:
+            exit_code = await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            # The log's last lines (shutdown steps log their durations) say where it stopped.
+            tail = (tmp_path / "soak.log").read_text(errors="replace").splitlines()[-15:]
+            message = "dialog-server did not exit within 30 s of SIGTERM; its log ends:\n" + "\n".join(tail)
+            raise AssertionError(message) from None
+        assert exit_code == 0
 
     warm = [s for s in samples if s[0] >= SECONDS * 0.25]
     print(

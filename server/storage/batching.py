@@ -448,7 +448,8 @@ def batch_rows(messages: Sequence[NewMessage]) -> str:
             ]
             for m in messages
         ],
-        ensure_ascii=False,
+        # ASCII with \u escapes: any str gets through the encoding; one PostgreSQL cannot store
+        # (a NUL, a lone surrogate) fails the statement, which is then split message by message.
         separators=(",", ":"),
     )
 

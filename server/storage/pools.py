@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -277,9 +278,11 @@ class ShardSet:
         return store
 
     async def close(self) -> None:
+        started = time.monotonic()
         await self._stack.aclose()
         self._stores.clear()
         self._shards.clear()
+        log.info("shard pools closed in %.2f s", time.monotonic() - started)
 
     async def __aenter__(self) -> ShardSet:
         try:
