@@ -199,7 +199,11 @@ class OverrideSync:
                             apply_notification(self._router, notification.payload)
                         # Quiet for a while: make sure the connection is alive, since a
                         # hung server would otherwise leave the mirror silently stale.
-                        await asyncio.wait_for(conn.execute("SELECT 1"), self._liveness_interval)
+                        # asyncio.timeout, not wait_for: before Python 3.12 wait_for can swallow
+                        # a cancellation that comes as the query completes, and this loop
+                        # would then outlive stop().
+                        async with asyncio.timeout(self._liveness_interval):
+                            await conn.execute("SELECT 1")
                         backoff = 0.1
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 log.warning(
