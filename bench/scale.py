@@ -7,12 +7,12 @@ that each ratio comes from one round. It reports requests/s, p50/p99 latency, an
 the server processes (all workers) and PostgreSQL (all shard servers) spent per 1,000 messages:
 the figures an operator sizes a deployment with. Figures are medians over rounds.
 
-    python -m bench.scale [--shards 1 2 4] [--workers 1 2] [--batch 64] [--batch-wait 2]
+    python -m bench.scale [--shards 1 2 4] [--workers 1 2] [--batch 64] [--batch-wait 4]
                           [--event-loop auto] [--concurrency 32] [--repeats 3] [--duration 3]
                           [--server-arg=...]
 
-Every combination of --workers, --batch, --batch-wait and --event-loop is started at once per shard count and
-the rounds interleave them, so the machine's background noise hits them alike.
+Every combination of --workers, --batch, --batch-wait and --event-loop is started at once per
+shard count and the rounds interleave them, so the machine's background noise hits them alike.
 """
 
 from __future__ import annotations

@@ -9,9 +9,8 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from server.storage.ids import EPOCH
 from server.storage.messages import StoredMessage
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -27,7 +26,7 @@ def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:
     through here)."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    delta = value - _EPOCH
+    delta = value - EPOCH
     target.seconds = delta.days * 86_400 + delta.seconds
     target.nanos = delta.microseconds * 1000
 

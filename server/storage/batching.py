@@ -55,7 +55,7 @@ import json
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -64,6 +64,7 @@ from psycopg import AsyncConnection
 from server.errors import DialogMoving
 from server.resilience import Shard
 from server.resilience.deadline import rpc_deadline
+from server.storage.ids import EPOCH
 from server.storage.messages import _COLUMNS, InsertResult, MessageStore, NewMessage, StoredMessage
 
 #: Default largest number of messages in one statement.
@@ -427,7 +428,6 @@ class BatchingMessageStore(MessageStore):
         return results
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
@@ -443,7 +443,7 @@ def batch_rows(messages: Sequence[NewMessage]) -> str:
                 m.from_user_id,
                 m.to_user_id,
                 m.text,
-                (m.created_at - _EPOCH) // _MICROSECOND,
+                (m.created_at - EPOCH) // _MICROSECOND,
                 m.request_id,
             ]
             for m in messages

@@ -13,6 +13,9 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+#: The Unix epoch, the origin that timestamps are converted from (ids, Timestamps, batch rows).
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 _MAX_COUNTER = 0xFFF
 _RANDOM_MASK = (1 << 62) - 1
 
