@@ -1,10 +1,11 @@
 """A bare grpc.aio echo server: the gRPC ceiling of this machine for `make bench`.
 
 One generic handler, `/bench.Echo/Echo`, returns the request bytes unchanged: no protobuf parsing, no
-interceptors, no storage. It is served the way `server.app` serves (grpc.aio, default event loop, the
-same server option), so the difference to SendMessage is what the service itself costs.
+interceptors, no storage. It is served the way `server.app` serves (grpc.aio, the same event loop
+choice, the same server option), so the difference to SendMessage is what the service itself costs.
 
-    python -m bench.echo_server --listen 127.0.0.1:0     # prints "echo serving on HOST:PORT"
+    python -m bench.echo_server --listen 127.0.0.1:0 [--event-loop auto]
+    # prints "echo serving on HOST:PORT (event loop: uvloop)"
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import asyncio
 import signal
 
 import grpc
+
+from server import eventloop
 
 SERVICE = "bench.Echo"
 METHOD = "Echo"
@@ -36,7 +39,10 @@ async def serve(listen: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"echo serving on {listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    print(
+        f"echo serving on {listen.rsplit(':', 1)[0]}:{port} (event loop: {eventloop.name()})",
+        flush=True,
+    )
     await stop.wait()
     await server.stop(1.0)
 
@@ -44,7 +50,9 @@ async def serve(listen: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", default="127.0.0.1:0")
-    asyncio.run(serve(parser.parse_args().listen))
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto")
+    args = parser.parse_args()
+    eventloop.run(serve(args.listen), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ from bench.workload import (
 )
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server import eventloop
 from server.auth import issue_token
 from server.config import AuthConfig, LimitsConfig, render_config
 from server.embedded_pg import EmbeddedPostgres
@@ -116,6 +117,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=os.cpu_count() or 1,
         help="dialog-server --workers: server processes (default: one per CPU, as deployed)",
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=eventloop.CHOICES,
+        default="auto",
+        help="event loop of dialog-server and of the echo server alike (default auto: uvloop if installed)",
     )
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra dialog-server argument (repeatable)"
@@ -231,12 +238,16 @@ class Bench:
         )
         server_bin = Path(sys.executable).parent / "dialog-server"
         argv = [str(server_bin), "--config", str(config), "--log-level", "WARNING"]
-        argv += ["--workers", str(self.args.workers), *self.args.server_arg]
+        argv += ["--workers", str(self.args.workers), "--event-loop", self.args.event_loop]
+        argv += self.args.server_arg
         self.log(f"starting {' '.join(argv[:1] + argv[3:])} --config ...")
         self.server = ServerProcess("dialog-server", argv, self.tmp / "dialog-server.log", self.stack)
         self.echo = ServerProcess(
             "echo server",
-            [sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0"],
+            [
+                *(sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0"),
+                *("--event-loop", self.args.event_loop),
+            ],
             self.tmp / "echo-server.log",
             self.stack,
         )
@@ -520,6 +531,8 @@ class Bench:
                 "deep_dialog_messages": args.deep_messages,
                 "deep_page_offset_messages": self.deep_depth,
                 "server_workers": args.workers,
+                # The same loop for the service and the echo server: the ratio compares like with like.
+                "event_loop": "uvloop" if eventloop.loop_factory(args.event_loop) else "asyncio",
                 "server_args": args.server_arg,
                 "config_pool": dict(args.pool),
                 "config_limits": self.limits_overrides,
