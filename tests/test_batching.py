@@ -25,7 +25,7 @@ from server.resilience import Shard
 from server.resilience.deadline import rpc_deadline
 from server.routing import ShardRouter
 from server.storage.batching import BatchingMessageStore, CompanyForecast, WriteActivity
-from server.storage.fences import FenceState, FenceStore
+from server.storage.fences import FenceState, FenceStore, lock_key
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import InsertResult, NewMessage
 from server.storage.pools import open_pool
@@ -185,6 +185,59 @@ async def test_a_fenced_dialog_in_a_batch_is_moving_and_the_others_are_stored(st
             (fenced.pair.low, fenced.pair.high),
         )
         assert await cur.fetchone() == (0,)
+
+
+async def test_a_fence_committed_while_a_batch_waits_for_its_bucket_lock_refuses_that_dialog(store, new_pair):
+    # The mover's order: exclusive bucket lock, fence row, commit. A batch that reached the bucket
+    # while the mover held the lock must see the fence once it gets the lock (a fresh snapshot).
+    fenced = _message(new_pair(), "to a dialog fenced while the batch waited")
+    good = [_message(new_pair(), f"good {i}") for i in range(3)]
+    good = [m for m in good if m.bucket != fenced.bucket]
+    async with await psycopg.AsyncConnection.connect(store.pool.conninfo) as mover:
+        async with mover.transaction():
+            await mover.execute(
+                "SELECT pg_advisory_xact_lock(%s, %s)", (lock_key(store.table), fenced.bucket)
+            )
+            await mover.execute(
+                f"INSERT INTO {store.table}_fences (bucket, user_low, user_high, state, move_id)"
+                " VALUES (%s, %s, %s, 'fenced', 1)",
+                (fenced.bucket, fenced.pair.low, fenced.pair.high),
+            )
+            inserts = asyncio.gather(
+                *(store.insert(m) for m in [good[0], fenced, *good[1:]]), return_exceptions=True
+            )
+            await _until_a_backend_waits_for_an_advisory_lock(mover)
+            assert not inserts.done()
+        outcomes = await inserts
+    assert (store.stats.batches, store.stats.split) == (1, 1)
+    assert isinstance(outcomes[1], DialogMoving)
+    stored = [o for o in outcomes if isinstance(o, InsertResult)]
+    assert [r.message.message_id for r in stored] == [m.message_id for m in good]
+
+
+async def _until_a_backend_waits_for_an_advisory_lock(conn: psycopg.AsyncConnection[Any]) -> None:
+    for _ in range(500):
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        if (await cur.fetchone()) == (1,):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no insert started waiting for the bucket lock within 5 s")
+
+
+async def test_a_batch_in_a_bucket_with_other_fence_rows_is_checked_row_by_row_and_stored(store, new_pair):
+    # A fence row for another pair of the same bucket sends the batch's check down the per-row
+    # path; the batch's own pairs are open there, so it is stored in one statement.
+    first = _message(new_pair(), "first")
+    others = [_message(new_pair(), f"other {i}") for i in range(3)]
+    async with store.pool.connection() as conn:
+        await FenceStore(store.table).set(
+            conn, [(first.bucket, 10**15, 10**15 + 1)], FenceState.FENCED, move_id=1
+        )
+    outcomes = await asyncio.gather(*(store.insert(m) for m in [first, *others]))
+    assert (store.stats.batches, store.stats.split) == (1, 0)
+    assert [r.message.message_id for r in outcomes] == [m.message_id for m in [first, *others]]
+    assert all(not r.replayed for r in outcomes)
+    assert len(await _stored(store, outcomes)) == 4
 
 
 async def test_conflicting_request_id_reuse_is_already_exists_for_that_call_only(

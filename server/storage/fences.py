@@ -8,6 +8,8 @@ the *source* shard itself refuses writes once the mover has fenced the unit:
   function takes `pg_advisory_xact_lock_shared(<table key>, bucket)` and only then
   reads the fence table. It is VOLATILE plpgsql, so that read takes a fresh snapshot
   after the lock was granted and cannot miss a fence committed while it waited.
+  A batch insert runs `<table>_writable_batch(buckets, lows, highs)` once (an InitPlan):
+  the same locks, then the same per-row check wherever the batch's buckets have fence rows.
 - the mover fences in its own transaction: `pg_advisory_xact_lock(<table key>, bucket)`
   waits for every in-flight insert of the bucket to commit, then the fence row is
   written and committed. No insert of the unit can commit on the source after that.
@@ -105,6 +107,23 @@ def fence_schema(table: str) -> list[str]:
             PERFORM pg_advisory_xact_lock_shared({key}, b);
             {state_of}
             IF s IS NOT NULL AND s <> 'open' THEN {refuse} END IF;
+            RETURN true;
+        END
+        $fn$
+        """,
+        # The batch insert's fence: one call per statement instead of one per row. The common
+        # case (no fence row in the batch's buckets) costs the bucket locks and one index probe;
+        # otherwise every row goes through `_writable` itself. Locks are taken in bucket order,
+        # as the mover takes its exclusive ones.
+        f"""
+        CREATE OR REPLACE FUNCTION {table}_writable_batch(bs smallint[], los bigint[], his bigint[])
+        RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+        BEGIN
+            PERFORM pg_advisory_xact_lock_shared({key}, d.b)
+            FROM (SELECT DISTINCT b FROM unnest(bs) AS b ORDER BY b) AS d;
+            IF EXISTS (SELECT 1 FROM {fences} WHERE bucket = ANY(bs)) THEN
+                PERFORM {table}_writable(k.b, k.lo, k.hi) FROM unnest(bs, los, his) AS k(b, lo, hi);
+            END IF;
             RETURN true;
         END
         $fn$

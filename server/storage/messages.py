@@ -40,6 +40,10 @@ class NewMessage:
     created_at: datetime
     request_id: str | None
 
+    def stored(self) -> StoredMessage:
+        """The message as a shard returns it once stored (the same values: it stores them exactly)."""
+        return StoredMessage(self.message_id, self.from_user_id, self.to_user_id, self.text, self.created_at)
+
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
