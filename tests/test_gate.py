@@ -19,7 +19,7 @@ from server.routing import ShardRouter
 from server.storage.batching import BatchingMessageStore
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import MessageStore, NewMessage
-from server.storage.pools import open_pool
+from server.storage.pools import LifoConnectionPool, open_pool
 from server.storage.schema import migrate_shard
 
 RESILIENCE = ResilienceConfig(
@@ -127,5 +127,28 @@ async def test_an_insert_repeated_after_an_unknown_outcome_is_stored_once(pg_ser
             )
             assert sorted(await cur.fetchall()) == sorted([(first.message_id, 1), (other.message_id, 1)])
         await batching.drain()
+    finally:
+        await pool.close()
+
+
+async def test_the_pool_lends_the_connection_returned_last(pg_server):
+    # Most recent first keeps one PostgreSQL backend serving back-to-back statements (warm caches);
+    # psycopg_pool's own order would lend `first` next. See LifoConnectionPool.
+    pool = await open_pool("lifo-test", pg_server.dsn, PoolConfig(min_size=3, max_size=3))
+    try:
+        assert isinstance(pool, LifoConnectionPool)
+        first, second = await pool.getconn(), await pool.getconn()
+        await pool.putconn(first)
+        await pool.putconn(second)
+        lent = [await pool.getconn() for _ in range(3)]
+        assert lent[0] is second and lent[1] is first
+        for conn in reversed(lent):
+            await pool.putconn(conn)
+        again = await pool.getconn()
+        assert again is lent[0]
+        await pool.putconn(again)
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
     finally:
         await pool.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -31,6 +32,35 @@ from server.storage.messages import MessageStore
 from server.storage.schema import migrate_shard
 
 log = logging.getLogger(__name__)
+
+
+class _MostRecentFirst(deque[Any]):
+    """Idle connections handed out most recently returned first (a stack, not a queue)."""
+
+    def popleft(self) -> Any:
+        return self.pop()
+
+
+class LifoConnectionPool(AsyncConnectionPool[Any]):
+    """An AsyncConnectionPool that lends the connection returned last (SQLAlchemy's pool_use_lifo).
+
+    psycopg_pool lends its idle connections in turn, so under steady load every connection of a
+    shard, and every PostgreSQL backend behind them, serves every other statement or so. Lent
+    most recent first, one backend serves one statement after another while it is still warm
+    in the CPU's caches: side by side on this machine (README, Performance), PostgreSQL's CPU per
+    SendMessage fell 8-18% and throughput rose 1-6%. Connections left at the bottom of the stack
+    go idle, and psycopg_pool closes those above `min_size` after `max_idle`.
+
+    psycopg_pool has no option for this: the pool's deque of idle connections (`_pool`, which it
+    takes from with `popleft` and returns to with `append`) is replaced by one whose `popleft`
+    takes the newest. tests/test_gate.py checks the order, so that a psycopg_pool release that
+    changes this shows up there. (Its shrinking also takes with `popleft`, so the connection it
+    closes after `max_idle` is a recently used one: a reconnect, nothing more.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool = _MostRecentFirst(self._pool)
 
 
 class StartupError(RuntimeError):
@@ -69,7 +99,7 @@ def make_pool(
     if statement_timeout is not None:
         options += f" -c statement_timeout={max(1, round(statement_timeout * 1000))}"
     kwargs["options"] = options
-    return AsyncConnectionPool(
+    return LifoConnectionPool(
         dsn,
         min_size=config.min_size if min_size is None else min_size,
         max_size=config.max_size if max_size is None else max_size,
