@@ -601,6 +601,7 @@ def render_table(result: dict[str, Any]) -> str:
     for key, value in result["ratios"].items():
         if key != "per_round":
             lines.append(f"  {key:<40}{_fmt(value, '.3f')}")
+    lines += _round_lines(result)
     c = result["checks"]
     lines.append(
         f"checks: SendMessage h2load successes {c['send_h2load_succeeded']:,}, rows stored "
@@ -610,6 +611,25 @@ def render_table(result: dict[str, Any]) -> str:
     )
     lines.append(f"elapsed {result['elapsed_s']:.0f}s")
     return "\n".join(lines)
+
+
+def _round_lines(result: dict[str, Any]) -> list[str]:
+    """Each round's send/echo beside what moved it most here: how the kernel spread h2load's
+    connections over the workers (each run opens new ones), and so the batches' size."""
+    ratio_key = next((k for k in result["ratios"] if k.startswith("send_over_echo_c")), None)
+    if ratio_key is None:
+        return []
+    concurrency = ratio_key.rsplit("_c", 1)[1]
+    send_runs = result.get("send_message", {}).get(concurrency, {}).get("runs", [])
+    lines = [f"per round at {concurrency} in flight:"]
+    for index, (ratios, run) in enumerate(zip(result["ratios"]["per_round"], send_runs, strict=False)):
+        share = run["extra"].get("busiest_worker_cpu_share")
+        lines.append(
+            f"  round {index + 1}: send/echo {_fmt(ratios[ratio_key], '.3f')}, "
+            f"{_fmt(run['extra'].get('messages_per_insert_statement'), '.2f')} messages per statement, "
+            f"busiest worker {_fmt(None if share is None else 100 * share, '.0f')}% of the workers' CPU"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
