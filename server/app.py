@@ -68,6 +68,18 @@ class RunningServer:
     metrics_port: int | None = None
 
 
+def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's max connection age: after it (+-10% jitter), a GOAWAY sends clients to a new
+    connection, which SO_REUSEPORT hashes to a worker anew; calls in flight get the shutdown
+    grace to finish. gRPC clients reconnect on their own; calls are not failed."""
+    if config.max_connection_age_seconds <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(config.max_connection_age_seconds * 1000))),
+        ("grpc.max_connection_age_grace_ms", max(1, round(config.shutdown_grace_seconds * 1000))),
+    ]
+
+
 @asynccontextmanager
 async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> AsyncIterator[RunningServer]:
     """Open storage, start serving on `config.listen` (port 0 picks one), drain and close on exit.
@@ -114,6 +126,7 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
                 ("grpc.max_receive_message_length", limits.max_request_bytes),
                 ("grpc.max_metadata_size", limits.max_metadata_bytes),
                 ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
+                *_connection_age_options(config),
             ],
         )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(

@@ -278,6 +278,9 @@ class ServerConfig:
     reflection: bool = True
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_seconds: float = 10.0
+    #: Close each client connection after about this many seconds (0: never), so that clients
+    #: reconnect and the kernel spreads their connections over the workers anew.
+    max_connection_age_seconds: float = 0.0
     #: Server processes sharing the listening port (SO_REUSEPORT); `dialog-server --workers` wins.
     workers: int = 1
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -400,6 +403,9 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         )
     _check_limits(limits)
     resilience = _resilience(data.get("resilience", {}))
+    max_connection_age = float(data.get("max_connection_age_seconds", 0.0))
+    if max_connection_age < 0:
+        raise ConfigError(f"max_connection_age_seconds must be 0 (never) or more, got {max_connection_age}")
     return ServerConfig(
         shards=shards,
         control_dsn=env.get("DIALOG_CONTROL_DSN") or data.get("control_dsn") or shards[0].dsn,
@@ -412,6 +418,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         tls=_tls(data.get("tls"), base_dir),
         reflection=_bool(env.get("DIALOG_REFLECTION", data.get("reflection", True))),
         shutdown_grace_seconds=float(data.get("shutdown_grace_seconds", 10.0)),
+        max_connection_age_seconds=max_connection_age,
         workers=_workers(env.get("DIALOG_WORKERS", data.get("workers", 1))),
         metrics=_metrics(data.get("metrics", {}), env),
         log=_log(data.get("log", {}), env),

@@ -82,6 +82,14 @@ def test_dialog_server_exits_2_with_one_line_error(tmp_path: Path, jwt_secret):
             },
             "unknown keys",
         ),
+        (
+            {
+                "auth": {"jwt_secret": "k" * 32},
+                "shards": [{"id": 0, "dsn": "postgresql://h/db"}],
+                "max_connection_age_seconds": -1,
+            },
+            "max_connection_age_seconds must be 0",
+        ),
     ],
 )
 def test_config_errors_say_what_to_fix(data, fragment):

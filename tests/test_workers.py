@@ -16,14 +16,16 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server.app import running_server
 from server.supervisor import SupervisorError, reserve_port, split_listen
 from tests.conftest import rows_for_pair
 from tests.processes import child_env, write_server_config
@@ -247,3 +249,29 @@ def test_listen_addresses_split_into_host_and_port():
     assert split_listen("[::1]:0") == ("::1", 0)
     with pytest.raises(SupervisorError, match="expected host:port"):
         split_listen("localhost")
+
+
+async def test_connections_older_than_max_connection_age_are_replaced_and_no_call_fails(cluster_config):
+    # How connections get spread over the workers anew: the server ends each connection after its
+    # age (GOAWAY), the client opens a new one, which the kernel hashes to a worker again.
+    config = replace(cluster_config, max_connection_age_seconds=1.0, shutdown_grace_seconds=1.0)
+    request = health_pb2.HealthCheckRequest(service="")
+    async with (
+        running_server(config) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+        assert channel.get_state() is grpc.ChannelConnectivity.READY
+        replaced = asyncio.ensure_future(
+            asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 15)
+        )
+        answered = 0
+        while not replaced.done():
+            reply = await health.Check(request, timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            answered += 1
+            await asyncio.sleep(0.05)
+        await replaced  # the server ended the connection (TimeoutError here if it never does)
+        assert answered > 5
+        assert (await health.Check(request, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
