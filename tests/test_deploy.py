@@ -180,6 +180,10 @@ def test_both_configs_are_accepted_by_the_server_with_four_shards() -> None:
         assert config.metrics.listen == f"0.0.0.0:{METRICS_PORT}"
         hosts = {urlsplit(s.dsn).hostname for s in config.shards}
         assert len(hosts) == NUM_SHARDS, "every shard on its own PostgreSQL server"
+    # Behind a Kubernetes Service (which balances connections, not calls), long-lived channels
+    # reconnect now and then, so new pods get their share.
+    k8s = config_from_mapping(_k8s_toml(), DUMMY_ENV, base_dir=K8S)
+    assert 60 <= k8s.max_connection_age_seconds <= 3600
 
 
 def test_compose_shard_dsns_name_postgres_services() -> None:
