@@ -245,8 +245,13 @@ class Bench:
         self.echo = ServerProcess(
             "echo server",
             [
-                *(sys.executable, "-m", "bench.echo_server", "--listen", "127.0.0.1:0"),
-                *("--event-loop", self.args.event_loop),
+                sys.executable,
+                "-m",
+                "bench.echo_server",
+                "--listen",
+                "127.0.0.1:0",
+                "--event-loop",
+                self.args.event_loop,
             ],
             self.tmp / "echo-server.log",
             self.stack,
@@ -525,6 +530,8 @@ class Bench:
                     for c in args.concurrency
                 },
                 "pgbench_clients": args.pgbench_clients,
+                # The measured concurrency nearest --ratio-concurrency: the one the ratios use.
+                "ratio_concurrency": rc,
                 "pgbench_sql_source": getattr(self, "sql_source", None),
                 "shards": NUM_SHARDS,
                 "page_size": PAGE_SIZE,
@@ -616,11 +623,9 @@ def render_table(result: dict[str, Any]) -> str:
 def _round_lines(result: dict[str, Any]) -> list[str]:
     """Each round's send/echo beside what moved it most here: how the kernel spread h2load's
     connections over the workers (each run opens new ones), and so the batches' size."""
-    ratio_key = next((k for k in result["ratios"] if k.startswith("send_over_echo_c")), None)
-    if ratio_key is None:
-        return []
-    concurrency = ratio_key.rsplit("_c", 1)[1]
-    send_runs = result.get("send_message", {}).get(concurrency, {}).get("runs", [])
+    concurrency = result["settings"]["ratio_concurrency"]
+    ratio_key = f"send_over_echo_c{concurrency}"
+    send_runs = result["send_message"][str(concurrency)]["runs"]
     lines = [f"per round at {concurrency} in flight:"]
     for index, (ratios, run) in enumerate(zip(result["ratios"]["per_round"], send_runs, strict=False)):
         share = run["extra"].get("busiest_worker_cpu_share")
