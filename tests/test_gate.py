@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from server.routing import ShardRouter
 from server.storage.batching import BatchingMessageStore
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import MessageStore, NewMessage
-from server.storage.pools import LifoConnectionPool, open_pool
+from server.storage.pools import LifoConnectionPool, lend_most_recent_first, open_pool
 from server.storage.schema import migrate_shard
 
 RESILIENCE = ResilienceConfig(
@@ -152,3 +153,28 @@ async def test_the_pool_lends_the_connection_returned_last(pg_server):
             assert await cur.fetchone() == (1,)
     finally:
         await pool.close()
+
+
+def test_a_pool_without_the_expected_idle_deque_is_left_lending_in_turn():
+    # The dependency allows any psycopg_pool 3.x: one that keeps its idle connections otherwise
+    # must still start (FIFO), not fail on a missing private attribute.
+    class NoDeque:
+        pass
+
+    class OtherContainer:
+        _pool: list[str] = ["a", "b"]
+
+    assert lend_most_recent_first(NoDeque()) is False
+    other = OtherContainer()
+    assert lend_most_recent_first(other) is False
+    assert other._pool == ["a", "b"]
+
+    class Expected:
+        def __init__(self) -> None:
+            self._pool: deque[str] = deque(["older", "newer"])
+
+    pool = Expected()
+    assert lend_most_recent_first(pool) is True
+    assert pool._pool.popleft() == "newer"
+    assert lend_most_recent_first(pool) is True  # idempotent: still a stack
+    assert pool._pool.popleft() == "older"

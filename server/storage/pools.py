@@ -54,13 +54,30 @@ class LifoConnectionPool(AsyncConnectionPool[Any]):
     psycopg_pool has no option for this: the pool's deque of idle connections (`_pool`, which it
     takes from with `popleft` and returns to with `append`) is replaced by one whose `popleft`
     takes the newest. tests/test_gate.py checks the order, so that a psycopg_pool release that
-    changes this shows up there. (Its shrinking also takes with `popleft`, so the connection it
-    closes after `max_idle` is a recently used one: a reconnect, nothing more.)
+    changes this shows up there; a release without that deque (the dependency allows any 3.x)
+    still serves, lending in turn, with a warning at startup (`lend_most_recent_first`). (Its
+    shrinking also takes with `popleft`, so the connection it closes after `max_idle` is a
+    recently used one: a reconnect, nothing more.)
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pool = _MostRecentFirst(self._pool)
+        if not lend_most_recent_first(self):
+            log.warning(
+                "pool %s: this psycopg_pool keeps its idle connections differently; "
+                "they are lent in turn instead of most recent first (slower, not wrong)",
+                self.name,
+            )
+
+
+def lend_most_recent_first(pool: object) -> bool:
+    """Make `pool` (an AsyncConnectionPool) lend its newest idle connection first; False if its
+    idle connections are not kept where and how this expects, leaving the pool as it was."""
+    idle = getattr(pool, "_pool", None)
+    if type(idle) is not deque and not isinstance(idle, _MostRecentFirst):
+        return False
+    pool._pool = _MostRecentFirst(idle)  # type: ignore[attr-defined]
+    return True
 
 
 class StartupError(RuntimeError):
