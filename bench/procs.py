@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,34 +21,31 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.embedded_pg import EmbeddedPostgres
+from server.embedded_pg import EmbeddedPostgres, start_on_a_free_port
 
 REPO = Path(__file__).resolve().parent.parent
 _SERVING = re.compile(r"serving on (\S+:\d+)")
 _METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def start_postgres(
     root: Path, count: int, stack: contextlib.ExitStack, settings: dict[str, str]
 ) -> list[EmbeddedPostgres]:
-    """`count` PostgreSQL servers in parallel, durable (fsync and synchronous_commit on)."""
-    servers = [
-        EmbeddedPostgres(root / f"pg{i}", port=free_port(), fsync=True, settings=settings)
-        for i in range(count)
-    ]
-    for server in servers:
-        # Registered before starting: stop() is a no-op for a server that never came up.
-        stack.callback(_stop_quietly, server)
+    """`count` PostgreSQL servers started in parallel, durable (fsync and synchronous_commit on)."""
+
+    def start(index: int) -> EmbeddedPostgres:
+        return start_on_a_free_port(
+            lambda port: EmbeddedPostgres(root / f"pg{index}", port=port, fsync=True, settings=settings)
+        )
+
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        for future in [pool.submit(s.start) for s in servers]:
-            future.result()
+        futures = [pool.submit(start, i) for i in range(count)]
+        concurrent.futures.wait(futures)
+    servers = [f.result() for f in futures if f.exception() is None]
+    for server in servers:
+        stack.callback(_stop_quietly, server)
+    for future in futures:
+        future.result()  # the first failure, once the servers that did start will be stopped
     return servers
 
 

@@ -33,12 +33,13 @@ import os
 import pwd
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -490,3 +491,30 @@ class EmbeddedPostgres:
         if not lines:
             return ""
         return f"\n--- last lines of {self.log_file} ---\n" + "\n".join(lines)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_on_a_free_port(
+    make: Callable[[int], EmbeddedPostgres], *, attempts: int = 3, timeout: float = 30.0
+) -> EmbeddedPostgres:
+    """`make(port)` started on a port free a moment ago, retried on a fresh port if it was taken since.
+
+    A free port is only free until someone binds it: another process, or an outgoing connection of
+    this one (its ephemeral ports come from the same range), may take it before PostgreSQL starts.
+    """
+    for attempt in range(attempts):
+        server = make(free_port())
+        try:
+            server.start(timeout=timeout)
+            return server
+        except EmbeddedPostgresError as exc:
+            if "already in use" not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port, start_on_a_free_port
 
 __all__ = [
     "PG_SERVER_COUNT",
@@ -40,17 +39,8 @@ __all__ = [
 PG_SERVER_COUNT = 4
 _DIR_PREFIX = "dialog-shard-pg-"
 _OWNER_FILE = "owner.pid"
-_START_ATTEMPTS = 3
 
 _log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def pg_test_base_dir() -> Path:
@@ -104,24 +94,11 @@ def _sweep_orphans(base: Path) -> None:
 
 
 def _start_one(base: Path, index: int) -> EmbeddedPostgres:
-    # free_port() races with every other process on the machine: retry on a fresh port.
-    last: EmbeddedPostgresError | None = None
-    for attempt in range(_START_ATTEMPTS):
-        server = EmbeddedPostgres(
-            base / f"shard{index}",
-            port=free_port(),
-            fsync=False,
-            log_file=base / f"shard{index}.log",
+    return start_on_a_free_port(
+        lambda port: EmbeddedPostgres(
+            base / f"shard{index}", port=port, fsync=False, log_file=base / f"shard{index}.log"
         )
-        try:
-            server.start(timeout=30)
-            return server
-        except EmbeddedPostgresError as exc:
-            last = exc
-            if "already in use" not in str(exc) or attempt == _START_ATTEMPTS - 1:
-                raise
-    assert last is not None
-    raise last
+    )
 
 
 class _Cluster:

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, start_on_a_free_port
 from tests.pgfixtures import PG_SERVER_COUNT, free_port, reachable_temp_dir
 
 # Harmless if the root conftest loads it too: pytest registers a plugin module once.
@@ -80,6 +80,41 @@ def test_port_in_use_fails_with_port_and_log(pg_dir: Path) -> None:
     assert str(port) in message
     assert "already in use" in message  # from the server log tail
     assert not pg.is_running()
+
+
+def test_a_port_taken_before_the_start_is_retried_on_a_fresh_one(pg_dir: Path) -> None:
+    """What the fixtures and `make bench` start servers with: a port taken in between costs a retry."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        ports: list[int] = []
+
+        def make(port: int) -> EmbeddedPostgres:
+            ports.append(port)
+            # The first attempt gets the taken port, as if someone had bound it since it was picked.
+            return EmbeddedPostgres(pg_dir / "data", port=taken if len(ports) == 1 else port, fsync=False)
+
+        pg = start_on_a_free_port(make, timeout=15)
+        try:
+            assert len(ports) == 2 and pg.port != taken
+            with psycopg.connect(pg.dsn) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            pg.stop()
+
+
+def test_a_start_failing_otherwise_is_not_retried(pg_dir: Path) -> None:
+    (pg_dir / "data").write_text("not a directory")  # initdb cannot use it
+    attempts: list[int] = []
+
+    def make(port: int) -> EmbeddedPostgres:
+        attempts.append(port)
+        return EmbeddedPostgres(pg_dir / "data", port=port, fsync=False)
+
+    with pytest.raises((EmbeddedPostgresError, OSError)):
+        start_on_a_free_port(make, timeout=15)
+    assert len(attempts) == 1
 
 
 def test_dsn_for_connects_to_a_created_database(pg_server: EmbeddedPostgres) -> None:
