@@ -42,9 +42,9 @@ test: $(INSTALLED) $(NODE_INSTALLED)
 	$(BIN)/pytest
 
 ## Benchmark on local PostgreSQL shards with h2load and pgbench (~5 min); results in bench-results/.
+## BENCH_ARGS passes options through, e.g. BENCH_ARGS="--repeats 5 --workers 1".
 bench: $(INSTALLED)
-	$(BIN)/python -m bench.run
-	$(BIN)/python -m bench.resolve
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 ## The same in one short round (~1 min): a smoke test of the numbers, not a measurement to quote.
 bench-quick: $(INSTALLED)

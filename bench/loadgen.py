@@ -136,7 +136,8 @@ def run_h2load(
             argv = [
                 binary,
                 "-D",
-                f"{duration:g}",
+                # h2load takes whole numbers with a unit: milliseconds carry fractions of a second.
+                f"{round(duration * 1000)}ms",
                 "-c",
                 str(layout.connections_per_process),
                 "-m",

@@ -13,6 +13,7 @@ import json
 import random
 import statistics
 import time
+from typing import Any
 
 from server.routing import Pair, ShardRouter
 
@@ -39,38 +40,48 @@ def _per_call_us(router: ShardRouter, pairs: list[tuple[int, int]], repeats: int
     return statistics.median(samples)
 
 
+def measure(overrides: int = 100_000, calls: int = 50_000, repeats: int = 5) -> dict[str, Any]:
+    """Per-call µs of resolve() with no overrides and with `overrides` of them, and the worst ratio."""
+    rng = random.Random(7)
+    pinned = _pairs(rng, overrides)
+    shard_of = {Pair.of(a, b): rng.randrange(4) for a, b in pinned}
+    empty = ShardRouter(4)
+    large = ShardRouter(4, shard_of)
+    hits = rng.sample(pinned, min(calls, len(pinned)))
+    misses = _pairs(rng, calls)
+    # Interleaved, so that the machine's other load hits every variant alike.
+    figures = {
+        "no_overrides_us": _per_call_us(empty, misses, repeats),
+        "large_map_miss_us": _per_call_us(large, misses, repeats),
+        "large_map_hit_us": _per_call_us(large, hits, repeats),
+    }
+    if not all(large.resolve(a, b).shard_id == shard_of[Pair.of(a, b)] for a, b in hits[:1000]):
+        raise RuntimeError("a pinned pair did not resolve to its override")
+    ratio = max(figures["large_map_miss_us"], figures["large_map_hit_us"]) / figures["no_overrides_us"]
+    return {"overrides": overrides, "calls": calls, "repeats": repeats, **figures, "ratio": ratio}
+
+
+def render(figures: dict[str, Any]) -> list[str]:
+    """The figures of `measure` as lines of a table."""
+    n = figures["overrides"]
+    return [
+        f"ShardRouter.resolve() per call ({figures['calls']:,} calls, median of {figures['repeats']} passes)",
+        f"  no overrides                    {figures['no_overrides_us']:.2f} µs",
+        f"  {n:,} overrides, unpinned pair {figures['large_map_miss_us']:.2f} µs",
+        f"  {n:,} overrides, pinned pair   {figures['large_map_hit_us']:.2f} µs",
+        f"  large map / none (worst case)   {figures['ratio']:.2f}",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--overrides", type=int, default=100_000, help="size of the large shard map")
     parser.add_argument("--calls", type=int, default=50_000, help="resolve() calls per pass")
     parser.add_argument("--repeats", type=int, default=5, help="passes; the median is reported")
     args = parser.parse_args(argv)
-
-    rng = random.Random(7)
-    pinned = _pairs(rng, args.overrides)
-    overrides = {Pair.of(a, b): rng.randrange(4) for a, b in pinned}
-    empty = ShardRouter(4)
-    large = ShardRouter(4, overrides)
-    hits = rng.sample(pinned, min(args.calls, len(pinned)))
-    misses = _pairs(rng, args.calls)
-    # Interleaved, so that the machine's other load hits every variant alike.
-    figures = {
-        "no_overrides_us": _per_call_us(empty, misses, args.repeats),
-        "large_map_miss_us": _per_call_us(large, misses, args.repeats),
-        "large_map_hit_us": _per_call_us(large, hits, args.repeats),
-    }
-    assert all(large.resolve(a, b).shard_id == overrides[Pair.of(a, b)] for a, b in hits[:1000])
-    ratio = max(figures["large_map_miss_us"], figures["large_map_hit_us"]) / figures["no_overrides_us"]
-    print(f"ShardRouter.resolve() per call ({args.calls:,} calls, median of {args.repeats} passes)")
-    print(f"  no overrides                    {figures['no_overrides_us']:.2f} µs")
-    print(f"  {args.overrides:,} overrides, unpinned pair {figures['large_map_miss_us']:.2f} µs")
-    print(f"  {args.overrides:,} overrides, pinned pair   {figures['large_map_hit_us']:.2f} µs")
-    print(f"  large map / none (worst case)   {ratio:.2f}")
-    print(
-        json.dumps(
-            {"benchmark": "dialog-shard resolve", "overrides": args.overrides, **figures, "ratio": ratio}
-        )
-    )
+    figures = measure(args.overrides, args.calls, args.repeats)
+    print("\n".join(render(figures)))
+    print(json.dumps({"benchmark": "dialog-shard resolve", **figures}))
     return 0
 
 

@@ -8,7 +8,8 @@ with h2load and pgbench (C load generators in their own processes):
 - pgbench running the service's INSERT and latest-page SELECT on one shard server (the DB ceiling);
 - GetDialog of a 100,000-message dialog: the first page vs a page ~1,000 pages deep;
 - server RSS before and after the load, server and PostgreSQL CPU per call;
-- ratios SendMessage/echo, SendMessage/pgbench INSERT and deep/first page, each within one round.
+- ratios SendMessage/echo, SendMessage/pgbench INSERT and deep/first page, each within one round;
+- after the servers stop, shard resolution per call with no overrides and with 100,000 (bench.resolve).
 
 Each round runs every measurement once; figures are medians over rounds, ratios are computed within
 a round (then the median of those is shown). SendMessage successes are checked against the rows that
@@ -47,7 +48,7 @@ from typing import Any
 import grpc
 import psycopg
 
-from bench import echo_server
+from bench import echo_server, resolve
 from bench.loadgen import Layout, Measurement, Target, grpc_frame, run_h2load, run_pgbench
 from bench.procs import (
     REPO,
@@ -134,6 +135,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         type=_pool_setting,
         help="a [pool] setting of the server's config (repeatable), e.g. max_write_batch_wait_ms=0",
+    )
+    parser.add_argument(
+        "--resolve-overrides",
+        type=int,
+        default=100_000,
+        help="shard-map size of the resolution micro-benchmark (bench.resolve), run after the servers stop",
     )
     parser.add_argument("--output-dir", type=Path, default=REPO / "bench-results")
     args = parser.parse_args(argv)
@@ -616,6 +623,8 @@ def render_table(result: dict[str, Any]) -> str:
         f"match every run: {c['send_rows_match_every_run']}; full-size responses every run: "
         f"{c['responses_full_size_every_run']}; failed requests: {c['failed_requests']}"
     )
+    if "resolve" in result:
+        lines += ["", *resolve.render(result["resolve"])]
     lines.append(f"elapsed {result['elapsed_s']:.0f}s")
     return "\n".join(lines)
 
@@ -649,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; servers stopped and temporary data removed", file=sys.stderr)
         return 130
+    # Pure CPU in this process: measured once the servers have stopped, so nothing else competes.
+    result["resolve"] = resolve.measure(args.resolve_overrides)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
     out = args.output_dir / f"{stamp}.json"

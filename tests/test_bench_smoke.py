@@ -1,0 +1,68 @@
+"""`make bench` itself, end to end at toy size: the benchmark must not rot between the runs we quote.
+
+The same Makefile target a user runs (h2load, pgbench, 4 PostgreSQL servers, the service and the echo
+server, then the resolution micro-benchmark), with a second's worth of load: what is checked is that
+every part ran and was counted, not how fast (figures from a run this short mean nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Small enough for the default suite (~30 s), yet every measurement of a full run is taken.
+TOY_BENCH = (
+    "--quick --duration 1 --concurrency 1 8 --pgbench-clients 8 --ratio-concurrency 8 "
+    "--deep-messages 1000 --shard-rows 2000 --read-messages 200 --resolve-overrides 2000"
+)
+
+
+@pytest.mark.timeout(300)
+def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "bench",
+            f"BENCH_ARGS={TOY_BENCH} --output-dir {tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    bench = json.loads(done.stdout.splitlines()[-1])  # the final line holds every figure
+
+    assert bench["benchmark"] == "dialog-shard make bench"
+    checks = bench["checks"]
+    assert checks["failed_requests"] == 0
+    assert checks["send_rows_match_every_run"] is True
+    assert checks["responses_full_size_every_run"] is True
+    assert checks["send_h2load_succeeded"] > 0
+    # Every measurement a full run takes, at every concurrency asked for.
+    for name in ("send_message", "get_dialog", "echo"):
+        assert set(bench[name]) == {"1", "8"}, name
+        assert all(figures["rps"] > 0 for figures in bench[name].values()), name
+    assert set(bench["pgbench_insert"]) == {"8"} and bench["pgbench_insert"]["8"]["rps"] > 0
+    assert set(bench["get_dialog_page"]) == {"first", "deep"}
+    assert bench["settings"]["deep_page_offset_messages"] == 900
+    ratios = bench["ratios"]
+    for key in ("send_over_echo_c8", "send_c8_over_pgbench_insert_c8", "deep_over_first_page_p50"):
+        assert ratios[key] > 0, key
+    assert bench["server_rss_kib"]["after"] > 0
+    # The table is printed, and the file holds the same result as the final line.
+    assert "send/echo" in done.stdout
+    (written,) = tmp_path.glob("*.json")
+    assert json.loads(written.read_text()) == bench
+
+    resolve = bench["resolve"]
+    assert resolve["overrides"] == 2000
+    assert resolve["no_overrides_us"] > 0 and resolve["large_map_hit_us"] > 0 and resolve["ratio"] > 0
+    assert "overrides, pinned pair" in done.stdout
