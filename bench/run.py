@@ -71,6 +71,7 @@ from bench.workload import (
     pgbench_variables,
     seed_dialog,
     seed_other_dialogs,
+    settle_after_load,
 )
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
@@ -286,6 +287,9 @@ class Bench:
             self.deep_dialog,
             self.args.deep_messages,
         )
+        self.log("VACUUM (ANALYZE) and CHECKPOINT on every shard server")
+        for d in self.read_dialogs:  # one per shard
+            settle_after_load(self.dsn(d), self.table(d))
 
         self.tokens = {
             d.sender: issue_token(self.auth, user_id=d.sender, ttl_seconds=3600)
@@ -300,6 +304,24 @@ class Bench:
             for t in self.send_targets
         ]
         self._check_with_python_client()
+
+    def background_work(self) -> dict[str, int]:
+        """PostgreSQL's own work so far, summed over the shard servers: autovacuum and autoanalyze
+        passes over the messages tables, and checkpoints. Such work during the rounds takes CPU
+        from whatever is measured at the time (`make bench` reports how much happened)."""
+        totals = dict.fromkeys(("autovacuum", "autoanalyze", "checkpoints"), 0)
+        for d in self.read_dialogs:  # one per shard
+            with psycopg.connect(self.dsn(d), autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT s.autovacuum_count, s.autoanalyze_count,"
+                    " b.checkpoints_timed + b.checkpoints_req"
+                    " FROM pg_stat_user_tables s, pg_stat_bgwriter b WHERE s.relname = %s",
+                    (self.table(d),),
+                ).fetchone()
+            assert row is not None, f"no statistics for {self.table(d)}"
+            for key, value in zip(totals, row, strict=True):
+                totals[key] += int(value)
+        return totals
 
     def dsn(self, d: Dialog) -> str:
         return self.pg[d.shard_id].dsn
@@ -449,6 +471,7 @@ class Bench:
         ):
             run_h2load(url, targets, 16, 1.0, self.tmp)
         rss_before = rss_kib(self.server.pid)
+        background_before = self.background_work()
 
         plan: list[tuple[str, str, Callable[[], Measurement]]] = []
         for c in args.concurrency:
@@ -478,6 +501,8 @@ class Bench:
                 this_round.setdefault(name, {})[key] = m
             rounds.append(this_round)
         rss_after = rss_kib(self.server.pid)
+        background_after = self.background_work()
+        background = {key: background_after[key] - background_before[key] for key in background_after}
 
         rc = min(args.concurrency, key=lambda c: (abs(c - args.ratio_concurrency), -c))
         pc = min(args.pgbench_clients, key=lambda c: (abs(c - args.ratio_concurrency), -c))
@@ -555,6 +580,7 @@ class Bench:
             },
             **{name: {key: _summary(ms) for key, ms in by_key.items()} for name, by_key in runs.items()},
             "server_rss_kib": {"before": rss_before, "after": rss_after},
+            "postgres_background_during_rounds": background,
             "ratios": ratios,
             "checks": checks,
             "elapsed_s": round(time.monotonic() - self.started, 1),
@@ -611,6 +637,13 @@ def render_table(result: dict[str, Any]) -> str:
         "",
         f"server RSS: {rss['before'] / 1024:.1f} MiB before load, {rss['after'] / 1024:.1f} MiB after",
     ]
+    background = result.get("postgres_background_during_rounds")
+    if background:
+        lines.append(
+            f"PostgreSQL background work during the rounds (all shard servers): {background['autovacuum']} "
+            f"autovacuum and {background['autoanalyze']} autoanalyze passes, {background['checkpoints']} "
+            "checkpoints"
+        )
     lines.append("ratios (each from one round; median over rounds):")
     for key, value in result["ratios"].items():
         if key != "per_round":

@@ -57,6 +57,9 @@ def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -
     for key in ("send_over_echo_c8", "send_c8_over_pgbench_insert_c8", "deep_over_first_page_p50"):
         assert ratios[key] > 0, key
     assert bench["server_rss_kib"]["after"] > 0
+    assert set(bench["postgres_background_during_rounds"]) == {"autovacuum", "autoanalyze", "checkpoints"}
+    assert all(count >= 0 for count in bench["postgres_background_during_rounds"].values())
+    assert "PostgreSQL background work during the rounds" in done.stdout
     # The table is printed, and the file holds the same result as the final line.
     assert "send/echo" in done.stdout
     (written,) = tmp_path.glob("*.json")
