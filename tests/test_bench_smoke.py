@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: Small enough for the default suite (~30 s), yet every measurement of a full run is taken.
+#: Small enough for the default suite (~20 s), yet every measurement of a full run is taken.
 TOY_BENCH = (
     "--quick --duration 1 --concurrency 1 8 --pgbench-clients 8 --ratio-concurrency 8 "
     "--deep-messages 1000 --shard-rows 2000 --read-messages 200 --resolve-overrides 2000"
