@@ -7,6 +7,7 @@ metrics endpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -102,3 +103,18 @@ def _checkpoints(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_the_resolution_benchmark_runs_alone() -> None:
+    """`python -m bench.resolve`, which the README offers beside `make bench`."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.resolve", "--overrides", "1000", "--calls", "1000", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    figures = json.loads(done.stdout.splitlines()[-1])
+    assert figures["benchmark"] == "dialog-shard resolve" and figures["overrides"] == 1000
+    assert figures["no_overrides_us"] > 0 and figures["large_map_hit_us"] > 0
+    assert "overrides, pinned pair" in done.stdout
