@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import psycopg
+import pytest
 import pytest_asyncio
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
@@ -224,20 +225,86 @@ async def _until_a_backend_waits_for_an_advisory_lock(conn: psycopg.AsyncConnect
     raise AssertionError("no insert started waiting for the bucket lock within 5 s")
 
 
-async def test_a_batch_in_a_bucket_with_other_fence_rows_is_checked_row_by_row_and_stored(store, new_pair):
-    # A fence row for another pair of the same bucket sends the batch's check down the per-row
-    # path; the batch's own pairs are open there, so it is stored in one statement.
+async def test_a_batch_in_a_bucket_with_another_pairs_fence_row_is_stored_in_one_statement(store, new_pair):
+    # A pair moved away by an override leaves a fence row in its bucket; the batch's own pairs are
+    # open there, so the batch is stored in one statement.
     first = _message(new_pair(), "first")
     others = [_message(new_pair(), f"other {i}") for i in range(3)]
     async with store.pool.connection() as conn:
         await FenceStore(store.table).set(
-            conn, [(first.bucket, 10**15, 10**15 + 1)], FenceState.FENCED, move_id=1
+            conn, [(first.bucket, 10**15, 10**15 + 1)], FenceState.MOVED, move_id=1
         )
     outcomes = await asyncio.gather(*(store.insert(m) for m in [first, *others]))
     assert (store.stats.batches, store.stats.split) == (1, 0)
     assert [r.message.message_id for r in outcomes] == [m.message_id for m in [first, *others]]
     assert all(not r.replayed for r in outcomes)
     assert len(await _stored(store, outcomes)) == 4
+
+
+async def _per_row_checks(store: BatchingMessageStore, batch: list[NewMessage]) -> int:
+    """How many `<table>_writable` calls one `<table>_writable_batch` call of `batch` made."""
+    # The view also holds calls of the backend's earlier transactions not flushed yet: take the
+    # difference, inside one transaction (nothing is flushed before it ends).
+    calls = (
+        "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions"
+        f" WHERE funcname = '{store.table}_writable'"
+    )
+    async with store.pool.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL track_functions = 'pl'")
+        before = await (await conn.execute(calls)).fetchone()
+        await conn.execute(
+            f"SELECT {store.table}_writable_batch(%s::smallint[], %s::bigint[], %s::bigint[])",
+            ([m.bucket for m in batch], [m.pair.low for m in batch], [m.pair.high for m in batch]),
+        )
+        after = await (await conn.execute(calls)).fetchone()
+        assert before is not None and after is not None
+        return int(after[0] - before[0])
+
+
+async def test_the_batch_fence_checks_row_by_row_only_when_a_fence_row_can_cover_one_of_its_pairs(
+    store, new_pair
+):
+    batch = [_message(new_pair(), f"m{i}") for i in range(4)]
+    first = batch[0]
+    fences = FenceStore(store.table)
+
+    async def fence(key: tuple[int, int, int], state: FenceState) -> None:
+        async with store.pool.connection() as conn:
+            await fences.set(conn, [key], state, move_id=1)
+
+    async def drop_fences() -> None:
+        async with store.pool.connection() as conn:
+            await conn.execute(f"DELETE FROM {store.table}_fences")
+
+    assert await _per_row_checks(store, batch) == 0
+    # Other pairs' rows in the batch's buckets (left by overrides that moved them away): no cover.
+    for m in batch:
+        await fence((m.bucket, 10**15 + m.bucket, 10**15 + m.bucket + 1), FenceState.MOVED)
+    assert await _per_row_checks(store, batch) == 0
+    # A row of one of the batch's own pairs (here re-opened): every row is checked.
+    await fence((first.bucket, first.pair.low, first.pair.high), FenceState.OPEN)
+    assert await _per_row_checks(store, batch) == len(batch)
+    await drop_fences()
+    # A reshard's residue row of the bucket is checked row by row, whether it covers the pair or not.
+    async with store.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT mod(dialog_pair_hash(%s, %s), 16)", (first.pair.low, first.pair.high)
+        )
+        row = await cur.fetchone()
+        assert row is not None
+    await fence((first.bucket, -16, (row[0] + 1) % 16), FenceState.FENCED)
+    assert await _per_row_checks(store, batch) == len(batch)
+    await fence((first.bucket, -16, row[0]), FenceState.FENCED)
+    with pytest.raises(psycopg.DatabaseError) as refused:
+        await _per_row_checks(store, batch)
+    assert refused.value.sqlstate == "DSM01"
+    # So are a whole-bucket row and the pair's own fence row.
+    for covering in ((first.bucket, 0, 0), (first.bucket, first.pair.low, first.pair.high)):
+        await drop_fences()
+        await fence(covering, FenceState.FENCED)
+        with pytest.raises(psycopg.DatabaseError) as refused:
+            await _per_row_checks(store, batch)
+        assert refused.value.sqlstate == "DSM01"
 
 
 async def test_conflicting_request_id_reuse_is_already_exists_for_that_call_only(

@@ -35,8 +35,8 @@ What a single insert guarantees holds per message:
   ones get the first one's stored row as a replay (the service then answers ALREADY_EXISTS if
   their text or recipient differ, as for any replay).
 - The move fence: a batch takes the same bucket locks as its single inserts would, once
-  (`<table>_writable_batch`), and where its buckets have fence rows every row passes
-  `<table>_writable` like a single insert.
+  (`<table>_writable_batch`), and where a fence row can cover one of its pairs every row
+  passes `<table>_writable` like a single insert.
 - Per-message errors: if the batch statement fails with a database error (a fenced dialog, a
   bad row), nothing was committed (one statement is atomic), and each message of the batch is
   retried alone through `MessageStore.insert`, so one message gets its own error (DialogMoving
@@ -90,9 +90,9 @@ def batch_insert_sql(table: str) -> str:
     microseconds since the epoch, converted exactly (integer microseconds, no float).
 
     The move fence is `<table>_writable_batch` (server.storage.fences), run once for the whole
-    batch: it takes every bucket's lock as a single insert does and checks the rows of buckets
-    that have fence rows with `<table>_writable` itself. A fenced row makes the whole statement
-    fail, and the batch is then retried message by message.
+    batch: it takes every bucket's lock as a single insert does and, when a fence row can cover
+    one of the batch's pairs, checks every row with `<table>_writable` itself. A fenced row makes
+    the whole statement fail, and the batch is then retried message by message.
 
     A stored row comes back as its index alone (the caller has its values: what was sent is
     what is stored); a replay comes back with the earlier row's columns.

@@ -9,7 +9,7 @@ the *source* shard itself refuses writes once the mover has fenced the unit:
   reads the fence table. It is VOLATILE plpgsql, so that read takes a fresh snapshot
   after the lock was granted and cannot miss a fence committed while it waited.
   A batch insert runs `<table>_writable_batch(buckets, lows, highs)` once (an InitPlan):
-  the same locks, then the same per-row check wherever the batch's buckets have fence rows.
+  the same locks, then the same per-row check when a fence row can cover one of its pairs.
 - the mover fences in its own transaction: `pg_advisory_xact_lock(<table key>, bucket)`
   waits for every in-flight insert of the bucket to commit, then the fence row is
   written and committed. No insert of the unit can commit on the source after that.
@@ -112,17 +112,28 @@ def fence_schema(table: str) -> list[str]:
         $fn$
         """,
         # The batch insert's fence: one call per statement instead of one per row. The common
-        # case (no fence row in the batch's buckets) costs the bucket locks and one index probe;
-        # otherwise every row goes through `_writable` itself. Locks are taken in bucket order,
-        # as the mover takes its exclusive ones.
+        # case (no fence row in the batch's buckets) costs the bucket locks and one index probe.
+        # Every pair moved away by an override leaves a `moved` row on its old shard, so with
+        # many overrides most buckets have some row: a second probe looks for the rows that can
+        # cover the batch's own pairs (their pair rows, whole-bucket and residue rows), and only
+        # then does every row go through `_writable` itself. Locks are taken in bucket order, as
+        # the mover takes its exclusive ones.
         f"""
         CREATE OR REPLACE FUNCTION {table}_writable_batch(bs smallint[], los bigint[], his bigint[])
         RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
         BEGIN
             PERFORM pg_advisory_xact_lock_shared({key}, d.b)
             FROM (SELECT DISTINCT b FROM unnest(bs) AS b ORDER BY b) AS d;
+            -- Two IFs, not one AND: the common case then never starts the second query.
             IF EXISTS (SELECT 1 FROM {fences} WHERE bucket = ANY(bs)) THEN
-                PERFORM {table}_writable(k.b, k.lo, k.hi) FROM unnest(bs, los, his) AS k(b, lo, hi);
+                IF EXISTS (
+                    SELECT 1 FROM unnest(bs, los, his) AS k(b, lo, hi)
+                    WHERE EXISTS (SELECT 1 FROM {fences} f
+                                  WHERE f.bucket = k.b AND f.user_low = k.lo AND f.user_high = k.hi)
+                       OR EXISTS (SELECT 1 FROM {fences} f WHERE f.bucket = k.b AND f.user_low <= 0))
+                THEN
+                    PERFORM {table}_writable(k.b, k.lo, k.hi) FROM unnest(bs, los, his) AS k(b, lo, hi);
+                END IF;
             END IF;
             RETURN true;
         END
