@@ -8,6 +8,7 @@ moves a pair's existing messages to its new shard online.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,8 +31,6 @@ from server.storage.presence import PresenceBeacon
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-#: How often a call waiting out a move looks whether routing changed.
-_ROUTING_POLL_SECONDS = 0.01
 #: Left of the RPC's deadline when a wait gives up, so the caller gets DIALOG_MOVING, not a timeout.
 _DEADLINE_MARGIN = 0.05
 
@@ -51,6 +50,9 @@ class Placement:
         self._pool_config = pool_config
         self._pool: AsyncConnectionPool[Any] | None = None
         self._sync = OverrideSync(control_dsn, self.router)
+        # Set, and replaced by a fresh one, whenever the routing changes: wakes calls waiting out a move.
+        self._routing_changed = asyncio.Event()
+        self.router.add_change_listener(self._wake_routing_waiters)
 
     @property
     def store(self) -> OverrideStore:
@@ -125,15 +127,23 @@ class Placement:
         give_up = time.monotonic() + budget - (_DEADLINE_MARGIN if by_deadline else 0.0)
         while True:
             while self.router.version == version:
-                if time.monotonic() >= give_up:
+                left = give_up - time.monotonic()
+                if left <= 0:
                     raise moving
-                await asyncio.sleep(_ROUTING_POLL_SECONDS)
+                changed = self._routing_changed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await changed.wait()
             version = self.router.version
             where = self.resolve(where.pair.low, where.pair.high)
             try:
                 return await call(where.shard_id)
             except DialogMoving as refused:
                 moving = refused
+
+    def _wake_routing_waiters(self) -> None:
+        changed, self._routing_changed = self._routing_changed, asyncio.Event()
+        changed.set()
 
     def mover(self, shards: ShardSet, **options: float) -> Mover:
         """A mover of pairs on these shards (options: Mover's keyword arguments)."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -22,10 +23,12 @@ from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.app import running_server
-from server.config import ServerConfig
+from server.config import PoolConfig, ServerConfig
 from server.errors import DialogMoving, ShardUnavailable
 from server.mover import CRASH_ENV, CRASH_POINTS
+from server.placement import Placement
 from server.routing import Pair, bucket_of, calculate_shard
+from server.storage.channel import CHANNEL
 from server.storage.ids import MessageIdGenerator, id_time
 from tests.conftest import make_config, rows_for_pair
 from tests.faults import start_postgres, start_replica
@@ -238,6 +241,21 @@ async def test_move_under_load_loses_and_duplicates_nothing(
         assert await read_all(dialog_stub, x, y, auth_for(x)) == w.acked
 
 
+async def route_stale(server: Any, config: ServerConfig, pair: Pair) -> None:
+    """Make this process route `pair` by the hash again, in memory only, as if it had not seen the
+    flip yet, once the move's own NOTIFY has been applied (else it could arrive later and undo this).
+
+    Notifications reach the listener in commit order: once a marker sent after the move is applied,
+    the move's is too. The marker pins an unused pair in memory only (no shard_map row)."""
+    marker = Pair.of(*(secrets.randbelow(2**62) + 1 for _ in range(2)))
+    async with await psycopg.AsyncConnection.connect(config.control_dsn, autocommit=True) as conn:
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"set {marker.low} {marker.high} 0"))
+    router = server.placement.router
+    await wait_until(lambda: router.override_of(marker) == 0, "the marker notification was applied")
+    router.discard(marker)
+    router.discard(pair)
+
+
 async def test_stale_process_gets_a_retryable_error_not_the_old_shard(
     server, cluster_config, dialog_stub, auth_for, new_pair
 ):
@@ -248,8 +266,7 @@ async def test_stale_process_gets_a_retryable_error_not_the_old_shard(
     mover = server.placement.mover(server.shards)
     pair = Pair.of(a, b)
     await mover.move_pair(pair, target)
-    # Simulate a process that has not seen the flip yet: route by the hash again, in memory only.
-    server.placement.router.discard(pair)
+    await route_stale(server, cluster_config, pair)
     try:
         err = await expect_error(
             dialog_stub.SendMessage(
@@ -279,7 +296,7 @@ async def test_a_call_to_a_moving_dialog_waits_for_the_flip_instead_of_failing(
     history = preload(cluster_config, source, (a, b), 3)
     pair = Pair.of(a, b)
     await server.placement.mover(server.shards).move_pair(pair, target)
-    server.placement.router.discard(pair)  # as if this process had not seen the flip yet
+    await route_stale(server, cluster_config, pair)
     waits = server.placement.moving_waits
     send = asyncio.ensure_future(
         dialog_stub.SendMessage(
@@ -308,6 +325,51 @@ async def test_a_call_to_a_moving_dialog_waits_for_the_flip_instead_of_failing(
         *history,
         sent.message.message_id,
     ]
+
+
+async def test_a_call_waiting_out_a_move_wakes_on_the_routing_change_itself():
+    """No polling: the change of routing wakes the waiting call (a waiter would otherwise run
+    every few ms), and it calls the shard the new routing names."""
+    placement = Placement("postgresql://unused", 4, PoolConfig(), moving_wait=60.0)
+    where = placement.resolve(1, 2)
+    moved_to = (where.shard_id + 1) % 4
+    called: list[int] = []
+
+    async def call(shard_id: int) -> int:
+        called.append(shard_id)
+        if shard_id == where.shard_id:
+            raise DialogMoving(shard_id)
+        return shard_id
+
+    waiting = asyncio.ensure_future(placement.through_moves(where, call))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert called == [where.shard_id] and not waiting.done()
+    placement.router.set(where.pair, moved_to)
+    await asyncio.sleep(0)  # one turn of the loop: the woken call runs
+    assert waiting.done() and waiting.result() == moved_to
+    assert called == [where.shard_id, moved_to]
+
+
+async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_moving_wait():
+    placement = Placement("postgresql://unused", 4, PoolConfig(), moving_wait=0.05)
+    where = placement.resolve(1, 2)
+    called: list[int] = []
+
+    async def call(shard_id: int) -> int:
+        called.append(shard_id)
+        raise DialogMoving(shard_id)
+
+    with pytest.raises(DialogMoving):
+        await asyncio.wait_for(placement.through_moves(where, call), 5)
+    # A change that does not move the pair away wakes the call, which finds it still moving.
+    waiting = asyncio.ensure_future(placement.through_moves(where, call))
+    await asyncio.sleep(0)
+    placement.router.set(Pair.of(3, 4), 0)
+    with pytest.raises(DialogMoving):
+        await asyncio.wait_for(waiting, 5)
+    assert called == [where.shard_id] * 3
+    assert placement.moving_waits == 2
 
 
 def move_rows(config: ServerConfig, pair: tuple[int, int]) -> list[tuple[str, int, int]]:

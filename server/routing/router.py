@@ -13,7 +13,7 @@ uses `hash % target_shards` instead.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -49,6 +49,7 @@ class ShardRouter:
         self._overrides: dict[Pair, int] = dict(overrides or {})
         #: Bumped by every change, so callers can tell a reload happened.
         self.version = 0
+        self._change_listeners: list[Callable[[], None]] = []
 
     @property
     def layout(self) -> Layout:
@@ -87,24 +88,33 @@ class ShardRouter:
     def override_count(self) -> int:
         return len(self._overrides)
 
+    def add_change_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every change (from the thread that made it)."""
+        self._change_listeners.append(listener)
+
+    def _changed(self) -> None:
+        self.version += 1
+        for listener in self._change_listeners:
+            listener()
+
     def set(self, pair: Pair, shard_id: int) -> None:
         self._overrides[pair] = shard_id
-        self.version += 1
+        self._changed()
 
     def discard(self, pair: Pair) -> None:
         self._overrides.pop(pair, None)
-        self.version += 1
+        self._changed()
 
     def replace_all(self, overrides: Iterable[tuple[Pair, int]]) -> None:
         self._overrides = dict(overrides)
-        self.version += 1
+        self._changed()
 
     def set_layout(self, layout: Layout) -> None:
         """Route by `layout` from now on."""
         self._layout = layout
-        self.version += 1
+        self._changed()
 
     def flip_units(self, units: Iterable[UnitKey]) -> None:
         """These units have moved to their shard under the running reshard's `target_shards`."""
         self._layout = self._layout.with_flips(units)
-        self.version += 1
+        self._changed()
