@@ -10,7 +10,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.storage.ids import EPOCH
-from server.storage.messages import StoredMessage
+from server.storage.messages import PageRow, StoredMessage
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -46,10 +46,13 @@ def fill_message(target: pb.Message, message: StoredMessage) -> None:
     set_timestamp(target.create_time, message.created_at)
 
 
-def add_messages(
-    target: RepeatedCompositeFieldContainer[pb.Message], messages: Iterable[StoredMessage]
-) -> None:
-    """Append `messages` to a repeated field, built in place (no message built and then copied)."""
+def add_page(target: RepeatedCompositeFieldContainer[pb.Message], rows: Iterable[PageRow]) -> None:
+    """Append a page's rows to a repeated field, built in place (no message built and then copied)."""
     add = target.add
-    for message in messages:
-        fill_message(add(), message)
+    for message_id, from_user_id, to_user_id, text, created_at in rows:
+        message = add()
+        message.message_id = message_id
+        message.from_user_id = from_user_id
+        message.to_user_id = to_user_id
+        message.text = text
+        set_timestamp(message.create_time, created_at)

@@ -15,7 +15,7 @@ from server.config import LimitsConfig
 from server.errors import AlreadyExists, PermissionDenied
 from server.pagination import InvalidPageToken, PageTokenCodec
 from server.placement import Placement
-from server.services.convert import add_messages, fill_message
+from server.services.convert import add_page, fill_message
 from server.services.validation import (
     Violations,
     check_pair,
@@ -121,7 +121,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         next_token = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, rows[-1].message_id.bytes)
+            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(rows[-1][0]).bytes)
         response = pb.GetDialogResponse(next_page_token=next_token)
-        add_messages(response.messages, rows)
+        add_page(response.messages, rows)
         return response

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from psycopg import AsyncConnection
 from psycopg import errors as pg_errors
@@ -65,6 +65,12 @@ class InsertResult:
 
 
 _COLUMNS = "message_id, from_user_id, to_user_id, text, created_at"
+#: A page's columns: the id as text, which is what GetDialog answers with. Made by PostgreSQL, it
+#: spares the server a uuid.UUID and a str() per message (~1 µs each, ~50 µs of a page of 50).
+#: Named apart: as `message_id` it would be what ORDER BY message_id sorts by (a sort, not the index).
+_PAGE_COLUMNS = "message_id::text AS message_id_text, from_user_id, to_user_id, text, created_at"
+#: One message of a dialog page: (message_id as text, from_user_id, to_user_id, text, created_at).
+PageRow = tuple[str, int, int, str, datetime]
 
 
 class MessageStore:
@@ -116,14 +122,14 @@ class MessageStore:
         pair_and_cursor = "(SELECT %s::bigint AS lo, %s::bigint AS hi, %s::uuid AS cursor) AS p"
         self.page_sql = {
             False: f"""
-                SELECT {_COLUMNS} FROM {table}, {pair_and_cursor}
+                SELECT {_PAGE_COLUMNS} FROM {table}, {pair_and_cursor}
                 WHERE (user_low, user_high, message_id) < (p.lo, p.hi, p.cursor)
                   AND (user_low, user_high, message_id) > (p.lo, p.hi, '{MIN_ID}'::uuid)
                   AND (SELECT {table}_readable(%s, %s, %s))
                 ORDER BY user_low DESC, user_high DESC, message_id DESC LIMIT %s
             """,
             True: f"""
-                SELECT {_COLUMNS} FROM {table}, {pair_and_cursor}
+                SELECT {_PAGE_COLUMNS} FROM {table}, {pair_and_cursor}
                 WHERE (user_low, user_high, message_id) > (p.lo, p.hi, p.cursor)
                   AND (user_low, user_high, message_id) < (p.lo, p.hi, '{MAX_ID}'::uuid)
                   AND (SELECT {table}_readable(%s, %s, %s))
@@ -184,7 +190,7 @@ class MessageStore:
 
     async def page(
         self, pair: Pair, *, after: uuid.UUID | None, oldest_first: bool, limit: int
-    ) -> list[StoredMessage]:
+    ) -> list[PageRow]:
         """Up to `limit` messages of the pair strictly beyond the cursor `after`, in the given order.
 
         May be served by a replica within the configured lag (or any replica while the primary
@@ -192,13 +198,13 @@ class MessageStore:
         """
         cursor = after if after is not None else (MIN_ID if oldest_first else MAX_ID)
 
-        async def op(conn: AsyncConnection[Any]) -> list[StoredMessage]:
+        async def op(conn: AsyncConnection[Any]) -> list[PageRow]:
             cur = await conn.execute(
                 self.page_sql[oldest_first],
                 (pair.low, pair.high, cursor, bucket_of(*pair), pair.low, pair.high, limit),
                 binary=True,
             )
-            return [StoredMessage(*row) for row in await cur.fetchall()]
+            return cast(list[PageRow], await cur.fetchall())
 
         return await self.shard.read(op, stale_ok=True)
 
