@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from server import devstack, eventloop, supervisor
+from server import affinity, devstack, eventloop, supervisor
 from server.app import running_server
 from server.config import DEFAULT_LISTEN, ConfigError, LogConfig, ServerConfig, load_config
 from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
@@ -49,6 +49,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="server processes sharing the port (default: the config's `workers`, else 1)",
     )
     parser.add_argument(
+        "--pin-workers",
+        action="store_true",
+        default=None,
+        help="pin worker i to the i-th CPU (default: the config's `pin_workers`); "
+        "only where this is the machine's one server",
+    )
+    parser.add_argument(
         "--event-loop",
         choices=eventloop.CHOICES,
         default="auto",
@@ -61,9 +68,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _serve(
-    config: ServerConfig, banner: str | None, log_level: str | None, worker_of: int | None = None
+    config: ServerConfig,
+    banner: str | None,
+    log_level: str | None,
+    worker_of: int | None = None,
+    pinned_cpu: int | None = None,
 ) -> None:
     configure_logging(replace(config.log, level=log_level.upper()) if log_level else config.log)
+    if pinned_cpu is not None:
+        logging.getLogger(__name__).info("pinned to CPU %d", pinned_cpu)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -98,12 +111,17 @@ def _start(
 ) -> int:
     """Serve in this process, or supervise `--workers` processes serving the same port."""
     config = load_config(config_path, environ)
+    if args.pin_workers:
+        config = replace(config, pin_workers=True)
     workers = args.workers if args.workers is not None else config.workers
     if args.worker_of is not None or workers == 1:
+        pinned_cpu = None
         if args.worker_index is not None:
             # Each worker serves its own metrics endpoint: the configured port + its index.
             config = replace(config, metrics=config.metrics.for_worker(args.worker_index))
-        eventloop.run(_serve(config, banner, args.log_level, args.worker_of), args.event_loop)
+            # Before the event loop and gRPC start their threads, which inherit the CPU.
+            pinned_cpu = affinity.pin_worker(args.worker_index) if config.pin_workers else None
+        eventloop.run(_serve(config, banner, args.log_level, args.worker_of, pinned_cpu), args.event_loop)
         return 0
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
@@ -111,6 +129,8 @@ def _start(
     worker_argv = [sys.executable, "-m", "server", "--event-loop", args.event_loop]
     if args.log_level:
         worker_argv += ["--log-level", args.log_level]
+    if args.pin_workers:
+        worker_argv.append("--pin-workers")
     if config_path is not None:
         worker_argv += ["--config", str(config_path)]
     return asyncio.run(

@@ -51,7 +51,8 @@ Environment variables (they win over the file):
 - `DIALOG_SHARD_DSNS`: comma-separated DSNs, one per shard in id order; a
   single DSN with `DIALOG_NUM_SHARDS` puts that many tables in one database
   (the seed's layout: `messages_0..3` side by side).
-- `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`, `DIALOG_WORKERS` (server processes, default 1).
+- `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`, `DIALOG_WORKERS` (server processes, default 1),
+  `DIALOG_PIN_WORKERS` (`1`: pin worker i to the i-th CPU; for a machine running one server).
 - `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key.
 - `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`.
 - `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key;
@@ -283,6 +284,9 @@ class ServerConfig:
     max_connection_age_seconds: float = 0.0
     #: Server processes sharing the listening port (SO_REUSEPORT); `dialog-server --workers` wins.
     workers: int = 1
+    #: Pin worker i to the i-th CPU this process may use (server.affinity): for a machine that
+    #: runs one server only. `dialog-server --pin-workers` turns it on too.
+    pin_workers: bool = False
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -420,6 +424,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         shutdown_grace_seconds=float(data.get("shutdown_grace_seconds", 10.0)),
         max_connection_age_seconds=max_connection_age,
         workers=_workers(env.get("DIALOG_WORKERS", data.get("workers", 1))),
+        pin_workers=_bool(env.get("DIALOG_PIN_WORKERS", data.get("pin_workers", False))),
         metrics=_metrics(data.get("metrics", {}), env),
         log=_log(data.get("log", {}), env),
     )

@@ -157,3 +157,17 @@ def test_resilience_config_is_read():
     assert config.resilience.require_all_shards and config.resilience.replica_reads
     assert config.resilience.open_seconds == 0.5 and config.resilience.failure_threshold == 5
     assert config.shards[0].replica_dsns == ("postgresql://r/db",)
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "pinned"),
+    [
+        ({}, {}, False),
+        ({"pin_workers": True}, {}, True),
+        ({"pin_workers": True}, {"DIALOG_PIN_WORKERS": "0"}, False),
+        ({}, {"DIALOG_PIN_WORKERS": "1"}, True),
+    ],
+)
+def test_pin_workers_comes_from_the_file_and_the_environment_wins(data, env, pinned):
+    base = {"auth": {"jwt_secret": "k" * 32}, "shards": [{"id": 0, "dsn": "postgresql://h/db"}]}
+    assert config_from_mapping({**base, **data}, env, base_dir=Path.cwd()).pin_workers is pinned

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server.affinity import cpu_for_worker
 from server.app import running_server
 from server.supervisor import SupervisorError, reserve_port, split_listen
 from tests.conftest import rows_for_pair
@@ -47,7 +48,7 @@ class Supervised:
         return f"127.0.0.1:{self.port}"
 
 
-async def _start(config_path: Path, workers: int) -> Supervised:
+async def _start(config_path: Path, workers: int, *args: str) -> Supervised:
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "dialog-server"),
         "--config",
@@ -56,6 +57,7 @@ async def _start(config_path: Path, workers: int) -> Supervised:
         str(workers),
         "--log-level",
         "WARNING",
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=child_env(),
@@ -84,8 +86,8 @@ async def _start(config_path: Path, workers: int) -> Supervised:
 
 
 @contextlib.asynccontextmanager
-async def _supervised(config_path: Path, workers: int) -> AsyncIterator[Supervised]:
-    running = await _start(config_path, workers)
+async def _supervised(config_path: Path, workers: int, *args: str) -> AsyncIterator[Supervised]:
+    running = await _start(config_path, workers, *args)
     try:
         yield running
     finally:
@@ -242,6 +244,44 @@ async def test_a_crashed_worker_stops_the_server_with_an_error(
         f"worker 0 (pid {crashed}) exited with signal SIGKILL; stopped the other workers" in line
         for line in running.output
     ), running.output
+
+
+def _thread_cpus(pid: int) -> dict[int, set[int]]:
+    """Thread id -> the CPUs it may run on, for every thread of `pid`."""
+    return {int(t.name): os.sched_getaffinity(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+
+
+async def test_pinned_workers_run_every_thread_on_their_own_cpu_and_serve(
+    tmp_path: Path, server, cluster_config, jwt_secret
+):
+    config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
+    allowed = os.sched_getaffinity(0)
+    async with _supervised(config_path, 2, "--pin-workers") as running:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        for index, pid in enumerate(running.worker_pids):
+            threads = _thread_cpus(pid)
+            # gRPC's threads (started after the pinning) included: they inherit the worker's CPU.
+            assert len(threads) > 1
+            assert set(map(frozenset, threads.values())) == {frozenset({cpu_for_worker(index, allowed)})}
+        # The parent, which only supervises, is not pinned.
+        assert os.sched_getaffinity(running.process.pid) == allowed
+
+
+async def test_workers_are_not_pinned_by_default(tmp_path: Path, server, cluster_config, jwt_secret):
+    config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
+    allowed = os.sched_getaffinity(0)
+    async with _supervised(config_path, 2) as running:
+        for pid in running.worker_pids:
+            assert all(cpus == allowed for cpus in _thread_cpus(pid).values())
+
+
+def test_workers_take_the_allowed_cpus_in_order_and_wrap_around():
+    assert [cpu_for_worker(i, {3, 1, 7}) for i in range(5)] == [1, 3, 7, 1, 3]
+    with pytest.raises(ValueError):
+        cpu_for_worker(0, set())
 
 
 def test_listen_addresses_split_into_host_and_port():
