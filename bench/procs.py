@@ -182,6 +182,23 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+def machine_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
+    """(idle, total) clock ticks of all CPUs so far, from /proc/stat (or `stat`, its text).
+
+    Idle counts iowait too: a core waiting for a disk could have run something else."""
+    if stat is None:
+        stat = Path("/proc/stat").read_text()
+    values = [int(v) for v in stat.split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user and nice]
+    return values[3] + values[4], sum(values[:8])
+
+
+def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU time that went idle between two `machine_cpu_ticks()`."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def postmaster_pids(servers: Iterable[EmbeddedPostgres]) -> list[int]:
     """The postmasters of the running servers (their backends are their descendants)."""
     pids = []

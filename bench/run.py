@@ -56,7 +56,9 @@ from bench.procs import (
     counter_totals,
     cpu_seconds,
     ensure_h2load,
+    idle_share,
     interrupt_on_sigterm,
+    machine_cpu_ticks,
     postmaster_pids,
     rss_kib,
     start_postgres,
@@ -397,7 +399,11 @@ class Bench:
         pg_pids = postmaster_pids(self.pg)
         cpu_before, pg_before = cpu_seconds([server_pid]), cpu_seconds(pg_pids)
         workers_before = worker_cpu_seconds(server_pid)
+        machine_before = machine_cpu_ticks()
         m = run_h2load(url, targets, concurrency, self.args.duration, self.tmp)
+        # Idle CPU while every party (service, PostgreSQL, h2load) shares the cores: how far the
+        # run was from CPU-bound.
+        m.extra["machine_idle_share"] = idle_share(machine_before, machine_cpu_ticks())
         calls = max(1, m.succeeded)
         m.extra["server_cpu_us_per_call"] = (cpu_seconds([server_pid]) - cpu_before) / calls * 1e6
         m.extra["postgres_cpu_us_per_call"] = (cpu_seconds(pg_pids) - pg_before) / calls * 1e6
@@ -671,10 +677,12 @@ def _round_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"per round at {concurrency} in flight:"]
     for index, (ratios, run) in enumerate(zip(result["ratios"]["per_round"], send_runs, strict=False)):
         share = run["extra"].get("busiest_worker_cpu_share")
+        idle = run["extra"].get("machine_idle_share")
         lines.append(
             f"  round {index + 1}: send/echo {_fmt(ratios[ratio_key], '.3f')}, "
             f"{_fmt(run['extra'].get('messages_per_insert_statement'), '.2f')} messages per statement, "
-            f"busiest worker {_fmt(None if share is None else 100 * share, '.0f')}% of the workers' CPU"
+            f"busiest worker {_fmt(None if share is None else 100 * share, '.0f')}% of the workers' CPU, "
+            f"machine idle {_fmt(None if idle is None else 100 * idle, '.0f')}%"
         )
     return lines
 

@@ -60,6 +60,10 @@ def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -
     assert set(bench["postgres_background_during_rounds"]) == {"autovacuum", "autoanalyze", "checkpoints"}
     assert all(count >= 0 for count in bench["postgres_background_during_rounds"].values())
     assert "PostgreSQL background work during the rounds" in done.stdout
+    for name in ("send_message", "get_dialog", "echo"):
+        for run in (run for figures in bench[name].values() for run in figures["runs"]):
+            assert 0.0 <= run["extra"]["machine_idle_share"] <= 1.0, name
+    assert "machine idle" in done.stdout
     # The table is printed, and the file holds the same result as the final line.
     assert "send/echo" in done.stdout
     (written,) = tmp_path.glob("*.json")

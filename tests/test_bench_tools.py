@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from bench.procs import counter_totals, cpu_seconds, worker_cpu_seconds
+from bench.procs import counter_totals, cpu_seconds, idle_share, machine_cpu_ticks, worker_cpu_seconds
 from bench.workload import settle_after_load
 from server.embedded_pg import EmbeddedPostgres
 from tests.pgfixtures import free_port
@@ -118,3 +118,15 @@ def test_the_resolution_benchmark_runs_alone() -> None:
     assert figures["benchmark"] == "dialog-shard resolve" and figures["overrides"] == 1000
     assert figures["no_overrides_us"] > 0 and figures["large_map_hit_us"] > 0
     assert "overrides, pinned pair" in done.stdout
+
+
+def test_machine_idle_share_counts_idle_and_iowait_against_all_cpu_time():
+    before = machine_cpu_ticks("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n")
+    after = machine_cpu_ticks("cpu  160 0 70 830 60 5 5 0 9 9\n")
+    assert before == (850, 1000) and after == (890, 1130)
+    # 40 idle ticks (30 idle, 10 iowait) of 130; guest time is already in user time.
+    assert idle_share(before, after) == 40 / 130
+    real_before = machine_cpu_ticks()
+    sum(range(200_000))
+    real_after = machine_cpu_ticks()
+    assert real_after[1] >= real_before[1] and 0.0 <= idle_share(real_before, real_after) <= 1.0
