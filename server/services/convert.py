@@ -39,20 +39,29 @@ def message_to_proto(message: StoredMessage) -> pb.Message:
 
 def fill_message(target: pb.Message, message: StoredMessage) -> None:
     """Set the fields of `target` (e.g. a response's own message field) from `message`."""
-    target.message_id = str(message.message_id)
-    target.from_user_id = message.from_user_id
-    target.to_user_id = message.to_user_id
-    target.text = message.text
-    set_timestamp(target.create_time, message.created_at)
+    _fill(
+        target,
+        str(message.message_id),
+        message.from_user_id,
+        message.to_user_id,
+        message.text,
+        message.created_at,
+    )
 
 
 def add_page(target: RepeatedCompositeFieldContainer[pb.Message], rows: Iterable[PageRow]) -> None:
     """Append a page's rows to a repeated field, built in place (no message built and then copied)."""
     add = target.add
-    for message_id, from_user_id, to_user_id, text, created_at in rows:
-        message = add()
-        message.message_id = message_id
-        message.from_user_id = from_user_id
-        message.to_user_id = to_user_id
-        message.text = text
-        set_timestamp(message.create_time, created_at)
+    for row in rows:
+        _fill(add(), *row)
+
+
+def _fill(
+    target: pb.Message, message_id: str, from_user_id: int, to_user_id: int, text: str, created_at: datetime
+) -> None:
+    """The one place that says how a stored message's values become a dialog.v1 Message."""
+    target.message_id = message_id
+    target.from_user_id = from_user_id
+    target.to_user_id = to_user_id
+    target.text = text
+    set_timestamp(target.create_time, created_at)
