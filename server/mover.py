@@ -138,8 +138,7 @@ class Mover:
                     await self._overrides.delete(pair)
                     self._router.discard(pair)
                 return MoveResult(target, 0, 0)
-            self._shards.store(source)  # both shards must be configured here
-            self._shards.store(target)
+            self._refuse_unless_healthy(source, target)  # both must also be configured here
             move = await self._log.create((bucket,), pair.low, pair.high, source, target, flip)
             return await self.run(move)
 
@@ -158,6 +157,7 @@ class Mover:
         `target` (`source`) move: a bucket that does not decide the shards alone. The caller holds
         `exclusive()` and has started the reshard in the layout.
         """
+        self._refuse_unless_healthy(source, target)
         move = await self._log.create(
             buckets, 0, 0, source, target, Flip.BUCKET, residue_modulus, source_modulus
         )
@@ -196,7 +196,24 @@ class Mover:
         exempt = [pair_fence_key(p) for p, s in sorted(pinned.items()) if s == move.source_shard]
         return unit, exempt
 
+    def _refuse_unless_healthy(self, *shard_ids: int) -> None:
+        """Refuse at once, before anything is recorded, when a shard's primary is down or recovering.
+
+        The mover takes its connections from the pools directly (its copy statements would not
+        fit the gate's statement ceiling), so without this a move during an outage would wait out
+        each pool's acquire timeout and then leave a recorded move for the resumer to finish
+        later, long after the caller was told it failed. A breaker that is half-open does not
+        count as healthy: its shard has not yet answered a probe since the outage.
+        """
+        for shard_id in shard_ids:
+            gate = self._shards.store(shard_id).shard.primary
+            if not gate.healthy:
+                raise gate.unavailable()
+
     async def _run(self, move: Move) -> MoveResult:
+        # A move that is flipped needs only its source (to retire and delete the old copy).
+        copying = move.state in (MoveState.COPYING, MoveState.FENCED)
+        self._refuse_unless_healthy(move.source_shard, *([move.target_shard] if copying else []))
         source = self._shards.store(move.source_shard)
         target = self._shards.store(move.target_shard)
         unit, exempt = await self._unit(move)

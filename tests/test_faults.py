@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import grpc
+import psycopg
 import pytest
 import pytest_asyncio
 
@@ -38,6 +39,7 @@ from tests.faults import (
     crash,
     frozen,
     pairs_on,
+    retry_delay_of,
     start_postgres,
 )
 from tests.pgfixtures import reachable_temp_dir
@@ -276,3 +278,64 @@ async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
         await _until_recovered(load, fault_server, marks)
     _figures("restart (fast shutdown, start) of shard 1's PostgreSQL", load.report, marks)
     await _check_outcome(address, fault_config, load.report, marks)
+
+
+async def test_a_move_touching_a_down_shard_is_refused_before_anything_is_recorded(
+    fault_server, fault_config, victim
+):
+    address = f"127.0.0.1:{fault_server.port}"
+    into_down, out_of_down = pairs_on(0, 2, 1, rng)[0], pairs_on(1, 2, 1, rng)[0]
+    admin = (("authorization", f"Bearer {issue_token(fault_config.auth, admin=True)}"),)
+    async with grpc.aio.insecure_channel(address) as channel:
+        dialogs = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        sender = (("authorization", f"Bearer {issue_token(fault_config.auth, user_id=into_down[0])}"),)
+        sent = await dialogs.SendMessage(
+            pb.SendMessageRequest(from_user_id=into_down[0], to_user_id=into_down[1], text="before"),
+            metadata=sender,
+            timeout=5,
+        )
+        admin_stub = admin_service_pb2_grpc.AdminServiceStub(channel)
+        async with Watch(lambda: _breaker(fault_server)) as watch:
+            fault = time.monotonic()
+            await asyncio.to_thread(crash, victim)
+            await watch.wait(BreakerState.OPEN, fault, 10)
+        # Into the down shard, and out of it: both refused by its breaker, at once (not a speed
+        # figure: the mover used to wait out the pool's acquire timeout for a connection first).
+        for (a, b), target in ((into_down, 1), (out_of_down, 0)):
+            asked = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await admin_stub.SetShardOverride(
+                    admin_service_pb2.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target),
+                    metadata=admin,
+                    timeout=10,
+                )
+            refused_after = time.monotonic() - asked
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert "shard 1 is unavailable" in (refused.value.details() or "")
+            assert retry_delay_of(refused.value), "UNAVAILABLE carries a retry delay"
+            assert refused_after < FAST_POOL["acquire_timeout"], refused_after
+        # Nothing half-done: no recorded move for a resumer to finish later, no override.
+        with psycopg.connect(fault_config.control_dsn) as conn:
+            recorded = conn.execute(
+                "SELECT count(*) FROM shard_moves WHERE (user_low, user_high) IN ((%s, %s), (%s, %s))",
+                (*sorted(into_down), *sorted(out_of_down)),
+            ).fetchone()
+            pinned = conn.execute("SELECT count(*) FROM shard_map").fetchone()
+        assert recorded == (0,) and pinned == (0,)
+        # Once the shard is back (its breaker closed), the same request moves the dialog.
+        repaired = time.monotonic()
+        async with Watch(lambda: _breaker(fault_server)) as watch:
+            await asyncio.to_thread(victim.start)
+            await watch.wait(BreakerState.CLOSED, repaired, 15)
+        reply = await admin_stub.SetShardOverride(
+            admin_service_pb2.SetShardOverrideRequest(
+                user_id_1=into_down[0], user_id_2=into_down[1], shard_id=1
+            ),
+            metadata=admin,
+            timeout=30,
+        )
+        assert reply.override.shard_id == 1
+        page = await dialogs.GetDialog(
+            pb.GetDialogRequest(user_id=into_down[0], peer_user_id=into_down[1]), metadata=sender, timeout=5
+        )
+        assert [m.message_id for m in page.messages] == [sent.message.message_id]

@@ -137,6 +137,11 @@ class ShardGate:
         """Calls are let through (the breaker is not open and the endpoint was reached once)."""
         return self.ready and self.breaker.state is not BreakerState.OPEN
 
+    @property
+    def healthy(self) -> bool:
+        """Reached and not recovering: the breaker closed, not just letting a trial call through."""
+        return self.ready and self.breaker.state is BreakerState.CLOSED
+
     def unavailable(self, cause: str | None = None) -> ShardUnavailable:
         """The error a refused or failed call raises, with a retry hint from the breaker."""
         hint = self.breaker.retry_after() or self._resilience.open_seconds

@@ -133,7 +133,7 @@ class Shard:
         return replicas[next(self._next_replica) % len(replicas)] if replicas else None
 
     def _reader(self) -> ShardGate:
-        primary_healthy = self.primary.ready and self.primary.breaker.state is BreakerState.CLOSED
+        primary_healthy = self.primary.healthy
         if primary_healthy and not self._resilience.replica_reads:
             return self.primary
         replicas = [m for m in self._replicas if m.gate.available]
