@@ -108,7 +108,7 @@ class EndpointMonitor:
             )
             self.lag_seconds = None
             gate.last_error = cause
-            if gate.breaker.state is BreakerState.CLOSED and gate.ready:
+            if gate.healthy:
                 if isinstance(exc, TimeoutError):
                     # One slow answer (a busy machine) is not an outage: it counts as a failed
                     # call, and `failure_threshold` of them in a row open the breaker.
