@@ -111,6 +111,18 @@ def new_pair() -> Callable[[], tuple[int, int]]:
     return make
 
 
+def move_rows(config: ServerConfig, pair: tuple[int, int]) -> list[tuple[str, int, int]]:
+    """The pair's recorded moves (state, source, target), oldest first, from the control database."""
+    low, high = Pair.of(*pair)
+    with psycopg.connect(config.control_dsn) as conn:
+        rows = conn.execute(
+            "SELECT state, source_shard, target_shard FROM shard_moves "
+            "WHERE user_low = %s AND user_high = %s ORDER BY move_id",
+            (low, high),
+        ).fetchall()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
 def rows_for_pair(config: ServerConfig, pair: tuple[int, int]) -> dict[int, list[tuple[Any, ...]]]:
     """Every stored row of a pair, per shard, read straight from PostgreSQL (not through the service)."""
     low, high = Pair.of(*pair)

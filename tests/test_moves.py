@@ -30,7 +30,7 @@ from server.placement import Placement
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.channel import CHANNEL
 from server.storage.ids import MessageIdGenerator, id_time
-from tests.conftest import make_config, rows_for_pair
+from tests.conftest import make_config, move_rows, rows_for_pair
 from tests.faults import start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
 from tests.processes import child_env, run_async, write_server_config
@@ -370,17 +370,6 @@ async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_movin
         await asyncio.wait_for(waiting, 5)
     assert called == [where.shard_id] * 3
     assert placement.moving_waits == 2
-
-
-def move_rows(config: ServerConfig, pair: tuple[int, int]) -> list[tuple[str, int, int]]:
-    low, high = Pair.of(*pair)
-    with psycopg.connect(config.control_dsn) as conn:
-        rows = conn.execute(
-            "SELECT state, source_shard, target_shard FROM shard_moves "
-            "WHERE user_low = %s AND user_high = %s ORDER BY move_id",
-            (low, high),
-        ).fetchall()
-    return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
 STATE_AFTER_CRASH = {
