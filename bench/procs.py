@@ -212,23 +212,33 @@ def postmaster_pids(servers: Iterable[EmbeddedPostgres]) -> list[int]:
 
 def ensure_h2load() -> str:
     """The h2load binary; installs nghttp2-client with apt-get when missing and running as root."""
-    found = shutil.which("h2load")
-    if found:
+    found = ensure_debian_binary("h2load", "nghttp2-client")
+    if found is None:
+        raise SystemExit(
+            "bench: h2load is missing: install it with "
+            "`sudo apt-get install -y nghttp2-client` (Debian/Ubuntu)"
+        )
+    return found
+
+
+def ensure_debian_binary(binary: str, package: str) -> str | None:
+    """`binary` on PATH, installing Debian's `package` with apt-get when missing and running as root.
+
+    None when it is missing and cannot be installed here (not root, no apt-get, or the install failed),
+    so the caller says what to install by hand. Machines without the tool get it from the project's own
+    files (the benchmark, the test suite), not from a step someone once ran by hand.
+    """
+    found = shutil.which(binary)
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
         return found
-    hint = "h2load is missing: install it with `sudo apt-get install -y nghttp2-client` (Debian/Ubuntu)"
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise SystemExit(f"bench: {hint}")
-    print("bench: installing nghttp2-client (h2load) with apt-get", flush=True)
+    print(f"installing {package} ({binary}) with apt-get", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "nghttp2-client"]
+    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
     if subprocess.run(install, env=env, check=False).returncode != 0:
         # Fresh containers have no package lists yet.
         subprocess.run(["apt-get", "update"], env=env, check=False)
         subprocess.run(install, env=env, check=False)
-    found = shutil.which("h2load")
-    if not found:
-        raise SystemExit(f"bench: installing nghttp2-client failed; {hint}")
-    return found
+    return shutil.which(binary)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
