@@ -9,6 +9,11 @@ by C = min(N, 8) HTTP/2 connections with N / C streams each (like real gRPC clie
 over a few channels), split over P = min(4, C) h2load processes of one thread each. Each process may
 use its own payload and token (the service's benchmark gives each one a pair of users on a different
 shard), and all run for the same duration; their requests and logs are added up.
+
+Every run is bounded in time and in requests. By default it runs for `duration` seconds (h2load `-D`,
+pgbench `-T`), which also bounds its requests. Given `requests`, it sends exactly that many (h2load `-n`
+split over its processes, pgbench `-t` per client) and `duration` becomes its time limit: a run that
+has not finished by then is stopped and reported as an error, not as a figure.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import statistics
 import struct
 import subprocess
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,18 +119,32 @@ def h2load_binary() -> str | None:
     return shutil.which("h2load")
 
 
+def split_requests(requests: int, parts: int) -> list[int]:
+    """`requests` over `parts` processes as evenly as whole numbers allow (the first ones take the rest)."""
+    share, rest = divmod(requests, parts)
+    return [share + (1 if i < rest else 0) for i in range(parts)]
+
+
 def run_h2load(
     base_url: str,
     targets: list[Target],
     concurrency: int,
     duration: float,
     workdir: Path,
+    *,
+    requests: int | None = None,
 ) -> Measurement:
-    """Run h2load processes in parallel for `duration` seconds; targets[i % len] feeds process i."""
+    """Run h2load processes in parallel; targets[i % len] feeds process i.
+
+    For `duration` seconds, or, given `requests`, for exactly that many requests within `duration`.
+    """
     binary = h2load_binary()
     if binary is None:
         raise RuntimeError("h2load is not installed")
     layout = Layout.for_concurrency(concurrency)
+    if requests is not None and requests < concurrency:
+        raise ValueError(f"{requests} requests cannot keep {concurrency} in flight")
+    shares = split_requests(requests, layout.processes) if requests is not None else None
     procs: list[tuple[subprocess.Popen[str], Path, Target]] = []
     with contextlib.ExitStack() as stack:
         for i in range(layout.processes):
@@ -135,9 +155,10 @@ def run_h2load(
             log = run_dir / "requests.tsv"
             argv = [
                 binary,
-                "-D",
-                # h2load takes whole numbers with a unit: milliseconds carry fractions of a second.
-                f"{round(duration * 1000)}ms",
+                *(
+                    # h2load takes whole numbers with a unit: milliseconds carry fractions of a second.
+                    ["-D", f"{round(duration * 1000)}ms"] if shares is None else ["-n", str(shares[i])]
+                ),
                 "-c",
                 str(layout.connections_per_process),
                 "-m",
@@ -158,22 +179,33 @@ def run_h2load(
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             stack.callback(_reap, proc)
             procs.append((proc, log, target))
-        outputs = [
-            (proc.communicate(timeout=duration + 60)[0], proc.returncode, log, target)
-            for proc, log, target in procs
-        ]
+        # A timed run ends on its own; the margin only catches a hung h2load. A counted run must
+        # finish within `duration`.
+        deadline = time.monotonic() + (duration + 60 if requests is None else duration)
+        try:
+            outputs = [
+                (
+                    proc.communicate(timeout=max(0.0, deadline - time.monotonic()))[0],
+                    proc.returncode,
+                    log,
+                    target,
+                )
+                for proc, log, target in procs
+            ]
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(_over_time_limit("h2load", requests, duration)) from None
 
     rps = 0.0
     succeeded = failed = cut_off = data_bytes = 0
     latencies: list[float] = []
     sizes_ok: bool | None = None
     for output, returncode, log, target in outputs:
-        requests = _REQUESTS.search(output)
+        counts = _REQUESTS.search(output)
         finished = _FINISHED.search(output)
         traffic = _TRAFFIC.search(output)
-        if returncode != 0 or not requests or not finished or not traffic:
+        if returncode != 0 or not counts or not finished or not traffic:
             raise RuntimeError(f"h2load failed (exit {returncode}):\n{output[-2000:]}")
-        _total, started, done, ok, bad, errored = (int(g) for g in requests.groups())
+        _total, started, done, ok, bad, errored = (int(g) for g in counts.groups())
         rps += float(finished.group(3))
         succeeded += ok
         failed += bad + errored
@@ -206,6 +238,15 @@ def _reap(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
+def _over_time_limit(tool: str, requests: int | None, duration: float) -> str:
+    if requests is None:
+        return f"{tool} did not end {duration + 60:g} s into a {duration:g} s run"
+    return (
+        f"{tool} did not finish {requests} requests within the {duration:g} s limit: "
+        "ask for fewer requests or a longer --duration"
+    )
+
+
 def run_pgbench(
     pgbench: str,
     dsn_parts: dict[str, str],
@@ -216,8 +257,15 @@ def run_pgbench(
     workdir: Path,
     *,
     prepared: bool = True,
+    requests: int | None = None,
 ) -> Measurement:
-    """pgbench with a custom script; `prepared` like the service's pool (else a custom plan per call)."""
+    """pgbench with a custom script; `prepared` like the service's pool (else a custom plan per call).
+
+    For `duration` seconds, or, given `requests` (a multiple of `clients`), for exactly that many
+    transactions within `duration`.
+    """
+    if requests is not None and (requests < clients or requests % clients):
+        raise ValueError(f"{requests} transactions do not split evenly over {clients} pgbench clients")
     run_dir = Path(tempfile.mkdtemp(prefix="pgbench-", dir=workdir))
     script_file = run_dir / "script.sql"
     script_file.write_text(script)
@@ -230,8 +278,7 @@ def run_pgbench(
         str(clients),
         "-j",
         str(min(clients, 2)),
-        "-T",
-        str(max(1, round(duration))),
+        *(["-T", str(max(1, round(duration)))] if requests is None else ["-t", str(requests // clients)]),
         "-f",
         str(script_file),
         "-l",
@@ -246,9 +293,17 @@ def run_pgbench(
     for name, value in variables.items():
         argv += ["-D", f"{name}={value}"]
     argv.append(dsn_parts["dbname"])
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=duration + 60, check=False, cwd=run_dir
-    )
+    try:
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=duration + 60 if requests is None else duration,
+            check=False,
+            cwd=run_dir,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(_over_time_limit("pgbench", requests, duration)) from None
     output = proc.stdout + proc.stderr
     tps = _TPS.search(output)
     if proc.returncode != 0 or not tps:

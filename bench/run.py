@@ -97,7 +97,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench", description="Benchmark dialog-shard on this machine.")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s runs (under a minute)")
     parser.add_argument("--repeats", type=int, help="rounds; figures are medians (default 3, quick 1)")
-    parser.add_argument("--duration", type=float, help="seconds per timed run (default 4, quick 2)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help="seconds per timed run (default 4, quick 2); with --requests, each run's limit (default 120)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        help="counted runs: each sends exactly this many requests (h2load -n, pgbench -t), "
+        "a multiple of every --pgbench-clients count, and fails if it exceeds --duration",
+    )
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -148,11 +158,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=REPO / "bench-results")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
-    args.duration = args.duration or (2.0 if args.quick else 4.0)
+    args.duration = args.duration or (120.0 if args.requests else 2.0 if args.quick else 4.0)
     if args.shard_rows is None:
         args.shard_rows = 200_000 if args.quick else 2_000_000
     for c in args.concurrency:
         Layout.for_concurrency(c)  # fail early on a concurrency h2load cannot be mapped to
+    if args.requests is not None:
+        # Fail before minutes of seeding, not at the first run that cannot be counted exactly.
+        if args.requests < max(args.concurrency):
+            parser.error(f"--requests {args.requests} cannot keep {max(args.concurrency)} requests in flight")
+        uneven = [n for n in args.pgbench_clients if args.requests % n]
+        if uneven:
+            parser.error(f"--requests {args.requests} does not split evenly over pgbench clients {uneven}")
     return args
 
 
@@ -400,7 +417,7 @@ class Bench:
         cpu_before, pg_before = cpu_seconds([server_pid]), cpu_seconds(pg_pids)
         workers_before = worker_cpu_seconds(server_pid)
         machine_before = machine_cpu_ticks()
-        m = run_h2load(url, targets, concurrency, self.args.duration, self.tmp)
+        m = run_h2load(url, targets, concurrency, self.args.duration, self.tmp, requests=self.args.requests)
         # Idle CPU while every party (service, PostgreSQL, h2load) shares the cores: how far the
         # run was from CPU-bound.
         m.extra["machine_idle_share"] = idle_share(machine_before, machine_cpu_ticks())
@@ -460,7 +477,15 @@ class Bench:
         pg_pids = postmaster_pids(self.pg)
         pg_before = cpu_seconds(pg_pids)
         m = run_pgbench(
-            self.pgbench, parts, script, variables, clients, self.args.duration, self.tmp, prepared=prepared
+            self.pgbench,
+            parts,
+            script,
+            variables,
+            clients,
+            self.args.duration,
+            self.tmp,
+            prepared=prepared,
+            requests=self.args.requests,
         )
         # PostgreSQL's own CPU per statement when a C client keeps it busy: what the service's
         # per-message figure compares with (pgbench's own CPU is not counted, like h2load's).
@@ -540,6 +565,10 @@ class Bench:
                 for m in ms
             ),
             "failed_requests": sum(m.failed for ms in runs.values() for mm in ms.values() for m in mm),
+            # Every run's requests, answered or failed: exactly --requests each when runs are counted.
+            "requests_per_run": sorted(
+                {m.succeeded + m.failed for ms in runs.values() for mm in ms.values() for m in mm}
+            ),
         }
         return {
             "benchmark": "dialog-shard make bench",
@@ -558,6 +587,8 @@ class Bench:
                 "quick": args.quick,
                 "repeats": args.repeats,
                 "duration_s": args.duration,
+                # Counted runs: the requests of each run (then duration_s is its time limit).
+                "requests_per_run": args.requests,
                 "concurrency": args.concurrency,
                 "h2load_layout": {
                     str(c): {
@@ -597,10 +628,16 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _run_bound(settings: dict[str, Any]) -> str:
+    if settings.get("requests_per_run"):
+        return f"{settings['requests_per_run']:,}-request runs (limit {settings['duration_s']:g}s)"
+    return f"{settings['duration_s']:g}s runs"
+
+
 def render_table(result: dict[str, Any]) -> str:
     lines = [
         f"dialog-shard benchmark: {result['machine']['cpus']} CPUs, {result['settings']['repeats']} round(s) "
-        f"of {result['settings']['duration_s']:g}s runs, medians; fsync and synchronous_commit on",
+        f"of {_run_bound(result['settings'])}, medians; fsync and synchronous_commit on",
         f"dialog-server with {result['settings'].get('server_workers', 1)} worker process(es); "
         "echo server: one process",
         "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,15 +23,10 @@ TOY_BENCH = (
 )
 
 
-@pytest.mark.timeout(300)
-def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -> None:
+def _make_bench(bench_args: str, output_dir: Path) -> tuple[dict[str, Any], str]:
+    """`make bench` with these arguments: its final JSON line and everything it printed."""
     done = subprocess.run(
-        [
-            "make",
-            "--no-print-directory",
-            "bench",
-            f"BENCH_ARGS={TOY_BENCH} --output-dir {tmp_path}",
-        ],
+        ["make", "--no-print-directory", "bench", f"BENCH_ARGS={bench_args} --output-dir {output_dir}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -38,7 +34,12 @@ def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    bench = json.loads(done.stdout.splitlines()[-1])  # the final line holds every figure
+    return json.loads(done.stdout.splitlines()[-1]), done.stdout  # the final line holds every figure
+
+
+@pytest.mark.timeout(300)
+def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -> None:
+    bench, stdout = _make_bench(TOY_BENCH, tmp_path)
 
     assert bench["benchmark"] == "dialog-shard make bench"
     checks = bench["checks"]
@@ -59,17 +60,35 @@ def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -
     assert bench["server_rss_kib"]["after"] > 0
     assert set(bench["postgres_background_during_rounds"]) == {"autovacuum", "autoanalyze", "checkpoints"}
     assert all(count >= 0 for count in bench["postgres_background_during_rounds"].values())
-    assert "PostgreSQL background work during the rounds" in done.stdout
+    assert "PostgreSQL background work during the rounds" in stdout
     for name in ("send_message", "get_dialog", "echo"):
         for run in (run for figures in bench[name].values() for run in figures["runs"]):
             assert 0.0 <= run["extra"]["machine_idle_share"] <= 1.0, name
-    assert "machine idle" in done.stdout
+    assert "machine idle" in stdout
     # The table is printed, and the file holds the same result as the final line.
-    assert "send/echo" in done.stdout
+    assert "send/echo" in stdout
     (written,) = tmp_path.glob("*.json")
     assert json.loads(written.read_text()) == bench
 
     resolve = bench["resolve"]
     assert resolve["overrides"] == 2000
     assert resolve["no_overrides_us"] > 0 and resolve["large_map_hit_us"] > 0 and resolve["ratio"] > 0
-    assert "overrides, pinned pair" in done.stdout
+    assert "overrides, pinned pair" in stdout
+
+
+@pytest.mark.timeout(300)
+def test_make_bench_with_counted_runs_sends_exactly_the_requests_asked_for(tmp_path: Path) -> None:
+    """`--requests N`: every run of every load generator is N requests, none more, none cut off."""
+    # No --duration: counted runs get the default time limit, far from what 400 requests take.
+    counted = TOY_BENCH.replace("--duration 1 ", "").replace("--concurrency 1 8", "--concurrency 8")
+    counted += " --requests 400"
+    bench, stdout = _make_bench(counted, tmp_path)
+
+    assert bench["settings"]["requests_per_run"] == 400
+    checks = bench["checks"]
+    assert checks["requests_per_run"] == [400]  # h2load and pgbench runs alike
+    assert checks["failed_requests"] == 0
+    # One SendMessage run at one concurrency: 400 answered, 400 rows, nothing in flight at a deadline.
+    assert (checks["send_h2load_succeeded"], checks["send_rows_stored"]) == (400, 400)
+    assert checks["send_cut_off_at_deadline"] == 0
+    assert "1 round(s) of 400-request runs (limit 120s)" in stdout

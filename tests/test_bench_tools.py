@@ -2,24 +2,38 @@
 
 CPU per call is only honest if a process's CPU includes the children it already reaped (pgbench's
 PostgreSQL backends exit before the second reading), and the batching figure sums every worker's
-metrics endpoint.
+metrics endpoint. Counted runs (`--requests`) send exactly what was asked, with the real h2load and
+pgbench, and stop at their time limit.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from bench.procs import counter_totals, cpu_seconds, idle_share, machine_cpu_ticks, worker_cpu_seconds
+from bench import echo_server
+from bench.loadgen import Target, grpc_frame, run_h2load, run_pgbench, split_requests
+from bench.procs import (
+    counter_totals,
+    cpu_seconds,
+    ensure_debian_binary,
+    idle_share,
+    machine_cpu_ticks,
+    worker_cpu_seconds,
+)
 from bench.workload import settle_after_load
 from server.embedded_pg import EmbeddedPostgres
 from tests.pgfixtures import free_port
@@ -129,3 +143,111 @@ def test_machine_idle_share_counts_idle_and_iowait_against_all_cpu_time():
     real_before = machine_cpu_ticks()
     real_after = machine_cpu_ticks()
     assert real_after[1] >= real_before[1] and 0.0 <= idle_share(real_before, real_after) <= 1.0
+
+
+# -- counted runs ------------------------------------------------------------------------------------
+
+
+def test_requests_split_over_processes_add_up_to_what_was_asked() -> None:
+    assert split_requests(1001, 4) == [251, 250, 250, 250]
+    assert split_requests(8, 8) == [1] * 8
+    assert sum(split_requests(99_999, 3)) == 99_999
+
+
+@pytest.fixture(scope="module")
+def echo_address() -> Iterator[str]:
+    """The benchmark's own echo server, on a free port, for h2load to drive."""
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo_server", "--listen", address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "echo serving on" in proc.stdout.readline()
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_counted_h2load_run_sends_exactly_the_requests_asked_for(echo_address: str, tmp_path: Path) -> None:
+    _need_h2load()
+    body = b"counted"
+    target = Target(echo_server.PATH, grpc_frame(body), expected_response_bytes=len(grpc_frame(body)))
+    # 1,001 over 4 processes does not divide evenly: the shares must still add up.
+    m = run_h2load(f"http://{echo_address}", [target], 8, 60.0, tmp_path, requests=1001)
+    assert (m.succeeded, m.failed, m.cut_off) == (1001, 0, 0)
+    assert m.extra["response_bytes_ok"] is True
+
+
+def test_a_counted_h2load_run_that_overruns_its_time_limit_is_an_error(
+    echo_address: str, tmp_path: Path
+) -> None:
+    _need_h2load()
+    target = Target(echo_server.PATH, grpc_frame(b"x"))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not finish 100000000 requests within the 1 s limit"):
+        run_h2load(f"http://{echo_address}", [target], 8, 1.0, tmp_path, requests=100_000_000)
+    assert time.monotonic() - started < 30
+    # The stopped h2load processes were reaped, not left running against the server.
+    assert not _processes_named("h2load")
+
+
+def _need_h2load() -> None:
+    if ensure_debian_binary("h2load", "nghttp2-client") is None:
+        pytest.skip("h2load not installed (Debian: apt-get install nghttp2-client)")
+
+
+def _processes_named(name: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_counted_pgbench_run_runs_exactly_the_transactions_asked_for(
+    pg_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    database = f"counted_{uuid.uuid4().hex[:12]}"
+    pg_server.create_database(database)
+    with psycopg.connect(pg_server.dsn_for(database), autocommit=True) as conn:
+        conn.execute("CREATE TABLE hits (id bigserial PRIMARY KEY, who int NOT NULL)")
+    pgbench = pg_server.bin_dir / "pgbench"
+    binary = str(pgbench) if pgbench.exists() else shutil.which("pgbench")
+    assert binary is not None, "pgbench ships with the PostgreSQL server binaries"
+    parts = {"host": pg_server.host, "port": str(pg_server.port), "user": "postgres", "dbname": database}
+    script = "INSERT INTO hits (who) VALUES (:who);\n"
+
+    m = run_pgbench(binary, parts, script, {"who": "7"}, 8, 60.0, tmp_path, requests=200)
+
+    assert (m.succeeded, m.failed) == (200, 0)
+    with psycopg.connect(pg_server.dsn_for(database)) as conn:
+        assert conn.execute("SELECT count(*) FROM hits WHERE who = 7").fetchone() == (200,)
+    with pytest.raises(ValueError, match="do not split evenly over 8 pgbench clients"):
+        run_pgbench(binary, parts, script, {"who": "7"}, 8, 60.0, tmp_path, requests=201)
+
+
+def test_counted_runs_that_cannot_be_counted_exactly_are_refused_before_any_setup() -> None:
+    for args, message in (
+        (["--requests", "4", "--concurrency", "1", "8"], "cannot keep 8 requests in flight"),
+        (
+            ["--requests", "100", "--pgbench-clients", "8", "32"],
+            "does not split evenly over pgbench clients [8, 32]",
+        ),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.run", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr
