@@ -119,6 +119,12 @@ def h2load_binary() -> str | None:
     return shutil.which("h2load")
 
 
+def pgbench_binary(bin_dir: Path) -> str | None:
+    """pgbench of the PostgreSQL that runs the shards (it ships beside `postgres`), else the one on PATH."""
+    beside = bin_dir / "pgbench"
+    return str(beside) if beside.exists() else shutil.which("pgbench")
+
+
 def split_requests(requests: int, parts: int) -> list[int]:
     """`requests` over `parts` processes as evenly as whole numbers allow (the first ones take the rest)."""
     share, rest = divmod(requests, parts)

@@ -49,7 +49,7 @@ import grpc
 import psycopg
 
 from bench import echo_server, resolve
-from bench.loadgen import Layout, Measurement, Target, grpc_frame, run_h2load, run_pgbench
+from bench.loadgen import Layout, Measurement, Target, grpc_frame, pgbench_binary, run_h2load, run_pgbench
 from bench.procs import (
     REPO,
     ServerProcess,
@@ -234,8 +234,7 @@ class Bench:
         self.pg: list[EmbeddedPostgres] = start_postgres(
             self.tmp, NUM_SHARDS, self.stack, {"synchronous_commit": "on", "fsync": "on"}
         )
-        pgbench = self.pg[0].bin_dir / "pgbench"
-        self.pgbench = str(pgbench) if pgbench.exists() else shutil.which("pgbench")
+        self.pgbench = pgbench_binary(self.pg[0].bin_dir)
         secret = secrets.token_urlsafe(48)
         secret_file = self.tmp / "jwt-secret"
         secret_file.write_text(secret)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from bench import echo_server
-from bench.loadgen import Target, grpc_frame, run_h2load, run_pgbench, split_requests
+from bench.loadgen import Target, grpc_frame, pgbench_binary, run_h2load, run_pgbench, split_requests
 from bench.procs import (
     counter_totals,
     cpu_seconds,
@@ -219,8 +218,7 @@ def test_a_counted_pgbench_run_runs_exactly_the_transactions_asked_for(
     pg_server.create_database(database)
     with psycopg.connect(pg_server.dsn_for(database), autocommit=True) as conn:
         conn.execute("CREATE TABLE hits (id bigserial PRIMARY KEY, who int NOT NULL)")
-    pgbench = pg_server.bin_dir / "pgbench"
-    binary = str(pgbench) if pgbench.exists() else shutil.which("pgbench")
+    binary = pgbench_binary(pg_server.bin_dir)
     assert binary is not None, "pgbench ships with the PostgreSQL server binaries"
     parts = {"host": pg_server.host, "port": str(pg_server.port), "user": "postgres", "dbname": database}
     script = "INSERT INTO hits (who) VALUES (:who);\n"
