@@ -8,7 +8,8 @@ with h2load and pgbench (C load generators in their own processes):
 - pgbench running the service's INSERT and latest-page SELECT on one shard server (the DB ceiling);
 - GetDialog of a 100,000-message dialog: the first page vs a page ~1,000 pages deep;
 - server RSS before and after the load, server and PostgreSQL CPU per call;
-- ratios SendMessage/echo, SendMessage/pgbench INSERT and deep/first page, each within one round;
+- ratios SendMessage/echo, SendMessage/pgbench INSERT and deep/first page, each within one round,
+  and each judged against its goal (bench.goals);
 - after the servers stop, shard resolution per call with no overrides and with 100,000 (bench.resolve).
 
 Each round runs every measurement once; figures are medians over rounds, ratios are computed within
@@ -48,7 +49,7 @@ from typing import Any
 import grpc
 import psycopg
 
-from bench import echo_server, resolve
+from bench import echo_server, goals, resolve
 from bench.loadgen import Layout, Measurement, Target, grpc_frame, pgbench_binary, run_h2load, run_pgbench
 from bench.procs import (
     REPO,
@@ -550,6 +551,7 @@ class Bench:
         ]
         ratios: dict[str, Any] = {key: _round(_median([p[key] for p in per_round])) for key in per_round[0]}
         ratios["per_round"] = [{k: round(v, 3) for k, v in p.items()} for p in per_round]
+        verdicts = goals.judge(ratios, ratios["per_round"], rc, pc)
 
         send_runs = [m for ms in runs["send_message"].values() for m in ms]
         checks = {
@@ -618,6 +620,7 @@ class Bench:
             "server_rss_kib": {"before": rss_before, "after": rss_after},
             "postgres_background_during_rounds": background,
             "ratios": ratios,
+            "goals": verdicts,
             "checks": checks,
             "elapsed_s": round(time.monotonic() - self.started, 1),
         }
@@ -691,6 +694,7 @@ def render_table(result: dict[str, Any]) -> str:
         if key != "per_round":
             lines.append(f"  {key:<40}{_fmt(value, '.3f')}")
     lines += _round_lines(result)
+    lines += goals.render(result["goals"])
     c = result["checks"]
     lines.append(
         f"checks: SendMessage h2load successes {c['send_h2load_succeeded']:,}, rows stored "

@@ -57,6 +57,23 @@ def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -
     ratios = bench["ratios"]
     for key in ("send_over_echo_c8", "send_c8_over_pgbench_insert_c8", "deep_over_first_page_p50"):
         assert ratios[key] > 0, key
+    # Every ratio is judged against its goal; the throughput goals are stated at 32 in flight,
+    # which this run did not measure, so only the page-depth goals get a verdict.
+    goals = {goal["ratio"]: goal for goal in bench["goals"]}
+    assert set(goals) == {
+        "send_over_echo_c8",
+        "send_c8_over_pgbench_insert_c8",
+        "deep_over_first_page_p50",
+        "deep_over_first_page_p99",
+    }
+    assert (
+        goals["send_over_echo_c8"]["met"] is None
+        and goals["send_over_echo_c8"]["median"] == ratios["send_over_echo_c8"]
+    )
+    for key in ("deep_over_first_page_p50", "deep_over_first_page_p99"):
+        assert goals[key]["met"] is (ratios[key] <= 1.2), key
+        assert goals[key]["rounds"] == 1
+    assert "goals (median over rounds" in stdout and "not judged" in stdout
     assert bench["server_rss_kib"]["after"] > 0
     assert set(bench["postgres_background_during_rounds"]) == {"autovacuum", "autoanalyze", "checkpoints"}
     assert all(count >= 0 for count in bench["postgres_background_during_rounds"].values())
