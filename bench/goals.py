@@ -64,12 +64,15 @@ GOALS = (
 
 def judge(
     ratios: Mapping[str, Any],
-    per_round: Sequence[Mapping[str, float]],
     concurrency: int,
     pgbench_clients: int,
     goals: Sequence[Goal] = GOALS,
 ) -> list[dict[str, Any]]:
-    """A verdict per goal: `met` is None when this run did not measure what the goal names."""
+    """A verdict per goal from a run's `ratios` (medians, and each round's under `per_round`).
+
+    `met` is None when this run did not measure what the goal names.
+    """
+    per_round: Sequence[Mapping[str, float]] = ratios.get("per_round", ())
     verdicts = []
     for goal in goals:
         key = goal.key(concurrency, pgbench_clients)
@@ -100,7 +103,7 @@ def render(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
             outcome = f"not judged: this run did not measure it at {GOAL_CONCURRENCY} in flight"
         else:
             outcome = f"{'met' if v['met'] else 'NOT met'} ({v['rounds_met']} of {v['rounds']} rounds)"
-        # An unjudged ratio was measured at another concurrency than the label names: not shown.
-        median = "-" if v["median"] is None or v["met"] is None else f"{v['median']:.3f}"
+        # An unjudged ratio is missing or was measured at another concurrency than the label names.
+        median = "-" if v["met"] is None else f"{v['median']:.3f}"
         lines.append(f"  {v['goal'] + ' ' + v['condition']:<48}{median:>7}  {outcome}")
     return lines

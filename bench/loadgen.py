@@ -185,9 +185,7 @@ def run_h2load(
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             stack.callback(_reap, proc)
             procs.append((proc, log, target))
-        # A timed run ends on its own; the margin only catches a hung h2load. A counted run must
-        # finish within `duration`.
-        deadline = time.monotonic() + (duration + 60 if requests is None else duration)
+        deadline = time.monotonic() + _time_limit(duration, requests)
         try:
             outputs = [
                 (
@@ -244,9 +242,15 @@ def _reap(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
+def _time_limit(duration: float, requests: int | None) -> float:
+    """Seconds a run may take: a timed run ends on its own, and the margin only catches a hung
+    load generator; a counted run must finish within `duration`."""
+    return duration + 60 if requests is None else duration
+
+
 def _over_time_limit(tool: str, requests: int | None, duration: float) -> str:
     if requests is None:
-        return f"{tool} did not end {duration + 60:g} s into a {duration:g} s run"
+        return f"{tool} did not end {_time_limit(duration, requests):g} s into a {duration:g} s run"
     return (
         f"{tool} did not finish {requests} requests within the {duration:g} s limit: "
         "ask for fewer requests or a longer --duration"
@@ -304,7 +308,7 @@ def run_pgbench(
             argv,
             capture_output=True,
             text=True,
-            timeout=duration + 60 if requests is None else duration,
+            timeout=_time_limit(duration, requests),
             check=False,
             cwd=run_dir,
         )

@@ -551,7 +551,7 @@ class Bench:
         ]
         ratios: dict[str, Any] = {key: _round(_median([p[key] for p in per_round])) for key in per_round[0]}
         ratios["per_round"] = [{k: round(v, 3) for k, v in p.items()} for p in per_round]
-        verdicts = goals.judge(ratios, ratios["per_round"], rc, pc)
+        verdicts = goals.judge(ratios, rc, pc)
 
         send_runs = [m for ms in runs["send_message"].values() for m in ms]
         checks = {

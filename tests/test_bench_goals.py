@@ -28,7 +28,7 @@ def _judge(
     medians: dict[str, float], per_round: list[dict[str, float]], c: int = 32, p: int = 32
 ) -> dict[str, Any]:
     """The verdicts by ratio name."""
-    return {v["ratio"]: v for v in judge({**medians, "per_round": per_round}, per_round, c, p)}
+    return {v["ratio"]: v for v in judge({**medians, "per_round": per_round}, c, p)}
 
 
 def test_a_goal_is_met_by_its_median_and_the_rounds_that_met_it_are_counted() -> None:
