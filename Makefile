@@ -1,27 +1,43 @@
 # dialog-shard: `make run` serves on 127.0.0.1:50051, `make test` runs the suite.
-# Both create the virtualenv on first use (`make test` also `npm ci` for the buf CLI the README and
-# API-compatibility tests run); nothing else is needed but Python 3.11+, make and npm.
+# Both create the virtualenv on first use from the locked versions in requirements/ (`make test` also
+# `npm ci` for the buf CLI the README and API-compatibility tests run); nothing else is needed but
+# Python 3.11+, make and npm. `make lock` refreshes the locks on purpose.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed-stamp
+#: Every package of the dev virtualenv, exact versions with hashes (uv pip compile); the runtime
+#: lock is the subset the server needs, for deploy/Dockerfile.
+DEV_LOCK := requirements/dev.lock
+RUNTIME_LOCK := requirements/runtime.lock
+LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet
 NODE_INSTALLED := node_modules/.installed-stamp
 PY_SOURCES := server client tests scripts bench examples
 #: The last released API (a buf image); `make lint` refuses changes that break it.
 API_BASELINE := api/released.json
 
-.PHONY: all install run test lint fmt proto proto-check api-release clean bench bench-quick bench-scale cluster
+.PHONY: all install lock run test lint fmt proto proto-check api-release clean bench bench-quick bench-scale cluster
 
 all: lint test
 
-$(INSTALLED): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,embedded]'
+# Only what the lock names, checked against its hashes; then the project itself, without resolving
+# anything and with the locked setuptools as its build backend.
+$(INSTALLED): $(DEV_LOCK) pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(DEV_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(INSTALLED)
+
+## Re-resolve requirements/*.lock from pyproject.toml to the newest allowed versions (on purpose only),
+## then reinstall; regenerate the stubs with `make proto` if grpcio-tools moved.
+lock: $(INSTALLED)
+	$(BIN)/uv pip compile pyproject.toml requirements/build.in --extra dev --extra embedded $(LOCK_FLAGS) \
+		--upgrade --output-file $(DEV_LOCK)
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) --upgrade --output-file $(RUNTIME_LOCK)
+	$(MAKE) install
 
 $(NODE_INSTALLED): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error

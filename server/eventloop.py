@@ -31,7 +31,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         return None
     if importlib.util.find_spec("uvloop") is None:
         if choice == "uvloop":
-            raise EventLoopError("--event-loop uvloop needs uvloop: pip install 'dialog-shard[fast]'")
+            raise EventLoopError("--event-loop uvloop needs uvloop: pip install uvloop")
         return None
     # Imported by name: uvloop is optional, so its type stubs may be absent.
     factory: Callable[[], asyncio.AbstractEventLoop] = importlib.import_module("uvloop").new_event_loop
