@@ -1,7 +1,7 @@
 """A bare grpc.aio echo server: the gRPC ceiling of this machine for `make bench`.
 
 One generic handler, `/bench.Echo/Echo`, returns the request bytes unchanged: no protobuf parsing, no
-interceptors, no storage. It is served the way `server.app` serves (grpc.aio, the same event loop
+interceptors, no storage. It is served the way `server.runtime.app` serves (grpc.aio, the same event loop
 choice, the same server option), so the difference to SendMessage is what the service itself costs.
 
     python -m bench.echo_server --listen 127.0.0.1:0 [--event-loop auto]
@@ -16,7 +16,7 @@ import signal
 
 import grpc
 
-from server import eventloop
+from server.runtime import eventloop
 
 SERVICE = "bench.Echo"
 METHOD = "Echo"

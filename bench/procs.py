@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.embedded_pg import EmbeddedPostgres, start_on_a_free_port
+from server.dev.embedded_pg import EmbeddedPostgres, start_on_a_free_port
 
 REPO = Path(__file__).resolve().parent.parent
 _SERVING = re.compile(r"serving on (\S+:\d+)")

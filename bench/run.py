@@ -78,10 +78,10 @@ from bench.workload import (
 )
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
-from server import eventloop
 from server.auth import issue_token
 from server.config import AuthConfig, LimitsConfig, render_config
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.runtime import eventloop
 
 NUM_SHARDS = 4
 PAGE_SIZE = 50

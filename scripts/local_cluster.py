@@ -3,7 +3,7 @@
     .venv/bin/python scripts/local_cluster.py                 # 4 shards, data in .data/cluster/
     .venv/bin/python scripts/local_cluster.py --shards 2 --data-dir /tmp/c --pg-ports 6001,6002
 
-It starts one `server.embedded_pg.EmbeddedPostgres` per shard (data in DATA_DIR/shard-N, log in
+It starts one `server.dev.embedded_pg.EmbeddedPostgres` per shard (data in DATA_DIR/shard-N, log in
 DATA_DIR/shard-N.log), writes DATA_DIR/dialog-shard.toml with shard N on server N (control tables on
 shard 0) and an HS256 key generated on first run into DATA_DIR/jwt-secret, then runs
 `dialog-server --config DATA_DIR/dialog-shard.toml` in the foreground. Ctrl-C or SIGTERM stops the
@@ -27,8 +27,8 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server.config import DEFAULT_LISTEN, render_config
-from server.devstack import ensure_secret
-from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.dev.stack import ensure_secret
 
 DEFAULT_DATA_DIR = Path(".data/cluster")
 DEFAULT_SHARDS = 4

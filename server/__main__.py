@@ -15,11 +15,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from server import affinity, devstack, eventloop, supervisor
-from server.app import running_server
 from server.config import DEFAULT_LISTEN, ConfigError, LogConfig, ServerConfig, load_config
-from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
-from server.logs import configure_logging
+from server.dev import stack as devstack
+from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.observability.logs import configure_logging
+from server.runtime import affinity, eventloop, supervisor
+from server.runtime.app import running_server
 from server.storage.pools import StartupError
 
 _DEV_BANNER = """\

@@ -284,7 +284,7 @@ class ServerConfig:
     max_connection_age_seconds: float = 0.0
     #: Server processes sharing the listening port (SO_REUSEPORT); `dialog-server --workers` wins.
     workers: int = 1
-    #: Pin worker i to the i-th CPU this process may use (server.affinity): for a machine that
+    #: Pin worker i to the i-th CPU this process may use (server.runtime.affinity): for a machine that
     #: runs one server only. `dialog-server --pin-workers` turns it on too.
     pin_workers: bool = False
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -1,7 +1,7 @@
 """Placement of pairs on shards: the router, its shard-map mirror and override changes.
 
 `Placement` owns the control database's pool and the LISTEN/NOTIFY mirror; it
-resolves pairs without I/O and changes overrides through `server.mover`, which
+resolves pairs without I/O and changes overrides through `server.moves.mover`, which
 moves a pair's existing messages to its new shard online.
 """
 
@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 
-from server.call_context import current_shard
 from server.config import PoolConfig
 from server.errors import DialogMoving, FailedPrecondition, NotFound
-from server.mover import Mover
+from server.moves.mover import Mover
+from server.observability.call_context import current_shard
 from server.resilience.deadline import remaining
 from server.routing import Pair, Resolution, ShardRouter
 from server.storage.layout import ensure_layout, load_layout
@@ -152,7 +152,7 @@ class Placement:
         return Mover(self._control_dsn, self._pool, shards, self.router, **options)  # type: ignore[arg-type]
 
     async def set_override(self, pair: Pair, shard_id: int, shards: ShardSet) -> OverrideRow:
-        """Pin `pair` to `shard_id`, moving its messages there (server.mover)."""
+        """Pin `pair` to `shard_id`, moving its messages there (server.moves.mover)."""
         await self.mover(shards).move_pair(pair, shard_id)
         row = await self.store.get(pair)
         if row is None or row.shard_id != shard_id:  # pragma: no cover - changed by a concurrent call

@@ -19,11 +19,11 @@ import pytest
 import pytest_asyncio
 
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
-from server.app import RunningServer, running_server
 from server.auth import issue_token
 from server.config import ServerConfig, config_from_mapping
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair
+from server.runtime.app import RunningServer, running_server
 
 pytest_plugins = ["tests.pgfixtures"]
 

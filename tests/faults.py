@@ -32,7 +32,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
 from server.config import AuthConfig, ServerConfig
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, calculate_shard
 from tests.pgfixtures import free_port
 from tests.processes import child_env

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port, start_on_a_free_port
+from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port, start_on_a_free_port
 
 __all__ = [
     "PG_SERVER_COUNT",

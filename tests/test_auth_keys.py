@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
-from server.app import running_server
 from server.auth import TokenVerifier, issue_token
 from server.config import AuthConfig, ConfigError
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.errors import Unauthenticated
+from server.runtime.app import running_server
 from tests.conftest import make_config, rows_for_pair
 from tests.test_bad_input import expect_error, status_details
 

@@ -34,7 +34,7 @@ from bench.procs import (
     worker_cpu_seconds,
 )
 from bench.workload import settle_after_load
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
 from tests.pgfixtures import free_port
 
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
-from server.app import RunningServer
 from server.config import ServerConfig
 from server.routing import calculate_shard
+from server.runtime.app import RunningServer
 
 
 @contextmanager

@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
-from server.app import DIALOG_SERVICE, running_server
 from server.auth import issue_token
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.runtime.app import DIALOG_SERVICE, running_server
 from server.storage.pools import StartupError
 from tests.conftest import make_config
 from tests.faults import CRASH_SAFE_SETTINGS, pairs_on, retry_delay_of, rng

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from tests.pgfixtures import free_port, reachable_temp_dir
 from tests.processes import child_env
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from server.config import ServerConfig
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
 from tests.conftest import make_config
 from tests.pgfixtures import free_port
 from tests.processes import run_async, write_server_config

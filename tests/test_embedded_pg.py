@@ -1,4 +1,4 @@
-"""Real-server tests of server.embedded_pg and the tests.pgfixtures fixtures (no mocks)."""
+"""Real-server tests of server.dev.embedded_pg and the tests.pgfixtures fixtures (no mocks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from server.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, start_on_a_free_port
+from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, start_on_a_free_port
 from tests.pgfixtures import PG_SERVER_COUNT, free_port, reachable_temp_dir
 
 # Harmless if the root conftest loads it too: pytest registers a plugin module once.

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from server import eventloop
+from server.runtime import eventloop
 
 
 async def _kind() -> str:

@@ -25,11 +25,11 @@ import pytest_asyncio
 
 from client.gen.dialog.v1 import admin_service_pb2, admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
-from server.app import RunningServer, running_server
 from server.auth import issue_token
 from server.config import ServerConfig
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.resilience import BreakerState
+from server.runtime.app import RunningServer, running_server
 from tests.conftest import make_config, move_rows
 from tests.faults import (
     Load,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.reshard import plan_steps
+from server.moves.reshard import plan_steps
 from server.routing import NUM_BUCKETS, ShardRouter, calculate_shard, pair_hash
 from server.routing.layout import Layout, moving_units, residue_modulus, unit_of, units_of_move
 

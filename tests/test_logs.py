@@ -27,7 +27,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
 from server.config import LogConfig, ServerConfig
-from server.logs import RPC_LOGGER, JsonFormatter, TextFormatter, configure_logging
+from server.observability.logs import RPC_LOGGER, JsonFormatter, TextFormatter, configure_logging
 from server.routing import calculate_shard
 from tests.processes import CHILD_TIMEOUT_SECONDS, child_env, write_server_config
 
@@ -167,5 +167,5 @@ def test_rpc_lines_can_be_switched_off(root_logger):
     stream = io.StringIO()
     configure_logging(LogConfig(format="json", rpc=False), stream)
     logging.getLogger(RPC_LOGGER).info("call")
-    logging.getLogger("server.app").info("other")
-    assert [json.loads(line)["logger"] for line in stream.getvalue().splitlines()] == ["server.app"]
+    logging.getLogger("server.runtime.app").info("other")
+    assert [json.loads(line)["logger"] for line in stream.getvalue().splitlines()] == ["server.runtime.app"]

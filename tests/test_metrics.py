@@ -22,10 +22,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.gen.dialog.v1 import admin_service_pb2, dialog_service_pb2, dialog_service_pb2_grpc
-from server.app import RunningServer, running_server
 from server.config import ConfigError, MetricsConfig, ServerConfig, config_from_mapping
-from server.metrics import ServerMetrics, go_code_name
+from server.observability.metrics import ServerMetrics, go_code_name
 from server.routing import calculate_shard
+from server.runtime.app import RunningServer, running_server
 from tests.processes import CHILD_TIMEOUT_SECONDS, child_env, write_server_config
 
 Labels = tuple[tuple[str, str], ...]

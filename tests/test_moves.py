@@ -22,12 +22,12 @@ from grpc_status import rpc_status
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
-from server.app import running_server
 from server.config import PoolConfig, ServerConfig
 from server.errors import DialogMoving, ShardUnavailable
-from server.mover import CRASH_ENV, CRASH_POINTS
+from server.moves.mover import CRASH_ENV, CRASH_POINTS
 from server.placement import Placement
 from server.routing import Pair, bucket_of, calculate_shard
+from server.runtime.app import running_server
 from server.storage.channel import CHANNEL
 from server.storage.ids import MessageIdGenerator, id_time
 from tests.conftest import make_config, move_rows, rows_for_pair

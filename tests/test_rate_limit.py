@@ -12,9 +12,9 @@ from grpc_status import rpc_status
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
-from server.app import running_server
 from server.config import ConfigError
 from server.interceptors.rate_limit import TokenBucketLimiter
+from server.runtime.app import running_server
 from tests.conftest import make_config, rows_for_pair
 from tests.test_bad_input import expect_error, status_details
 

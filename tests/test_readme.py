@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from server.app import RunningServer, running_server
 from server.config import ServerConfig
+from server.runtime.app import RunningServer, running_server
 from tests.processes import child_env, run_async, write_server_config
 
 ROOT = Path(__file__).resolve().parent.parent

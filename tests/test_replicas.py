@@ -21,11 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
-from server.app import DIALOG_SERVICE, RunningServer, running_server
 from server.auth import issue_token
 from server.config import ServerConfig
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.resilience import BreakerState
+from server.runtime.app import DIALOG_SERVICE, RunningServer, running_server
 from tests.conftest import make_config
 from tests.faults import pairs_on, rng, start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir

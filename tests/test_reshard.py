@@ -28,13 +28,13 @@ import pytest
 
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
-from server.app import RunningServer, running_server
 from server.config import ServerConfig
-from server.embedded_pg import EmbeddedPostgres
-from server.mover import CRASH_ENV, CRASH_POINTS
-from server.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.moves.mover import CRASH_ENV, CRASH_POINTS
+from server.moves.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
 from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard, pair_hash
 from server.routing.layout import moving_units, unit_of
+from server.runtime.app import RunningServer, running_server
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.layout import Layout
 from tests.conftest import make_config
@@ -288,7 +288,8 @@ async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(pg_servers, jwt_secret
 async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(pg_servers, jwt_secret, new_pair):
     """A full reshuffle fences the pairs of a bucket going to one shard; the bucket's others write on."""
     from server.cli.shards import tool_shards
-    from server.storage.fences import FENCED_SQLSTATE, FenceState, FenceStore
+    from server.resilience.db_errors import FENCED_SQLSTATE
+    from server.storage.fences import FenceState, FenceStore
 
     config = cluster(pg_servers, jwt_secret, 1)
     bucket = bucket_of(*new_pair())

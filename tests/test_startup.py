@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.app import running_server
 from server.config import ConfigError, config_from_mapping
+from server.runtime.app import running_server
 from server.storage.pools import StartupError
 from tests.conftest import make_config
 from tests.pgfixtures import free_port

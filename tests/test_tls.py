@@ -25,10 +25,10 @@ from client import (
 )
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
-from server.app import running_server
 from server.auth import issue_token
 from server.config import ConfigError, ServerConfig
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.runtime.app import running_server
 from tests.conftest import make_config, rows_for_pair
 
 SERVER_CA = trustme.CA()

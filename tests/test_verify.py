@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from server.config import ServerConfig
-from server.embedded_pg import EmbeddedPostgres
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.ids import MessageIdGenerator, id_time
 from tests.conftest import make_config

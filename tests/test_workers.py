@@ -25,9 +25,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
-from server.affinity import cpu_for_worker
-from server.app import running_server
-from server.supervisor import SupervisorError, reserve_port, split_listen
+from server.runtime.affinity import cpu_for_worker
+from server.runtime.app import running_server
+from server.runtime.supervisor import SupervisorError, reserve_port, split_listen
 from tests.conftest import rows_for_pair
 from tests.processes import child_env, write_server_config
 

@@ -44,9 +44,9 @@ from google.protobuf.message import Message
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc as admin_grpc
-from server import devstack
 from server.auth import issue_token
 from server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, load_config
+from server.dev import stack as devstack
 from server.routing import Layout, bucket_of, pair_hash
 from server.routing.distribution import DistributionSummary
 from server.storage.layout import load_layout

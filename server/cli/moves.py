@@ -21,7 +21,7 @@ import psycopg
 from server.cli.dialogctl import Session, format_table, print_json
 from server.cli.shards import run_tool, tool_shards
 from server.config import PoolConfig, ServerConfig
-from server.mover import Mover
+from server.moves.mover import Mover
 from server.routing import ShardRouter
 from server.storage.layout import load_layout
 from server.storage.pools import open_pool

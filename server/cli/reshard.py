@@ -1,4 +1,4 @@
-"""`dialogctl reshard`: move the cluster from N to N' shards online (server.reshard).
+"""`dialogctl reshard`: move the cluster from N to N' shards online (server.moves.reshard).
 
     dialogctl reshard --shards 8 --dry-run    # what would move: buckets, messages and pairs per route
     dialogctl reshard --shards 8              # move them; Ctrl-C or a crash: run it again to continue
@@ -30,8 +30,8 @@ from server.cli.dialogctl import CliError, Session, format_table, print_json
 from server.cli.progress import Progress as ProgressLine
 from server.cli.shards import run_tool, tool_shards
 from server.config import PoolConfig, ServerConfig
-from server.mover import Mover
-from server.reshard import Progress, Resharder, check_servers, check_target, estimate, plan_steps
+from server.moves.mover import Mover
+from server.moves.reshard import Progress, Resharder, check_servers, check_target, estimate, plan_steps
 from server.routing import ShardRouter
 from server.routing.layout import moving_units
 from server.storage.layout import Layout, load_layout

@@ -25,11 +25,11 @@ from server.cli.dialogctl import Session, format_table, print_json
 from server.cli.progress import Progress
 from server.cli.shards import run_tool, tool_shards
 from server.config import ServerConfig
-from server.mover import mover_lock
+from server.moves.mover import mover_lock
+from server.moves.verify import Report, verify
 from server.routing import Pair, ShardRouter, bucket_of
 from server.storage.layout import ensure_layout, load_layout
 from server.storage.schema import migrate_control
-from server.verify import Report, verify
 
 _EXIT_FINDINGS = 1
 _UNREPAIRABLE = frozenset({"conflict", "bad_bucket"})

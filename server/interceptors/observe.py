@@ -2,7 +2,7 @@
 
 The outermost interceptor, so it sees the status the caller gets (after error mapping) and
 times everything the server does for the call. The shard is what the servicer resolved
-(`server.call_context.current_shard`); calls that resolve none report no shard.
+(`server.observability.call_context.current_shard`); calls that resolve none report no shard.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 import grpc
 
-from server.call_context import current_shard
 from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper, metadata_value
-from server.logs import RpcLog
-from server.metrics import ServerMetrics, go_code_name
+from server.observability.call_context import current_shard
+from server.observability.logs import RpcLog
+from server.observability.metrics import ServerMetrics, go_code_name
 
 
 class ObserveInterceptor(UnaryUnaryInterceptor):

@@ -33,10 +33,9 @@ from psycopg_pool import AsyncConnectionPool
 from server.config import ResilienceConfig
 from server.errors import DeadlineExceeded, DialogMoving, ShardUnavailable
 from server.resilience.breaker import BreakerState, CircuitBreaker
+from server.resilience.db_errors import FENCED_SQLSTATE, describe_db_error
 from server.resilience.deadline import remaining
 from server.resilience.retry import backoff, is_shard_failure, is_transient, may_have_run
-from server.storage.errors import describe_db_error
-from server.storage.fences import FENCED_SQLSTATE
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import psycopg
 from server.background import stop_task
 from server.config import ResilienceConfig
 from server.resilience.breaker import BreakerState
+from server.resilience.db_errors import describe_db_error
 from server.resilience.gate import ShardGate, within
-from server.storage.errors import describe_db_error
 
 log = logging.getLogger(__name__)
 

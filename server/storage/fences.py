@@ -41,10 +41,9 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from server.resilience.db_errors import FENCED_SQLSTATE
 from server.routing import Pair, bucket_of
 
-#: SQLSTATE raised by the fence functions (class "DS": dialog-shard's own).
-FENCED_SQLSTATE = "DSM01"
 #: user_low/user_high of a whole-bucket fence row.
 WHOLE_BUCKET = 0
 #: A fence row covering other fence rows' pairs (a whole bucket, or a residue of one).

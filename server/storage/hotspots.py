@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.resilience.db_errors import shard_errors
 from server.routing import Pair
-from server.storage.errors import shard_errors
 from server.storage.messages import MessageStore
 
 

@@ -17,8 +17,8 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from server.resilience.db_errors import shard_errors
 from server.routing import Pair
-from server.storage.errors import shard_errors
 from server.storage.layout import flip_units_in
 from server.storage.overrides import CONTROL_SHARD, delete_override_in, upsert_override_in
 

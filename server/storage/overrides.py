@@ -22,10 +22,10 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from server.background import stop_task
+from server.resilience.db_errors import shard_errors
 from server.routing import Layout, Pair, ShardRouter
 from server.routing.layout import units_of_move
 from server.storage.channel import CHANNEL
-from server.storage.errors import shard_errors
 from server.storage.layout import load_layout
 from server.storage.pools import StartupError, connect_failure_reason
 from server.storage.schema import migrate_control

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import FailedPrecondition
+from server.resilience.db_errors import shard_errors
 from server.routing import NUM_BUCKETS, Pair, bucket_of, pair_hash
-from server.storage.errors import shard_errors
 from server.storage.fences import WHOLE_BUCKET, FenceKey
 from server.storage.ids import MAX_ID, MIN_ID
 from server.storage.messages import MessageStore

@@ -38,14 +38,14 @@ from server.interceptors import (
 from server.interceptors._wrap import UnaryUnaryInterceptor
 from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import TokenBucketLimiter
-from server.logs import RpcLog
-from server.metrics import MetricsEndpoint, ServerMetrics
-from server.move_resumer import MoveResumer
+from server.moves.resumer import MoveResumer
+from server.observability.logs import RpcLog
+from server.observability.metrics import MetricsEndpoint, ServerMetrics
 from server.pagination import PageTokenCodec
 from server.placement import Placement
 from server.services.admin import AdminService
 from server.services.dialog import DialogService
-from server.shard_health import ShardHealthReporter
+from server.services.health import ShardHealthReporter
 from server.storage.pools import ShardSet
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
 async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> AsyncIterator[RunningServer]:
     """Open storage, start serving on `config.listen` (port 0 picks one), drain and close on exit.
 
-    `reuse_port` is for the worker processes of `dialog-server --workers` (server.supervisor),
+    `reuse_port` is for the worker processes of `dialog-server --workers` (server.runtime.supervisor),
     which share a port their parent reserved; otherwise a taken port fails the start.
     """
     verifier = TokenVerifier(config.auth)  # loads the key files: a bad one fails before any connection

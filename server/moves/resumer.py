@@ -1,4 +1,4 @@
-"""Completing moves whose mover died, from any server (server.mover).
+"""Completing moves whose mover died, from any server (server.moves.mover).
 
 A move that crashed after fencing its unit keeps that unit's writes paused (the
 retryable DIALOG_MOVING) until someone runs it again. So every server looks, every
@@ -17,7 +17,7 @@ import asyncio
 import logging
 
 from server.background import repeat_every, stop_task
-from server.mover import Mover, MoverBusy
+from server.moves.mover import Mover, MoverBusy
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,10 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from server.errors import FailedPrecondition, ShardUnavailable
+from server.resilience.db_errors import describe_db_error, shard_errors
 from server.routing import Pair, ShardRouter, bucket_of, pair_hash
 from server.routing.layout import units_of_move
 from server.storage import transfer
-from server.storage.errors import describe_db_error, shard_errors
 from server.storage.fences import FenceKey, FenceState, FenceStore, pair_fence_key
 from server.storage.layout import Layout, load_layout
 from server.storage.messages import MessageStore

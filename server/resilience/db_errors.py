@@ -1,4 +1,7 @@
-"""Turns driver and pool failures of one shard into the domain's ShardUnavailable (or DialogMoving)."""
+"""Turns driver and pool failures of one shard into the domain's ShardUnavailable (or DialogMoving).
+
+The gates, monitors and every storage module share this mapping, so it sits below them all.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ import psycopg
 from psycopg_pool import PoolTimeout, TooManyRequests
 
 from server.errors import DialogMoving, ShardUnavailable
-from server.storage.fences import FENCED_SQLSTATE
+
+#: SQLSTATE raised by the move fence's functions (server.storage.fences; class "DS": dialog-shard's own).
+FENCED_SQLSTATE = "DSM01"
 
 
 def describe_db_error(exc: BaseException) -> str:

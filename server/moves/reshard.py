@@ -1,4 +1,4 @@
-"""Online resharding from N to N' shards by moving units (server.mover does each move).
+"""Online resharding from N to N' shards by moving units (server.moves.mover does each move).
 
 A unit is the pairs of one hash bucket going from one source shard to one target
 shard (server.routing.layout). Only pairs whose `hash % n` changes move. When N'
@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from server.errors import FailedPrecondition
-from server.mover import Mover
+from server.moves.mover import Mover
+from server.resilience.db_errors import shard_errors
 from server.routing import NUM_BUCKETS, Pair, pair_hash
 from server.routing.layout import (
     Layout,
@@ -34,7 +35,6 @@ from server.routing.layout import (
     unit_of,
     unit_period,
 )
-from server.storage.errors import shard_errors
 from server.storage.layout import begin_reshard_in, finish_reshard_in
 from server.storage.moves import Flip
 from server.storage.overrides import CONTROL_SHARD

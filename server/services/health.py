@@ -8,7 +8,7 @@ Service names and when they are SERVING:
   reason for a load balancer to drop this one. Per-shard names tell the degraded state.
 - `dialog.v1.AdminService`: SERVING while the server runs (it reports shard state itself).
 
-On shutdown everything turns NOT_SERVING before the server drains (see server.app).
+On shutdown everything turns NOT_SERVING before the server drains (see server.runtime.app).
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from server.resilience.db_errors import shard_errors
 from server.routing import Pair, bucket_of
 from server.storage import transfer
-from server.storage.errors import shard_errors
 from server.storage.messages import MessageStore
 from server.storage.pools import ShardSet
 

@@ -1,0 +1,1 @@
+"""What the server tells its operators: logs, Prometheus metrics, and the per-call facts they label."""
