@@ -28,8 +28,8 @@ from server.moves.mover import CRASH_ENV, CRASH_POINTS
 from server.placement import Placement
 from server.routing import Pair, bucket_of, calculate_shard
 from server.runtime.app import running_server
-from server.storage.channel import CHANNEL
 from server.storage.ids import MessageIdGenerator, id_time
+from server.storage.overrides import delete_override_in, upsert_override_in
 from tests.conftest import make_config, move_rows, rows_for_pair
 from tests.faults import start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
@@ -245,14 +245,14 @@ async def route_stale(server: Any, config: ServerConfig, pair: Pair) -> None:
     """Make this process route `pair` by the hash again, in memory only, as if it had not seen the
     flip yet, once the move's own NOTIFY has been applied (else it could arrive later and undo this).
 
-    Notifications reach the listener in commit order: once a marker sent after the move is applied,
-    the move's is too. The marker pins an unused pair in memory only (no shard_map row)."""
+    Notifications reach the listener in commit order: once a marker committed after the move is
+    applied, the move's is too. The marker pins an unused pair, and is removed again afterwards."""
     marker = Pair.of(*(secrets.randbelow(2**62) + 1 for _ in range(2)))
     async with await psycopg.AsyncConnection.connect(config.control_dsn, autocommit=True) as conn:
-        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"set {marker.low} {marker.high} 0"))
-    router = server.placement.router
-    await wait_until(lambda: router.override_of(marker) == 0, "the marker notification was applied")
-    router.discard(marker)
+        await upsert_override_in(conn, marker, 0)
+        router = server.placement.router
+        await wait_until(lambda: router.override_of(marker) == 0, "the marker notification was applied")
+        await delete_override_in(conn, marker)
     router.discard(pair)
 
 

@@ -3,7 +3,8 @@
 The router is pure and in memory: resolving a shard never touches a database.
 Keeping `overrides` and the layout coherent with the control database is the job
 of `server.storage.overrides.OverrideSync`, which calls `replace_all`, `set`,
-`discard`, `set_layout` and `flip_units` here.
+`discard` and `set_layout` here with what it reads from the tables; a move calls
+`flip_units` to route by its own flip at once.
 
 Layout (server.routing.layout): the hash shard is `hash % num_shards`. While a
 reshard to `target_shards` runs, a pair whose unit has already moved ("flipped")

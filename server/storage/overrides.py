@@ -5,8 +5,13 @@ NOTIFY in the same transaction, so the notification is delivered exactly when
 the change commits. `OverrideSync` keeps a `ShardRouter` coherent with the
 table (and the layout, server.storage.layout) in every server process: it
 LISTENs first and loads everything second (so no change falls between the
-two), applies each notification, and on any connection trouble reconnects
-with backoff and reloads everything.
+two), and on any trouble reconnects with backoff and reloads everything.
+
+A notification is only a hint of *what* changed, never the new state: any role
+that can connect to the control database can send one. For each batch of hints
+the listener re-reads the named pairs (or the whole layout) from the tables and
+applies what it finds, so a forged NOTIFY costs a query and changes nothing; a
+malformed one is logged and ignored.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -23,8 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from server.background import stop_task
 from server.resilience.db_errors import shard_errors
-from server.routing import Layout, Pair, ShardRouter
-from server.routing.layout import units_of_move
+from server.routing import Pair, ShardRouter
 from server.storage.channel import CHANNEL
 from server.storage.layout import load_layout
 from server.storage.pools import StartupError, connect_failure_reason
@@ -121,20 +126,69 @@ async def delete_override_in(conn: psycopg.AsyncConnection[Any], pair: Pair) -> 
     return True
 
 
-def apply_notification(router: ShardRouter, payload: str) -> None:
-    """Apply a `set low high shard` / `del low high` / `layout n t|-` / `flip s t b,b` payload."""
-    parts = payload.split()
-    if len(parts) == 4 and parts[0] == "set":
-        router.set(Pair(int(parts[1]), int(parts[2])), int(parts[3]))
-    elif len(parts) == 3 and parts[0] == "del":
-        router.discard(Pair(int(parts[1]), int(parts[2])))
-    elif len(parts) == 3 and parts[0] == "layout":
-        router.set_layout(Layout(int(parts[1]), None if parts[2] == "-" else int(parts[2])))
-    elif len(parts) == 4 and parts[0] == "flip":
-        source, target = int(parts[1]), int(parts[2])
-        router.flip_units(units_of_move((int(b) for b in parts[3].split(",")), source, target))
-    else:
-        log.warning("ignoring malformed shard_map notification %r", payload)
+_USER_ID_RE = re.compile(r"-?[0-9]{1,19}")
+_BUCKET_LIST_RE = re.compile(r"[0-9]{1,4}(,[0-9]{1,4})*")
+
+
+@dataclass(slots=True)
+class RoutingHints:
+    """What a batch of notifications says has changed: pairs of shard_map, and/or the layout."""
+
+    pairs: set[Pair] = field(default_factory=set)
+    layout: bool = False
+
+    def __bool__(self) -> bool:
+        return self.layout or bool(self.pairs)
+
+    def add(self, payload: str) -> bool:
+        """Note what `payload` names as changed; False (and nothing noted) if it is malformed.
+
+        Payloads: `set low high shard` / `del low high` (a pair of shard_map), `layout n t|-` and
+        `flip s t b,b,...` (the layout). Only their shape is checked: the values are re-read.
+        """
+        parts = payload.split(" ")
+        if parts[0] in ("set", "del") and len(parts) == (4 if parts[0] == "set" else 3):
+            if not all(_USER_ID_RE.fullmatch(p) for p in parts[1:]):
+                return False
+            low, high = int(parts[1]), int(parts[2])
+            if not 0 <= low <= high < 2**63:
+                return False
+            self.pairs.add(Pair(low, high))
+            return True
+        if (parts[0] == "layout" and len(parts) == 3) or (
+            parts[0] == "flip" and len(parts) == 4 and _BUCKET_LIST_RE.fullmatch(parts[3])
+        ):
+            self.layout = True
+            return True
+        return False
+
+
+async def refresh_from_tables(
+    conn: psycopg.AsyncConnection[Any], router: ShardRouter, hints: RoutingHints
+) -> None:
+    """Apply the stored state of what `hints` names (one consistent snapshot) to `router`."""
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        layout = await load_layout(conn) if hints.layout else None
+        stored: list[tuple[int, int, int | None]] = []
+        if hints.pairs:
+            pairs = sorted(hints.pairs)
+            cur = await conn.execute(
+                """
+                SELECT p.low, p.high, m.shard_id
+                FROM unnest(%s::bigint[], %s::bigint[]) AS p (low, high)
+                LEFT JOIN shard_map m ON m.user1 = p.low AND m.user2 = p.high
+                """,
+                ([p.low for p in pairs], [p.high for p in pairs]),
+            )
+            stored = await cur.fetchall()
+    if layout is not None:
+        router.set_layout(layout)
+    for low, high, shard_id in stored:
+        if shard_id is None:
+            router.discard(Pair(low, high))
+        else:
+            router.set(Pair(low, high), shard_id)
 
 
 class OverrideSync:
@@ -190,25 +244,21 @@ class OverrideSync:
         return conn
 
     async def _follow(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Follow the hints on `conn`; after any failure, reconnect and reload everything."""
         backoff = 0.1
         while True:
             try:
                 async with conn:
                     while True:
-                        async for notification in conn.notifies(timeout=self._liveness_interval):
-                            apply_notification(self._router, notification.payload)
-                        # Quiet for a while: make sure the connection is alive, since a
-                        # hung server would otherwise leave the mirror silently stale.
-                        # asyncio.timeout, not wait_for: before Python 3.12 wait_for can swallow
-                        # a cancellation that comes as the query completes, and this loop
-                        # would then outlive stop().
-                        async with asyncio.timeout(self._liveness_interval):
-                            await conn.execute("SELECT 1")
+                        await self._follow_once(conn)
                         backoff = 0.1
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 log.warning(
                     "shard map listener lost its connection (%s); reconnecting", connect_failure_reason(exc)
                 )
+            except Exception:
+                # Supervised: whatever went wrong, a reload from the tables is the way back.
+                log.exception("shard map listener failed; reconnecting and reloading")
             while True:
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, self._max_backoff)
@@ -217,3 +267,22 @@ class OverrideSync:
                     break
                 except (psycopg.Error, OSError) as exc:
                     log.warning("shard map reload failed (%s); retrying", connect_failure_reason(exc))
+                except Exception:
+                    log.exception("shard map reload failed; retrying")
+
+    async def _follow_once(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Wait for the next hints and apply what the tables say; with none, check the connection."""
+        hints = RoutingHints()
+        # stop_after: hand the first packet's hints over at once; later ones queue in the connection.
+        async for notification in conn.notifies(timeout=self._liveness_interval, stop_after=1):
+            if not hints.add(notification.payload):
+                log.warning("ignoring malformed shard_map notification %r", notification.payload[:200])
+        # asyncio.timeout, not wait_for: before Python 3.12 wait_for can swallow a cancellation
+        # that comes as the query completes, and this loop would then outlive stop().
+        async with asyncio.timeout(self._liveness_interval):
+            if hints:
+                await refresh_from_tables(conn, self._router, hints)
+            else:
+                # Quiet for a while: make sure the connection is alive, since a hung
+                # server would otherwise leave the mirror silently stale.
+                await conn.execute("SELECT 1")
