@@ -4,8 +4,8 @@ The goals (SendMessage at 32 in flight at least 60% of the echo ceiling and 25% 
 INSERT rate at 32 clients; a page 99,900 messages deep within 1.2x the first page's latency) are
 ratios, so a run on a slow or busy machine can still judge them. A verdict gives the median over
 rounds against the threshold *and* how many single rounds met it: on a shared 2-core machine the
-rounds of one run spread wider (send/echo 0.46-0.66) than a median's distance to its threshold,
-and a reader should see that spread instead of a bare yes or no.
+rounds of one run spread wider than a median's distance to its threshold (docs/performance-history.md,
+"The goals, run by run"), and a reader should see that spread instead of a bare yes or no.
 """
 
 from __future__ import annotations

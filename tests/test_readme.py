@@ -1,8 +1,9 @@
-"""The README's commands, run exactly as written against a server set up the way the README assumes.
+"""The documentation's commands, run exactly as written against a server set up as the README assumes.
 
-Blocks preceded by `<!-- readme-test: sh -->` are shell commands; they run in order in one bash
-session (so `export TOKEN=...` reaches the later blocks), from a directory laid out like a
-checkout after `make run`: `.venv`, `node_modules` and `examples/` of this repository, and
+The marked blocks of README.md and docs/*.md (tests/docblocks.py finds them): blocks preceded by
+`<!-- readme-test: sh -->` are shell commands; they run in reading order in one bash session (so
+`export TOKEN=...` reaches the later blocks), from a directory laid out like a checkout after
+`make run`: `.venv`, `node_modules` and `examples/` of this repository, and
 `.data/dialog-shard.toml` naming this session's shard servers. A server listens on
 127.0.0.1:50051, the address the README uses. `<!-- readme-test: file PATH -->` marks a block
 that must equal the file PATH of the repository (the client example, which a shell block runs).
@@ -21,7 +22,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,43 +30,24 @@ import pytest_asyncio
 
 from server.config import ServerConfig
 from server.runtime.app import RunningServer, running_server
+from tests.docblocks import ROOT, Block, marked_blocks, marker_count
 from tests.processes import child_env, run_async, write_server_config
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 README_ADDRESS = ("127.0.0.1", 50051)
-_BLOCK = re.compile(
-    r"<!-- readme-test: (?P<kind>sh|reshard|file (?P<path>\S+)) -->\n```(?P<lang>\w+)\n(?P<body>.*?)^```",
-    re.M | re.S,
-)
 _SEPARATOR = "--- readme block {} ---"
 
 
-@dataclass(frozen=True)
-class Block:
-    kind: str
-    path: str | None
-    body: str
-
-
-def readme_blocks() -> list[Block]:
-    return [
-        Block("file" if m["path"] else m["kind"], m["path"], m["body"])
-        for m in _BLOCK.finditer(README.read_text())
-    ]
-
-
 def test_readme_marks_its_command_blocks() -> None:
-    blocks = readme_blocks()
+    blocks = marked_blocks()
     shell = "\n".join(b.body for b in blocks if b.kind == "sh")
     assert "grpcurl" in shell
     assert "npx --no-install buf curl" in shell
     assert ".venv/bin/python examples/client_example.py" in shell
     # Every marker is followed by a fenced block (a marker the regex missed would silently skip it).
-    assert README.read_text().count("<!-- readme-test:") == len(blocks)
+    assert marker_count() == len(blocks)
 
 
-@pytest.mark.parametrize("block", [b for b in readme_blocks() if b.kind == "file"], ids=lambda b: b.path)
+@pytest.mark.parametrize("block", [b for b in marked_blocks() if b.kind == "file"], ids=lambda b: b.path)
 def test_readme_shows_the_example_file_verbatim(block: Block) -> None:
     assert block.path is not None
     assert (ROOT / block.path).read_text() == block.body
@@ -117,7 +99,7 @@ def checkout(tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str) -> P
 
 
 async def test_readme_commands_run_as_written(readme_server: RunningServer, checkout: Path) -> None:
-    shell_blocks = [b.body for b in readme_blocks() if b.kind == "sh"]
+    shell_blocks = [b.body for b in marked_blocks() if b.kind == "sh"]
     script = "set -eo pipefail\n" + "".join(
         f"echo '{_SEPARATOR.format(n)}'\n{body}" for n, body in enumerate(shell_blocks)
     )

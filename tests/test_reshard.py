@@ -38,9 +38,9 @@ from server.runtime.app import RunningServer, running_server
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.layout import Layout
 from tests.conftest import make_config
+from tests.docblocks import marked_blocks as readme_blocks
 from tests.processes import child_env, run_async, write_server_config
 from tests.test_moves import STATE_AFTER_CRASH, Writer, read_all, wait_until
-from tests.test_readme import readme_blocks
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 

@@ -2,8 +2,8 @@
 
 With one worker per CPU, a worker's event loop and gRPC's poller and event-engine threads hand
 every call to each other; pinned to one CPU they do so on one core's warm caches, and the two
-workers stop trading places on the cores. In alternated benchmark runs the p99 latencies fell
-by a quarter to two thirds at the same throughput (README, Performance, "Pinning workers").
+workers stop trading places on the cores. Alternated benchmark runs showed lower tail latency at
+the same throughput (docs/performance.md, Pinning workers).
 
 Only for a machine (or a container with its own cpuset) that runs one server: every server
 started with it puts worker 0 on the first CPU it may use, so servers sharing CPUs would pile

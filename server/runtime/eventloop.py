@@ -2,8 +2,8 @@
 
 uvloop (a dependency wherever it exists, i.e. not on Windows) makes the event loop's own work
 cheaper: psycopg registers and removes a reader on every statement, batches wait on timers, and
-grpc.aio wakes the loop from its poller thread for every call. `make bench` measured ~12% more
-SendMessage throughput on it (README, Performance). The server behaves the same on either loop;
+grpc.aio wakes the loop from its poller thread for every call. What that buys is measured in
+docs/performance.md, uvloop. The server behaves the same on either loop;
 `--event-loop asyncio` forces the standard one.
 """
 

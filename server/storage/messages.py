@@ -66,7 +66,7 @@ class InsertResult:
 
 _COLUMNS = "message_id, from_user_id, to_user_id, text, created_at"
 #: A page's columns: the id as text, which is what GetDialog answers with. Made by PostgreSQL, it
-#: spares the server a uuid.UUID and a str() per message (~1 µs each, ~50 µs of a page of 50).
+#: spares the server a uuid.UUID and a str() per message (docs/performance-history.md, "Levers, one by one").
 #: Named apart: as `message_id` it would be what ORDER BY message_id sorts by (a sort, not the index).
 _PAGE_COLUMNS = "message_id::text AS message_id_text, from_user_id, to_user_id, text, created_at"
 #: One message of a dialog page: (message_id as text, from_user_id, to_user_id, text, created_at).

@@ -47,8 +47,8 @@ class LifoConnectionPool(AsyncConnectionPool[Any]):
     psycopg_pool lends its idle connections in turn, so under steady load every connection of a
     shard, and every PostgreSQL backend behind them, serves every other statement or so. Lent
     most recent first, one backend serves one statement after another while it is still warm
-    in the CPU's caches: side by side on this machine (README, Performance), PostgreSQL's CPU per
-    SendMessage fell 8-18% and throughput rose 1-6%. Connections left at the bottom of the stack
+    in the CPU's caches, which cuts PostgreSQL's CPU per SendMessage (docs/performance.md, "The
+    pool lends the connection returned last"). Connections left at the bottom of the stack
     go idle, and psycopg_pool closes those above `min_size` after `max_idle`.
 
     psycopg_pool has no option for this: the pool's deque of idle connections (`_pool`, which it
@@ -111,7 +111,8 @@ def make_pool(
     }
     # Sessions in UTC: psycopg then gives timestamps a fixed UTC offset (`datetime.timezone.utc`)
     # instead of a ZoneInfo of the server's zone (e.g. `Etc/UTC`), whose per-value conversions
-    # cost ~1 µs per timestamp read. The values are the same instants either way.
+    # cost CPU on every timestamp read (docs/performance-history.md, "Levers, one by one"). The
+    # values are the same instants either way.
     options = "-c TimeZone=UTC"
     if statement_timeout is not None:
         options += f" -c statement_timeout={max(1, round(statement_timeout * 1000))}"
