@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from server.cli.dialogctl import Session, format_table, print_json, stored_layout
+from server.cli.output import format_table, print_json
+from server.cli.session import Session, stored_layout
 from server.cli.shards import run_tool, tool_shards
 from server.config import ServerConfig
 from server.routing import Pair

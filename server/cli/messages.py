@@ -14,18 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from server.cli.dialogctl import (
-    CliError,
-    Session,
-    format_table,
-    int64_arg,
-    message_dict,
-    page_size_arg,
-    print_json,
-    shard_id_arg,
-    source_name,
-)
+from server.cli.output import format_table, message_dict, print_json, source_name
 from server.cli.progress import Progress
+from server.cli.session import CliError, Session, int64_arg, page_size_arg, shard_id_arg
 
 _TEXT_WIDTH = 40
 _HEADERS = ("SHARD", "MESSAGE_ID", "FROM", "TO", "CREATED", "PLACEMENT", "TEXT")
