@@ -12,6 +12,15 @@ tokens with the server's key and call AdminService with an admin token::
     dialogctl overrides delete 1 2
     dialogctl stats                             # messages per shard and how evenly they spread
 
+RPC commands call AdminService through `client.AdminClient` (its paging, retries of
+UNAVAILABLE within the --timeout deadline, and error mapping). They speak TLS when the
+config has a [tls] section (trusting its server_ca_file, presenting its client_cert_file
+and client_key_file for mutual TLS) or when --ca-cert, --client-cert/--client-key or
+--server-name say so; these flags win over the config, and --plaintext turns TLS off::
+
+    dialogctl --ca-cert ca.pem stats
+    dialogctl --ca-cert ca.pem --client-cert me.pem --client-key me.key overrides list
+
 Global options go before or after the subcommand (`dialogctl --json stats` or
 `dialogctl stats --json`). `--json` prints one JSON document on stdout; RPC
 responses use the proto3 JSON mapping with the proto field names (64-bit
@@ -33,8 +42,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import grpc
 import jwt
 
+from client import DialogShardError, ShardOverride
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from server.cli import backup, hotspots, messages, migrate, moves, reshard, verify
 from server.cli.output import (
@@ -44,11 +55,13 @@ from server.cli.output import (
     format_table,
     message_dict,
     print_json,
+    rfc3339,
     source_name,
 )
 from server.cli.session import (
     EXIT_INTERRUPTED,
     MAX_INT64,
+    RPC_EXIT_BASE,
     CliError,
     Session,
     int64_arg,
@@ -102,20 +115,18 @@ def cmd_shard_of(session: Session) -> int:
         args.subparser.error("--shards only applies with --offline")
     if args.offline:
         return _shard_of_offline(session, a, b)
-    response = session.call(
-        session.admin_stub().ResolveShard, admin_pb.ResolveShardRequest(user_id_1=a, user_id_2=b)
-    )
+    resolution = session.admin().resolve_shard(a, b)
     if session.json:
-        print_json(message_dict(response))
+        print_json(message_dict(resolution.to_proto()))
         return 0
     print(
         format_fields(
             [
                 ("pair", f"{min(a, b)} {max(a, b)}"),
-                ("shard", response.shard_id),
-                ("source", source_name(response.source)),
-                ("hash shard", response.hash_shard_id),
-                ("bucket", response.bucket),
+                ("shard", resolution.shard_id),
+                ("source", source_name(resolution.source)),
+                ("hash shard", resolution.hash_shard_id),
+                ("bucket", resolution.bucket),
             ]
         )
     )
@@ -160,8 +171,8 @@ def _shard_of_offline(session: Session, a: int, b: int) -> int:
     return 0
 
 
-def _override_rows(overrides: Sequence[admin_pb.ShardOverride]) -> list[list[object]]:
-    return [[o.user_id_1, o.user_id_2, o.shard_id, o.create_time.ToJsonString()] for o in overrides]
+def _override_rows(overrides: Sequence[ShardOverride]) -> list[list[object]]:
+    return [[o.user_id_1, o.user_id_2, o.shard_id, rfc3339(o.create_time)] for o in overrides]
 
 
 _OVERRIDE_HEADERS = ("USER_ID_1", "USER_ID_2", "SHARD", "CREATED")
@@ -169,31 +180,23 @@ _OVERRIDE_HEADERS = ("USER_ID_1", "USER_ID_2", "SHARD", "CREATED")
 
 def cmd_overrides_list(session: Session) -> int:
     args = session.args
-    stub = session.admin_stub()
-    token: str = args.page_token
-    collected: list[admin_pb.ShardOverride] = []
-    seen_tokens: set[str] = set()
-    while True:
-        response = session.call(
-            stub.ListShardOverrides,
-            admin_pb.ListShardOverridesRequest(page_size=args.page_size, page_token=token),
-        )
-        collected.extend(response.overrides)
-        token = response.next_page_token
-        if not args.all or not token:
-            break
-        if token in seen_tokens:
-            raise CliError("the server returned the same page token twice; stopping", 1)
-        seen_tokens.add(token)
+    admin = session.admin()
+    overrides: list[ShardOverride]
+    if args.all:
+        overrides = list(admin.iter_overrides(page_size=args.page_size, page_token=args.page_token))
+        token = ""
+    else:
+        page = admin.list_overrides(page_size=args.page_size, page_token=args.page_token)
+        overrides, token = list(page.overrides), page.next_page_token
     if session.json:
-        document = message_dict(
-            admin_pb.ListShardOverridesResponse(overrides=collected, next_page_token=token)
+        response = admin_pb.ListShardOverridesResponse(
+            overrides=[o.to_proto() for o in overrides], next_page_token=token
         )
-        print_json(document)
+        print_json(message_dict(response))
         return 0
-    if collected:
-        print(format_table(_OVERRIDE_HEADERS, _override_rows(collected), right=(0, 1, 2)))
-    print(f"{len(collected)} override{'' if len(collected) == 1 else 's'}")
+    if overrides:
+        print(format_table(_OVERRIDE_HEADERS, _override_rows(overrides), right=(0, 1, 2)))
+    print(f"{len(overrides)} override{'' if len(overrides) == 1 else 's'}")
     if token:
         print(f"more: dialogctl overrides list --page-token {token}   (or --all)")
     return 0
@@ -201,37 +204,33 @@ def cmd_overrides_list(session: Session) -> int:
 
 def cmd_overrides_set(session: Session) -> int:
     args = session.args
-    request = admin_pb.SetShardOverrideRequest(
-        user_id_1=args.user_id_1, user_id_2=args.user_id_2, shard_id=args.shard
-    )
-    response = session.call(session.admin_stub().SetShardOverride, request)
+    override = session.admin().set_override(args.user_id_1, args.user_id_2, args.shard)
     if session.json:
-        print_json(message_dict(response))
+        print_json(message_dict(admin_pb.SetShardOverrideResponse(override=override.to_proto())))
         return 0
-    print(format_table(_OVERRIDE_HEADERS, _override_rows([response.override]), right=(0, 1, 2)))
+    print(format_table(_OVERRIDE_HEADERS, _override_rows([override]), right=(0, 1, 2)))
     return 0
 
 
 def cmd_overrides_delete(session: Session) -> int:
     args = session.args
-    request = admin_pb.DeleteShardOverrideRequest(
-        user_id_1=args.user_id_1, user_id_2=args.user_id_2, allow_missing=args.allow_missing
+    hash_shard = session.admin().delete_override(
+        args.user_id_1, args.user_id_2, allow_missing=args.allow_missing
     )
-    response = session.call(session.admin_stub().DeleteShardOverride, request)
     if session.json:
-        print_json(message_dict(response))
+        print_json(message_dict(admin_pb.DeleteShardOverrideResponse(shard_id=hash_shard)))
         return 0
     low, high = sorted((args.user_id_1, args.user_id_2))
-    print(f"pair {low} {high} has no override; it lives on its hash shard {response.shard_id}")
+    print(f"pair {low} {high} has no override; it lives on its hash shard {hash_shard}")
     return 0
 
 
 def cmd_stats(session: Session) -> int:
-    response = session.call(session.admin_stub().GetShardStats, admin_pb.GetShardStatsRequest())
-    available = [s for s in response.shards if s.available]
+    stats = session.admin().get_stats()
+    available = [s for s in stats.shards if s.available]
     summary = DistributionSummary.summarize([s.message_count for s in available]) if available else None
     if session.json:
-        document = message_dict(response)
+        document = message_dict(stats.to_proto())
         document["distribution"] = dataclasses.asdict(summary) if summary is not None else None
         print_json(document)
         return 0
@@ -244,7 +243,7 @@ def cmd_stats(session: Session) -> int:
             s.override_count,
             "yes" if s.available else "NO",
         ]
-        for s in response.shards
+        for s in stats.shards
     ]
     print(
         format_table(
@@ -253,9 +252,9 @@ def cmd_stats(session: Session) -> int:
     )
     print()
     fields: list[tuple[str, object]] = [
-        ("shards", f"{response.num_shards} ({len(available)} available)"),
-        ("overrides", response.override_count),
-        ("messages total", response.total_message_count),
+        ("shards", f"{stats.num_shards} ({len(available)} available)"),
+        ("overrides", stats.override_count),
+        ("messages total", stats.total_message_count),
     ]
     if summary is not None:
         fields += [
@@ -266,7 +265,7 @@ def cmd_stats(session: Session) -> int:
             ("chi-square", f"{summary.chi2:.3f} (df {summary.shards - 1})"),
             ("p-value (uniform)", f"{summary.p_value:.4g}"),
         ]
-        if len(available) < response.num_shards:
+        if len(available) < stats.num_shards:
             fields.append(("note", "figures cover the available shards only"))
     print(format_fields(fields))
     return 0
@@ -297,6 +296,46 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> 
         metavar="HOST:PORT",
         default=default(None),
         help=f"server to call (default: the config's listen address, else {DEFAULT_LISTEN})",
+    )
+    tls = parser.add_argument_group(
+        "transport security",
+        "TLS when the config has a [tls] section or one of --ca-cert, --client-cert, --server-name "
+        "is given; these flags win over the config's server_ca_file, client_cert_file and "
+        "client_key_file",
+    )
+    tls.add_argument(
+        "--ca-cert",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="CA certificates that sign the server's certificate (default: [tls] server_ca_file, "
+        "else the system's roots)",
+    )
+    tls.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="client certificate chain for mutual TLS, with --client-key (default: [tls] client_cert_file)",
+    )
+    tls.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="private key of --client-cert (default: [tls] client_key_file)",
+    )
+    tls.add_argument(
+        "--server-name",
+        metavar="NAME",
+        default=default(None),
+        help="name the server's certificate must carry, when not the host of the address",
+    )
+    tls.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=default(False),
+        help="connect without TLS even when the config has a [tls] section",
     )
     group.add_argument(
         "--json",
@@ -398,6 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except CliError as exc:
         return fail(exc.message, exc.exit_code)
+    except DialogShardError as exc:  # an RPC failed: the client's error, exit status as grpcurl's
+        message = f"{exc.code.name}: {exc.message}"
+        if exc.code == grpc.StatusCode.UNAVAILABLE and session.connection is not None:
+            # Often the transport is the cause (plaintext to a TLS port, no client certificate for
+            # mutual TLS), and gRPC's message does not say which one was tried.
+            message += f" (calling {session.connection})"
+        return fail(message, RPC_EXIT_BASE + exc.code.value[0])
     except KeyboardInterrupt:
         return fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:

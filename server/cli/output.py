@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
+from client import ShardSource
 
 PROG = "dialogctl"
 
@@ -53,6 +55,13 @@ def fail(message: str, code: int) -> int:
     return code
 
 
-def source_name(source: int) -> str:
+def source_name(source: ShardSource) -> str:
     """`hash` or `override`: why a pair lives on its shard."""
-    return admin_pb.ShardSource.Name(source).removeprefix("SHARD_SOURCE_").lower()  # type: ignore[arg-type]
+    return source.name.lower()
+
+
+def rfc3339(moment: datetime) -> str:
+    """`2026-01-02T03:04:05.678Z`: a time as the proto3 JSON mapping writes it."""
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp.ToJsonString()

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
-import grpc
 import psycopg
-from google.protobuf.message import Message
 
-from client.gen.dialog.v1 import admin_service_pb2_grpc as admin_grpc
+from client import AdminClient, ChannelSecurity
 from server.auth import issue_token
-from server.config import ConfigError, ServerConfig, load_config
+from server.config import ConfigError, ServerConfig, load_config, read_pem
 from server.dev import stack as devstack
 from server.routing import Layout
 from server.storage.layout import load_layout
@@ -34,8 +32,6 @@ EXIT_INTERRUPTED = 130
 MAX_INT64 = 2**63 - 1
 _MIN_INT64 = -(2**63)
 _MAX_INT32 = 2**31 - 1
-
-_Response = TypeVar("_Response", bound=Message)
 
 
 class CliError(Exception):
@@ -98,14 +94,16 @@ def connect_address(listen: str) -> str:
 
 
 class Session:
-    """What the subcommands share: parsed options, the config (loaded lazily) and one channel."""
+    """What the subcommands share: parsed options, the config (loaded lazily) and one AdminClient."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.json: bool = args.json
         self.timeout: float = args.timeout
         self._config: ServerConfig | None = None
-        self._channel: grpc.Channel | None = None
+        self._admin: AdminClient | None = None
+        #: `HOST:PORT over <transport>` once the client is connected, for error messages.
+        self.connection: str | None = None
 
     def config(self) -> ServerConfig:
         if self._config is None:
@@ -134,16 +132,60 @@ class Session:
         # The config's `listen` defaults to DEFAULT_LISTEN when the file does not set it.
         return connect_address(self.config().listen)
 
-    def admin_stub(self) -> admin_grpc.AdminServiceStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address())
-        return admin_grpc.AdminServiceStub(self._channel)
+    def security(self) -> ChannelSecurity:
+        """TLS or plaintext: the flags win over the config's [tls] section, which means TLS when present.
 
-    def admin_metadata(self) -> tuple[tuple[str, str], ...]:
-        # Short-lived: the token only has to outlive this invocation.
-        ttl = max(300, math.ceil(self.timeout) * 4)
-        token = self.issue_token(admin=True, ttl_seconds=ttl)
-        return (("authorization", f"Bearer {token}"),)
+        --ca-cert replaces [tls] server_ca_file, --client-cert/--client-key replace client_cert_file/
+        client_key_file; without [tls], --ca-cert, --client-cert or --server-name ask for TLS.
+        """
+        args = self.args
+        tls_flags = {
+            "--ca-cert": args.ca_cert,
+            "--client-cert": args.client_cert,
+            "--client-key": args.client_key,
+            "--server-name": args.server_name,
+        }
+        if args.plaintext:
+            given = [flag for flag, value in tls_flags.items() if value is not None]
+            if given:
+                raise CliError(f"--plaintext cannot be combined with {', '.join(given)}")
+            return ChannelSecurity(plaintext=True)
+        if (args.client_cert is None) != (args.client_key is None):
+            raise CliError("--client-cert and --client-key go together")
+        tls = self.config().tls
+        if tls is None and not any(value is not None for value in tls_flags.values()):
+            return ChannelSecurity(plaintext=True)
+        ca, ca_what = args.ca_cert, "--ca-cert"
+        if ca is None and tls is not None:
+            ca, ca_what = tls.server_ca_file, "[tls] server_ca_file"
+        cert, key, what = args.client_cert, args.client_key, "--client-{}"
+        if cert is None and tls is not None:
+            cert, key, what = tls.client_cert_file, tls.client_key_file, "[tls] client_{}_file"
+        return ChannelSecurity(
+            root_certificates=_read_pem(ca, ca_what) if ca is not None else None,
+            client_cert_chain=_read_pem(cert, what.format("cert")) if cert is not None else None,
+            client_private_key=_read_pem(key, what.format("key")) if key is not None else None,
+        )
+
+    def admin(self) -> AdminClient:
+        """The AdminService client, connected on first use; every call carries a fresh admin token.
+
+        Its failures are `DialogShardError`s, which `dialogctl.main` turns into exit 64 + code.
+        """
+        if self._admin is None:
+            # Short-lived: a token only has to outlive the call it is minted for.
+            mint = functools.partial(
+                self.issue_token, admin=True, ttl_seconds=max(300, math.ceil(self.timeout) * 4)
+            )
+            mint()  # a config that cannot sign tokens fails here, as a CliError, not inside a call
+            server_name: str | None = self.args.server_name
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            address, security = self.address(), self.security()
+            self._admin = AdminClient.connect(
+                address, security, token=mint, timeout=self.timeout, options=options
+            )
+            self.connection = f"{address} over {_transport(security)}"
+        return self._admin
 
     def issue_token(self, *, user_id: int | None = None, admin: bool = False, ttl_seconds: int) -> str:
         try:
@@ -151,28 +193,25 @@ class Session:
         except ConfigError as exc:  # e.g. only public keys configured: tokens come from the issuer
             raise CliError(str(exc)) from None
 
-    def call(self, method: grpc.UnaryUnaryMultiCallable[Any, _Response], request: Message) -> _Response:
-        """One admin RPC with the deadline; a failure becomes a CliError with exit 64 + code."""
-        metadata = self.admin_metadata()
-        try:
-            return method(request, timeout=self.timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            raise _rpc_failure(exc) from None
-
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
 
 
-def _rpc_failure(exc: grpc.RpcError) -> CliError:
-    if isinstance(exc, grpc.Call):
-        code = exc.code()
-        details = exc.details() or ""
-    else:  # pragma: no cover - every RpcError grpc raises for unary calls is also a Call
-        code, details = grpc.StatusCode.UNKNOWN, str(exc)
-    number: int = code.value[0]
-    return CliError(f"{code.name}: {details}", RPC_EXIT_BASE + number)
+def _transport(security: ChannelSecurity) -> str:
+    if security.plaintext:
+        return "plaintext"
+    if security.client_cert_chain is None:
+        return "TLS without a client certificate"
+    return "TLS with a client certificate"
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        return read_pem(path, what)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
 
 
 def stored_layout(session: Session) -> Layout:
