@@ -158,13 +158,15 @@ class Session:
         ca, ca_what = args.ca_cert, "--ca-cert"
         if ca is None and tls is not None:
             ca, ca_what = tls.server_ca_file, "[tls] server_ca_file"
-        cert, key, what = args.client_cert, args.client_key, "--client-{}"
+        cert, cert_what = args.client_cert, "--client-cert"
+        key, key_what = args.client_key, "--client-key"
         if cert is None and tls is not None:
-            cert, key, what = tls.client_cert_file, tls.client_key_file, "[tls] client_{}_file"
+            cert, cert_what = tls.client_cert_file, "[tls] client_cert_file"
+            key, key_what = tls.client_key_file, "[tls] client_key_file"
         return ChannelSecurity(
             root_certificates=_read_pem(ca, ca_what) if ca is not None else None,
-            client_cert_chain=_read_pem(cert, what.format("cert")) if cert is not None else None,
-            client_private_key=_read_pem(key, what.format("key")) if key is not None else None,
+            client_cert_chain=_read_pem(cert, cert_what) if cert is not None else None,
+            client_private_key=_read_pem(key, key_what) if key is not None else None,
         )
 
     def admin(self) -> AdminClient:
