@@ -125,9 +125,14 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
         return _overrides(response)
 
     def iter_overrides(
-        self, *, page_size: int = 0, timeout: float | None = None, metadata: Metadata = ()
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
     ) -> Iterator[ShardOverride]:
-        """Every override, following next_page_token; `timeout` applies per page."""
+        """Every override from `page_token` on, following next_page_token; `timeout` applies per page."""
 
         def fetch(token: str) -> tuple[Sequence[ShardOverride], str]:
             page = self.list_overrides(
@@ -135,7 +140,7 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
             )
             return page.overrides, page.next_page_token
 
-        return follow_pages(fetch)
+        return follow_pages(fetch, page_token)
 
     def resolve_shard(
         self, user_id_1: int, user_id_2: int, *, timeout: float | None = None, metadata: Metadata = ()
@@ -181,10 +186,11 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
         pair: tuple[int, int] | None = None,
         shard_id: int | None = None,
         page_size: int = 0,
+        page_token: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> Iterator[PlacedMessage]:
-        """Every stored message matching the filters, following next_page_token."""
+        """Every stored message matching the filters from `page_token` on, following next_page_token."""
 
         def fetch(token: str) -> tuple[Sequence[PlacedMessage], str]:
             page = self.list_messages(
@@ -197,7 +203,7 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
             )
             return page.messages, page.next_page_token
 
-        return follow_pages(fetch)
+        return follow_pages(fetch, page_token)
 
 
 class AsyncAdminClient(AsyncCaller[_AsyncStub]):
@@ -264,9 +270,14 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
         return _overrides(response)
 
     def iter_overrides(
-        self, *, page_size: int = 0, timeout: float | None = None, metadata: Metadata = ()
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        metadata: Metadata = (),
     ) -> AsyncIterator[ShardOverride]:
-        """Every override, following next_page_token; `timeout` applies per page."""
+        """Every override from `page_token` on, following next_page_token; `timeout` applies per page."""
 
         async def fetch(token: str) -> tuple[Sequence[ShardOverride], str]:
             page = await self.list_overrides(
@@ -274,7 +285,7 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
             )
             return page.overrides, page.next_page_token
 
-        return follow_pages_async(fetch)
+        return follow_pages_async(fetch, page_token)
 
     async def resolve_shard(
         self, user_id_1: int, user_id_2: int, *, timeout: float | None = None, metadata: Metadata = ()
@@ -320,10 +331,11 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
         pair: tuple[int, int] | None = None,
         shard_id: int | None = None,
         page_size: int = 0,
+        page_token: str = "",
         timeout: float | None = None,
         metadata: Metadata = (),
     ) -> AsyncIterator[PlacedMessage]:
-        """Every stored message matching the filters, following next_page_token."""
+        """Every stored message matching the filters from `page_token` on, following next_page_token."""
 
         async def fetch(token: str) -> tuple[Sequence[PlacedMessage], str]:
             page = await self.list_messages(
@@ -336,4 +348,4 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
             )
             return page.messages, page.next_page_token
 
-        return follow_pages_async(fetch)
+        return follow_pages_async(fetch, page_token)

@@ -204,9 +204,11 @@ class AsyncCaller(_Base, Generic[_Stub]):
         await self.close()
 
 
-def follow_pages(fetch: Callable[[str], tuple[Sequence[_Item], str]]) -> Iterator[_Item]:
-    """The items of every page: `fetch(page_token)` returns one page's items and its next token."""
-    token = ""
+def follow_pages(
+    fetch: Callable[[str], tuple[Sequence[_Item], str]], page_token: str = ""
+) -> Iterator[_Item]:
+    """The items of every page from `page_token` on: `fetch(token)` returns a page's items and next token."""
+    token = page_token
     while True:
         items, token = fetch(token)
         yield from items
@@ -215,10 +217,10 @@ def follow_pages(fetch: Callable[[str], tuple[Sequence[_Item], str]]) -> Iterato
 
 
 async def follow_pages_async(
-    fetch: Callable[[str], Awaitable[tuple[Sequence[_Item], str]]],
+    fetch: Callable[[str], Awaitable[tuple[Sequence[_Item], str]]], page_token: str = ""
 ) -> AsyncIterator[_Item]:
     """The asyncio twin of `follow_pages`."""
-    token = ""
+    token = page_token
     while True:
         items, token = await fetch(token)
         for item in items:

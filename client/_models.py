@@ -2,6 +2,7 @@
 
 Plain values (ints, str, datetime, enums) instead of protobuf messages: they compare, hash and
 print as expected, carry type hints, and do not change when the wire format grows a field.
+`to_proto()` turns one back into its message, e.g. to print it in the proto3 JSON mapping.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def _time(ts: Timestamp) -> datetime:
     return ts.ToDatetime(tzinfo=UTC)
 
 
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One stored chat message."""
@@ -50,6 +57,15 @@ class Message:
     @classmethod
     def from_proto(cls, m: dialog_pb.Message) -> Message:
         return cls(m.message_id, m.from_user_id, m.to_user_id, m.text, _time(m.create_time))
+
+    def to_proto(self) -> dialog_pb.Message:
+        return dialog_pb.Message(
+            message_id=self.message_id,
+            from_user_id=self.from_user_id,
+            to_user_id=self.to_user_id,
+            text=self.text,
+            create_time=_timestamp(self.create_time),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +101,14 @@ class ShardOverride:
     def from_proto(cls, o: admin_pb.ShardOverride) -> ShardOverride:
         return cls(o.user_id_1, o.user_id_2, o.shard_id, _time(o.create_time))
 
+    def to_proto(self) -> admin_pb.ShardOverride:
+        return admin_pb.ShardOverride(
+            user_id_1=self.user_id_1,
+            user_id_2=self.user_id_2,
+            shard_id=self.shard_id,
+            create_time=_timestamp(self.create_time),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class OverridePage:
@@ -105,6 +129,14 @@ class ShardResolution:
     #: The pair's hash bucket (hash modulo 4096).
     bucket: int
 
+    def to_proto(self) -> admin_pb.ResolveShardResponse:
+        return admin_pb.ResolveShardResponse(
+            shard_id=self.shard_id,
+            source=self.source.value,
+            hash_shard_id=self.hash_shard_id,
+            bucket=self.bucket,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ShardStats:
@@ -117,6 +149,16 @@ class ShardStats:
     location: str
     #: False when the shard could not be reached; its counts are then zero.
     available: bool
+
+    def to_proto(self) -> admin_pb.ShardStats:
+        return admin_pb.ShardStats(
+            shard_id=self.shard_id,
+            message_count=self.message_count,
+            override_count=self.override_count,
+            table_name=self.table_name,
+            location=self.location,
+            available=self.available,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +178,14 @@ class ClusterStats:
         )
         return cls(shards, r.num_shards, r.total_message_count, r.override_count)
 
+    def to_proto(self) -> admin_pb.GetShardStatsResponse:
+        return admin_pb.GetShardStatsResponse(
+            shards=[s.to_proto() for s in self.shards],
+            num_shards=self.num_shards,
+            total_message_count=self.total_message_count,
+            override_count=self.override_count,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class PlacedMessage:
@@ -152,6 +202,15 @@ class PlacedMessage:
     def from_proto(cls, m: admin_pb.PlacedMessage) -> PlacedMessage:
         return cls(
             Message.from_proto(m.message), m.shard_id, ShardSource(m.source), m.resolved_shard_id, m.bucket
+        )
+
+    def to_proto(self) -> admin_pb.PlacedMessage:
+        return admin_pb.PlacedMessage(
+            message=self.message.to_proto(),
+            shard_id=self.shard_id,
+            source=self.source.value,
+            resolved_shard_id=self.resolved_shard_id,
+            bucket=self.bucket,
         )
 
 

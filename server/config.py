@@ -18,6 +18,11 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     key_file = "/etc/dialog-shard/server.key"
     client_ca_file = "/etc/dialog-shard/clients-ca.pem"   # mutual TLS: CAs of client certificates
     require_client_cert = true
+    # For dialogctl reading this file (the server ignores them): the CA of cert_file, and
+    # dialogctl's own certificate when the server requires one.
+    # server_ca_file = "/etc/dialog-shard/server-ca.pem"
+    # client_cert_file = "/etc/dialog-shard/dialogctl.pem"
+    # client_key_file = "/etc/dialog-shard/dialogctl.key"
 
     [limits]
     send_rate_per_second = 20               # per-user SendMessage token bucket; 0 disables
@@ -230,6 +235,13 @@ class TlsConfig:
     client_ca: bytes | None = None
     #: Refuse clients without a certificate from `client_ca`.
     require_client_cert: bool = False
+    #: For clients reading this config (dialogctl), never used by the server: the CAs that sign
+    #: the server certificate (None: the system's roots), and a client certificate and key for
+    #: mutual TLS. Paths, read when dialogctl connects, so that a server never fails to start
+    #: over a file only dialogctl needs.
+    server_ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,7 +617,15 @@ def _resilience(section: Mapping[str, Any]) -> ResilienceConfig:
 def _tls(section: Mapping[str, Any] | None, base_dir: Path) -> TlsConfig | None:
     if section is None:
         return None
-    allowed = {"cert_file", "key_file", "client_ca_file", "require_client_cert"}
+    allowed = {
+        "cert_file",
+        "key_file",
+        "client_ca_file",
+        "require_client_cert",
+        "server_ca_file",
+        "client_cert_file",
+        "client_key_file",
+    }
     unknown = set(section) - allowed
     if unknown:
         raise ConfigError(f"unknown keys in [tls]: {', '.join(sorted(unknown))}")
@@ -617,15 +637,23 @@ def _tls(section: Mapping[str, Any] | None, base_dir: Path) -> TlsConfig | None:
     require = _bool(section.get("require_client_cert", False))
     if require and ca_file is None:
         raise ConfigError("[tls] require_client_cert needs client_ca_file (the CAs of client certificates)")
+    client_cert_file = _path(section.get("client_cert_file"), base_dir)
+    client_key_file = _path(section.get("client_key_file"), base_dir)
+    if (client_cert_file is None) != (client_key_file is None):
+        raise ConfigError("[tls] client_cert_file and client_key_file go together")
     return TlsConfig(
-        cert_chain=_read_pem(cert_file, "[tls] cert_file"),
-        private_key=_read_pem(key_file, "[tls] key_file"),
-        client_ca=_read_pem(ca_file, "[tls] client_ca_file") if ca_file else None,
+        cert_chain=read_pem(cert_file, "[tls] cert_file"),
+        private_key=read_pem(key_file, "[tls] key_file"),
+        client_ca=read_pem(ca_file, "[tls] client_ca_file") if ca_file else None,
         require_client_cert=require,
+        server_ca_file=_path(section.get("server_ca_file"), base_dir),
+        client_cert_file=client_cert_file,
+        client_key_file=client_key_file,
     )
 
 
-def _read_pem(path: Path, what: str) -> bytes:
+def read_pem(path: Path, what: str) -> bytes:
+    """The contents of a PEM file, or a ConfigError naming `what` and why it cannot be used."""
     try:
         content = path.read_bytes()
     except OSError as exc:

@@ -31,9 +31,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from server.cli.dialogctl import EXIT_CONFIG, CliError, Session, format_table, print_json
+from server.cli.output import format_table, print_json
 from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, run_tool
 from server.cli.progress import Progress
+from server.cli.session import EXIT_CONFIG, CliError, Session
 from server.config import describe_dsn
 from server.storage.overrides import LISTENER_APPLICATION_NAME
 from server.storage.schema import migrate_control, migrate_shard

@@ -12,6 +12,15 @@ tokens with the server's key and call AdminService with an admin token::
     dialogctl overrides delete 1 2
     dialogctl stats                             # messages per shard and how evenly they spread
 
+RPC commands call AdminService through `client.AdminClient` (its paging, retries of
+UNAVAILABLE within the --timeout deadline, and error mapping). They speak TLS when the
+config has a [tls] section (trusting its server_ca_file, presenting its client_cert_file
+and client_key_file for mutual TLS) or when --ca-cert, --client-cert/--client-key or
+--server-name say so; these flags win over the config, and --plaintext turns TLS off::
+
+    dialogctl --ca-cert ca.pem stats
+    dialogctl --ca-cert ca.pem --client-cert me.pem --client-key me.key overrides list
+
 Global options go before or after the subcommand (`dialogctl --json stats` or
 `dialogctl stats --json`). `--json` prints one JSON document on stdout; RPC
 responses use the proto3 JSON mapping with the proto field names (64-bit
@@ -26,98 +35,51 @@ when an RPC fails (the convention grpcurl uses, e.g. 67 for INVALID_ARGUMENT,
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
-import json
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import grpc
 import jwt
-import psycopg
-from google.protobuf import json_format
-from google.protobuf.message import Message
 
+from client import DialogShardError, ShardOverride
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from client.gen.dialog.v1 import admin_service_pb2_grpc as admin_grpc
-from server.auth import issue_token
-from server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, load_config
-from server.dev import stack as devstack
+from server.cli import backup, hotspots, messages, migrate, moves, reshard, verify
+from server.cli.output import (
+    PROG,
+    fail,
+    format_fields,
+    format_table,
+    message_dict,
+    print_json,
+    rfc3339,
+    source_name,
+)
+from server.cli.session import (
+    EXIT_INTERRUPTED,
+    MAX_INT64,
+    RPC_EXIT_BASE,
+    CliError,
+    Session,
+    int64_arg,
+    int_in,
+    page_size_arg,
+    shard_id_arg,
+    stored_layout,
+)
+from server.config import DEFAULT_LISTEN
 from server.routing import Layout, bucket_of, pair_hash
 from server.routing.distribution import DistributionSummary
-from server.storage.layout import load_layout
 
-# Besides `main`, what the subcommand modules (server/cli/*.py) build on.
-__all__ = [
-    "EXIT_CONFIG",
-    "EXIT_INTERRUPTED",
-    "RPC_EXIT_BASE",
-    "CliError",
-    "Session",
-    "fail",
-    "format_table",
-    "int64_arg",
-    "main",
-    "message_dict",
-    "page_size_arg",
-    "print_json",
-    "shard_id_arg",
-    "source_name",
-    "stored_layout",
-]
-
-PROG = "dialogctl"
-#: Exit status of usage and configuration errors (argparse uses 2 as well).
-EXIT_CONFIG = 2
-#: Exit status of a failed RPC is this plus the numeric gRPC status code.
-RPC_EXIT_BASE = 64
-EXIT_INTERRUPTED = 130
-
-_MAX_INT64 = 2**63 - 1
-_MIN_INT64 = -(2**63)
-_MAX_INT32 = 2**31 - 1
 _DEFAULT_TIMEOUT = 10.0
 _DEFAULT_TTL = 3600
 
-_Response = TypeVar("_Response", bound=Message)
-
-
-class CliError(Exception):
-    """A failure reported as `dialogctl: <message>` with a given exit status."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_CONFIG) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
-
-
-# -- argument types ---------------------------------------------------------------------------------
-
-
-def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be in {low}..{high}, got {value}")
-        return value
-
-    parse.__name__ = what  # argparse names the type in its messages
-    return parse
-
-
-int64_arg = _int_in(_MIN_INT64, _MAX_INT64, "user id")
-_user_id = _int_in(1, _MAX_INT64, "user id")
-shard_id_arg = _int_in(-(2**31), _MAX_INT32, "shard id")
-page_size_arg = _int_in(-(2**31), _MAX_INT32, "page size")
-_shard_count = _int_in(1, _MAX_INT32, "shard count")
-_ttl = _int_in(1, 10 * 365 * 24 * 3600, "ttl")
+_user_id = int_in(1, MAX_INT64, "user id")
+_shard_count = int_in(1, 2**31 - 1, "shard count")
+_ttl = int_in(1, 10 * 365 * 24 * 3600, "ttl")
 
 
 def _timeout(text: str) -> float:
@@ -128,147 +90,6 @@ def _timeout(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"timeout must be a positive number of seconds, got {text!r}")
     return value
-
-
-# -- configuration and connection -------------------------------------------------------------------
-
-
-def default_config_path() -> Path | None:
-    """`$DIALOG_CONFIG`, else the config `dialog-server --dev` writes, if it exists."""
-    env = os.environ.get("DIALOG_CONFIG")
-    if env:
-        return Path(env)
-    dev = devstack.default_data_dir() / devstack.CONFIG_NAME
-    return dev if dev.is_file() else None
-
-
-def connect_address(listen: str) -> str:
-    """The address to dial for a server listening on `listen` (wildcards become loopback)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise CliError(f"cannot tell the server's port from its listen address {listen!r}; pass --address")
-    if port == "0":
-        raise CliError(f"the config listens on {listen!r} (a random port); pass --address HOST:PORT")
-    if host in ("", "*", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host in ("[::]", "::"):
-        host = "[::1]"
-    return f"{host}:{port}"
-
-
-class Session:
-    """What the subcommands share: parsed options, the config (loaded lazily) and one channel."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.json: bool = args.json
-        self.timeout: float = args.timeout
-        self._config: ServerConfig | None = None
-        self._channel: grpc.Channel | None = None
-
-    def config(self) -> ServerConfig:
-        if self._config is None:
-            explicit: Path | None = self.args.config
-            path = explicit if explicit is not None else default_config_path()
-            try:
-                self._config = load_config(path, os.environ)
-            except ConfigError as exc:
-                if path is None:
-                    raise CliError(
-                        "no config file: pass --config PATH, set DIALOG_CONFIG, or start "
-                        "`dialog-server --dev` (it writes .data/dialog-shard.toml); "
-                        f"the environment alone is not enough: {exc}"
-                    ) from None
-                raise CliError(str(exc)) from None
-            except OSError as exc:
-                raise CliError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
-            except (TypeError, ValueError) as exc:
-                raise CliError(f"the config file {path} has an invalid value: {exc}") from None
-        return self._config
-
-    def address(self) -> str:
-        given: str | None = self.args.address
-        if given:
-            return given
-        # The config's `listen` defaults to DEFAULT_LISTEN when the file does not set it.
-        return connect_address(self.config().listen)
-
-    def admin_stub(self) -> admin_grpc.AdminServiceStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address())
-        return admin_grpc.AdminServiceStub(self._channel)
-
-    def admin_metadata(self) -> tuple[tuple[str, str], ...]:
-        # Short-lived: the token only has to outlive this invocation.
-        ttl = max(300, math.ceil(self.timeout) * 4)
-        token = self.issue_token(admin=True, ttl_seconds=ttl)
-        return (("authorization", f"Bearer {token}"),)
-
-    def issue_token(self, *, user_id: int | None = None, admin: bool = False, ttl_seconds: int) -> str:
-        try:
-            return issue_token(self.config().auth, user_id=user_id, admin=admin, ttl_seconds=ttl_seconds)
-        except ConfigError as exc:  # e.g. only public keys configured: tokens come from the issuer
-            raise CliError(str(exc)) from None
-
-    def call(self, method: grpc.UnaryUnaryMultiCallable[Any, _Response], request: Message) -> _Response:
-        """One admin RPC with the deadline; a failure becomes a CliError with exit 64 + code."""
-        metadata = self.admin_metadata()
-        try:
-            return method(request, timeout=self.timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            raise _rpc_failure(exc) from None
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
-
-def _rpc_failure(exc: grpc.RpcError) -> CliError:
-    if isinstance(exc, grpc.Call):
-        code = exc.code()
-        details = exc.details() or ""
-    else:  # pragma: no cover - every RpcError grpc raises for unary calls is also a Call
-        code, details = grpc.StatusCode.UNKNOWN, str(exc)
-    number: int = code.value[0]
-    return CliError(f"{code.name}: {details}", RPC_EXIT_BASE + number)
-
-
-# -- output -----------------------------------------------------------------------------------------
-
-
-def message_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
-def print_json(document: object) -> None:
-    print(json.dumps(document, indent=2))
-
-
-def format_table(
-    headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[int] = ()
-) -> str:
-    """Columns padded to their widest cell; the columns in `right` are right-aligned (numbers)."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for row in cells:
-        padded = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)
-        ]
-        lines.append("  ".join(padded).rstrip())
-    return "\n".join(lines)
-
-
-def _format_fields(fields: Sequence[tuple[str, object]]) -> str:
-    width = max(len(name) for name, _ in fields)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in fields)
-
-
-def source_name(source: int) -> str:
-    return admin_pb.ShardSource.Name(source).removeprefix("SHARD_SOURCE_").lower()  # type: ignore[arg-type]
 
 
 # -- subcommands ------------------------------------------------------------------------------------
@@ -294,57 +115,29 @@ def cmd_shard_of(session: Session) -> int:
         args.subparser.error("--shards only applies with --offline")
     if args.offline:
         return _shard_of_offline(session, a, b)
-    response = session.call(
-        session.admin_stub().ResolveShard, admin_pb.ResolveShardRequest(user_id_1=a, user_id_2=b)
-    )
+    resolution = session.admin().resolve_shard(a, b)
     if session.json:
-        print_json(message_dict(response))
+        print_json(message_dict(resolution.to_proto()))
         return 0
     print(
-        _format_fields(
+        format_fields(
             [
                 ("pair", f"{min(a, b)} {max(a, b)}"),
-                ("shard", response.shard_id),
-                ("source", source_name(response.source)),
-                ("hash shard", response.hash_shard_id),
-                ("bucket", response.bucket),
+                ("shard", resolution.shard_id),
+                ("source", source_name(resolution.source)),
+                ("hash shard", resolution.hash_shard_id),
+                ("bucket", resolution.bucket),
             ]
         )
     )
     return 0
 
 
-def stored_layout(session: Session) -> Layout:
-    """The layout the servers route by, read from the control database named in the config.
-
-    Not the config's shard count: every config lists the shards a reshard has not reached
-    yet (and, after shrinking, those it left), and a running reshard routes moved units by
-    its new count.
-    """
-    try:
-        dsn = session.config().control_dsn
-    except CliError as exc:
-        raise CliError(
-            f"--offline needs --shards N or a config naming the control database: {exc.message}"
-        ) from None
-
-    async def read() -> Layout:
-        async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=5) as conn:
-            return await load_layout(conn)
-
-    try:
-        return asyncio.run(read())
-    except (psycopg.Error, LookupError) as exc:
-        raise CliError(
-            f"cannot read the shard layout from the control database ({exc}); pass --shards N"
-        ) from None
-
-
 def _shard_of_offline(session: Session, a: int, b: int) -> int:
     args = session.args
     for value in (a, b):
-        if not 1 <= value <= _MAX_INT64:
-            args.subparser.error(f"user ids must be in 1..{_MAX_INT64}, got {value}")
+        if not 1 <= value <= MAX_INT64:
+            args.subparser.error(f"user ids must be in 1..{MAX_INT64}, got {value}")
     if a == b:
         args.subparser.error("a dialog is between two different users: the user ids must differ")
     layout = Layout(args.shards) if args.shards is not None else stored_layout(session)
@@ -364,7 +157,7 @@ def _shard_of_offline(session: Session, a: int, b: int) -> int:
         )
         return 0
     print(
-        _format_fields(
+        format_fields(
             [
                 ("pair", f"{min(a, b)} {max(a, b)}"),
                 ("shard", shard),
@@ -378,8 +171,8 @@ def _shard_of_offline(session: Session, a: int, b: int) -> int:
     return 0
 
 
-def _override_rows(overrides: Sequence[admin_pb.ShardOverride]) -> list[list[object]]:
-    return [[o.user_id_1, o.user_id_2, o.shard_id, o.create_time.ToJsonString()] for o in overrides]
+def _override_rows(overrides: Sequence[ShardOverride]) -> list[list[object]]:
+    return [[o.user_id_1, o.user_id_2, o.shard_id, rfc3339(o.create_time)] for o in overrides]
 
 
 _OVERRIDE_HEADERS = ("USER_ID_1", "USER_ID_2", "SHARD", "CREATED")
@@ -387,31 +180,23 @@ _OVERRIDE_HEADERS = ("USER_ID_1", "USER_ID_2", "SHARD", "CREATED")
 
 def cmd_overrides_list(session: Session) -> int:
     args = session.args
-    stub = session.admin_stub()
-    token: str = args.page_token
-    collected: list[admin_pb.ShardOverride] = []
-    seen_tokens: set[str] = set()
-    while True:
-        response = session.call(
-            stub.ListShardOverrides,
-            admin_pb.ListShardOverridesRequest(page_size=args.page_size, page_token=token),
-        )
-        collected.extend(response.overrides)
-        token = response.next_page_token
-        if not args.all or not token:
-            break
-        if token in seen_tokens:
-            raise CliError("the server returned the same page token twice; stopping", 1)
-        seen_tokens.add(token)
+    admin = session.admin()
+    overrides: list[ShardOverride]
+    if args.all:
+        overrides = list(admin.iter_overrides(page_size=args.page_size, page_token=args.page_token))
+        token = ""
+    else:
+        page = admin.list_overrides(page_size=args.page_size, page_token=args.page_token)
+        overrides, token = list(page.overrides), page.next_page_token
     if session.json:
-        document = message_dict(
-            admin_pb.ListShardOverridesResponse(overrides=collected, next_page_token=token)
+        response = admin_pb.ListShardOverridesResponse(
+            overrides=[o.to_proto() for o in overrides], next_page_token=token
         )
-        print_json(document)
+        print_json(message_dict(response))
         return 0
-    if collected:
-        print(format_table(_OVERRIDE_HEADERS, _override_rows(collected), right=(0, 1, 2)))
-    print(f"{len(collected)} override{'' if len(collected) == 1 else 's'}")
+    if overrides:
+        print(format_table(_OVERRIDE_HEADERS, _override_rows(overrides), right=(0, 1, 2)))
+    print(f"{len(overrides)} override{'' if len(overrides) == 1 else 's'}")
     if token:
         print(f"more: dialogctl overrides list --page-token {token}   (or --all)")
     return 0
@@ -419,37 +204,33 @@ def cmd_overrides_list(session: Session) -> int:
 
 def cmd_overrides_set(session: Session) -> int:
     args = session.args
-    request = admin_pb.SetShardOverrideRequest(
-        user_id_1=args.user_id_1, user_id_2=args.user_id_2, shard_id=args.shard
-    )
-    response = session.call(session.admin_stub().SetShardOverride, request)
+    override = session.admin().set_override(args.user_id_1, args.user_id_2, args.shard)
     if session.json:
-        print_json(message_dict(response))
+        print_json(message_dict(admin_pb.SetShardOverrideResponse(override=override.to_proto())))
         return 0
-    print(format_table(_OVERRIDE_HEADERS, _override_rows([response.override]), right=(0, 1, 2)))
+    print(format_table(_OVERRIDE_HEADERS, _override_rows([override]), right=(0, 1, 2)))
     return 0
 
 
 def cmd_overrides_delete(session: Session) -> int:
     args = session.args
-    request = admin_pb.DeleteShardOverrideRequest(
-        user_id_1=args.user_id_1, user_id_2=args.user_id_2, allow_missing=args.allow_missing
+    hash_shard = session.admin().delete_override(
+        args.user_id_1, args.user_id_2, allow_missing=args.allow_missing
     )
-    response = session.call(session.admin_stub().DeleteShardOverride, request)
     if session.json:
-        print_json(message_dict(response))
+        print_json(message_dict(admin_pb.DeleteShardOverrideResponse(shard_id=hash_shard)))
         return 0
     low, high = sorted((args.user_id_1, args.user_id_2))
-    print(f"pair {low} {high} has no override; it lives on its hash shard {response.shard_id}")
+    print(f"pair {low} {high} has no override; it lives on its hash shard {hash_shard}")
     return 0
 
 
 def cmd_stats(session: Session) -> int:
-    response = session.call(session.admin_stub().GetShardStats, admin_pb.GetShardStatsRequest())
-    available = [s for s in response.shards if s.available]
+    stats = session.admin().get_stats()
+    available = [s for s in stats.shards if s.available]
     summary = DistributionSummary.summarize([s.message_count for s in available]) if available else None
     if session.json:
-        document = message_dict(response)
+        document = message_dict(stats.to_proto())
         document["distribution"] = dataclasses.asdict(summary) if summary is not None else None
         print_json(document)
         return 0
@@ -462,7 +243,7 @@ def cmd_stats(session: Session) -> int:
             s.override_count,
             "yes" if s.available else "NO",
         ]
-        for s in response.shards
+        for s in stats.shards
     ]
     print(
         format_table(
@@ -471,9 +252,9 @@ def cmd_stats(session: Session) -> int:
     )
     print()
     fields: list[tuple[str, object]] = [
-        ("shards", f"{response.num_shards} ({len(available)} available)"),
-        ("overrides", response.override_count),
-        ("messages total", response.total_message_count),
+        ("shards", f"{stats.num_shards} ({len(available)} available)"),
+        ("overrides", stats.override_count),
+        ("messages total", stats.total_message_count),
     ]
     if summary is not None:
         fields += [
@@ -484,9 +265,9 @@ def cmd_stats(session: Session) -> int:
             ("chi-square", f"{summary.chi2:.3f} (df {summary.shards - 1})"),
             ("p-value (uniform)", f"{summary.p_value:.4g}"),
         ]
-        if len(available) < response.num_shards:
+        if len(available) < stats.num_shards:
             fields.append(("note", "figures cover the available shards only"))
-    print(_format_fields(fields))
+    print(format_fields(fields))
     return 0
 
 
@@ -515,6 +296,46 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> 
         metavar="HOST:PORT",
         default=default(None),
         help=f"server to call (default: the config's listen address, else {DEFAULT_LISTEN})",
+    )
+    tls = parser.add_argument_group(
+        "transport security",
+        "TLS when the config has a [tls] section or one of --ca-cert, --client-cert, --server-name "
+        "is given; these flags win over the config's server_ca_file, client_cert_file and "
+        "client_key_file",
+    )
+    tls.add_argument(
+        "--ca-cert",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="CA certificates that sign the server's certificate (default: [tls] server_ca_file, "
+        "else the system's roots)",
+    )
+    tls.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="client certificate chain for mutual TLS, with --client-key (default: [tls] client_cert_file)",
+    )
+    tls.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="private key of --client-cert (default: [tls] client_key_file)",
+    )
+    tls.add_argument(
+        "--server-name",
+        metavar="NAME",
+        default=default(None),
+        help="name the server's certificate must carry, when not the host of the address",
+    )
+    tls.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=default(False),
+        help="connect without TLS even when the config has a [tls] section",
     )
     group.add_argument(
         "--json",
@@ -602,17 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command(commands, "stats", cmd_stats, "messages and overrides per shard, and how evenly they spread")
 
-    # Imported here: these modules import this one.
-    from server.cli import backup, hotspots, messages, migrate, moves, reshard, verify
-
     for extension in (messages, migrate, backup, verify, reshard, hotspots, moves):
         extension.register(commands, command)
     return parser
-
-
-def fail(message: str, code: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -624,6 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except CliError as exc:
         return fail(exc.message, exc.exit_code)
+    except DialogShardError as exc:  # an RPC failed: the client's error, exit status as grpcurl's
+        message = f"{exc.code.name}: {exc.message}"
+        if exc.code == grpc.StatusCode.UNAVAILABLE and session.connection is not None:
+            # Often the transport is the cause (plaintext to a TLS port, no client certificate for
+            # mutual TLS), and gRPC's message does not say which one was tried.
+            message += f" (calling {session.connection})"
+        return fail(message, RPC_EXIT_BASE + exc.code.value[0])
     except KeyboardInterrupt:
         return fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:

@@ -16,8 +16,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from server.cli.dialogctl import Session, format_table, print_json, stored_layout
+from server.cli.output import format_table, print_json
+from server.cli.session import Session, stored_layout
 from server.cli.shards import run_tool, tool_shards
 from server.config import ServerConfig
 from server.routing import Pair
@@ -121,14 +121,9 @@ def cmd_rebalance(session: Session) -> int:
     )
     applied: list[Proposal] = []
     if args.apply:
-        stub = session.admin_stub()
+        admin = session.admin()
         for proposal in proposals:
-            session.call(
-                stub.SetShardOverride,
-                admin_pb.SetShardOverrideRequest(
-                    user_id_1=proposal.pair.low, user_id_2=proposal.pair.high, shard_id=proposal.target
-                ),
-            )
+            admin.set_override(proposal.pair.low, proposal.pair.high, proposal.target)
             applied.append(proposal)
     if session.json:
         print_json(

@@ -4,7 +4,7 @@
     dialogctl messages --pair 1 2 --all     # every message of one dialog, wherever it is stored
     dialogctl messages --shard 3 --json     # one shard, as JSON
 
-Calls AdminService.ListMessages; `--all` follows next_page_token to the end.
+Calls AdminService.ListMessages through client.AdminClient; `--all` follows next_page_token to the end.
 """
 
 from __future__ import annotations
@@ -13,25 +13,17 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from client import PlacedMessage
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from server.cli.dialogctl import (
-    CliError,
-    Session,
-    format_table,
-    int64_arg,
-    message_dict,
-    page_size_arg,
-    print_json,
-    shard_id_arg,
-    source_name,
-)
+from server.cli.output import format_table, message_dict, print_json, rfc3339, source_name
 from server.cli.progress import Progress
+from server.cli.session import Session, int64_arg, page_size_arg, shard_id_arg
 
 _TEXT_WIDTH = 40
 _HEADERS = ("SHARD", "MESSAGE_ID", "FROM", "TO", "CREATED", "PLACEMENT", "TEXT")
 
 
-def _placement(m: admin_pb.PlacedMessage) -> str:
+def _placement(m: PlacedMessage) -> str:
     reason = source_name(m.source)
     if m.resolved_shard_id != m.shard_id:
         return f"{reason} -> {m.resolved_shard_id} (not moved yet)"
@@ -45,28 +37,28 @@ def _short(text: str) -> str:
 
 def cmd_messages(session: Session) -> int:
     args = session.args
-    request = admin_pb.ListMessagesRequest(page_size=args.page_size, page_token=args.page_token)
-    if args.pair is not None:
-        request.user_id_1, request.user_id_2 = args.pair
-    if args.shard is not None:
-        request.shard_id = args.shard
-    stub = session.admin_stub()
-    collected: list[admin_pb.PlacedMessage] = []
-    seen_tokens: set[str] = set()
-    with Progress("messages") as progress:
-        while True:
-            response = session.call(stub.ListMessages, request)
-            collected.extend(response.messages)
-            progress.update(f"{len(collected)} fetched")
-            token = response.next_page_token
-            if not args.all or not token:
-                break
-            if token in seen_tokens:
-                raise CliError("the server returned the same page token twice; stopping", 1)
-            seen_tokens.add(token)
-            request.page_token = token
+    admin = session.admin()
+    pair = (args.pair[0], args.pair[1]) if args.pair is not None else None
+    messages: list[PlacedMessage]
+    if args.all:
+        messages = []
+        with Progress("messages") as progress:
+            for message in admin.iter_messages(
+                pair=pair, shard_id=args.shard, page_size=args.page_size, page_token=args.page_token
+            ):
+                messages.append(message)
+                progress.update(f"{len(messages)} fetched")
+        token = ""
+    else:
+        page = admin.list_messages(
+            pair=pair, shard_id=args.shard, page_size=args.page_size, page_token=args.page_token
+        )
+        messages, token = list(page.messages), page.next_page_token
     if session.json:
-        print_json(message_dict(admin_pb.ListMessagesResponse(messages=collected, next_page_token=token)))
+        response = admin_pb.ListMessagesResponse(
+            messages=[m.to_proto() for m in messages], next_page_token=token
+        )
+        print_json(message_dict(response))
         return 0
     rows = [
         [
@@ -74,15 +66,15 @@ def cmd_messages(session: Session) -> int:
             m.message.message_id,
             m.message.from_user_id,
             m.message.to_user_id,
-            m.message.create_time.ToJsonString(),
+            rfc3339(m.message.create_time),
             _placement(m),
             _short(m.message.text),
         ]
-        for m in collected
+        for m in messages
     ]
     if rows:
         print(format_table(_HEADERS, rows, right=(0, 2, 3)))
-    print(f"{len(collected)} message{'' if len(collected) == 1 else 's'}")
+    print(f"{len(messages)} message{'' if len(messages) == 1 else 's'}")
     if token:
         print(f"more: dialogctl messages ... --page-token {token}   (or --all)")
     return 0

@@ -16,8 +16,9 @@ from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import Session, fail, format_table, print_json
+from server.cli.output import fail, format_table, print_json
 from server.cli.progress import Progress
+from server.cli.session import Session
 from server.config import describe_dsn
 from server.storage.pools import connect_failure_reason
 from server.storage.schema import migrate_control, migrate_shard

@@ -18,7 +18,8 @@ from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import Session, format_table, print_json
+from server.cli.output import format_table, print_json
+from server.cli.session import Session
 from server.cli.shards import run_tool, tool_shards
 from server.config import PoolConfig, ServerConfig
 from server.moves.mover import Mover

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from server.cli.dialogctl import CliError
+from server.cli.session import CliError
 
 #: Exit status of a failed external program (pg_dump, pg_restore).
 EXIT_TOOL_FAILED = 1

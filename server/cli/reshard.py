@@ -26,8 +26,9 @@ from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import CliError, Session, format_table, print_json
+from server.cli.output import format_table, print_json
 from server.cli.progress import Progress as ProgressLine
+from server.cli.session import CliError, Session
 from server.cli.shards import run_tool, tool_shards
 from server.config import PoolConfig, ServerConfig
 from server.moves.mover import Mover

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from server.cli.dialogctl import CliError
+from server.cli.session import CliError
 from server.config import PoolConfig, ResilienceConfig, ServerConfig
 from server.errors import ServiceError
 from server.storage.pools import ShardSet, StartupError

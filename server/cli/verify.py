@@ -21,8 +21,9 @@ from typing import Any
 
 import psycopg
 
-from server.cli.dialogctl import Session, format_table, print_json
+from server.cli.output import format_table, print_json
 from server.cli.progress import Progress
+from server.cli.session import Session
 from server.cli.shards import run_tool, tool_shards
 from server.config import ServerConfig
 from server.moves.mover import mover_lock
