@@ -231,10 +231,6 @@ class EmbeddedPostgres:
     def dsn_for(self, database: str) -> str:
         return f"postgresql://{SUPERUSER}@{self._connect_host()}:{self.port}/{quote(database, safe='')}"
 
-    @property
-    def socket_dir(self) -> Path:
-        return self.data_dir
-
     def _connect_host(self) -> str:
         first = self.host.split(",")[0].strip()
         # Wildcard listen addresses cannot be connected to; loopback on the same family reaches them.
