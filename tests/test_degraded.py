@@ -16,7 +16,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.auth import issue_token
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.runtime.app import DIALOG_SERVICE, running_server
-from server.storage.pools import StartupError
+from server.storage.pools import DatabaseStartupError
 from tests.conftest import make_config
 from tests.faults import CRASH_SAFE_SETTINGS, pairs_on, retry_delay_of, rng
 from tests.pgfixtures import free_port, reachable_temp_dir
@@ -125,6 +125,6 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
 
 async def test_no_reachable_shard_at_all_fails_startup(jwt_secret):
     dead = [f"postgresql://postgres@127.0.0.1:{free_port()}/dialog" for _ in range(2)]
-    with pytest.raises(StartupError, match=r"shard-0 .*; shard-1 "):
+    with pytest.raises(DatabaseStartupError, match=r"shard-0 .*; shard-1 "):
         async with running_server(make_config(dead, jwt_secret)):
             pytest.fail("server must not start")

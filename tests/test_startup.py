@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 
 from server.config import ConfigError, config_from_mapping
+from server.dev.embedded_pg import EmbeddedPostgresError
+from server.errors import StartupError
 from server.runtime.app import running_server
-from server.storage.pools import StartupError
+from server.runtime.eventloop import EventLoopError
+from server.runtime.supervisor import ListenError
+from server.storage.pools import DatabaseStartupError
 from tests.conftest import make_config
 from tests.pgfixtures import free_port
 
@@ -24,7 +28,7 @@ async def test_unreachable_shard_names_the_shard_and_the_reason(pg_servers, jwt_
         resilience={"require_all_shards": True},
     )
     started = time.monotonic()
-    with pytest.raises(StartupError) as caught:
+    with pytest.raises(DatabaseStartupError) as caught:
         async with running_server(config):
             pytest.fail("server must not start")
     message = str(caught.value)
@@ -171,3 +175,9 @@ def test_resilience_config_is_read():
 def test_pin_workers_comes_from_the_file_and_the_environment_wins(data, env, pinned):
     base = {"auth": {"jwt_secret": "k" * 32}, "shards": [{"id": 0, "dsn": "postgresql://h/db"}]}
     assert config_from_mapping({**base, **data}, env, base_dir=Path.cwd()).pin_workers is pinned
+
+
+def test_every_reason_not_to_start_is_a_startup_error() -> None:
+    """`dialog-server` catches StartupError once; each startup failure must derive from it."""
+    for error in (ConfigError, DatabaseStartupError, EmbeddedPostgresError, EventLoopError, ListenError):
+        assert issubclass(error, StartupError), error

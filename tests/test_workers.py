@@ -27,7 +27,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.runtime.affinity import cpu_for_worker
 from server.runtime.app import running_server
-from server.runtime.supervisor import SupervisorError, reserve_port, split_listen
+from server.runtime.supervisor import ListenError, reserve_port, split_listen
 from tests.conftest import rows_for_pair
 from tests.processes import child_env, write_server_config
 
@@ -152,7 +152,7 @@ async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigter
         with pytest.raises(OSError) as caught, socket.socket() as intruder:
             intruder.bind(("127.0.0.1", running.port))
         assert caught.value.errno == errno.EADDRINUSE
-        with pytest.raises(SupervisorError, match="Address already in use"):
+        with pytest.raises(ListenError, match="Address already in use"):
             reserve_port(running.address)
 
         channels: dict[int, grpc.aio.Channel] = {}  # worker pid -> a connection to it
@@ -287,7 +287,7 @@ def test_workers_take_the_allowed_cpus_in_order_and_wrap_around():
 def test_listen_addresses_split_into_host_and_port():
     assert split_listen("127.0.0.1:50051") == ("127.0.0.1", 50051)
     assert split_listen("[::1]:0") == ("::1", 0)
-    with pytest.raises(SupervisorError, match="expected host:port"):
+    with pytest.raises(ListenError, match="expected host:port"):
         split_listen("localhost")
 
 
