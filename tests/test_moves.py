@@ -24,13 +24,14 @@ from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.config import PoolConfig, ServerConfig
 from server.errors import DialogMoving, ShardUnavailable
-from server.moves.mover import CRASH_ENV, CRASH_POINTS
+from server.moves.mover import STEP_BOUNDARIES
 from server.placement import Placement
 from server.routing import Pair, bucket_of, calculate_shard
 from server.runtime.app import running_server
 from server.storage.channel import CHANNEL
 from server.storage.ids import MessageIdGenerator, id_time
 from tests.conftest import make_config, move_rows, rows_for_pair
+from tests.crashing_mover import CRASHED_EXIT, crashing_argv
 from tests.faults import start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
 from tests.processes import child_env, run_async, write_server_config
@@ -90,19 +91,27 @@ async def read_all(
 
 @asynccontextmanager
 async def server_process(
-    tmp_path: Path, config: ServerConfig, jwt_secret: str, **env: str
+    tmp_path: Path, config: ServerConfig, jwt_secret: str, crash_at: str | None = None
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """A `dialog-server` process on the same shards and control database; yields its address."""
+    """A `dialog-server` process on the same shards and control database; yields its address.
+
+    With `crash_at`, its movers die at that step (tests/crashing_mover.py).
+    """
     path = write_server_config(
         tmp_path / f"server-{time.monotonic_ns()}.toml", config, "127.0.0.1:0", jwt_secret
     )
+    program = (
+        [str(Path(sys.executable).parent / "dialog-server")]
+        if crash_at is None
+        else crashing_argv(crash_at, "dialog-server")
+    )
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "dialog-server"),
+        *program,
         "--config",
         str(path),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env=child_env(**env),
+        env=child_env(),
     )
     assert proc.stdout is not None
     output = []
@@ -383,14 +392,14 @@ STATE_AFTER_CRASH = {
 }
 
 
-@pytest.mark.parametrize("step", CRASH_POINTS)
+@pytest.mark.parametrize("step", STEP_BOUNDARIES)
 async def test_move_crashed_at_each_step_completes_on_rerun(
     step, tmp_path, cluster_config, jwt_secret, dialog_stub, admin_stub, admin_auth, auth_for, new_pair
 ):
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
     history = preload(cluster_config, source, (a, b), 1500)
-    async with server_process(tmp_path, cluster_config, jwt_secret, **{CRASH_ENV: step}) as (address, proc):
+    async with server_process(tmp_path, cluster_config, jwt_secret, crash_at=step) as (address, proc):
         async with grpc.aio.insecure_channel(address) as channel:
             doomed = admin_service_pb2_grpc.AdminServiceStub(channel)
             await expect_error(
@@ -399,7 +408,7 @@ async def test_move_crashed_at_each_step_completes_on_rerun(
                 ),
                 grpc.StatusCode.UNAVAILABLE,
             )
-        assert await proc.wait() == 70, "the mover process died at the step"
+        assert await proc.wait() == CRASHED_EXIT, "the mover process died at the step"
     assert move_rows(cluster_config, (a, b)) == [(STATE_AFTER_CRASH[step], source, target)]
     # The same request again (here through another server) completes the move.
     reply = await admin_stub.SetShardOverride(
@@ -421,7 +430,7 @@ async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
     history = preload(cluster_config, source, (a, b), 10)
-    async with server_process(tmp_path, cluster_config, jwt_secret, **{CRASH_ENV: "fenced"}) as (
+    async with server_process(tmp_path, cluster_config, jwt_secret, crash_at="fenced") as (
         address,
         proc,
     ):
@@ -432,7 +441,7 @@ async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
                 ),
                 grpc.StatusCode.UNAVAILABLE,
             )
-        assert await proc.wait() == 70
+        assert await proc.wait() == CRASHED_EXIT
     # Fenced: writes of the pair are paused with the retryable error until the move completes.
     err = await expect_error(
         dialog_stub.SendMessage(

@@ -30,7 +30,7 @@ from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
-from server.moves.mover import CRASH_ENV, CRASH_POINTS
+from server.moves.mover import STEP_BOUNDARIES
 from server.moves.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
 from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard, pair_hash
 from server.routing.layout import moving_units, unit_of
@@ -38,7 +38,8 @@ from server.runtime.app import RunningServer, running_server
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.layout import Layout
 from tests.conftest import make_config
-from tests.processes import child_env, run_async, write_server_config
+from tests.crashing_mover import CRASHED_EXIT, crashing_argv
+from tests.processes import Result, child_env, run_async, write_server_config
 from tests.test_moves import STATE_AFTER_CRASH, Writer, read_all, wait_until
 from tests.test_readme import readme_blocks
 
@@ -96,8 +97,10 @@ async def serving(config: ServerConfig) -> AsyncIterator[tuple[RunningServer, gr
         yield running, ch
 
 
-async def dialogctl(config_path: Path, *args: str, **env: str) -> Any:
-    return await run_async(DIALOGCTL, "--config", str(config_path), *args, env=child_env(**env))
+async def dialogctl(config_path: Path, *args: str, crash_at: str | None = None) -> Result:
+    """Run `dialogctl --config config_path args...`; with `crash_at`, its movers die at that step."""
+    program = [DIALOGCTL] if crash_at is None else crashing_argv(crash_at, "dialogctl")
+    return await run_async(*program, "--config", str(config_path), *args)
 
 
 def test_refusals_explain_themselves() -> None:
@@ -216,7 +219,7 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
     [
         pytest.param("fence_committed", 8, (), id="fence_committed-4-to-8"),
         pytest.param("retired", 8, (), id="retired-4-to-8"),
-        *(pytest.param(step, 6, ("--full-reshuffle",), id=f"{step}-4-to-6") for step in CRASH_POINTS),
+        *(pytest.param(step, 6, ("--full-reshuffle",), id=f"{step}-4-to-6") for step in STEP_BOUNDARIES),
     ],
 )
 async def test_reshard_crashed_mid_step_completes_on_rerun(
@@ -229,8 +232,8 @@ async def test_reshard_crashed_mid_step_completes_on_rerun(
     history = preload(config, pairs, 2)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     reshard = ("reshard", "--shards", str(target_shards), "--buckets-per-step", "512", *flags)
-    crashed = await dialogctl(path, *reshard, **{CRASH_ENV: step})
-    assert crashed.returncode == 70, crashed.stderr
+    crashed = await dialogctl(path, *reshard, crash_at=step)
+    assert crashed.returncode == CRASHED_EXIT, crashed.stderr
     with psycopg.connect(config.control_dsn) as conn:
         assert conn.execute("SELECT target_shards FROM shard_layout").fetchone() == (target_shards,)
         assert conn.execute("SELECT count(*) FROM shard_moves WHERE state <> 'done'").fetchone() == (1,)
@@ -379,8 +382,8 @@ async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
     history = preload(config, pairs, 2)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     reshard = ("reshard", "--shards", "8", "--buckets-per-step", "4096")
-    crashed = await dialogctl(path, *reshard, **{CRASH_ENV: "fenced"})
-    assert crashed.returncode == 70, crashed.stderr
+    crashed = await dialogctl(path, *reshard, crash_at="fenced")
+    assert crashed.returncode == CRASHED_EXIT, crashed.stderr
 
     def unfinished() -> list[tuple[int, int, int]]:
         with psycopg.connect(config.control_dsn) as conn:
