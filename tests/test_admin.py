@@ -19,13 +19,8 @@ from client.gen.dialog.v1 import admin_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.overrides import CHANNEL, LISTENER_APPLICATION_NAME
-from tests.conftest import rows_for_pair
 from tests.processes import child_env, write_server_config
-from tests.test_bad_input import expect_error
-
-
-def other_shard(a: int, b: int) -> int:
-    return (calculate_shard(a, b, 4) + 1) % 4
+from tests.support import expect_error, other_shard, rows_for_pair
 
 
 async def test_resolve_shard_reports_hash_then_override(admin_stub, admin_auth, new_pair):

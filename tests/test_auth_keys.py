@@ -27,8 +27,7 @@ from server.config import AuthConfig, ConfigError
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.errors import Unauthenticated
 from server.runtime.app import running_server
-from tests.conftest import make_config, rows_for_pair
-from tests.test_bad_input import expect_error, status_details
+from tests.support import expect_error, make_config, rows_for_pair, status_details
 
 AUDIENCE = "dialog-shard"
 ISSUER = "https://issuer.test"

@@ -3,46 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import grpc
 import jwt
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.config import LimitsConfig
 from server.services.validation import Violations, check_text
-from tests.conftest import rows_for_pair
-
-
-def status_details(
-    err: grpc.aio.AioRpcError,
-) -> tuple[error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
-    """The ErrorInfo and BadRequest field violations of a failed call (AIP-193)."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    info = None
-    violations: list[tuple[str, str]] = []
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations += [(v.field, v.description) for v in bad.field_violations]
-    return info, violations
-
-
-async def expect_error(call: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    err = caught.value
-    assert err.code() == code, err.details()
-    assert "Traceback" not in (err.details() or "")
-    return err
+from tests.support import expect_error, rows_for_pair, status_details
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import InsertResult, NewMessage
 from server.storage.pools import open_pool
 from server.storage.schema import migrate_shard
-from tests.conftest import rows_for_pair
+from tests.support import rows_for_pair
 
 _router = ShardRouter(4)
 _ids = MessageIdGenerator()

@@ -27,10 +27,8 @@ from client import (
     RetryPolicy,
     ShardSource,
 )
-from server.auth import issue_token
-from server.config import ServerConfig
 from server.routing import calculate_shard
-from tests.conftest import rows_for_pair
+from tests.support import rows_for_pair
 
 PLAINTEXT = ChannelSecurity(plaintext=True)
 FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05)
@@ -84,16 +82,6 @@ async def lossy_proxy(address: str) -> AsyncIterator[Callable[[int], Any]]:
     yield start
     for proxy in proxies:
         await proxy.close()
-
-
-@pytest.fixture
-def token_for(cluster_config: ServerConfig) -> Callable[..., Callable[[], str]]:
-    """A token provider for a user (or the admin), as an application would pass to the client."""
-
-    def make(user_id: int | None = None, *, admin: bool = False) -> Callable[[], str]:
-        return lambda: issue_token(cluster_config.auth, user_id=user_id, admin=admin, ttl_seconds=300)
-
-    return make
 
 
 async def test_sync_client_sends_and_pages_through_a_dialog(address, token_for, new_pair) -> None:

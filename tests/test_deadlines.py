@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -17,29 +15,9 @@ import psycopg
 import pytest
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
-from server.config import ServerConfig
 from server.routing import calculate_shard
 from server.runtime.app import RunningServer
-
-
-@contextmanager
-def table_locked(config: ServerConfig, shard_id: int) -> Iterator[None]:
-    """Hold an ACCESS EXCLUSIVE lock on the shard's table: every statement on it waits."""
-    shard = config.shards[shard_id]
-    with psycopg.connect(shard.dsn) as conn, conn.transaction():
-        conn.execute(f"LOCK TABLE {shard.table} IN ACCESS EXCLUSIVE MODE")
-        yield
-
-
-def waiting_statements(config: ServerConfig, shard_id: int) -> list[str]:
-    """Statements of the service's pool on the shard that are running (waiting for the lock)."""
-    shard = config.shards[shard_id]
-    with psycopg.connect(shard.dsn) as conn:
-        rows = conn.execute(
-            "SELECT query FROM pg_stat_activity WHERE application_name = %s AND state = 'active'",
-            (f"dialog-shard shard-{shard_id}",),
-        ).fetchall()
-    return [r[0] for r in rows if shard.table in r[0]]
+from tests.faults import table_locked, waiting_statements
 
 
 async def _poll(predicate: Any, within: float, what: str) -> float:

@@ -17,11 +17,9 @@ from server.auth import issue_token
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.runtime.app import DIALOG_SERVICE, running_server
 from server.storage.pools import DatabaseStartupError
-from tests.conftest import make_config
-from tests.faults import CRASH_SAFE_SETTINGS, pairs_on, retry_delay_of, rng
+from tests.faults import CRASH_SAFE_SETTINGS, FAST_POOL, FAST_RESILIENCE, pairs_on, rng
 from tests.pgfixtures import free_port, reachable_temp_dir
-from tests.test_faults import FAST_POOL, FAST_RESILIENCE
-from tests.test_metrics import scrape, value
+from tests.support import make_config, metric_value, retry_delay_of, scrape_metrics
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -94,15 +92,20 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
         assert (retry_delay_of(listing.value) or 0) > 0
         # The metrics tell the same: shard 1's breaker is open, the refused call is counted on it.
         assert running.metrics_port is not None
-        samples, _ = await scrape(running.metrics_port)
-        assert value(samples, "dialog_shard_breaker_state", shard="0") == 0
-        assert value(samples, "dialog_shard_breaker_state", shard="1") == 2
+        samples, _ = await scrape_metrics(running.metrics_port)
+        assert metric_value(samples, "dialog_shard_breaker_state", shard="0") == 0
+        assert metric_value(samples, "dialog_shard_breaker_state", shard="1") == 2
         assert (
-            value(samples, "grpc_server_handled_total", grpc_method="SendMessage", grpc_code="Unavailable")
+            metric_value(
+                samples, "grpc_server_handled_total", grpc_method="SendMessage", grpc_code="Unavailable"
+            )
             == 1
         )
-        assert value(samples, "grpc_server_handling_seconds_count", grpc_method="SendMessage", shard="1") == 1
-        assert value(samples, "dialog_shard_messages_written_total", shard="0") == 1
+        assert (
+            metric_value(samples, "grpc_server_handling_seconds_count", grpc_method="SendMessage", shard="1")
+            == 1
+        )
+        assert metric_value(samples, "dialog_shard_messages_written_total", shard="0") == 1
 
         with reachable_temp_dir("dialog-shard-late-") as base:
             late = EmbeddedPostgres(base / "late", port=late_port, fsync=False, settings=CRASH_SAFE_SETTINGS)
@@ -118,9 +121,9 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
             sent = await send(down_pair, "to the missing shard")
             assert sent.message.text == "to the missing shard"
             assert running.shards.state(1).writable
-            samples, _ = await scrape(running.metrics_port)
-            assert value(samples, "dialog_shard_breaker_state", shard="1") == 0
-            assert value(samples, "dialog_shard_messages_written_total", shard="1") == 1
+            samples, _ = await scrape_metrics(running.metrics_port)
+            assert metric_value(samples, "dialog_shard_breaker_state", shard="1") == 0
+            assert metric_value(samples, "dialog_shard_messages_written_total", shard="1") == 1
 
 
 async def test_no_reachable_shard_at_all_fails_startup(jwt_secret):

@@ -12,7 +12,7 @@ import pytest
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.routing import bucket_of, calculate_shard
 from server.runtime.app import running_server
-from tests.conftest import rows_for_pair
+from tests.support import rows_for_pair
 
 
 async def send(

@@ -20,9 +20,9 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.config import ServerConfig
 from server.routing import bucket_of, calculate_shard
-from tests.conftest import rows_for_pair
 from tests.pgfixtures import free_port
 from tests.processes import Result, child_env, run_async, write_server_config
+from tests.support import rows_for_pair
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 RPC_EXIT_BASE = 64

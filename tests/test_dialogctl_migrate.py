@@ -9,9 +9,9 @@ from pathlib import Path
 
 from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
-from tests.conftest import make_config
 from tests.pgfixtures import free_port
 from tests.processes import run_async, write_server_config
+from tests.support import make_config
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 

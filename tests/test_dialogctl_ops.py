@@ -18,11 +18,10 @@ import psycopg
 import pytest
 
 from client import AsyncAdminClient, AsyncDialogClient, ChannelSecurity, Order, ShardSource
-from server.auth import issue_token
 from server.config import ServerConfig
 from server.routing import calculate_shard
-from tests.conftest import rows_for_pair
 from tests.processes import Result, run_async, write_server_config
+from tests.support import rows_for_pair, token_provider
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 PLAINTEXT = ChannelSecurity(plaintext=True)
@@ -41,13 +40,8 @@ def ctl(tmp_path: Path, cluster_config: ServerConfig, address: str, jwt_secret: 
     return call
 
 
-def _token(config: ServerConfig, user_id: int | None = None) -> Callable[[], str]:
-    token = issue_token(config.auth, user_id=user_id, admin=user_id is None, ttl_seconds=600)
-    return lambda: token
-
-
 async def _send(address: str, config: ServerConfig, a: int, b: int, texts: list[str]) -> list[Any]:
-    async with AsyncDialogClient.connect(address, PLAINTEXT, token=_token(config, a)) as client:
+    async with AsyncDialogClient.connect(address, PLAINTEXT, token=token_provider(config, a)) as client:
         return [await client.send_message(a, b, t, request_id=f"r-{i}") for i, t in enumerate(texts)]
 
 
@@ -135,7 +129,9 @@ async def test_backup_then_restore_brings_a_dropped_shard_back_complete(
     assert [(i["name"], i["rows"]) for i in restored["items"]] == [("shard-2", item["rows"])]
 
     for (a, b), messages in sent.items():
-        async with AsyncDialogClient.connect(address, PLAINTEXT, token=_token(cluster_config, a)) as client:
+        async with AsyncDialogClient.connect(
+            address, PLAINTEXT, token=token_provider(cluster_config, a)
+        ) as client:
             read = [m async for m in client.iter_dialog(a, b, page_size=3, order=Order.OLDEST_FIRST)]
         assert read == [s.message for s in messages]
     # The unique request_id index came back: a retry is a replay, not a second row.
@@ -165,7 +161,9 @@ async def test_control_tables_restore_and_the_servers_reload_them(
 
     a, b = new_pair()
     target = (calculate_shard(a, b, cluster_config.num_shards) + 1) % cluster_config.num_shards
-    async with AsyncAdminClient.connect(address, PLAINTEXT, token=_token(cluster_config)) as admin:
+    async with AsyncAdminClient.connect(
+        address, PLAINTEXT, token=token_provider(cluster_config, admin=True)
+    ) as admin:
         await admin.set_override(a, b, target)
         assert (await admin.resolve_shard(a, b)).source == ShardSource.OVERRIDE
 

@@ -30,8 +30,9 @@ from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.resilience import BreakerState
 from server.runtime.app import RunningServer, running_server
-from tests.conftest import make_config, move_rows
 from tests.faults import (
+    FAST_POOL,
+    FAST_RESILIENCE,
     Load,
     LoadReport,
     Watch,
@@ -39,24 +40,12 @@ from tests.faults import (
     crash,
     frozen,
     pairs_on,
-    retry_delay_of,
+    resend_unacked,
     start_postgres,
 )
 from tests.pgfixtures import reachable_temp_dir
+from tests.support import make_config, move_rows, retry_delay_of
 
-#: Short timeouts, so each fault plays out in seconds.
-FAST_RESILIENCE = {
-    "failure_threshold": 3,
-    "open_seconds": 0.5,
-    "probe_interval": 0.2,
-    "probe_timeout": 0.5,
-    "statement_timeout": 2.0,
-    "reconnect_timeout": 1.0,
-    "retry_attempts": 3,
-    "retry_backoff": 0.02,
-    "retry_backoff_max": 0.2,
-}
-FAST_POOL = {"min_size": 2, "max_size": 6, "acquire_timeout": 0.5, "open_timeout": 5.0}
 WORKERS_PER_SHARD = 3
 rng = random.Random()
 
@@ -92,24 +81,6 @@ async def fault_server(fault_config: ServerConfig) -> AsyncIterator[RunningServe
 
 def _breaker(running: RunningServer) -> BreakerState:
     return running.shards.state(1).primary.breaker
-
-
-async def _resend_unacked(address: str, config: ServerConfig, report: LoadReport) -> int:
-    """Re-send every unacknowledged message with its request_id, as a retrying client does."""
-    unacked = [o for o in report.outcomes if o.code is not grpc.StatusCode.OK]
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
-        for o in unacked:
-            token = issue_token(config.auth, user_id=o.pair[0])
-            response = await stub.SendMessage(
-                pb.SendMessageRequest(
-                    from_user_id=o.pair[0], to_user_id=o.pair[1], text=o.text, request_id=o.request_id
-                ),
-                metadata=(("authorization", f"Bearer {token}"),),
-                timeout=5,
-            )
-            o.code, o.message_id = grpc.StatusCode.OK, response.message.message_id
-    return len(unacked)
 
 
 async def _shard_stats(address: str, config: ServerConfig) -> list[admin_service_pb2.ShardStats]:
@@ -170,7 +141,7 @@ async def _check_outcome(
 ) -> None:
     """The common checks, then every acknowledged (and re-sent unacknowledged) message stored once."""
     _check_common(report, marks)
-    resent = await _resend_unacked(address, config, report)
+    resent = await resend_unacked(address, config, report)
     checked = assert_exactly_once(report, config, (0, 1))
     print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
 

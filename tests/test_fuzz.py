@@ -23,8 +23,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
 from server.config import ServerConfig
-from tests.conftest import rows_for_pair
-from tests.test_bad_input import expect_error, status_details
+from tests.support import expect_error, rows_for_pair, status_details
 
 MAX_ID = 2**63 - 1
 SEND_METHOD = "/dialog.v1.DialogService/SendMessage"

@@ -7,17 +7,14 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
@@ -30,19 +27,24 @@ from server.routing import Pair, bucket_of, calculate_shard
 from server.runtime.app import running_server
 from server.storage.channel import CHANNEL
 from server.storage.ids import MessageIdGenerator, id_time
-from tests.conftest import make_config, move_rows, rows_for_pair
 from tests.crashing_mover import CRASHED_EXIT, crashing_argv
 from tests.faults import start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
 from tests.processes import child_env, run_async, write_server_config
-from tests.test_bad_input import expect_error, status_details
-from tests.test_replicas import _replay
-
-Metadata = tuple[tuple[str, str], ...]
-
-
-def other_shard(a: int, b: int) -> int:
-    return (calculate_shard(a, b, 4) + 1) % 4
+from tests.support import (
+    STATE_AFTER_CRASH,
+    Writer,
+    expect_error,
+    make_config,
+    move_rows,
+    other_shard,
+    read_all,
+    replay,
+    retry_delay,
+    rows_for_pair,
+    status_details,
+    wait_until,
+)
 
 
 def preload(config: ServerConfig, shard_id: int, pair: tuple[int, int], count: int) -> list[str]:
@@ -64,29 +66,6 @@ def preload(config: ServerConfig, shard_id: int, pair: tuple[int, int], count: i
             rows,
         )
     return [str(r[0]) for r in rows]
-
-
-async def read_all(
-    stub: dialog_service_pb2_grpc.DialogServiceStub, user: int, peer: int, auth: Metadata
-) -> list[str]:
-    """Every message of the dialog through GetDialog, oldest first, following page tokens."""
-    ids: list[str] = []
-    token = ""
-    while True:
-        page = await stub.GetDialog(
-            dpb.GetDialogRequest(
-                user_id=user,
-                peer_user_id=peer,
-                page_size=1000,
-                page_token=token,
-                order=dpb.MESSAGE_ORDER_OLDEST_FIRST,
-            ),
-            metadata=auth,
-        )
-        ids += [m.message_id for m in page.messages]
-        token = page.next_page_token
-        if not token:
-            return ids
 
 
 @asynccontextmanager
@@ -131,68 +110,6 @@ async def server_process(
         await proc.wait()
         if "drain" in locals():
             await drain
-
-
-@dataclass
-class Writer:
-    """Sends messages as `sender` until stopped, retrying DIALOG_MOVING with the same request_id."""
-
-    stub: dialog_service_pb2_grpc.DialogServiceStub
-    sender: int
-    recipient: int
-    auth: Metadata
-    acked: list[str] = field(default_factory=list)
-    moving_retries: int = 0
-    longest_pause: float = 0.0
-    other_errors: list[str] = field(default_factory=list)
-
-    async def run(self, stop: asyncio.Event, *, max_messages: int = 90) -> None:
-        while not stop.is_set() and len(self.acked) < max_messages:
-            request = dpb.SendMessageRequest(
-                from_user_id=self.sender,
-                to_user_id=self.recipient,
-                text=f"live {len(self.acked)}",
-                request_id=f"w{self.sender}-{len(self.acked)}",
-            )
-            first_try = time.monotonic()
-            for _ in range(100):
-                try:
-                    reply = await self.stub.SendMessage(request, metadata=self.auth, timeout=10)
-                    break
-                except grpc.aio.AioRpcError as err:
-                    info, _ = status_details(err)
-                    if (
-                        err.code() != grpc.StatusCode.UNAVAILABLE
-                        or info is None
-                        or info.reason != "DIALOG_MOVING"
-                    ):
-                        self.other_errors.append(f"{err.code().name}: {err.details()}")
-                        return
-                    self.moving_retries += 1
-                    await asyncio.sleep(retry_delay(err))
-            else:
-                self.other_errors.append("still moving after 100 retries")
-                return
-            self.longest_pause = max(self.longest_pause, time.monotonic() - first_try)
-            self.acked.append(reply.message.message_id)
-            await asyncio.sleep(0.01)
-
-
-def retry_delay(err: grpc.aio.AioRpcError) -> float:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.ToNanoseconds()) / 1e9
-    raise AssertionError("DIALOG_MOVING without RetryInfo")
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.01)
 
 
 async def test_move_under_load_loses_and_duplicates_nothing(
@@ -381,17 +298,6 @@ async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_movin
     assert placement.moving_waits == 2
 
 
-STATE_AFTER_CRASH = {
-    "copied": "copying",
-    "fence_committed": "copying",
-    "fenced": "fenced",
-    "target_opened": "fenced",
-    "flipped": "flipped",
-    "retired": "flipped",
-    "deleted": "flipped",
-}
-
-
 @pytest.mark.parametrize("step", STEP_BOUNDARIES)
 async def test_move_crashed_at_each_step_completes_on_rerun(
     step, tmp_path, cluster_config, jwt_secret, dialog_stub, admin_stub, admin_auth, auth_for, new_pair
@@ -496,12 +402,12 @@ async def test_move_waits_for_the_targets_replica_before_flipping(pg_servers, jw
         async with running_server(config) as running:
             history = preload(config, 0, (a, b), 50)
             mover = running.placement.mover(running.shards, replica_wait_seconds=1.0)
-            _replay(replica, "pause")
+            replay(replica, "pause")
             with pytest.raises(ShardUnavailable, match="has not replayed the copy"):
                 await mover.move_pair(pair, 1)
             assert list(rows_for_pair(config, (a, b))) == [0, 1], "not flipped: the source keeps its rows"
             assert running.placement.resolve(a, b).shard_id == 0
-            _replay(replica, "resume")
+            replay(replica, "resume")
             await mover.move_pair(pair, 1)
             assert list(rows_for_pair(config, (a, b))) == [1]
             with psycopg.connect(replica.dsn) as conn:

@@ -15,8 +15,7 @@ from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.config import ConfigError
 from server.interceptors.rate_limit import TokenBucketLimiter
 from server.runtime.app import running_server
-from tests.conftest import make_config, rows_for_pair
-from tests.test_bad_input import expect_error, status_details
+from tests.support import expect_error, make_config, rows_for_pair, status_details
 
 
 class FakeClock:

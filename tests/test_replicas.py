@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,10 +25,9 @@ from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.resilience import BreakerState
 from server.runtime.app import DIALOG_SERVICE, RunningServer, running_server
-from tests.conftest import make_config
-from tests.faults import pairs_on, rng, start_postgres, start_replica
+from tests.faults import FAST_POOL, FAST_RESILIENCE, pairs_on, rng, start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
-from tests.test_faults import FAST_POOL, FAST_RESILIENCE
+from tests.support import make_config, replay
 
 
 @pytest.fixture
@@ -104,11 +102,6 @@ async def lagging_reads(
         yield running, config, primary, replica
 
 
-def _replay(replica: EmbeddedPostgres, action: str) -> None:
-    with psycopg.connect(replica.dsn, autocommit=True) as conn:
-        conn.execute(f"SELECT pg_wal_replay_{action}()")
-
-
 async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
     lagging_reads, control_dsn, jwt_secret
 ):
@@ -132,7 +125,7 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
         await _poll(await sees("first"), 10, "the first message to be readable")
 
         # Replay paused: the replica stays behind, and reads served by it do not show what follows.
-        await asyncio.to_thread(_replay, replica, "pause")
+        await asyncio.to_thread(replay, replica, "pause")
         await dialog.send("second")
         for _ in range(5):
             assert await dialog.texts() == ["first"], "GetDialog did not read from the replica"
@@ -151,7 +144,7 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
                 strict_dialog.pair, strict_dialog._metadata = dialog.pair, dialog._metadata
                 assert await strict_dialog.texts() == ["second", "first"]
 
-        await asyncio.to_thread(_replay, replica, "resume")
+        await asyncio.to_thread(replay, replica, "resume")
         await _poll(await sees("second"), 10, "the replica to catch up")
 
         # The primary goes down: reads keep working from the replica, writes are refused.

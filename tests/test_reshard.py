@@ -15,65 +15,36 @@ import json
 import os
 import re
 import secrets
-import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-import grpc
 import psycopg
 import pytest
 
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from server.config import ServerConfig
-from server.dev.embedded_pg import EmbeddedPostgres
 from server.moves.mover import STEP_BOUNDARIES
 from server.moves.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
 from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard, pair_hash
 from server.routing.layout import moving_units, unit_of
-from server.runtime.app import RunningServer, running_server
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.layout import Layout
-from tests.conftest import make_config
-from tests.crashing_mover import CRASHED_EXIT, crashing_argv
-from tests.processes import Result, child_env, run_async, write_server_config
-from tests.test_moves import STATE_AFTER_CRASH, Writer, read_all, wait_until
+from tests.crashing_mover import CRASHED_EXIT
+from tests.processes import child_env, run_async, write_server_config
+from tests.support import (
+    DIALOGCTL,
+    STATE_AFTER_CRASH,
+    Writer,
+    dialogctl,
+    fresh_cluster,
+    make_config,
+    preload_pairs,
+    read_all,
+    serving,
+    wait_until,
+)
 from tests.test_readme import readme_blocks
-
-DIALOGCTL = Path(sys.executable).parent / "dialogctl"
-
-
-def cluster(pg_servers: list[EmbeddedPostgres], jwt_secret: str, shards: int) -> ServerConfig:
-    """`shards` shards in a fresh database on each server; the control tables beside shard 0."""
-    name = f"reshard_{secrets.token_hex(4)}"
-    for server in pg_servers:
-        server.create_database(name)
-    return make_config([pg_servers[i % 4].dsn_for(name) for i in range(shards)], jwt_secret)
-
-
-def preload(config: ServerConfig, pairs: list[tuple[int, int]], per_pair: int, shards: int = 4) -> set[str]:
-    """Messages written straight to each pair's home among the first `shards` shards."""
-    ids = MessageIdGenerator()
-    by_shard: dict[int, list[tuple[Any, ...]]] = {}
-    for a, b in pairs:
-        low, high = Pair.of(a, b)
-        for i in range(per_pair):
-            message_id = ids.next()
-            by_shard.setdefault(calculate_shard(a, b, shards), []).append(
-                (message_id, low, high, bucket_of(a, b), low, high, f"m{i}", id_time(message_id))
-            )
-    for shard_id, rows in by_shard.items():
-        shard = config.shards[shard_id]
-        with psycopg.connect(shard.dsn) as conn, conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO {shard.table} (message_id, user_low, user_high, bucket, from_user_id, "
-                "to_user_id, text, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                rows,
-            )
-    return {str(r[0]) for rows in by_shard.values() for r in rows}
 
 
 def stored(config: ServerConfig) -> list[tuple[int, str, Pair]]:
@@ -86,21 +57,6 @@ def stored(config: ServerConfig) -> list[tuple[int, str, Pair]]:
             ).fetchall():
                 found.append((shard.shard_id, str(message_id), Pair(low, high)))
     return found
-
-
-@asynccontextmanager
-async def serving(config: ServerConfig) -> AsyncIterator[tuple[RunningServer, grpc.aio.Channel]]:
-    async with (
-        running_server(config) as running,
-        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch,
-    ):
-        yield running, ch
-
-
-async def dialogctl(config_path: Path, *args: str, crash_at: str | None = None) -> Result:
-    """Run `dialogctl --config config_path args...`; with `crash_at`, its movers die at that step."""
-    program = [DIALOGCTL] if crash_at is None else crashing_argv(crash_at, "dialogctl")
-    return await run_async(*program, "--config", str(config_path), *args)
 
 
 def test_refusals_explain_themselves() -> None:
@@ -142,13 +98,13 @@ def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
 async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_says(
     start_shards, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
 ):
-    config = cluster(pg_servers, jwt_secret, max(start_shards, target_shards))
+    config = fresh_cluster(pg_servers, jwt_secret, max(start_shards, target_shards))
     first = make_config([s.dsn for s in config.shards[:start_shards]], jwt_secret)
     pairs = [new_pair() for _ in range(200)]
     pinned = pairs[0]
     # The first server starts with `start_shards` shards: the control database records that layout.
     async with serving(first) as (_, channel):
-        history = preload(config, pairs, 4, start_shards)
+        history = preload_pairs(config, pairs, 4, start_shards)
         admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         pin_to = (calculate_shard(*pinned, start_shards) + 1) % start_shards
         await admin.SetShardOverride(
@@ -225,11 +181,11 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
 async def test_reshard_crashed_mid_step_completes_on_rerun(
     step, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair
 ):
-    config = cluster(pg_servers, jwt_secret, target_shards)
+    config = fresh_cluster(pg_servers, jwt_secret, target_shards)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout and creates the schema
     pairs = [new_pair() for _ in range(100)]
-    history = preload(config, pairs, 2)
+    history = preload_pairs(config, pairs, 2)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     reshard = ("reshard", "--shards", str(target_shards), "--buckets-per-step", "512", *flags)
     crashed = await dialogctl(path, *reshard, crash_at=step)
@@ -256,10 +212,10 @@ async def test_a_bucket_group_is_copied_and_synced_in_parts(pg_servers, jwt_secr
     from server.cli.shards import tool_shards
     from server.storage import transfer
 
-    config = cluster(pg_servers, jwt_secret, 4)
+    config = fresh_cluster(pg_servers, jwt_secret, 4)
     async with tool_shards(config) as shards:  # creates the schema
         pairs = [p for p in (new_pair() for _ in range(200)) if calculate_shard(*p, 4) == 0][:20]
-        preload(config, pairs, 3)
+        preload_pairs(config, pairs, 3)
         source, target = shards.store(0), shards.store(1)
         unit = transfer.Unit(tuple(sorted({bucket_of(*p) for p in pairs})), pinned=(Pair.of(*pairs[0]),))
         assert len(await transfer._parts(source, unit, 7)) > 1
@@ -274,7 +230,7 @@ async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(pg_servers, jwt_secret
     from server.cli.shards import tool_shards
 
     vectors = json.loads((Path(__file__).parent / "golden" / "calculate_shard_vectors.json").read_text())
-    config = cluster(pg_servers, jwt_secret, 1)
+    config = fresh_cluster(pg_servers, jwt_secret, 1)
     async with tool_shards(config):  # creates the schema, the function with it
         pass
     pairs = sorted({Pair.of(v["a"], v["b"]) for v in vectors})
@@ -294,7 +250,7 @@ async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(pg_servers
     from server.resilience.db_errors import FENCED_SQLSTATE
     from server.storage.fences import FenceState, FenceStore
 
-    config = cluster(pg_servers, jwt_secret, 1)
+    config = fresh_cluster(pg_servers, jwt_secret, 1)
     bucket = bucket_of(*new_pair())
     # Two pairs for each of three residues of hash % 6, all in one bucket.
     by_residue: dict[int, list[Pair]] = defaultdict(list)
@@ -334,13 +290,13 @@ async def test_a_stray_copy_on_the_target_stops_the_step_until_verify_repairs_it
 ):
     from server.cli.shards import tool_shards
 
-    config = cluster(pg_servers, jwt_secret, 8)
+    config = fresh_cluster(pg_servers, jwt_secret, 8)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout and creates the schema
     async with tool_shards(config):
         pass  # creates the new shards' tables too
     pairs = [p for p in (new_pair() for _ in range(400)) if calculate_shard(*p, 4) != calculate_shard(*p, 8)]
-    history = preload(config, pairs[:50], 2)
+    history = preload_pairs(config, pairs[:50], 2)
     # A message of a moving pair that only its future shard holds: nothing the mover wrote.
     stray_pair = pairs[0]
     message_id = MessageIdGenerator().next()
@@ -375,11 +331,11 @@ async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
 ):
     from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 
-    config = cluster(pg_servers, jwt_secret, 8)
+    config = fresh_cluster(pg_servers, jwt_secret, 8)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout and creates the schema
     pairs = [new_pair() for _ in range(200)]
-    history = preload(config, pairs, 2)
+    history = preload_pairs(config, pairs, 2)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     reshard = ("reshard", "--shards", "8", "--buckets-per-step", "4096")
     crashed = await dialogctl(path, *reshard, crash_at="fenced")
@@ -421,7 +377,7 @@ async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
     """Its old fence row on the shard its unit moves to must not keep refusing its writes there."""
     from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 
-    config = cluster(pg_servers, jwt_secret, 6)
+    config = fresh_cluster(pg_servers, jwt_secret, 6)
     pair = next(
         p
         for p in (new_pair() for _ in range(1000))
@@ -461,10 +417,10 @@ async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
 async def test_a_reshard_waits_for_every_running_server_to_know_the_new_shards(
     pg_servers, jwt_secret, tmp_path, new_pair
 ):
-    config = cluster(pg_servers, jwt_secret, 8)
+    config = fresh_cluster(pg_servers, jwt_secret, 8)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
-        history = preload(config, [new_pair() for _ in range(40)], 2)
+        history = preload_pairs(config, [new_pair() for _ in range(40)], 2)
         for args in (("--dry-run",), ()):
             refused = await dialogctl(path, "reshard", "--shards", "8", *args)
             assert refused.returncode == 1
@@ -482,10 +438,10 @@ async def test_a_reshard_waits_for_every_running_server_to_know_the_new_shards(
 async def test_the_readme_resharding_commands_run_as_written(pg_servers, jwt_secret, tmp_path, new_pair):
     """The README's 4 -> 6 block, verbatim, with `dialogctl` on PATH and a server serving meanwhile."""
     (block,) = [b.body for b in readme_blocks() if b.kind == "reshard"]
-    config = cluster(pg_servers, jwt_secret, 6)
+    config = fresh_cluster(pg_servers, jwt_secret, 6)
     pairs = [new_pair() for _ in range(60)]
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
-        history = preload(config, pairs, 3)
+        history = preload_pairs(config, pairs, 3)
     path = write_server_config(tmp_path / "dialog-shard.toml", config, "127.0.0.1:1", jwt_secret)
     async with serving(config) as (running, _):
         env = child_env(DIALOG_CONFIG=str(path), PATH=f"{DIALOGCTL.parent}:{os.environ['PATH']}")

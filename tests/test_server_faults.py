@@ -10,7 +10,6 @@ import contextlib
 import signal
 import time
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,31 +17,20 @@ import pytest
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
-from server.config import ServerConfig, render_config
+from server.config import ServerConfig
 from server.routing import calculate_shard
-from tests.faults import Load, assert_exactly_once, pairs_on, rng, start_server_process
+from tests.faults import (
+    Load,
+    assert_exactly_once,
+    fault_server_config,
+    pairs_on,
+    resend_unacked,
+    rng,
+    start_server_process,
+    table_locked,
+    waiting_statements,
+)
 from tests.pgfixtures import free_port
-from tests.test_deadlines import table_locked, waiting_statements
-from tests.test_faults import FAST_POOL, FAST_RESILIENCE, _resend_unacked
-
-
-def _write_config(path: Path, config: ServerConfig, port: int, jwt_secret: str, grace: float) -> Path:
-    path.write_text(
-        render_config(
-            shard_dsns=[s.dsn for s in config.shards],
-            tables=[s.table for s in config.shards],
-            control_dsn=config.control_dsn,
-            listen=f"127.0.0.1:{port}",
-            auth={"jwt_secret": jwt_secret},
-            settings={"shutdown_grace_seconds": grace},
-            sections={
-                "pool": FAST_POOL,
-                "resilience": FAST_RESILIENCE,
-                "limits": {"send_rate_per_second": 0},
-            },
-        )
-    )
-    return path
 
 
 def _send(stub, config: ServerConfig, pair: tuple[int, int], text: str, timeout: float):  # type: ignore[no-untyped-def]
@@ -57,7 +45,7 @@ def _send(stub, config: ServerConfig, pair: tuple[int, int], text: str, timeout:
 async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, cluster_config, jwt_secret):
     port = free_port()
     proc = await start_server_process(
-        _write_config(tmp_path / "drain.toml", cluster_config, port, jwt_secret, 10)
+        fault_server_config(tmp_path / "drain.toml", cluster_config, port, jwt_secret, 10)
     )
     address = f"127.0.0.1:{port}"
     # One pair on each of three shards: each insert is then its shard's only statement (inserts of one
@@ -124,7 +112,7 @@ async def test_kill_9_of_the_server_mid_load_loses_no_acknowledged_message(
     tmp_path, cluster_config, jwt_secret
 ):
     port = free_port()
-    config_path = _write_config(tmp_path / "crash.toml", cluster_config, port, jwt_secret, 2)
+    config_path = fault_server_config(tmp_path / "crash.toml", cluster_config, port, jwt_secret, 2)
     address = f"127.0.0.1:{port}"
     shards = range(cluster_config.num_shards)
     pairs = {s: pairs_on(s, cluster_config.num_shards, 2, rng) for s in shards}
@@ -156,7 +144,7 @@ async def test_kill_9_of_the_server_mid_load_loses_no_acknowledged_message(
             f"({dict(Counter(o.code.name for o in in_doubt))}); "
             f"restart took {restarted - killed:.2f}s"
         )
-        resent = await _resend_unacked(address, cluster_config, report)
+        resent = await resend_unacked(address, cluster_config, report)
         checked = assert_exactly_once(report, cluster_config, list(shards))
         print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
         assert all(calculate_shard(*o.pair, cluster_config.num_shards) == o.shard_id for o in report.outcomes)

@@ -16,8 +16,8 @@ from server.runtime.app import running_server
 from server.runtime.eventloop import EventLoopError
 from server.runtime.supervisor import ListenError
 from server.storage.pools import DatabaseStartupError
-from tests.conftest import make_config
 from tests.pgfixtures import free_port
+from tests.support import make_config
 
 
 async def test_unreachable_shard_names_the_shard_and_the_reason(pg_servers, jwt_secret):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,10 @@ from client import (
 )
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
-from server.auth import issue_token
 from server.config import ConfigError, ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.runtime.app import running_server
-from tests.conftest import make_config, rows_for_pair
+from tests.support import make_config, rows_for_pair
 
 SERVER_CA = trustme.CA()
 CLIENT_CA = trustme.CA()
@@ -85,16 +84,6 @@ async def mtls_address(pg_servers, jwt_secret, pem_dir) -> AsyncIterator[str]:
     )
     async with running_server(config) as running:
         yield f"127.0.0.1:{running.port}"
-
-
-@pytest.fixture
-def token_for(cluster_config: ServerConfig) -> Callable[[int], Callable[[], str]]:
-    """A token provider, as a backend service would pass it to the channel helpers."""
-
-    def provider(user_id: int) -> Callable[[], str]:
-        return lambda: issue_token(cluster_config.auth, user_id=user_id)
-
-    return provider
 
 
 async def send_over(channel: grpc.aio.Channel, a: int, b: int, text: str) -> pb.SendMessageResponse:

@@ -14,8 +14,8 @@ from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.ids import MessageIdGenerator, id_time
-from tests.conftest import make_config
 from tests.processes import run_async, write_server_config
+from tests.support import make_config
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 

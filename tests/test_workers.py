@@ -28,8 +28,8 @@ from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.runtime.affinity import cpu_for_worker
 from server.runtime.app import running_server
 from server.runtime.supervisor import ListenError, reserve_port, split_listen
-from tests.conftest import rows_for_pair
 from tests.processes import child_env, write_server_config
+from tests.support import rows_for_pair
 
 _SERVING = re.compile(r"dialog-shard serving on (\S+):(\d+) with (\d+) worker processes \(pids ([\d, ]+)\)")
 #: A fresh connection lands on one of two workers by hash: 40 tries miss one with odds 2**-39.
