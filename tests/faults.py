@@ -35,7 +35,7 @@ from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, calculate_shard
 from tests.pgfixtures import free_port
 from tests.processes import child_env
-from tests.support import retry_delay_of
+from tests.support import retry_delay_of, wait_until, wait_until_blocking
 
 #: Settings of servers that tests crash: commits must reach the OS before they are acknowledged
 #: (the session's servers run with synchronous_commit=off, which a SIGKILL could betray).
@@ -100,10 +100,12 @@ def crash(server: EmbeddedPostgres, timeout: float = 10.0) -> None:
     """kill -9 the whole server (postmaster and backends) and wait until every process is gone."""
     pids = server_processes(server)
     _signal_all(pids, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids):
-        assert time.monotonic() < deadline, "killed PostgreSQL processes did not exit"
-        time.sleep(0.01)
+    wait_until_blocking(
+        lambda: not any(_alive(pid) for pid in pids),
+        "the killed PostgreSQL processes exit",
+        within=timeout,
+        every=0.01,
+    )
     # Until its zombie is reaped, the postmaster's pid still "exists", and a new postmaster would
     # take the lock file for a live one. Wait a moment for the reaper, then drop the stale file.
     reaped_by = time.monotonic() + 2.0
@@ -240,11 +242,7 @@ class Load:
 
     async def wait_for(self, predicate: Callable[[], bool], within: float, what: str) -> float:
         """Poll `predicate()` until true; returns when (monotonic); fails after `within` seconds."""
-        ends = time.monotonic() + within
-        while not predicate():
-            assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
-            await asyncio.sleep(0.02)
-        return time.monotonic()
+        return await wait_until(predicate, what, within=within)
 
 
 def stored_texts(dsn: str, table: str, pairs: Sequence[tuple[int, int]]) -> Counter[str]:
@@ -306,10 +304,16 @@ class Watch:
         return next((t for t, v in self.transitions if v == value and t >= after), None)
 
     async def wait(self, value: object, after: float, within: float) -> float:
-        ends = time.monotonic() + within
-        while (when := self.first(value, after)) is None:
-            assert time.monotonic() < ends, f"timed out waiting for {value!r}; saw {self.transitions}"
-            await asyncio.sleep(0.01)
+        """When `read()` first returned `value` at or after `after`, waiting up to `within` s for it."""
+        await wait_until(
+            lambda: self.first(value, after) is not None,
+            f"read() returns {value!r}",
+            within=within,
+            every=0.01,
+            explain=lambda: f"saw {self.transitions}",
+        )
+        when = self.first(value, after)
+        assert when is not None
         return when
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.overrides import CHANNEL, LISTENER_APPLICATION_NAME
 from tests.processes import child_env, write_server_config
-from tests.support import expect_error, other_shard, rows_for_pair
+from tests.support import expect_error, other_shard, rows_for_pair, wait_until
 
 
 async def test_resolve_shard_reports_hash_then_override(admin_stub, admin_auth, new_pair):
@@ -224,10 +222,12 @@ async def test_listener_reloads_the_whole_map_after_reconnect(
         conn.execute(
             "INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, %s)", (low, high, target)
         )
-    deadline = time.monotonic() + 15
-    while server.placement.reloads == reloads:
-        assert time.monotonic() < deadline, "listener did not reconnect"
-        await asyncio.sleep(0.05)
+    await wait_until(
+        lambda: server.placement.reloads != reloads,
+        "the listener reconnects and reloads",
+        within=15,
+        every=0.05,
+    )
     resolved = await admin_stub.ResolveShard(
         pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
     )
@@ -276,16 +276,18 @@ async def test_second_process_sees_new_override_without_restart(
         await admin_stub.SetShardOverride(
             pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
         )
-        deadline = time.monotonic() + 5
-        while True:
-            seen = await remote_admin.ResolveShard(
+
+        async def resolve() -> pb.ResolveShardResponse:
+            reply: pb.ResolveShardResponse = await remote_admin.ResolveShard(
                 pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
             )
-            if seen.source == pb.SHARD_SOURCE_OVERRIDE:
-                break
-            assert time.monotonic() < deadline, "the second process never saw the override"
-            await asyncio.sleep(0.02)
-        assert seen.shard_id == target
+            return reply
+
+        async def sees_the_override() -> bool:
+            return (await resolve()).source == pb.SHARD_SOURCE_OVERRIDE
+
+        await wait_until(sees_the_override, "the second process sees the override", within=5)
+        assert (await resolve()).shard_id == target
         from client.gen.dialog.v1 import dialog_service_pb2_grpc
 
         remote_dialog = dialog_service_pb2_grpc.DialogServiceStub(channel)
@@ -304,10 +306,11 @@ async def test_override_naming_an_unconfigured_shard_fails_cleanly(
     with psycopg.connect(cluster_config.control_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, 9)", (low, high))
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"set {low} {high} 9"))
-    deadline = time.monotonic() + 5
-    while server.placement.router.override_of(Pair(low, high)) != 9:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await wait_until(
+        lambda: server.placement.router.override_of(Pair(low, high)) == 9,
+        "the server applies the NOTIFY of shard 9",
+        within=5,
+    )
     err = await expect_error(
         dialog_stub.SendMessage(
             dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="x"), metadata=auth_for(a)

@@ -31,7 +31,7 @@ from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import InsertResult, NewMessage
 from server.storage.pools import open_pool
 from server.storage.schema import migrate_shard
-from tests.support import rows_for_pair
+from tests.support import rows_for_pair, wait_until
 
 _router = ShardRouter(4)
 _ids = MessageIdGenerator()
@@ -217,12 +217,12 @@ async def test_a_fence_committed_while_a_batch_waits_for_its_bucket_lock_refuses
 
 
 async def _until_a_backend_waits_for_an_advisory_lock(conn: psycopg.AsyncConnection[Any]) -> None:
-    for _ in range(500):
+
+    async def one_waits() -> bool:
         cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-        if (await cur.fetchone()) == (1,):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("no insert started waiting for the bucket lock within 5 s")
+        return (await cur.fetchone()) == (1,)
+
+    await wait_until(one_waits, "an insert waits for the bucket lock", within=5, every=0.01)
 
 
 async def test_a_batch_in_a_bucket_with_another_pairs_fence_row_is_stored_in_one_statement(store, new_pair):

@@ -36,6 +36,7 @@ from bench.procs import (
 from bench.workload import settle_after_load
 from server.dev.embedded_pg import EmbeddedPostgres
 from tests.pgfixtures import free_port
+from tests.support import wait_until_blocking
 
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
 
@@ -56,13 +57,21 @@ def test_worker_cpu_seconds_is_one_figure_per_child() -> None:
     )
     parent = subprocess.Popen([sys.executable, "-c", supervisor], start_new_session=True)
     try:
-        deadline = time.monotonic() + 20
-        while True:
+
+        def both_burnt_a_quarter_second() -> bool:
+            assert parent.poll() is None, "the supervisor exited"
             figures = worker_cpu_seconds(parent.pid)
-            if len(figures) == 2 and all(f >= 0.25 for f in figures):
-                break
-            assert parent.poll() is None and time.monotonic() < deadline, figures
-            time.sleep(0.05)
+            return len(figures) == 2 and all(f >= 0.25 for f in figures)
+
+        wait_until_blocking(
+            both_burnt_a_quarter_second,
+            "both workers used 0.25 s of CPU",
+            within=20,
+            every=0.05,
+            explain=lambda: worker_cpu_seconds(parent.pid),
+        )
+        # Read again after the check: the parent's total must cover what the workers had used by then.
+        figures = worker_cpu_seconds(parent.pid)
         assert cpu_seconds([parent.pid]) >= sum(figures)
     finally:
         os.killpg(parent.pid, signal.SIGKILL)

@@ -18,14 +18,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.routing import calculate_shard
 from server.runtime.app import RunningServer
 from tests.faults import table_locked, waiting_statements
-
-
-async def _poll(predicate: Any, within: float, what: str) -> float:
-    ends = time.monotonic() + within
-    while not await asyncio.to_thread(predicate):
-        assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.02)
-    return time.monotonic()
+from tests.support import wait_until
 
 
 async def test_deadline_bounds_the_statement_and_cancels_it_on_the_server(
@@ -41,7 +34,11 @@ async def test_deadline_bounds_the_statement_and_cancels_it_on_the_server(
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         elapsed = time.monotonic() - started
         # The lock is still held: only a server-side cancel ends the waiting INSERT.
-        ended = await _poll(lambda: not waiting_statements(cluster_config, shard_id), 10, "INSERT cancelled")
+        ended = await wait_until(
+            lambda: asyncio.to_thread(lambda: not waiting_statements(cluster_config, shard_id)),
+            "the INSERT is cancelled",
+            within=10,
+        )
         print(
             f"deadline 0.5s: answered after {elapsed:.3f}s, statement gone {ended - started:.3f}s after start"
         )
@@ -55,12 +52,20 @@ async def test_cancelled_call_cancels_its_statement(dialog_stub, auth_for, new_p
     shard_id = calculate_shard(a, b, cluster_config.num_shards)
     with table_locked(cluster_config, shard_id):
         call = dialog_stub.GetDialog(pb.GetDialogRequest(user_id=a, peer_user_id=b), metadata=auth_for(a))
-        await _poll(lambda: bool(waiting_statements(cluster_config, shard_id)), 10, "the SELECT to wait")
+        await wait_until(
+            lambda: asyncio.to_thread(lambda: bool(waiting_statements(cluster_config, shard_id))),
+            "the SELECT waits for the lock",
+            within=10,
+        )
         cancelled = time.monotonic()
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        ended = await _poll(lambda: not waiting_statements(cluster_config, shard_id), 10, "SELECT cancelled")
+        ended = await wait_until(
+            lambda: asyncio.to_thread(lambda: not waiting_statements(cluster_config, shard_id)),
+            "the SELECT is cancelled",
+            within=10,
+        )
         print(f"statement gone {ended - cancelled:.3f}s after the client cancelled")
 
 

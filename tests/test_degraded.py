@@ -19,7 +19,7 @@ from server.runtime.app import DIALOG_SERVICE, running_server
 from server.storage.pools import DatabaseStartupError
 from tests.faults import CRASH_SAFE_SETTINGS, FAST_POOL, FAST_RESILIENCE, pairs_on, rng
 from tests.pgfixtures import free_port, reachable_temp_dir
-from tests.support import make_config, metric_value, retry_delay_of, scrape_metrics
+from tests.support import make_config, metric_value, retry_delay_of, scrape_metrics, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -28,14 +28,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 async def _status(channel: grpc.aio.Channel, service: str) -> int:
     reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
     return int(reply.status)
-
-
-async def _poll(check, within: float, what: str) -> float:  # type: ignore[no-untyped-def]
-    ends = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.05)
-    return time.monotonic()
 
 
 async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg_servers, jwt_secret):
@@ -115,7 +107,7 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
             async def shard_serving() -> bool:
                 return await _status(channel, "shard-1") == SERVING
 
-            joined = await _poll(shard_serving, 20, "shard 1 to join")
+            joined = await wait_until(shard_serving, "shard 1 joins", within=20, every=0.05)
             print(f"shard 1 joined {joined - started:.2f}s after its server was started")
             # Its schema was applied when it joined: the message is stored.
             sent = await send(down_pair, "to the missing shard")

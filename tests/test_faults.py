@@ -132,7 +132,9 @@ def _figures(name: str, report: LoadReport, marks: dict[str, float]) -> None:
 async def _refused_while_open(load: Load, marks: dict[str, float]) -> None:
     """Wait until 20 calls to the broken shard started after its breaker opened."""
     await load.wait_for(
-        lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20, 10, "refusals"
+        lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20,
+        10,
+        "20 calls are refused",
     )
 
 
@@ -158,18 +160,24 @@ def _check_common(report: LoadReport, marks: dict[str, float]) -> None:
 
 async def _warm(load: Load) -> None:
     await load.wait_for(
-        lambda: len(load.report.acked(0)) >= 20 and len(load.report.acked(1)) >= 20, 15, "warm-up acks"
+        lambda: len(load.report.acked(0)) >= 20 and len(load.report.acked(1)) >= 20,
+        15,
+        "the warm-up calls are acknowledged",
     )
 
 
 async def _until_recovered(load: Load, running: RunningServer, marks: dict[str, float]) -> None:
     repaired = marks["repaired"]
     marks["recovered"] = await load.wait_for(
-        lambda: load.report.first(1, grpc.StatusCode.OK, repaired) is not None, 30, "shard 1 to recover"
+        lambda: load.report.first(1, grpc.StatusCode.OK, repaired) is not None, 30, "shard 1 recovers"
     )
     marks["recovered"] = load.report.first(1, grpc.StatusCode.OK, repaired).finished  # type: ignore[union-attr]
     after = marks["recovered"]
-    await load.wait_for(lambda: len([o for o in load.report.acked(1) if o.started > after]) >= 20, 15, "acks")
+    await load.wait_for(
+        lambda: len([o for o in load.report.acked(1) if o.started > after]) >= 20,
+        15,
+        "20 more calls are acknowledged",
+    )
     assert _breaker(running) is BreakerState.CLOSED
 
 

@@ -8,7 +8,6 @@ the primary is down, reads keep working from the replica while writes get UNAVAI
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -27,7 +26,7 @@ from server.resilience import BreakerState
 from server.runtime.app import DIALOG_SERVICE, RunningServer, running_server
 from tests.faults import FAST_POOL, FAST_RESILIENCE, pairs_on, rng, start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
-from tests.support import make_config, replay
+from tests.support import make_config, replay, wait_until
 
 
 @pytest.fixture
@@ -55,14 +54,6 @@ def control_dsn(pg_servers: list[EmbeddedPostgres]) -> str:
     database = f"replica_control_{uuid.uuid4().hex[:12]}"
     pg_servers[3].create_database(database)
     return pg_servers[3].dsn_for(database)
-
-
-async def _poll(check: Any, within: float, what: str) -> float:
-    ends = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.05)
-    return time.monotonic()
 
 
 class Dialog:
@@ -111,7 +102,7 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
         state = running.shards.state(0).replicas[0]
         return state.available and state.lag_seconds is not None
 
-    await _poll(replica_up, 10, "the replica to be probed")
+    await wait_until(replica_up, "the replica is probed", within=10, every=0.05)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         dialog = Dialog(running, config, channel)
         await dialog.send("first")
@@ -122,7 +113,7 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
 
             return check
 
-        await _poll(await sees("first"), 10, "the first message to be readable")
+        await wait_until(await sees("first"), "the first message is readable", within=10, every=0.05)
 
         # Replay paused: the replica stays behind, and reads served by it do not show what follows.
         await asyncio.to_thread(replay, replica, "pause")
@@ -138,14 +129,14 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
                 lag = strict_running.shards.state(0).replicas[0].lag_seconds
                 return lag is not None and lag > 0.5
 
-            await _poll(stale, 10, "the paused replica's lag to exceed 0.5 s")
+            await wait_until(stale, "the paused replica's lag exceeds 0.5 s", within=10, every=0.05)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{strict_running.port}") as strict_channel:
                 strict_dialog = Dialog(strict_running, strict, strict_channel)
                 strict_dialog.pair, strict_dialog._metadata = dialog.pair, dialog._metadata
                 assert await strict_dialog.texts() == ["second", "first"]
 
         await asyncio.to_thread(replay, replica, "resume")
-        await _poll(await sees("second"), 10, "the replica to catch up")
+        await wait_until(await sees("second"), "the replica catches up", within=10, every=0.05)
 
         # The primary goes down: reads keep working from the replica, writes are refused.
         await asyncio.to_thread(primary.stop, "fast")
@@ -153,7 +144,7 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
         async def primary_open() -> bool:
             return running.shards.state(0).primary.breaker is BreakerState.OPEN
 
-        await _poll(primary_open, 10, "the primary's breaker to open")
+        await wait_until(primary_open, "the primary's breaker opens", within=10, every=0.05)
         for _ in range(5):
             assert await dialog.texts() == ["second", "first"]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -168,7 +159,7 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
         async def shard_not_serving() -> bool:
             return await status("shard-0") == health_pb2.HealthCheckResponse.NOT_SERVING
 
-        await _poll(shard_not_serving, 5, "shard-0 health to turn NOT_SERVING")
+        await wait_until(shard_not_serving, "shard-0 health turns NOT_SERVING", within=5, every=0.05)
         assert await status(DIALOG_SERVICE) == health_pb2.HealthCheckResponse.SERVING  # read-only
 
         # The primary returns: writes resume by themselves.
@@ -182,5 +173,5 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
                 return False
             return True
 
-        await _poll(writable, 20, "writes to resume")
-        await _poll(await sees("third"), 10, "the third message to be readable")
+        await wait_until(writable, "writes resume", within=20, every=0.05)
+        await wait_until(await sees("third"), "the third message is readable", within=10, every=0.05)

@@ -31,6 +31,7 @@ from tests.faults import (
     waiting_statements,
 )
 from tests.pgfixtures import free_port
+from tests.support import wait_until
 
 
 def _send(stub, config: ServerConfig, pair: tuple[int, int], text: str, timeout: float):  # type: ignore[no-untyped-def]
@@ -75,8 +76,8 @@ async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, clu
                 proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
                 # New calls are refused while the in-flight ones are still waiting for the lock.
-                ends = time.monotonic() + 10
-                while True:
+
+                async def a_new_call_is_refused() -> bool:
                     async with grpc.aio.insecure_channel(address) as fresh:
                         try:
                             await _send(
@@ -87,11 +88,12 @@ async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, clu
                                 1,
                             )
                         except grpc.aio.AioRpcError as exc:
-                            if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                                break
-                    assert time.monotonic() < ends, "new calls were still accepted after SIGTERM"
-                    await asyncio.sleep(0.05)
-                refused = time.monotonic()
+                            return exc.code() is grpc.StatusCode.UNAVAILABLE
+                    return False
+
+                refused = await wait_until(
+                    a_new_call_is_refused, "new calls are refused after SIGTERM", within=10, every=0.05
+                )
                 assert not any(call.done() for call in in_flight)
             released = time.monotonic()
             responses = await asyncio.gather(*in_flight)
@@ -119,7 +121,9 @@ async def test_kill_9_of_the_server_mid_load_loses_no_acknowledged_message(
     proc = await start_server_process(config_path)
     try:
         async with Load(address, cluster_config.auth, pairs, deadline=1.0) as load:
-            await load.wait_for(lambda: len(load.report.acked()) >= 100, 20, "acks before the crash")
+            await load.wait_for(
+                lambda: len(load.report.acked()) >= 100, 20, "100 calls are acknowledged before the crash"
+            )
             proc.kill()  # SIGKILL: no drain, no cleanup
             killed = time.monotonic()
             await proc.wait()
@@ -128,7 +132,7 @@ async def test_kill_9_of_the_server_mid_load_loses_no_acknowledged_message(
                     o.started > killed and o.code is grpc.StatusCode.UNAVAILABLE for o in load.report.outcomes
                 ),
                 10,
-                "calls to fail while the server is down",
+                "calls fail while the server is down",
             )
             proc = await start_server_process(config_path)
             restarted = time.monotonic()

@@ -29,7 +29,7 @@ from server.runtime.affinity import cpu_for_worker
 from server.runtime.app import running_server
 from server.runtime.supervisor import ListenError, reserve_port, split_listen
 from tests.processes import child_env, write_server_config
-from tests.support import rows_for_pair
+from tests.support import rows_for_pair, wait_until
 
 _SERVING = re.compile(r"dialog-shard serving on (\S+):(\d+) with (\d+) worker processes \(pids ([\d, ]+)\)")
 #: A fresh connection lands on one of two workers by hash: 40 tries miss one with odds 2**-39.
@@ -134,10 +134,13 @@ def _alive(pid: int) -> bool:
 
 
 async def _wait_gone(pids: list[int], within: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while any(_alive(p) for p in pids):
-        assert asyncio.get_running_loop().time() < deadline, f"still running: {pids}"
-        await asyncio.sleep(0.05)
+    await wait_until(
+        lambda: not any(_alive(p) for p in pids),
+        "the processes exit",
+        within=within,
+        every=0.05,
+        explain=lambda: f"still running: {[p for p in pids if _alive(p)]}",
+    )
 
 
 async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigterm(
