@@ -59,12 +59,12 @@ async def channel(address: str) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture(scope="session")
-def dialog_stub(channel: grpc.aio.Channel) -> dialog_service_pb2_grpc.DialogServiceStub:
+def dialog_stub(channel: grpc.aio.Channel) -> dialog_service_pb2_grpc.DialogServiceAsyncStub:
     return dialog_service_pb2_grpc.DialogServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
-def admin_stub(channel: grpc.aio.Channel) -> admin_service_pb2_grpc.AdminServiceStub:
+def admin_stub(channel: grpc.aio.Channel) -> admin_service_pb2_grpc.AdminServiceAsyncStub:
     return admin_service_pb2_grpc.AdminServiceStub(channel)
 
 

@@ -218,7 +218,7 @@ class Load:
             await self._channel.close()
 
     async def _worker(
-        self, stub: dialog_service_pb2_grpc.DialogServiceStub, shard_id: int, pair: tuple[int, int]
+        self, stub: dialog_service_pb2_grpc.DialogServiceAsyncStub, shard_id: int, pair: tuple[int, int]
     ) -> None:
         sender, peer = pair
         metadata = (("authorization", f"Bearer {issue_token(self._auth, user_id=sender)}"),)

@@ -93,7 +93,7 @@ def status_details(
     err: grpc.aio.AioRpcError,
 ) -> tuple[error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
     """The ErrorInfo and BadRequest field violations of a failed call (AIP-193)."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     info = None
     violations: list[tuple[str, str]] = []
     for detail in status.details if status else []:
@@ -119,7 +119,7 @@ async def expect_error(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.
 
 def retry_delay_of(error: grpc.aio.AioRpcError) -> float | None:
     """The google.rpc.RetryInfo delay of a rich error status, if it has one."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     if status is None:
         return None
     for detail in status.details:
@@ -317,7 +317,7 @@ STATE_AFTER_CRASH = {
 class Writer:
     """Sends messages as `sender` until stopped, retrying DIALOG_MOVING with the same request_id."""
 
-    stub: dialog_service_pb2_grpc.DialogServiceStub
+    stub: dialog_service_pb2_grpc.DialogServiceAsyncStub
     sender: int
     recipient: int
     auth: Metadata
@@ -361,7 +361,7 @@ class Writer:
 
 
 async def read_all(
-    stub: dialog_service_pb2_grpc.DialogServiceStub, user: int, peer: int, auth: Metadata
+    stub: dialog_service_pb2_grpc.DialogServiceAsyncStub, user: int, peer: int, auth: Metadata
 ) -> list[str]:
     """Every message of the dialog through GetDialog, oldest first, following page tokens."""
     ids: list[str] = []

@@ -36,7 +36,7 @@ from bench.procs import (
 from bench.workload import settle_after_load
 from server.dev.embedded_pg import EmbeddedPostgres
 from tests.pgfixtures import free_port
-from tests.support import wait_until_blocking
+from tests.support import fresh_database, wait_until_blocking
 
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
 
@@ -102,9 +102,7 @@ def test_counter_totals_sum_every_endpoint_and_label() -> None:
 
 def test_settling_after_the_load_vacuums_analyzes_and_checkpoints(pg_server: EmbeddedPostgres) -> None:
     """What `make bench` does after seeding, so autovacuum's first pass does not land in a round."""
-    database = f"settle_{uuid.uuid4().hex[:12]}"
-    pg_server.create_database(database)
-    dsn = pg_server.dsn_for(database)
+    dsn = fresh_database(pg_server, "settle")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE seeded (id int PRIMARY KEY)")
         conn.execute("INSERT INTO seeded SELECT generate_series(1, 10000)")
@@ -142,7 +140,7 @@ def test_the_resolution_benchmark_runs_alone() -> None:
     assert "overrides, pinned pair" in done.stdout
 
 
-def test_machine_idle_share_counts_idle_and_iowait_against_all_cpu_time():
+def test_machine_idle_share_counts_idle_and_iowait_against_all_cpu_time() -> None:
     before = machine_cpu_ticks("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n")
     after = machine_cpu_ticks("cpu  160 0 70 830 60 5 5 0 9 9\n")
     assert before == (850, 1000) and after == (890, 1130)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -15,15 +16,20 @@ import psycopg
 import pytest
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.config import ServerConfig
 from server.routing import calculate_shard
 from server.runtime.app import RunningServer
 from tests.faults import table_locked, waiting_statements
-from tests.support import wait_until
+from tests.support import Metadata, wait_until
 
 
 async def test_deadline_bounds_the_statement_and_cancels_it_on_the_server(
-    dialog_stub, auth_for, new_pair, cluster_config
-):
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     shard_id = calculate_shard(a, b, cluster_config.num_shards)
     request = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text="slow", request_id="slow-1")
@@ -47,7 +53,12 @@ async def test_deadline_bounds_the_statement_and_cancels_it_on_the_server(
     assert not retried.replayed
 
 
-async def test_cancelled_call_cancels_its_statement(dialog_stub, auth_for, new_pair, cluster_config):
+async def test_cancelled_call_cancels_its_statement(
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     shard_id = calculate_shard(a, b, cluster_config.num_shards)
     with table_locked(cluster_config, shard_id):
@@ -69,7 +80,9 @@ async def test_cancelled_call_cancels_its_statement(dialog_stub, auth_for, new_p
         print(f"statement gone {ended - cancelled:.3f}s after the client cancelled")
 
 
-async def test_pool_connections_carry_the_statement_ceiling(server: RunningServer, cluster_config):
+async def test_pool_connections_carry_the_statement_ceiling(
+    server: RunningServer, cluster_config: ServerConfig
+) -> None:
     async def show(conn: psycopg.AsyncConnection[Any]) -> str:
         row = await (await conn.execute("SHOW statement_timeout")).fetchone()
         assert row is not None

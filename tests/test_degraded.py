@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import grpc
 import pytest
@@ -19,7 +18,14 @@ from server.runtime.app import DIALOG_SERVICE, running_server
 from server.storage.pools import DatabaseStartupError
 from tests.faults import CRASH_SAFE_SETTINGS, FAST_POOL, FAST_RESILIENCE, pairs_on, rng
 from tests.pgfixtures import free_port, reachable_temp_dir
-from tests.support import make_config, metric_value, retry_delay_of, scrape_metrics, wait_until
+from tests.support import (
+    fresh_database,
+    make_config,
+    metric_value,
+    retry_delay_of,
+    scrape_metrics,
+    wait_until,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -30,12 +36,13 @@ async def _status(channel: grpc.aio.Channel, service: str) -> int:
     return int(reply.status)
 
 
-async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg_servers, jwt_secret):
-    database = f"degraded_{uuid.uuid4().hex[:12]}"
-    pg_servers[2].create_database(database)
+async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str
+) -> None:
+    database = fresh_database(pg_servers[2], "degraded")
     late_port = free_port()
     config = make_config(
-        [pg_servers[2].dsn_for(database), f"postgresql://postgres@127.0.0.1:{late_port}/dialog"],
+        [database, f"postgresql://postgres@127.0.0.1:{late_port}/dialog"],
         jwt_secret,
         pool=FAST_POOL,
         resilience=FAST_RESILIENCE,
@@ -105,7 +112,7 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
             await asyncio.to_thread(late.start)
 
             async def shard_serving() -> bool:
-                return await _status(channel, "shard-1") == SERVING
+                return bool(await _status(channel, "shard-1") == SERVING)
 
             joined = await wait_until(shard_serving, "shard 1 joins", within=20, every=0.05)
             print(f"shard 1 joined {joined - started:.2f}s after its server was started")
@@ -118,7 +125,7 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
             assert metric_value(samples, "dialog_shard_messages_written_total", shard="1") == 1
 
 
-async def test_no_reachable_shard_at_all_fails_startup(jwt_secret):
+async def test_no_reachable_shard_at_all_fails_startup(jwt_secret: str) -> None:
     dead = [f"postgresql://postgres@127.0.0.1:{free_port()}/dialog" for _ in range(2)]
     with pytest.raises(DatabaseStartupError, match=r"shard-0 .*; shard-1 "):
         async with running_server(make_config(dead, jwt_secret)):

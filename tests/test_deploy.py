@@ -409,7 +409,7 @@ def test_local_cluster_starts_serves_and_stops(cluster_dir: Path) -> None:
 
         def serving() -> bool:
             assert proc.poll() is None, f"the cluster exited: {log.read_text()}"
-            return _health_status(listen) == health_pb2.HealthCheckResponse.SERVING
+            return bool(_health_status(listen) == health_pb2.HealthCheckResponse.SERVING)
 
         wait_until_blocking(serving, "the service is SERVING", within=120, every=0.5, explain=log.read_text)
         # The container's probe script agrees.

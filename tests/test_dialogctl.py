@@ -22,7 +22,7 @@ from server.config import ServerConfig
 from server.routing import bucket_of, calculate_shard
 from tests.pgfixtures import free_port
 from tests.processes import Result, child_env, run_async, write_server_config
-from tests.support import rows_for_pair
+from tests.support import Metadata, rows_for_pair
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 RPC_EXIT_BASE = 64
@@ -52,7 +52,11 @@ def _no_traceback(result: Result) -> None:
     assert "Traceback" not in result.stdout, result.stdout
 
 
-async def test_user_token_is_accepted_by_the_server(ctl, dialog_stub, new_pair) -> None:
+async def test_user_token_is_accepted_by_the_server(
+    ctl: Callable[..., Any],
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     result = await ctl("token", "--user", str(a))
     assert result.returncode == 0, result.stderr
@@ -76,7 +80,7 @@ async def test_user_token_is_accepted_by_the_server(ctl, dialog_stub, new_pair) 
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_token_json_and_ttl(ctl) -> None:
+async def test_token_json_and_ttl(ctl: Callable[..., Any]) -> None:
     result = await ctl("token", "--user", "42", "--ttl", "120", "--json")
     doc = result.json()
     claims = doc["claims"]
@@ -90,7 +94,11 @@ async def test_token_json_and_ttl(ctl) -> None:
 
 
 async def test_token_signed_with_another_key_is_rejected(
-    tmp_path: Path, cluster_config: ServerConfig, address: str, dialog_stub, new_pair
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    address: str,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    new_pair: Callable[[], tuple[int, int]],
 ) -> None:
     # A config with another key mints tokens the session server must refuse.
     other = write_server_config(tmp_path / "other.toml", cluster_config, address, "x" * 48)
@@ -112,7 +120,9 @@ async def test_token_signed_with_another_key_is_rejected(
     _no_traceback(stats)
 
 
-async def test_shard_of_agrees_with_calculate_shard_online_and_offline(ctl, new_pair) -> None:
+async def test_shard_of_agrees_with_calculate_shard_online_and_offline(
+    ctl: Callable[..., Any], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     pairs = [new_pair() for _ in range(4)] + [(1, 2), (2, 1), (2**63 - 1, 1)]
     # Independent subprocesses: run them side by side.
     online = await asyncio.gather(*(ctl("shard-of", str(a), str(b), "--json") for a, b in pairs))
@@ -155,7 +165,9 @@ async def test_shard_of_agrees_with_calculate_shard_online_and_offline(ctl, new_
     assert "source      hash\n" in online_human.stdout
 
 
-async def test_overrides_set_list_delete_round_trip(ctl, new_pair) -> None:
+async def test_overrides_set_list_delete_round_trip(
+    ctl: Callable[..., Any], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     low, high = sorted((a, b))
     hash_shard = calculate_shard(a, b, 4)
@@ -208,7 +220,11 @@ async def test_overrides_set_list_delete_round_trip(ctl, new_pair) -> None:
 
 
 async def test_stats_counts_follow_the_messages_sent(
-    ctl, dialog_stub, auth_for, new_pair, cluster_config
+    ctl: Callable[..., Any],
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
 ) -> None:
     # Two pairs on two different shards, with different message counts.
     first = new_pair()
@@ -252,15 +268,17 @@ async def test_stats_counts_follow_the_messages_sent(
     assert human.returncode == 0, human.stderr
     lines = human.stdout.splitlines()
     assert lines[0].split() == ["SHARD", "TABLE", "LOCATION", "MESSAGES", "OVERRIDES", "AVAILABLE"]
-    for shard in cluster_config.shards:
-        row = lines[1 + shard.shard_id].split()
-        assert row[:3] == [str(shard.shard_id), shard.table, shard.location]
-        assert int(row[3]) >= int(after["shards"][shard.shard_id]["message_count"])
+    for configured in cluster_config.shards:
+        row = lines[1 + configured.shard_id].split()
+        assert row[:3] == [str(configured.shard_id), configured.table, configured.location]
+        assert int(row[3]) >= int(after["shards"][configured.shard_id]["message_count"])
     assert any(line.startswith("p-value") for line in lines)
     assert any(line.startswith("coeff. of variation") for line in lines)
 
 
-async def test_failed_rpc_exits_64_plus_code_without_traceback(ctl, new_pair) -> None:
+async def test_failed_rpc_exits_64_plus_code_without_traceback(
+    ctl: Callable[..., Any], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     result = await ctl("overrides", "set", str(a), str(b), "99")
     assert result.returncode == RPC_EXIT_BASE + grpc.StatusCode.INVALID_ARGUMENT.value[0] == 67
@@ -274,7 +292,7 @@ async def test_failed_rpc_exits_64_plus_code_without_traceback(ctl, new_pair) ->
     assert "page_size" in bad_page.stderr
 
 
-async def test_unreachable_server_is_unavailable(ctl) -> None:
+async def test_unreachable_server_is_unavailable(ctl: Callable[..., Any]) -> None:
     result = await ctl("--address", f"127.0.0.1:{free_port()}", "--timeout", "5", "stats")
     assert result.returncode == RPC_EXIT_BASE + grpc.StatusCode.UNAVAILABLE.value[0] == 78
     assert result.stderr.startswith("dialogctl: UNAVAILABLE: ")
@@ -302,7 +320,11 @@ async def test_config_errors_are_one_line_exit_2(tmp_path: Path) -> None:
 
 
 async def test_default_config_is_found(
-    tmp_path: Path, cluster_config: ServerConfig, address: str, jwt_secret: str, new_pair
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    address: str,
+    jwt_secret: str,
+    new_pair: Callable[[], tuple[int, int]],
 ) -> None:
     a, b = new_pair()
     expected = calculate_shard(a, b, 4)
@@ -317,7 +339,7 @@ async def test_default_config_is_found(
     assert via_env.json()["shard_id"] == expected
 
 
-async def test_usage_errors(ctl) -> None:
+async def test_usage_errors(ctl: Callable[..., Any]) -> None:
     neither = await ctl("token")
     assert neither.returncode == 2
     assert "--user" in neither.stderr
@@ -333,7 +355,9 @@ def test_dialogctl_script_is_installed() -> None:
     assert DIALOGCTL.is_file() and os.access(DIALOGCTL, os.X_OK)
 
 
-async def test_token_used_for_get_dialog(ctl, channel, new_pair) -> None:
+async def test_token_used_for_get_dialog(
+    ctl: Callable[..., Any], channel: grpc.aio.Channel, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """Tokens for both users of a pair let each read the dialog the other wrote to."""
     stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
     a, b = new_pair()

@@ -6,6 +6,7 @@ import json
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
@@ -16,7 +17,7 @@ from tests.support import make_config
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 
 
-async def migrate(config_path: Path, *args: str) -> tuple[int, dict[str, dict[str, object]], str]:
+async def migrate(config_path: Path, *args: str) -> tuple[int, dict[str, dict[str, Any]], str]:
     result = await run_async(DIALOGCTL, "--config", str(config_path), "migrate", *args)
     assert "Traceback" not in result.stderr, result.stderr
     if "--json" not in args:
@@ -29,7 +30,9 @@ def _config(tmp_path: Path, config: ServerConfig, jwt_secret: str) -> Path:
     return write_server_config(tmp_path / "dialog-shard.toml", config, "127.0.0.1:1", jwt_secret)
 
 
-async def test_migrate_creates_the_schema_once(tmp_path, pg_server: EmbeddedPostgres, jwt_secret) -> None:
+async def test_migrate_creates_the_schema_once(
+    tmp_path: Path, pg_server: EmbeddedPostgres, jwt_secret: str
+) -> None:
     database = f"migrate_{secrets.token_hex(4)}"
     pg_server.create_database(database)
     dsn = pg_server.dsn_for(database)
@@ -64,7 +67,7 @@ async def test_migrate_creates_the_schema_once(tmp_path, pg_server: EmbeddedPost
 
 
 async def test_migrate_reports_an_unreachable_shard_and_migrates_the_rest(
-    tmp_path, pg_server: EmbeddedPostgres, jwt_secret
+    tmp_path: Path, pg_server: EmbeddedPostgres, jwt_secret: str
 ) -> None:
     database = f"migrate_{secrets.token_hex(4)}"
     pg_server.create_database(database)

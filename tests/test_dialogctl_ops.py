@@ -52,7 +52,12 @@ def _pair_on(shard: int, config: ServerConfig, new_pair: Callable[[], tuple[int,
             return a, b
 
 
-async def test_messages_json_and_table(ctl, address, cluster_config, new_pair) -> None:
+async def test_messages_json_and_table(
+    ctl: Callable[..., Any],
+    address: str,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     sent = await _send(address, cluster_config, a, b, ["first", "second\nline", "third " * 20])
     shard = calculate_shard(a, b, cluster_config.num_shards)
@@ -78,7 +83,9 @@ async def test_messages_json_and_table(ctl, address, cluster_config, new_pair) -
     assert lines[3].endswith("…")
 
 
-async def test_messages_bad_shard_exits_with_the_grpc_code(ctl, cluster_config) -> None:
+async def test_messages_bad_shard_exits_with_the_grpc_code(
+    ctl: Callable[..., Any], cluster_config: ServerConfig
+) -> None:
     result = await ctl("messages", "--shard", str(cluster_config.num_shards))
     assert result.returncode == INVALID_ARGUMENT_EXIT
     assert result.stderr.startswith("dialogctl: INVALID_ARGUMENT: shard_id: must be a shard id")
@@ -86,7 +93,11 @@ async def test_messages_bad_shard_exits_with_the_grpc_code(ctl, cluster_config) 
 
 
 async def test_backup_then_restore_brings_a_dropped_shard_back_complete(
-    ctl, tmp_path, address, cluster_config, new_pair
+    ctl: Callable[..., Any],
+    tmp_path: Path,
+    address: str,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
 ) -> None:
     shard = 2
     pairs = [_pair_on(shard, cluster_config, new_pair) for _ in range(3)]
@@ -151,7 +162,11 @@ def rows_for_pair_safe(config: ServerConfig, pair: tuple[int, int]) -> Any:
 
 
 async def test_control_tables_restore_and_the_servers_reload_them(
-    ctl, tmp_path, address, cluster_config, new_pair
+    ctl: Callable[..., Any],
+    tmp_path: Path,
+    address: str,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
 ) -> None:
     out = tmp_path / "control"
     backup = (await ctl("backup", "--control", "--out", str(out), "--json")).json()
@@ -179,7 +194,7 @@ async def test_control_tables_restore_and_the_servers_reload_them(
             await asyncio.sleep(0.05)
 
 
-async def test_backup_and_restore_explain_what_is_wrong(ctl, tmp_path) -> None:
+async def test_backup_and_restore_explain_what_is_wrong(ctl: Callable[..., Any], tmp_path: Path) -> None:
     missing_tools = await ctl(
         "backup", "--shard", "0", "--out", str(tmp_path / "b"), "--pg-bindir", "/nonexistent"
     )

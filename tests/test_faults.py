@@ -14,7 +14,6 @@ import asyncio
 import random
 import statistics
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -44,7 +43,7 @@ from tests.faults import (
     start_postgres,
 )
 from tests.pgfixtures import reachable_temp_dir
-from tests.support import make_config, move_rows, retry_delay_of
+from tests.support import fresh_database, make_config, move_rows, retry_delay_of
 
 WORKERS_PER_SHARD = 3
 rng = random.Random()
@@ -62,10 +61,8 @@ def fault_config(
     pg_servers: list[EmbeddedPostgres], victim: EmbeddedPostgres, jwt_secret: str
 ) -> ServerConfig:
     healthy = pg_servers[1]
-    database = f"fault_{uuid.uuid4().hex[:12]}"
-    healthy.create_database(database)
     return make_config(
-        [healthy.dsn_for(database), victim.dsn],
+        [fresh_database(healthy, "fault"), victim.dsn],
         jwt_secret,
         pool=FAST_POOL,
         resilience=FAST_RESILIENCE,
@@ -193,7 +190,9 @@ async def _warmed_load(running: RunningServer, config: ServerConfig) -> AsyncIte
         yield watch, load
 
 
-async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
+async def test_kill_9_of_a_shard_server(
+    fault_server: RunningServer, fault_config: ServerConfig, victim: EmbeddedPostgres
+) -> None:
     address = f"127.0.0.1:{fault_server.port}"
     marks: dict[str, float] = {}
     async with _warmed_load(fault_server, fault_config) as (watch, load):
@@ -219,7 +218,9 @@ async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
     await _check_outcome(address, fault_config, load.report, marks)
 
 
-async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config, victim):
+async def test_hung_shard_server_sigstop_then_sigcont(
+    fault_server: RunningServer, fault_config: ServerConfig, victim: EmbeddedPostgres
+) -> None:
     address = f"127.0.0.1:{fault_server.port}"
     marks: dict[str, float] = {}
     async with _warmed_load(fault_server, fault_config) as (watch, load):
@@ -244,7 +245,9 @@ async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config
     await _check_outcome(address, fault_config, load.report, marks)
 
 
-async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
+async def test_restart_of_a_shard_server(
+    fault_server: RunningServer, fault_config: ServerConfig, victim: EmbeddedPostgres
+) -> None:
     address = f"127.0.0.1:{fault_server.port}"
     marks: dict[str, float] = {}
     async with _warmed_load(fault_server, fault_config) as (watch, load):
@@ -260,8 +263,8 @@ async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
 
 
 async def test_a_move_touching_a_down_shard_is_refused_before_anything_is_recorded(
-    fault_server, fault_config, victim
-):
+    fault_server: RunningServer, fault_config: ServerConfig, victim: EmbeddedPostgres
+) -> None:
     address = f"127.0.0.1:{fault_server.port}"
     into_down, out_of_down = pairs_on(0, 2, 1, rng)[0], pairs_on(1, 2, 1, rng)[0]
     admin = (("authorization", f"Bearer {issue_token(fault_config.auth, admin=True)}"),)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, calculate_shard
 from server.routing.rebalance import PairLoad, Proposal, propose
 from tests.processes import write_server_config
-from tests.support import dialogctl, fresh_cluster, make_config, preload_pairs, rows_for_pair, serving
+from tests.support import (
+    Metadata,
+    dialogctl,
+    fresh_cluster,
+    make_config,
+    preload_pairs,
+    rows_for_pair,
+    serving,
+)
 
 
 def test_balanced_shards_need_no_move() -> None:
@@ -31,7 +43,13 @@ def test_moves_stop_at_max_moves() -> None:
     assert len(propose(loads, candidates)) == 5, "then 500 / 500"
 
 
-async def test_hotspots_and_rebalance_apply(pg_servers, jwt_secret, tmp_path, new_pair, admin_auth):
+async def test_hotspots_and_rebalance_apply(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    admin_auth: Metadata,
+) -> None:
     config = fresh_cluster(pg_servers, jwt_secret, 4)
     heavy = new_pair()
     home = calculate_shard(*heavy, 4)
@@ -63,8 +81,11 @@ async def test_hotspots_and_rebalance_apply(pg_servers, jwt_secret, tmp_path, ne
 
 
 async def test_rebalance_only_uses_the_shards_the_hash_routes_over(
-    pg_servers, jwt_secret, tmp_path, new_pair
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """Shards listed ahead of a reshard are empty; they must not look like the lightest targets."""
     config = fresh_cluster(pg_servers, jwt_secret, 6)
     heavy = new_pair()

@@ -12,19 +12,25 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
-from client.gen.dialog.v1 import admin_service_pb2, dialog_service_pb2, dialog_service_pb2_grpc
+from client.gen.dialog.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    dialog_service_pb2,
+    dialog_service_pb2_grpc,
+)
 from server.config import ConfigError, MetricsConfig, ServerConfig, config_from_mapping
 from server.observability.metrics import ServerMetrics, go_code_name
 from server.routing import calculate_shard
 from server.runtime.app import RunningServer, running_server
 from tests.processes import CHILD_TIMEOUT_SECONDS, child_env, write_server_config
-from tests.support import metric_value, pair_on_shard, scrape_metrics
+from tests.support import Metadata, metric_value, pair_on_shard, scrape_metrics
 
 RPC_LABELS = {"grpc_type", "grpc_service", "grpc_method"}
 
@@ -35,7 +41,12 @@ def send(a: int, b: int, text: str, request_id: str = "") -> dialog_service_pb2.
     )
 
 
-async def test_rpc_and_message_counts_per_shard(server: RunningServer, dialog_stub, auth_for, new_pair):
+async def test_rpc_and_message_counts_per_shard(
+    server: RunningServer,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     assert server.metrics_port is not None
     num_shards = len(server.shards)
     before, _ = await scrape_metrics(server.metrics_port)
@@ -108,8 +119,12 @@ async def test_rpc_and_message_counts_per_shard(server: RunningServer, dialog_st
 
 
 async def test_pool_and_shard_map_state(
-    server: RunningServer, admin_stub, admin_auth, new_pair, cluster_config
-):
+    server: RunningServer,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     assert server.metrics_port is not None
     before, _ = await scrape_metrics(server.metrics_port)
     a, b = new_pair()
@@ -140,8 +155,11 @@ async def test_pool_and_shard_map_state(
 
 
 async def test_write_batching_counts_messages_per_statement(
-    server: RunningServer, dialog_stub, auth_for, new_pair
-):
+    server: RunningServer,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """Concurrent sends to one shard: every message is in exactly one counted statement, and
     the ones that overlapped shared batch statements (fewer statements than messages)."""
     assert server.metrics_port is not None
@@ -175,7 +193,7 @@ async def test_write_batching_counts_messages_per_statement(
     assert label_names["dialog_shard_insert_batch_splits_total"] == {"shard"}
 
 
-async def test_metrics_port_in_use_fails_startup_with_a_clear_error(cluster_config: ServerConfig):
+async def test_metrics_port_in_use_fails_startup_with_a_clear_error(cluster_config: ServerConfig) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -186,7 +204,7 @@ async def test_metrics_port_in_use_fails_startup_with_a_clear_error(cluster_conf
                 pytest.fail("server must not start")
 
 
-async def test_metrics_can_be_disabled(cluster_config: ServerConfig):
+async def test_metrics_can_be_disabled(cluster_config: ServerConfig) -> None:
     async with running_server(replace(cluster_config, metrics=MetricsConfig(None))) as running:
         assert running.metrics_port is None
 
@@ -201,7 +219,7 @@ def _load(metrics: object = None, **env: str) -> MetricsConfig:
     return config_from_mapping(data, env, base_dir=Path.cwd()).metrics
 
 
-def test_metrics_config():
+def test_metrics_config() -> None:
     assert _load().listen == "127.0.0.1:9464"
     assert _load({"listen": "0.0.0.0:9100"}).listen == "0.0.0.0:9100"
     assert _load({"enabled": False}).listen is None
@@ -215,14 +233,14 @@ def test_metrics_config():
     assert MetricsConfig(None).for_worker(1).listen is None
 
 
-def test_code_names_follow_go():
+def test_code_names_follow_go() -> None:
     assert go_code_name(grpc.StatusCode.OK) == "OK"
     assert go_code_name(grpc.StatusCode.CANCELLED) == "Canceled"
     assert go_code_name(grpc.StatusCode.INVALID_ARGUMENT) == "InvalidArgument"
     assert go_code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DeadlineExceeded"
 
 
-def test_shard_labels_stay_bounded():
+def test_shard_labels_stay_bounded() -> None:
     metrics = ServerMetrics([0, 1])
     labels = [metrics.shard_label(s) for s in (0, 1, None, 9, -1)]
     assert labels == ["0", "1", "none", "unconfigured", "unconfigured"]
@@ -248,8 +266,12 @@ def _free_port_pair() -> int:
 
 
 async def test_each_worker_serves_its_own_endpoint(
-    tmp_path: Path, cluster_config, jwt_secret, auth_for, new_pair
-):
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """`--workers 2`: worker i on the configured port + i; their counts add up to the calls made."""
     base = _free_port_pair()
     config = write_server_config(tmp_path / "workers.toml", cluster_config, "127.0.0.1:0", jwt_secret)

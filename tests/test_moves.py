@@ -7,7 +7,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,12 @@ from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.config import PoolConfig, ServerConfig
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.errors import DialogMoving, ShardUnavailable
 from server.moves.mover import STEP_BOUNDARIES
 from server.placement import Placement
 from server.routing import Pair, bucket_of, calculate_shard
-from server.runtime.app import running_server
+from server.runtime.app import RunningServer, running_server
 from server.storage.channel import CHANNEL
 from server.storage.ids import MessageIdGenerator, id_time
 from tests.crashing_mover import CRASHED_EXIT, crashing_argv
@@ -33,8 +34,10 @@ from tests.pgfixtures import reachable_temp_dir
 from tests.processes import child_env, run_async, write_server_config
 from tests.support import (
     STATE_AFTER_CRASH,
+    Metadata,
     Writer,
     expect_error,
+    fresh_database,
     make_config,
     move_rows,
     other_shard,
@@ -113,8 +116,15 @@ async def server_process(
 
 
 async def test_move_under_load_loses_and_duplicates_nothing(
-    tmp_path, cluster_config, jwt_secret, dialog_stub, admin_stub, admin_auth, auth_for, new_pair
-):
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """Writers to the moving pair (through two server processes) and to other pairs keep going."""
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
@@ -183,8 +193,12 @@ async def route_stale(server: Any, config: ServerConfig, pair: Pair) -> None:
 
 
 async def test_stale_process_gets_a_retryable_error_not_the_old_shard(
-    server, cluster_config, dialog_stub, auth_for, new_pair
-):
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """A writer or reader whose routing still names the source is refused there once the pair moved."""
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
@@ -214,8 +228,12 @@ async def test_stale_process_gets_a_retryable_error_not_the_old_shard(
 
 
 async def test_a_call_to_a_moving_dialog_waits_for_the_flip_instead_of_failing(
-    server, cluster_config, dialog_stub, auth_for, new_pair
-):
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """The server holds the refused call until its routing changes, then serves it from the new shard."""
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
@@ -253,7 +271,7 @@ async def test_a_call_to_a_moving_dialog_waits_for_the_flip_instead_of_failing(
     ]
 
 
-async def test_a_call_waiting_out_a_move_wakes_on_the_routing_change_itself():
+async def test_a_call_waiting_out_a_move_wakes_on_the_routing_change_itself() -> None:
     """No polling: the change of routing wakes the waiting call (a waiter would otherwise run
     every few ms), and it calls the shard the new routing names."""
     placement = Placement("postgresql://unused", 4, PoolConfig(), moving_wait=60.0)
@@ -277,7 +295,7 @@ async def test_a_call_waiting_out_a_move_wakes_on_the_routing_change_itself():
     assert called == [where.shard_id, moved_to]
 
 
-async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_moving_wait():
+async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_moving_wait() -> None:
     placement = Placement("postgresql://unused", 4, PoolConfig(), moving_wait=0.05)
     where = placement.resolve(1, 2)
     called: list[int] = []
@@ -300,8 +318,16 @@ async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_movin
 
 @pytest.mark.parametrize("step", STEP_BOUNDARIES)
 async def test_move_crashed_at_each_step_completes_on_rerun(
-    step, tmp_path, cluster_config, jwt_secret, dialog_stub, admin_stub, admin_auth, auth_for, new_pair
-):
+    step: str,
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
     history = preload(cluster_config, source, (a, b), 1500)
@@ -331,8 +357,14 @@ async def test_move_crashed_at_each_step_completes_on_rerun(
 
 
 async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
-    tmp_path, cluster_config, jwt_secret, dialog_stub, auth_for, admin_auth, new_pair
-):
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    admin_auth: Metadata,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
     history = preload(cluster_config, source, (a, b), 10)
@@ -380,18 +412,19 @@ async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
     assert await read_all(dialog_stub, a, b, auth_for(a)) == [*history, sent.message.message_id]
 
 
-async def test_move_waits_for_the_targets_replica_before_flipping(pg_servers, jwt_secret, new_pair):
+async def test_move_waits_for_the_targets_replica_before_flipping(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """Readers may be sent to a replica of the new shard right after the flip: it must hold the copy."""
-    name = f"replica_move_{secrets.token_hex(4)}"
-    pg_servers[0].create_database(name)
+    database = fresh_database(pg_servers[0], "replica_move")
     with reachable_temp_dir("dialog-shard-move-replica-") as base:
         primary = start_postgres(base, "primary")
         replica = start_replica(primary, base, "replica")
         config = make_config(
-            [pg_servers[0].dsn_for(name), primary.dsn],
+            [database, primary.dsn],
             jwt_secret,
             shards=[
-                {"id": 0, "dsn": pg_servers[0].dsn_for(name), "table": "messages_0"},
+                {"id": 0, "dsn": database, "table": "messages_0"},
                 {"id": 1, "dsn": primary.dsn, "table": "messages_1", "replica_dsns": [replica.dsn]},
             ],
         )

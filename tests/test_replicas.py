@@ -8,7 +8,6 @@ the primary is down, reads keep working from the replica while writes get UNAVAI
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -26,7 +25,7 @@ from server.resilience import BreakerState
 from server.runtime.app import DIALOG_SERVICE, RunningServer, running_server
 from tests.faults import FAST_POOL, FAST_RESILIENCE, pairs_on, rng, start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
-from tests.support import make_config, replay, wait_until
+from tests.support import fresh_database, make_config, replay, wait_until
 
 
 @pytest.fixture
@@ -51,9 +50,7 @@ def _config(
 
 @pytest.fixture
 def control_dsn(pg_servers: list[EmbeddedPostgres]) -> str:
-    database = f"replica_control_{uuid.uuid4().hex[:12]}"
-    pg_servers[3].create_database(database)
-    return pg_servers[3].dsn_for(database)
+    return fresh_database(pg_servers[3], "replica_control")
 
 
 class Dialog:
@@ -85,7 +82,7 @@ class Dialog:
 
 @pytest_asyncio.fixture
 async def lagging_reads(
-    primary_and_replica, control_dsn, jwt_secret
+    primary_and_replica: tuple[EmbeddedPostgres, EmbeddedPostgres], control_dsn: str, jwt_secret: str
 ) -> AsyncIterator[tuple[RunningServer, ServerConfig, EmbeddedPostgres, EmbeddedPostgres]]:
     primary, replica = primary_and_replica
     config = _config(primary, replica, control_dsn, jwt_secret, max_lag=60)
@@ -94,8 +91,10 @@ async def lagging_reads(
 
 
 async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
-    lagging_reads, control_dsn, jwt_secret
-):
+    lagging_reads: tuple[RunningServer, ServerConfig, EmbeddedPostgres, EmbeddedPostgres],
+    control_dsn: str,
+    jwt_secret: str,
+) -> None:
     running, config, primary, replica = lagging_reads
 
     async def replica_up() -> bool:
@@ -157,7 +156,7 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
             return int(reply.status)
 
         async def shard_not_serving() -> bool:
-            return await status("shard-0") == health_pb2.HealthCheckResponse.NOT_SERVING
+            return bool(await status("shard-0") == health_pb2.HealthCheckResponse.NOT_SERVING)
 
         await wait_until(shard_not_serving, "shard-0 health turns NOT_SERVING", within=5, every=0.05)
         assert await status(DIALOG_SERVICE) == health_pb2.HealthCheckResponse.SERVING  # read-only

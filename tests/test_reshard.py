@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -24,6 +25,7 @@ import pytest
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from server.config import ServerConfig
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.moves.mover import STEP_BOUNDARIES
 from server.moves.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
 from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard, pair_hash
@@ -35,6 +37,7 @@ from tests.processes import child_env, run_async, write_server_config
 from tests.support import (
     DIALOGCTL,
     STATE_AFTER_CRASH,
+    Metadata,
     Writer,
     dialogctl,
     fresh_cluster,
@@ -96,8 +99,16 @@ def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
     ids=["4-to-8", "4-to-6-full-reshuffle", "6-to-4-shrink", "6-to-9-full-reshuffle", "4-to-16"],
 )
 async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_says(
-    start_shards, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
-):
+    start_shards: int,
+    target_shards: int,
+    flags: tuple[str, ...],
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+    admin_auth: Metadata,
+) -> None:
     config = fresh_cluster(pg_servers, jwt_secret, max(start_shards, target_shards))
     first = make_config([s.dsn for s in config.shards[:start_shards]], jwt_secret)
     pairs = [new_pair() for _ in range(200)]
@@ -179,8 +190,14 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
     ],
 )
 async def test_reshard_crashed_mid_step_completes_on_rerun(
-    step, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair
-):
+    step: str,
+    target_shards: int,
+    flags: tuple[str, ...],
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     config = fresh_cluster(pg_servers, jwt_secret, target_shards)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout and creates the schema
@@ -207,7 +224,9 @@ async def test_reshard_crashed_mid_step_completes_on_rerun(
     assert (await dialogctl(path, "verify", "--json")).json()["clean"] is True
 
 
-async def test_a_bucket_group_is_copied_and_synced_in_parts(pg_servers, jwt_secret, new_pair):
+async def test_a_bucket_group_is_copied_and_synced_in_parts(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """A group bigger than `part_rows` is walked in several parts, each keyset walk over fewer buckets."""
     from server.cli.shards import tool_shards
     from server.storage import transfer
@@ -225,7 +244,9 @@ async def test_a_bucket_group_is_copied_and_synced_in_parts(pg_servers, jwt_secr
         assert (await transfer.verify(source, target, unit)).count == copied
 
 
-async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(pg_servers, jwt_secret):
+async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str
+) -> None:
     """The fences and a full reshuffle's selections compute the hash in SQL: it must match Go's."""
     from server.cli.shards import tool_shards
 
@@ -244,7 +265,9 @@ async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(pg_servers, jwt_secret
     assert [(Pair(lo, hi), int(h)) for lo, hi, h in rows] == [(p, expected[p]) for p in pairs]
 
 
-async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(pg_servers, jwt_secret, new_pair):
+async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """A full reshuffle fences the pairs of a bucket going to one shard; the bucket's others write on."""
     from server.cli.shards import tool_shards
     from server.resilience.db_errors import FENCED_SQLSTATE
@@ -286,8 +309,11 @@ async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(pg_servers
 
 
 async def test_a_stray_copy_on_the_target_stops_the_step_until_verify_repairs_it(
-    pg_servers, jwt_secret, tmp_path, new_pair
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     from server.cli.shards import tool_shards
 
     config = fresh_cluster(pg_servers, jwt_secret, 8)
@@ -327,8 +353,12 @@ async def test_a_stray_copy_on_the_target_stops_the_step_until_verify_repairs_it
 
 
 async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
-    pg_servers, jwt_secret, tmp_path, new_pair, auth_for
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+) -> None:
     from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 
     config = fresh_cluster(pg_servers, jwt_secret, 8)
@@ -352,7 +382,7 @@ async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
     resuming = make_config([s.dsn for s in config.shards], jwt_secret, resilience={"move_resume_after": 0.5})
     async with serving(resuming) as (_, channel):
         # Nobody re-runs the reshard: the server sees the move idle with its lock free.
-        await wait_until(lambda: unfinished() == [], "a server completed the move", seconds=20)
+        await wait_until(lambda: unfinished() == [], "a server completed the move", within=20)
         stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
         sent = await stub.SendMessage(
             dpb.SendMessageRequest(from_user_id=fenced[0], to_user_id=fenced[1], text="after"),
@@ -372,8 +402,13 @@ async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
 
 
 async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
-    pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+    admin_auth: Metadata,
+) -> None:
     """Its old fence row on the shard its unit moves to must not keep refusing its writes there."""
     from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 
@@ -388,7 +423,7 @@ async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
     a, b = pair
     sent: list[str] = []
 
-    async def send(stub: dialog_service_pb2_grpc.DialogServiceStub, text: str) -> None:
+    async def send(stub: dialog_service_pb2_grpc.DialogServiceAsyncStub, text: str) -> None:
         request = dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text)
         sent.append((await stub.SendMessage(request, metadata=auth_for(a))).message.message_id)
 
@@ -415,8 +450,11 @@ async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
 
 
 async def test_a_reshard_waits_for_every_running_server_to_know_the_new_shards(
-    pg_servers, jwt_secret, tmp_path, new_pair
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     config = fresh_cluster(pg_servers, jwt_secret, 8)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
@@ -435,7 +473,12 @@ async def test_a_reshard_waits_for_every_running_server_to_know_the_new_shards(
     assert sorted(i for _, i, _ in stored(config)) == sorted(history)
 
 
-async def test_the_readme_resharding_commands_run_as_written(pg_servers, jwt_secret, tmp_path, new_pair):
+async def test_the_readme_resharding_commands_run_as_written(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """The README's 4 -> 6 block, verbatim, with `dialogctl` on PATH and a server serving meanwhile."""
     (block,) = [b.body for b in readme_blocks() if b.kind == "reshard"]
     config = fresh_cluster(pg_servers, jwt_secret, 6)

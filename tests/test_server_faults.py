@@ -10,6 +10,8 @@ import contextlib
 import signal
 import time
 from collections import Counter
+from collections.abc import Awaitable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -34,7 +36,13 @@ from tests.pgfixtures import free_port
 from tests.support import wait_until
 
 
-def _send(stub, config: ServerConfig, pair: tuple[int, int], text: str, timeout: float):  # type: ignore[no-untyped-def]
+def _send(
+    stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    config: ServerConfig,
+    pair: tuple[int, int],
+    text: str,
+    timeout: float,
+) -> Awaitable[pb.SendMessageResponse]:
     token = issue_token(config.auth, user_id=pair[0])
     return stub.SendMessage(
         pb.SendMessageRequest(from_user_id=pair[0], to_user_id=pair[1], text=text, request_id=text),
@@ -43,7 +51,9 @@ def _send(stub, config: ServerConfig, pair: tuple[int, int], text: str, timeout:
     )
 
 
-async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, cluster_config, jwt_secret):
+async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(
+    tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str
+) -> None:
     port = free_port()
     proc = await start_server_process(
         fault_server_config(tmp_path / "drain.toml", cluster_config, port, jwt_secret, 10)
@@ -111,8 +121,8 @@ async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, clu
 
 
 async def test_kill_9_of_the_server_mid_load_loses_no_acknowledged_message(
-    tmp_path, cluster_config, jwt_secret
-):
+    tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str
+) -> None:
     port = free_port()
     config_path = fault_server_config(tmp_path / "crash.toml", cluster_config, port, jwt_secret, 2)
     address = f"127.0.0.1:{port}"

@@ -20,7 +20,7 @@ def _token(secret: bytes, exp: float) -> str:
     return jwt.encode({"sub": "7", "exp": exp}, secret, algorithm="HS256")
 
 
-def test_a_remembered_token_still_expires():
+def test_a_remembered_token_still_expires() -> None:
     verifier = TokenVerifier(AuthConfig(jwt_secret=SECRET, leeway_seconds=0))
     exp = int(time.time()) + 1
     token = _token(SECRET, exp)
@@ -31,7 +31,7 @@ def test_a_remembered_token_still_expires():
         verifier.verify(token)
 
 
-def test_a_token_remembered_under_one_key_is_checked_again_under_another():
+def test_a_token_remembered_under_one_key_is_checked_again_under_another() -> None:
     config = AuthConfig(jwt_secret=SECRET)
     verifier = TokenVerifier(config)
     token = _token(SECRET, time.time() + 600)
