@@ -73,7 +73,7 @@ bench-scale: $(INSTALLED)
 lint: $(INSTALLED) $(NODE_INSTALLED)
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/ruff format --check $(PY_SOURCES)
-	$(BIN)/mypy server client bench
+	$(BIN)/mypy server client bench tests
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/gen_protos.py --check
 	npx --no-install buf lint

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from server.config import DEFAULT_LISTEN, ConfigError, LogConfig, ServerConfig, load_config
 from server.dev import stack as devstack
-from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.errors import StartupError
 from server.observability.logs import configure_logging
 from server.runtime import affinity, eventloop, supervisor
 from server.runtime.app import running_server
-from server.storage.pools import StartupError
 
 _DEV_BANNER = """\
 Try it (in another terminal):
@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(args)
-    except (ConfigError, StartupError, EmbeddedPostgresError, OSError, eventloop.EventLoopError) as exc:
+    # Every reason the server cannot start is a StartupError (server.errors); an OSError is the
+    # operating system refusing something else startup needs, such as the --dev data directory.
+    except (StartupError, OSError) as exc:
         print(f"dialog-server: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

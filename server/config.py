@@ -85,6 +85,8 @@ from urllib.parse import urlsplit
 
 from psycopg.conninfo import conninfo_to_dict
 
+from server.errors import StartupError
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_NUM_SHARDS = 4
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
@@ -98,7 +100,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 _TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(StartupError, ValueError):
     """The configuration is incomplete or inconsistent; the message says what to fix."""
 
 

@@ -15,6 +15,16 @@ Exception tree::
     ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call's deadline passed while a shard was working
     └── InternalError            INTERNAL: a bug; details only in the server log
 
+    StartupError                 the server cannot start; `dialog-server` prints the message and exits 2
+    ├── ConfigError              (server.config) the configuration or a key file it names is wrong
+    ├── DatabaseStartupError     (server.storage.pools) a shard or the control database cannot be used
+    ├── EmbeddedPostgresError    (server.dev.embedded_pg) the `--dev` PostgreSQL cannot be set up or run
+    ├── EventLoopError           (server.runtime.eventloop) the requested event loop is not available
+    └── ListenError              (server.runtime.supervisor) the listen address cannot be bound
+
+Startup errors are not statuses: they stop the process before it serves, with a message that
+names what to fix, on one line.
+
 Every status carries a `google.rpc.ErrorInfo` with an UPPER_SNAKE `reason` and the
 domain `dialog-shard`, per AIP-193. Messages are for developers: they say what
 was wrong and what to do, and never contain DSNs, SQL or stack traces.
@@ -31,6 +41,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "dialog-shard"
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says what to fix, on one line, for the operator."""
 
 
 class ServiceError(Exception):

@@ -25,7 +25,7 @@ from server.resilience.deadline import remaining
 from server.routing import Pair, Resolution, ShardRouter
 from server.storage.layout import ensure_layout, load_layout
 from server.storage.overrides import OverrideRow, OverrideStore, OverrideSync
-from server.storage.pools import ShardSet, StartupError, open_pool
+from server.storage.pools import DatabaseStartupError, ShardSet, open_pool
 from server.storage.presence import PresenceBeacon
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Placement:
             await ensure_layout(conn, self._configured_shards)
             layout = await load_layout(conn)
         if layout.active_shards > self._configured_shards:
-            raise StartupError(
+            raise DatabaseStartupError(
                 f"the control database routes over {layout.active_shards} shards but this server's config "
                 f"lists {self._configured_shards}: add the missing [[shards]] entries (every server needs "
                 "every shard's DSN)"

@@ -7,23 +7,25 @@ each other's way by drawing fresh random user ids (`new_pair`).
 
 from __future__ import annotations
 
+import functools
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 import pytest_asyncio
 
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from server.auth import issue_token
-from server.config import ServerConfig, config_from_mapping
+from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
-from server.routing import Pair
 from server.runtime.app import RunningServer, running_server
+from tests.processes import Result, write_server_config
+from tests.support import dialogctl, make_config, token_provider
 
 pytest_plugins = ["tests.pgfixtures"]
 
@@ -33,19 +35,6 @@ _rng = random.Random()
 @pytest.fixture(scope="session")
 def jwt_secret() -> str:
     return secrets.token_urlsafe(48)
-
-
-def make_config(dsns: list[str], jwt_secret: str, **overrides: Any) -> ServerConfig:
-    """A ServerConfig with shard i on dsns[i] (a DSN may repeat: tables side by side)."""
-    data = {
-        "listen": "127.0.0.1:0",
-        "shards": [{"id": i, "dsn": dsn, "table": f"messages_{i}"} for i, dsn in enumerate(dsns)],
-        "auth": {"jwt_secret": jwt_secret},
-        "shutdown_grace_seconds": 2.0,
-        "metrics": {"listen": "127.0.0.1:0"},
-        **overrides,
-    }
-    return config_from_mapping(data, {}, base_dir=__import__("pathlib").Path.cwd())
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +61,12 @@ async def channel(address: str) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture(scope="session")
-def dialog_stub(channel: grpc.aio.Channel) -> dialog_service_pb2_grpc.DialogServiceStub:
+def dialog_stub(channel: grpc.aio.Channel) -> dialog_service_pb2_grpc.DialogServiceAsyncStub:
     return dialog_service_pb2_grpc.DialogServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
-def admin_stub(channel: grpc.aio.Channel) -> admin_service_pb2_grpc.AdminServiceStub:
+def admin_stub(channel: grpc.aio.Channel) -> admin_service_pb2_grpc.AdminServiceAsyncStub:
     return admin_service_pb2_grpc.AdminServiceStub(channel)
 
 
@@ -100,6 +89,24 @@ def admin_auth(auth_for: Callable[..., tuple[tuple[str, str], ...]]) -> tuple[tu
 
 
 @pytest.fixture
+def token_for(cluster_config: ServerConfig) -> Callable[..., Callable[[], str]]:
+    """A token provider for a user (or the admin), as an application would pass to the client."""
+    return functools.partial(token_provider, cluster_config)
+
+
+@pytest.fixture
+def ctl_config(tmp_path: Path, cluster_config: ServerConfig, address: str, jwt_secret: str) -> Path:
+    """A config file for dialogctl naming the session's server and shards."""
+    return write_server_config(tmp_path / "dialog-shard.toml", cluster_config, address, jwt_secret)
+
+
+@pytest.fixture
+def ctl(ctl_config: Path) -> Callable[..., Awaitable[Result]]:
+    """`await ctl("stats", "--json")`: dialogctl with the session server's config."""
+    return functools.partial(dialogctl, ctl_config)
+
+
+@pytest.fixture
 def new_pair() -> Callable[[], tuple[int, int]]:
     """Fresh random user ids (over the whole int64 range) that no other test uses."""
 
@@ -109,34 +116,6 @@ def new_pair() -> Callable[[], tuple[int, int]]:
         return (a, b) if a != b else make()
 
     return make
-
-
-def move_rows(config: ServerConfig, pair: tuple[int, int]) -> list[tuple[str, int, int]]:
-    """The pair's recorded moves (state, source, target), oldest first, from the control database."""
-    low, high = Pair.of(*pair)
-    with psycopg.connect(config.control_dsn) as conn:
-        rows = conn.execute(
-            "SELECT state, source_shard, target_shard FROM shard_moves "
-            "WHERE user_low = %s AND user_high = %s ORDER BY move_id",
-            (low, high),
-        ).fetchall()
-    return [tuple(r) for r in rows]  # type: ignore[misc]
-
-
-def rows_for_pair(config: ServerConfig, pair: tuple[int, int]) -> dict[int, list[tuple[Any, ...]]]:
-    """Every stored row of a pair, per shard, read straight from PostgreSQL (not through the service)."""
-    low, high = Pair.of(*pair)
-    found: dict[int, list[tuple[Any, ...]]] = {}
-    for shard in config.shards:
-        with psycopg.connect(shard.dsn) as conn:
-            rows = conn.execute(
-                f"SELECT message_id, from_user_id, to_user_id, text, request_id, bucket FROM {shard.table} "
-                "WHERE user_low = %s AND user_high = %s ORDER BY message_id",
-                (low, high),
-            ).fetchall()
-        if rows:
-            found[shard.shard_id] = rows
-    return found
 
 
 @pytest.fixture(scope="session")

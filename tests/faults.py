@@ -20,28 +20,41 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import psycopg
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
-from server.config import AuthConfig, ServerConfig
+from server.config import AuthConfig, ServerConfig, render_config
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, calculate_shard
 from tests.pgfixtures import free_port
 from tests.processes import child_env
+from tests.support import retry_delay_of, wait_until, wait_until_blocking
 
 #: Settings of servers that tests crash: commits must reach the OS before they are acknowledged
 #: (the session's servers run with synchronous_commit=off, which a SIGKILL could betray).
 CRASH_SAFE_SETTINGS = {"synchronous_commit": "on"}
 #: Random source of fresh user ids.
 rng = random.Random()
+#: Short timeouts of servers under fault injection, so each fault plays out in seconds.
+FAST_RESILIENCE = {
+    "failure_threshold": 3,
+    "open_seconds": 0.5,
+    "probe_interval": 0.2,
+    "probe_timeout": 0.5,
+    "statement_timeout": 2.0,
+    "reconnect_timeout": 1.0,
+    "retry_attempts": 3,
+    "retry_backoff": 0.02,
+    "retry_backoff_max": 0.2,
+}
+FAST_POOL = {"min_size": 2, "max_size": 6, "acquire_timeout": 0.5, "open_timeout": 5.0}
 
 
 def start_postgres(base: Path, name: str) -> EmbeddedPostgres:
@@ -87,10 +100,12 @@ def crash(server: EmbeddedPostgres, timeout: float = 10.0) -> None:
     """kill -9 the whole server (postmaster and backends) and wait until every process is gone."""
     pids = server_processes(server)
     _signal_all(pids, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids):
-        assert time.monotonic() < deadline, "killed PostgreSQL processes did not exit"
-        time.sleep(0.01)
+    wait_until_blocking(
+        lambda: not any(_alive(pid) for pid in pids),
+        "the killed PostgreSQL processes exit",
+        within=timeout,
+        every=0.01,
+    )
     # Until its zombie is reaped, the postmaster's pid still "exists", and a new postmaster would
     # take the lock file for a live one. Wait a moment for the reaper, then drop the stale file.
     reaped_by = time.monotonic() + 2.0
@@ -164,19 +179,6 @@ class LoadReport:
         return min(matching, key=lambda o: o.finished, default=None)
 
 
-def retry_delay_of(error: grpc.aio.AioRpcError) -> float | None:
-    """The google.rpc.RetryInfo delay of a rich error status, if it has one."""
-    status = rpc_status.from_call(error)
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToNanoseconds() / 1e9
-    return None
-
-
 class Load:
     """Bounded concurrent SendMessage load: `workers` per pair list, until stopped or `max_seconds`."""
 
@@ -216,7 +218,7 @@ class Load:
             await self._channel.close()
 
     async def _worker(
-        self, stub: dialog_service_pb2_grpc.DialogServiceStub, shard_id: int, pair: tuple[int, int]
+        self, stub: dialog_service_pb2_grpc.DialogServiceAsyncStub, shard_id: int, pair: tuple[int, int]
     ) -> None:
         sender, peer = pair
         metadata = (("authorization", f"Bearer {issue_token(self._auth, user_id=sender)}"),)
@@ -240,11 +242,7 @@ class Load:
 
     async def wait_for(self, predicate: Callable[[], bool], within: float, what: str) -> float:
         """Poll `predicate()` until true; returns when (monotonic); fails after `within` seconds."""
-        ends = time.monotonic() + within
-        while not predicate():
-            assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
-            await asyncio.sleep(0.02)
-        return time.monotonic()
+        return await wait_until(predicate, what, within=within)
 
 
 def stored_texts(dsn: str, table: str, pairs: Sequence[tuple[int, int]]) -> Counter[str]:
@@ -306,10 +304,16 @@ class Watch:
         return next((t for t, v in self.transitions if v == value and t >= after), None)
 
     async def wait(self, value: object, after: float, within: float) -> float:
-        ends = time.monotonic() + within
-        while (when := self.first(value, after)) is None:
-            assert time.monotonic() < ends, f"timed out waiting for {value!r}; saw {self.transitions}"
-            await asyncio.sleep(0.01)
+        """When `read()` first returned `value` at or after `after`, waiting up to `within` s for it."""
+        await wait_until(
+            lambda: self.first(value, after) is not None,
+            f"read() returns {value!r}",
+            within=within,
+            every=0.01,
+            explain=lambda: f"saw {self.transitions}",
+        )
+        when = self.first(value, after)
+        assert when is not None
         return when
 
 
@@ -372,3 +376,61 @@ def start_replica(primary: EmbeddedPostgres, base: Path, name: str) -> EmbeddedP
     )
     replica.start(timeout=30)  # the application database came with the base backup
     return replica
+
+
+async def resend_unacked(address: str, config: ServerConfig, report: LoadReport) -> int:
+    """Re-send every unacknowledged message with its request_id, as a retrying client does."""
+    unacked = [o for o in report.outcomes if o.code is not grpc.StatusCode.OK]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        for o in unacked:
+            token = issue_token(config.auth, user_id=o.pair[0])
+            response = await stub.SendMessage(
+                pb.SendMessageRequest(
+                    from_user_id=o.pair[0], to_user_id=o.pair[1], text=o.text, request_id=o.request_id
+                ),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=5,
+            )
+            o.code, o.message_id = grpc.StatusCode.OK, response.message.message_id
+    return len(unacked)
+
+
+@contextmanager
+def table_locked(config: ServerConfig, shard_id: int) -> Iterator[None]:
+    """Hold an ACCESS EXCLUSIVE lock on the shard's table: every statement on it waits."""
+    shard = config.shards[shard_id]
+    with psycopg.connect(shard.dsn) as conn, conn.transaction():
+        conn.execute(f"LOCK TABLE {shard.table} IN ACCESS EXCLUSIVE MODE")
+        yield
+
+
+def waiting_statements(config: ServerConfig, shard_id: int) -> list[str]:
+    """Statements of the service's pool on the shard that are running (waiting for the lock)."""
+    shard = config.shards[shard_id]
+    with psycopg.connect(shard.dsn) as conn:
+        rows = conn.execute(
+            "SELECT query FROM pg_stat_activity WHERE application_name = %s AND state = 'active'",
+            (f"dialog-shard shard-{shard_id}",),
+        ).fetchall()
+    return [r[0] for r in rows if shard.table in r[0]]
+
+
+def fault_server_config(path: Path, config: ServerConfig, port: int, jwt_secret: str, grace: float) -> Path:
+    """A `dialog-server` config file on `config`'s shards: FAST_POOL, FAST_RESILIENCE, no rate limit."""
+    path.write_text(
+        render_config(
+            shard_dsns=[s.dsn for s in config.shards],
+            tables=[s.table for s in config.shards],
+            control_dsn=config.control_dsn,
+            listen=f"127.0.0.1:{port}",
+            auth={"jwt_secret": jwt_secret},
+            settings={"shutdown_grace_seconds": grace},
+            sections={
+                "pool": FAST_POOL,
+                "resilience": FAST_RESILIENCE,
+                "limits": {"send_rate_per_second": 0},
+            },
+        )
+    )
+    return path

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,20 +13,22 @@ import psycopg
 import pytest
 
 from client.gen.dialog.v1 import admin_service_pb2 as pb
-from client.gen.dialog.v1 import admin_service_pb2_grpc
+from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
+from server.config import ServerConfig
 from server.routing import Pair, bucket_of, calculate_shard
-from server.storage.overrides import CHANNEL, LISTENER_APPLICATION_NAME
-from tests.conftest import rows_for_pair
+from server.runtime.app import RunningServer
+from server.storage.channel import CHANNEL
+from server.storage.overrides import LISTENER_APPLICATION_NAME
 from tests.processes import child_env, write_server_config
-from tests.test_bad_input import expect_error
+from tests.support import Metadata, expect_error, other_shard, rows_for_pair, wait_until
 
 
-def other_shard(a: int, b: int) -> int:
-    return (calculate_shard(a, b, 4) + 1) % 4
-
-
-async def test_resolve_shard_reports_hash_then_override(admin_stub, admin_auth, new_pair):
+async def test_resolve_shard_reports_hash_then_override(
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     hashed = await admin_stub.ResolveShard(
         pb.ResolveShardRequest(user_id_1=b, user_id_2=a), metadata=admin_auth
@@ -51,8 +51,13 @@ async def test_resolve_shard_reports_hash_then_override(admin_stub, admin_auth, 
 
 
 async def test_override_wins_for_sends_and_reads(
-    admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
-):
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     target = other_shard(a, b)
     await admin_stub.SetShardOverride(
@@ -67,8 +72,13 @@ async def test_override_wins_for_sends_and_reads(
 
 
 async def test_override_moves_the_pairs_messages(
-    admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
-):
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     sent = [
         (
@@ -107,8 +117,13 @@ async def test_override_moves_the_pairs_messages(
 
 
 async def test_delete_override_returns_pair_to_hash_shard(
-    admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
-):
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     target = other_shard(a, b)
     await admin_stub.SetShardOverride(
@@ -143,7 +158,11 @@ async def test_delete_override_returns_pair_to_hash_shard(
     assert list(rows) == [home] and [r[3] for r in rows[home]] == ["x"]
 
 
-async def test_invalid_admin_requests(admin_stub, admin_auth, new_pair):
+async def test_invalid_admin_requests(
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     for request in (
         pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=4),
@@ -164,7 +183,11 @@ async def test_invalid_admin_requests(admin_stub, admin_auth, new_pair):
     )
 
 
-async def test_list_overrides_pages_through_all(admin_stub, admin_auth, new_pair):
+async def test_list_overrides_pages_through_all(
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     mine = set()
     for _ in range(7):
         a, b = new_pair()
@@ -188,8 +211,13 @@ async def test_list_overrides_pages_through_all(admin_stub, admin_auth, new_pair
 
 
 async def test_shard_stats_count_messages_and_overrides(
-    admin_stub, dialog_stub, admin_auth, auth_for, new_pair, cluster_config
-):
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     before = await admin_stub.GetShardStats(pb.GetShardStatsRequest(), metadata=admin_auth)
     assert [s.shard_id for s in before.shards] == [0, 1, 2, 3]
     assert before.num_shards == 4 and all(s.available for s in before.shards)
@@ -208,13 +236,19 @@ async def test_shard_stats_count_messages_and_overrides(
     assert after.total_message_count == sum(s.message_count for s in after.shards)
     assert after.override_count == sum(s.override_count for s in after.shards)
     with psycopg.connect(cluster_config.control_dsn) as conn:
-        (count,) = conn.execute("SELECT count(*) FROM shard_map").fetchone()
+        row = conn.execute("SELECT count(*) FROM shard_map").fetchone()
+    assert row is not None
+    (count,) = row
     assert after.override_count == count
 
 
 async def test_listener_reloads_the_whole_map_after_reconnect(
-    server, admin_stub, admin_auth, new_pair, cluster_config
-):
+    server: RunningServer,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     """A change made while the listener was disconnected (no NOTIFY seen) is picked up by the reload."""
     a, b = new_pair()
     target = other_shard(a, b)
@@ -229,10 +263,12 @@ async def test_listener_reloads_the_whole_map_after_reconnect(
         conn.execute(
             "INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, %s)", (low, high, target)
         )
-    deadline = time.monotonic() + 15
-    while server.placement.reloads == reloads:
-        assert time.monotonic() < deadline, "listener did not reconnect"
-        await asyncio.sleep(0.05)
+    await wait_until(
+        lambda: server.placement.reloads != reloads,
+        "the listener reconnects and reloads",
+        within=15,
+        every=0.05,
+    )
     resolved = await admin_stub.ResolveShard(
         pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
     )
@@ -240,7 +276,7 @@ async def test_listener_reloads_the_whole_map_after_reconnect(
 
 
 @pytest.fixture
-def second_server(tmp_path: Path, cluster_config, jwt_secret) -> Iterator[str]:
+def second_server(tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str) -> Iterator[str]:
     """Another `dialog-server` process on the same shards and control database."""
     config = write_server_config(tmp_path / "second.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     binary = Path(sys.executable).parent / "dialog-server"
@@ -268,8 +304,13 @@ def second_server(tmp_path: Path, cluster_config, jwt_secret) -> Iterator[str]:
 
 
 async def test_second_process_sees_new_override_without_restart(
-    second_server, admin_stub, admin_auth, auth_for, new_pair, cluster_config
-):
+    second_server: str,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     target = other_shard(a, b)
     async with grpc.aio.insecure_channel(second_server) as channel:
@@ -281,16 +322,18 @@ async def test_second_process_sees_new_override_without_restart(
         await admin_stub.SetShardOverride(
             pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target), metadata=admin_auth
         )
-        deadline = time.monotonic() + 5
-        while True:
-            seen = await remote_admin.ResolveShard(
+
+        async def resolve() -> pb.ResolveShardResponse:
+            reply: pb.ResolveShardResponse = await remote_admin.ResolveShard(
                 pb.ResolveShardRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
             )
-            if seen.source == pb.SHARD_SOURCE_OVERRIDE:
-                break
-            assert time.monotonic() < deadline, "the second process never saw the override"
-            await asyncio.sleep(0.02)
-        assert seen.shard_id == target
+            return reply
+
+        async def sees_the_override() -> bool:
+            return (await resolve()).source == pb.SHARD_SOURCE_OVERRIDE
+
+        await wait_until(sees_the_override, "the second process sees the override", within=5)
+        assert (await resolve()).shard_id == target
         from client.gen.dialog.v1 import dialog_service_pb2_grpc
 
         remote_dialog = dialog_service_pb2_grpc.DialogServiceStub(channel)
@@ -301,18 +344,23 @@ async def test_second_process_sees_new_override_without_restart(
 
 
 async def test_override_naming_an_unconfigured_shard_fails_cleanly(
-    server, dialog_stub, auth_for, new_pair, cluster_config
-):
+    server: RunningServer,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     """A shard_map row written by hand for shard 9 must not crash the call (no INTERNAL)."""
     a, b = new_pair()
     low, high = Pair.of(a, b)
     with psycopg.connect(cluster_config.control_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, 9)", (low, high))
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"set {low} {high} 9"))
-    deadline = time.monotonic() + 5
-    while server.placement.router.override_of(Pair(low, high)) != 9:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await wait_until(
+        lambda: server.placement.router.override_of(Pair(low, high)) == 9,
+        "the server applies the NOTIFY of shard 9",
+        within=5,
+    )
     err = await expect_error(
         dialog_stub.SendMessage(
             dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text="x"), metadata=auth_for(a)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import grpc
@@ -27,7 +27,7 @@ async def admin(address: str, cluster_config: ServerConfig) -> AsyncIterator[Asy
 
 
 @pytest.fixture
-def send(address: str, cluster_config: ServerConfig) -> Callable[..., object]:
+def send(address: str, cluster_config: ServerConfig) -> Callable[..., Awaitable[list[str]]]:
     async def send(a: int, b: int, texts: list[str]) -> list[str]:
         token = issue_token(cluster_config.auth, user_id=a, ttl_seconds=600)
         async with AsyncDialogClient.connect(address, PLAINTEXT, token=lambda: token) as client:
@@ -36,7 +36,12 @@ def send(address: str, cluster_config: ServerConfig) -> Callable[..., object]:
     return send
 
 
-async def test_pair_listing_shows_shard_reason_and_bucket(admin, send, new_pair, cluster_config) -> None:
+async def test_pair_listing_shows_shard_reason_and_bucket(
+    admin: AsyncAdminClient,
+    send: Callable[..., Awaitable[list[str]]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     ids = await send(a, b, ["one", "two", "three"])
     listed = [m async for m in admin.iter_messages(pair=(b, a), page_size=2)]
@@ -48,7 +53,12 @@ async def test_pair_listing_shows_shard_reason_and_bucket(admin, send, new_pair,
     }
 
 
-async def test_override_is_the_placement_reason(admin, send, new_pair, cluster_config) -> None:
+async def test_override_is_the_placement_reason(
+    admin: AsyncAdminClient,
+    send: Callable[..., Awaitable[list[str]]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     target = (calculate_shard(a, b, cluster_config.num_shards) + 1) % cluster_config.num_shards
     await admin.set_override(a, b, target)
@@ -61,7 +71,10 @@ async def test_override_is_the_placement_reason(admin, send, new_pair, cluster_c
 
 
 async def test_a_message_off_its_pairs_shard_is_shown_where_it_is(
-    admin, send, new_pair, cluster_config
+    admin: AsyncAdminClient,
+    send: Callable[..., Awaitable[list[str]]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
 ) -> None:
     a, b = new_pair()
     home = calculate_shard(a, b, cluster_config.num_shards)
@@ -87,7 +100,10 @@ async def test_a_message_off_its_pairs_shard_is_shown_where_it_is(
 
 
 async def test_shard_filter_pages_through_one_shard_in_id_order(
-    admin, send, new_pair, cluster_config
+    admin: AsyncAdminClient,
+    send: Callable[..., Awaitable[list[str]]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
 ) -> None:
     a, b = new_pair()
     shard = calculate_shard(a, b, cluster_config.num_shards)
@@ -101,7 +117,11 @@ async def test_shard_filter_pages_through_one_shard_in_id_order(
     assert len(listed) == stats.shards[shard].message_count
 
 
-async def test_page_token_is_bound_to_the_filters(admin, send, new_pair) -> None:
+async def test_page_token_is_bound_to_the_filters(
+    admin: AsyncAdminClient,
+    send: Callable[..., Awaitable[list[str]]],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     c, d = new_pair()
     await send(a, b, ["1", "2"])
@@ -113,14 +133,18 @@ async def test_page_token_is_bound_to_the_filters(admin, send, new_pair) -> None
     assert [v.field for v in raised.value.field_violations] == ["page_token"]
 
 
-async def test_invalid_filters_are_all_reported(admin, cluster_config) -> None:
+async def test_invalid_filters_are_all_reported(
+    admin: AsyncAdminClient, cluster_config: ServerConfig
+) -> None:
     with pytest.raises(DialogShardError) as raised:
         await admin.list_messages(pair=(5, 0), shard_id=cluster_config.num_shards, page_size=-1)
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert {v.field for v in raised.value.field_violations} == {"user_id_2", "shard_id", "page_size"}
 
 
-async def test_only_admins_list_messages(address, cluster_config, new_pair) -> None:
+async def test_only_admins_list_messages(
+    address: str, cluster_config: ServerConfig, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, _ = new_pair()
     token = issue_token(cluster_config.auth, user_id=a, ttl_seconds=60)
     async with AsyncAdminClient.connect(address, PLAINTEXT, token=lambda: token) as client:

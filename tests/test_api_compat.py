@@ -51,7 +51,7 @@ def edit(workspace: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-def test_the_current_api_is_compatible_with_the_release(workspace: Path):
+def test_the_current_api_is_compatible_with_the_release(workspace: Path) -> None:
     result = buf_breaking(workspace)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -81,7 +81,7 @@ BREAKING: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("change", BREAKING)
-def test_breaking_changes_are_refused(workspace: Path, change: str):
+def test_breaking_changes_are_refused(workspace: Path, change: str) -> None:
     apply, expected = BREAKING[change]
     apply(workspace)
     result = buf_breaking(workspace)
@@ -89,7 +89,7 @@ def test_breaking_changes_are_refused(workspace: Path, change: str):
     assert re.search(expected, result.stdout + result.stderr), result.stdout + result.stderr
 
 
-def test_additive_changes_pass(workspace: Path):
+def test_additive_changes_pass(workspace: Path) -> None:
     edit(
         workspace,
         "bool replayed = 2;",
@@ -103,7 +103,7 @@ def test_additive_changes_pass(workspace: Path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_baseline_holds_the_v1_services():
+def test_the_baseline_holds_the_v1_services() -> None:
     text = BASELINE.read_text()
     for name in ("dialog/v1/dialog_service.proto", "dialog/v1/admin_service.proto", '"DialogService"'):
         assert name in text

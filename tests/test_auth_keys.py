@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import TokenVerifier, issue_token
-from server.config import AuthConfig, ConfigError
+from server.config import AuthConfig, ConfigError, ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.errors import Unauthenticated
 from server.runtime.app import running_server
-from tests.conftest import make_config, rows_for_pair
-from tests.test_bad_input import expect_error, status_details
+from tests.support import expect_error, make_config, rows_for_pair, status_details
 
 AUDIENCE = "dialog-shard"
 ISSUER = "https://issuer.test"
@@ -95,7 +95,7 @@ def jwks_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest_asyncio.fixture(scope="module")
 async def jwks_stub(
     pg_servers: list[EmbeddedPostgres], jwt_secret: str, jwks_path: Path
-) -> AsyncIterator[dialog_service_pb2_grpc.DialogServiceStub]:
+) -> AsyncIterator[dialog_service_pb2_grpc.DialogServiceAsyncStub]:
     """A server accepting RS256 and ES256 from the JWKS, and HS256 with its own secret."""
     config = make_config(
         [s.dsn for s in pg_servers],
@@ -121,7 +121,11 @@ async def send(stub: Any, a: int, b: int, token: str, text: str = "hi") -> Any:
     )
 
 
-async def test_rs256_and_es256_tokens_from_the_jwks_are_accepted(jwks_stub, new_pair, cluster_config):
+async def test_rs256_and_es256_tokens_from_the_jwks_are_accepted(
+    jwks_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     await send(jwks_stub, a, b, sign(RSA_KEY, "RS256", claims(a), "rsa-1"), "via rsa")
     await send(jwks_stub, a, b, sign(EC_KEY, "ES256", claims(a), "ec-1"), "via ec")
@@ -129,7 +133,12 @@ async def test_rs256_and_es256_tokens_from_the_jwks_are_accepted(jwks_stub, new_
     assert sorted(r[3] for r in rows) == ["via ec", "via rsa"]
 
 
-async def test_hostile_asymmetric_tokens_are_unauthenticated(jwks_stub, new_pair, cluster_config, jwt_secret):
+async def test_hostile_asymmetric_tokens_are_unauthenticated(
+    jwks_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+) -> None:
     a, b = new_pair()
     valid = sign(RSA_KEY, "RS256", claims(a), "rsa-1")
     header, _, signature = valid.split(".")
@@ -141,7 +150,7 @@ async def test_hostile_asymmetric_tokens_are_unauthenticated(jwks_stub, new_pair
         "tampered payload": (f"{header}.{tampered_payload}.{signature}", "signature does not verify"),
         "ES256 naming the RSA key": (sign(EC_KEY, "ES256", claims(a), "rsa-1"), "algorithm"),
         "RS512 not accepted": (sign(RSA_KEY, "RS512", claims(a), "rsa-1"), "algorithm"),
-        "alg none": (jwt.encode(claims(a), None, algorithm="none", headers={"kid": "rsa-1"}), "algorithm"),
+        "alg none": (jwt.encode(claims(a), "", algorithm="none", headers={"kid": "rsa-1"}), "algorithm"),
         "HS256 keyed with the public key": (
             hs256_with_public_key(claims(a), "rsa-1"),
             "signature does not verify",
@@ -166,7 +175,12 @@ async def test_hostile_asymmetric_tokens_are_unauthenticated(jwks_stub, new_pair
     assert rows_for_pair(cluster_config, (a, b)) == {}
 
 
-async def test_keys_rotate_by_kid_without_a_restart(jwks_stub, jwks_path, new_pair, cluster_config):
+async def test_keys_rotate_by_kid_without_a_restart(
+    jwks_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    jwks_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     new_token = sign(RSA_KEY_2, "RS256", claims(a), "rsa-2")
     err = await expect_error(send(jwks_stub, a, b, new_token), grpc.StatusCode.UNAUTHENTICATED)
@@ -182,7 +196,7 @@ async def test_keys_rotate_by_kid_without_a_restart(jwks_stub, jwks_path, new_pa
         assert "unknown signing key id" in (err.details() or "")
         await send(jwks_stub, a, b, new_token, "new key again")
         # A broken file (a half-written update) keeps the last good keys instead of locking everyone out.
-        jwks_path.write_text("{not json")
+        await asyncio.to_thread(jwks_path.write_text, "{not json")
         await send(jwks_stub, a, b, new_token, "after a broken update")
     finally:
         write_jwks(jwks_path, [jwk(RSA_KEY, "rsa-1"), jwk(EC_KEY, "ec-1")])
@@ -190,7 +204,11 @@ async def test_keys_rotate_by_kid_without_a_restart(jwks_stub, jwks_path, new_pa
     assert sorted(r[3] for r in rows) == ["after a broken update", "new key", "new key again", "old key"]
 
 
-async def test_hs256_tokens_still_work_next_to_public_keys(jwks_stub, new_pair, jwt_secret):
+async def test_hs256_tokens_still_work_next_to_public_keys(
+    jwks_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    new_pair: Callable[[], tuple[int, int]],
+    jwt_secret: str,
+) -> None:
     a, b = new_pair()
     token = jwt.encode(claims(a), jwt_secret, algorithm="HS256")
     reply = await send(jwks_stub, a, b, token)
@@ -204,7 +222,7 @@ def pem_auth(tmp_path: Path, key: Any, algorithms: list[str]) -> AuthConfig:
     return make_config(["postgresql://h/db"], "unused", auth=auth, page_token_secret="p" * 32).auth
 
 
-def test_pem_public_key_verifies_rs256_and_refuses_confusion(tmp_path):
+def test_pem_public_key_verifies_rs256_and_refuses_confusion(tmp_path: Path) -> None:
     auth = pem_auth(tmp_path, RSA_KEY, ["RS256"])
     verifier = TokenVerifier(auth)
     payload = {k: v for k, v in claims(7).items() if k not in ("aud", "iss")}
@@ -213,7 +231,7 @@ def test_pem_public_key_verifies_rs256_and_refuses_confusion(tmp_path):
     for token, fragment in (
         (hs256_with_public_key(payload, "x"), "algorithm"),  # HS256 is not even accepted here
         (sign(RSA_KEY_2, "RS256", payload, None), "signature does not verify"),
-        (jwt.encode(payload, None, algorithm="none"), "algorithm"),
+        (jwt.encode(payload, "", algorithm="none"), "algorithm"),
     ):
         with pytest.raises(Unauthenticated) as caught:
             verifier.verify(token)
@@ -222,7 +240,7 @@ def test_pem_public_key_verifies_rs256_and_refuses_confusion(tmp_path):
         issue_token(auth, user_id=1)
 
 
-def test_pem_ec_key_refuses_rs256_and_other_curves(tmp_path):
+def test_pem_ec_key_refuses_rs256_and_other_curves(tmp_path: Path) -> None:
     verifier = TokenVerifier(pem_auth(tmp_path, EC_KEY, ["ES256", "ES384"]))
     payload = {k: v for k, v in claims(9).items() if k not in ("aud", "iss")}
     assert verifier.verify(sign(EC_KEY, "ES256", payload, None)).user_id == 9
@@ -241,13 +259,13 @@ def test_pem_ec_key_refuses_rs256_and_other_curves(tmp_path):
         ({"algorithms": ["ES256"], "jwks_file": "b.json"}, "page_token_secret"),
     ],
 )
-def test_key_configuration_mistakes_are_named(auth, fragment):
+def test_key_configuration_mistakes_are_named(auth: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError) as caught:
         make_config(["postgresql://h/db"], "unused", auth=auth)
     assert fragment in str(caught.value)
 
 
-def test_unusable_key_files_fail_at_startup(tmp_path):
+def test_unusable_key_files_fail_at_startup(tmp_path: Path) -> None:
     base = make_config(["postgresql://h/db"], "k" * 32).auth
     (tmp_path / "bad.pem").write_text("not a key")
     (tmp_path / "private.json").write_text(

@@ -11,7 +11,7 @@ from server.background import stop_task
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="asyncio.wait_for keeps the cancellation since 3.12")
-async def test_wait_for_returns_instead_of_raising_when_cancelled_as_its_awaitable_completes():
+async def test_wait_for_returns_instead_of_raising_when_cancelled_as_its_awaitable_completes() -> None:
     # The premise of stop_task's second cancellation, made deterministic: the inner future
     # completes and the task is cancelled in the same turn of the loop, before the task resumes.
     inner: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -22,7 +22,9 @@ async def test_wait_for_returns_instead_of_raising_when_cancelled_as_its_awaitab
     assert await task == "done"  # the cancellation is gone
 
 
-async def test_a_task_that_ignores_the_first_cancellation_is_cancelled_again(caplog):
+async def test_a_task_that_ignores_the_first_cancellation_is_cancelled_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     stages: list[str] = []
 
     async def stubborn() -> None:
@@ -40,7 +42,7 @@ async def test_a_task_that_ignores_the_first_cancellation_is_cancelled_again(cap
     assert "'stubborn' still runs after its cancellation" in caplog.text
 
 
-async def test_a_task_that_stops_at_once_is_cancelled_once(caplog):
+async def test_a_task_that_stops_at_once_is_cancelled_once(caplog: pytest.LogCaptureFixture) -> None:
     task = asyncio.create_task(asyncio.sleep(30), name="obedient")
     await asyncio.sleep(0)
     await stop_task(task, recancel_after=0.1)

@@ -20,7 +20,9 @@ import pytest
 import pytest_asyncio
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
-from server.config import PoolConfig
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.config import PoolConfig, ServerConfig
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.errors import DialogMoving
 from server.resilience import Shard
 from server.resilience.deadline import rpc_deadline
@@ -31,7 +33,7 @@ from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import InsertResult, NewMessage
 from server.storage.pools import open_pool
 from server.storage.schema import migrate_shard
-from tests.conftest import rows_for_pair
+from tests.support import rows_for_pair, wait_until
 
 _router = ShardRouter(4)
 _ids = MessageIdGenerator()
@@ -52,7 +54,7 @@ async def _batching_store(dsn: str, **options: Any) -> AsyncIterator[BatchingMes
 
 
 @pytest_asyncio.fixture
-async def store(pg_server) -> AsyncIterator[BatchingMessageStore]:
+async def store(pg_server: EmbeddedPostgres) -> AsyncIterator[BatchingMessageStore]:
     async with _batching_store(pg_server.dsn) as batching:
         yield batching
 
@@ -84,7 +86,8 @@ async def _stored(store: BatchingMessageStore, results: list[InsertResult]) -> l
             f"SELECT message_id, text FROM {store.table} WHERE message_id = ANY(%s) ORDER BY message_id",
             ([r.message.message_id for r in results],),
         )
-        return await cur.fetchall()
+        rows: list[tuple[Any, ...]] = await cur.fetchall()
+        return rows
 
 
 async def _hold_request_key(blocker: psycopg.AsyncConnection[Any], table: str, message: NewMessage) -> None:
@@ -107,7 +110,9 @@ async def _hold_request_key(blocker: psycopg.AsyncConnection[Any], table: str, m
     )
 
 
-async def test_concurrent_inserts_share_statements_and_every_ack_is_stored_once(store, new_pair):
+async def test_concurrent_inserts_share_statements_and_every_ack_is_stored_once(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     messages = [_message(new_pair(), f"message {i}") for i in range(20)]
     results = await asyncio.gather(*(store.insert(m) for m in messages))
     # The first goes alone at once; the 19 queued meanwhile go as 8 + 8 (a full batch starts a
@@ -124,7 +129,9 @@ async def test_concurrent_inserts_share_statements_and_every_ack_is_stored_once(
     assert store.stats.single == 2 and not alone.replayed
 
 
-async def test_request_id_duplicates_within_and_across_batches_are_replays(store, new_pair):
+async def test_request_id_duplicates_within_and_across_batches_are_replays(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     pair = new_pair()
     # The first insert of each gather goes alone; the ones queued behind it form the batch.
     _, first, again_same_batch, other = await asyncio.gather(
@@ -152,7 +159,9 @@ async def test_request_id_duplicates_within_and_across_batches_are_replays(store
     assert sorted(text for _, text in await _stored(store, [first, other, new])) == ["hello", "new", "other"]
 
 
-async def test_a_failing_message_fails_alone_and_the_rest_of_its_batch_is_stored(store, new_pair):
+async def test_a_failing_message_fails_alone_and_the_rest_of_its_batch_is_stored(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     good = [_message(new_pair(), f"good {i}") for i in range(5)]
     bad = _message(new_pair(), "bad", bucket=9999)  # violates the table's CHECK on bucket
     outcomes = await asyncio.gather(
@@ -165,7 +174,9 @@ async def test_a_failing_message_fails_alone_and_the_rest_of_its_batch_is_stored
     assert len(await _stored(store, stored)) == len(good)
 
 
-async def test_a_fenced_dialog_in_a_batch_is_moving_and_the_others_are_stored(store, new_pair):
+async def test_a_fenced_dialog_in_a_batch_is_moving_and_the_others_are_stored(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     fenced_pair = new_pair()
     fenced = _message(fenced_pair, "to a moving dialog")
     async with store.pool.connection() as conn:
@@ -188,12 +199,15 @@ async def test_a_fenced_dialog_in_a_batch_is_moving_and_the_others_are_stored(st
         assert await cur.fetchone() == (0,)
 
 
-async def test_a_fence_committed_while_a_batch_waits_for_its_bucket_lock_refuses_that_dialog(store, new_pair):
+async def test_a_fence_committed_while_a_batch_waits_for_its_bucket_lock_refuses_that_dialog(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     # The mover's order: exclusive bucket lock, fence row, commit. A batch that reached the bucket
     # while the mover held the lock must see the fence once it gets the lock (a fresh snapshot).
     fenced = _message(new_pair(), "to a dialog fenced while the batch waited")
     good = [_message(new_pair(), f"good {i}") for i in range(3)]
     good = [m for m in good if m.bucket != fenced.bucket]
+    assert isinstance(store.pool.conninfo, str)
     async with await psycopg.AsyncConnection.connect(store.pool.conninfo) as mover:
         async with mover.transaction():
             await mover.execute(
@@ -217,15 +231,17 @@ async def test_a_fence_committed_while_a_batch_waits_for_its_bucket_lock_refuses
 
 
 async def _until_a_backend_waits_for_an_advisory_lock(conn: psycopg.AsyncConnection[Any]) -> None:
-    for _ in range(500):
+
+    async def one_waits() -> bool:
         cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-        if (await cur.fetchone()) == (1,):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("no insert started waiting for the bucket lock within 5 s")
+        return (await cur.fetchone()) == (1,)
+
+    await wait_until(one_waits, "an insert waits for the bucket lock", within=5, every=0.01)
 
 
-async def test_a_batch_in_a_bucket_with_another_pairs_fence_row_is_stored_in_one_statement(store, new_pair):
+async def test_a_batch_in_a_bucket_with_another_pairs_fence_row_is_stored_in_one_statement(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     # A pair moved away by an override leaves a fence row in its bucket; the batch's own pairs are
     # open there, so the batch is stored in one statement.
     first = _message(new_pair(), "first")
@@ -262,8 +278,8 @@ async def _per_row_checks(store: BatchingMessageStore, batch: list[NewMessage]) 
 
 
 async def test_the_batch_fence_checks_row_by_row_only_when_a_fence_row_can_cover_one_of_its_pairs(
-    store, new_pair
-):
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     batch = [_message(new_pair(), f"m{i}") for i in range(4)]
     first = batch[0]
     fences = FenceStore(store.table)
@@ -308,8 +324,11 @@ async def test_the_batch_fence_checks_row_by_row_only_when_a_fence_row_can_cover
 
 
 async def test_conflicting_request_id_reuse_is_already_exists_for_that_call_only(
-    dialog_stub, auth_for: Callable[..., Any], cluster_config, new_pair
-):
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Any],
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     sender, peer = pair = new_pair()
     metadata = auth_for(sender)
 
@@ -335,7 +354,9 @@ async def test_conflicting_request_id_reuse_is_already_exists_for_that_call_only
     assert sorted(row[3] for row in rows) == sorted([winners[0].message.text, *(f"m{i}" for i in range(10))])
 
 
-async def test_a_batch_runs_under_its_callers_latest_deadline(store, new_pair, pg_server):
+async def test_a_batch_runs_under_its_callers_latest_deadline(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]], pg_server: EmbeddedPostgres
+) -> None:
     # The batch task is started from whichever call ran before it (here the one that went alone,
     # with a short deadline); the statement must still get the time its own callers have.
     held_pair = new_pair()
@@ -367,7 +388,7 @@ async def test_a_batch_runs_under_its_callers_latest_deadline(store, new_pair, p
 # -- waiting for company ------------------------------------------------------------------------
 
 
-def test_the_forecast_expects_the_largest_recent_batch_and_probes_for_more():
+def test_the_forecast_expects_the_largest_recent_batch_and_probes_for_more() -> None:
     forecast = CompanyForecast(window=2, probe_every=4)
     assert forecast.expected == 1 and not forecast.waits_for_more(1)  # alone: at once
     forecast.batch_left(3, waited_out=False)  # 1 left
@@ -389,7 +410,7 @@ def test_the_forecast_expects_the_largest_recent_batch_and_probes_for_more():
     assert forecast.expected == 1
 
 
-def test_a_lone_insert_probes_for_a_companion_only_while_others_are_in_progress():
+def test_a_lone_insert_probes_for_a_companion_only_while_others_are_in_progress() -> None:
     forecast = CompanyForecast(alone_probe_every=3)
     # A lone caller (nothing else in progress on the server) never waits.
     assert not any(forecast.probe_alone(others_in_progress=False) for _ in range(10))
@@ -405,14 +426,16 @@ def test_a_lone_insert_probes_for_a_companion_only_while_others_are_in_progress(
     assert forecast.expected == 2
 
 
-async def _batch_of(store: BatchingMessageStore, new_pair, size: int) -> None:
+async def _batch_of(store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]], size: int) -> None:
     """One lone insert and `size` queued behind it: afterwards the shard expects `size`."""
     batches = store.stats.batches
     await asyncio.gather(*(store.insert(_message(new_pair(), f"warm {i}")) for i in range(size + 1)))
     assert store.stats.batches == batches + 1 and store.forecast.expected == size
 
 
-async def test_after_a_batch_of_three_the_queue_waits_for_three_and_then_goes_at_once(pg_server, new_pair):
+async def test_after_a_batch_of_three_the_queue_waits_for_three_and_then_goes_at_once(
+    pg_server: EmbeddedPostgres, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     async with _batching_store(pg_server.dsn, max_wait=60.0) as store:
         await _batch_of(store, new_pair, 3)
         loop = asyncio.get_running_loop()
@@ -432,8 +455,8 @@ async def test_after_a_batch_of_three_the_queue_waits_for_three_and_then_goes_at
 
 
 async def test_a_short_queue_leaves_after_the_wait_and_a_wait_without_company_ends_waiting(
-    pg_server, new_pair
-):
+    pg_server: EmbeddedPostgres, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     async with _batching_store(pg_server.dsn, max_wait=_LONG_WAIT) as store:
         await _batch_of(store, new_pair, 3)
         loop = asyncio.get_running_loop()
@@ -454,7 +477,9 @@ async def test_a_short_queue_leaves_after_the_wait_and_a_wait_without_company_en
         assert len(await _stored(store, [*two, lone, at_once])) == 4
 
 
-async def test_draining_sends_what_waits_for_company_at_once(pg_server, new_pair):
+async def test_draining_sends_what_waits_for_company_at_once(
+    pg_server: EmbeddedPostgres, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     async with _batching_store(pg_server.dsn, max_wait=60.0) as store:
         await _batch_of(store, new_pair, 3)
         waiting = asyncio.create_task(store.insert(_message(new_pair(), "waiting")))
@@ -465,7 +490,9 @@ async def test_draining_sends_what_waits_for_company_at_once(pg_server, new_pair
         assert len(await _stored(store, [result])) == 1
 
 
-async def test_a_caller_that_gives_up_while_queued_is_not_stored_and_the_others_are(pg_server, new_pair):
+async def test_a_caller_that_gives_up_while_queued_is_not_stored_and_the_others_are(
+    pg_server: EmbeddedPostgres, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     async with _batching_store(pg_server.dsn, max_wait=60.0) as store:
         await _batch_of(store, new_pair, 3)
         gives_up = asyncio.create_task(store.insert(_message(new_pair(), "gives up")))
@@ -486,8 +513,8 @@ async def test_a_caller_that_gives_up_while_queued_is_not_stored_and_the_others_
 
 
 async def test_two_callers_of_a_shard_are_paired_while_the_server_has_other_inserts_in_progress(
-    pg_server, new_pair
-):
+    pg_server: EmbeddedPostgres, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     activity = WriteActivity()
     async with (
         _batching_store(pg_server.dsn, max_wait=60.0, activity=activity) as busy,
@@ -518,7 +545,9 @@ async def test_two_callers_of_a_shard_are_paired_while_the_server_has_other_inse
         assert activity.in_progress == 0
 
 
-async def test_a_batch_stores_every_field_exactly_as_a_single_insert_would(store, new_pair):
+async def test_a_batch_stores_every_field_exactly_as_a_single_insert_would(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     texts = ['quotes " and \\ backslash', "line\nbreak\ttab", "emoji 🦄 and ünïcödé", '{"json": [1]}', ""]
     messages = [
         _message(new_pair(), text, request_id=None if i % 2 else f"req-{i}") for i, text in enumerate(texts)
@@ -549,7 +578,9 @@ async def test_a_batch_stores_every_field_exactly_as_a_single_insert_would(store
         assert result.message.created_at == message.created_at and result.message.text == message.text
 
 
-async def test_text_postgresql_cannot_store_fails_its_own_message_only(store, new_pair):
+async def test_text_postgresql_cannot_store_fails_its_own_message_only(
+    store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     # The service refuses NUL before storage; here the store alone: the JSON row reaches
     # PostgreSQL escaped, the batch statement fails, and only that message gets an error.
     good = [_message(new_pair(), f"good {i}") for i in range(3)]

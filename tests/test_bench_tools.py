@@ -36,6 +36,7 @@ from bench.procs import (
 from bench.workload import settle_after_load
 from server.dev.embedded_pg import EmbeddedPostgres
 from tests.pgfixtures import free_port
+from tests.support import fresh_database, wait_until_blocking
 
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
 
@@ -56,13 +57,21 @@ def test_worker_cpu_seconds_is_one_figure_per_child() -> None:
     )
     parent = subprocess.Popen([sys.executable, "-c", supervisor], start_new_session=True)
     try:
-        deadline = time.monotonic() + 20
-        while True:
+
+        def both_burnt_a_quarter_second() -> bool:
+            assert parent.poll() is None, "the supervisor exited"
             figures = worker_cpu_seconds(parent.pid)
-            if len(figures) == 2 and all(f >= 0.25 for f in figures):
-                break
-            assert parent.poll() is None and time.monotonic() < deadline, figures
-            time.sleep(0.05)
+            return len(figures) == 2 and all(f >= 0.25 for f in figures)
+
+        wait_until_blocking(
+            both_burnt_a_quarter_second,
+            "both workers used 0.25 s of CPU",
+            within=20,
+            every=0.05,
+            explain=lambda: worker_cpu_seconds(parent.pid),
+        )
+        # Read again after the check: the parent's total must cover what the workers had used by then.
+        figures = worker_cpu_seconds(parent.pid)
         assert cpu_seconds([parent.pid]) >= sum(figures)
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
@@ -93,9 +102,7 @@ def test_counter_totals_sum_every_endpoint_and_label() -> None:
 
 def test_settling_after_the_load_vacuums_analyzes_and_checkpoints(pg_server: EmbeddedPostgres) -> None:
     """What `make bench` does after seeding, so autovacuum's first pass does not land in a round."""
-    database = f"settle_{uuid.uuid4().hex[:12]}"
-    pg_server.create_database(database)
-    dsn = pg_server.dsn_for(database)
+    dsn = fresh_database(pg_server, "settle")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE seeded (id int PRIMARY KEY)")
         conn.execute("INSERT INTO seeded SELECT generate_series(1, 10000)")
@@ -133,7 +140,7 @@ def test_the_resolution_benchmark_runs_alone() -> None:
     assert "overrides, pinned pair" in done.stdout
 
 
-def test_machine_idle_share_counts_idle_and_iowait_against_all_cpu_time():
+def test_machine_idle_share_counts_idle_and_iowait_against_all_cpu_time() -> None:
     before = machine_cpu_ticks("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n")
     after = machine_cpu_ticks("cpu  160 0 70 830 60 5 5 0 9 9\n")
     assert before == (850, 1000) and after == (890, 1130)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -22,6 +22,7 @@ from server.interceptors._wrap import (
     Wrapper,
 )
 from server.resilience.gate import within
+from tests.support import wait_until
 
 
 class Recording(UnaryUnaryInterceptor):
@@ -51,6 +52,10 @@ class RecordingCheck(CallCheck):
         return lambda request, context: self.log.append(self.name)
 
 
+#: The handlers under test never look at their context.
+NO_CONTEXT = cast(grpc.ServicerContext, None)
+
+
 class Details(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:
         self.method = method
@@ -64,9 +69,9 @@ async def test_fused_interceptors_build_each_handler_once_and_keep_the_order() -
         log.append(f"behavior({request})")
         return request * 2
 
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "/s/M": grpc.unary_unary_rpc_method_handler(behavior),
-        "/s/Stream": grpc.unary_stream_rpc_method_handler(behavior),  # type: ignore[arg-type]
+        "/s/Stream": grpc.unary_stream_rpc_method_handler(behavior),
     }
     lookups: list[str] = []
 
@@ -87,7 +92,8 @@ async def test_fused_interceptors_build_each_handler_once_and_keep_the_order() -
     first = await fused.intercept_service(continuation, Details("/s/M"))
     again = await fused.intercept_service(continuation, Details("/s/M"))
     assert first is again and lookups == ["/s/M"]
-    assert first is not None and await first.unary_unary(21, None) == 42
+    assert first is not None and first.unary_unary is not None
+    assert await first.unary_unary(21, NO_CONTEXT) == 42
     # The same order as the interceptors one by one; checks of other methods do not run.
     assert log == ["outer>", "check1", "check2", "middle>", "check3", "behavior(21)", "<middle", "<outer"]
     # Streams and unknown methods pass through untouched, looked up each time.
@@ -118,7 +124,8 @@ async def test_a_failing_check_stops_the_call_before_the_behavior() -> None:
     )
     assert handler is not None
     with pytest.raises(PermissionError):
-        await handler.unary_unary(None, None)
+        assert handler.unary_unary is not None
+        await handler.unary_unary(None, NO_CONTEXT)
     assert log == ["first"]
 
 
@@ -161,10 +168,7 @@ async def test_within_returns_the_result_of_work_that_ends_in_time() -> None:
 async def _let_finish(work: SlowToCancel) -> None:
     """Let the abandoned work wind down, and check that it does."""
     work.release.set()
-    ends = time.monotonic() + 5
-    while not work.finished:
-        assert time.monotonic() < ends, "the abandoned work never finished"
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: work.finished, "the abandoned work finishes", within=5, every=0.01)
 
 
 async def test_within_answers_at_the_budget_and_cancels_the_work_in_the_background() -> None:

@@ -27,16 +27,15 @@ from client import (
     RetryPolicy,
     ShardSource,
 )
-from server.auth import issue_token
 from server.config import ServerConfig
 from server.routing import calculate_shard
-from tests.conftest import rows_for_pair
+from tests.support import rows_for_pair
 
 PLAINTEXT = ChannelSecurity(plaintext=True)
 FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05)
 
 
-class LossyProxy:
+class LossyProxy(grpc.GenericRpcHandler):
     """Forwards every call to `upstream`; for the first `drop` SendMessage calls, answers UNAVAILABLE
     after the server has answered (the answer is lost on the way back)."""
 
@@ -48,12 +47,12 @@ class LossyProxy:
         self.server.add_generic_rpc_handlers((self,))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method: str = details.method  # type: ignore[attr-defined]
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+        method: str = details.method
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             metadata = [(k, v) for k, v in context.invocation_metadata() or () if k == "authorization"]
-            call = self._upstream.unary_unary(method)
+            call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._upstream.unary_unary(method)
             try:
                 answer: bytes = await call(request, metadata=metadata, timeout=10)
             except grpc.aio.AioRpcError as exc:
@@ -86,17 +85,9 @@ async def lossy_proxy(address: str) -> AsyncIterator[Callable[[int], Any]]:
         await proxy.close()
 
 
-@pytest.fixture
-def token_for(cluster_config: ServerConfig) -> Callable[..., Callable[[], str]]:
-    """A token provider for a user (or the admin), as an application would pass to the client."""
-
-    def make(user_id: int | None = None, *, admin: bool = False) -> Callable[[], str]:
-        return lambda: issue_token(cluster_config.auth, user_id=user_id, admin=admin, ttl_seconds=300)
-
-    return make
-
-
-async def test_sync_client_sends_and_pages_through_a_dialog(address, token_for, new_pair) -> None:
+async def test_sync_client_sends_and_pages_through_a_dialog(
+    address: str, token_for: Callable[..., Callable[[], str]], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
 
     def scenario() -> tuple[list[str], list[str], list[str]]:
@@ -113,7 +104,9 @@ async def test_sync_client_sends_and_pages_through_a_dialog(address, token_for, 
     assert newest_first == sent[::-1]
 
 
-async def test_async_client_sends_and_pages_through_a_dialog(address, token_for, new_pair) -> None:
+async def test_async_client_sends_and_pages_through_a_dialog(
+    address: str, token_for: Callable[..., Callable[[], str]], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     async with AsyncDialogClient.connect(address, PLAINTEXT, token=token_for(a)) as client:
         sent = [(await client.send_message(a, b, f"message {i}")) for i in range(4)]
@@ -127,7 +120,10 @@ async def test_async_client_sends_and_pages_through_a_dialog(address, token_for,
 
 
 async def test_sync_retry_after_a_lost_answer_stores_one_row(
-    lossy_proxy, token_for, new_pair, cluster_config
+    lossy_proxy: Callable[[int], Any],
+    token_for: Callable[..., Callable[[], str]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
 ) -> None:
     a, b = new_pair()
     proxy = await lossy_proxy(2)
@@ -149,7 +145,10 @@ async def test_sync_retry_after_a_lost_answer_stores_one_row(
 
 
 async def test_async_retry_after_a_lost_answer_stores_one_row(
-    lossy_proxy, token_for, new_pair, cluster_config
+    lossy_proxy: Callable[[int], Any],
+    token_for: Callable[..., Callable[[], str]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
 ) -> None:
     a, b = new_pair()
     proxy = await lossy_proxy(1)
@@ -163,7 +162,10 @@ async def test_async_retry_after_a_lost_answer_stores_one_row(
 
 
 async def test_without_retries_the_lost_answer_surfaces_as_unavailable(
-    lossy_proxy, token_for, new_pair, cluster_config
+    lossy_proxy: Callable[[int], Any],
+    token_for: Callable[..., Callable[[], str]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
 ) -> None:
     a, b = new_pair()
     proxy = await lossy_proxy(1)
@@ -179,7 +181,9 @@ async def test_without_retries_the_lost_answer_surfaces_as_unavailable(
     assert len(rows_for_pair(cluster_config, (a, b))) == 1
 
 
-async def test_server_errors_arrive_as_one_exception_with_details(address, token_for, new_pair) -> None:
+async def test_server_errors_arrive_as_one_exception_with_details(
+    address: str, token_for: Callable[..., Callable[[], str]], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     async with AsyncDialogClient.connect(address, PLAINTEXT, token=token_for(a)) as client:
         with pytest.raises(DialogShardError) as invalid:
@@ -200,7 +204,9 @@ async def test_server_errors_arrive_as_one_exception_with_details(address, token
     assert "message_id" in reused.value.metadata
 
 
-async def test_missing_token_is_unauthenticated(address, new_pair) -> None:
+async def test_missing_token_is_unauthenticated(
+    address: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     async with AsyncDialogClient.connect(address, PLAINTEXT) as client:
         with pytest.raises(DialogShardError) as raised:
@@ -208,7 +214,9 @@ async def test_missing_token_is_unauthenticated(address, new_pair) -> None:
     assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_per_call_deadline_against_an_unreachable_server(new_pair) -> None:
+async def test_per_call_deadline_against_an_unreachable_server(
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     # Nothing listens on port 1: every attempt is UNAVAILABLE until the 0.3 s deadline ends it.
     async with AsyncDialogClient.connect("127.0.0.1:1", PLAINTEXT, retry=FAST_RETRY) as client:
@@ -218,7 +226,12 @@ async def test_per_call_deadline_against_an_unreachable_server(new_pair) -> None
     assert raised.value.attempts >= 2
 
 
-async def test_admin_clients(address, token_for, new_pair, cluster_config) -> None:
+async def test_admin_clients(
+    address: str,
+    token_for: Callable[..., Callable[[], str]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     hash_shard = calculate_shard(a, b, cluster_config.num_shards)
     target = (hash_shard + 1) % cluster_config.num_shards

@@ -63,7 +63,9 @@ def _stored(request: pb.SendMessageRequest) -> pb.SendMessageResponse:
     )
 
 
-def test_unavailable_twice_then_ok_is_one_send_with_one_request_id(channel, background) -> None:
+def test_unavailable_twice_then_ok_is_one_send_with_one_request_id(
+    channel: Any, background: Callable[..., Future[Any]]
+) -> None:
     client = DialogClient(channel, retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.01))
     slept = _recording(client)
     future = background(client.send_message, 7, 8, "hello")
@@ -91,7 +93,9 @@ def test_unavailable_twice_then_ok_is_one_send_with_one_request_id(channel, back
     assert slept[1] == pytest.approx(0.02)
 
 
-def test_each_logical_send_gets_its_own_request_id(channel, background) -> None:
+def test_each_logical_send_gets_its_own_request_id(
+    channel: Any, background: Callable[..., Future[Any]]
+) -> None:
     client = DialogClient(channel)
     ids = []
     for text in ("one", "two"):
@@ -102,7 +106,7 @@ def test_each_logical_send_gets_its_own_request_id(channel, background) -> None:
     assert ids[0] != ids[1]
 
 
-def test_caller_request_id_is_sent_as_given(channel, background) -> None:
+def test_caller_request_id_is_sent_as_given(channel: Any, background: Callable[..., Future[Any]]) -> None:
     client = DialogClient(channel)
     future = background(lambda: client.send_message(7, 8, "x", request_id="order-42"))
     _, request, rpc = channel.take_unary_unary(SEND)
@@ -111,7 +115,9 @@ def test_caller_request_id_is_sent_as_given(channel, background) -> None:
     assert future.result(timeout=10).request_id == "order-42"
 
 
-def test_invalid_argument_is_not_retried_and_details_are_decoded(channel, background) -> None:
+def test_invalid_argument_is_not_retried_and_details_are_decoded(
+    channel: Any, background: Callable[..., Future[Any]]
+) -> None:
     client = DialogClient(channel)
     slept = _recording(client)
     future = background(client.send_message, 7, 7, "")
@@ -139,7 +145,9 @@ def test_invalid_argument_is_not_retried_and_details_are_decoded(channel, backgr
     assert str(error).startswith("INVALID_ARGUMENT: ")
 
 
-def test_error_info_metadata_and_retry_info_are_decoded(channel, background) -> None:
+def test_error_info_metadata_and_retry_info_are_decoded(
+    channel: Any, background: Callable[..., Future[Any]]
+) -> None:
     client = DialogClient(channel, retry=RetryPolicy(max_attempts=1))
     future = background(client.get_dialog, 7, 8)
     _, _, rpc = channel.take_unary_unary(GET)
@@ -154,7 +162,9 @@ def test_error_info_metadata_and_retry_info_are_decoded(channel, background) -> 
     assert error.attempts == 1
 
 
-def test_gives_up_after_max_attempts_with_the_last_error(channel, background) -> None:
+def test_gives_up_after_max_attempts_with_the_last_error(
+    channel: Any, background: Callable[..., Future[Any]]
+) -> None:
     client = DialogClient(channel, retry=RetryPolicy(max_attempts=3, initial_backoff=0, max_backoff=0))
     slept = _recording(client)
     future = background(client.get_dialog, 7, 8)
@@ -168,7 +178,9 @@ def test_gives_up_after_max_attempts_with_the_last_error(channel, background) ->
     assert len(slept) == 2
 
 
-def test_retry_info_longer_than_the_deadline_fails_at_once(channel, background) -> None:
+def test_retry_info_longer_than_the_deadline_fails_at_once(
+    channel: Any, background: Callable[..., Future[Any]]
+) -> None:
     client = DialogClient(channel, timeout=5.0)
     slept = _recording(client)
     future = background(client.get_dialog, 7, 8)
@@ -181,7 +193,9 @@ def test_retry_info_longer_than_the_deadline_fails_at_once(channel, background) 
     assert slept == []
 
 
-def test_deadline_exceeded_is_retried_only_when_safe(channel, background) -> None:
+def test_deadline_exceeded_is_retried_only_when_safe(
+    channel: Any, background: Callable[..., Future[Any]]
+) -> None:
     client = AdminClient(channel, retry=RetryPolicy(initial_backoff=0, max_backoff=0))
     _recording(client)
     # Deleting an override twice is not the same as once: a timed-out delete is not repeated.
@@ -204,7 +218,9 @@ def test_deadline_exceeded_is_retried_only_when_safe(channel, background) -> Non
     assert future.result(timeout=10).messages == ()
 
 
-def test_rate_limit_with_retry_info_is_retried_after_the_delay(channel, background) -> None:
+def test_rate_limit_with_retry_info_is_retried_after_the_delay(
+    channel: Any, background: Callable[..., Future[Any]]
+) -> None:
     client = DialogClient(channel)
     slept = _recording(client)
     future = background(client.send_message, 7, 8, "hi")
@@ -216,7 +232,7 @@ def test_rate_limit_with_retry_info_is_retried_after_the_delay(channel, backgrou
     assert slept == [pytest.approx(0.2)]
 
 
-def test_iter_dialog_follows_page_tokens(channel, background) -> None:
+def test_iter_dialog_follows_page_tokens(channel: Any, background: Callable[..., Future[Any]]) -> None:
     client = DialogClient(channel)
     future = background(lambda: [m.message_id for m in client.iter_dialog(7, 8, page_size=2)])
     tokens = []
@@ -269,7 +285,7 @@ def test_nonsense_policies_are_refused(kwargs: dict[str, float]) -> None:
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
 
 
-def test_values_that_cannot_be_encoded_fail_before_sending(channel) -> None:
+def test_values_that_cannot_be_encoded_fail_before_sending(channel: Any) -> None:
     client = DialogClient(channel)
     with pytest.raises(DialogShardError) as raised:
         client.send_message(2**63, 1, "x")  # beyond int64

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -17,42 +16,20 @@ import psycopg
 import pytest
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.config import ServerConfig
 from server.routing import calculate_shard
 from server.runtime.app import RunningServer
-
-
-@contextmanager
-def table_locked(config: ServerConfig, shard_id: int) -> Iterator[None]:
-    """Hold an ACCESS EXCLUSIVE lock on the shard's table: every statement on it waits."""
-    shard = config.shards[shard_id]
-    with psycopg.connect(shard.dsn) as conn, conn.transaction():
-        conn.execute(f"LOCK TABLE {shard.table} IN ACCESS EXCLUSIVE MODE")
-        yield
-
-
-def waiting_statements(config: ServerConfig, shard_id: int) -> list[str]:
-    """Statements of the service's pool on the shard that are running (waiting for the lock)."""
-    shard = config.shards[shard_id]
-    with psycopg.connect(shard.dsn) as conn:
-        rows = conn.execute(
-            "SELECT query FROM pg_stat_activity WHERE application_name = %s AND state = 'active'",
-            (f"dialog-shard shard-{shard_id}",),
-        ).fetchall()
-    return [r[0] for r in rows if shard.table in r[0]]
-
-
-async def _poll(predicate: Any, within: float, what: str) -> float:
-    ends = time.monotonic() + within
-    while not await asyncio.to_thread(predicate):
-        assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.02)
-    return time.monotonic()
+from tests.faults import table_locked, waiting_statements
+from tests.support import Metadata, wait_until
 
 
 async def test_deadline_bounds_the_statement_and_cancels_it_on_the_server(
-    dialog_stub, auth_for, new_pair, cluster_config
-):
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     shard_id = calculate_shard(a, b, cluster_config.num_shards)
     request = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text="slow", request_id="slow-1")
@@ -63,7 +40,11 @@ async def test_deadline_bounds_the_statement_and_cancels_it_on_the_server(
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         elapsed = time.monotonic() - started
         # The lock is still held: only a server-side cancel ends the waiting INSERT.
-        ended = await _poll(lambda: not waiting_statements(cluster_config, shard_id), 10, "INSERT cancelled")
+        ended = await wait_until(
+            lambda: asyncio.to_thread(lambda: not waiting_statements(cluster_config, shard_id)),
+            "the INSERT is cancelled",
+            within=10,
+        )
         print(
             f"deadline 0.5s: answered after {elapsed:.3f}s, statement gone {ended - started:.3f}s after start"
         )
@@ -72,21 +53,36 @@ async def test_deadline_bounds_the_statement_and_cancels_it_on_the_server(
     assert not retried.replayed
 
 
-async def test_cancelled_call_cancels_its_statement(dialog_stub, auth_for, new_pair, cluster_config):
+async def test_cancelled_call_cancels_its_statement(
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     shard_id = calculate_shard(a, b, cluster_config.num_shards)
     with table_locked(cluster_config, shard_id):
         call = dialog_stub.GetDialog(pb.GetDialogRequest(user_id=a, peer_user_id=b), metadata=auth_for(a))
-        await _poll(lambda: bool(waiting_statements(cluster_config, shard_id)), 10, "the SELECT to wait")
+        await wait_until(
+            lambda: asyncio.to_thread(lambda: bool(waiting_statements(cluster_config, shard_id))),
+            "the SELECT waits for the lock",
+            within=10,
+        )
         cancelled = time.monotonic()
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        ended = await _poll(lambda: not waiting_statements(cluster_config, shard_id), 10, "SELECT cancelled")
+        ended = await wait_until(
+            lambda: asyncio.to_thread(lambda: not waiting_statements(cluster_config, shard_id)),
+            "the SELECT is cancelled",
+            within=10,
+        )
         print(f"statement gone {ended - cancelled:.3f}s after the client cancelled")
 
 
-async def test_pool_connections_carry_the_statement_ceiling(server: RunningServer, cluster_config):
+async def test_pool_connections_carry_the_statement_ceiling(
+    server: RunningServer, cluster_config: ServerConfig
+) -> None:
     async def show(conn: psycopg.AsyncConnection[Any]) -> str:
         row = await (await conn.execute("SHOW statement_timeout")).fetchone()
         assert row is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import grpc
 import pytest
@@ -16,12 +15,17 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.auth import issue_token
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.runtime.app import DIALOG_SERVICE, running_server
-from server.storage.pools import StartupError
-from tests.conftest import make_config
-from tests.faults import CRASH_SAFE_SETTINGS, pairs_on, retry_delay_of, rng
+from server.storage.pools import DatabaseStartupError
+from tests.faults import CRASH_SAFE_SETTINGS, FAST_POOL, FAST_RESILIENCE, pairs_on, rng
 from tests.pgfixtures import free_port, reachable_temp_dir
-from tests.test_faults import FAST_POOL, FAST_RESILIENCE
-from tests.test_metrics import scrape, value
+from tests.support import (
+    fresh_database,
+    make_config,
+    metric_value,
+    retry_delay_of,
+    scrape_metrics,
+    wait_until,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -32,20 +36,13 @@ async def _status(channel: grpc.aio.Channel, service: str) -> int:
     return int(reply.status)
 
 
-async def _poll(check, within: float, what: str) -> float:  # type: ignore[no-untyped-def]
-    ends = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.05)
-    return time.monotonic()
-
-
-async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg_servers, jwt_secret):
-    database = f"degraded_{uuid.uuid4().hex[:12]}"
-    pg_servers[2].create_database(database)
+async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str
+) -> None:
+    database = fresh_database(pg_servers[2], "degraded")
     late_port = free_port()
     config = make_config(
-        [pg_servers[2].dsn_for(database), f"postgresql://postgres@127.0.0.1:{late_port}/dialog"],
+        [database, f"postgresql://postgres@127.0.0.1:{late_port}/dialog"],
         jwt_secret,
         pool=FAST_POOL,
         resilience=FAST_RESILIENCE,
@@ -94,15 +91,20 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
         assert (retry_delay_of(listing.value) or 0) > 0
         # The metrics tell the same: shard 1's breaker is open, the refused call is counted on it.
         assert running.metrics_port is not None
-        samples, _ = await scrape(running.metrics_port)
-        assert value(samples, "dialog_shard_breaker_state", shard="0") == 0
-        assert value(samples, "dialog_shard_breaker_state", shard="1") == 2
+        samples, _ = await scrape_metrics(running.metrics_port)
+        assert metric_value(samples, "dialog_shard_breaker_state", shard="0") == 0
+        assert metric_value(samples, "dialog_shard_breaker_state", shard="1") == 2
         assert (
-            value(samples, "grpc_server_handled_total", grpc_method="SendMessage", grpc_code="Unavailable")
+            metric_value(
+                samples, "grpc_server_handled_total", grpc_method="SendMessage", grpc_code="Unavailable"
+            )
             == 1
         )
-        assert value(samples, "grpc_server_handling_seconds_count", grpc_method="SendMessage", shard="1") == 1
-        assert value(samples, "dialog_shard_messages_written_total", shard="0") == 1
+        assert (
+            metric_value(samples, "grpc_server_handling_seconds_count", grpc_method="SendMessage", shard="1")
+            == 1
+        )
+        assert metric_value(samples, "dialog_shard_messages_written_total", shard="0") == 1
 
         with reachable_temp_dir("dialog-shard-late-") as base:
             late = EmbeddedPostgres(base / "late", port=late_port, fsync=False, settings=CRASH_SAFE_SETTINGS)
@@ -110,21 +112,21 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(pg
             await asyncio.to_thread(late.start)
 
             async def shard_serving() -> bool:
-                return await _status(channel, "shard-1") == SERVING
+                return bool(await _status(channel, "shard-1") == SERVING)
 
-            joined = await _poll(shard_serving, 20, "shard 1 to join")
+            joined = await wait_until(shard_serving, "shard 1 joins", within=20, every=0.05)
             print(f"shard 1 joined {joined - started:.2f}s after its server was started")
             # Its schema was applied when it joined: the message is stored.
             sent = await send(down_pair, "to the missing shard")
             assert sent.message.text == "to the missing shard"
             assert running.shards.state(1).writable
-            samples, _ = await scrape(running.metrics_port)
-            assert value(samples, "dialog_shard_breaker_state", shard="1") == 0
-            assert value(samples, "dialog_shard_messages_written_total", shard="1") == 1
+            samples, _ = await scrape_metrics(running.metrics_port)
+            assert metric_value(samples, "dialog_shard_breaker_state", shard="1") == 0
+            assert metric_value(samples, "dialog_shard_messages_written_total", shard="1") == 1
 
 
-async def test_no_reachable_shard_at_all_fails_startup(jwt_secret):
+async def test_no_reachable_shard_at_all_fails_startup(jwt_secret: str) -> None:
     dead = [f"postgresql://postgres@127.0.0.1:{free_port()}/dialog" for _ in range(2)]
-    with pytest.raises(StartupError, match=r"shard-0 .*; shard-1 "):
+    with pytest.raises(DatabaseStartupError, match=r"shard-0 .*; shard-1 "):
         async with running_server(make_config(dead, jwt_secret)):
             pytest.fail("server must not start")

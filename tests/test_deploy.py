@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Iterator
 from importlib import resources
@@ -33,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.config import config_from_mapping
 from tests.pgfixtures import free_port, reachable_temp_dir
 from tests.processes import child_env
+from tests.support import wait_until_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -406,14 +406,12 @@ def test_local_cluster_starts_serves_and_stops(cluster_dir: Path) -> None:
             env=child_env(),
         )
     try:
-        deadline = time.monotonic() + 120
-        status = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            status = _health_status(listen)
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                break
-            time.sleep(0.5)
-        assert status == health_pb2.HealthCheckResponse.SERVING, log.read_text()
+
+        def serving() -> bool:
+            assert proc.poll() is None, f"the cluster exited: {log.read_text()}"
+            return bool(_health_status(listen) == health_pb2.HealthCheckResponse.SERVING)
+
+        wait_until_blocking(serving, "the service is SERVING", within=120, every=0.5, explain=log.read_text)
         # The container's probe script agrees.
         probe = subprocess.run(
             [sys.executable, str(DEPLOY / "healthcheck.py"), listen],
@@ -435,10 +433,13 @@ def test_local_cluster_starts_serves_and_stops(cluster_dir: Path) -> None:
     output = log.read_text()
     assert "stopped; data kept" in output, output
     assert _health_status(listen) is None
-    deadline = time.monotonic() + 10
-    while _postgres_pids_for(cluster_dir) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _postgres_pids_for(cluster_dir) == []
+    wait_until_blocking(
+        lambda: _postgres_pids_for(cluster_dir) == [],
+        "the cluster's PostgreSQL servers exit",
+        within=10,
+        every=0.2,
+        explain=lambda: _postgres_pids_for(cluster_dir),
+    )
     for i in range(2):
         assert not (cluster_dir / f"shard-{i}" / "postmaster.pid").exists()
         assert (cluster_dir / f"shard-{i}" / "PG_VERSION").exists(), "data are kept for the next run"

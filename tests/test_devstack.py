@@ -29,6 +29,7 @@ import pytest
 from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from tests.pgfixtures import free_port, reachable_temp_dir
 from tests.processes import child_env
+from tests.support import wait_until_blocking
 
 BIN = Path(sys.executable).parent
 DIALOG_SERVER = BIN / "dialog-server"
@@ -248,10 +249,13 @@ def test_sigterm_during_startup_leaves_no_postgres_running(dev_dir: Path) -> Non
     pg = EmbeddedPostgres(data_dir / "postgres", port=pg_port)
     try:
         dev.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _port_open(pg_port):
-            assert time.monotonic() < deadline, dev.output
-            time.sleep(0.005)
+        wait_until_blocking(
+            lambda: _port_open(pg_port),
+            "the embedded PostgreSQL listens",
+            within=START_TIMEOUT,
+            every=0.005,
+            explain=lambda: dev.output,
+        )
         assert dev.proc is not None
         dev.proc.send_signal(signal.SIGTERM)
         returncode = dev.proc.wait(timeout=STOP_TIMEOUT)

@@ -4,28 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.config import ServerConfig
 from server.routing import bucket_of, calculate_shard
 from server.runtime.app import running_server
-from tests.conftest import rows_for_pair
+from tests.support import Metadata, rows_for_pair
 
 
 async def send(
     stub: Any, auth_for: Any, a: int, b: int, text: str, request_id: str = ""
 ) -> pb.SendMessageResponse:
-    return await stub.SendMessage(
+    response: pb.SendMessageResponse = await stub.SendMessage(
         pb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text, request_id=request_id),
         metadata=auth_for(a),
     )
+    return response
 
 
 async def read_all(
-    stub: Any, auth_for: Any, user: int, peer: int, *, page_size: int, order: int = 0
+    stub: Any,
+    auth_for: Any,
+    user: int,
+    peer: int,
+    *,
+    page_size: int,
+    order: pb.MessageOrder.ValueType = pb.MESSAGE_ORDER_UNSPECIFIED,
 ) -> list[pb.Message]:
     messages: list[pb.Message] = []
     token = ""
@@ -44,8 +54,11 @@ async def read_all(
 
 
 async def test_message_is_stored_on_the_hash_shard_and_read_back_by_both_users(
-    dialog_stub, auth_for, new_pair, cluster_config
-):
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     sent = (await send(dialog_stub, auth_for, a, b, "hello")).message
     assert (sent.from_user_id, sent.to_user_id, sent.text) == (a, b, "hello")
@@ -64,7 +77,11 @@ async def test_message_is_stored_on_the_hash_shard_and_read_back_by_both_users(
     assert row[5] == bucket_of(a, b)
 
 
-async def test_newest_first_by_default_and_oldest_first_on_request(dialog_stub, auth_for, new_pair):
+async def test_newest_first_by_default_and_oldest_first_on_request(
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     sent = [
         (await send(dialog_stub, auth_for, *((a, b) if i % 2 else (b, a)), f"m{i}")).message for i in range(7)
@@ -80,7 +97,11 @@ async def test_newest_first_by_default_and_oldest_first_on_request(dialog_stub, 
     assert [m.text for m in oldest] == [f"m{i}" for i in range(7)]
 
 
-async def test_page_size_default_and_cap(dialog_stub, auth_for, new_pair):
+async def test_page_size_default_and_cap(
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     await asyncio.gather(*(send(dialog_stub, auth_for, a, b, f"x{i}") for i in range(60)))
     first = await dialog_stub.GetDialog(pb.GetDialogRequest(user_id=a, peer_user_id=b), metadata=auth_for(a))
@@ -91,7 +112,11 @@ async def test_page_size_default_and_cap(dialog_stub, auth_for, new_pair):
     assert len(huge.messages) == 60 and huge.next_page_token == ""
 
 
-async def test_paging_while_messages_arrive_has_no_duplicates_or_gaps(dialog_stub, auth_for, new_pair):
+async def test_paging_while_messages_arrive_has_no_duplicates_or_gaps(
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     before = [(await send(dialog_stub, auth_for, a, b, f"old{i}")).message.message_id for i in range(25)]
     for order in (pb.MESSAGE_ORDER_NEWEST_FIRST, pb.MESSAGE_ORDER_OLDEST_FIRST):
@@ -121,8 +146,11 @@ async def test_paging_while_messages_arrive_has_no_duplicates_or_gaps(dialog_stu
 
 
 async def test_retry_with_same_request_id_returns_original_and_stores_once(
-    dialog_stub, auth_for, new_pair, cluster_config
-):
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     first = await send(dialog_stub, auth_for, a, b, "pay 10", request_id="req-1")
     again = await send(dialog_stub, auth_for, a, b, "pay 10", request_id="req-1")
@@ -135,7 +163,12 @@ async def test_retry_with_same_request_id_returns_original_and_stores_once(
     assert len(rows) == 2
 
 
-async def test_concurrent_duplicates_race_to_one_message(dialog_stub, auth_for, new_pair, cluster_config):
+async def test_concurrent_duplicates_race_to_one_message(
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     results = await asyncio.gather(
         *(send(dialog_stub, auth_for, a, b, "once", request_id="dup") for _ in range(20))
@@ -147,8 +180,11 @@ async def test_concurrent_duplicates_race_to_one_message(dialog_stub, auth_for, 
 
 
 async def test_reused_request_id_with_other_content_is_already_exists(
-    dialog_stub, auth_for, new_pair, cluster_config
-):
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     await send(dialog_stub, auth_for, a, b, "original", request_id="k")
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -159,7 +195,12 @@ async def test_reused_request_id_with_other_content_is_already_exists(
     assert [r[3] for r in rows] == ["original"]
 
 
-async def test_text_is_stored_verbatim(dialog_stub, auth_for, new_pair, cluster_config):
+async def test_text_is_stored_verbatim(
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     texts = [
         "'; DROP TABLE messages_0; --",
@@ -173,7 +214,11 @@ async def test_text_is_stored_verbatim(dialog_stub, auth_for, new_pair, cluster_
     assert [m.text for m in read] == texts
 
 
-async def test_many_parallel_sends_are_each_stored_once_on_their_shard(dialog_stub, auth_for, cluster_config):
+async def test_many_parallel_sends_are_each_stored_once_on_their_shard(
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    cluster_config: ServerConfig,
+) -> None:
     rng = random.Random(7)
     pairs = [(rng.randrange(1, 2**63), rng.randrange(1, 2**63)) for _ in range(40)]
     jobs = [(a, b, f"{i}") for i in range(10) for a, b in pairs]
@@ -196,7 +241,9 @@ async def test_many_parallel_sends_are_each_stored_once_on_their_shard(dialog_st
         assert sorted(str(r[0]) for r in stored[calculate_shard(a, b, 4)]) == sorted(expected)
 
 
-async def test_single_database_layout_of_the_seed(single_db_config, auth_for, new_pair):
+async def test_single_database_layout_of_the_seed(
+    single_db_config: ServerConfig, auth_for: Callable[..., Metadata], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """The same code with messages_0..3 side by side in one database."""
     from client.gen.dialog.v1 import dialog_service_pb2_grpc
 

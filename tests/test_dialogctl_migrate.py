@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 from pathlib import Path
+from typing import Any
 
 from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
-from tests.conftest import make_config
 from tests.pgfixtures import free_port
-from tests.processes import run_async, write_server_config
+from tests.processes import write_server_config
+from tests.support import dialogctl, make_config
 
-DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 
-
-async def migrate(config_path: Path, *args: str) -> tuple[int, dict[str, dict[str, object]], str]:
-    result = await run_async(DIALOGCTL, "--config", str(config_path), "migrate", *args)
-    assert "Traceback" not in result.stderr, result.stderr
+async def migrate(config_path: Path, *args: str) -> tuple[int, dict[str, dict[str, Any]], str]:
+    result = await dialogctl(config_path, "migrate", *args)
     if "--json" not in args:
         return result.returncode, {}, result.stdout + result.stderr
     targets = {t["name"]: t for t in json.loads(result.stdout)["targets"]}
@@ -29,7 +26,9 @@ def _config(tmp_path: Path, config: ServerConfig, jwt_secret: str) -> Path:
     return write_server_config(tmp_path / "dialog-shard.toml", config, "127.0.0.1:1", jwt_secret)
 
 
-async def test_migrate_creates_the_schema_once(tmp_path, pg_server: EmbeddedPostgres, jwt_secret) -> None:
+async def test_migrate_creates_the_schema_once(
+    tmp_path: Path, pg_server: EmbeddedPostgres, jwt_secret: str
+) -> None:
     database = f"migrate_{secrets.token_hex(4)}"
     pg_server.create_database(database)
     dsn = pg_server.dsn_for(database)
@@ -64,7 +63,7 @@ async def test_migrate_creates_the_schema_once(tmp_path, pg_server: EmbeddedPost
 
 
 async def test_migrate_reports_an_unreachable_shard_and_migrates_the_rest(
-    tmp_path, pg_server: EmbeddedPostgres, jwt_secret
+    tmp_path: Path, pg_server: EmbeddedPostgres, jwt_secret: str
 ) -> None:
     database = f"migrate_{secrets.token_hex(4)}"
     pg_server.create_database(database)

@@ -9,45 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from client import AsyncAdminClient, AsyncDialogClient, ChannelSecurity, Order, ShardSource
-from server.auth import issue_token
 from server.config import ServerConfig
 from server.routing import calculate_shard
-from tests.conftest import rows_for_pair
-from tests.processes import Result, run_async, write_server_config
+from tests.support import rows_for_pair, token_provider
 
-DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 PLAINTEXT = ChannelSecurity(plaintext=True)
 INVALID_ARGUMENT_EXIT = 64 + 3
 
 
-@pytest.fixture
-def ctl(tmp_path: Path, cluster_config: ServerConfig, address: str, jwt_secret: str) -> Callable[..., Any]:
-    config = write_server_config(tmp_path / "dialog-shard.toml", cluster_config, address, jwt_secret)
-
-    async def call(*args: str) -> Result:
-        result = await run_async(DIALOGCTL, "--config", str(config), *args)
-        assert "Traceback" not in result.stderr, result.stderr
-        return result
-
-    return call
-
-
-def _token(config: ServerConfig, user_id: int | None = None) -> Callable[[], str]:
-    token = issue_token(config.auth, user_id=user_id, admin=user_id is None, ttl_seconds=600)
-    return lambda: token
-
-
 async def _send(address: str, config: ServerConfig, a: int, b: int, texts: list[str]) -> list[Any]:
-    async with AsyncDialogClient.connect(address, PLAINTEXT, token=_token(config, a)) as client:
+    async with AsyncDialogClient.connect(address, PLAINTEXT, token=token_provider(config, a)) as client:
         return [await client.send_message(a, b, t, request_id=f"r-{i}") for i, t in enumerate(texts)]
 
 
@@ -58,7 +36,12 @@ def _pair_on(shard: int, config: ServerConfig, new_pair: Callable[[], tuple[int,
             return a, b
 
 
-async def test_messages_json_and_table(ctl, address, cluster_config, new_pair) -> None:
+async def test_messages_json_and_table(
+    ctl: Callable[..., Any],
+    address: str,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     sent = await _send(address, cluster_config, a, b, ["first", "second\nline", "third " * 20])
     shard = calculate_shard(a, b, cluster_config.num_shards)
@@ -84,7 +67,9 @@ async def test_messages_json_and_table(ctl, address, cluster_config, new_pair) -
     assert lines[3].endswith("…")
 
 
-async def test_messages_bad_shard_exits_with_the_grpc_code(ctl, cluster_config) -> None:
+async def test_messages_bad_shard_exits_with_the_grpc_code(
+    ctl: Callable[..., Any], cluster_config: ServerConfig
+) -> None:
     result = await ctl("messages", "--shard", str(cluster_config.num_shards))
     assert result.returncode == INVALID_ARGUMENT_EXIT
     assert result.stderr.startswith("dialogctl: INVALID_ARGUMENT: shard_id: must be a shard id")
@@ -92,7 +77,11 @@ async def test_messages_bad_shard_exits_with_the_grpc_code(ctl, cluster_config) 
 
 
 async def test_backup_then_restore_brings_a_dropped_shard_back_complete(
-    ctl, tmp_path, address, cluster_config, new_pair
+    ctl: Callable[..., Any],
+    tmp_path: Path,
+    address: str,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
 ) -> None:
     shard = 2
     pairs = [_pair_on(shard, cluster_config, new_pair) for _ in range(3)]
@@ -135,7 +124,9 @@ async def test_backup_then_restore_brings_a_dropped_shard_back_complete(
     assert [(i["name"], i["rows"]) for i in restored["items"]] == [("shard-2", item["rows"])]
 
     for (a, b), messages in sent.items():
-        async with AsyncDialogClient.connect(address, PLAINTEXT, token=_token(cluster_config, a)) as client:
+        async with AsyncDialogClient.connect(
+            address, PLAINTEXT, token=token_provider(cluster_config, a)
+        ) as client:
             read = [m async for m in client.iter_dialog(a, b, page_size=3, order=Order.OLDEST_FIRST)]
         assert read == [s.message for s in messages]
     # The unique request_id index came back: a retry is a replay, not a second row.
@@ -155,7 +146,11 @@ def rows_for_pair_safe(config: ServerConfig, pair: tuple[int, int]) -> Any:
 
 
 async def test_control_tables_restore_and_the_servers_reload_them(
-    ctl, tmp_path, address, cluster_config, new_pair
+    ctl: Callable[..., Any],
+    tmp_path: Path,
+    address: str,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
 ) -> None:
     out = tmp_path / "control"
     backup = (await ctl("backup", "--control", "--out", str(out), "--json")).json()
@@ -165,7 +160,9 @@ async def test_control_tables_restore_and_the_servers_reload_them(
 
     a, b = new_pair()
     target = (calculate_shard(a, b, cluster_config.num_shards) + 1) % cluster_config.num_shards
-    async with AsyncAdminClient.connect(address, PLAINTEXT, token=_token(cluster_config)) as admin:
+    async with AsyncAdminClient.connect(
+        address, PLAINTEXT, token=token_provider(cluster_config, admin=True)
+    ) as admin:
         await admin.set_override(a, b, target)
         assert (await admin.resolve_shard(a, b)).source == ShardSource.OVERRIDE
 
@@ -181,7 +178,7 @@ async def test_control_tables_restore_and_the_servers_reload_them(
             await asyncio.sleep(0.05)
 
 
-async def test_backup_and_restore_explain_what_is_wrong(ctl, tmp_path) -> None:
+async def test_backup_and_restore_explain_what_is_wrong(ctl: Callable[..., Any], tmp_path: Path) -> None:
     missing_tools = await ctl(
         "backup", "--shard", "0", "--out", str(tmp_path / "b"), "--pg-bindir", "/nonexistent"
     )

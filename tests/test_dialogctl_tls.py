@@ -6,7 +6,6 @@ section (server_ca_file, client_cert_file, client_key_file) or in the flags that
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,10 +18,8 @@ from server.config import ServerConfig, render_config
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import calculate_shard
 from server.runtime.app import running_server
-from tests.conftest import make_config
-from tests.processes import Result, run_async
+from tests.support import dialogctl, make_config
 
-DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 UNAVAILABLE_EXIT = 64 + grpc.StatusCode.UNAVAILABLE.value[0]
 
 SERVER_CA = trustme.CA()
@@ -98,12 +95,6 @@ def ctl_config(tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str) ->
         return path
 
     return write
-
-
-async def dialogctl(config: Path, *args: str) -> Result:
-    result = await run_async(DIALOGCTL, "--config", str(config), *args)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 def _client_tls(pems: Path, *, ca: bool = True, client_cert: bool = False) -> dict[str, object]:

@@ -13,7 +13,7 @@ async def _kind() -> str:
     return eventloop.name()
 
 
-def test_asyncio_is_always_available_and_auto_takes_uvloop_only_when_installed():
+def test_asyncio_is_always_available_and_auto_takes_uvloop_only_when_installed() -> None:
     assert eventloop.loop_factory("asyncio") is None
     assert eventloop.run(_kind(), "asyncio") == "asyncio"
     installed = importlib.util.find_spec("uvloop") is not None

@@ -14,7 +14,6 @@ import asyncio
 import random
 import statistics
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -30,8 +29,9 @@ from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.resilience import BreakerState
 from server.runtime.app import RunningServer, running_server
-from tests.conftest import make_config, move_rows
 from tests.faults import (
+    FAST_POOL,
+    FAST_RESILIENCE,
     Load,
     LoadReport,
     Watch,
@@ -39,24 +39,12 @@ from tests.faults import (
     crash,
     frozen,
     pairs_on,
-    retry_delay_of,
+    resend_unacked,
     start_postgres,
 )
 from tests.pgfixtures import reachable_temp_dir
+from tests.support import fresh_database, make_config, move_rows, retry_delay_of
 
-#: Short timeouts, so each fault plays out in seconds.
-FAST_RESILIENCE = {
-    "failure_threshold": 3,
-    "open_seconds": 0.5,
-    "probe_interval": 0.2,
-    "probe_timeout": 0.5,
-    "statement_timeout": 2.0,
-    "reconnect_timeout": 1.0,
-    "retry_attempts": 3,
-    "retry_backoff": 0.02,
-    "retry_backoff_max": 0.2,
-}
-FAST_POOL = {"min_size": 2, "max_size": 6, "acquire_timeout": 0.5, "open_timeout": 5.0}
 WORKERS_PER_SHARD = 3
 rng = random.Random()
 
@@ -73,10 +61,8 @@ def fault_config(
     pg_servers: list[EmbeddedPostgres], victim: EmbeddedPostgres, jwt_secret: str
 ) -> ServerConfig:
     healthy = pg_servers[1]
-    database = f"fault_{uuid.uuid4().hex[:12]}"
-    healthy.create_database(database)
     return make_config(
-        [healthy.dsn_for(database), victim.dsn],
+        [fresh_database(healthy, "fault"), victim.dsn],
         jwt_secret,
         pool=FAST_POOL,
         resilience=FAST_RESILIENCE,
@@ -92,24 +78,6 @@ async def fault_server(fault_config: ServerConfig) -> AsyncIterator[RunningServe
 
 def _breaker(running: RunningServer) -> BreakerState:
     return running.shards.state(1).primary.breaker
-
-
-async def _resend_unacked(address: str, config: ServerConfig, report: LoadReport) -> int:
-    """Re-send every unacknowledged message with its request_id, as a retrying client does."""
-    unacked = [o for o in report.outcomes if o.code is not grpc.StatusCode.OK]
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
-        for o in unacked:
-            token = issue_token(config.auth, user_id=o.pair[0])
-            response = await stub.SendMessage(
-                pb.SendMessageRequest(
-                    from_user_id=o.pair[0], to_user_id=o.pair[1], text=o.text, request_id=o.request_id
-                ),
-                metadata=(("authorization", f"Bearer {token}"),),
-                timeout=5,
-            )
-            o.code, o.message_id = grpc.StatusCode.OK, response.message.message_id
-    return len(unacked)
 
 
 async def _shard_stats(address: str, config: ServerConfig) -> list[admin_service_pb2.ShardStats]:
@@ -161,7 +129,9 @@ def _figures(name: str, report: LoadReport, marks: dict[str, float]) -> None:
 async def _refused_while_open(load: Load, marks: dict[str, float]) -> None:
     """Wait until 20 calls to the broken shard started after its breaker opened."""
     await load.wait_for(
-        lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20, 10, "refusals"
+        lambda: len([o for o in load.report.of(1) if o.started > marks["opened"]]) >= 20,
+        10,
+        "20 calls are refused",
     )
 
 
@@ -170,7 +140,7 @@ async def _check_outcome(
 ) -> None:
     """The common checks, then every acknowledged (and re-sent unacknowledged) message stored once."""
     _check_common(report, marks)
-    resent = await _resend_unacked(address, config, report)
+    resent = await resend_unacked(address, config, report)
     checked = assert_exactly_once(report, config, (0, 1))
     print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
 
@@ -187,18 +157,24 @@ def _check_common(report: LoadReport, marks: dict[str, float]) -> None:
 
 async def _warm(load: Load) -> None:
     await load.wait_for(
-        lambda: len(load.report.acked(0)) >= 20 and len(load.report.acked(1)) >= 20, 15, "warm-up acks"
+        lambda: len(load.report.acked(0)) >= 20 and len(load.report.acked(1)) >= 20,
+        15,
+        "the warm-up calls are acknowledged",
     )
 
 
 async def _until_recovered(load: Load, running: RunningServer, marks: dict[str, float]) -> None:
     repaired = marks["repaired"]
     marks["recovered"] = await load.wait_for(
-        lambda: load.report.first(1, grpc.StatusCode.OK, repaired) is not None, 30, "shard 1 to recover"
+        lambda: load.report.first(1, grpc.StatusCode.OK, repaired) is not None, 30, "shard 1 recovers"
     )
     marks["recovered"] = load.report.first(1, grpc.StatusCode.OK, repaired).finished  # type: ignore[union-attr]
     after = marks["recovered"]
-    await load.wait_for(lambda: len([o for o in load.report.acked(1) if o.started > after]) >= 20, 15, "acks")
+    await load.wait_for(
+        lambda: len([o for o in load.report.acked(1) if o.started > after]) >= 20,
+        15,
+        "20 more calls are acknowledged",
+    )
     assert _breaker(running) is BreakerState.CLOSED
 
 
@@ -214,7 +190,9 @@ async def _warmed_load(running: RunningServer, config: ServerConfig) -> AsyncIte
         yield watch, load
 
 
-async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
+async def test_kill_9_of_a_shard_server(
+    fault_server: RunningServer, fault_config: ServerConfig, victim: EmbeddedPostgres
+) -> None:
     address = f"127.0.0.1:{fault_server.port}"
     marks: dict[str, float] = {}
     async with _warmed_load(fault_server, fault_config) as (watch, load):
@@ -240,7 +218,9 @@ async def test_kill_9_of_a_shard_server(fault_server, fault_config, victim):
     await _check_outcome(address, fault_config, load.report, marks)
 
 
-async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config, victim):
+async def test_hung_shard_server_sigstop_then_sigcont(
+    fault_server: RunningServer, fault_config: ServerConfig, victim: EmbeddedPostgres
+) -> None:
     address = f"127.0.0.1:{fault_server.port}"
     marks: dict[str, float] = {}
     async with _warmed_load(fault_server, fault_config) as (watch, load):
@@ -265,7 +245,9 @@ async def test_hung_shard_server_sigstop_then_sigcont(fault_server, fault_config
     await _check_outcome(address, fault_config, load.report, marks)
 
 
-async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
+async def test_restart_of_a_shard_server(
+    fault_server: RunningServer, fault_config: ServerConfig, victim: EmbeddedPostgres
+) -> None:
     address = f"127.0.0.1:{fault_server.port}"
     marks: dict[str, float] = {}
     async with _warmed_load(fault_server, fault_config) as (watch, load):
@@ -281,8 +263,8 @@ async def test_restart_of_a_shard_server(fault_server, fault_config, victim):
 
 
 async def test_a_move_touching_a_down_shard_is_refused_before_anything_is_recorded(
-    fault_server, fault_config, victim
-):
+    fault_server: RunningServer, fault_config: ServerConfig, victim: EmbeddedPostgres
+) -> None:
     address = f"127.0.0.1:{fault_server.port}"
     into_down, out_of_down = pairs_on(0, 2, 1, rng)[0], pairs_on(1, 2, 1, rng)[0]
     admin = (("authorization", f"Bearer {issue_token(fault_config.auth, admin=True)}"),)

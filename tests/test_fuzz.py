@@ -13,7 +13,7 @@ import base64
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from hypothesis import HealthCheck, given, settings
@@ -23,8 +23,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
 from server.config import ServerConfig
-from tests.conftest import rows_for_pair
-from tests.test_bad_input import expect_error, status_details
+from tests.support import Metadata, expect_error, rows_for_pair, status_details
 
 MAX_ID = 2**63 - 1
 SEND_METHOD = "/dialog.v1.DialogService/SendMessage"
@@ -194,7 +193,12 @@ def fuzz_get_dialog(address: str, config: ServerConfig) -> dict[str, int]:
             # Mostly the user itself; sometimes someone else, who must be refused.
             caller = 12345 if caller_choice == 0 or user < 1 else user
             request = pb.GetDialogRequest(
-                user_id=user, peer_user_id=peer, page_size=page_size, page_token=page_token, order=order
+                user_id=user,
+                peer_user_id=peer,
+                page_size=page_size,
+                page_token=page_token,
+                # Any int, valid or not: the server must refuse the unknown ones cleanly.
+                order=cast("pb.MessageOrder.ValueType", order),
             )
             metadata = (("authorization", f"Bearer {issue_token(config.auth, user_id=caller)}"),)
             code = deliberate_outcome(lambda: stub.GetDialog(request, metadata=metadata, timeout=10))
@@ -210,8 +214,11 @@ def raw_send(channel: grpc.aio.Channel) -> Callable[..., Any]:
 
 
 async def test_invalid_utf8_in_a_string_field_is_invalid_argument(
-    channel, auth_for, new_pair, cluster_config
-):
+    channel: grpc.aio.Channel,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     body = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text="ab").SerializeToString()
     invalid = body.replace(b"ab", b"\xff\xfe")  # the same field, now holding bytes that are not UTF-8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
@@ -14,6 +14,7 @@ import pytest_asyncio
 from psycopg import errors as pg_errors
 
 from server.config import PoolConfig, ResilienceConfig
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.errors import ShardUnavailable
 from server.resilience import BreakerState, Shard, ShardGate
 from server.routing import ShardRouter
@@ -29,7 +30,7 @@ RESILIENCE = ResilienceConfig(
 
 
 @pytest_asyncio.fixture
-async def gate(pg_server) -> AsyncIterator[ShardGate]:
+async def gate(pg_server: EmbeddedPostgres) -> AsyncIterator[ShardGate]:
     pool = await open_pool("gate-test", pg_server.dsn, PoolConfig(min_size=1, max_size=2))
     try:
         yield ShardGate(0, pool, RESILIENCE, acquire_timeout=2.0)
@@ -57,13 +58,13 @@ class Flaky:
         return self.attempts
 
 
-async def test_lost_connection_is_retried_for_an_idempotent_call(gate):
+async def test_lost_connection_is_retried_for_an_idempotent_call(gate: ShardGate) -> None:
     op = Flaky(2, "terminate")
     assert await gate.run(op, idempotent=True) == 3
     assert gate.breaker.state is BreakerState.CLOSED and gate.breaker.consecutive_failures == 0
 
 
-async def test_lost_connection_is_not_retried_when_the_outcome_is_unknown(gate):
+async def test_lost_connection_is_not_retried_when_the_outcome_is_unknown(gate: ShardGate) -> None:
     op = Flaky(1, "terminate")
     with pytest.raises(ShardUnavailable) as caught:
         await gate.run(op, idempotent=False)
@@ -73,20 +74,20 @@ async def test_lost_connection_is_not_retried_when_the_outcome_is_unknown(gate):
     assert gate.breaker.consecutive_failures == 0
 
 
-async def test_serialization_failure_is_retried_even_when_not_idempotent(gate):
+async def test_serialization_failure_is_retried_even_when_not_idempotent(gate: ShardGate) -> None:
     op = Flaky(1, "serialization")
     assert await gate.run(op, idempotent=False) == 2
     assert gate.breaker.consecutive_failures == 0  # the server was fine
 
 
-async def test_statement_errors_pass_through_without_retry(gate):
+async def test_statement_errors_pass_through_without_retry(gate: ShardGate) -> None:
     op = Flaky(1, "refused")
     with pytest.raises(pg_errors.UniqueViolation):
         await gate.run(op, idempotent=True)
     assert op.attempts == 1 and gate.breaker.consecutive_failures == 0
 
 
-async def test_attempts_are_bounded(gate):
+async def test_attempts_are_bounded(gate: ShardGate) -> None:
     op = Flaky(10, "terminate")
     with pytest.raises(ShardUnavailable):
         await gate.run(op, idempotent=True)
@@ -94,7 +95,9 @@ async def test_attempts_are_bounded(gate):
     assert gate.breaker.consecutive_failures == RESILIENCE.retry_attempts
 
 
-async def test_an_insert_repeated_after_an_unknown_outcome_is_stored_once(pg_server, new_pair):
+async def test_an_insert_repeated_after_an_unknown_outcome_is_stored_once(
+    pg_server: EmbeddedPostgres, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """The gate retries SendMessage's insert even without a request_id: the retry carries the same
     message_id, and finding it stored means the earlier attempt committed."""
     table = f"gate_{secrets.token_hex(6)}"
@@ -132,7 +135,7 @@ async def test_an_insert_repeated_after_an_unknown_outcome_is_stored_once(pg_ser
         await pool.close()
 
 
-async def test_the_pool_lends_the_connection_returned_last(pg_server):
+async def test_the_pool_lends_the_connection_returned_last(pg_server: EmbeddedPostgres) -> None:
     # Most recent first keeps one PostgreSQL backend serving back-to-back statements (warm caches);
     # psycopg_pool's own order would lend `first` next. See LifoConnectionPool.
     pool = await open_pool("lifo-test", pg_server.dsn, PoolConfig(min_size=3, max_size=3))
@@ -155,7 +158,7 @@ async def test_the_pool_lends_the_connection_returned_last(pg_server):
         await pool.close()
 
 
-def test_a_pool_without_the_expected_idle_deque_is_left_lending_in_turn():
+def test_a_pool_without_the_expected_idle_deque_is_left_lending_in_turn() -> None:
     # The dependency allows any psycopg_pool 3.x: one that keeps its idle connections otherwise
     # must still start (FIFO), not fail on a missing private attribute.
     class NoDeque:

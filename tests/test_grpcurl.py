@@ -65,7 +65,9 @@ async def test_describe_dialog_service_shows_both_rpcs(address: str) -> None:
     assert "string text = 3;" in message.stdout
 
 
-async def test_send_and_read_back(address: str, bearer: Callable[[int], str], new_pair) -> None:
+async def test_send_and_read_back(
+    address: str, bearer: Callable[[int], str], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     text = "hello from grpcurl ✓"
     request = {"from_user_id": str(a), "to_user_id": b, "text": text, "request_id": "grpcurl-1"}
@@ -99,7 +101,9 @@ async def test_send_and_read_back(address: str, bearer: Callable[[int], str], ne
     assert [(m["message_id"], m["text"]) for m in messages] == [(message["message_id"], text)]
 
 
-async def test_call_without_token_is_unauthenticated(address: str, new_pair) -> None:
+async def test_call_without_token_is_unauthenticated(
+    address: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     result = await grpcurl(
         "-d",
@@ -120,7 +124,7 @@ async def test_admin_call_with_user_token_is_refused(address: str, bearer: Calla
 
 
 async def test_invalid_request_is_invalid_argument(
-    address: str, bearer: Callable[[int], str], new_pair
+    address: str, bearer: Callable[[int], str], new_pair: Callable[[], tuple[int, int]]
 ) -> None:
     a, b = new_pair()
     result = await grpcurl(

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, calculate_shard
 from server.routing.rebalance import PairLoad, Proposal, propose
-from tests.conftest import make_config, rows_for_pair
 from tests.processes import write_server_config
-from tests.test_reshard import cluster, dialogctl, preload, serving
+from tests.support import (
+    Metadata,
+    dialogctl,
+    fresh_cluster,
+    make_config,
+    preload_pairs,
+    rows_for_pair,
+    serving,
+)
 
 
 def test_balanced_shards_need_no_move() -> None:
@@ -32,8 +43,14 @@ def test_moves_stop_at_max_moves() -> None:
     assert len(propose(loads, candidates)) == 5, "then 500 / 500"
 
 
-async def test_hotspots_and_rebalance_apply(pg_servers, jwt_secret, tmp_path, new_pair, admin_auth):
-    config = cluster(pg_servers, jwt_secret, 4)
+async def test_hotspots_and_rebalance_apply(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    admin_auth: Metadata,
+) -> None:
+    config = fresh_cluster(pg_servers, jwt_secret, 4)
     heavy = new_pair()
     home = calculate_shard(*heavy, 4)
     medium = new_pair()
@@ -41,9 +58,9 @@ async def test_hotspots_and_rebalance_apply(pg_servers, jwt_secret, tmp_path, ne
         medium = new_pair()
     light = [new_pair() for _ in range(8)]
     async with serving(config) as (running, _):
-        preload(config, [heavy], 120)
-        preload(config, [medium], 60)
-        preload(config, light, 3)
+        preload_pairs(config, [heavy], 120)
+        preload_pairs(config, [medium], 60)
+        preload_pairs(config, light, 3)
         path = write_server_config(tmp_path / "c.toml", config, f"127.0.0.1:{running.port}", jwt_secret)
         spots = (await dialogctl(path, "hotspots", "--json")).json()
         assert [p["pair"] for p in spots["pairs"][:2]] == [list(Pair.of(*heavy)), list(Pair.of(*medium))]
@@ -64,17 +81,20 @@ async def test_hotspots_and_rebalance_apply(pg_servers, jwt_secret, tmp_path, ne
 
 
 async def test_rebalance_only_uses_the_shards_the_hash_routes_over(
-    pg_servers, jwt_secret, tmp_path, new_pair
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """Shards listed ahead of a reshard are empty; they must not look like the lightest targets."""
-    config = cluster(pg_servers, jwt_secret, 6)
+    config = fresh_cluster(pg_servers, jwt_secret, 6)
     heavy = new_pair()
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout
-    preload(config, [heavy], 120)
+    preload_pairs(config, [heavy], 120)
     light = [p for p in (new_pair() for _ in range(200)) if p != heavy]
     # Every routed shard holds a little, so only the unrouted ones are empty.
-    preload(config, [next(p for p in light if calculate_shard(*p, 4) == s) for s in range(4)], 3)
+    preload_pairs(config, [next(p for p in light if calculate_shard(*p, 4) == s) for s in range(4)], 3)
     path = write_server_config(tmp_path / "six.toml", config, "127.0.0.1:1", jwt_secret)
     proposals = (await dialogctl(path, "rebalance", "--json")).json()["proposals"]
     assert proposals, "the heavy pair's shard is far above the mean of the four"

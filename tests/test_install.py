@@ -26,7 +26,7 @@ def _pins(lock: Path) -> dict[str, str]:
 
 
 def _installed() -> dict[str, str]:
-    installed = {
+    installed: dict[str, str] = {
         canonicalize_name(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()
     }
     installed.pop("dialog-shard")

@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,8 +35,8 @@ DIALOG_SERVER = Path(sys.executable).parent / "dialog-server"
 
 
 async def test_one_json_line_per_rpc_without_text_or_tokens(
-    tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str, new_pair
-):
+    tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     config = write_server_config(tmp_path / "server.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
@@ -128,7 +128,7 @@ def _record(**fields: Any) -> logging.LogRecord:
     return record
 
 
-def test_formatters():
+def test_formatters() -> None:
     entry = json.loads(JsonFormatter().format(_record(grpc_code="OK", shard=2)))
     assert entry["message"] == "Call done" and entry["grpc_code"] == "OK" and entry["shard"] == 2
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
@@ -151,7 +151,9 @@ def root_logger() -> Iterator[logging.Logger]:
     ("fmt", "terminal", "expect_json"),
     [("auto", False, True), ("auto", True, False), ("json", True, True), ("text", False, False)],
 )
-def test_format_follows_config_and_terminal(root_logger, fmt: str, terminal: bool, expect_json: bool):
+def test_format_follows_config_and_terminal(
+    root_logger: logging.Logger, fmt: str, terminal: bool, expect_json: bool
+) -> None:
     primary, secondary = os.openpty()
     os.close(secondary)
     stream: TextIO = os.fdopen(primary, "w") if terminal else io.StringIO()
@@ -163,7 +165,7 @@ def test_format_follows_config_and_terminal(root_logger, fmt: str, terminal: boo
         assert isinstance(handler.formatter, JsonFormatter if expect_json else TextFormatter)
 
 
-def test_rpc_lines_can_be_switched_off(root_logger):
+def test_rpc_lines_can_be_switched_off(root_logger: logging.Logger) -> None:
     stream = io.StringIO()
     configure_logging(LogConfig(format="json", rpc=False), stream)
     logging.getLogger(RPC_LOGGER).info("call")

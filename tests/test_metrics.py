@@ -12,56 +12,27 @@ import re
 import signal
 import socket
 import sys
-import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from client.gen.dialog.v1 import admin_service_pb2, dialog_service_pb2, dialog_service_pb2_grpc
+from client.gen.dialog.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    dialog_service_pb2,
+    dialog_service_pb2_grpc,
+)
 from server.config import ConfigError, MetricsConfig, ServerConfig, config_from_mapping
 from server.observability.metrics import ServerMetrics, go_code_name
 from server.routing import calculate_shard
 from server.runtime.app import RunningServer, running_server
 from tests.processes import CHILD_TIMEOUT_SECONDS, child_env, write_server_config
-
-Labels = tuple[tuple[str, str], ...]
-Samples = dict[tuple[str, Labels], float]
+from tests.support import Metadata, metric_value, pair_on_shard, scrape_metrics
 
 RPC_LABELS = {"grpc_type", "grpc_service", "grpc_method"}
-
-
-async def scrape(port: int) -> tuple[Samples, dict[str, set[str]]]:
-    """Every sample by (name, sorted labels), and the label names of every sample name."""
-
-    def fetch() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            assert reply.status == 200
-            return str(reply.read().decode())
-
-    samples: Samples = {}
-    label_names: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
-        for sample in family.samples:
-            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-            label_names.setdefault(sample.name, set()).update(sample.labels)
-    return samples, label_names
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels` (0 when none)."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
-
-
-def pair_on_shard(shard: int, num_shards: int, new_pair: Callable[[], tuple[int, int]]) -> tuple[int, int]:
-    while True:
-        a, b = new_pair()
-        if calculate_shard(a, b, num_shards) == shard:
-            return a, b
 
 
 def send(a: int, b: int, text: str, request_id: str = "") -> dialog_service_pb2.SendMessageRequest:
@@ -70,10 +41,15 @@ def send(a: int, b: int, text: str, request_id: str = "") -> dialog_service_pb2.
     )
 
 
-async def test_rpc_and_message_counts_per_shard(server: RunningServer, dialog_stub, auth_for, new_pair):
+async def test_rpc_and_message_counts_per_shard(
+    server: RunningServer,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     assert server.metrics_port is not None
     num_shards = len(server.shards)
-    before, _ = await scrape(server.metrics_port)
+    before, _ = await scrape_metrics(server.metrics_port)
 
     pairs = [pair_on_shard(shard, num_shards, new_pair) for shard in range(num_shards)]
     users = {str(u) for pair in pairs for u in pair}
@@ -96,10 +72,10 @@ async def test_rpc_and_message_counts_per_shard(server: RunningServer, dialog_st
         await dialog_stub.SendMessage(send(b0, a0, "x"), metadata=auth_for(a0))
     assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
-    after, label_names = await scrape(server.metrics_port)
+    after, label_names = await scrape_metrics(server.metrics_port)
 
     def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     sends = sum(range(1, num_shards + 1)) + 1
     rpc = {"grpc_service": "dialog.v1.DialogService", "grpc_type": "unary"}
@@ -143,10 +119,14 @@ async def test_rpc_and_message_counts_per_shard(server: RunningServer, dialog_st
 
 
 async def test_pool_and_shard_map_state(
-    server: RunningServer, admin_stub, admin_auth, new_pair, cluster_config
-):
+    server: RunningServer,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     assert server.metrics_port is not None
-    before, _ = await scrape(server.metrics_port)
+    before, _ = await scrape_metrics(server.metrics_port)
     a, b = new_pair()
     target = (calculate_shard(a, b, len(server.shards)) + 1) % len(server.shards)
     await admin_stub.SetShardOverride(
@@ -154,43 +134,46 @@ async def test_pool_and_shard_map_state(
         metadata=admin_auth,
     )
     try:
-        after, label_names = await scrape(server.metrics_port)
+        after, label_names = await scrape_metrics(server.metrics_port)
     finally:
         await admin_stub.DeleteShardOverride(
             admin_service_pb2.DeleteShardOverrideRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
         )
     for shard in range(len(server.shards)):
         label = str(shard)
-        expected = value(before, "dialog_shard_overrides", shard=label) + (1 if shard == target else 0)
-        assert value(after, "dialog_shard_overrides", shard=label) == expected
-        size = value(after, "dialog_shard_pool_size", shard=label)
+        expected = metric_value(before, "dialog_shard_overrides", shard=label) + (1 if shard == target else 0)
+        assert metric_value(after, "dialog_shard_overrides", shard=label) == expected
+        size = metric_value(after, "dialog_shard_pool_size", shard=label)
         assert cluster_config.pool.min_size <= size <= cluster_config.pool.max_size
-        assert value(after, "dialog_shard_pool_max_size", shard=label) == cluster_config.pool.max_size
-        assert 0 <= value(after, "dialog_shard_pool_available", shard=label) <= size
-        assert value(after, "dialog_shard_pool_waiting", shard=label) >= 0
+        assert metric_value(after, "dialog_shard_pool_max_size", shard=label) == cluster_config.pool.max_size
+        assert 0 <= metric_value(after, "dialog_shard_pool_available", shard=label) <= size
+        assert metric_value(after, "dialog_shard_pool_waiting", shard=label) >= 0
         assert ("dialog_shard_pool_request_errors_total", (("shard", label),)) in after
-    assert value(after, "dialog_shard_override_reloads_total") == server.placement.reloads >= 1
+    assert metric_value(after, "dialog_shard_override_reloads_total") == server.placement.reloads >= 1
     for name in ("dialog_shard_pool_size", "dialog_shard_pool_available", "dialog_shard_overrides"):
         assert label_names[name] == {"shard"}
 
 
 async def test_write_batching_counts_messages_per_statement(
-    server: RunningServer, dialog_stub, auth_for, new_pair
-):
+    server: RunningServer,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """Concurrent sends to one shard: every message is in exactly one counted statement, and
     the ones that overlapped shared batch statements (fewer statements than messages)."""
     assert server.metrics_port is not None
     label = "1"
     a, b = pair_on_shard(int(label), len(server.shards), new_pair)
-    before, _ = await scrape(server.metrics_port)
+    before, _ = await scrape_metrics(server.metrics_port)
     sends = 40
     await asyncio.gather(
         *(dialog_stub.SendMessage(send(a, b, f"m{i}"), metadata=auth_for(a)) for i in range(sends))
     )
-    after, label_names = await scrape(server.metrics_port)
+    after, label_names = await scrape_metrics(server.metrics_port)
 
     def delta(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     carried = {
         kind: delta("dialog_shard_insert_statement_messages_total", shard=label, kind=kind)
@@ -210,7 +193,7 @@ async def test_write_batching_counts_messages_per_statement(
     assert label_names["dialog_shard_insert_batch_splits_total"] == {"shard"}
 
 
-async def test_metrics_port_in_use_fails_startup_with_a_clear_error(cluster_config: ServerConfig):
+async def test_metrics_port_in_use_fails_startup_with_a_clear_error(cluster_config: ServerConfig) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -221,7 +204,7 @@ async def test_metrics_port_in_use_fails_startup_with_a_clear_error(cluster_conf
                 pytest.fail("server must not start")
 
 
-async def test_metrics_can_be_disabled(cluster_config: ServerConfig):
+async def test_metrics_can_be_disabled(cluster_config: ServerConfig) -> None:
     async with running_server(replace(cluster_config, metrics=MetricsConfig(None))) as running:
         assert running.metrics_port is None
 
@@ -236,7 +219,7 @@ def _load(metrics: object = None, **env: str) -> MetricsConfig:
     return config_from_mapping(data, env, base_dir=Path.cwd()).metrics
 
 
-def test_metrics_config():
+def test_metrics_config() -> None:
     assert _load().listen == "127.0.0.1:9464"
     assert _load({"listen": "0.0.0.0:9100"}).listen == "0.0.0.0:9100"
     assert _load({"enabled": False}).listen is None
@@ -250,14 +233,14 @@ def test_metrics_config():
     assert MetricsConfig(None).for_worker(1).listen is None
 
 
-def test_code_names_follow_go():
+def test_code_names_follow_go() -> None:
     assert go_code_name(grpc.StatusCode.OK) == "OK"
     assert go_code_name(grpc.StatusCode.CANCELLED) == "Canceled"
     assert go_code_name(grpc.StatusCode.INVALID_ARGUMENT) == "InvalidArgument"
     assert go_code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DeadlineExceeded"
 
 
-def test_shard_labels_stay_bounded():
+def test_shard_labels_stay_bounded() -> None:
     metrics = ServerMetrics([0, 1])
     labels = [metrics.shard_label(s) for s in (0, 1, None, 9, -1)]
     assert labels == ["0", "1", "none", "unconfigured", "unconfigured"]
@@ -283,8 +266,12 @@ def _free_port_pair() -> int:
 
 
 async def test_each_worker_serves_its_own_endpoint(
-    tmp_path: Path, cluster_config, jwt_secret, auth_for, new_pair
-):
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """`--workers 2`: worker i on the configured port + i; their counts add up to the calls made."""
     base = _free_port_pair()
     config = write_server_config(tmp_path / "workers.toml", cluster_config, "127.0.0.1:0", jwt_secret)
@@ -319,14 +306,15 @@ async def test_each_worker_serves_its_own_endpoint(
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
                 await stub.SendMessage(send(a, b, f"m{i}"), metadata=auth_for(a))
-        scrapes = [(await scrape(port))[0] for port in (base, base + 1)]
+        scrapes = [(await scrape_metrics(port))[0] for port in (base, base + 1)]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), CHILD_TIMEOUT_SECONDS) == 0
     shard = str(calculate_shard(a, b, cluster_config.num_shards))
-    written = [value(s, "dialog_shard_messages_written_total", shard=shard) for s in scrapes]
+    written = [metric_value(s, "dialog_shard_messages_written_total", shard=shard) for s in scrapes]
     assert sum(written) == calls
     handled = [
-        value(s, "grpc_server_handled_total", grpc_method="SendMessage", grpc_code="OK") for s in scrapes
+        metric_value(s, "grpc_server_handled_total", grpc_method="SendMessage", grpc_code="OK")
+        for s in scrapes
     ]
     assert sum(handled) == calls

@@ -9,39 +9,45 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.config import PoolConfig, ServerConfig
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.errors import DialogMoving, ShardUnavailable
-from server.moves.mover import CRASH_ENV, CRASH_POINTS
+from server.moves.mover import STEP_BOUNDARIES
 from server.placement import Placement
 from server.routing import Pair, bucket_of, calculate_shard
-from server.runtime.app import running_server
+from server.runtime.app import RunningServer, running_server
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.overrides import delete_override_in, upsert_override_in
-from tests.conftest import make_config, move_rows, rows_for_pair
+from tests.crashing_mover import CRASHED_EXIT, crashing_argv
 from tests.faults import start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
 from tests.processes import child_env, run_async, write_server_config
-from tests.test_bad_input import expect_error, status_details
-from tests.test_replicas import _replay
-
-Metadata = tuple[tuple[str, str], ...]
-
-
-def other_shard(a: int, b: int) -> int:
-    return (calculate_shard(a, b, 4) + 1) % 4
+from tests.support import (
+    STATE_AFTER_CRASH,
+    Metadata,
+    Writer,
+    expect_error,
+    fresh_database,
+    make_config,
+    move_rows,
+    other_shard,
+    read_all,
+    replay,
+    retry_delay,
+    rows_for_pair,
+    status_details,
+    wait_until,
+)
 
 
 def preload(config: ServerConfig, shard_id: int, pair: tuple[int, int], count: int) -> list[str]:
@@ -65,44 +71,29 @@ def preload(config: ServerConfig, shard_id: int, pair: tuple[int, int], count: i
     return [str(r[0]) for r in rows]
 
 
-async def read_all(
-    stub: dialog_service_pb2_grpc.DialogServiceStub, user: int, peer: int, auth: Metadata
-) -> list[str]:
-    """Every message of the dialog through GetDialog, oldest first, following page tokens."""
-    ids: list[str] = []
-    token = ""
-    while True:
-        page = await stub.GetDialog(
-            dpb.GetDialogRequest(
-                user_id=user,
-                peer_user_id=peer,
-                page_size=1000,
-                page_token=token,
-                order=dpb.MESSAGE_ORDER_OLDEST_FIRST,
-            ),
-            metadata=auth,
-        )
-        ids += [m.message_id for m in page.messages]
-        token = page.next_page_token
-        if not token:
-            return ids
-
-
 @asynccontextmanager
 async def server_process(
-    tmp_path: Path, config: ServerConfig, jwt_secret: str, **env: str
+    tmp_path: Path, config: ServerConfig, jwt_secret: str, crash_at: str | None = None
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """A `dialog-server` process on the same shards and control database; yields its address."""
+    """A `dialog-server` process on the same shards and control database; yields its address.
+
+    With `crash_at`, its movers die at that step (tests/crashing_mover.py).
+    """
     path = write_server_config(
         tmp_path / f"server-{time.monotonic_ns()}.toml", config, "127.0.0.1:0", jwt_secret
     )
+    program = (
+        [str(Path(sys.executable).parent / "dialog-server")]
+        if crash_at is None
+        else crashing_argv(crash_at, "dialog-server")
+    )
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "dialog-server"),
+        *program,
         "--config",
         str(path),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env=child_env(**env),
+        env=child_env(),
     )
     assert proc.stdout is not None
     output = []
@@ -124,71 +115,16 @@ async def server_process(
             await drain
 
 
-@dataclass
-class Writer:
-    """Sends messages as `sender` until stopped, retrying DIALOG_MOVING with the same request_id."""
-
-    stub: dialog_service_pb2_grpc.DialogServiceStub
-    sender: int
-    recipient: int
-    auth: Metadata
-    acked: list[str] = field(default_factory=list)
-    moving_retries: int = 0
-    longest_pause: float = 0.0
-    other_errors: list[str] = field(default_factory=list)
-
-    async def run(self, stop: asyncio.Event, *, max_messages: int = 90) -> None:
-        while not stop.is_set() and len(self.acked) < max_messages:
-            request = dpb.SendMessageRequest(
-                from_user_id=self.sender,
-                to_user_id=self.recipient,
-                text=f"live {len(self.acked)}",
-                request_id=f"w{self.sender}-{len(self.acked)}",
-            )
-            first_try = time.monotonic()
-            for _ in range(100):
-                try:
-                    reply = await self.stub.SendMessage(request, metadata=self.auth, timeout=10)
-                    break
-                except grpc.aio.AioRpcError as err:
-                    info, _ = status_details(err)
-                    if (
-                        err.code() != grpc.StatusCode.UNAVAILABLE
-                        or info is None
-                        or info.reason != "DIALOG_MOVING"
-                    ):
-                        self.other_errors.append(f"{err.code().name}: {err.details()}")
-                        return
-                    self.moving_retries += 1
-                    await asyncio.sleep(retry_delay(err))
-            else:
-                self.other_errors.append("still moving after 100 retries")
-                return
-            self.longest_pause = max(self.longest_pause, time.monotonic() - first_try)
-            self.acked.append(reply.message.message_id)
-            await asyncio.sleep(0.01)
-
-
-def retry_delay(err: grpc.aio.AioRpcError) -> float:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.ToNanoseconds()) / 1e9
-    raise AssertionError("DIALOG_MOVING without RetryInfo")
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.01)
-
-
 async def test_move_under_load_loses_and_duplicates_nothing(
-    tmp_path, cluster_config, jwt_secret, dialog_stub, admin_stub, admin_auth, auth_for, new_pair
-):
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """Writers to the moving pair (through two server processes) and to other pairs keep going."""
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
@@ -257,8 +193,12 @@ async def route_stale(server: Any, config: ServerConfig, pair: Pair) -> None:
 
 
 async def test_stale_process_gets_a_retryable_error_not_the_old_shard(
-    server, cluster_config, dialog_stub, auth_for, new_pair
-):
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """A writer or reader whose routing still names the source is refused there once the pair moved."""
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
@@ -288,8 +228,12 @@ async def test_stale_process_gets_a_retryable_error_not_the_old_shard(
 
 
 async def test_a_call_to_a_moving_dialog_waits_for_the_flip_instead_of_failing(
-    server, cluster_config, dialog_stub, auth_for, new_pair
-):
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """The server holds the refused call until its routing changes, then serves it from the new shard."""
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
@@ -327,7 +271,7 @@ async def test_a_call_to_a_moving_dialog_waits_for_the_flip_instead_of_failing(
     ]
 
 
-async def test_a_call_waiting_out_a_move_wakes_on_the_routing_change_itself():
+async def test_a_call_waiting_out_a_move_wakes_on_the_routing_change_itself() -> None:
     """No polling: the change of routing wakes the waiting call (a waiter would otherwise run
     every few ms), and it calls the shard the new routing names."""
     placement = Placement("postgresql://unused", 4, PoolConfig(), moving_wait=60.0)
@@ -351,7 +295,7 @@ async def test_a_call_waiting_out_a_move_wakes_on_the_routing_change_itself():
     assert called == [where.shard_id, moved_to]
 
 
-async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_moving_wait():
+async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_moving_wait() -> None:
     placement = Placement("postgresql://unused", 4, PoolConfig(), moving_wait=0.05)
     where = placement.resolve(1, 2)
     called: list[int] = []
@@ -372,25 +316,22 @@ async def test_a_call_waiting_out_a_move_gives_up_with_dialog_moving_after_movin
     assert placement.moving_waits == 2
 
 
-STATE_AFTER_CRASH = {
-    "copied": "copying",
-    "fence_committed": "copying",
-    "fenced": "fenced",
-    "target_opened": "fenced",
-    "flipped": "flipped",
-    "retired": "flipped",
-    "deleted": "flipped",
-}
-
-
-@pytest.mark.parametrize("step", CRASH_POINTS)
+@pytest.mark.parametrize("step", STEP_BOUNDARIES)
 async def test_move_crashed_at_each_step_completes_on_rerun(
-    step, tmp_path, cluster_config, jwt_secret, dialog_stub, admin_stub, admin_auth, auth_for, new_pair
-):
+    step: str,
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
     history = preload(cluster_config, source, (a, b), 1500)
-    async with server_process(tmp_path, cluster_config, jwt_secret, **{CRASH_ENV: step}) as (address, proc):
+    async with server_process(tmp_path, cluster_config, jwt_secret, crash_at=step) as (address, proc):
         async with grpc.aio.insecure_channel(address) as channel:
             doomed = admin_service_pb2_grpc.AdminServiceStub(channel)
             await expect_error(
@@ -399,7 +340,7 @@ async def test_move_crashed_at_each_step_completes_on_rerun(
                 ),
                 grpc.StatusCode.UNAVAILABLE,
             )
-        assert await proc.wait() == 70, "the mover process died at the step"
+        assert await proc.wait() == CRASHED_EXIT, "the mover process died at the step"
     assert move_rows(cluster_config, (a, b)) == [(STATE_AFTER_CRASH[step], source, target)]
     # The same request again (here through another server) completes the move.
     reply = await admin_stub.SetShardOverride(
@@ -416,12 +357,18 @@ async def test_move_crashed_at_each_step_completes_on_rerun(
 
 
 async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
-    tmp_path, cluster_config, jwt_secret, dialog_stub, auth_for, admin_auth, new_pair
-):
+    tmp_path: Path,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    admin_auth: Metadata,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     a, b = new_pair()
     source, target = calculate_shard(a, b, 4), other_shard(a, b)
     history = preload(cluster_config, source, (a, b), 10)
-    async with server_process(tmp_path, cluster_config, jwt_secret, **{CRASH_ENV: "fenced"}) as (
+    async with server_process(tmp_path, cluster_config, jwt_secret, crash_at="fenced") as (
         address,
         proc,
     ):
@@ -432,7 +379,7 @@ async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
                 ),
                 grpc.StatusCode.UNAVAILABLE,
             )
-        assert await proc.wait() == 70
+        assert await proc.wait() == CRASHED_EXIT
     # Fenced: writes of the pair are paused with the retryable error until the move completes.
     err = await expect_error(
         dialog_stub.SendMessage(
@@ -465,18 +412,19 @@ async def test_dialogctl_moves_lists_and_resumes_a_crashed_move(
     assert await read_all(dialog_stub, a, b, auth_for(a)) == [*history, sent.message.message_id]
 
 
-async def test_move_waits_for_the_targets_replica_before_flipping(pg_servers, jwt_secret, new_pair):
+async def test_move_waits_for_the_targets_replica_before_flipping(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """Readers may be sent to a replica of the new shard right after the flip: it must hold the copy."""
-    name = f"replica_move_{secrets.token_hex(4)}"
-    pg_servers[0].create_database(name)
+    database = fresh_database(pg_servers[0], "replica_move")
     with reachable_temp_dir("dialog-shard-move-replica-") as base:
         primary = start_postgres(base, "primary")
         replica = start_replica(primary, base, "replica")
         config = make_config(
-            [pg_servers[0].dsn_for(name), primary.dsn],
+            [database, primary.dsn],
             jwt_secret,
             shards=[
-                {"id": 0, "dsn": pg_servers[0].dsn_for(name), "table": "messages_0"},
+                {"id": 0, "dsn": database, "table": "messages_0"},
                 {"id": 1, "dsn": primary.dsn, "table": "messages_1", "replica_dsns": [replica.dsn]},
             ],
         )
@@ -487,12 +435,12 @@ async def test_move_waits_for_the_targets_replica_before_flipping(pg_servers, jw
         async with running_server(config) as running:
             history = preload(config, 0, (a, b), 50)
             mover = running.placement.mover(running.shards, replica_wait_seconds=1.0)
-            _replay(replica, "pause")
+            replay(replica, "pause")
             with pytest.raises(ShardUnavailable, match="has not replayed the copy"):
                 await mover.move_pair(pair, 1)
             assert list(rows_for_pair(config, (a, b))) == [0, 1], "not flipped: the source keeps its rows"
             assert running.placement.resolve(a, b).shard_id == 0
-            _replay(replica, "resume")
+            replay(replica, "resume")
             await mover.move_pair(pair, 1)
             assert list(rows_for_pair(config, (a, b))) == [1]
             with psycopg.connect(replica.dsn) as conn:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -12,11 +12,11 @@ from grpc_status import rpc_status
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
-from server.config import ConfigError
+from server.config import ConfigError, ServerConfig
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.interceptors.rate_limit import TokenBucketLimiter
 from server.runtime.app import running_server
-from tests.conftest import make_config, rows_for_pair
-from tests.test_bad_input import expect_error, status_details
+from tests.support import Metadata, expect_error, make_config, rows_for_pair, status_details
 
 
 class FakeClock:
@@ -27,7 +27,7 @@ class FakeClock:
         return self.now
 
 
-def test_burst_then_the_sustained_rate():
+def test_burst_then_the_sustained_rate() -> None:
     clock = FakeClock()
     limiter = TokenBucketLimiter(rate_per_second=2.0, burst=3, clock=clock)
     assert [limiter.acquire("u") for _ in range(3)] == [0.0, 0.0, 0.0]
@@ -43,7 +43,7 @@ def test_burst_then_the_sustained_rate():
     assert [limiter.acquire("u") for _ in range(4)][-2:] == [0.0, pytest.approx(0.5)]
 
 
-def test_users_have_separate_buckets():
+def test_users_have_separate_buckets() -> None:
     clock = FakeClock()
     limiter = TokenBucketLimiter(rate_per_second=1.0, burst=1, clock=clock)
     assert limiter.acquire(1) == 0.0
@@ -51,7 +51,7 @@ def test_users_have_separate_buckets():
     assert limiter.acquire(2) == 0.0
 
 
-def test_memory_is_bounded_and_idle_users_are_forgotten():
+def test_memory_is_bounded_and_idle_users_are_forgotten() -> None:
     clock = FakeClock()
     limiter = TokenBucketLimiter(rate_per_second=10.0, burst=5, max_keys=100, clock=clock)
     for user in range(1000):
@@ -71,7 +71,7 @@ def test_memory_is_bounded_and_idle_users_are_forgotten():
     assert limiter.acquire("busy") == pytest.approx(0.1)
 
 
-def test_limits_configuration_mistakes_are_named():
+def test_limits_configuration_mistakes_are_named() -> None:
     with pytest.raises(ConfigError, match="send_rate_per_second"):
         make_config(["postgresql://h/db"], "k" * 32, limits={"send_rate_per_second": -1})
     with pytest.raises(ConfigError, match="max_request_bytes"):
@@ -81,7 +81,9 @@ def test_limits_configuration_mistakes_are_named():
 
 
 @pytest_asyncio.fixture(scope="module")
-async def limited_stub(pg_servers, jwt_secret) -> AsyncIterator[dialog_service_pb2_grpc.DialogServiceStub]:
+async def limited_stub(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str
+) -> AsyncIterator[dialog_service_pb2_grpc.DialogServiceAsyncStub]:
     """Bursts of 3, then one message per 100 s: slow enough that no token refills during the test."""
     config = make_config(
         [s.dsn for s in pg_servers], jwt_secret, limits={"send_rate_per_second": 0.01, "send_burst": 3}
@@ -94,12 +96,15 @@ async def limited_stub(pg_servers, jwt_secret) -> AsyncIterator[dialog_service_p
 
 
 async def test_send_over_the_rate_is_resource_exhausted_with_retry_info(
-    limited_stub, auth_for, new_pair, cluster_config
-):
+    limited_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     c, _ = new_pair()
 
-    def send(user: int, peer: int, text: str):
+    def send(user: int, peer: int, text: str) -> Awaitable[pb.SendMessageResponse]:
         request = pb.SendMessageRequest(from_user_id=user, to_user_id=peer, text=text)
         return limited_stub.SendMessage(request, metadata=auth_for(user))
 
@@ -123,8 +128,11 @@ async def test_send_over_the_rate_is_resource_exhausted_with_retry_info(
 
 
 async def test_oversize_request_is_refused_by_grpc_and_nothing_is_stored(
-    dialog_stub, auth_for, new_pair, cluster_config
-):
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     limit = cluster_config.limits.max_request_bytes
     request = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text="x" * (limit + 1))
@@ -136,8 +144,11 @@ async def test_oversize_request_is_refused_by_grpc_and_nothing_is_stored(
 
 
 async def test_oversize_metadata_is_refused_and_nothing_is_stored(
-    dialog_stub, auth_for, new_pair, cluster_config
-):
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     padding = (("x-padding", "p" * cluster_config.limits.max_metadata_bytes),)
     request = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text="hi")

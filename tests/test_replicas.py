@@ -8,13 +8,10 @@ the primary is down, reads keep working from the replica while writes get UNAVAI
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,10 +23,9 @@ from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.resilience import BreakerState
 from server.runtime.app import DIALOG_SERVICE, RunningServer, running_server
-from tests.conftest import make_config
-from tests.faults import pairs_on, rng, start_postgres, start_replica
+from tests.faults import FAST_POOL, FAST_RESILIENCE, pairs_on, rng, start_postgres, start_replica
 from tests.pgfixtures import reachable_temp_dir
-from tests.test_faults import FAST_POOL, FAST_RESILIENCE
+from tests.support import fresh_database, make_config, replay, wait_until
 
 
 @pytest.fixture
@@ -54,17 +50,7 @@ def _config(
 
 @pytest.fixture
 def control_dsn(pg_servers: list[EmbeddedPostgres]) -> str:
-    database = f"replica_control_{uuid.uuid4().hex[:12]}"
-    pg_servers[3].create_database(database)
-    return pg_servers[3].dsn_for(database)
-
-
-async def _poll(check: Any, within: float, what: str) -> float:
-    ends = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < ends, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.05)
-    return time.monotonic()
+    return fresh_database(pg_servers[3], "replica_control")
 
 
 class Dialog:
@@ -96,7 +82,7 @@ class Dialog:
 
 @pytest_asyncio.fixture
 async def lagging_reads(
-    primary_and_replica, control_dsn, jwt_secret
+    primary_and_replica: tuple[EmbeddedPostgres, EmbeddedPostgres], control_dsn: str, jwt_secret: str
 ) -> AsyncIterator[tuple[RunningServer, ServerConfig, EmbeddedPostgres, EmbeddedPostgres]]:
     primary, replica = primary_and_replica
     config = _config(primary, replica, control_dsn, jwt_secret, max_lag=60)
@@ -104,21 +90,18 @@ async def lagging_reads(
         yield running, config, primary, replica
 
 
-def _replay(replica: EmbeddedPostgres, action: str) -> None:
-    with psycopg.connect(replica.dsn, autocommit=True) as conn:
-        conn.execute(f"SELECT pg_wal_replay_{action}()")
-
-
 async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
-    lagging_reads, control_dsn, jwt_secret
-):
+    lagging_reads: tuple[RunningServer, ServerConfig, EmbeddedPostgres, EmbeddedPostgres],
+    control_dsn: str,
+    jwt_secret: str,
+) -> None:
     running, config, primary, replica = lagging_reads
 
     async def replica_up() -> bool:
         state = running.shards.state(0).replicas[0]
         return state.available and state.lag_seconds is not None
 
-    await _poll(replica_up, 10, "the replica to be probed")
+    await wait_until(replica_up, "the replica is probed", within=10, every=0.05)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         dialog = Dialog(running, config, channel)
         await dialog.send("first")
@@ -129,10 +112,10 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
 
             return check
 
-        await _poll(await sees("first"), 10, "the first message to be readable")
+        await wait_until(await sees("first"), "the first message is readable", within=10, every=0.05)
 
         # Replay paused: the replica stays behind, and reads served by it do not show what follows.
-        await asyncio.to_thread(_replay, replica, "pause")
+        await asyncio.to_thread(replay, replica, "pause")
         await dialog.send("second")
         for _ in range(5):
             assert await dialog.texts() == ["first"], "GetDialog did not read from the replica"
@@ -145,14 +128,14 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
                 lag = strict_running.shards.state(0).replicas[0].lag_seconds
                 return lag is not None and lag > 0.5
 
-            await _poll(stale, 10, "the paused replica's lag to exceed 0.5 s")
+            await wait_until(stale, "the paused replica's lag exceeds 0.5 s", within=10, every=0.05)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{strict_running.port}") as strict_channel:
                 strict_dialog = Dialog(strict_running, strict, strict_channel)
                 strict_dialog.pair, strict_dialog._metadata = dialog.pair, dialog._metadata
                 assert await strict_dialog.texts() == ["second", "first"]
 
-        await asyncio.to_thread(_replay, replica, "resume")
-        await _poll(await sees("second"), 10, "the replica to catch up")
+        await asyncio.to_thread(replay, replica, "resume")
+        await wait_until(await sees("second"), "the replica catches up", within=10, every=0.05)
 
         # The primary goes down: reads keep working from the replica, writes are refused.
         await asyncio.to_thread(primary.stop, "fast")
@@ -160,7 +143,7 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
         async def primary_open() -> bool:
             return running.shards.state(0).primary.breaker is BreakerState.OPEN
 
-        await _poll(primary_open, 10, "the primary's breaker to open")
+        await wait_until(primary_open, "the primary's breaker opens", within=10, every=0.05)
         for _ in range(5):
             assert await dialog.texts() == ["second", "first"]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -173,9 +156,9 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
             return int(reply.status)
 
         async def shard_not_serving() -> bool:
-            return await status("shard-0") == health_pb2.HealthCheckResponse.NOT_SERVING
+            return bool(await status("shard-0") == health_pb2.HealthCheckResponse.NOT_SERVING)
 
-        await _poll(shard_not_serving, 5, "shard-0 health to turn NOT_SERVING")
+        await wait_until(shard_not_serving, "shard-0 health turns NOT_SERVING", within=5, every=0.05)
         assert await status(DIALOG_SERVICE) == health_pb2.HealthCheckResponse.SERVING  # read-only
 
         # The primary returns: writes resume by themselves.
@@ -189,5 +172,5 @@ async def test_reads_use_a_fresh_enough_replica_and_survive_the_primary(
                 return False
             return True
 
-        await _poll(writable, 20, "writes to resume")
-        await _poll(await sees("third"), 10, "the third message to be readable")
+        await wait_until(writable, "writes resume", within=20, every=0.05)
+        await wait_until(await sees("third"), "the third message is readable", within=10, every=0.05)

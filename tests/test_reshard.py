@@ -15,14 +15,10 @@ import json
 import os
 import re
 import secrets
-import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import grpc
 import psycopg
 import pytest
 
@@ -30,49 +26,28 @@ from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
-from server.moves.mover import CRASH_ENV, CRASH_POINTS
+from server.moves.mover import STEP_BOUNDARIES
 from server.moves.reshard import ReshardRefused, check_target, moving_fraction, plan_steps
 from server.routing import NUM_BUCKETS, Pair, bucket_of, calculate_shard, pair_hash
 from server.routing.layout import moving_units, unit_of
-from server.runtime.app import RunningServer, running_server
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.layout import Layout
-from tests.conftest import make_config
+from tests.crashing_mover import CRASHED_EXIT
 from tests.docblocks import marked_blocks as readme_blocks
 from tests.processes import child_env, run_async, write_server_config
-from tests.test_moves import STATE_AFTER_CRASH, Writer, read_all, wait_until
-
-DIALOGCTL = Path(sys.executable).parent / "dialogctl"
-
-
-def cluster(pg_servers: list[EmbeddedPostgres], jwt_secret: str, shards: int) -> ServerConfig:
-    """`shards` shards in a fresh database on each server; the control tables beside shard 0."""
-    name = f"reshard_{secrets.token_hex(4)}"
-    for server in pg_servers:
-        server.create_database(name)
-    return make_config([pg_servers[i % 4].dsn_for(name) for i in range(shards)], jwt_secret)
-
-
-def preload(config: ServerConfig, pairs: list[tuple[int, int]], per_pair: int, shards: int = 4) -> set[str]:
-    """Messages written straight to each pair's home among the first `shards` shards."""
-    ids = MessageIdGenerator()
-    by_shard: dict[int, list[tuple[Any, ...]]] = {}
-    for a, b in pairs:
-        low, high = Pair.of(a, b)
-        for i in range(per_pair):
-            message_id = ids.next()
-            by_shard.setdefault(calculate_shard(a, b, shards), []).append(
-                (message_id, low, high, bucket_of(a, b), low, high, f"m{i}", id_time(message_id))
-            )
-    for shard_id, rows in by_shard.items():
-        shard = config.shards[shard_id]
-        with psycopg.connect(shard.dsn) as conn, conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO {shard.table} (message_id, user_low, user_high, bucket, from_user_id, "
-                "to_user_id, text, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                rows,
-            )
-    return {str(r[0]) for rows in by_shard.values() for r in rows}
+from tests.support import (
+    DIALOGCTL,
+    STATE_AFTER_CRASH,
+    Metadata,
+    Writer,
+    dialogctl,
+    fresh_cluster,
+    make_config,
+    preload_pairs,
+    read_all,
+    serving,
+    wait_until,
+)
 
 
 def stored(config: ServerConfig) -> list[tuple[int, str, Pair]]:
@@ -85,19 +60,6 @@ def stored(config: ServerConfig) -> list[tuple[int, str, Pair]]:
             ).fetchall():
                 found.append((shard.shard_id, str(message_id), Pair(low, high)))
     return found
-
-
-@asynccontextmanager
-async def serving(config: ServerConfig) -> AsyncIterator[tuple[RunningServer, grpc.aio.Channel]]:
-    async with (
-        running_server(config) as running,
-        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch,
-    ):
-        yield running, ch
-
-
-async def dialogctl(config_path: Path, *args: str, **env: str) -> Any:
-    return await run_async(DIALOGCTL, "--config", str(config_path), *args, env=child_env(**env))
 
 
 def test_refusals_explain_themselves() -> None:
@@ -137,15 +99,23 @@ def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
     ids=["4-to-8", "4-to-6-full-reshuffle", "6-to-4-shrink", "6-to-9-full-reshuffle", "4-to-16"],
 )
 async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_says(
-    start_shards, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
-):
-    config = cluster(pg_servers, jwt_secret, max(start_shards, target_shards))
+    start_shards: int,
+    target_shards: int,
+    flags: tuple[str, ...],
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+    admin_auth: Metadata,
+) -> None:
+    config = fresh_cluster(pg_servers, jwt_secret, max(start_shards, target_shards))
     first = make_config([s.dsn for s in config.shards[:start_shards]], jwt_secret)
     pairs = [new_pair() for _ in range(200)]
     pinned = pairs[0]
     # The first server starts with `start_shards` shards: the control database records that layout.
     async with serving(first) as (_, channel):
-        history = preload(config, pairs, 4, start_shards)
+        history = preload_pairs(config, pairs, 4, start_shards)
         admin = admin_service_pb2_grpc.AdminServiceStub(channel)
         pin_to = (calculate_shard(*pinned, start_shards) + 1) % start_shards
         await admin.SetShardOverride(
@@ -216,21 +186,27 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
     [
         pytest.param("fence_committed", 8, (), id="fence_committed-4-to-8"),
         pytest.param("retired", 8, (), id="retired-4-to-8"),
-        *(pytest.param(step, 6, ("--full-reshuffle",), id=f"{step}-4-to-6") for step in CRASH_POINTS),
+        *(pytest.param(step, 6, ("--full-reshuffle",), id=f"{step}-4-to-6") for step in STEP_BOUNDARIES),
     ],
 )
 async def test_reshard_crashed_mid_step_completes_on_rerun(
-    step, target_shards, flags, pg_servers, jwt_secret, tmp_path, new_pair
-):
-    config = cluster(pg_servers, jwt_secret, target_shards)
+    step: str,
+    target_shards: int,
+    flags: tuple[str, ...],
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    config = fresh_cluster(pg_servers, jwt_secret, target_shards)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout and creates the schema
     pairs = [new_pair() for _ in range(100)]
-    history = preload(config, pairs, 2)
+    history = preload_pairs(config, pairs, 2)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     reshard = ("reshard", "--shards", str(target_shards), "--buckets-per-step", "512", *flags)
-    crashed = await dialogctl(path, *reshard, **{CRASH_ENV: step})
-    assert crashed.returncode == 70, crashed.stderr
+    crashed = await dialogctl(path, *reshard, crash_at=step)
+    assert crashed.returncode == CRASHED_EXIT, crashed.stderr
     with psycopg.connect(config.control_dsn) as conn:
         assert conn.execute("SELECT target_shards FROM shard_layout").fetchone() == (target_shards,)
         assert conn.execute("SELECT count(*) FROM shard_moves WHERE state <> 'done'").fetchone() == (1,)
@@ -248,15 +224,17 @@ async def test_reshard_crashed_mid_step_completes_on_rerun(
     assert (await dialogctl(path, "verify", "--json")).json()["clean"] is True
 
 
-async def test_a_bucket_group_is_copied_and_synced_in_parts(pg_servers, jwt_secret, new_pair):
+async def test_a_bucket_group_is_copied_and_synced_in_parts(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """A group bigger than `part_rows` is walked in several parts, each keyset walk over fewer buckets."""
     from server.cli.shards import tool_shards
     from server.storage import transfer
 
-    config = cluster(pg_servers, jwt_secret, 4)
+    config = fresh_cluster(pg_servers, jwt_secret, 4)
     async with tool_shards(config) as shards:  # creates the schema
         pairs = [p for p in (new_pair() for _ in range(200)) if calculate_shard(*p, 4) == 0][:20]
-        preload(config, pairs, 3)
+        preload_pairs(config, pairs, 3)
         source, target = shards.store(0), shards.store(1)
         unit = transfer.Unit(tuple(sorted({bucket_of(*p) for p in pairs})), pinned=(Pair.of(*pairs[0]),))
         assert len(await transfer._parts(source, unit, 7)) > 1
@@ -266,12 +244,14 @@ async def test_a_bucket_group_is_copied_and_synced_in_parts(pg_servers, jwt_secr
         assert (await transfer.verify(source, target, unit)).count == copied
 
 
-async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(pg_servers, jwt_secret):
+async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str
+) -> None:
     """The fences and a full reshuffle's selections compute the hash in SQL: it must match Go's."""
     from server.cli.shards import tool_shards
 
     vectors = json.loads((Path(__file__).parent / "golden" / "calculate_shard_vectors.json").read_text())
-    config = cluster(pg_servers, jwt_secret, 1)
+    config = fresh_cluster(pg_servers, jwt_secret, 1)
     async with tool_shards(config):  # creates the schema, the function with it
         pass
     pairs = sorted({Pair.of(v["a"], v["b"]) for v in vectors})
@@ -285,13 +265,15 @@ async def test_sql_pair_hash_is_the_seed_hash_bit_for_bit(pg_servers, jwt_secret
     assert [(Pair(lo, hi), int(h)) for lo, hi, h in rows] == [(p, expected[p]) for p in pairs]
 
 
-async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(pg_servers, jwt_secret, new_pair):
+async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     """A full reshuffle fences the pairs of a bucket going to one shard; the bucket's others write on."""
     from server.cli.shards import tool_shards
     from server.resilience.db_errors import FENCED_SQLSTATE
     from server.storage.fences import FenceState, FenceStore
 
-    config = cluster(pg_servers, jwt_secret, 1)
+    config = fresh_cluster(pg_servers, jwt_secret, 1)
     bucket = bucket_of(*new_pair())
     # Two pairs for each of three residues of hash % 6, all in one bucket.
     by_residue: dict[int, list[Pair]] = defaultdict(list)
@@ -327,17 +309,20 @@ async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(pg_servers
 
 
 async def test_a_stray_copy_on_the_target_stops_the_step_until_verify_repairs_it(
-    pg_servers, jwt_secret, tmp_path, new_pair
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     from server.cli.shards import tool_shards
 
-    config = cluster(pg_servers, jwt_secret, 8)
+    config = fresh_cluster(pg_servers, jwt_secret, 8)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout and creates the schema
     async with tool_shards(config):
         pass  # creates the new shards' tables too
     pairs = [p for p in (new_pair() for _ in range(400)) if calculate_shard(*p, 4) != calculate_shard(*p, 8)]
-    history = preload(config, pairs[:50], 2)
+    history = preload_pairs(config, pairs[:50], 2)
     # A message of a moving pair that only its future shard holds: nothing the mover wrote.
     stray_pair = pairs[0]
     message_id = MessageIdGenerator().next()
@@ -368,19 +353,23 @@ async def test_a_stray_copy_on_the_target_stops_the_step_until_verify_repairs_it
 
 
 async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
-    pg_servers, jwt_secret, tmp_path, new_pair, auth_for
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+) -> None:
     from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 
-    config = cluster(pg_servers, jwt_secret, 8)
+    config = fresh_cluster(pg_servers, jwt_secret, 8)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
         pass  # records the 4-shard layout and creates the schema
     pairs = [new_pair() for _ in range(200)]
-    history = preload(config, pairs, 2)
+    history = preload_pairs(config, pairs, 2)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     reshard = ("reshard", "--shards", "8", "--buckets-per-step", "4096")
-    crashed = await dialogctl(path, *reshard, **{CRASH_ENV: "fenced"})
-    assert crashed.returncode == 70, crashed.stderr
+    crashed = await dialogctl(path, *reshard, crash_at="fenced")
+    assert crashed.returncode == CRASHED_EXIT, crashed.stderr
 
     def unfinished() -> list[tuple[int, int, int]]:
         with psycopg.connect(config.control_dsn) as conn:
@@ -393,7 +382,7 @@ async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
     resuming = make_config([s.dsn for s in config.shards], jwt_secret, resilience={"move_resume_after": 0.5})
     async with serving(resuming) as (_, channel):
         # Nobody re-runs the reshard: the server sees the move idle with its lock free.
-        await wait_until(lambda: unfinished() == [], "a server completed the move", seconds=20)
+        await wait_until(lambda: unfinished() == [], "a server completed the move", within=20)
         stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
         sent = await stub.SendMessage(
             dpb.SendMessageRequest(from_user_id=fenced[0], to_user_id=fenced[1], text="after"),
@@ -413,12 +402,17 @@ async def test_a_server_completes_the_step_a_crashed_reshard_left_fenced(
 
 
 async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
-    pg_servers, jwt_secret, tmp_path, new_pair, auth_for, admin_auth
-):
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+    admin_auth: Metadata,
+) -> None:
     """Its old fence row on the shard its unit moves to must not keep refusing its writes there."""
     from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 
-    config = cluster(pg_servers, jwt_secret, 6)
+    config = fresh_cluster(pg_servers, jwt_secret, 6)
     pair = next(
         p
         for p in (new_pair() for _ in range(1000))
@@ -429,7 +423,7 @@ async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
     a, b = pair
     sent: list[str] = []
 
-    async def send(stub: dialog_service_pb2_grpc.DialogServiceStub, text: str) -> None:
+    async def send(stub: dialog_service_pb2_grpc.DialogServiceAsyncStub, text: str) -> None:
         request = dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text)
         sent.append((await stub.SendMessage(request, metadata=auth_for(a))).message.message_id)
 
@@ -456,12 +450,15 @@ async def test_a_pair_overrides_once_moved_away_returns_with_its_unit(
 
 
 async def test_a_reshard_waits_for_every_running_server_to_know_the_new_shards(
-    pg_servers, jwt_secret, tmp_path, new_pair
-):
-    config = cluster(pg_servers, jwt_secret, 8)
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    config = fresh_cluster(pg_servers, jwt_secret, 8)
     path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
-        history = preload(config, [new_pair() for _ in range(40)], 2)
+        history = preload_pairs(config, [new_pair() for _ in range(40)], 2)
         for args in (("--dry-run",), ()):
             refused = await dialogctl(path, "reshard", "--shards", "8", *args)
             assert refused.returncode == 1
@@ -476,13 +473,18 @@ async def test_a_reshard_waits_for_every_running_server_to_know_the_new_shards(
     assert sorted(i for _, i, _ in stored(config)) == sorted(history)
 
 
-async def test_the_readme_resharding_commands_run_as_written(pg_servers, jwt_secret, tmp_path, new_pair):
+async def test_the_readme_resharding_commands_run_as_written(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
     """The README's 4 -> 6 block, verbatim, with `dialogctl` on PATH and a server serving meanwhile."""
     (block,) = [b.body for b in readme_blocks() if b.kind == "reshard"]
-    config = cluster(pg_servers, jwt_secret, 6)
+    config = fresh_cluster(pg_servers, jwt_secret, 6)
     pairs = [new_pair() for _ in range(60)]
     async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)):
-        history = preload(config, pairs, 3)
+        history = preload_pairs(config, pairs, 3)
     path = write_server_config(tmp_path / "dialog-shard.toml", config, "127.0.0.1:1", jwt_secret)
     async with serving(config) as (running, _):
         env = child_env(DIALOG_CONFIG=str(path), PATH=f"{DIALOGCTL.parent}:{os.environ['PATH']}")

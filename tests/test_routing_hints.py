@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -15,8 +14,7 @@ from server.routing import Pair, calculate_shard
 from server.runtime.app import RunningServer
 from server.storage.channel import CHANNEL
 from server.storage.overrides import RoutingHints
-
-Metadata = tuple[tuple[str, str], ...]
+from tests.support import Metadata, wait_until
 
 
 @pytest.mark.parametrize(
@@ -78,7 +76,7 @@ async def _pin_as_another_server(config: ServerConfig, pair: Pair, shard_id: int
 
 
 async def _resolve(
-    stub: admin_service_pb2_grpc.AdminServiceStub, auth: Metadata, pair: Pair
+    stub: admin_service_pb2_grpc.AdminServiceAsyncStub, auth: Metadata, pair: Pair
 ) -> tuple[int, int]:
     reply = await stub.ResolveShard(
         pb.ResolveShardRequest(user_id_1=pair.low, user_id_2=pair.high), metadata=auth
@@ -88,12 +86,11 @@ async def _resolve(
 
 async def test_forged_and_malformed_notifications_change_no_routing(
     server: RunningServer,
-    admin_stub: admin_service_pb2_grpc.AdminServiceStub,
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
     admin_auth: Metadata,
-    new_pair: object,
+    new_pair: Callable[[], tuple[int, int]],
     cluster_config: ServerConfig,
 ) -> None:
-    assert callable(new_pair)
     forged, legit = Pair.of(*new_pair()), Pair.of(*new_pair())
     router = server.placement.router
     layout_before, reloads_before = router.layout, server.placement.reloads
@@ -111,10 +108,10 @@ async def test_forged_and_malformed_notifications_change_no_routing(
     # Hints are handled in order: once the later legitimate change shows, the forged ones were read.
     target = (calculate_shard(legit.low, legit.high, 4) + 2) % 4
     await _pin_as_another_server(cluster_config, legit, target)
-    deadline = time.monotonic() + 15
-    while await _resolve(admin_stub, admin_auth, legit) != (target, pb.SHARD_SOURCE_OVERRIDE):
-        assert time.monotonic() < deadline, "the legitimate change never reached the router"
-        await asyncio.sleep(0.05)
+    await wait_until(
+        lambda: router.override_of(legit) == target, "the legitimate change reached the router", within=15
+    )
+    assert await _resolve(admin_stub, admin_auth, legit) == (target, pb.SHARD_SOURCE_OVERRIDE)
     assert router.layout == layout_before
     assert await _resolve(admin_stub, admin_auth, forged) == (hashed, pb.SHARD_SOURCE_HASH)
     # Handled as hints on the live connection, not by tearing it down and reloading everything.

@@ -10,6 +10,7 @@ import contextlib
 import signal
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -18,34 +19,30 @@ import pytest
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
-from server.config import ServerConfig, render_config
+from server.config import ServerConfig
 from server.routing import calculate_shard
-from tests.faults import Load, assert_exactly_once, pairs_on, rng, start_server_process
+from tests.faults import (
+    Load,
+    assert_exactly_once,
+    fault_server_config,
+    pairs_on,
+    resend_unacked,
+    rng,
+    start_server_process,
+    table_locked,
+    waiting_statements,
+)
 from tests.pgfixtures import free_port
-from tests.test_deadlines import table_locked, waiting_statements
-from tests.test_faults import FAST_POOL, FAST_RESILIENCE, _resend_unacked
+from tests.support import wait_until
 
 
-def _write_config(path: Path, config: ServerConfig, port: int, jwt_secret: str, grace: float) -> Path:
-    path.write_text(
-        render_config(
-            shard_dsns=[s.dsn for s in config.shards],
-            tables=[s.table for s in config.shards],
-            control_dsn=config.control_dsn,
-            listen=f"127.0.0.1:{port}",
-            auth={"jwt_secret": jwt_secret},
-            settings={"shutdown_grace_seconds": grace},
-            sections={
-                "pool": FAST_POOL,
-                "resilience": FAST_RESILIENCE,
-                "limits": {"send_rate_per_second": 0},
-            },
-        )
-    )
-    return path
-
-
-def _send(stub, config: ServerConfig, pair: tuple[int, int], text: str, timeout: float):  # type: ignore[no-untyped-def]
+def _send(
+    stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    config: ServerConfig,
+    pair: tuple[int, int],
+    text: str,
+    timeout: float,
+) -> Awaitable[pb.SendMessageResponse]:
     token = issue_token(config.auth, user_id=pair[0])
     return stub.SendMessage(
         pb.SendMessageRequest(from_user_id=pair[0], to_user_id=pair[1], text=text, request_id=text),
@@ -54,10 +51,12 @@ def _send(stub, config: ServerConfig, pair: tuple[int, int], text: str, timeout:
     )
 
 
-async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, cluster_config, jwt_secret):
+async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(
+    tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str
+) -> None:
     port = free_port()
     proc = await start_server_process(
-        _write_config(tmp_path / "drain.toml", cluster_config, port, jwt_secret, 10)
+        fault_server_config(tmp_path / "drain.toml", cluster_config, port, jwt_secret, 10)
     )
     address = f"127.0.0.1:{port}"
     # One pair on each of three shards: each insert is then its shard's only statement (inserts of one
@@ -87,8 +86,8 @@ async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, clu
                 proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
                 # New calls are refused while the in-flight ones are still waiting for the lock.
-                ends = time.monotonic() + 10
-                while True:
+
+                async def a_new_call_is_refused() -> bool:
                     async with grpc.aio.insecure_channel(address) as fresh:
                         try:
                             await _send(
@@ -99,11 +98,12 @@ async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, clu
                                 1,
                             )
                         except grpc.aio.AioRpcError as exc:
-                            if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                                break
-                    assert time.monotonic() < ends, "new calls were still accepted after SIGTERM"
-                    await asyncio.sleep(0.05)
-                refused = time.monotonic()
+                            return exc.code() is grpc.StatusCode.UNAVAILABLE
+                    return False
+
+                refused = await wait_until(
+                    a_new_call_is_refused, "new calls are refused after SIGTERM", within=10, every=0.05
+                )
                 assert not any(call.done() for call in in_flight)
             released = time.monotonic()
             responses = await asyncio.gather(*in_flight)
@@ -121,17 +121,19 @@ async def test_sigterm_refuses_new_calls_and_drains_in_flight_ones(tmp_path, clu
 
 
 async def test_kill_9_of_the_server_mid_load_loses_no_acknowledged_message(
-    tmp_path, cluster_config, jwt_secret
-):
+    tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str
+) -> None:
     port = free_port()
-    config_path = _write_config(tmp_path / "crash.toml", cluster_config, port, jwt_secret, 2)
+    config_path = fault_server_config(tmp_path / "crash.toml", cluster_config, port, jwt_secret, 2)
     address = f"127.0.0.1:{port}"
     shards = range(cluster_config.num_shards)
     pairs = {s: pairs_on(s, cluster_config.num_shards, 2, rng) for s in shards}
     proc = await start_server_process(config_path)
     try:
         async with Load(address, cluster_config.auth, pairs, deadline=1.0) as load:
-            await load.wait_for(lambda: len(load.report.acked()) >= 100, 20, "acks before the crash")
+            await load.wait_for(
+                lambda: len(load.report.acked()) >= 100, 20, "100 calls are acknowledged before the crash"
+            )
             proc.kill()  # SIGKILL: no drain, no cleanup
             killed = time.monotonic()
             await proc.wait()
@@ -140,7 +142,7 @@ async def test_kill_9_of_the_server_mid_load_loses_no_acknowledged_message(
                     o.started > killed and o.code is grpc.StatusCode.UNAVAILABLE for o in load.report.outcomes
                 ),
                 10,
-                "calls to fail while the server is down",
+                "calls fail while the server is down",
             )
             proc = await start_server_process(config_path)
             restarted = time.monotonic()
@@ -156,7 +158,7 @@ async def test_kill_9_of_the_server_mid_load_loses_no_acknowledged_message(
             f"({dict(Counter(o.code.name for o in in_doubt))}); "
             f"restart took {restarted - killed:.2f}s"
         )
-        resent = await _resend_unacked(address, cluster_config, report)
+        resent = await resend_unacked(address, cluster_config, report)
         checked = assert_exactly_once(report, cluster_config, list(shards))
         print(f"re-sent {resent} unacknowledged; {checked} messages stored exactly once")
         assert all(calculate_shard(*o.pair, cluster_config.num_shards) == o.shard_id for o in report.outcomes)

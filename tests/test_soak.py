@@ -22,9 +22,9 @@ import pytest
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
-from tests.faults import pairs_on, rng, start_server_process
+from server.config import ServerConfig
+from tests.faults import fault_server_config, pairs_on, rng, start_server_process
 from tests.pgfixtures import free_port
-from tests.test_server_faults import _write_config
 
 SECONDS = float(os.environ.get("DIALOG_SOAK_SECONDS", "180"))
 WORKERS = 8
@@ -43,10 +43,12 @@ def _fds(pid: int) -> int:
 
 
 @pytest.mark.slow
-async def test_soak_steady_load_without_errors_or_growth(tmp_path, cluster_config, jwt_secret):
+async def test_soak_steady_load_without_errors_or_growth(
+    tmp_path: Path, cluster_config: ServerConfig, jwt_secret: str
+) -> None:
     port = free_port()
     proc = await start_server_process(
-        _write_config(tmp_path / "soak.toml", cluster_config, port, jwt_secret, 10)
+        fault_server_config(tmp_path / "soak.toml", cluster_config, port, jwt_secret, 10)
     )
     pairs = [
         p for s in range(cluster_config.num_shards) for p in pairs_on(s, cluster_config.num_shards, 2, rng)
@@ -57,7 +59,7 @@ async def test_soak_steady_load_without_errors_or_growth(tmp_path, cluster_confi
     samples: list[tuple[float, int, int]] = []
     stop = asyncio.Event()
 
-    async def worker(index: int, stub: dialog_service_pb2_grpc.DialogServiceStub) -> None:
+    async def worker(index: int, stub: dialog_service_pb2_grpc.DialogServiceAsyncStub) -> None:
         sender, peer = pairs[index % len(pairs)]
         metadata = (("authorization", f"Bearer {issue_token(cluster_config.auth, user_id=sender)}"),)
         n = 0

@@ -6,17 +6,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from server.config import ConfigError, config_from_mapping
+from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from server.errors import StartupError
 from server.runtime.app import running_server
-from server.storage.pools import StartupError
-from tests.conftest import make_config
+from server.runtime.eventloop import EventLoopError
+from server.runtime.supervisor import ListenError
+from server.storage.pools import DatabaseStartupError
 from tests.pgfixtures import free_port
+from tests.support import make_config
 
 
-async def test_unreachable_shard_names_the_shard_and_the_reason(pg_servers, jwt_secret):
+async def test_unreachable_shard_names_the_shard_and_the_reason(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str
+) -> None:
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/dialog"
     config = make_config(
         [pg_servers[0].dsn, pg_servers[1].dsn, dead, pg_servers[3].dsn],
@@ -24,7 +31,7 @@ async def test_unreachable_shard_names_the_shard_and_the_reason(pg_servers, jwt_
         resilience={"require_all_shards": True},
     )
     started = time.monotonic()
-    with pytest.raises(StartupError) as caught:
+    with pytest.raises(DatabaseStartupError) as caught:
         async with running_server(config):
             pytest.fail("server must not start")
     message = str(caught.value)
@@ -33,7 +40,7 @@ async def test_unreachable_shard_names_the_shard_and_the_reason(pg_servers, jwt_
     assert time.monotonic() - started < 10
 
 
-def test_dialog_server_exits_2_with_one_line_error(tmp_path: Path, jwt_secret):
+def test_dialog_server_exits_2_with_one_line_error(tmp_path: Path, jwt_secret: str) -> None:
     config = tmp_path / "bad.toml"
     port = free_port()
     config.write_text(
@@ -92,12 +99,12 @@ def test_dialog_server_exits_2_with_one_line_error(tmp_path: Path, jwt_secret):
         ),
     ],
 )
-def test_config_errors_say_what_to_fix(data, fragment):
+def test_config_errors_say_what_to_fix(data: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         config_from_mapping(data, {}, base_dir=Path.cwd())
 
 
-def test_environment_gives_the_seed_layout_from_one_dsn():
+def test_environment_gives_the_seed_layout_from_one_dsn() -> None:
     config = config_from_mapping(
         {}, {"DIALOG_SHARD_DSNS": "postgresql://h/db", "DIALOG_JWT_SECRET": "k" * 32}, base_dir=Path.cwd()
     )
@@ -115,7 +122,7 @@ def test_environment_gives_the_seed_layout_from_one_dsn():
         ({"pool": {"max_write_batch_wait_ms": 5000}}, "max_write_batch_wait_ms must be between 0 and 1000"),
     ],
 )
-def test_values_of_the_wrong_type_are_config_errors(data, fragment):
+def test_values_of_the_wrong_type_are_config_errors(data: dict[str, Any], fragment: str) -> None:
     base = {"auth": {"jwt_secret": "k" * 32}, "shards": [{"id": 0, "dsn": "postgresql://h/db"}]}
     with pytest.raises(ConfigError, match=fragment):
         config_from_mapping({**base, **data}, {}, base_dir=Path.cwd())
@@ -134,7 +141,9 @@ def test_values_of_the_wrong_type_are_config_errors(data, fragment):
         ({}, {"replica_dsns": ["host='unterminated"]}, "replica DSN is not a valid"),
     ],
 )
-def test_resilience_config_errors_say_what_to_fix(resilience, shard, fragment):
+def test_resilience_config_errors_say_what_to_fix(
+    resilience: dict[str, Any], shard: dict[str, Any], fragment: str
+) -> None:
     data = {
         "auth": {"jwt_secret": "k" * 32},
         "shards": [{"id": 0, "dsn": "postgresql://h/db", **shard}],
@@ -144,7 +153,7 @@ def test_resilience_config_errors_say_what_to_fix(resilience, shard, fragment):
         config_from_mapping(data, {}, base_dir=Path.cwd())
 
 
-def test_resilience_config_is_read():
+def test_resilience_config_is_read() -> None:
     config = config_from_mapping(
         {
             "auth": {"jwt_secret": "k" * 32},
@@ -168,6 +177,14 @@ def test_resilience_config_is_read():
         ({}, {"DIALOG_PIN_WORKERS": "1"}, True),
     ],
 )
-def test_pin_workers_comes_from_the_file_and_the_environment_wins(data, env, pinned):
+def test_pin_workers_comes_from_the_file_and_the_environment_wins(
+    data: dict[str, Any], env: dict[str, str], pinned: bool
+) -> None:
     base = {"auth": {"jwt_secret": "k" * 32}, "shards": [{"id": 0, "dsn": "postgresql://h/db"}]}
     assert config_from_mapping({**base, **data}, env, base_dir=Path.cwd()).pin_workers is pinned
+
+
+def test_every_reason_not_to_start_is_a_startup_error() -> None:
+    """`dialog-server` catches StartupError once; each startup failure must derive from it."""
+    for error in (ConfigError, DatabaseStartupError, EmbeddedPostgresError, EventLoopError, ListenError):
+        assert issubclass(error, StartupError), error

@@ -25,11 +25,10 @@ from client import (
 )
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
-from server.auth import issue_token
 from server.config import ConfigError, ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.runtime.app import running_server
-from tests.conftest import make_config, rows_for_pair
+from tests.support import make_config, rows_for_pair
 
 SERVER_CA = trustme.CA()
 CLIENT_CA = trustme.CA()
@@ -68,14 +67,18 @@ def tls_config(
 
 
 @pytest_asyncio.fixture(scope="module")
-async def tls_address(pg_servers, jwt_secret, pem_dir) -> AsyncIterator[str]:
+async def tls_address(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, pem_dir: Path
+) -> AsyncIterator[str]:
     """TLS without client certificates, reflection switched off."""
     async with running_server(tls_config(pg_servers, jwt_secret, pem_dir)) as running:
         yield f"127.0.0.1:{running.port}"
 
 
 @pytest_asyncio.fixture(scope="module")
-async def mtls_address(pg_servers, jwt_secret, pem_dir) -> AsyncIterator[str]:
+async def mtls_address(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, pem_dir: Path
+) -> AsyncIterator[str]:
     config = tls_config(
         pg_servers,
         jwt_secret,
@@ -87,16 +90,6 @@ async def mtls_address(pg_servers, jwt_secret, pem_dir) -> AsyncIterator[str]:
         yield f"127.0.0.1:{running.port}"
 
 
-@pytest.fixture
-def token_for(cluster_config: ServerConfig) -> Callable[[int], Callable[[], str]]:
-    """A token provider, as a backend service would pass it to the channel helpers."""
-
-    def provider(user_id: int) -> Callable[[], str]:
-        return lambda: issue_token(cluster_config.auth, user_id=user_id)
-
-    return provider
-
-
 async def send_over(channel: grpc.aio.Channel, a: int, b: int, text: str) -> pb.SendMessageResponse:
     stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
     request = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text)
@@ -104,7 +97,12 @@ async def send_over(channel: grpc.aio.Channel, a: int, b: int, text: str) -> pb.
     return response
 
 
-async def test_tls_client_sends_and_reads(tls_address, token_for, new_pair, cluster_config):
+async def test_tls_client_sends_and_reads(
+    tls_address: str,
+    token_for: Callable[..., Callable[[], str]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     async with aio_channel(tls_address, client_security(), token=token_for(a)) as channel:
         await send_over(channel, a, b, "over tls")
@@ -128,8 +126,11 @@ async def test_tls_client_sends_and_reads(tls_address, token_for, new_pair, clus
 
 
 async def test_tls_port_refuses_plaintext_and_untrusted_servers(
-    tls_address, token_for, new_pair, cluster_config
-):
+    tls_address: str,
+    token_for: Callable[..., Callable[[], str]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     untrusting = ChannelSecurity(root_certificates=ROGUE_CA.cert_pem.bytes())
     for security in (ChannelSecurity(plaintext=True), untrusting):
@@ -141,8 +142,11 @@ async def test_tls_port_refuses_plaintext_and_untrusted_servers(
 
 
 async def test_mtls_accepts_only_client_certificates_of_the_configured_ca(
-    mtls_address, token_for, new_pair, cluster_config
-):
+    mtls_address: str,
+    token_for: Callable[..., Callable[[], str]],
+    new_pair: Callable[[], tuple[int, int]],
+    cluster_config: ServerConfig,
+) -> None:
     a, b = new_pair()
     async with aio_channel(mtls_address, client_security(CLIENT_CERT), token=token_for(a)) as channel:
         reply = await send_over(channel, a, b, "with a client certificate")
@@ -156,7 +160,9 @@ async def test_mtls_accepts_only_client_certificates_of_the_configured_ca(
     assert [r[3] for r in rows] == ["with a client certificate"]
 
 
-async def test_a_valid_client_certificate_does_not_replace_the_token(mtls_address, new_pair):
+async def test_a_valid_client_certificate_does_not_replace_the_token(
+    mtls_address: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     async with aio_channel(mtls_address, client_security(CLIENT_CERT)) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -175,7 +181,9 @@ async def list_services(channel: grpc.aio.Channel) -> list[str]:
     return names
 
 
-async def test_reflection_switched_off_refuses_listing_while_health_works(tls_address, channel):
+async def test_reflection_switched_off_refuses_listing_while_health_works(
+    tls_address: str, channel: grpc.aio.Channel
+) -> None:
     # Reflection is on for the session server (the default) ...
     assert "dialog.v1.DialogService" in await list_services(channel)
     # ... and off for this one: `grpcurl list` gets UNIMPLEMENTED, probes still get an answer.
@@ -202,21 +210,23 @@ async def test_reflection_switched_off_refuses_listing_while_health_works(tls_ad
         ({"cert_file": "server.pem", "key_file": "server.key", "verify": False}, "unknown keys in [tls]"),
     ],
 )
-def test_tls_configuration_mistakes_are_named(pem_dir, tls, fragment):
+def test_tls_configuration_mistakes_are_named(pem_dir: Path, tls: dict[str, Any], fragment: str) -> None:
     tls = {k: str(pem_dir / v) if isinstance(v, str) else v for k, v in tls.items()}
     with pytest.raises(ConfigError) as caught:
         make_config(["postgresql://h/db"], "k" * 32, tls=tls)
     assert fragment in str(caught.value)
 
 
-def test_channel_security_refuses_contradictions():
+def test_channel_security_refuses_contradictions() -> None:
     with pytest.raises(ValueError, match="plaintext"):
         ChannelSecurity(plaintext=True, root_certificates=b"x")
     with pytest.raises(ValueError, match="go together"):
         ChannelSecurity(client_cert_chain=b"x")
 
 
-async def test_typed_clients_over_mutual_tls(mtls_address, token_for, new_pair):
+async def test_typed_clients_over_mutual_tls(
+    mtls_address: str, token_for: Callable[..., Callable[[], str]], new_pair: Callable[[], tuple[int, int]]
+) -> None:
     a, b = new_pair()
     security = client_security(CLIENT_CERT)
     async with AsyncDialogClient.connect(mtls_address, security, token=token_for(a)) as client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -14,8 +15,8 @@ from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.ids import MessageIdGenerator, id_time
-from tests.conftest import make_config
 from tests.processes import run_async, write_server_config
+from tests.support import make_config
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 
@@ -53,8 +54,8 @@ def ids_on(config: ServerConfig, shard_id: int, pair: tuple[int, int]) -> list[s
 
 
 async def test_verify_reports_and_repairs_a_misplaced_and_a_duplicated_message(
-    verify_config, tmp_path, jwt_secret, new_pair
-):
+    verify_config: ServerConfig, tmp_path: Path, jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     config = write_server_config(tmp_path / "verify.toml", verify_config, "127.0.0.1:1", jwt_secret)
     first = await run_async(DIALOGCTL, "--config", str(config), "verify", "--json")
     assert first.json()["clean"] is True, "an empty cluster is clean (and the schema gets created)"
@@ -92,7 +93,9 @@ async def test_verify_reports_and_repairs_a_misplaced_and_a_duplicated_message(
     assert again.json()["clean"] is True and again.json()["findings"] == []
 
 
-async def test_verify_leaves_conflicting_copies_to_a_person(verify_config, tmp_path, jwt_secret, new_pair):
+async def test_verify_leaves_conflicting_copies_to_a_person(
+    verify_config: ServerConfig, tmp_path: Path, jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
     config = write_server_config(tmp_path / "verify.toml", verify_config, "127.0.0.1:1", jwt_secret)
     pair = new_pair()
     home = calculate_shard(*pair, 4)

@@ -25,11 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server.config import ServerConfig
 from server.runtime.affinity import cpu_for_worker
-from server.runtime.app import running_server
-from server.runtime.supervisor import SupervisorError, reserve_port, split_listen
-from tests.conftest import rows_for_pair
+from server.runtime.app import RunningServer, running_server
+from server.runtime.supervisor import ListenError, reserve_port, split_listen
 from tests.processes import child_env, write_server_config
+from tests.support import Metadata, rows_for_pair, wait_until
 
 _SERVING = re.compile(r"dialog-shard serving on (\S+):(\d+) with (\d+) worker processes \(pids ([\d, ]+)\)")
 #: A fresh connection lands on one of two workers by hash: 40 tries miss one with odds 2**-39.
@@ -134,14 +135,22 @@ def _alive(pid: int) -> bool:
 
 
 async def _wait_gone(pids: list[int], within: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while any(_alive(p) for p in pids):
-        assert asyncio.get_running_loop().time() < deadline, f"still running: {pids}"
-        await asyncio.sleep(0.05)
+    await wait_until(
+        lambda: not any(_alive(p) for p in pids),
+        "the processes exit",
+        within=within,
+        every=0.05,
+        explain=lambda: f"still running: {[p for p in pids if _alive(p)]}",
+    )
 
 
 async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigterm(
-    tmp_path: Path, server, cluster_config, jwt_secret, auth_for: Callable[..., object], new_pair
+    tmp_path: Path,
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
 ) -> None:
     config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     sender, peer = new_pair()
@@ -152,7 +161,7 @@ async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigter
         with pytest.raises(OSError) as caught, socket.socket() as intruder:
             intruder.bind(("127.0.0.1", running.port))
         assert caught.value.errno == errno.EADDRINUSE
-        with pytest.raises(SupervisorError, match="Address already in use"):
+        with pytest.raises(ListenError, match="Address already in use"):
             reserve_port(running.address)
 
         channels: dict[int, grpc.aio.Channel] = {}  # worker pid -> a connection to it
@@ -232,8 +241,8 @@ async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigter
 
 
 async def test_a_crashed_worker_stops_the_server_with_an_error(
-    tmp_path: Path, server, cluster_config, jwt_secret
-):
+    tmp_path: Path, server: RunningServer, cluster_config: ServerConfig, jwt_secret: str
+) -> None:
     config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     async with _supervised(config_path, workers=2) as running:
         crashed, other = running.worker_pids
@@ -252,8 +261,8 @@ def _thread_cpus(pid: int) -> dict[int, set[int]]:
 
 
 async def test_pinned_workers_run_every_thread_on_their_own_cpu_and_serve(
-    tmp_path: Path, server, cluster_config, jwt_secret
-):
+    tmp_path: Path, server: RunningServer, cluster_config: ServerConfig, jwt_secret: str
+) -> None:
     config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     allowed = os.sched_getaffinity(0)
     async with _supervised(config_path, 2, "--pin-workers") as running:
@@ -270,7 +279,9 @@ async def test_pinned_workers_run_every_thread_on_their_own_cpu_and_serve(
         assert os.sched_getaffinity(running.process.pid) == allowed
 
 
-async def test_workers_are_not_pinned_by_default(tmp_path: Path, server, cluster_config, jwt_secret):
+async def test_workers_are_not_pinned_by_default(
+    tmp_path: Path, server: RunningServer, cluster_config: ServerConfig, jwt_secret: str
+) -> None:
     config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     allowed = os.sched_getaffinity(0)
     async with _supervised(config_path, 2) as running:
@@ -278,20 +289,22 @@ async def test_workers_are_not_pinned_by_default(tmp_path: Path, server, cluster
             assert all(cpus == allowed for cpus in _thread_cpus(pid).values())
 
 
-def test_workers_take_the_allowed_cpus_in_order_and_wrap_around():
+def test_workers_take_the_allowed_cpus_in_order_and_wrap_around() -> None:
     assert [cpu_for_worker(i, {3, 1, 7}) for i in range(5)] == [1, 3, 7, 1, 3]
     with pytest.raises(ValueError):
         cpu_for_worker(0, set())
 
 
-def test_listen_addresses_split_into_host_and_port():
+def test_listen_addresses_split_into_host_and_port() -> None:
     assert split_listen("127.0.0.1:50051") == ("127.0.0.1", 50051)
     assert split_listen("[::1]:0") == ("::1", 0)
-    with pytest.raises(SupervisorError, match="expected host:port"):
+    with pytest.raises(ListenError, match="expected host:port"):
         split_listen("localhost")
 
 
-async def test_connections_older_than_max_connection_age_are_replaced_and_no_call_fails(cluster_config):
+async def test_connections_older_than_max_connection_age_are_replaced_and_no_call_fails(
+    cluster_config: ServerConfig,
+) -> None:
     # How connections get spread over the workers anew: the server ends each connection after its
     # age (GOAWAY), the client opens a new one, which the kernel hashes to a worker again.
     config = replace(cluster_config, max_connection_age_seconds=1.0, shutdown_grace_seconds=1.0)

@@ -15,7 +15,7 @@ import psycopg
 from server.cli.session import CliError
 from server.config import PoolConfig, ResilienceConfig, ServerConfig
 from server.errors import ServiceError
-from server.storage.pools import ShardSet, StartupError
+from server.storage.pools import DatabaseStartupError, ShardSet
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ def run_tool(work: Coroutine[Any, Any, T], *, reaching: str = "the databases") -
     """Run a long operation's work to its end; unreachable databases and refusals exit 1 with the reason."""
     try:
         return asyncio.run(work)
-    except (StartupError, psycopg.Error) as exc:
+    except (DatabaseStartupError, psycopg.Error) as exc:
         raise CliError(f"cannot reach {reaching}: {exc}", 1) from None
     except ServiceError as exc:
         raise CliError(exc.message, 1) from None

@@ -49,6 +49,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 
+from server.errors import StartupError
+
 __all__ = ["FALLBACK_USER", "EmbeddedPostgres", "EmbeddedPostgresError", "find_pg_bindir"]
 
 _log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ _INSTALL_HINT = (
 _user_lock = threading.Lock()
 
 
-class EmbeddedPostgresError(RuntimeError):
+class EmbeddedPostgresError(StartupError, RuntimeError):
     """The local PostgreSQL cluster could not be set up, started or stopped."""
 
 
@@ -230,10 +232,6 @@ class EmbeddedPostgres:
 
     def dsn_for(self, database: str) -> str:
         return f"postgresql://{SUPERUSER}@{self._connect_host()}:{self.port}/{quote(database, safe='')}"
-
-    @property
-    def socket_dir(self) -> Path:
-        return self.data_dir
 
     def _connect_host(self) -> str:
         first = self.host.split(",")[0].strip()

@@ -39,8 +39,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +62,8 @@ log = logging.getLogger(__name__)
 
 #: Session advisory lock (control database) held by the one running mover.
 MOVER_LOCK = 0x6D6F7665
-#: Test hook: the mover process exits at once (os._exit) when it reaches this step.
-CRASH_ENV = "DIALOG_TEST_MOVE_CRASH_AT"
-#: The steps a crash can be injected at, in order.
-CRASH_POINTS = ("copied", "fence_committed", "fenced", "target_opened", "flipped", "retired", "deleted")
+#: The step boundaries at which a Mover awaits its `after_step` hook, in order.
+STEP_BOUNDARIES = ("copied", "fence_committed", "fenced", "target_opened", "flipped", "retired", "deleted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +75,12 @@ class MoveResult:
     deleted_rows: int
 
 
-def _maybe_crash(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        log.error("test hook %s=%s: exiting now", CRASH_ENV, step)
-        os._exit(70)
-
-
 class Mover:
-    """Runs moves of pairs between shards; see the module docstring for the protocol."""
+    """Runs moves of pairs between shards; see the module docstring for the protocol.
+
+    `after_step`, if given, is awaited with each of STEP_BOUNDARIES as a move passes it: the tests
+    end a mover process there, to see the move resumed from each state a crash can leave.
+    """
 
     def __init__(
         self,
@@ -97,6 +92,7 @@ class Mover:
         lock_wait_seconds: float = 60.0,
         chunk_rows: int = 1000,
         replica_wait_seconds: float = 10.0,
+        after_step: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._control_dsn = control_dsn
         self._control_pool = control_pool
@@ -107,6 +103,7 @@ class Mover:
         self._lock_wait_seconds = lock_wait_seconds
         self._chunk_rows = chunk_rows
         self._replica_wait_seconds = replica_wait_seconds
+        self._after_step = after_step
 
     async def move_pair(self, pair: Pair, override: int | None) -> MoveResult:
         """Route `pair` to shard `override` (None: its hash shard, no override), moving its messages.
@@ -222,17 +219,17 @@ class Mover:
             try:
                 if move.state is MoveState.COPYING:
                     copied += await transfer.copy(source, target, unit, chunk_rows=self._chunk_rows)
-                    _maybe_crash("copied")
+                    await self._passed("copied")
                     await self._fence(source, unit, FenceState.FENCED, move, exempt)
-                    _maybe_crash("fence_committed")
+                    await self._passed("fence_committed")
                     move = await self._log.advance(move, MoveState.FENCED, copied_rows=copied)
-                    _maybe_crash("fenced")
+                    await self._passed("fenced")
                 caught_up = await transfer.sync(source, target, unit)
                 copied += caught_up
                 await transfer.verify(source, target, unit)
                 await self._await_replicas(target)
                 await self._open(target, unit)
-                _maybe_crash("target_opened")
+                await self._passed("target_opened")
                 move = await self._log.flip(move)
             except Exception:
                 await self._reopen_after_failure(source, unit, move.move_id)
@@ -247,15 +244,19 @@ class Mover:
                 caught_up,
             )
             self._apply_locally(move)
-            _maybe_crash("flipped")
+            await self._passed("flipped")
         if move.state is MoveState.FLIPPED:
             self._apply_locally(move)
             await self._fence(source, unit, FenceState.MOVED, move, exempt)
-            _maybe_crash("retired")
+            await self._passed("retired")
             deleted = await transfer.delete(source, unit)
-            _maybe_crash("deleted")
+            await self._passed("deleted")
             move = await self._log.advance(move, MoveState.DONE, deleted_rows=deleted)
         return MoveResult(move.target_shard, copied, deleted)
+
+    async def _passed(self, step: str) -> None:
+        if self._after_step is not None:
+            await self._after_step(step)
 
     async def _await_replicas(self, target: MessageStore) -> None:
         """Before the flip, the target's replicas must show the copy: a reader sent to a replica

@@ -43,6 +43,7 @@ from server.observability.logs import RpcLog
 from server.observability.metrics import MetricsEndpoint, ServerMetrics
 from server.pagination import PageTokenCodec
 from server.placement import Placement
+from server.runtime.supervisor import ListenError
 from server.services.admin import AdminService
 from server.services.dialog import DialogService
 from server.services.health import ShardHealthReporter
@@ -147,7 +148,7 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             else:
                 port = server.add_secure_port(config.listen, server_credentials(config.tls))
         except RuntimeError as exc:
-            raise OSError(f"cannot listen on {config.listen}: {exc}") from None
+            raise ListenError(f"cannot listen on {config.listen}: {exc}") from None
         await server.start()
         try:
             listen = config.metrics.listen

@@ -15,13 +15,15 @@ import importlib.util
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from server.errors import StartupError
+
 T = TypeVar("T")
 
 #: Accepted values of `dialog-server --event-loop`.
 CHOICES = ("auto", "uvloop", "asyncio")
 
 
-class EventLoopError(RuntimeError):
+class EventLoopError(StartupError, RuntimeError):
     """The requested event loop is not available."""
 
 

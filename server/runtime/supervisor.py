@@ -30,6 +30,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from server.errors import StartupError
+
 #: Hidden `dialog-server` option that makes a process a worker of the given parent pid.
 WORKER_FLAG = "--worker-of"
 #: Hidden `dialog-server` option giving a worker its index (0..N-1); worker i serves metrics on port + i.
@@ -44,15 +46,15 @@ START_TIMEOUT_SECONDS = 60.0
 KILL_MARGIN_SECONDS = 5.0
 
 
-class SupervisorError(OSError):
-    """The workers cannot be started; the message says why."""
+class ListenError(StartupError, OSError):
+    """The listen address cannot be bound (by the supervisor or a lone server); the message says why."""
 
 
 def split_listen(listen: str) -> tuple[str, int]:
     """Host and port of a `host:port` listen address (`[::1]:50051` too)."""
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
-        raise SupervisorError(f"cannot listen on {listen}: expected host:port")
+        raise ListenError(f"cannot listen on {listen}: expected host:port")
     return host.strip("[]"), int(port)
 
 
@@ -66,7 +68,7 @@ def reserve_port(listen: str) -> tuple[list[socket.socket], int]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise SupervisorError(f"cannot listen on {listen}: {exc.strerror}") from None
+        raise ListenError(f"cannot listen on {listen}: {exc.strerror}") from None
     held: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
     try:
@@ -85,7 +87,7 @@ def reserve_port(listen: str) -> tuple[list[socket.socket], int]:
     except OSError as exc:
         for sock in held:
             sock.close()
-        raise SupervisorError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     return held, port
 
 

@@ -136,7 +136,6 @@ class MessageStore:
                 ORDER BY user_low, user_high, message_id LIMIT %s
             """,
         }
-        self._has_pair_sql = f"SELECT EXISTS (SELECT 1 FROM {table} WHERE user_low = %s AND user_high = %s)"
         self._count_sql = f"SELECT count(*) FROM {table}"
 
     @property
@@ -207,15 +206,6 @@ class MessageStore:
             return cast(list[PageRow], await cur.fetchall())
 
         return await self.shard.read(op, stale_ok=True)
-
-    async def has_messages(self, pair: Pair) -> bool:
-        """Whether any message of the pair is stored on this shard (read on the primary)."""
-
-        async def op(conn: AsyncConnection[Any]) -> bool:
-            row = await (await conn.execute(self._has_pair_sql, (pair.low, pair.high))).fetchone()
-            return bool(row and row[0])
-
-        return await self.shard.read(op, stale_ok=False)
 
     async def count(self) -> int:
         """Number of messages on this shard (exact, on the primary)."""

@@ -32,7 +32,7 @@ from server.resilience.db_errors import shard_errors
 from server.routing import Pair, ShardRouter
 from server.storage.channel import CHANNEL
 from server.storage.layout import load_layout
-from server.storage.pools import StartupError, connect_failure_reason
+from server.storage.pools import DatabaseStartupError, connect_failure_reason
 from server.storage.schema import migrate_control
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class OverrideSync:
         try:
             conn = await self._connect_and_load()
         except psycopg.Error as exc:
-            raise StartupError(f"control database: {connect_failure_reason(exc)}") from None
+            raise DatabaseStartupError(f"control database: {connect_failure_reason(exc)}") from None
         self._task = asyncio.create_task(self._follow(conn), name="override-sync")
 
     async def stop(self) -> None:

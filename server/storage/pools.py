@@ -25,7 +25,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from server.config import PoolConfig, ResilienceConfig, ShardConfig, describe_dsn
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, StartupError
 from server.resilience import EndpointMonitor, Shard, ShardGate, ShardState
 from server.storage.batching import BatchingMessageStore, BatchStats, WriteActivity
 from server.storage.messages import MessageStore
@@ -80,8 +80,11 @@ def lend_most_recent_first(pool: object) -> bool:
     return True
 
 
-class StartupError(RuntimeError):
-    """A database needed at startup cannot be used; the message names which and why."""
+class DatabaseStartupError(StartupError):
+    """A database needed at startup cannot be used (unreachable, or routing over shards not configured).
+
+    The message names which database and why.
+    """
 
 
 def connect_failure_reason(exc: BaseException) -> str:
@@ -146,7 +149,7 @@ async def open_pool(
     try:
         probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=max(1, int(config.open_timeout)))
     except psycopg.Error as exc:
-        raise StartupError(f"{label}: {connect_failure_reason(exc)}") from None
+        raise DatabaseStartupError(f"{label}: {connect_failure_reason(exc)}") from None
     await probe.close()
     pool = make_pool(
         name,
@@ -161,7 +164,7 @@ async def open_pool(
         await pool.open(wait=True, timeout=config.open_timeout)
     except Exception as exc:
         await pool.close()
-        raise StartupError(f"{label}: {connect_failure_reason(exc)}") from None
+        raise DatabaseStartupError(f"{label}: {connect_failure_reason(exc)}") from None
     return pool
 
 
@@ -226,13 +229,13 @@ class ShardSet:
             return_exceptions=True,
         )
         failures = [r for r in results if isinstance(r, BaseException)]
-        unexpected = [f for f in failures if not isinstance(f, StartupError)]
+        unexpected = [f for f in failures if not isinstance(f, DatabaseStartupError)]
         # Degraded start needs at least one shard: none reachable is more likely a wrong config.
         if unexpected or (failures and (resilience.require_all_shards or len(failures) == len(results))):
             await asyncio.gather(*(r.close() for r in results if isinstance(r, AsyncConnectionPool)))
             if unexpected:
                 raise unexpected[0]
-            raise StartupError("; ".join(str(f) for f in failures))
+            raise DatabaseStartupError("; ".join(str(f) for f in failures))
         for config, result in zip(self._configs, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("starting without %s; it joins when it can be reached", result)

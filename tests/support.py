@@ -1,0 +1,393 @@
+"""Helpers shared by the test modules; no test module imports another.
+
+Fixtures live in conftest.py; the focused helper modules beside this one are tests.pgfixtures
+(the PostgreSQL servers), tests.faults (breaking them, bounded load), tests.processes (child
+processes) and tests.crashing_mover (a mover process that dies at a step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from prometheus_client.parser import text_string_to_metric_families
+
+from client.gen.dialog.v1 import dialog_service_pb2 as dpb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.auth import issue_token
+from server.config import ServerConfig, config_from_mapping
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.routing import Pair, bucket_of, calculate_shard
+from server.runtime.app import RunningServer, running_server
+from server.storage.ids import MessageIdGenerator, id_time
+from tests.crashing_mover import crashing_argv
+from tests.processes import Result, run_async
+
+#: gRPC call metadata, e.g. the `authorization` header of `auth_for(user)`.
+Metadata = tuple[tuple[str, str], ...]
+
+# -- Waiting for a condition -----------------------------------------------------------------------
+
+
+def _timed_out(what: str, within: float, explain: Callable[[], object] | None) -> str:
+    message = f"timed out after {within:g} s waiting until {what}"
+    return f"{message}: {explain()}" if explain is not None else message
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    what: str,
+    *,
+    within: float = 10.0,
+    every: float = 0.02,
+    explain: Callable[[], object] | None = None,
+) -> float:
+    """Poll `condition` (sync or async) until true, failing after `within` s; returns when (monotonic)."""
+    deadline = time.monotonic() + within
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return time.monotonic()
+        if time.monotonic() >= deadline:
+            pytest.fail(_timed_out(what, within, explain))
+        await asyncio.sleep(every)
+
+
+def wait_until_blocking(
+    condition: Callable[[], bool],
+    what: str,
+    *,
+    within: float = 10.0,
+    every: float = 0.02,
+    explain: Callable[[], object] | None = None,
+) -> float:
+    """`wait_until` for code off the event loop: blocks the thread while it polls."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(_timed_out(what, within, explain))
+        time.sleep(every)
+    return time.monotonic()
+
+
+# -- Failed calls ----------------------------------------------------------------------------------
+
+
+def status_details(
+    err: grpc.aio.AioRpcError,
+) -> tuple[error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
+    """The ErrorInfo and BadRequest field violations of a failed call (AIP-193)."""
+    status = rpc_status.from_call(err)
+    info = None
+    violations: list[tuple[str, str]] = []
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [(v.field, v.description) for v in bad.field_violations]
+    return info, violations
+
+
+async def expect_error(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    """Await a call that must fail with `code` and a message without a traceback; returns the error."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    err = caught.value
+    assert err.code() == code, err.details()
+    assert "Traceback" not in (err.details() or "")
+    return err
+
+
+def retry_delay_of(error: grpc.aio.AioRpcError) -> float | None:
+    """The google.rpc.RetryInfo delay of a rich error status, if it has one."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float:
+    """The RetryInfo delay a DIALOG_MOVING error must carry."""
+    delay = retry_delay_of(error)
+    assert delay is not None, "DIALOG_MOVING without RetryInfo"
+    return delay
+
+
+# -- Configs, databases and rows -------------------------------------------------------------------
+
+
+def make_config(dsns: list[str], jwt_secret: str, **overrides: Any) -> ServerConfig:
+    """A ServerConfig with shard i on dsns[i] (a DSN may repeat: tables side by side)."""
+    data = {
+        "listen": "127.0.0.1:0",
+        "shards": [{"id": i, "dsn": dsn, "table": f"messages_{i}"} for i, dsn in enumerate(dsns)],
+        "auth": {"jwt_secret": jwt_secret},
+        "shutdown_grace_seconds": 2.0,
+        "metrics": {"listen": "127.0.0.1:0"},
+        **overrides,
+    }
+    return config_from_mapping(data, {}, base_dir=Path.cwd())
+
+
+def fresh_database(server: EmbeddedPostgres, prefix: str) -> str:
+    """A new database with a unique name starting with `prefix` on `server`; returns its DSN."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    server.create_database(name)
+    return server.dsn_for(name)
+
+
+def fresh_cluster(pg_servers: list[EmbeddedPostgres], jwt_secret: str, shards: int) -> ServerConfig:
+    """`shards` shards in a fresh database on each server (shard i on server i % 4); control beside 0."""
+    dsns = [fresh_database(server, "cluster") for server in pg_servers]
+    return make_config([dsns[i % len(dsns)] for i in range(shards)], jwt_secret)
+
+
+def move_rows(config: ServerConfig, pair: tuple[int, int]) -> list[tuple[str, int, int]]:
+    """The pair's recorded moves (state, source, target), oldest first, from the control database."""
+    low, high = Pair.of(*pair)
+    with psycopg.connect(config.control_dsn) as conn:
+        rows = conn.execute(
+            "SELECT state, source_shard, target_shard FROM shard_moves "
+            "WHERE user_low = %s AND user_high = %s ORDER BY move_id",
+            (low, high),
+        ).fetchall()
+    return [(str(state), int(source), int(target)) for state, source, target in rows]
+
+
+def rows_for_pair(config: ServerConfig, pair: tuple[int, int]) -> dict[int, list[tuple[Any, ...]]]:
+    """Every stored row of a pair, per shard, read straight from PostgreSQL (not through the service)."""
+    low, high = Pair.of(*pair)
+    found: dict[int, list[tuple[Any, ...]]] = {}
+    for shard in config.shards:
+        with psycopg.connect(shard.dsn) as conn:
+            rows = conn.execute(
+                f"SELECT message_id, from_user_id, to_user_id, text, request_id, bucket FROM {shard.table} "
+                "WHERE user_low = %s AND user_high = %s ORDER BY message_id",
+                (low, high),
+            ).fetchall()
+        if rows:
+            found[shard.shard_id] = rows
+    return found
+
+
+def preload_pairs(
+    config: ServerConfig, pairs: list[tuple[int, int]], per_pair: int, shards: int = 4
+) -> set[str]:
+    """Messages written straight to each pair's home among the first `shards` shards; returns their ids."""
+    ids = MessageIdGenerator()
+    by_shard: dict[int, list[tuple[Any, ...]]] = {}
+    for a, b in pairs:
+        low, high = Pair.of(a, b)
+        for i in range(per_pair):
+            message_id = ids.next()
+            by_shard.setdefault(calculate_shard(a, b, shards), []).append(
+                (message_id, low, high, bucket_of(a, b), low, high, f"m{i}", id_time(message_id))
+            )
+    for shard_id, rows in by_shard.items():
+        shard = config.shards[shard_id]
+        with psycopg.connect(shard.dsn) as conn, conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {shard.table} (message_id, user_low, user_high, bucket, from_user_id, "
+                "to_user_id, text, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                rows,
+            )
+    return {str(r[0]) for rows in by_shard.values() for r in rows}
+
+
+def replay(replica: EmbeddedPostgres, action: str) -> None:
+    """Pause or resume (`action`) a streaming replica's WAL replay."""
+    with psycopg.connect(replica.dsn, autocommit=True) as conn:
+        conn.execute(f"SELECT pg_wal_replay_{action}()")
+
+
+# -- Pairs and shards ------------------------------------------------------------------------------
+
+
+def pair_on_shard(shard: int, num_shards: int, new_pair: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    """A fresh pair (from the `new_pair` fixture) whose hash shard is `shard`."""
+    while True:
+        a, b = new_pair()
+        if calculate_shard(a, b, num_shards) == shard:
+            return a, b
+
+
+def other_shard(a: int, b: int) -> int:
+    """A shard of the four that is not the pair's hash shard."""
+    return (calculate_shard(a, b, 4) + 1) % 4
+
+
+# -- Servers, tokens and dialogctl -----------------------------------------------------------------
+
+
+@asynccontextmanager
+async def serving(config: ServerConfig) -> AsyncIterator[tuple[RunningServer, grpc.aio.Channel]]:
+    """A server of this test's own on `config`, and a channel to it."""
+    async with (
+        running_server(config) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        yield running, channel
+
+
+def token_provider(
+    config: ServerConfig, user_id: int | None = None, *, admin: bool = False
+) -> Callable[[], str]:
+    """A bearer token provider for a user (or the admin), as an application passes to the client."""
+    return lambda: issue_token(config.auth, user_id=user_id, admin=admin, ttl_seconds=300)
+
+
+#: The `dialogctl` of this virtualenv.
+DIALOGCTL = Path(sys.executable).parent / "dialogctl"
+
+
+async def run_dialogctl(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, crash_at: str | None = None
+) -> Result:
+    """Run `dialogctl args...`, which never prints a traceback; with `crash_at`, its movers die there."""
+    program = [str(DIALOGCTL)] if crash_at is None else crashing_argv(crash_at, "dialogctl")
+    result = await run_async(*program, *args, cwd=cwd, env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
+    return result
+
+
+async def dialogctl(config_path: Path, *args: str, crash_at: str | None = None) -> Result:
+    """Run `dialogctl --config config_path args...` (see run_dialogctl)."""
+    return await run_dialogctl("--config", str(config_path), *args, crash_at=crash_at)
+
+
+# -- Metrics ---------------------------------------------------------------------------------------
+
+Labels = tuple[tuple[str, str], ...]
+Samples = dict[tuple[str, Labels], float]
+
+
+async def scrape_metrics(port: int) -> tuple[Samples, dict[str, set[str]]]:
+    """Every sample by (name, sorted labels), and the label names of every sample name."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+            return str(reply.read().decode())
+
+    samples: Samples = {}
+    label_names: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+            label_names.setdefault(sample.name, set()).update(sample.labels)
+    return samples, label_names
+
+
+def metric_value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels` (0 when none)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
+
+
+# -- Moves -----------------------------------------------------------------------------------------
+
+#: The state a move is left in by a mover that died right after each step.
+STATE_AFTER_CRASH = {
+    "copied": "copying",
+    "fence_committed": "copying",
+    "fenced": "fenced",
+    "target_opened": "fenced",
+    "flipped": "flipped",
+    "retired": "flipped",
+    "deleted": "flipped",
+}
+
+
+@dataclass
+class Writer:
+    """Sends messages as `sender` until stopped, retrying DIALOG_MOVING with the same request_id."""
+
+    stub: dialog_service_pb2_grpc.DialogServiceAsyncStub
+    sender: int
+    recipient: int
+    auth: Metadata
+    acked: list[str] = field(default_factory=list)
+    moving_retries: int = 0
+    longest_pause: float = 0.0
+    other_errors: list[str] = field(default_factory=list)
+
+    async def run(self, stop: asyncio.Event, *, max_messages: int = 90) -> None:
+        """Send until `stop` is set or `max_messages` are acknowledged; other errors end it."""
+        while not stop.is_set() and len(self.acked) < max_messages:
+            request = dpb.SendMessageRequest(
+                from_user_id=self.sender,
+                to_user_id=self.recipient,
+                text=f"live {len(self.acked)}",
+                request_id=f"w{self.sender}-{len(self.acked)}",
+            )
+            first_try = time.monotonic()
+            for _ in range(100):
+                try:
+                    reply = await self.stub.SendMessage(request, metadata=self.auth, timeout=10)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    info, _ = status_details(err)
+                    if (
+                        err.code() != grpc.StatusCode.UNAVAILABLE
+                        or info is None
+                        or info.reason != "DIALOG_MOVING"
+                    ):
+                        self.other_errors.append(f"{err.code().name}: {err.details()}")
+                        return
+                    self.moving_retries += 1
+                    await asyncio.sleep(retry_delay(err))
+            else:
+                self.other_errors.append("still moving after 100 retries")
+                return
+            self.longest_pause = max(self.longest_pause, time.monotonic() - first_try)
+            self.acked.append(reply.message.message_id)
+            # A steady trickle, not a flood: the move under test must get its turns too.
+            await asyncio.sleep(0.01)
+
+
+async def read_all(
+    stub: dialog_service_pb2_grpc.DialogServiceAsyncStub, user: int, peer: int, auth: Metadata
+) -> list[str]:
+    """Every message of the dialog through GetDialog, oldest first, following page tokens."""
+    ids: list[str] = []
+    token = ""
+    while True:
+        page = await stub.GetDialog(
+            dpb.GetDialogRequest(
+                user_id=user,
+                peer_user_id=peer,
+                page_size=1000,
+                page_token=token,
+                order=dpb.MESSAGE_ORDER_OLDEST_FIRST,
+            ),
+            metadata=auth,
+        )
+        ids += [m.message_id for m in page.messages]
+        token = page.next_page_token
+        if not token:
+            return ids
