@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import psycopg
@@ -10,11 +11,12 @@ import pytest
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc
 from server.config import ServerConfig
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, calculate_shard
 from server.runtime.app import RunningServer
 from server.storage.channel import CHANNEL
 from server.storage.overrides import RoutingHints
-from tests.support import Metadata, wait_until
+from tests.support import Metadata, fresh_cluster, serving, wait_until
 
 
 @pytest.mark.parametrize(
@@ -116,3 +118,36 @@ async def test_forged_and_malformed_notifications_change_no_routing(
     assert await _resolve(admin_stub, admin_auth, forged) == (hashed, pb.SHARD_SOURCE_HASH)
     # Handled as hints on the live connection, not by tearing it down and reloading everything.
     assert server.placement.reloads == reloads_before
+
+
+async def test_the_listener_survives_a_failure_of_its_own_and_reloads(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    new_pair: Callable[[], tuple[int, int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not a lost connection but an error applying a hint (here: the layout row is gone) ends in a
+    full reload once the tables are sound again, and later changes still apply."""
+    caplog.set_level(logging.INFO, logger="server.storage.overrides")
+    config = fresh_cluster(pg_servers, jwt_secret, 4)
+    async with serving(config) as (running, _):
+        placement = running.placement
+        reloads = placement.reloads
+        with psycopg.connect(config.control_dsn, autocommit=True) as conn:
+            (saved,) = conn.execute("SELECT num_shards FROM shard_layout").fetchall()
+            with conn.transaction():
+                conn.execute("DELETE FROM shard_layout")
+                conn.execute("SELECT pg_notify(%s, 'layout 4 -')", (CHANNEL,))
+            # The refresh fails (no layout), and so does every reload until the row is back.
+            await wait_until(
+                lambda: "shard map reload failed; retrying" in caplog.messages, "a reload was tried"
+            )
+            assert placement.reloads == reloads, "no reload can succeed without a layout"
+            assert "shard map listener failed; reconnecting and reloading" in caplog.messages
+            conn.execute("INSERT INTO shard_layout (num_shards) VALUES (%s)", saved)
+        await wait_until(lambda: placement.reloads > reloads, "the listener reloaded", within=30)
+        assert placement.router.layout.num_shards == 4
+        pair = Pair.of(*new_pair())
+        target = (calculate_shard(pair.low, pair.high, 4) + 1) % 4
+        await _pin_as_another_server(config, pair, target)
+        await wait_until(lambda: placement.router.override_of(pair) == target, "a later change applied")
