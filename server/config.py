@@ -152,8 +152,12 @@ class ResilienceConfig:
     open_seconds: float = 2.0
     #: Seconds between health probes of each shard (and replica lag readings).
     probe_interval: float = 1.0
-    #: Seconds a probe may take before the shard counts as hung.
-    probe_timeout: float = 2.0
+    #: Seconds a probe may take before it counts as unanswered.
+    probe_timeout: float = 1.0
+    #: Unanswered probes in a row (the next one follows at once) that declare the shard hung: its
+    #: breaker opens and the calls waiting on it get UNAVAILABLE at once. With the defaults a
+    #: call on a server that stopped answering fails within probe_interval + 2 x probe_timeout.
+    hung_after_probes: int = 2
     #: Ceiling of one statement, in seconds: the client side cancels then, and the connection's
     #: `statement_timeout` stops the server side too. An RPC deadline lowers it per call.
     statement_timeout: float = 10.0
@@ -589,8 +593,10 @@ def _resilience(section: Mapping[str, Any]) -> ResilienceConfig:
         if flag in values:
             values[flag] = _bool(values[flag])
     resilience = ResilienceConfig(**values)
-    if resilience.failure_threshold < 1 or resilience.retry_attempts < 1:
-        raise ConfigError("resilience.failure_threshold and resilience.retry_attempts must be at least 1")
+    if min(resilience.failure_threshold, resilience.retry_attempts, resilience.hung_after_probes) < 1:
+        raise ConfigError(
+            "resilience.failure_threshold, retry_attempts and hung_after_probes must be at least 1"
+        )
     durations = {
         name: getattr(resilience, name)
         for name in (

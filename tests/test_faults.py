@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 import psycopg
@@ -317,3 +318,44 @@ async def test_a_move_touching_a_down_shard_is_refused_before_anything_is_record
             pb.GetDialogRequest(user_id=into_down[0], peer_user_id=into_down[1]), metadata=sender, timeout=5
         )
         assert [m.message_id for m in page.messages] == [sent.message.message_id]
+
+
+async def test_a_call_on_a_hung_shard_fails_fast_with_the_default_settings(
+    pg_servers: list[EmbeddedPostgres], victim: EmbeddedPostgres, jwt_secret: str
+) -> None:
+    """SIGSTOP of shard 1's PostgreSQL: a call sent right after gets UNAVAILABLE once the monitor
+    declares the shard hung (probe_interval + hung_after_probes x probe_timeout, about 3 s), not
+    after the 10 s statement ceiling; shard 0 keeps answering meanwhile."""
+    config = make_config(
+        [fresh_database(pg_servers[1], "hung"), victim.dsn], jwt_secret, limits={"send_rate_per_second": 0}
+    )
+    defaults = config.resilience
+    assert (defaults.probe_interval, defaults.probe_timeout, defaults.hung_after_probes) == (1.0, 1.0, 2)
+    detection = defaults.probe_interval + defaults.hung_after_probes * defaults.probe_timeout
+    (hung_pair,) = pairs_on(1, 2, 1, rng)
+    (healthy_pair,) = pairs_on(0, 2, 1, rng)
+    async with running_server(config) as running:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+
+        def send(pair: tuple[int, int], text: str) -> grpc.aio.UnaryUnaryCall[Any, Any]:
+            token = issue_token(config.auth, user_id=pair[0])
+            return stub.SendMessage(
+                pb.SendMessageRequest(from_user_id=pair[0], to_user_id=pair[1], text=text),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+
+        await send(hung_pair, "before")  # the pool's connections to shard 1 are open and in use
+        with frozen(victim):
+            started = time.monotonic()
+            hung_call = asyncio.ensure_future(send(hung_pair, "during"))
+            await send(healthy_pair, "the other shard answers")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await hung_call
+            failed_after = time.monotonic() - started
+        await channel.close()
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value.details()
+    assert "shard 1 is unavailable" in (refused.value.details() or "")
+    print(f"\nhung shard: UNAVAILABLE after {failed_after:.2f} s (detection bound {detection:g} s)")
+    # Not a speed figure: the bound tells the monitor's verdict from the statement ceiling (10 s).
+    assert failed_after < detection + 1.0 < defaults.statement_timeout, failed_after

@@ -16,7 +16,9 @@ Every statement a `MessageStore` runs goes through `ShardGate.run(op)`:
 5. a statement refused because its dialog is moving (server.storage.fences) is DialogMoving,
    and does not count against the shard;
 6. each outcome is reported to the breaker, and a failure wakes the shard's monitor, which probes
-   the server right away and opens the breaker if the probe fails too.
+   the server right away and opens the breaker if the probe fails too;
+7. when the monitor declares the server down or hung (`declare_down`), every call waiting on it
+   gets UNAVAILABLE at once instead of at its deadline or the statement ceiling.
 """
 
 from __future__ import annotations
@@ -64,13 +66,20 @@ def abandon(task: asyncio.Task[Any]) -> None:
     task.add_done_callback(_forget)
 
 
-async def within(budget: float, work: Coroutine[Any, Any, T]) -> T:
+class Interrupted(Exception):
+    """The wait of `within` was ended by its `interrupt` future, not by the work or the budget."""
+
+
+async def within(
+    budget: float, work: Coroutine[Any, Any, T], *, interrupt: asyncio.Future[None] | None = None
+) -> T:
     """`work` in its own task, bounded by `budget` seconds without waiting for its cancellation.
 
-    Raises TimeoutError when the budget runs out first. Whatever ends the wait early (the budget,
-    or the caller being cancelled), the task is cancelled and left to finish on its own. (The
-    same as `asyncio.timeout` around `asyncio.shield(task)`, with one future and one timer
-    instead of their per-call machinery: every statement of the service goes through here.)
+    Raises TimeoutError when the budget runs out first, Interrupted when `interrupt` completes
+    first. Whatever ends the wait early (the budget, the interrupt, or the caller being
+    cancelled), the task is cancelled and left to finish on its own. (The same as
+    `asyncio.timeout` around `asyncio.shield(task)`, with one future and one timer instead of
+    their per-call machinery: every statement of the service goes through here.)
     """
     loop = asyncio.get_running_loop()
     task = loop.create_task(work)
@@ -81,6 +90,8 @@ async def within(budget: float, work: Coroutine[Any, Any, T]) -> T:
             waiter.set_result(None)
 
     task.add_done_callback(wake)
+    if interrupt is not None:
+        interrupt.add_done_callback(wake)
     timer = loop.call_later(budget, wake)
     try:
         await waiter
@@ -90,8 +101,12 @@ async def within(budget: float, work: Coroutine[Any, Any, T]) -> T:
     finally:
         timer.cancel()
         task.remove_done_callback(wake)
+        if interrupt is not None:
+            interrupt.remove_done_callback(wake)
     if not task.done():
         abandon(task)
+        if interrupt is not None and interrupt.done():
+            raise Interrupted
         raise TimeoutError
     return task.result()
 
@@ -126,6 +141,9 @@ class ShardGate:
         self._resilience = resilience
         self._acquire_timeout = acquire_timeout
         self._wake_monitor: Callable[[], None] = lambda: None
+        # Completed when the monitor declares the endpoint down: wakes every call waiting on it.
+        # A fresh one is made by the first call after that.
+        self._down: asyncio.Future[None] | None = None
 
     def on_failure(self, wake: Callable[[], None]) -> None:
         """Call `wake` after every failed call (the monitor then probes the server at once)."""
@@ -140,6 +158,18 @@ class ShardGate:
     def healthy(self) -> bool:
         """Reached and not recovering: the breaker closed, not just letting a trial call through."""
         return self.ready and self.breaker.state is BreakerState.CLOSED
+
+    def declare_down(self, cause: str) -> None:
+        """The server is down or hung (the monitor's verdict): open the breaker, fail waiting calls."""
+        self.last_error = cause
+        self.breaker.trip()
+        if self._down is not None and not self._down.done():
+            self._down.set_result(None)
+
+    def _down_signal(self) -> asyncio.Future[None]:
+        if self._down is None or self._down.done():
+            self._down = asyncio.get_running_loop().create_future()
+        return self._down
 
     def unavailable(self, cause: str | None = None) -> ShardUnavailable:
         """The error a refused or failed call raises, with a retry hint from the breaker."""
@@ -164,7 +194,13 @@ class ShardGate:
                     self.breaker.release_trial()
                 raise DeadlineExceeded("the call's deadline passed before the shard was reached")
             try:
-                result = await within(budget, self._attempt(op, budget))
+                result = await within(budget, self._attempt(op, budget), interrupt=self._down_signal())
+            except Interrupted:
+                # The monitor found the server down or hung while this call waited on it; the
+                # breaker is open already, so this is no further evidence against the shard.
+                if trial:
+                    self.breaker.release_trial()
+                raise self.unavailable() from None
             except TimeoutError:
                 if by_deadline:
                     # The caller's own deadline: not evidence against the shard (unless it repeats,

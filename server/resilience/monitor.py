@@ -1,10 +1,13 @@
 """A heartbeat per database endpoint: detects a dead or hung server without waiting for traffic.
 
 Each `EndpointMonitor` keeps one connection of its own to its endpoint and runs a tiny query every
-`probe_interval` seconds, or at once when its gate reports a failed call. A probe that fails or does
-not answer within `probe_timeout` opens the gate's breaker (its connection is dropped and made
-again next time): at once when the server refused or dropped the connection, after
-`failure_threshold` slow probes in a row when it just did not answer in time. A probe that
+`probe_interval` seconds, or at once when its gate reports a failed call. A probe that fails
+declares the endpoint down (`ShardGate.declare_down`: the breaker opens and the calls waiting on
+it fail at once; its connection is dropped and made again next time): at once when the server
+refused or dropped the connection, after `hung_after_probes` probes in a row without an answer
+within `probe_timeout` when it just went silent (each unanswered probe is followed by the next at
+once, on a fresh connection, so one slow answer on a busy machine is no outage but a hang is found
+within `probe_interval` + `hung_after_probes` x `probe_timeout`). A probe that
 succeeds while the breaker is open first discards the pool's broken
 connections (`pool.check()`), then closes the breaker. On a replica the probe also reads its
 replication lag. An endpoint that was down at startup gets its schema applied (`prepare`) the
@@ -67,6 +70,7 @@ class EndpointMonitor:
         self._prepare = prepare
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._wake = asyncio.Event()
+        self._unanswered = 0
         self._task: asyncio.Task[None] | None = None
         gate.on_failure(self._wake.set)
 
@@ -108,19 +112,18 @@ class EndpointMonitor:
             )
             self.lag_seconds = None
             gate.last_error = cause
+            if isinstance(exc, TimeoutError):
+                self._unanswered += 1
+                if self._unanswered < self._resilience.hung_after_probes:
+                    # One slow answer (a busy machine) is not an outage: ask again at once.
+                    self._wake.set()
+                    return False
+                cause = f"no answer to {self._unanswered} probes of {self._resilience.probe_timeout:g}s"
             if gate.healthy:
-                if isinstance(exc, TimeoutError):
-                    # One slow answer (a busy machine) is not an outage: it counts as a failed
-                    # call, and `failure_threshold` of them in a row open the breaker.
-                    gate.breaker.record_failure()
-                    if gate.breaker.state is BreakerState.CLOSED:
-                        return False
-                else:
-                    gate.breaker.trip()
                 log.warning("shard %d %s is unavailable (%s)", gate.shard_id, gate.role, cause)
-            else:
-                gate.breaker.trip()
+            gate.declare_down(cause)
             return False
+        self._unanswered = 0
         if gate.breaker.state is BreakerState.CLOSED:
             gate.last_error = None
             if gate.breaker.consecutive_failures:
