@@ -152,11 +152,18 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
         )
         return _resolution(response)
 
-    def get_stats(self, *, timeout: float | None = None, metadata: Metadata = ()) -> ClusterStats:
-        """Messages and overrides per shard."""
+    def get_stats(
+        self,
+        *,
+        exact: bool = False,
+        shard_id: int | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> ClusterStats:
+        """Messages and overrides per shard (or only `shard_id`'s); `exact` counts instead of estimating."""
         response = self._call(
             self._stub.GetShardStats,
-            build_request(pb.GetShardStatsRequest),
+            build_request(pb.GetShardStatsRequest, exact=exact, shard_id=shard_id),
             timeout=timeout,
             metadata=metadata,
             safe_to_repeat=True,
@@ -297,11 +304,18 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
         )
         return _resolution(response)
 
-    async def get_stats(self, *, timeout: float | None = None, metadata: Metadata = ()) -> ClusterStats:
-        """Messages and overrides per shard."""
+    async def get_stats(
+        self,
+        *,
+        exact: bool = False,
+        shard_id: int | None = None,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> ClusterStats:
+        """Messages and overrides per shard (or only `shard_id`'s); `exact` counts instead of estimating."""
         response = await self._call(
             self._stub.GetShardStats,
-            build_request(pb.GetShardStatsRequest),
+            build_request(pb.GetShardStatsRequest, exact=exact, shard_id=shard_id),
             timeout=timeout,
             metadata=metadata,
             safe_to_repeat=True,

@@ -149,6 +149,8 @@ class ShardStats:
     location: str
     #: False when the shard could not be reached; its counts are then zero.
     available: bool
+    #: True when `message_count` was counted exactly, False for PostgreSQL's estimate.
+    message_count_exact: bool = False
 
     def to_proto(self) -> admin_pb.ShardStats:
         return admin_pb.ShardStats(
@@ -158,6 +160,7 @@ class ShardStats:
             table_name=self.table_name,
             location=self.location,
             available=self.available,
+            message_count_exact=self.message_count_exact,
         )
 
 
@@ -173,7 +176,15 @@ class ClusterStats:
     @classmethod
     def from_proto(cls, r: admin_pb.GetShardStatsResponse) -> ClusterStats:
         shards = tuple(
-            ShardStats(s.shard_id, s.message_count, s.override_count, s.table_name, s.location, s.available)
+            ShardStats(
+                s.shard_id,
+                s.message_count,
+                s.override_count,
+                s.table_name,
+                s.location,
+                s.available,
+                s.message_count_exact,
+            )
             for s in r.shards
         )
         return cls(shards, r.num_shards, r.total_message_count, r.override_count)

@@ -218,8 +218,9 @@ async def test_shard_stats_count_messages_and_overrides(
     new_pair: Callable[[], tuple[int, int]],
     cluster_config: ServerConfig,
 ) -> None:
-    before = await admin_stub.GetShardStats(pb.GetShardStatsRequest(), metadata=admin_auth)
+    before = await admin_stub.GetShardStats(pb.GetShardStatsRequest(exact=True), metadata=admin_auth)
     assert [s.shard_id for s in before.shards] == [0, 1, 2, 3]
+    assert all(s.message_count_exact for s in before.shards)
     assert before.num_shards == 4 and all(s.available for s in before.shards)
     assert [s.table_name for s in before.shards] == [f"messages_{i}" for i in range(4)]
     assert len({s.location for s in before.shards}) == 4, "four separate servers"
@@ -229,7 +230,7 @@ async def test_shard_stats_count_messages_and_overrides(
         await dialog_stub.SendMessage(
             dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text=str(i)), metadata=auth_for(a)
         )
-    after = await admin_stub.GetShardStats(pb.GetShardStatsRequest(), metadata=admin_auth)
+    after = await admin_stub.GetShardStats(pb.GetShardStatsRequest(exact=True), metadata=admin_auth)
     shard = calculate_shard(a, b, 4)
     # Other tests may write concurrently only in other test modules' sessions; here the suite is sequential.
     assert after.shards[shard].message_count - before.shards[shard].message_count == 3
@@ -240,6 +241,47 @@ async def test_shard_stats_count_messages_and_overrides(
     assert row is not None
     (count,) = row
     assert after.override_count == count
+
+
+async def test_stats_estimate_without_a_scan_and_count_one_shard_on_request(
+    admin_stub: admin_service_pb2_grpc.AdminServiceAsyncStub,
+    dialog_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    a, b = new_pair()
+    shard = calculate_shard(a, b, 4)
+    for i in range(4):
+        await dialog_stub.SendMessage(
+            dpb.SendMessageRequest(from_user_id=a, to_user_id=b, text=str(i)), metadata=auth_for(a)
+        )
+    counted = await admin_stub.GetShardStats(
+        pb.GetShardStatsRequest(exact=True, shard_id=shard), metadata=admin_auth
+    )
+    assert [s.shard_id for s in counted.shards] == [shard] and counted.shards[0].message_count_exact
+    exact = counted.shards[0].message_count
+    assert counted.total_message_count == exact >= 4
+
+    async def estimate() -> pb.ShardStats:
+        reply = await admin_stub.GetShardStats(pb.GetShardStatsRequest(), metadata=admin_auth)
+        assert len(reply.shards) == 4
+        return reply.shards[shard]
+
+    async def caught_up() -> bool:
+        return (await estimate()).message_count == exact
+
+    # PostgreSQL's statistics take in the inserts within seconds (an idle backend flushes its
+    # counters after at most 10 s); nothing else writes meanwhile, so they reach the exact count.
+    await wait_until(caught_up, "the estimate caught up with the exact count", within=30, every=0.5)
+    assert not (await estimate()).message_count_exact
+
+    for bad in (-1, 4):
+        err = await expect_error(
+            admin_stub.GetShardStats(pb.GetShardStatsRequest(shard_id=bad), metadata=admin_auth),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert f"must be a shard id in 0..3, got {bad}" in (err.details() or "")
 
 
 async def test_listener_reloads_the_whole_map_after_reconnect(

@@ -230,7 +230,7 @@ def test_dev_server_keeps_data_across_restarts(
         # The dev key survived too: the first run's token still works.
         page = grpcurl_json(dev.address, token, "GetDialog", {"user_id": 1, "peer_user_id": 2})
         assert [(m["message_id"], m["text"]) for m in page["messages"]] == [(sent["message_id"], text)]
-        stats = run(DIALOGCTL, "--config", config, "--json", "stats")
+        stats = run(DIALOGCTL, "--config", config, "--json", "stats", "--exact")
         assert stats.returncode == 0, stats.stderr
         assert json.loads(stats.stdout)["total_message_count"] == "1"
 

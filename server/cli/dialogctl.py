@@ -10,7 +10,8 @@ tokens with the server's key and call AdminService with an admin token::
     dialogctl overrides set 1 2 3               # pin the pair to shard 3
     dialogctl overrides list --all
     dialogctl overrides delete 1 2
-    dialogctl stats                             # messages per shard and how evenly they spread
+    dialogctl stats                             # messages per shard (estimated) and how evenly they spread
+    dialogctl stats --exact                     # the same, counted exactly shard by shard
 
 RPC commands call AdminService through `client.AdminClient` (its paging, retries of
 UNAVAILABLE within the --timeout deadline, and error mapping). They speak TLS when the
@@ -45,7 +46,7 @@ from pathlib import Path
 import grpc
 import jwt
 
-from client import DialogShardError, ShardOverride
+from client import ClusterStats, DialogShardError, ShardOverride, ShardStats
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from server.cli import backup, hotspots, messages, migrate, moves, reshard, verify
 from server.cli.output import (
@@ -58,6 +59,7 @@ from server.cli.output import (
     rfc3339,
     source_name,
 )
+from server.cli.progress import Progress
 from server.cli.session import (
     EXIT_INTERRUPTED,
     MAX_INT64,
@@ -225,8 +227,22 @@ def cmd_overrides_delete(session: Session) -> int:
     return 0
 
 
+def _exact_stats(session: Session) -> ClusterStats:
+    """Every shard counted exactly, one shard per call so that progress shows between them."""
+    admin = session.admin()
+    stats = admin.get_stats()
+    counted: list[ShardStats] = []
+    with Progress("counting") as progress:
+        for shard in stats.shards:
+            progress.update(f"shard {shard.shard_id} of {len(stats.shards)} (about {shard.message_count:,})")
+            (exact,) = admin.get_stats(exact=True, shard_id=shard.shard_id).shards
+            counted.append(exact)
+    total = sum(s.message_count for s in counted if s.available)
+    return dataclasses.replace(stats, shards=tuple(counted), total_message_count=total)
+
+
 def cmd_stats(session: Session) -> int:
-    stats = session.admin().get_stats()
+    stats = _exact_stats(session) if session.args.exact else session.admin().get_stats()
     available = [s for s in stats.shards if s.available]
     summary = DistributionSummary.summarize([s.message_count for s in available]) if available else None
     if session.json:
@@ -421,7 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-missing", action="store_true", help="succeed when the pair has no override"
     )
 
-    command(commands, "stats", cmd_stats, "messages and overrides per shard, and how evenly they spread")
+    stats = command(
+        commands, "stats", cmd_stats, "messages and overrides per shard, and how evenly they spread"
+    )
+    stats.add_argument(
+        "--exact",
+        action="store_true",
+        help="count every shard's messages (a scan per shard) instead of PostgreSQL's estimate",
+    )
 
     for extension in (messages, migrate, backup, verify, reshard, hotspots, moves):
         extension.register(commands, command)

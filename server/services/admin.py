@@ -18,7 +18,7 @@ from server.routing import Pair, ShardSource
 from server.services.admin_messages import list_placed_messages
 from server.services.convert import timestamp
 from server.services.shard_state import endpoint_health
-from server.services.validation import Violations, check_pair, page_size
+from server.services.validation import Violations, check_pair, check_shard_id, page_size
 from server.storage.overrides import OverrideRow
 from server.storage.pools import ShardSet
 
@@ -54,10 +54,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> pb.SetShardOverrideResponse:
         violations = Violations()
         pair = self._pair(violations, request)
-        if not 0 <= request.shard_id < len(self._shards):
-            violations.add(
-                "shard_id", f"must be a shard id in 0..{len(self._shards) - 1}, got {request.shard_id}"
-            )
+        check_shard_id(violations, "shard_id", request.shard_id, len(self._shards))
         violations.raise_if_any()
         row = await self._placement.set_override(pair, request.shard_id, self._shards)
         return pb.SetShardOverrideResponse(override=_override_to_proto(row))
@@ -124,16 +121,21 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self, request: pb.GetShardStatsRequest, context: Context
     ) -> pb.GetShardStatsResponse:
         overrides_per_shard = Counter(self._placement.router.overrides().values())
+        configs, states = self._shards.configs, self._shards.states()
+        if request.HasField("shard_id"):
+            violations = Violations()
+            check_shard_id(violations, "shard_id", request.shard_id, len(configs))
+            violations.raise_if_any()
+            configs, states = configs[request.shard_id : request.shard_id + 1], [states[request.shard_id]]
 
         async def count(shard_id: int) -> int | None:
+            store = self._shards.store(shard_id)
             try:
-                return await self._shards.store(shard_id).count()
+                return await (store.count() if request.exact else store.estimate())
             except ShardUnavailable:
                 return None
 
-        configs = self._shards.configs
         counts = await asyncio.gather(*(count(c.shard_id) for c in configs))
-        states = self._shards.states()
         stats = [
             pb.ShardStats(
                 shard_id=c.shard_id,
@@ -144,6 +146,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 available=n is not None,
                 primary=endpoint_health(state.primary),
                 replicas=[endpoint_health(r) for r in state.replicas],
+                message_count_exact=request.exact and n is not None,
             )
             for c, n, state in zip(configs, counts, states, strict=True)
         ]

@@ -15,7 +15,7 @@ from server.pagination import InvalidPageToken, PageTokenCodec
 from server.placement import Placement
 from server.routing import Pair, ShardSource
 from server.services.convert import message_to_proto
-from server.services.validation import Violations, check_pair, page_size
+from server.services.validation import Violations, check_pair, check_shard_id, page_size
 from server.storage.listing import ListedMessage, list_messages
 from server.storage.pools import ShardSet
 
@@ -55,8 +55,8 @@ async def list_placed_messages(
         pair = Pair.of(request.user_id_1, request.user_id_2)
     shard_filter = request.shard_id if request.HasField("shard_id") else None
     shard_ids = [c.shard_id for c in shards.configs]
-    if shard_filter is not None and shard_filter not in shard_ids:
-        violations.add("shard_id", f"must be a shard id in 0..{len(shard_ids) - 1}, got {shard_filter}")
+    if shard_filter is not None:
+        check_shard_id(violations, "shard_id", shard_filter, len(shard_ids))
     limit = page_size(violations, "page_size", request.page_size, default=DEFAULT_PAGE, maximum=MAX_PAGE)
     binding = _binding(pair, shard_filter)
     start_shard, after = -1, None

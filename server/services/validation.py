@@ -30,6 +30,11 @@ def check_user_id(violations: Violations, field: str, value: int) -> None:
         violations.add(field, f"must be a user id in 1..{MAX_USER_ID}, got {value}")
 
 
+def check_shard_id(violations: Violations, field: str, value: int, shard_count: int) -> None:
+    if not 0 <= value < shard_count:
+        violations.add(field, f"must be a shard id in 0..{shard_count - 1}, got {value}")
+
+
 def check_pair(violations: Violations, fields: tuple[str, str], values: tuple[int, int]) -> None:
     check_user_id(violations, fields[0], values[0])
     check_user_id(violations, fields[1], values[1])

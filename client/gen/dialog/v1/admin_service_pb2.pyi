@@ -339,14 +339,30 @@ class GetShardStatsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    EXACT_FIELD_NUMBER: _builtins.int
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    exact: _builtins.bool
+    """Count messages exactly: a full scan of each shard, bounded by the server's
+    statement ceiling. By default the counts are PostgreSQL's own statistics,
+    which cost nothing and trail the truth by seconds.
+    """
+    shard_id: _builtins.int
+    """Only this shard (with `exact`, lets a caller count shard by shard and show
+    progress); unset: every configured shard.
+    """
     def __init__(
         self,
+        *,
+        exact: _builtins.bool = ...,
+        shard_id: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shard_id", b"_shard_id", "shard_id", b"shard_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shard_id", b"_shard_id", "exact", b"exact", "shard_id", b"shard_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__shard_id: _TypeAlias = _typing.Literal["shard_id"]  # noqa: Y015
+    _WhichOneofArgType__shard_id: _TypeAlias = _typing.Literal["_shard_id", b"_shard_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shard_id) -> _WhichOneofReturnType__shard_id | None: ...
 
 Global___GetShardStatsRequest: _TypeAlias = GetShardStatsRequest  # noqa: Y015
 
@@ -364,6 +380,7 @@ class ShardStats(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     PRIMARY_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    MESSAGE_COUNT_EXACT_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.int
     """Shard id."""
     message_count: _builtins.int
@@ -376,6 +393,10 @@ class ShardStats(_message.Message):
     """Where the shard lives (host, port and database; never credentials)."""
     available: _builtins.bool
     """False when the shard could not be reached; counts are then zero."""
+    message_count_exact: _builtins.bool
+    """True when `message_count` was counted exactly; false when it is
+    PostgreSQL's estimate (live rows from its statistics).
+    """
     @_builtins.property
     def primary(self) -> Global___EndpointHealth:
         """The shard's primary database as this server sees it."""
@@ -395,10 +416,11 @@ class ShardStats(_message.Message):
         available: _builtins.bool = ...,
         primary: Global___EndpointHealth | None = ...,
         replicas: _abc.Iterable[Global___EndpointHealth] | None = ...,
+        message_count_exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["primary", b"primary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "location", b"location", "message_count", b"message_count", "override_count", b"override_count", "primary", b"primary", "replicas", b"replicas", "shard_id", b"shard_id", "table_name", b"table_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "location", b"location", "message_count", b"message_count", "message_count_exact", b"message_count_exact", "override_count", b"override_count", "primary", b"primary", "replicas", b"replicas", "shard_id", b"shard_id", "table_name", b"table_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
