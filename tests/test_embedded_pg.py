@@ -53,6 +53,7 @@ def test_start_twice_reuses_the_running_server(pg_dir: Path) -> None:
         pid = pg._postmaster_pid()
         # A fresh object on the same directory, like a process restarted after a crash.
         EmbeddedPostgres(pg_dir / "data", port=pg.port, fsync=False).start()
+        assert "rewriting it: TCP connections now need the password" in caplog.text
         assert pg._postmaster_pid() == pid
 
 
@@ -160,9 +161,12 @@ def test_tcp_logins_need_the_generated_password(pg_server: EmbeddedPostgres) -> 
 _LEGACY_HBA = "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
 
 
-def test_a_cluster_created_with_trust_is_upgraded_on_its_next_start(pg_dir: Path) -> None:
+def test_a_cluster_created_with_trust_is_upgraded_on_its_next_start(
+    pg_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     pg = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
     with pg:
+        assert "rewriting it" not in caplog.text  # a fresh cluster gets our pg_hba.conf silently
         # Make it what older versions left behind: trust everywhere, no password, no password file.
         with psycopg.connect(host=str(pg.data_dir), port=pg.port, user="postgres", autocommit=True) as conn:
             conn.execute("ALTER ROLE postgres PASSWORD NULL")
@@ -173,6 +177,7 @@ def test_a_cluster_created_with_trust_is_upgraded_on_its_next_start(pg_dir: Path
 
         # Restarted by a new version while still running (the server is reused and reloaded) ...
         EmbeddedPostgres(pg_dir / "data", port=pg.port, fsync=False).start()
+        assert "rewriting it: TCP connections now need the password" in caplog.text
         wait_until_blocking(
             lambda: "no password supplied" in (tcp_login_error(pg.port) or ""),
             "TCP logins without the password are refused",

@@ -294,8 +294,8 @@ class EmbeddedPostgres:
         self._check_socket_path()
         self._run_as = self._resolve_run_as()
         self._check_reachable()
-        self._initdb(timeout)
-        hba_changed = self._write_hba()
+        fresh = self._initdb(timeout)
+        hba_changed = self._write_hba(warn=not fresh)
         self._ensure_password_file()
         if self.is_running() and not self._running_with_our_options():
             _log.warning("a PostgreSQL started with other options runs on %s; restarting it", self.data_dir)
@@ -378,12 +378,13 @@ class EmbeddedPostgres:
         if self._run_as is not None:
             os.chown(path, self._run_as.pw_uid, self._run_as.pw_gid)
 
-    def _write_hba(self) -> bool:
+    def _write_hba(self, *, warn: bool) -> bool:
         """Our pg_hba.conf (TCP needs the password); True when the file said something else before."""
         hba = self.data_dir / "pg_hba.conf"
         with contextlib.suppress(FileNotFoundError):
             if hba.read_text() == _HBA:
                 return False
+        if warn:
             _log.warning(
                 "%s allowed other authentication (clusters of older versions trusted every local "
                 "connection); rewriting it: TCP connections now need the password in %s",
@@ -498,9 +499,10 @@ class EmbeddedPostgres:
             out.seek(0)
             return proc.returncode, out.read()
 
-    def _initdb(self, timeout: float) -> None:
+    def _initdb(self, timeout: float) -> bool:
+        """initdb unless the cluster exists; whether it ran."""
         if (self.data_dir / "PG_VERSION").exists():
-            return
+            return False
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self._run_as is not None:
             os.chown(self.data_dir, self._run_as.pw_uid, self._run_as.pw_gid)
@@ -523,6 +525,7 @@ class EmbeddedPostgres:
         rc, out = self._run(argv, timeout=max(timeout, 60.0), new_session=False)
         if rc != 0:
             raise EmbeddedPostgresError(f"initdb failed for {self.data_dir} (exit {rc}):\n{out.strip()}")
+        return True
 
     def _server_args(self) -> list[str]:
         args = ["-c", f"listen_addresses={self.host}", "-p", str(self.port), "-k", str(self.data_dir)]
