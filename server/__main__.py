@@ -145,6 +145,9 @@ def _run(args: argparse.Namespace) -> int:
     environ = {**os.environ, **({"DIALOG_LISTEN": args.listen} if args.listen else {})}
     if not args.dev:
         return _start(args, args.config, environ, None)
+    # Checked before anything is created or started; DIALOG_LISTEN wins over the config we write.
+    listen = environ.get("DIALOG_LISTEN") or DEFAULT_LISTEN
+    devstack.check_loopback(listen)
     paths = devstack.DevPaths((args.data_dir or devstack.default_data_dir()).absolute())
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     devstack.ensure_secret(paths.secret)
@@ -152,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"starting embedded PostgreSQL in {paths.postgres} on port {args.pg_port}", flush=True)
     try:
         embedded.start()
-        devstack.write_config(paths, embedded.dsn, listen=args.listen or DEFAULT_LISTEN)
+        devstack.write_config(paths, embedded.dsn, listen=listen)
         banner = _DEV_BANNER.replace("{data_dir}", str(paths.data_dir))
         return _start(args, paths.config, environ, banner)
     finally:

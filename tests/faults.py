@@ -354,8 +354,10 @@ def start_replica(primary: EmbeddedPostgres, base: Path, name: str) -> EmbeddedP
         str(primary.bin_dir / "pg_basebackup"),
         "-D",
         str(data_dir),
+        # Over the primary's unix socket (its data directory): TCP needs the password, the socket
+        # is for PostgreSQL's own user, which also runs the replica's WAL receiver.
         "-h",
-        primary.host,
+        str(primary.data_dir),
         "-p",
         str(primary.port),
         "-U",

@@ -153,6 +153,27 @@ def make_config(dsns: list[str], jwt_secret: str, **overrides: Any) -> ServerCon
     return config_from_mapping(data, {}, base_dir=Path.cwd())
 
 
+def tcp_login_error(port: int, password: str | None = None, *, host: str = "127.0.0.1") -> str | None:
+    """None when PostgreSQL's superuser logs in over TCP with `password`, else the server's refusal.
+
+    `password=None` sends none: no password file either (one that does not exist), so nothing of
+    the caller's environment can supply one.
+    """
+    try:
+        psycopg.connect(
+            host=host,
+            port=port,
+            user="postgres",
+            dbname="postgres",
+            password=password,
+            passfile="/nonexistent/pgpass",
+            connect_timeout=5,
+        ).close()
+    except psycopg.OperationalError as exc:
+        return str(exc)
+    return None
+
+
 def fresh_database(server: EmbeddedPostgres, prefix: str) -> str:
     """A new database with a unique name starting with `prefix` on `server`; returns its DSN."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -36,13 +38,20 @@ async def _status(channel: grpc.aio.Channel, service: str) -> int:
     return int(reply.status)
 
 
+@pytest.fixture
+def late_base() -> Iterator[Path]:
+    with reachable_temp_dir("dialog-shard-late-") as base:
+        yield base
+
+
 async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(
-    pg_servers: list[EmbeddedPostgres], jwt_secret: str
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, late_base: Path
 ) -> None:
     database = fresh_database(pg_servers[2], "degraded")
-    late_port = free_port()
+    # Its DSN (naming its password file) is known before the server exists.
+    late = EmbeddedPostgres(late_base / "late", port=free_port(), fsync=False, settings=CRASH_SAFE_SETTINGS)
     config = make_config(
-        [database, f"postgresql://postgres@127.0.0.1:{late_port}/dialog"],
+        [database, late.dsn],
         jwt_secret,
         pool=FAST_POOL,
         resilience=FAST_RESILIENCE,
@@ -106,23 +115,21 @@ async def test_starts_without_a_down_shard_which_joins_when_its_server_starts(
         )
         assert metric_value(samples, "dialog_shard_messages_written_total", shard="0") == 1
 
-        with reachable_temp_dir("dialog-shard-late-") as base:
-            late = EmbeddedPostgres(base / "late", port=late_port, fsync=False, settings=CRASH_SAFE_SETTINGS)
-            started = time.monotonic()
-            await asyncio.to_thread(late.start)
+        started = time.monotonic()
+        await asyncio.to_thread(late.start)
 
-            async def shard_serving() -> bool:
-                return bool(await _status(channel, "shard-1") == SERVING)
+        async def shard_serving() -> bool:
+            return bool(await _status(channel, "shard-1") == SERVING)
 
-            joined = await wait_until(shard_serving, "shard 1 joins", within=20, every=0.05)
-            print(f"shard 1 joined {joined - started:.2f}s after its server was started")
-            # Its schema was applied when it joined: the message is stored.
-            sent = await send(down_pair, "to the missing shard")
-            assert sent.message.text == "to the missing shard"
-            assert running.shards.state(1).writable
-            samples, _ = await scrape_metrics(running.metrics_port)
-            assert metric_value(samples, "dialog_shard_breaker_state", shard="1") == 0
-            assert metric_value(samples, "dialog_shard_messages_written_total", shard="1") == 1
+        joined = await wait_until(shard_serving, "shard 1 joins", within=20, every=0.05)
+        print(f"shard 1 joined {joined - started:.2f}s after its server was started")
+        # Its schema was applied when it joined: the message is stored.
+        sent = await send(down_pair, "to the missing shard")
+        assert sent.message.text == "to the missing shard"
+        assert running.shards.state(1).writable
+        samples, _ = await scrape_metrics(running.metrics_port)
+        assert metric_value(samples, "dialog_shard_breaker_state", shard="1") == 0
+        assert metric_value(samples, "dialog_shard_messages_written_total", shard="1") == 1
 
 
 async def test_no_reachable_shard_at_all_fails_startup(jwt_secret: str) -> None:

@@ -123,7 +123,8 @@ def test_k8s_manifest_matches_schema(path: Path) -> None:
 def test_expected_kinds_present() -> None:
     kinds = sorted(doc["kind"] for _, doc in _k8s_resources())
     assert kinds == sorted(
-        ["Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"] + ["Cluster"] * NUM_SHARDS
+        ["Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+        + ["Cluster"] * NUM_SHARDS
     )
 
 
@@ -138,6 +139,8 @@ def test_compose_file_matches_compose_spec() -> None:
         ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].__setitem__("livenes", {})),
         ("Service", lambda d: d["spec"]["ports"][0].__setitem__("port", "fifty")),
         ("PodDisruptionBudget", lambda d: d["spec"].__setitem__("minAvaliable", 1)),
+        ("NetworkPolicy", lambda d: d["spec"]["ingress"][0]["ports"][0].__setitem__("protocl", "TCP")),
+        ("NetworkPolicy", lambda d: d["spec"].__setitem__("policyTypes", "Ingress")),
         ("Cluster", lambda d: d["spec"].__setitem__("instances", 0)),
         ("Cluster", lambda d: d["spec"]["storage"].__setitem__("size", "twenty gigs")),
         ("Cluster", lambda d: d["spec"]["bootstrap"]["initdb"].__setitem__("ownr", "dialog")),
@@ -298,6 +301,46 @@ def test_k8s_deployment_wiring() -> None:
     config_arg = container["args"][container["args"].index("--config") + 1]
     assert config_arg == f"{mount['mountPath']}/dialog-shard.toml"
     assert "dialog-shard.toml" in configmap["data"]
+
+
+def _port_numbers(rule: dict[str, Any], container: dict[str, Any]) -> set[tuple[int, str]]:
+    """(number, protocol) of a NetworkPolicy rule's ports; named ports resolved on the container."""
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    return {(named.get(p["port"], p["port"]), p.get("protocol", "TCP")) for p in rule["ports"]}
+
+
+def test_k8s_network_policy() -> None:
+    (policy,) = _of_kind("NetworkPolicy")
+    (deployment,) = _of_kind("Deployment")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    spec = policy["spec"]
+    # It applies to the service's pods, both ways: whatever is not listed is dropped.
+    assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    # Every rule names its peers and ports: none allows everyone or every port.
+    for rule in spec["ingress"] + spec["egress"]:
+        assert rule.get("from", rule.get("to")) and rule["ports"], rule
+
+    grpc_rule, metrics_rule = spec["ingress"]
+    assert _port_numbers(grpc_rule, container) == {(SERVICE_PORT, "TCP")}
+    (clients,) = grpc_rule["from"]
+    assert clients["podSelector"]["matchLabels"] == {"dialog-shard/client": "true"}
+    assert _port_numbers(metrics_rule, container) == {(METRICS_PORT, "TCP")}
+    (monitoring,) = metrics_rule["from"]
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+    postgres_rule, dns_rule = spec["egress"]
+    (shards,) = postgres_rule["to"]
+    (selector,) = shards["podSelector"]["matchExpressions"]
+    assert (selector["key"], selector["operator"]) == ("cnpg.io/cluster", "In")
+    assert sorted(selector["values"]) == sorted(c["metadata"]["name"] for c in _of_kind("Cluster"))
+    assert "namespaceSelector" not in shards  # the shards' pods in this namespace only
+    dsn_ports = {urlsplit(s["dsn"]).port or 5432 for s in _k8s_toml()["shards"]}
+    assert _port_numbers(postgres_rule, container) == {(p, "TCP") for p in dsn_ports}
+    (dns,) = dns_rule["to"]
+    assert dns["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert _port_numbers(dns_rule, container) == {(53, "UDP"), (53, "TCP")}
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ import pytest
 from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from tests.pgfixtures import free_port, reachable_temp_dir
 from tests.processes import child_env
-from tests.support import wait_until_blocking
+from tests.support import tcp_login_error, wait_until_blocking
 
 BIN = Path(sys.executable).parent
 DIALOG_SERVER = BIN / "dialog-server"
@@ -213,6 +214,13 @@ def test_dev_server_keeps_data_across_restarts(
 
         config = data_dir / "dialog-shard.toml"
         assert config.is_file()
+        # Safe defaults: a private dev key, and the dev PostgreSQL's TCP port needs its password,
+        # which the config does not hold (its DSN names the 0600 password file).
+        assert stat.S_IMODE((data_dir / "dev-jwt-secret").stat().st_mode) == 0o600
+        assert "no password supplied" in (tcp_login_error(pg_port) or "")
+        assert tcp_login_error(pg_port, pg.password()) is None
+        assert pg.password() not in config.read_text()
+        assert f"passfile={pg.password_file}" in config.read_text()
         token_result = run(DIALOGCTL, "--config", config, "token", "--user", "1")
         assert token_result.returncode == 0, token_result.stderr
         token = token_result.stdout.strip()
@@ -269,3 +277,51 @@ def test_sigterm_during_startup_leaves_no_postgres_running(dev_dir: Path) -> Non
         dev.kill()
         with contextlib.suppress(EmbeddedPostgresError):
             pg.stop()
+
+
+def _refused_dev_start(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`dialog-server --dev` that must refuse at once: exit 2, one line, no PostgreSQL started."""
+    pg_port = free_port()
+    result = run(DIALOG_SERVER, "--dev", "--data-dir", data_dir, "--pg-port", str(pg_port), *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "starting embedded PostgreSQL" not in result.stdout
+    assert not (data_dir / "postgres").exists()
+    assert not _port_open(pg_port)
+    return result
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:50051", "[::]:50051", "192.0.2.7:50051", ":50051"])
+def test_dev_refuses_a_listen_address_beyond_loopback(dev_dir: Path, listen: str) -> None:
+    data_dir = dev_dir / "data"
+    result = _refused_dev_start(data_dir, "--listen", listen)
+    assert (
+        f"--dev serves only on a loopback address (127.0.0.1, ::1, localhost), not {listen!r}"
+        in result.stderr
+    )
+    assert not data_dir.exists()  # nothing was created either
+
+
+def test_dev_refuses_a_dev_key_others_can_read(dev_dir: Path) -> None:
+    data_dir = dev_dir / "data"
+    data_dir.mkdir()
+    key = data_dir / "dev-jwt-secret"
+    key.write_text("k" * 64 + "\n")
+    key.chmod(0o644)
+    result = _refused_dev_start(data_dir)
+    assert f"the dev key {key} is -rw-r--r--" in result.stderr
+    assert f"Run `chmod 600 {key}`" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_dev_refuses_a_dev_key_owned_by_another_user(dev_dir: Path) -> None:
+    data_dir = dev_dir / "data"
+    data_dir.mkdir()
+    key = data_dir / "dev-jwt-secret"
+    key.write_text("k" * 64 + "\n")
+    key.chmod(0o600)
+    os.chown(key, 65534, 65534)  # nobody
+    result = _refused_dev_start(data_dir)
+    assert f"the dev key {key} belongs to " in result.stderr
+    assert "not to root who runs the server" in result.stderr

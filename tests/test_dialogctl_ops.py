@@ -8,14 +8,19 @@ the request_id index works again (a retry is still a replay, not a duplicate).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from client import AsyncAdminClient, AsyncDialogClient, ChannelSecurity, Order, ShardSource
+from server.cli.pgtools import find_tool, run_tool
 from server.config import ServerConfig
 from server.routing import calculate_shard
 from tests.support import rows_for_pair, token_provider
@@ -103,6 +108,15 @@ async def test_backup_then_restore_brings_a_dropped_shard_back_complete(
     assert item["rows"] >= 12
     assert (out / "shard-2.dump").stat().st_size == item["bytes"] > 0
     assert json.loads((out / "manifest.json").read_text())["items"] == backup["items"]
+    # Private: the directory 0700, every file 0600, each archive's sha256 in the manifest.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {
+        **{i["file"]: 0o600 for i in backup["items"]},
+        "manifest.json": 0o600,
+    }
+    assert all(
+        i["sha256"] == hashlib.sha256((out / i["file"]).read_bytes()).hexdigest() for i in backup["items"]
+    )
 
     table = cluster_config.shards[shard]
     # Wipe the shard: its tables and the functions named after it (which no table archive holds).
@@ -192,3 +206,129 @@ async def test_backup_and_restore_explain_what_is_wrong(ctl: Callable[..., Any],
     unknown = await ctl("backup", "--shard", "9", "--out", str(tmp_path / "c"))
     assert unknown.returncode == 2
     assert "no shard 9 in the config" in unknown.stderr
+
+
+def _tampered(original: Path, into: Path, change: Callable[[dict[str, Any], Path], None]) -> Path:
+    """A copy of the backup `original` in `into`, its manifest's one item and files changed by `change`."""
+    shutil.copytree(original, into)
+    manifest = json.loads((into / "manifest.json").read_text())
+    (item,) = manifest["items"]
+    change(item, into)
+    (into / "manifest.json").write_text(json.dumps(manifest))
+    return into
+
+
+def _flip_a_byte(item: dict[str, Any], directory: Path) -> None:
+    archive = directory / item["file"]
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+
+def _outside(item: dict[str, Any], directory: Path) -> None:
+    shutil.copy(directory / item["file"], directory.parent / f"outside-{directory.name}.dump")
+    item["file"] = f"../outside-{directory.name}.dump"
+
+
+def _absolute(item: dict[str, Any], directory: Path) -> None:
+    item["file"] = str((directory / item["file"]).absolute())
+
+
+def _symlink_out(item: dict[str, Any], directory: Path) -> None:
+    target = directory.parent / f"elsewhere-{directory.name}.dump"
+    shutil.copy(directory / item["file"], target)
+    (directory / "link.dump").symlink_to(target)
+    item["file"] = "link.dump"
+
+
+def _table_the_archive_lacks(item: dict[str, Any], directory: Path) -> None:
+    item["tables"].append(f"{item['tables'][0]}_extra")
+
+
+def _table_of_another_item(item: dict[str, Any], directory: Path) -> None:
+    item["tables"].append("shard_map")
+
+
+TAMPERINGS = {
+    "changed-byte": (_flip_a_byte, "does not match its checksum"),
+    "dotdot-path": (_outside, "outside the backup directory"),
+    "absolute-path": (_absolute, "outside the backup directory"),
+    "symlink-out": (_symlink_out, "leads out of the backup directory"),
+    "missing-table": (_table_the_archive_lacks, "the archive does not hold table messages_1_extra"),
+    "foreign-table": (_table_of_another_item, "lists shard_map, not tables of shard-1"),
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERINGS))
+async def test_restore_refuses_a_tampered_backup_before_changing_anything(
+    ctl: Callable[..., Any],
+    tmp_path: Path,
+    address: str,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
+    tampering: str,
+) -> None:
+    change, reason = TAMPERINGS[tampering]
+    (await ctl("backup", "--shard", "1", "--out", str(tmp_path / "good"), "--json")).json()
+    bad = _tampered(tmp_path / "good", tmp_path / "bad", change)
+    # Stored after the backup: a restore that went ahead would remove it.
+    pair = _pair_on(1, cluster_config, new_pair)
+    await _send(address, cluster_config, *pair, ["after the backup"])
+
+    refused = await ctl("restore", str(bad), "--shard", "1", "--yes")
+    assert refused.returncode == 1, refused.stdout
+    assert refused.stderr.startswith(f"dialogctl: refusing to restore from {bad}: "), refused.stderr
+    assert reason in refused.stderr
+    assert refused.stderr.rstrip().endswith("nothing was changed")
+    assert [r[3] for r in rows_for_pair(cluster_config, pair)[1]] == ["after the backup"]
+
+
+async def test_restore_refuses_an_old_manifest_without_checksums(
+    ctl: Callable[..., Any], tmp_path: Path
+) -> None:
+    (await ctl("backup", "--shard", "0", "--out", str(tmp_path / "b"), "--json")).json()
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["format"] = 1
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    refused = await ctl("restore", str(tmp_path / "b"), "--yes")
+    assert refused.returncode == 1
+    assert "manifest has no checksums" in refused.stderr
+
+
+async def test_restore_leaves_out_objects_the_manifest_does_not_list(
+    ctl: Callable[..., Any], tmp_path: Path, cluster_config: ServerConfig
+) -> None:
+    out = tmp_path / "backup"
+    (item,) = (await ctl("backup", "--shard", "3", "--out", str(out), "--json")).json()["items"]
+    shard = cluster_config.shards[3]
+    # An archive with one table more than its manifest lists, its checksum updated to match.
+    with psycopg.connect(shard.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS intruder")
+        conn.execute("CREATE TABLE intruder (note text)")
+        conn.execute("INSERT INTO intruder VALUES ('smuggled')")
+    archive = out / item["file"]
+    archive.unlink()
+    tables = [f"--table={t}" for t in [*item["tables"], "intruder"]]
+    run_tool(
+        find_tool("pg_dump"),
+        ["--format=custom", "--no-owner", f"--file={archive}", *tables],
+        shard.dsn,
+        "dump",
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["items"][0]["sha256"] = hashlib.sha256(archive.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with psycopg.connect(shard.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE intruder")
+
+    restored = await ctl("restore", str(out), "--shard", "3", "--yes", "--json")
+    (result,) = restored.json()["items"]
+    assert result["rows"] == item["rows"]
+    assert result["left_out"] == ["TABLE intruder", "TABLE DATA intruder"]
+    assert (
+        "not restoring what the manifest does not list: TABLE intruder, TABLE DATA intruder"
+        in restored.stderr
+    )
+    with psycopg.connect(shard.dsn) as conn:
+        assert conn.execute("SELECT to_regclass('intruder')").fetchone() == (None,)
+        assert conn.execute("SELECT to_regclass(%s)", (shard.table,)).fetchone() == (shard.table,)

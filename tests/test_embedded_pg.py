@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from server.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, start_on_a_free_port
 from tests.pgfixtures import PG_SERVER_COUNT, free_port, reachable_temp_dir
+from tests.support import tcp_login_error, wait_until_blocking
 
 # Harmless if the root conftest loads it too: pytest registers a plugin module once.
 pytest_plugins = ["tests.pgfixtures"]
@@ -132,3 +134,68 @@ def test_pg_servers_fixture_gives_four_live_servers(pg_servers: list[EmbeddedPos
         with psycopg.connect(server.dsn) as conn:
             row = conn.execute("SELECT current_database(), current_setting('fsync')").fetchone()
             assert row == ("dialog", "off")
+
+
+def test_tcp_logins_need_the_generated_password(pg_server: EmbeddedPostgres) -> None:
+    """The fixtures' servers take the same path as `make run`'s: scram over TCP, a private password file."""
+    st = pg_server.password_file.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == pg_server.data_dir.stat().st_uid  # PostgreSQL's user (pg_basebackup reads it)
+    password = pg_server.password()
+    assert len(password) >= 32
+    assert password not in pg_server.dsn  # the DSN names the file, never the password
+    assert "passfile=" in pg_server.dsn
+
+    assert "no password supplied" in (tcp_login_error(pg_server.port) or "")
+    assert "password authentication failed" in (tcp_login_error(pg_server.port, "not-the-password") or "")
+    assert tcp_login_error(pg_server.port, password) is None
+    with psycopg.connect(pg_server.dsn) as conn:
+        row = conn.execute("SELECT auth_method FROM pg_hba_file_rules WHERE type = 'host'").fetchall()
+        assert {method for (method,) in row} == {"scram-sha-256"}
+        assert conn.execute(
+            "SELECT rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid WHERE rolname = 'postgres'"
+        ).fetchone() == (True,)
+
+
+_LEGACY_HBA = "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+
+
+def test_a_cluster_created_with_trust_is_upgraded_on_its_next_start(
+    pg_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pg = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
+    with pg:
+        assert "rewriting it" not in caplog.text  # a fresh cluster gets our pg_hba.conf silently
+        # Make it what older versions left behind: trust everywhere, no password, no password file.
+        with psycopg.connect(host=str(pg.data_dir), port=pg.port, user="postgres", autocommit=True) as conn:
+            conn.execute("ALTER ROLE postgres PASSWORD NULL")
+            (pg.data_dir / "pg_hba.conf").write_text(_LEGACY_HBA)
+            conn.execute("SELECT pg_reload_conf()")
+        pg.password_file.unlink()
+        wait_until_blocking(lambda: tcp_login_error(pg.port) is None, "the legacy cluster trusts TCP")
+
+        # Restarted by a new version while still running (the server is reused and reloaded) ...
+        EmbeddedPostgres(pg_dir / "data", port=pg.port, fsync=False).start()
+        assert "rewriting it: TCP connections now need the password" in caplog.text
+        wait_until_blocking(
+            lambda: "no password supplied" in (tcp_login_error(pg.port) or ""),
+            "TCP logins without the password are refused",
+        )
+        assert tcp_login_error(pg.port, pg.password()) is None
+        assert stat.S_IMODE(pg.password_file.stat().st_mode) == 0o600
+
+    # ... and from cold: a legacy pg_hba.conf is replaced before the server reads it.
+    (pg.data_dir / "pg_hba.conf").write_text(_LEGACY_HBA)
+    with pg:
+        assert "no password supplied" in (tcp_login_error(pg.port) or "")
+        assert tcp_login_error(pg.port, pg.password()) is None
+
+
+def test_a_password_file_others_can_read_is_refused(pg_dir: Path) -> None:
+    pg = EmbeddedPostgres(pg_dir / "data", port=free_port(), fsync=False)
+    pg.start()
+    pg.stop()
+    pg.password_file.chmod(0o644)
+    with pytest.raises(EmbeddedPostgresError, match=r"readable only by its owner .*chmod 600 "):
+        pg.start()
+    assert not pg.is_running()

@@ -4,35 +4,46 @@
     dialogctl backup --shard 2 --out backups/s2         # one shard
     dialogctl restore backups/s2 --shard 2 --yes        # put shard 2's table back as it was
 
-A backup directory holds one custom-format archive per item (`shard-N.dump`, `control.dump`) and
-`manifest.json` (tables, location, exact row count, size). A shard's item is its message table and
-the tables named after it (`messages_N_fences`); the control item is every other table of the
-control database. Rows are counted in the very snapshot
+A backup directory (mode 0700) holds one custom-format archive per item (`shard-N.dump`,
+`control.dump`) and `manifest.json` (tables, location, exact row count, size, sha256), all 0600.
+A shard's item is its message table and the tables named after it (`messages_N_fences`); the
+control item is every other table of the control database. Rows are counted in the very snapshot
 pg_dump reads (`pg_export_snapshot` + `pg_dump --snapshot`), so a restore can verify that every
-row came back. Restoring replaces the item's tables (`pg_restore --clean --if-exists`, in one
-transaction): messages stored since the backup are lost, hence `--yes`. The item's migration then
-runs (idempotent), recreating what archives of tables do not hold (the fence functions). After
-restoring the control tables, the servers' shard-map mirrors are made to reload (their listener connections
+row came back. Before anything is changed, restore checks every chosen item: its file is named by a
+path inside the backup directory (no absolute path, no `..`, no symlink out of it), its sha256 is
+the manifest's, its tables are the item's, and the archive holds each of them. Restoring replaces
+the item's tables (`pg_restore --clean --if-exists`, in one transaction) and only those: pg_restore
+gets a list (`-L`) of the manifest's tables and what depends on them alone (their data,
+constraints, indexes, sequences, defaults), so anything else an archive holds is left out.
+Messages stored since the backup are lost, hence `--yes`. The item's migration then runs
+(idempotent), recreating what archives of tables do not hold (the fence functions). After restoring
+the control tables, the servers' shard-map mirrors are made to reload (their listener connections
 are ended; they reconnect and load the whole table). dialogctl talks to the databases directly
-here, with the DSNs of the config; exit status 1 when pg_dump or pg_restore fails.
+here, with the DSNs of the config; exit status 1 when pg_dump or pg_restore fails or a backup is
+refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from server.cli.output import format_table, print_json
-from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, run_tool
+from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, list_archive, run_tool
 from server.cli.progress import Progress
 from server.cli.session import EXIT_CONFIG, CliError, Session
 from server.config import describe_dsn
@@ -40,8 +51,11 @@ from server.storage.overrides import LISTENER_APPLICATION_NAME
 from server.storage.schema import migrate_control, migrate_shard
 
 MANIFEST = "manifest.json"
-_FORMAT = 1
+#: 2: files are 0600 in a 0700 directory and every item records its file's sha256.
+_FORMAT = 2
 CONTROL = "control"
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
 
 
 _TABLES = """
@@ -113,8 +127,24 @@ def _count(conn: psycopg.Connection[Any], tables: Sequence[str]) -> int:
     return total
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _create_private(path: Path, text: str = "") -> None:
+    """A new file, mode 0600 from the start (whatever the umask); fails if `path` exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
 def _dump(item: Item, out: Path, pg_dump: Path) -> dict[str, Any]:
     target = out / item.file
+    _create_private(target)  # pg_dump truncates it and keeps its mode
     with _connect(item) as conn:
         # The count and the dump read one snapshot: the manifest's row count is exactly the archive's.
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -144,6 +174,7 @@ def _dump(item: Item, out: Path, pg_dump: Path) -> dict[str, Any]:
         "rows": rows,
         "file": item.file,
         "bytes": target.stat().st_size,
+        "sha256": _sha256(target),
     }
 
 
@@ -154,14 +185,15 @@ def cmd_backup(session: Session) -> int:
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
         raise CliError(f"{out} is not empty: back up into a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    out.chmod(_DIR_MODE)  # an existing empty directory too: the archives hold every message
     entries = []
     with Progress("backup") as progress:
         for n, item in enumerate(items, 1):
             progress.update(f"{item.name} ({n}/{len(items)})")
             entries.append(_dump(item, out, pg_dump))
     manifest = {"format": _FORMAT, "created_at": datetime.now(UTC).isoformat(), "items": entries}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _create_private(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if session.json:
         print_json({"directory": str(out), **manifest})
         return 0
@@ -178,17 +210,188 @@ def _print_items(entries: Sequence[dict[str, Any]]) -> None:
     print(format_table(("ITEM", "TABLES", "LOCATION", "ROWS", "FILE", "BYTES"), rows, right=(3, 5)))
 
 
+def _refuse(directory: Path, reason: str) -> CliError:
+    return CliError(f"refusing to restore from {directory}: {reason}; nothing was changed", EXIT_TOOL_FAILED)
+
+
+def _inside(directory: Path, name: object, what: str) -> Path:
+    """The real path of `name`, a path relative to the backup directory that stays inside it."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise _refuse(directory, f"the manifest names {what} {name!r}, which is not a file name")
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise _refuse(directory, f"the manifest names {what} {name!r} outside the backup directory")
+    root = directory.resolve()
+    real = (root / relative).resolve()
+    if not real.is_relative_to(root) or real == root:
+        raise _refuse(directory, f"{what} {name!r} leads out of the backup directory (to {real})")
+    if not real.is_file():
+        raise _refuse(directory, f"{what} {name!r} is missing from the backup")
+    return real
+
+
 def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
-    path = directory / MANIFEST
+    if not (directory / MANIFEST).exists():
+        raise CliError(f"{directory / MANIFEST} not found: not a dialogctl backup directory")
+    path = _inside(directory, MANIFEST, "the manifest")
     try:
         manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CliError(f"{path} not found: not a dialogctl backup directory") from None
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read {path}: {exc}") from None
+    if isinstance(manifest, dict) and manifest.get("format") == 1:
+        raise _refuse(
+            directory,
+            "the backup was written by an older dialogctl whose manifest has no checksums, so its "
+            "files cannot be verified; restore it with that dialogctl, or take a new backup",
+        )
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise CliError(f"{path} is not a backup manifest this dialogctl understands")
-    return {e["name"]: e for e in manifest["items"]}
+    items = manifest.get("items")
+    if not isinstance(items, list) or not all(isinstance(e, dict) for e in items):
+        raise _refuse(directory, "the manifest's items are not a list of objects")
+    entries: dict[str, dict[str, Any]] = {}
+    for entry in items:
+        name = entry.get("name")
+        tables = entry.get("tables")
+        if (
+            not isinstance(name, str)
+            or name in entries
+            or not isinstance(tables, list)
+            or not tables
+            or not all(isinstance(t, str) and t for t in tables)
+            or len(set(tables)) != len(tables)
+            or not isinstance(entry.get("rows"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise _refuse(directory, f"the manifest's item {name!r} is malformed or repeated")
+        entries[name] = entry
+    return entries
+
+
+@dataclass(slots=True)
+class TocEntry:
+    """One line of `pg_restore --list --verbose`: an object of the archive and what it depends on."""
+
+    dump_id: int
+    kind: str
+    tag: str
+    line: str
+    depends: tuple[int, ...] = field(default_factory=tuple)
+
+
+_TOC_LINE = re.compile(r"^(\d+); \d+ \d+ (.*)$")
+#: Entries that set up the restoring session (encoding, standard strings, an empty search_path).
+_SESSION = frozenset({"ENCODING", "STDSTRINGS", "SEARCHPATH"})
+#: Kinds restored when every object they depend on is restored (a table's parts, never a table).
+_DEPENDENT = frozenset(
+    {
+        "TABLE DATA",
+        "CONSTRAINT",
+        "FK CONSTRAINT",
+        "CHECK CONSTRAINT",
+        "INDEX",
+        "DEFAULT",
+        "SEQUENCE",
+        "SEQUENCE OWNED BY",
+        "SEQUENCE SET",
+        "TRIGGER",
+        "COMMENT",
+        "STATISTICS",
+    }
+)
+#: Every kind pg_dump writes that has a space in it, longest first, then any one-word kind.
+_MULTIWORD = sorted(
+    [*(k for k in _DEPENDENT if " " in k), "TABLE ATTACH", "INDEX ATTACH", "ROW SECURITY", "DEFAULT ACL"],
+    key=len,
+    reverse=True,
+)
+
+
+def parse_toc(text: str) -> list[TocEntry]:
+    """The entries of a `pg_restore --list --verbose` listing, in the archive's order."""
+    entries: list[TocEntry] = []
+    for line in text.splitlines():
+        if line.startswith(";\tdepends on:") and entries:
+            entries[-1].depends = tuple(int(d) for d in line.split(":", 1)[1].split())
+            continue
+        match = _TOC_LINE.match(line)
+        if match is None:
+            continue
+        rest = match.group(2)
+        kind = next((k for k in _MULTIWORD if rest.startswith(k + " ")), rest.split(" ", 1)[0])
+        # KIND NAMESPACE TAG OWNER; the owner is one word (or empty), the tag may hold spaces.
+        tag = rest[len(kind) + 1 :].partition(" ")[2].rsplit(" ", 1)[0]
+        entries.append(TocEntry(int(match.group(1)), kind, tag, line))
+    return entries
+
+
+def restore_list(entries: Sequence[TocEntry], tables: Sequence[str]) -> tuple[list[TocEntry], list[TocEntry]]:
+    """(entries to restore, entries left out): the tables, and what depends on nothing else.
+
+    Raises ValueError naming a table the archive does not hold (or holds twice, or without data).
+    """
+    for table in tables:
+        kinds = [e.kind for e in entries if e.tag == table and e.kind in ("TABLE", "TABLE DATA")]
+        if sorted(kinds) != ["TABLE", "TABLE DATA"]:
+            problem = "does not hold" if "TABLE" not in kinds else "holds more than one copy, or no data, of"
+            raise ValueError(f"the archive {problem} table {table}, which the manifest lists")
+    wanted = set(tables)
+    chosen = {e.dump_id for e in entries if e.kind == "TABLE" and e.tag in wanted}
+    grew = True
+    while grew:
+        grew = False
+        for e in entries:
+            if e.dump_id in chosen or e.kind not in _DEPENDENT or not e.depends:
+                continue
+            if e.kind == "TABLE DATA" and e.tag not in wanted:
+                continue
+            if all(d in chosen for d in e.depends):
+                chosen.add(e.dump_id)
+                grew = True
+    kept = [e for e in entries if e.dump_id in chosen or e.kind in _SESSION]
+    left_out = [
+        e for e in entries if e.dump_id not in chosen and e.kind not in _SESSION and e.kind != "DATABASE"
+    ]
+    return kept, left_out
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """An item whose archive was verified: what to restore from it, and what it leaves out."""
+
+    item: Item
+    entry: dict[str, Any]
+    archive: Path
+    kept: list[TocEntry]
+    left_out: list[TocEntry]
+
+
+def _check(item: Item, entry: dict[str, Any], directory: Path, pg_restore: Path) -> _Checked:
+    """Everything restore verifies of an item before it changes anything (see the module docstring)."""
+    tables: list[str] = entry["tables"]
+    if item.table is not None and item.table not in tables:
+        raise CliError(
+            f"{item.name}: the backup holds tables {', '.join(tables)} but the config names the shard's "
+            f"table {item.table}; restore with a config that matches the backup"
+        )
+    foreign = [t for t in tables if not item.owns(t)]
+    if foreign:
+        raise _refuse(
+            directory, f"the manifest's {item.name} lists {', '.join(foreign)}, not tables of {item.name}"
+        )
+    archive = _inside(directory, entry.get("file"), f"{item.name}'s file")
+    actual = _sha256(archive)
+    if actual != entry["sha256"]:
+        raise _refuse(
+            directory,
+            f"{archive.name} does not match its checksum (sha256 {actual}, the manifest says "
+            f"{entry['sha256']}): the file was changed or damaged since the backup",
+        )
+    try:
+        kept, left_out = restore_list(parse_toc(list_archive(pg_restore, archive)), tables)
+    except ValueError as exc:
+        raise _refuse(directory, f"{item.name}: {exc}") from None
+    return _Checked(item, entry, archive, kept, left_out)
 
 
 async def _migrate(item: Item) -> None:
@@ -210,18 +413,27 @@ def _reload_mirrors(item: Item) -> int:
     return int(row[0]) if row else 0
 
 
-def _restore(item: Item, entry: dict[str, Any], directory: Path, pg_restore: Path) -> dict[str, Any]:
+def _restore(checked: _Checked, pg_restore: Path) -> dict[str, Any]:
+    item, entry = checked.item, checked.entry
     tables: list[str] = entry["tables"]
-    if item.table is not None and item.table not in tables:
-        raise CliError(
-            f"{item.name}: the backup holds tables {', '.join(tables)} but the config names the shard's "
-            f"table {item.table}; restore with a config that matches the backup"
+    if checked.left_out:
+        names = ", ".join(f"{e.kind} {e.tag}" for e in checked.left_out)
+        print(
+            f"dialogctl: {item.name}: not restoring what the manifest does not list: {names}", file=sys.stderr
         )
-    archive = directory / entry["file"]
-    if not archive.is_file():
-        raise CliError(f"{archive} is missing from the backup")
-    args = ["--clean", "--if-exists", "--no-owner", "--no-privileges", "--single-transaction", str(archive)]
-    run_tool(pg_restore, args, item.dsn, f"restore of {item.name}")
+    with tempfile.TemporaryDirectory(prefix="dialogctl-restore-") as private:
+        listing = Path(private) / "restore.list"
+        listing.write_text("".join(e.line + "\n" for e in checked.kept))
+        args = [
+            "--clean",
+            "--if-exists",
+            "--no-owner",
+            "--no-privileges",
+            "--single-transaction",
+            f"--use-list={listing}",
+            str(checked.archive),
+        ]
+        run_tool(pg_restore, args, item.dsn, f"restore of {item.name}")
     asyncio.run(_migrate(item))
     with _connect(item) as conn:
         rows = _count(conn, tables)
@@ -230,6 +442,8 @@ def _restore(item: Item, entry: dict[str, Any], directory: Path, pg_restore: Pat
             f"{item.name}: restored {rows} rows but the backup recorded {entry['rows']}", EXIT_TOOL_FAILED
         )
     result = {**entry, "location": describe_dsn(item.dsn), "rows": rows}
+    if checked.left_out:
+        result["left_out"] = [f"{e.kind} {e.tag}" for e in checked.left_out]
     if item.shard_id is None:
         result["mirrors_reloaded"] = _reload_mirrors(item)
     return result
@@ -257,11 +471,13 @@ def cmd_restore(session: Session) -> int:
             EXIT_CONFIG,
         )
     pg_restore = find_tool("pg_restore", args.pg_bindir)
+    # Every item is verified before the first one is restored: a bad backup changes nothing.
+    checked = [_check(item, entries[item.name], directory, pg_restore) for item in items]
     restored = []
     with Progress("restore") as progress:
-        for n, item in enumerate(items, 1):
-            progress.update(f"{item.name} ({n}/{len(items)})")
-            restored.append(_restore(item, entries[item.name], directory, pg_restore))
+        for n, one in enumerate(checked, 1):
+            progress.update(f"{one.item.name} ({n}/{len(items)})")
+            restored.append(_restore(one, pg_restore))
     if session.json:
         print_json({"directory": str(directory), "items": restored})
         return 0
@@ -295,4 +511,13 @@ def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> 
     restore.add_argument("--yes", action="store_true", help="confirm replacing the current tables")
 
 
-__all__ = ["Item", "cmd_backup", "cmd_restore", "owned_by_shard", "register"]
+__all__ = [
+    "Item",
+    "TocEntry",
+    "cmd_backup",
+    "cmd_restore",
+    "owned_by_shard",
+    "parse_toc",
+    "register",
+    "restore_list",
+]

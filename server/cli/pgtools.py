@@ -64,6 +64,24 @@ def find_tool(name: str, bindir: Path | None = None) -> Path:
     raise CliError(f"{name} not found{where}: {_INSTALL_HINT}")
 
 
+def list_archive(pg_restore: Path, archive: Path) -> str:
+    """`pg_restore --list --verbose ARCHIVE`: the archive's table of contents, with dependencies."""
+    try:
+        done = subprocess.run(
+            [str(pg_restore), "--list", "--verbose", str(archive)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:
+        raise CliError(f"cannot run {pg_restore}: {exc.strerror or exc}", EXIT_TOOL_FAILED) from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {done.returncode}"
+        raise CliError(f"{archive} is not a readable pg_dump archive: {reason}", EXIT_TOOL_FAILED)
+    return done.stdout
+
+
 def run_tool(program: Path, args: Sequence[str], dsn: str, what: str) -> str:
     """Run `program args --dbname=DSN`; its stderr's last line becomes the error when it fails."""
     params = conninfo_to_dict(dsn)

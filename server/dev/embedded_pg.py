@@ -4,8 +4,14 @@
 a TCP port (plus a unix socket inside the data directory) and creates the application database;
 `stop()` shuts it down again.  Data survive between runs, which is what `make run` promises.
 
-The cluster trusts every local connection (`--auth=trust`, superuser `postgres`, no password): it is
-meant for a developer's machine or a test run, never for a shared host.
+Connections over TCP need a password (scram-sha-256, from any address): a random one is generated
+into `pgpass` inside the data directory (mode 0600, libpq's password-file format) on first start,
+and the DSNs this class hands out name that file (`?passfile=...`), so no password ever appears in
+a DSN, a config file or a log line. The unix socket lives in the data directory itself (0700, like
+every PostgreSQL data directory), which only its owner and root can enter; it stays `trust` and is
+how `start()` sets the superuser's password. `pg_hba.conf` is rewritten on every start, so a cluster
+created by an older version with `--auth=trust` is upgraded on its next start. The cluster is still
+meant for a developer's machine or a test run, not for production.
 
 Binaries come from, in order: `$DIALOG_PG_BINDIR`, `pg_config --bindir`, the directory of `initdb` on
 PATH (symlinks resolved) and finally the bundled build of the optional `pgserver` package
@@ -31,6 +37,7 @@ import logging
 import math
 import os
 import pwd
+import secrets
 import shlex
 import shutil
 import socket
@@ -48,6 +55,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from server.errors import StartupError
 
@@ -59,6 +67,17 @@ FALLBACK_USER = "dialogshard"
 """System user created to run PostgreSQL as root when there is no `postgres` user."""
 
 SUPERUSER = "postgres"
+PASSWORD_FILE = "pgpass"
+"""The superuser's password in libpq's password-file format, inside the data directory (mode 0600)."""
+_HBA = """\
+# Written by dialog-shard (server/dev/embedded_pg.py) on every start: edits are overwritten.
+# The unix socket sits in the data directory (0700): only its owner and root can reach it.
+local   all           all                 trust
+local   replication   all                 trust
+# Over TCP, from any address, only with the password of the pgpass file (scram-sha-256).
+host    all           all     all         scram-sha-256
+host    replication   all     all         scram-sha-256
+"""
 _REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
 _STOP_MODES = ("smart", "fast", "immediate")
 _LOG_TAIL_LINES = 25
@@ -231,7 +250,33 @@ class EmbeddedPostgres:
         return self.dsn_for(self.database)
 
     def dsn_for(self, database: str) -> str:
-        return f"postgresql://{SUPERUSER}@{self._connect_host()}:{self.port}/{quote(database, safe='')}"
+        """A TCP DSN of `database` that reads the password from `password_file` (libpq's `passfile`)."""
+        return (
+            f"postgresql://{SUPERUSER}@{self._connect_host()}:{self.port}/{quote(database, safe='')}"
+            f"?passfile={quote(str(self.password_file), safe='/')}"
+        )
+
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / PASSWORD_FILE
+
+    def password(self) -> str:
+        """The superuser's password (from `password_file`), checking the file is private first."""
+        path = self.password_file
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise EmbeddedPostgresError(f"{path} is missing: start the cluster once to create it") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+            raise EmbeddedPostgresError(
+                f"{path} must be a regular file readable only by its owner "
+                f"(it is {stat.filemode(st.st_mode)}): chmod 600 {shlex.quote(str(path))}"
+            )
+        line = path.read_text().strip()
+        _, _, password = line.rpartition(":")
+        if not password or line.count(":") != 4:
+            raise EmbeddedPostgresError(f"{path} is not a password file written by dialog-shard; delete it")
+        return password
 
     def _connect_host(self) -> str:
         first = self.host.split(",")[0].strip()
@@ -249,15 +294,18 @@ class EmbeddedPostgres:
         self._check_socket_path()
         self._run_as = self._resolve_run_as()
         self._check_reachable()
-        self._initdb(timeout)
-        if self.is_running():
-            if self._running_with_our_options():
-                _log.info("reusing PostgreSQL already running on %s (port %d)", self.data_dir, self.port)
-                self.create_database(self.database)
-                return
+        fresh = self._initdb(timeout)
+        hba_changed = self._write_hba(warn=not fresh)
+        self._ensure_password_file()
+        if self.is_running() and not self._running_with_our_options():
             _log.warning("a PostgreSQL started with other options runs on %s; restarting it", self.data_dir)
             self.stop("fast")
-        self._pg_ctl_start(timeout)
+        if self.is_running():
+            _log.info("reusing PostgreSQL already running on %s (port %d)", self.data_dir, self.port)
+        else:
+            hba_changed = False  # a fresh start reads the new pg_hba.conf anyway
+            self._pg_ctl_start(timeout)
+        self._set_password(reload=hba_changed)
         self.create_database(self.database)
 
     def stop(self, mode: str = "fast", timeout: float = 60.0) -> None:
@@ -326,6 +374,66 @@ class EmbeddedPostgres:
                     ) from None
         return _ensure_service_user()
 
+    def _give_to_pg_user(self, path: Path) -> None:
+        if self._run_as is not None:
+            os.chown(path, self._run_as.pw_uid, self._run_as.pw_gid)
+
+    def _write_hba(self, *, warn: bool) -> bool:
+        """Our pg_hba.conf (TCP needs the password); True when the file said something else before."""
+        hba = self.data_dir / "pg_hba.conf"
+        with contextlib.suppress(FileNotFoundError):
+            if hba.read_text() == _HBA:
+                return False
+        if warn:
+            _log.warning(
+                "%s allowed other authentication (clusters of older versions trusted every local "
+                "connection); rewriting it: TCP connections now need the password in %s",
+                hba,
+                self.password_file,
+            )
+        hba.write_text(_HBA)
+        hba.chmod(0o600)
+        self._give_to_pg_user(hba)
+        return True
+
+    def _ensure_password_file(self) -> None:
+        """A random superuser password in `password_file` (0600, owned by PostgreSQL's user), once."""
+        path = self.password_file
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            self.password()  # checks its mode and format
+            return
+        with os.fdopen(fd, "w") as handle:
+            # token_urlsafe has no ':' or '\\', the two characters the file format escapes.
+            handle.write(f"*:*:*:{SUPERUSER}:{secrets.token_urlsafe(32)}\n")
+        # PostgreSQL's user must read it too: pg_basebackup copies the whole data directory.
+        self._give_to_pg_user(path)
+
+    def _socket_conninfo(self) -> str:
+        return make_conninfo(host=str(self.data_dir), port=self.port, user=SUPERUSER, dbname="postgres")
+
+    def _set_password(self, *, reload: bool) -> None:
+        """Give the superuser the password of `password_file`, over the unix socket (a primary only)."""
+        password = self.password()
+        try:
+            with psycopg.connect(self._socket_conninfo(), autocommit=True, connect_timeout=10) as conn:
+                if reload:
+                    conn.execute("SELECT pg_reload_conf()")
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                if row is not None and row[0]:
+                    return  # a standby: the role and its password come from the primary
+                conn.execute("SET password_encryption = 'scram-sha-256'")
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                        sql.Identifier(SUPERUSER), sql.Literal(password)
+                    )
+                )
+        except psycopg.OperationalError as exc:
+            raise EmbeddedPostgresError(
+                f"cannot set the superuser's password over the unix socket in {self.data_dir}: {exc}"
+            ) from exc
+
     def _check_reachable(self) -> None:
         user = self._run_as
         if user is None:
@@ -391,9 +499,10 @@ class EmbeddedPostgres:
             out.seek(0)
             return proc.returncode, out.read()
 
-    def _initdb(self, timeout: float) -> None:
+    def _initdb(self, timeout: float) -> bool:
+        """initdb unless the cluster exists; whether it ran."""
         if (self.data_dir / "PG_VERSION").exists():
-            return
+            return False
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self._run_as is not None:
             os.chown(self.data_dir, self._run_as.pw_uid, self._run_as.pw_gid)
@@ -403,7 +512,9 @@ class EmbeddedPostgres:
             str(self.data_dir),
             "-U",
             SUPERUSER,
-            "--auth=trust",
+            # Rewritten by _write_hba before the first start; nothing can connect before then.
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
             "-E",
             "UTF8",
             "--locale=C.UTF-8",
@@ -414,6 +525,7 @@ class EmbeddedPostgres:
         rc, out = self._run(argv, timeout=max(timeout, 60.0), new_session=False)
         if rc != 0:
             raise EmbeddedPostgresError(f"initdb failed for {self.data_dir} (exit {rc}):\n{out.strip()}")
+        return True
 
     def _server_args(self) -> list[str]:
         args = ["-c", f"listen_addresses={self.host}", "-p", str(self.port), "-k", str(self.data_dir)]
