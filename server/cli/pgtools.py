@@ -18,6 +18,7 @@ from pathlib import Path
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from server.cli.session import CliError
+from server.dev.embedded_pg import pg_config_bindir
 
 #: Exit status of a failed external program (pg_dump, pg_restore).
 EXIT_TOOL_FAILED = 1
@@ -35,14 +36,9 @@ def _candidates(bindir: Path | None) -> list[Path]:
     env = os.environ.get("DIALOG_PG_BINDIR")
     if env:
         return [Path(env).expanduser()]
-    pg_config = shutil.which("pg_config")
-    if pg_config is not None:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-            if out:
-                dirs.append(Path(out))
+    configured = pg_config_bindir()
+    if configured is not None:
+        dirs.append(configured)
     with contextlib.suppress(ImportError, ValueError):
         spec = importlib.util.find_spec("pgserver")  # does not import it (importing has side effects)
         if spec is not None and spec.submodule_search_locations:

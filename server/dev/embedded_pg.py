@@ -114,6 +114,20 @@ def _pgserver_bindir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
+def pg_config_bindir() -> Path | None:
+    """The directory `pg_config --bindir` names, if a pg_config on PATH answers."""
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        if out:
+            return Path(out)
+    return None
+
+
 def find_pg_bindir() -> Path:
     """Return the directory holding initdb, pg_ctl and postgres, or raise with installation advice."""
     override = os.environ.get("DIALOG_PG_BINDIR")
@@ -125,15 +139,10 @@ def find_pg_bindir() -> Path:
             )
         return directory.resolve()
 
-    pg_config = shutil.which("pg_config")
-    if pg_config is not None:
-        # pg_config may come from libpq-dev without a server next to it; only trust it if the server is there.
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-            if out and _has_binaries(Path(out)):
-                return Path(out).resolve()
+    configured = pg_config_bindir()
+    # pg_config may come from libpq-dev without a server next to it; only trust it if the server is there.
+    if configured is not None and _has_binaries(configured):
+        return configured.resolve()
 
     initdb = shutil.which("initdb")
     if initdb is not None:
