@@ -58,7 +58,7 @@ Environment variables (they win over the file):
   (the seed's layout: `messages_0..3` side by side).
 - `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`, `DIALOG_WORKERS` (server processes, default 1),
   `DIALOG_PIN_WORKERS` (`1`: pin worker i to the i-th CPU; for a machine running one server).
-- `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key.
+- `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key (at least 32 bytes).
 - `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`.
 - `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key;
   required when only public keys are configured).
@@ -97,7 +97,16 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
 )
-_TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+#: The longest name derived from a shard's table: PostgreSQL names the fence table's state check
+#: `<table>_fences_state_check` (server/storage/fences.py; the others are `<table>_writable_batch`,
+#: `<table>_fences_pkey`, `<table>_request_idx`, ...).
+LONGEST_TABLE_SUFFIX = "_fences_state_check"
+#: PostgreSQL identifiers are at most 63 bytes (NAMEDATALEN - 1); longer ones are silently cut, so a
+#: table name leaves room for every name derived from it.
+MAX_TABLE_NAME_CHARS = 63 - len(LONGEST_TABLE_SUFFIX)
+#: Shortest HS* secret accepted from any source (file, inline, environment), in bytes.
+MIN_SECRET_BYTES = 32
 
 
 class ConfigError(StartupError, ValueError):
@@ -499,8 +508,7 @@ def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfi
         except KeyError as exc:
             raise ConfigError(f"every [[shards]] entry needs 'id' and 'dsn'; missing {exc}") from None
         table = str(entry.get("table", f"messages_{shard_id}"))
-        if not _TABLE_NAME.match(table):
-            raise ConfigError(f"shard {shard_id}: table name {table!r} must match {_TABLE_NAME.pattern}")
+        _check_table_name(shard_id, table)
         try:
             conninfo_to_dict(dsn)
         except Exception:
@@ -529,6 +537,21 @@ def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfi
             raise ConfigError(f"shard {s.shard_id} reuses table {s.table} on {s.location} of another shard")
         seen.add(key)
     return tuple(shards)
+
+
+def _check_table_name(shard_id: int, table: str) -> None:
+    """A name PostgreSQL keeps as written, with room for the names derived from it."""
+    if not _TABLE_NAME.fullmatch(table):
+        raise ConfigError(
+            f"shard {shard_id}: table name {table!r} must be lowercase ASCII letters, digits and "
+            "underscores, not starting with a digit"
+        )
+    if len(table) > MAX_TABLE_NAME_CHARS:
+        raise ConfigError(
+            f"shard {shard_id}: table name {table!r} is {len(table)} characters, longer than "
+            f"{MAX_TABLE_NAME_CHARS}: PostgreSQL cuts identifiers at 63 bytes, and names derived from "
+            f"the table (up to {table[:8]}...{LONGEST_TABLE_SUFFIX}) must fit whole"
+        )
 
 
 def _auth(auth_data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> AuthConfig:
@@ -674,7 +697,7 @@ def _path(value: object, base_dir: Path) -> Path | None:
 
 def _secret(auth_data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> bytes:
     if env.get("DIALOG_JWT_SECRET"):
-        return env["DIALOG_JWT_SECRET"].encode()
+        return _strong(env["DIALOG_JWT_SECRET"].encode(), "DIALOG_JWT_SECRET")
     secret_file = env.get("DIALOG_JWT_SECRET_FILE", auth_data.get("jwt_secret_file"))
     if secret_file:
         path = Path(secret_file)
@@ -683,15 +706,23 @@ def _secret(auth_data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path
             secret = path.read_bytes().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the JWT secret file {path}: {exc.strerror}") from None
-        if len(secret) < 32:
-            raise ConfigError(f"the JWT secret in {path} is shorter than 32 bytes")
-        return secret
+        return _strong(secret, f"the file {path}")
     if auth_data.get("jwt_secret"):
-        return str(auth_data["jwt_secret"]).encode()
+        return _strong(str(auth_data["jwt_secret"]).encode(), "[auth] jwt_secret")
     raise ConfigError(
         "no JWT key configured: set DIALOG_JWT_SECRET(_FILE) or [auth] jwt_secret_file "
         "(`dialog-server --dev` generates one)"
     )
+
+
+def _strong(secret: bytes, source: str) -> bytes:
+    """`secret` if it is long enough to be a key rather than a password; never says what it is."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"the JWT secret from {source} is shorter than {MIN_SECRET_BYTES} bytes ({len(secret)}): "
+            "HS256 keys must be random and at least 32 bytes long (e.g. `openssl rand -base64 48`)"
+        )
+    return secret
 
 
 def _known(section: Mapping[str, Any], cls: type, name: str) -> dict[str, Any]:
