@@ -8,10 +8,17 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     control_dsn = "postgresql://postgres@10.0.0.1:5432/dialog"   # shard_map; default: shard 0's DSN
 
     [auth]
-    jwt_secret_file = "/etc/dialog-shard/jwt-secret"
-    # Or public keys of an external issuer (RS256/ES256 and friends), one PEM or a JWKS with kids:
+    jwt_secret_file = "/etc/dialog-shard/jwt-secret"   # >= 32 bytes, as inline jwt_secret and env
+    # Or public keys of an external issuer (RS256/ES256 and friends), one PEM or a JWKS with kids;
+    # then issuer and audience are required (and checked in every token):
     # algorithms = ["RS256", "ES256"]
     # jwks_file = "/etc/dialog-shard/jwks.json"        # or public_key_file = "issuer.pem"
+    # issuer = "https://issuer.example"
+    # audience = "dialog-shard"
+    max_token_lifetime_seconds = 86400      # exp - iat of user tokens (iat required); 0: no limit
+    max_admin_token_lifetime_seconds = 3600 # the same for admin tokens
+    leeway_seconds = 30                     # clock skew on exp/nbf/iat, at most 300
+    # revocation_file = "/etc/dialog-shard/revoked.json"  # {"jti": [...], "kid": [...]}, re-read on change
 
     [tls]                                   # optional; without it the port is plaintext
     cert_file = "/etc/dialog-shard/server.pem"      # certificate chain, leaf first
@@ -59,7 +66,8 @@ Environment variables (they win over the file):
 - `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`, `DIALOG_WORKERS` (server processes, default 1),
   `DIALOG_PIN_WORKERS` (`1`: pin worker i to the i-th CPU; for a machine running one server).
 - `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key (at least 32 bytes).
-- `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`.
+- `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`,
+  `DIALOG_JWT_ISSUER`, `DIALOG_JWT_AUDIENCE`, `DIALOG_JWT_REVOCATION_FILE`.
 - `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key;
   required when only public keys are configured).
 - `DIALOG_METRICS_LISTEN`: address of the metrics endpoint, or `off`.
@@ -107,6 +115,12 @@ LONGEST_TABLE_SUFFIX = "_fences_state_check"
 MAX_TABLE_NAME_CHARS = 63 - len(LONGEST_TABLE_SUFFIX)
 #: Shortest HS* secret accepted from any source (file, inline, environment), in bytes.
 MIN_SECRET_BYTES = 32
+#: Largest accepted `[auth] leeway_seconds`: clock skew beyond this is a broken clock, not skew.
+MAX_LEEWAY_SECONDS = 300.0
+#: Default longest lifetime (exp - iat) of a user token: a day, so a session token lasts a working day.
+DEFAULT_MAX_TOKEN_LIFETIME = 24 * 3600.0
+#: Default longest lifetime of an admin token: an hour, what one operator task takes.
+DEFAULT_MAX_ADMIN_TOKEN_LIFETIME = 3600.0
 
 
 class ConfigError(StartupError, ValueError):
@@ -200,14 +214,26 @@ class AuthConfig:
     public_key_file: Path | None = None
     #: JWKS file whose keys verify RS*/PS*/ES* tokens by `kid`; re-read when it changes.
     jwks_file: Path | None = None
-    #: Required `iss` claim, if set.
+    #: Required `iss` claim, if set (required setting with public keys or a JWKS).
     issuer: str | None = None
-    #: Required `aud` claim, if set.
+    #: Required `aud` claim, if set (required setting with public keys or a JWKS).
     audience: str | None = None
-    #: Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #: Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds (0..MAX_LEEWAY_SECONDS).
     leeway_seconds: float = 30.0
     #: Claim that marks an administrator (`"admin": true`).
     admin_claim: str = "admin"
+    #: Longest accepted lifetime (`exp - iat`) of a user token, in seconds; tokens then need `iat`.
+    #: 0: no limit (and `iat` is optional).
+    max_token_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME
+    #: The same for tokens with the admin claim; 0: no limit.
+    max_admin_token_lifetime_seconds: float = DEFAULT_MAX_ADMIN_TOKEN_LIFETIME
+    #: JSON file of revoked token ids and key ids (`{"jti": [...], "kid": [...]}`); re-read when it
+    #: changes, so a revocation applies at once, to tokens already verified too.
+    revocation_file: Path | None = None
+
+    def max_lifetime(self, admin: bool) -> float:
+        """The longest accepted lifetime of a token (admin or not) in seconds; 0: no limit."""
+        return self.max_admin_token_lifetime_seconds if admin else self.max_token_lifetime_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +565,24 @@ def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfi
     return tuple(shards)
 
 
+_AUTH_KEYS = frozenset(
+    {
+        "algorithms",
+        "jwt_secret",
+        "jwt_secret_file",
+        "public_key_file",
+        "jwks_file",
+        "issuer",
+        "audience",
+        "leeway_seconds",
+        "admin_claim",
+        "max_token_lifetime_seconds",
+        "max_admin_token_lifetime_seconds",
+        "revocation_file",
+    }
+)
+
+
 def _check_table_name(shard_id: int, table: str) -> None:
     """A name PostgreSQL keeps as written, with room for the names derived from it."""
     if not _TABLE_NAME.fullmatch(table):
@@ -555,6 +599,10 @@ def _check_table_name(shard_id: int, table: str) -> None:
 
 
 def _auth(auth_data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> AuthConfig:
+    # A misspelt key (`revocations_file`) must not silently leave a protection off.
+    unknown = set(auth_data) - _AUTH_KEYS
+    if unknown:
+        raise ConfigError(f"unknown keys in [auth]: {', '.join(sorted(unknown))}")
     if env.get("DIALOG_JWT_ALGORITHMS"):
         algorithms = tuple(a.strip() for a in env["DIALOG_JWT_ALGORITHMS"].split(",") if a.strip())
     else:
@@ -576,16 +624,47 @@ def _auth(auth_data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> 
         )
     if not asymmetric and (public_key_file or jwks_file):
         raise ConfigError("[auth] public_key_file/jwks_file need an RS*, PS* or ES* algorithm in algorithms")
+    issuer = str(env.get("DIALOG_JWT_ISSUER", auth_data.get("issuer")) or "") or None
+    audience = str(env.get("DIALOG_JWT_AUDIENCE", auth_data.get("audience")) or "") or None
+    if (public_key_file or jwks_file) and (issuer is None or audience is None):
+        missing = " and ".join(n for n, v in (("issuer", issuer), ("audience", audience)) if v is None)
+        raise ConfigError(
+            f"[auth] {'jwks_file' if jwks_file else 'public_key_file'} needs {missing}: set [auth] issuer "
+            "and audience (or DIALOG_JWT_ISSUER, DIALOG_JWT_AUDIENCE) to the iss and aud your issuer "
+            "puts in its tokens, so that tokens it signs for other services are refused here"
+        )
+    leeway = float(auth_data.get("leeway_seconds", 30.0))
+    if not 0 <= leeway <= MAX_LEEWAY_SECONDS:
+        raise ConfigError(
+            f"[auth] leeway_seconds must be in 0..{MAX_LEEWAY_SECONDS:g} (clock skew, not a lifetime), "
+            f"got {leeway:g}"
+        )
+    lifetimes = {
+        name: float(auth_data.get(name, default))
+        for name, default in (
+            ("max_token_lifetime_seconds", DEFAULT_MAX_TOKEN_LIFETIME),
+            ("max_admin_token_lifetime_seconds", DEFAULT_MAX_ADMIN_TOKEN_LIFETIME),
+        )
+    }
+    for name, seconds in lifetimes.items():
+        if not (0 <= seconds < float("inf")):
+            raise ConfigError(
+                f"[auth] {name} must be a number of seconds >= 0 (0: no limit), got {seconds:g}"
+            )
+    revocation_file = _path(env.get("DIALOG_JWT_REVOCATION_FILE", auth_data.get("revocation_file")), base_dir)
     needs_secret = any(a in HMAC_ALGORITHMS for a in algorithms)
     return AuthConfig(
         jwt_secret=_secret(auth_data, env, base_dir) if needs_secret else None,
         algorithms=algorithms,
         public_key_file=public_key_file,
         jwks_file=jwks_file,
-        issuer=env.get("DIALOG_JWT_ISSUER", auth_data.get("issuer")),
-        audience=env.get("DIALOG_JWT_AUDIENCE", auth_data.get("audience")),
-        leeway_seconds=float(auth_data.get("leeway_seconds", 30.0)),
+        issuer=issuer,
+        audience=audience,
+        leeway_seconds=leeway,
         admin_claim=str(auth_data.get("admin_claim", "admin")),
+        max_token_lifetime_seconds=lifetimes["max_token_lifetime_seconds"],
+        max_admin_token_lifetime_seconds=lifetimes["max_admin_token_lifetime_seconds"],
+        revocation_file=revocation_file,
     )
 
 

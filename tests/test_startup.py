@@ -240,6 +240,49 @@ def test_weak_jwt_secrets_are_refused_from_every_source(tmp_path: Path, source: 
     assert config_from_mapping({"shards": _SHARD}, {"DIALOG_JWT_SECRET": "k" * 32}, base_dir=tmp_path)
 
 
+def test_public_keys_without_issuer_and_audience_do_not_start(tmp_path: Path) -> None:
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    config = tmp_path / "server.toml"
+    config.write_text(
+        'page_token_secret = "p"\n[auth]\nalgorithms = ["ES256"]\njwks_file = "jwks.json"\n'
+        '[[shards]]\nid = 0\ndsn = "postgresql://h/db"\n'
+    )
+    assert "jwks_file needs issuer and audience" in _refused_to_start(config, {})
+    assert "jwks_file needs audience" in _refused_to_start(config, {"DIALOG_JWT_ISSUER": "https://i.test"})
+
+
+@pytest.mark.parametrize(
+    ("auth", "fragment"),
+    [
+        ({"leeway_seconds": 301}, r"leeway_seconds must be in 0\.\.300"),
+        ({"leeway_seconds": -1}, r"leeway_seconds must be in 0\.\.300"),
+        ({"max_token_lifetime_seconds": -1}, "max_token_lifetime_seconds must be a number of seconds >= 0"),
+        ({"max_admin_token_lifetime_seconds": "inf"}, "max_admin_token_lifetime_seconds must be"),
+        ({"revocations_file": "revoked.json"}, r"unknown keys in \[auth\]: revocations_file"),
+    ],
+)
+def test_token_checks_cannot_be_loosened_by_mistake(auth: dict[str, Any], fragment: str) -> None:
+    data = {"auth": {"jwt_secret": "k" * 32, **auth}, "shards": _SHARD}
+    with pytest.raises(ConfigError, match=fragment):
+        config_from_mapping(data, {}, base_dir=Path.cwd())
+
+
+def test_token_lifetimes_leeway_and_revocation_file_are_read(tmp_path: Path) -> None:
+    auth = {
+        "jwt_secret": "k" * 32,
+        "leeway_seconds": 300,
+        "max_token_lifetime_seconds": 600,
+        "max_admin_token_lifetime_seconds": 0,
+        "revocation_file": "revoked.json",
+    }
+    config = config_from_mapping({"auth": auth, "shards": _SHARD}, {}, base_dir=tmp_path).auth
+    assert (config.leeway_seconds, config.max_lifetime(False), config.max_lifetime(True)) == (300, 600, 0)
+    assert config.revocation_file == tmp_path / "revoked.json"
+    default = config_from_mapping({"auth": {"jwt_secret": "k" * 32}, "shards": _SHARD}, {}, base_dir=tmp_path)
+    assert (default.auth.max_lifetime(False), default.auth.max_lifetime(True)) == (86400, 3600)
+    assert default.auth.revocation_file is None
+
+
 @pytest.mark.parametrize(
     ("table", "fragment"),
     [
