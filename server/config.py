@@ -37,6 +37,7 @@ server receives the frozen `ServerConfig` built here. A minimal file::
 
     [metrics]
     listen = "127.0.0.1:9464"               # Prometheus endpoint http://ADDRESS/metrics; port 0 picks one
+                                            # (default: loopback only; "0.0.0.0:9464" for a remote scraper)
     # enabled = false                       # no endpoint at all
 
     [log]
