@@ -209,7 +209,11 @@ class _WatchedFile(Generic[_T]):
         # One stat per call (about a microsecond) makes a change apply at once; the file is parsed
         # only when it changed, so callers cannot make the server re-read it at will.
         stamp = self._current_stamp()
-        if stamp is not None and stamp != self._stamp:
+        if stamp is None:
+            if self._stamp is not None:  # warn once; the file coming back is a change again
+                log.warning("keeping the previous %s: %s is gone", self._what, self._path)
+                self._stamp = None
+        elif stamp != self._stamp:
             try:
                 self._value = self._load(self._path)
             except ConfigError as exc:

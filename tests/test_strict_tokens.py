@@ -202,6 +202,9 @@ async def test_revoked_jti_applies_at_once_also_to_remembered_tokens(
         # A broken update keeps the revocations in force (and logs a warning).
         await asyncio.to_thread(stubs.revocations.write_text, "{not json")
         await refused(stubs.read(a, b, revoked), "has been revoked", "TOKEN_REVOKED")
+        # So does a deleted file.
+        await asyncio.to_thread(stubs.revocations.unlink)
+        await refused(stubs.read(a, b, revoked), "has been revoked", "TOKEN_REVOKED")
     finally:
         await asyncio.to_thread(write_atomically, stubs.revocations, {})
     await stubs.read(a, b, revoked)  # lifted again: the list is the only source of truth
