@@ -1,15 +1,21 @@
 """Bearer-token verification (PyJWT) and the caller identity it yields.
 
-`sub` is the acting user id (a decimal string or number); a true value in the
-configured admin claim grants AdminService. Error messages say what is wrong
-with the token and never anything about keys.
+`sub` is the acting user id, a string in canonical decimal form (`"42"`; not
+`"042"`, `"+42"`, `"4_2"`, other scripts' digits or a JSON number) within int64;
+a true value in the configured admin claim grants AdminService. A token's
+lifetime (`exp - iat`) is bounded (`[auth] max_token_lifetime_seconds`, shorter
+for admin tokens), and a token whose `jti` or `kid` is listed in the revocation
+file is refused (`TOKEN_REVOKED`), also when it was verified before. Error
+messages say what is wrong with the token and never anything about keys.
 
 Keys: HS* tokens verify only against the shared secret, RS*/PS*/ES* tokens only
 against a public key (a PEM file, or the JWKS entry named by the token's `kid`)
 of the matching type. Choosing the key by the algorithm family, and never
 passing a public key to HMAC, is what defeats algorithm confusion; `none` is
 never accepted. A JWKS file is re-read as soon as it changes (replace it
-atomically), so keys are added and withdrawn without a restart.
+atomically), so keys are added and withdrawn without a restart; `{"keys": []}`
+withdraws every key, while a file that cannot be read or parsed keeps the last
+good keys (with a warning). The revocation file is watched the same way.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import contextvars
 import json
 import logging
 import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -49,9 +57,26 @@ class Principal:
     user_id: int | None
     admin: bool
 
+    def log_label(self) -> str:
+        """How the RPC log names the caller: `user:42`, `admin` or `admin+user:42` (never the token)."""
+        user = f"user:{self.user_id}" if self.user_id is not None else ""
+        if self.admin:
+            return f"admin+{user}" if user else "admin"
+        return user
 
-#: The caller of the RPC being handled; set by the auth interceptor.
-current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("current_principal")
+
+#: The caller of the RPC being handled: set by the auth interceptor; None before (or without) it.
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "current_principal", default=None
+)
+
+#: A user id as `sub` must spell it: canonical decimal, ASCII digits, no sign or leading zero.
+_USER_ID = re.compile(r"[1-9][0-9]{0,18}")
+_MAX_USER_ID = 2**63 - 1
+_BAD_SUB = (
+    "the bearer token's sub claim must be a user id in canonical decimal form "
+    '(a string such as "42": ASCII digits, no sign, leading zeros or separators, at most 2^63-1)'
+)
 
 
 _MALFORMED = "the bearer token is malformed (expected a JWT: header.payload.signature)"
@@ -63,6 +88,8 @@ _JWT_ERRORS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
     (jwt.InvalidAudienceError, "the bearer token is for another audience (aud)"),
     (jwt.InvalidIssuerError, "the bearer token has the wrong issuer (iss)"),
     (jwt.MissingRequiredClaimError, "the bearer token lacks a required claim"),
+    (jwt.exceptions.InvalidJTIError, "the bearer token's jti claim must be a string"),
+    (jwt.InvalidIssuedAtError, "the bearer token's iat claim must be a number (seconds since the epoch)"),
     (jwt.InvalidSignatureError, "the bearer token's signature does not verify"),
     (jwt.InvalidAlgorithmError, _WRONG_ALGORITHM),
     (jwt.DecodeError, _MALFORMED),
@@ -91,7 +118,10 @@ def load_public_key(path: Path) -> PublicKey:
 
 
 def load_jwks(path: Path) -> dict[str, PublicKey]:
-    """The public keys of a JWKS file by `kid`; private parts and keys of other types are refused."""
+    """The public keys of a JWKS file by `kid`; private parts and keys of other types are refused.
+
+    `{"keys": []}` is valid and withdraws every key.
+    """
     try:
         data = json.loads(path.read_bytes())
     except OSError as exc:
@@ -99,7 +129,7 @@ def load_jwks(path: Path) -> dict[str, PublicKey]:
     except ValueError:
         raise ConfigError(f"the JWKS file {path} is not valid JSON") from None
     entries = data.get("keys") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, list):
         raise ConfigError(f'the JWKS file {path} has no "keys" list')
     keys: dict[str, PublicKey] = {}
     for index, entry in enumerate(entries):
@@ -119,16 +149,54 @@ def load_jwks(path: Path) -> dict[str, PublicKey]:
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             raise ConfigError(f"key {kid!r} of the JWKS file {path} is neither an RSA nor an EC public key")
         keys[kid] = key
+    if not keys:
+        log.warning("the JWKS file %s lists no keys: every RS*/PS*/ES* token is refused", path)
     return keys
 
 
-class _JwksFile:
-    """The keys of a JWKS file, re-read whenever the file changes (rotation without a restart)."""
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """Revoked token ids (`jti`) and signing key ids (`kid`)."""
 
-    def __init__(self, path: Path) -> None:
+    jti: frozenset[str] = frozenset()
+    kid: frozenset[str] = frozenset()
+
+
+def load_revocations(path: Path) -> Revocations:
+    """The revocation file: `{"jti": ["..."], "kid": ["..."]}` (either list may be left out)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the revocation file {path}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"the revocation file {path} is not valid JSON") from None
+    if not isinstance(data, dict) or set(data) - {"jti", "kid"}:
+        raise ConfigError(f'the revocation file {path} must be an object with "jti" and/or "kid" lists')
+    lists: dict[str, frozenset[str]] = {}
+    for name in ("jti", "kid"):
+        values = data.get(name, [])
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            raise ConfigError(f'"{name}" in the revocation file {path} must be a list of non-empty strings')
+        lists[name] = frozenset(values)
+    return Revocations(jti=lists["jti"], kid=lists["kid"])
+
+
+_T = TypeVar("_T")
+
+
+class _WatchedFile(Generic[_T]):
+    """What `load` makes of a file, made again whenever the file changes (no restart needed).
+
+    A file that cannot be loaded at construction is a ConfigError; later, a change that cannot be
+    loaded (a half-written or broken file) or a removed file keeps the last good value, with a warning.
+    """
+
+    def __init__(self, path: Path, load: Callable[[Path], _T], what: str) -> None:
         self._path = path
+        self._load = load
+        self._what = what
         self._stamp = self._current_stamp()
-        self._keys = load_jwks(path)
+        self._value = load(path)
 
     def _current_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -137,19 +205,23 @@ class _JwksFile:
             return None
         return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
-    def get(self, kid: str) -> PublicKey | None:
-        # One stat per lookup (about a microsecond) makes a removed key stop verifying at once;
-        # the file is parsed only when it changed, so made-up kids cannot make the server re-read it.
+    def current(self) -> _T:
+        # One stat per call (about a microsecond) makes a change apply at once; the file is parsed
+        # only when it changed, so callers cannot make the server re-read it at will.
         stamp = self._current_stamp()
-        if stamp is not None and stamp != self._stamp:
+        if stamp is None:
+            if self._stamp is not None:  # warn once; the file coming back is a change again
+                log.warning("keeping the previous %s: %s is gone", self._what, self._path)
+                self._stamp = None
+        elif stamp != self._stamp:
             try:
-                self._keys = load_jwks(self._path)
+                self._value = self._load(self._path)
             except ConfigError as exc:
-                log.warning("keeping the previous JWT keys: %s", exc)
+                log.warning("keeping the previous %s: %s", self._what, exc)
             else:
-                log.info("reloaded %d JWT keys from %s", len(self._keys), self._path)
+                log.info("reloaded the %s from %s", self._what, self._path)
             self._stamp = stamp
-        return self._keys.get(kid)
+        return self._value
 
 
 class TokenVerifier:
@@ -164,12 +236,17 @@ class TokenVerifier:
     def __init__(self, config: AuthConfig) -> None:
         self._config = config
         self._public_key = load_public_key(config.public_key_file) if config.public_key_file else None
-        self._jwks = _JwksFile(config.jwks_file) if config.jwks_file else None
-        # token -> (key it was verified with, expiry incl. leeway, principal, header alg and kid).
+        self._jwks = _WatchedFile(config.jwks_file, load_jwks, "JWT keys") if config.jwks_file else None
+        self._revocations = (
+            _WatchedFile(config.revocation_file, load_revocations, "revoked tokens and keys")
+            if config.revocation_file
+            else None
+        )
+        # token -> (key it was verified with, expiry incl. leeway, principal, header alg and kid, jti).
         # A hit skips only parsing the header and the signature and claim checks: the key is still
         # looked up per call (a withdrawn kid fails at once) and must be the very key object that
-        # verified the token; expiry is checked again.
-        self._verified: dict[str, tuple[object, float, Principal, object, object]] = {}
+        # verified the token; expiry and revocation are checked again.
+        self._verified: dict[str, tuple[object, float, Principal, object, object, object]] = {}
 
     def verify_header(self, value: str | None) -> Principal:
         if not value:
@@ -203,7 +280,7 @@ class TokenVerifier:
                 raise Unauthenticated(
                     "the bearer token's header lacks a key id (kid)", reason="TOKEN_INVALID"
                 )
-            key = self._jwks.get(kid)
+            key = self._jwks.current().get(kid)
             if key is None:
                 raise Unauthenticated("unknown signing key id", reason="TOKEN_KEY_UNKNOWN")
         else:
@@ -212,13 +289,23 @@ class TokenVerifier:
             raise Unauthenticated(_WRONG_ALGORITHM, reason="TOKEN_INVALID")
         return algorithm, key
 
+    def _check_revoked(self, jti: object, kid: object) -> None:
+        if self._revocations is None:
+            return
+        revoked = self._revocations.current()
+        if isinstance(jti, str) and jti in revoked.jti:
+            raise Unauthenticated("the bearer token has been revoked", reason="TOKEN_REVOKED")
+        if isinstance(kid, str) and kid in revoked.kid:
+            raise Unauthenticated("the bearer token's signing key has been revoked", reason="TOKEN_REVOKED")
+
     def verify(self, token: str) -> Principal:
         config = self._config
         remembered = self._verified.get(token)
         if remembered is not None:
             # The same token string has the same header: its parse is remembered too.
-            verified_with, expires, principal, header_alg, header_kid = remembered
+            verified_with, expires, principal, header_alg, header_kid, jti = remembered
             if self._key_of(header_alg, header_kid)[1] is verified_with and time.time() < expires:
+                self._check_revoked(jti, header_kid)
                 return principal
         header = self._header(token)
         header_alg, header_kid = header.get("alg"), header.get("kid")
@@ -231,7 +318,8 @@ class TokenVerifier:
                 audience=config.audience,
                 issuer=config.issuer,
                 leeway=config.leeway_seconds,
-                options={"require": ["exp"], "verify_aud": config.audience is not None},
+                # sub is checked below, with a message saying how to spell it.
+                options={"require": ["exp"], "verify_aud": config.audience is not None, "verify_sub": False},
             )
         except jwt.PyJWTError as exc:
             for error_type, message in _JWT_ERRORS:
@@ -241,22 +329,14 @@ class TokenVerifier:
                     raise Unauthenticated(message, reason="TOKEN_INVALID") from None
             raise Unauthenticated("the bearer token is invalid", reason="TOKEN_INVALID") from None
         admin = claims.get(config.admin_claim) is True
-        sub = claims.get("sub")
         user_id: int | None = None
-        if sub is not None and sub != "":
-            try:
-                user_id = int(sub)
-            except (TypeError, ValueError):
-                raise Unauthenticated(
-                    "the bearer token's sub claim must be a user id (a positive integer)",
-                    reason="TOKEN_INVALID",
-                ) from None
-            if not 1 <= user_id <= 2**63 - 1:
-                raise Unauthenticated(
-                    "the bearer token's sub claim must be a user id in 1..2^63-1", reason="TOKEN_INVALID"
-                )
+        if "sub" in claims:
+            user_id = _user_id(claims["sub"])
         elif not admin:
             raise Unauthenticated("the bearer token has no sub claim naming the user", reason="TOKEN_INVALID")
+        _check_lifetime(claims, config.max_lifetime(admin), admin)
+        jti = claims.get("jti")
+        self._check_revoked(jti, header_kid)
         principal = Principal(user_id=user_id, admin=admin)
         if len(self._verified) >= self.MAX_REMEMBERED:
             self._verified.clear()
@@ -266,8 +346,52 @@ class TokenVerifier:
             principal,
             header_alg,
             header_kid,
+            jti,
         )
         return principal
+
+
+def _user_id(sub: object) -> int:
+    """The user id `sub` names, if it is spelled canonically; else UNAUTHENTICATED."""
+    if not isinstance(sub, str):
+        raise Unauthenticated(
+            f'the bearer token\'s sub claim must be a string holding the user id ("42"), not a JSON '
+            f"{_json_type(sub)}",
+            reason="TOKEN_INVALID",
+        )
+    if not _USER_ID.fullmatch(sub) or int(sub) > _MAX_USER_ID:
+        raise Unauthenticated(_BAD_SUB, reason="TOKEN_INVALID")
+    return int(sub)
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if value is None:
+        return "null"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _check_lifetime(claims: dict[str, Any], limit: float, admin: bool) -> None:
+    """Refuse a token living longer than `limit` seconds (0: no limit), or not saying when it was issued."""
+    if not limit:
+        return
+    kind = "admin tokens" if admin else "user tokens"
+    if "iat" not in claims:
+        raise Unauthenticated(
+            f"the bearer token lacks the required claim 'iat' (this server limits the lifetime of {kind})",
+            reason="TOKEN_INVALID",
+        )
+    # PyJWT has checked that exp and iat are numbers.
+    lifetime = float(claims["exp"]) - float(claims["iat"])
+    if lifetime > limit:
+        raise Unauthenticated(
+            f"the bearer token lives {lifetime:g} s (exp - iat), longer than the {limit:g} s this server "
+            f"accepts for {kind}",
+            reason="TOKEN_INVALID",
+        )
 
 
 def issue_token(
@@ -285,6 +409,14 @@ def issue_token(
     algorithm = next((a for a in config.algorithms if a in HMAC_ALGORITHMS), None)
     if config.jwt_secret is None or algorithm is None:
         raise ConfigError("cannot issue tokens: no HS256 secret is configured (tokens come from your issuer)")
+    limit = config.max_lifetime(admin)
+    if limit and ttl_seconds > limit:
+        kind = "admin" if admin else "user"
+        setting = "max_admin_token_lifetime_seconds" if admin else "max_token_lifetime_seconds"
+        raise ConfigError(
+            f"a token living {ttl_seconds} s would be refused: the server accepts {kind} tokens "
+            f"living at most {limit:g} s ([auth] {setting})"
+        )
     now = int(time.time())
     claims: dict[str, Any] = {"iat": now, "nbf": now, "exp": now + ttl_seconds}
     if user_id is not None:

@@ -8,10 +8,17 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     control_dsn = "postgresql://postgres@10.0.0.1:5432/dialog"   # shard_map; default: shard 0's DSN
 
     [auth]
-    jwt_secret_file = "/etc/dialog-shard/jwt-secret"
-    # Or public keys of an external issuer (RS256/ES256 and friends), one PEM or a JWKS with kids:
+    jwt_secret_file = "/etc/dialog-shard/jwt-secret"   # >= 32 bytes, as inline jwt_secret and env
+    # Or public keys of an external issuer (RS256/ES256 and friends), one PEM or a JWKS with kids;
+    # then issuer and audience are required (and checked in every token):
     # algorithms = ["RS256", "ES256"]
     # jwks_file = "/etc/dialog-shard/jwks.json"        # or public_key_file = "issuer.pem"
+    # issuer = "https://issuer.example"
+    # audience = "dialog-shard"
+    max_token_lifetime_seconds = 86400      # exp - iat of user tokens (iat required); 0: no limit
+    max_admin_token_lifetime_seconds = 3600 # the same for admin tokens
+    leeway_seconds = 30                     # clock skew on exp/nbf/iat, at most 300
+    # revocation_file = "/etc/dialog-shard/revoked.json"  # {"jti": [...], "kid": [...]}, re-read on change
 
     [tls]                                   # optional; without it the port is plaintext
     cert_file = "/etc/dialog-shard/server.pem"      # certificate chain, leaf first
@@ -30,6 +37,7 @@ server receives the frozen `ServerConfig` built here. A minimal file::
 
     [metrics]
     listen = "127.0.0.1:9464"               # Prometheus endpoint http://ADDRESS/metrics; port 0 picks one
+                                            # (default: loopback only; "0.0.0.0:9464" for a remote scraper)
     # enabled = false                       # no endpoint at all
 
     [log]
@@ -58,8 +66,9 @@ Environment variables (they win over the file):
   (the seed's layout: `messages_0..3` side by side).
 - `DIALOG_NUM_SHARDS`, `DIALOG_CONTROL_DSN`, `DIALOG_WORKERS` (server processes, default 1),
   `DIALOG_PIN_WORKERS` (`1`: pin worker i to the i-th CPU; for a machine running one server).
-- `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key.
-- `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`.
+- `DIALOG_JWT_SECRET` / `DIALOG_JWT_SECRET_FILE`: HS256 key (at least 32 bytes).
+- `DIALOG_JWT_ALGORITHMS` (comma-separated), `DIALOG_JWT_PUBLIC_KEY_FILE`, `DIALOG_JWKS_FILE`,
+  `DIALOG_JWT_ISSUER`, `DIALOG_JWT_AUDIENCE`, `DIALOG_JWT_REVOCATION_FILE`.
 - `DIALOG_PAGE_TOKEN_SECRET`: key signing page tokens (default: derived from the JWT key;
   required when only public keys are configured).
 - `DIALOG_METRICS_LISTEN`: address of the metrics endpoint, or `off`.
@@ -97,7 +106,22 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
 )
-_TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+#: The longest name derived from a shard's table: PostgreSQL names the fence table's state check
+#: `<table>_fences_state_check` (server/storage/fences.py; the others are `<table>_writable_batch`,
+#: `<table>_fences_pkey`, `<table>_request_idx`, ...).
+LONGEST_TABLE_SUFFIX = "_fences_state_check"
+#: PostgreSQL identifiers are at most 63 bytes (NAMEDATALEN - 1); longer ones are silently cut, so a
+#: table name leaves room for every name derived from it.
+MAX_TABLE_NAME_CHARS = 63 - len(LONGEST_TABLE_SUFFIX)
+#: Shortest HS* secret accepted from any source (file, inline, environment), in bytes.
+MIN_SECRET_BYTES = 32
+#: Largest accepted `[auth] leeway_seconds`: clock skew beyond this is a broken clock, not skew.
+MAX_LEEWAY_SECONDS = 300.0
+#: Default longest lifetime (exp - iat) of a user token: a day, so a session token lasts a working day.
+DEFAULT_MAX_TOKEN_LIFETIME = 24 * 3600.0
+#: Default longest lifetime of an admin token: an hour, what one operator task takes.
+DEFAULT_MAX_ADMIN_TOKEN_LIFETIME = 3600.0
 
 
 class ConfigError(StartupError, ValueError):
@@ -195,14 +219,26 @@ class AuthConfig:
     public_key_file: Path | None = None
     #: JWKS file whose keys verify RS*/PS*/ES* tokens by `kid`; re-read when it changes.
     jwks_file: Path | None = None
-    #: Required `iss` claim, if set.
+    #: Required `iss` claim, if set (required setting with public keys or a JWKS).
     issuer: str | None = None
-    #: Required `aud` claim, if set.
+    #: Required `aud` claim, if set (required setting with public keys or a JWKS).
     audience: str | None = None
-    #: Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #: Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds (0..MAX_LEEWAY_SECONDS).
     leeway_seconds: float = 30.0
     #: Claim that marks an administrator (`"admin": true`).
     admin_claim: str = "admin"
+    #: Longest accepted lifetime (`exp - iat`) of a user token, in seconds; tokens then need `iat`.
+    #: 0: no limit (and `iat` is optional).
+    max_token_lifetime_seconds: float = DEFAULT_MAX_TOKEN_LIFETIME
+    #: The same for tokens with the admin claim; 0: no limit.
+    max_admin_token_lifetime_seconds: float = DEFAULT_MAX_ADMIN_TOKEN_LIFETIME
+    #: JSON file of revoked token ids and key ids (`{"jti": [...], "kid": [...]}`); re-read when it
+    #: changes, so a revocation applies at once, to tokens already verified too.
+    revocation_file: Path | None = None
+
+    def max_lifetime(self, admin: bool) -> float:
+        """The longest accepted lifetime of a token (admin or not) in seconds; 0: no limit."""
+        return self.max_admin_token_lifetime_seconds if admin else self.max_token_lifetime_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,8 +539,7 @@ def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfi
         except KeyError as exc:
             raise ConfigError(f"every [[shards]] entry needs 'id' and 'dsn'; missing {exc}") from None
         table = str(entry.get("table", f"messages_{shard_id}"))
-        if not _TABLE_NAME.match(table):
-            raise ConfigError(f"shard {shard_id}: table name {table!r} must match {_TABLE_NAME.pattern}")
+        _check_table_name(shard_id, table)
         try:
             conninfo_to_dict(dsn)
         except Exception:
@@ -535,7 +570,44 @@ def _shards(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ShardConfi
     return tuple(shards)
 
 
+_AUTH_KEYS = frozenset(
+    {
+        "algorithms",
+        "jwt_secret",
+        "jwt_secret_file",
+        "public_key_file",
+        "jwks_file",
+        "issuer",
+        "audience",
+        "leeway_seconds",
+        "admin_claim",
+        "max_token_lifetime_seconds",
+        "max_admin_token_lifetime_seconds",
+        "revocation_file",
+    }
+)
+
+
+def _check_table_name(shard_id: int, table: str) -> None:
+    """A name PostgreSQL keeps as written, with room for the names derived from it."""
+    if not _TABLE_NAME.fullmatch(table):
+        raise ConfigError(
+            f"shard {shard_id}: table name {table!r} must be lowercase ASCII letters, digits and "
+            "underscores, not starting with a digit"
+        )
+    if len(table) > MAX_TABLE_NAME_CHARS:
+        raise ConfigError(
+            f"shard {shard_id}: table name {table!r} is {len(table)} characters, longer than "
+            f"{MAX_TABLE_NAME_CHARS}: PostgreSQL cuts identifiers at 63 bytes, and names derived from "
+            f"the table (up to {table[:8]}...{LONGEST_TABLE_SUFFIX}) must fit whole"
+        )
+
+
 def _auth(auth_data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> AuthConfig:
+    # A misspelt key (`revocations_file`) must not silently leave a protection off.
+    unknown = set(auth_data) - _AUTH_KEYS
+    if unknown:
+        raise ConfigError(f"unknown keys in [auth]: {', '.join(sorted(unknown))}")
     if env.get("DIALOG_JWT_ALGORITHMS"):
         algorithms = tuple(a.strip() for a in env["DIALOG_JWT_ALGORITHMS"].split(",") if a.strip())
     else:
@@ -557,16 +629,47 @@ def _auth(auth_data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> 
         )
     if not asymmetric and (public_key_file or jwks_file):
         raise ConfigError("[auth] public_key_file/jwks_file need an RS*, PS* or ES* algorithm in algorithms")
+    issuer = str(env.get("DIALOG_JWT_ISSUER", auth_data.get("issuer")) or "") or None
+    audience = str(env.get("DIALOG_JWT_AUDIENCE", auth_data.get("audience")) or "") or None
+    if (public_key_file or jwks_file) and (issuer is None or audience is None):
+        missing = " and ".join(n for n, v in (("issuer", issuer), ("audience", audience)) if v is None)
+        raise ConfigError(
+            f"[auth] {'jwks_file' if jwks_file else 'public_key_file'} needs {missing}: set [auth] issuer "
+            "and audience (or DIALOG_JWT_ISSUER, DIALOG_JWT_AUDIENCE) to the iss and aud your issuer "
+            "puts in its tokens, so that tokens it signs for other services are refused here"
+        )
+    leeway = float(auth_data.get("leeway_seconds", 30.0))
+    if not 0 <= leeway <= MAX_LEEWAY_SECONDS:
+        raise ConfigError(
+            f"[auth] leeway_seconds must be in 0..{MAX_LEEWAY_SECONDS:g} (clock skew, not a lifetime), "
+            f"got {leeway:g}"
+        )
+    lifetimes = {
+        name: float(auth_data.get(name, default))
+        for name, default in (
+            ("max_token_lifetime_seconds", DEFAULT_MAX_TOKEN_LIFETIME),
+            ("max_admin_token_lifetime_seconds", DEFAULT_MAX_ADMIN_TOKEN_LIFETIME),
+        )
+    }
+    for name, seconds in lifetimes.items():
+        if not (0 <= seconds < float("inf")):
+            raise ConfigError(
+                f"[auth] {name} must be a number of seconds >= 0 (0: no limit), got {seconds:g}"
+            )
+    revocation_file = _path(env.get("DIALOG_JWT_REVOCATION_FILE", auth_data.get("revocation_file")), base_dir)
     needs_secret = any(a in HMAC_ALGORITHMS for a in algorithms)
     return AuthConfig(
         jwt_secret=_secret(auth_data, env, base_dir) if needs_secret else None,
         algorithms=algorithms,
         public_key_file=public_key_file,
         jwks_file=jwks_file,
-        issuer=env.get("DIALOG_JWT_ISSUER", auth_data.get("issuer")),
-        audience=env.get("DIALOG_JWT_AUDIENCE", auth_data.get("audience")),
-        leeway_seconds=float(auth_data.get("leeway_seconds", 30.0)),
+        issuer=issuer,
+        audience=audience,
+        leeway_seconds=leeway,
         admin_claim=str(auth_data.get("admin_claim", "admin")),
+        max_token_lifetime_seconds=lifetimes["max_token_lifetime_seconds"],
+        max_admin_token_lifetime_seconds=lifetimes["max_admin_token_lifetime_seconds"],
+        revocation_file=revocation_file,
     )
 
 
@@ -680,7 +783,7 @@ def _path(value: object, base_dir: Path) -> Path | None:
 
 def _secret(auth_data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> bytes:
     if env.get("DIALOG_JWT_SECRET"):
-        return env["DIALOG_JWT_SECRET"].encode()
+        return _strong(env["DIALOG_JWT_SECRET"].encode(), "DIALOG_JWT_SECRET")
     secret_file = env.get("DIALOG_JWT_SECRET_FILE", auth_data.get("jwt_secret_file"))
     if secret_file:
         path = Path(secret_file)
@@ -689,15 +792,23 @@ def _secret(auth_data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path
             secret = path.read_bytes().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the JWT secret file {path}: {exc.strerror}") from None
-        if len(secret) < 32:
-            raise ConfigError(f"the JWT secret in {path} is shorter than 32 bytes")
-        return secret
+        return _strong(secret, f"the file {path}")
     if auth_data.get("jwt_secret"):
-        return str(auth_data["jwt_secret"]).encode()
+        return _strong(str(auth_data["jwt_secret"]).encode(), "[auth] jwt_secret")
     raise ConfigError(
         "no JWT key configured: set DIALOG_JWT_SECRET(_FILE) or [auth] jwt_secret_file "
         "(`dialog-server --dev` generates one)"
     )
+
+
+def _strong(secret: bytes, source: str) -> bytes:
+    """`secret` if it is long enough to be a key rather than a password; never says what it is."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"the JWT secret from {source} is shorter than {MIN_SECRET_BYTES} bytes ({len(secret)}): "
+            "HS256 keys must be random and at least 32 bytes long (e.g. `openssl rand -base64 48`)"
+        )
+    return secret
 
 
 def _known(section: Mapping[str, Any], cls: type, name: str) -> dict[str, Any]:

@@ -204,6 +204,34 @@ async def test_keys_rotate_by_kid_without_a_restart(
     assert sorted(r[3] for r in rows) == ["after a broken update", "new key", "new key again", "old key"]
 
 
+async def test_an_empty_jwks_withdraws_every_key_at_once(
+    jwks_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    jwks_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    jwt_secret: str,
+) -> None:
+    a, b = new_pair()
+    rsa_token = sign(RSA_KEY, "RS256", claims(a), "rsa-1")
+    ec_token = sign(EC_KEY, "ES256", claims(a), "ec-1")
+    hs_token = jwt.encode(claims(a), jwt_secret, algorithm="HS256")
+    for token in (rsa_token, ec_token):
+        await send(jwks_stub, a, b, token, "before")  # verified, and remembered
+    try:
+        write_jwks(jwks_path, [])  # the issuer withdraws everything: {"keys": []}
+        for token in (rsa_token, ec_token):
+            err = await expect_error(send(jwks_stub, a, b, token), grpc.StatusCode.UNAUTHENTICATED)
+            assert "unknown signing key id" in (err.details() or "")
+            info, _ = status_details(err)
+            assert info is not None and info.reason == "TOKEN_KEY_UNKNOWN"
+        await send(jwks_stub, a, b, hs_token, "hs256 unaffected")
+        # A file that is not a JWKS at all is a broken update, not a withdrawal: no key comes back.
+        await asyncio.to_thread(jwks_path.write_text, '{"kees": []}')
+        await expect_error(send(jwks_stub, a, b, rsa_token), grpc.StatusCode.UNAUTHENTICATED)
+    finally:
+        write_jwks(jwks_path, [jwk(RSA_KEY, "rsa-1"), jwk(EC_KEY, "ec-1")])
+    await send(jwks_stub, a, b, rsa_token, "after the keys are back")
+
+
 async def test_hs256_tokens_still_work_next_to_public_keys(
     jwks_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
     new_pair: Callable[[], tuple[int, int]],
@@ -218,14 +246,14 @@ async def test_hs256_tokens_still_work_next_to_public_keys(
 def pem_auth(tmp_path: Path, key: Any, algorithms: list[str]) -> AuthConfig:
     path = tmp_path / "issuer.pem"
     path.write_bytes(public_pem(key))
-    auth = {"algorithms": algorithms, "public_key_file": str(path)}
+    auth = {"algorithms": algorithms, "public_key_file": str(path), "issuer": ISSUER, "audience": AUDIENCE}
     return make_config(["postgresql://h/db"], "unused", auth=auth, page_token_secret="p" * 32).auth
 
 
 def test_pem_public_key_verifies_rs256_and_refuses_confusion(tmp_path: Path) -> None:
     auth = pem_auth(tmp_path, RSA_KEY, ["RS256"])
     verifier = TokenVerifier(auth)
-    payload = {k: v for k, v in claims(7).items() if k not in ("aud", "iss")}
+    payload = claims(7)
     assert verifier.verify(sign(RSA_KEY, "RS256", payload, None)).user_id == 7
     assert verifier.verify(sign(RSA_KEY, "RS256", payload, "any-kid")).user_id == 7  # no JWKS: kid is ignored
     for token, fragment in (
@@ -242,7 +270,7 @@ def test_pem_public_key_verifies_rs256_and_refuses_confusion(tmp_path: Path) -> 
 
 def test_pem_ec_key_refuses_rs256_and_other_curves(tmp_path: Path) -> None:
     verifier = TokenVerifier(pem_auth(tmp_path, EC_KEY, ["ES256", "ES384"]))
-    payload = {k: v for k, v in claims(9).items() if k not in ("aud", "iss")}
+    payload = claims(9)
     assert verifier.verify(sign(EC_KEY, "ES256", payload, None)).user_id == 9
     p384 = ec.generate_private_key(ec.SECP384R1())
     with pytest.raises(Unauthenticated, match="algorithm"):
@@ -256,7 +284,17 @@ def test_pem_ec_key_refuses_rs256_and_other_curves(tmp_path: Path) -> None:
         ({"algorithms": ["RS256"]}, "exactly one of public_key_file and jwks_file"),
         ({"algorithms": ["RS256"], "public_key_file": "a.pem", "jwks_file": "b.json"}, "exactly one"),
         ({"jwt_secret": "k" * 32, "jwks_file": "b.json"}, "need an RS*, PS* or ES* algorithm"),
-        ({"algorithms": ["ES256"], "jwks_file": "b.json"}, "page_token_secret"),
+        (
+            {"algorithms": ["ES256"], "jwks_file": "b.json", "issuer": ISSUER, "audience": AUDIENCE},
+            "page_token_secret",
+        ),
+        # Public keys verify tokens for every service of the issuer: iss and aud must be pinned.
+        ({"algorithms": ["ES256"], "jwks_file": "b.json"}, "jwks_file needs issuer and audience"),
+        ({"algorithms": ["ES256"], "jwks_file": "b.json", "issuer": ISSUER}, "jwks_file needs audience"),
+        (
+            {"algorithms": ["RS256"], "public_key_file": "a.pem", "audience": AUDIENCE},
+            "public_key_file needs issuer",
+        ),
     ],
 )
 def test_key_configuration_mistakes_are_named(auth: dict[str, Any], fragment: str) -> None:

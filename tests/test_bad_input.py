@@ -181,7 +181,7 @@ async def test_missing_and_invalid_tokens_are_unauthenticated(
             "exp",
         ),
         "no sub": (
-            (("authorization", "Bearer " + jwt.encode({"exp": now + 60}, jwt_secret, "HS256")),),
+            (("authorization", "Bearer " + jwt.encode({"iat": now, "exp": now + 60}, jwt_secret, "HS256")),),
             "sub",
         ),
     }

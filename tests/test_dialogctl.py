@@ -66,6 +66,12 @@ async def test_token_json_and_ttl(ctl: Callable[..., Any]) -> None:
     assert admin["claims"]["admin"] is True
     assert "sub" not in admin["claims"]
 
+    # A token the server would refuse for living too long is not minted.
+    for who, ttl, limit in ((("--admin",), "3601", "3600"), (("--user", "42"), "86401", "86400")):
+        refused = await ctl("token", *who, "--ttl", ttl)
+        assert refused.returncode != 0 and not refused.stdout
+        assert f"living at most {limit} s" in refused.stderr
+
 
 async def test_token_signed_with_another_key_is_rejected(
     tmp_path: Path,

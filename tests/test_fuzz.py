@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import grpc
+import jwt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -203,6 +204,72 @@ def fuzz_get_dialog(address: str, config: ServerConfig) -> dict[str, int]:
             metadata = (("authorization", f"Bearer {issue_token(config.auth, user_id=caller)}"),)
             code = deliberate_outcome(lambda: stub.GetDialog(request, metadata=metadata, timeout=10))
             counts[code.name] = counts.get(code.name, 0) + 1
+
+        check()
+    return counts
+
+
+async def test_generated_subs_act_only_as_their_canonical_user(
+    address: str, cluster_config: ServerConfig
+) -> None:
+    counts = await asyncio.to_thread(fuzz_subs, address, cluster_config)
+    print(f"\n[fuzz] sub: {counts}")
+    assert counts["accepted"] > 20 and counts["refused"] > 100, counts
+
+
+def canonical_user(sub: object) -> int | None:
+    """The user a sub names if it is spelled canonically (an oracle written apart from the server's)."""
+    if not isinstance(sub, str) or not (sub.isascii() and sub.isdigit()):
+        return None
+    value = int(sub)
+    return value if str(value) == sub and 1 <= value <= MAX_ID else None
+
+
+def lenient_user(sub: object) -> int:
+    """The user a careless parser (`int(sub)`) would read from a sub, else 7."""
+    try:
+        value = int(cast("Any", sub))
+    except (TypeError, ValueError, OverflowError):
+        return 7
+    return value if 1 <= value <= MAX_ID else 7
+
+
+def fuzz_subs(address: str, config: ServerConfig) -> dict[str, int]:
+    secret = config.auth.jwt_secret
+    assert secret is not None
+    counts = {"accepted": 0, "refused": 0}
+    digitish = st.sampled_from([*"0123456789", "+", "-", "_", " ", "\n", ".", "e", "\u0667", "\uff17"])
+    with grpc.insecure_channel(address) as channel:
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+
+        @settings(
+            max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+        )
+        @given(
+            sub=st.one_of(
+                st.integers(1, MAX_ID).map(str),
+                st.integers(-(2**65), 2**65).map(str),
+                st.integers(0, 10**6).map(lambda n: f"0{n}"),
+                st.text(digitish, max_size=22),
+                st.text(max_size=12),
+                st.integers(-(2**65), 2**65),
+                st.floats(allow_nan=False, allow_infinity=False),
+                st.booleans(),
+            )
+        )
+        def check(sub: object) -> None:
+            now = int(time.time())
+            token = jwt.encode({"sub": sub, "iat": now, "exp": now + 60}, secret, algorithm="HS256")
+            user = canonical_user(sub) or lenient_user(sub)
+            request = pb.GetDialogRequest(user_id=user, peer_user_id=user % MAX_ID + 1, page_size=1)
+            metadata = (("authorization", f"Bearer {token}"),)
+            code = deliberate_outcome(lambda: stub.GetDialog(request, metadata=metadata, timeout=10))
+            if canonical_user(sub) is None:
+                assert code == grpc.StatusCode.UNAUTHENTICATED, (sub, code)
+                counts["refused"] += 1
+            else:
+                assert code == grpc.StatusCode.OK, (sub, code)
+                counts["accepted"] += 1
 
         check()
     return counts

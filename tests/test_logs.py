@@ -23,8 +23,9 @@ from typing import Any, TextIO
 import grpc
 import pytest
 
+from client.gen.dialog.v1 import admin_service_pb2 as apb
+from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
-from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
 from server.config import LogConfig, ServerConfig
 from server.observability.logs import RPC_LOGGER, JsonFormatter, TextFormatter, configure_logging
@@ -60,6 +61,8 @@ async def test_one_json_line_per_rpc_without_text_or_tokens(
         a, b = new_pair()
         shard = calculate_shard(a, b, cluster_config.num_shards)
         token = issue_token(cluster_config.auth, user_id=a)
+        admin_token = issue_token(cluster_config.auth, admin=True)
+        admin_auth = (("authorization", f"Bearer {admin_token}"),)
         auth = (("authorization", f"Bearer {token}"), ("x-request-id", "trace-42"))
         secret_text = f"do-not-log-{uuid.uuid4()}"
         bogus_token = f"bogus-{uuid.uuid4()}"
@@ -90,13 +93,20 @@ async def test_one_json_line_per_rpc_without_text_or_tokens(
                     metadata=(("authorization", f"Bearer {bogus_token}"),),
                 )
             assert unauthenticated.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            # An admin reading the pair's messages is traced as the admin.
+            admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+            listed = await admin.ListMessages(
+                apb.ListMessagesRequest(user_id_1=a, user_id_2=b), metadata=admin_auth
+            )
+            assert len(listed.messages) == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), CHILD_TIMEOUT_SECONDS) == 0
 
     text = stderr_path.read_text()
-    for secret in (secret_text, token, bogus_token, page_token):
+    for secret in (secret_text, token, admin_token, bogus_token, page_token):
         assert secret not in text
+        assert secret.split(".")[-1] not in text  # not even a token's signature
     entries = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
     assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
     rpcs = [e for e in entries if e["logger"] == "server.rpc"]
@@ -108,17 +118,20 @@ async def test_one_json_line_per_rpc_without_text_or_tokens(
         ("GetDialog", "OK", shard),
         ("SendMessage", "PermissionDenied", None),
         ("GetDialog", "Unauthenticated", None),
+        ("ListMessages", "OK", shard),
     ]
+    # Every line names the caller: the user, the admin, or nobody when the token did not verify.
+    assert [e["principal"] for e in rpcs] == [f"user:{a}"] * 5 + ["anonymous", "admin"]
+    assert [e["grpc_service"] for e in rpcs] == ["dialog.v1.DialogService"] * 6 + ["dialog.v1.AdminService"]
     for entry in rpcs:
         assert entry["level"] == "INFO"
-        assert entry["grpc_service"] == "dialog.v1.DialogService"
         assert isinstance(entry["duration_ms"], float) and entry["duration_ms"] >= 0
         assert entry["peer"].startswith("ipv4:127.0.0.1:")
-    assert [e.get("x_request_id") for e in rpcs] == ["trace-42"] * 5 + [None]
+    assert [e.get("x_request_id") for e in rpcs] == ["trace-42"] * 5 + [None, None]
     assert [e.get("request_id") for e in rpcs[:2]] == ["send-0", "send-1"]
     # Only the fields the RPC log is allowed to write.
     allowed = {"time", "level", "logger", "message", "grpc_service", "grpc_method", "grpc_code"}
-    allowed |= {"duration_ms", "shard", "peer", "x_request_id", "request_id"}
+    allowed |= {"duration_ms", "shard", "principal", "peer", "x_request_id", "request_id"}
     assert all(e.keys() <= allowed for e in rpcs)
 
 

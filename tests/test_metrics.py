@@ -12,12 +12,14 @@ import re
 import signal
 import socket
 import sys
+import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from client.gen.dialog.v1 import (
     admin_service_pb2,
@@ -25,8 +27,14 @@ from client.gen.dialog.v1 import (
     dialog_service_pb2,
     dialog_service_pb2_grpc,
 )
-from server.config import ConfigError, MetricsConfig, ServerConfig, config_from_mapping
-from server.observability.metrics import ServerMetrics, go_code_name
+from server.config import (
+    DEFAULT_METRICS_LISTEN,
+    ConfigError,
+    MetricsConfig,
+    ServerConfig,
+    config_from_mapping,
+)
+from server.observability.metrics import MetricsEndpoint, ServerMetrics, go_code_name
 from server.routing import calculate_shard
 from server.runtime.app import RunningServer, running_server
 from tests.processes import CHILD_TIMEOUT_SECONDS, child_env, write_server_config
@@ -231,6 +239,38 @@ def test_metrics_config() -> None:
     assert MetricsConfig("0.0.0.0:9464").for_worker(2).listen == "0.0.0.0:9466"
     assert MetricsConfig("127.0.0.1:0").for_worker(3).listen == "127.0.0.1:0"
     assert MetricsConfig(None).for_worker(1).listen is None
+
+
+def _non_loopback_address() -> str | None:
+    """An address of this machine other than loopback (no packet is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "[::1]:0"])
+async def test_metrics_can_listen_on_loopback_only(listen: str) -> None:
+    """The default (127.0.0.1:9464) and any loopback address bind that address and nothing else."""
+    assert DEFAULT_METRICS_LISTEN.startswith("127.0.0.1:")
+    endpoint = MetricsEndpoint(CollectorRegistry(), listen)
+    try:
+        assert endpoint._server.server_address[0] == listen.rpartition(":")[0].strip("[]")
+
+        def fetch() -> int:
+            with urllib.request.urlopen(endpoint.url, timeout=5) as reply:
+                return int(reply.status)
+
+        assert await asyncio.to_thread(fetch) == 200
+        other = _non_loopback_address()
+        if other is not None and listen.startswith("127."):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((other, endpoint.port), timeout=5).close()
+    finally:
+        endpoint.close()
 
 
 def test_code_names_follow_go() -> None:

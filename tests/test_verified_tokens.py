@@ -17,7 +17,7 @@ SECRET = b"k" * 48
 
 
 def _token(secret: bytes, exp: float) -> str:
-    return jwt.encode({"sub": "7", "exp": exp}, secret, algorithm="HS256")
+    return jwt.encode({"sub": "7", "iat": int(time.time()), "exp": exp}, secret, algorithm="HS256")
 
 
 def test_a_remembered_token_still_expires() -> None:

@@ -175,9 +175,12 @@ class Session:
         Its failures are `DialogShardError`s, which `dialogctl.main` turns into exit 64 + code.
         """
         if self._admin is None:
-            # Short-lived: a token only has to outlive the call it is minted for.
+            # Short-lived: a token only has to outlive the call it is minted for, and must stay
+            # within the lifetime the server accepts for admin tokens.
+            ttl = max(300, math.ceil(self.timeout) * 4)
+            limit = self.config().auth.max_admin_token_lifetime_seconds
             mint = functools.partial(
-                self.issue_token, admin=True, ttl_seconds=max(300, math.ceil(self.timeout) * 4)
+                self.issue_token, admin=True, ttl_seconds=min(ttl, math.floor(limit)) if limit else ttl
             )
             mint()  # a config that cannot sign tokens fails here, as a CliError, not inside a call
             server_name: str | None = self.args.server_name

@@ -3,6 +3,8 @@
 The outermost interceptor, so it sees the status the caller gets (after error mapping) and
 times everything the server does for the call. The shard is what the servicer resolved
 (`server.observability.call_context.current_shard`); calls that resolve none report no shard.
+The principal is what the auth interceptor (inside this one, in the same task) verified
+(`server.auth.current_principal`, reset here per call); a call without one logs `anonymous`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Any
 
 import grpc
 
+from server.auth import current_principal
 from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper, metadata_value
 from server.observability.call_context import current_shard
-from server.observability.logs import RpcLog
+from server.observability.logs import ANONYMOUS, RpcLog
 from server.observability.metrics import ServerMetrics, go_code_name
 
 
@@ -36,6 +39,7 @@ class ObserveInterceptor(UnaryUnaryInterceptor):
         def wrap(behavior: Behavior) -> Behavior:
             async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 current_shard.set(None)
+                current_principal.set(None)
                 if method_metrics is not None:
                     method_metrics.started()
                 start = time.perf_counter()
@@ -59,7 +63,9 @@ class ObserveInterceptor(UnaryUnaryInterceptor):
                     if method_metrics is not None:
                         method_metrics.handled(code, seconds, shard, response)
                     if rpc_log is not None and rpc_log.enabled():
+                        principal = current_principal.get()
                         rpc_log.record(
+                            principal=principal.log_label() if principal is not None else ANONYMOUS,
                             service=service,
                             method=name,
                             code=go_code_name(code),

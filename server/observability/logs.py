@@ -5,7 +5,8 @@
 readable line, `auto` picks text when stderr is a terminal and JSON otherwise.
 
 `RpcLog` writes the per-RPC line (logger `server.rpc`, level INFO) with the method, the
-status code, the duration, the shard, the caller's `x-request-id` and SendMessage's
+status code, the duration, the shard, the principal (`user:42`, `admin`, `admin+user:42`, or
+`anonymous` when the call has no verified token), the caller's `x-request-id` and SendMessage's
 `request_id` when given, and the peer. It never writes message text, tokens, page tokens or
 any other request field: what it may write is listed here and nowhere else.
 """
@@ -21,6 +22,8 @@ from typing import Any, TextIO
 from server.config import LogConfig
 
 RPC_LOGGER = "server.rpc"
+#: The principal of a call without a verified token (health, reflection, refused calls).
+ANONYMOUS = "anonymous"
 _RPC_MESSAGE = "%s/%s %s %.2f ms"
 
 #: Longest caller-supplied id written to a log line; longer ones are cut.
@@ -125,6 +128,7 @@ class RpcLog:
         code: str,
         seconds: float,
         shard: int | None,
+        principal: str,
         peer: str | None,
         x_request_id: str | None,
         request_id: str | None,
@@ -139,6 +143,7 @@ class RpcLog:
             "grpc_code": code,
             "duration_ms": duration_ms,
             "shard": shard,
+            "principal": principal,
             "peer": peer,
         }
         if x_request_id:

@@ -32,7 +32,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
     """Authorization comes before validation (AIP-211): the caller acts only as itself."""
-    if current_principal.get().user_id != user_id:
+    principal = current_principal.get()
+    if principal is None or principal.user_id != user_id:
         raise PermissionDenied(
             f"{field} must be the authenticated user: a caller may only {action}", reason=reason
         )
