@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable
@@ -26,6 +27,18 @@ from server.dev.embedded_pg import EmbeddedPostgres, start_on_a_free_port
 REPO = Path(__file__).resolve().parent.parent
 _SERVING = re.compile(r"serving on (\S+:\d+)")
 _METRICS = re.compile(r"metrics on (http://\S+/metrics)")
+
+
+def scratch_dir(prefix: str, stack: contextlib.ExitStack) -> Path:
+    """A fresh directory (in memory where /dev/shm is writable), removed when `stack` closes.
+
+    Mode 0711: PostgreSQL runs as an unprivileged user when we are root, and must reach its data.
+    """
+    root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    stack.callback(shutil.rmtree, path, ignore_errors=True)
+    path.chmod(0o711)
+    return path
 
 
 def start_postgres(

@@ -33,11 +33,9 @@ import json
 import os
 import platform
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable
@@ -62,6 +60,7 @@ from bench.procs import (
     machine_cpu_ticks,
     postmaster_pids,
     rss_kib,
+    scratch_dir,
     start_postgres,
     worker_cpu_seconds,
 )
@@ -219,10 +218,7 @@ class Bench:
         self.stack = stack
         self.started = time.monotonic()
         self.h2load = ensure_h2load()
-        root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
-        self.tmp = Path(tempfile.mkdtemp(prefix="dialog-bench-", dir=root))
-        stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
-        self.tmp.chmod(0o711)  # PostgreSQL runs as an unprivileged user when we are root
+        self.tmp = scratch_dir("dialog-bench-", stack)
         self.results: dict[str, Any] = {}
 
     def log(self, message: str) -> None:

@@ -23,10 +23,8 @@ import datetime as dt
 import json
 import os
 import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from bench.procs import (
     ensure_h2load,
     interrupt_on_sigterm,
     postmaster_pids,
+    scratch_dir,
     start_postgres,
 )
 from bench.workload import MESSAGE_TEXT, Dialog, count_rows, dialogs_per_shard
@@ -106,7 +105,6 @@ class Variant:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     ensure_h2load()
-    root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
     secret = secrets.token_urlsafe(48)
     auth = AuthConfig(jwt_secret=secret.encode())
     variants = [
@@ -118,9 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as outer:
-        tmp = Path(tempfile.mkdtemp(prefix="dialog-scale-", dir=root))
-        outer.callback(shutil.rmtree, tmp, ignore_errors=True)
-        tmp.chmod(0o711)
+        tmp = scratch_dir("dialog-scale-", outer)
         secret_file = tmp / "jwt-secret"
         secret_file.write_text(secret)
         echo = ServerProcess(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,22 @@ def test_make_bench_with_counted_runs_sends_exactly_the_requests_asked_for(tmp_p
     assert (checks["send_h2load_succeeded"], checks["send_rows_stored"]) == (400, 400)
     assert checks["send_cut_off_at_deadline"] == 0
     assert "1 round(s) of 400-request runs (limit 120s)" in stdout
+
+
+def test_operator_reads_benchmark_runs_every_read_at_toy_size() -> None:
+    """`python -m bench.operator_reads`, which docs/operations.md quotes for a 10M-row shard."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.operator_reads", "--rows", "3000", "--pairs", "40", "--repeats", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(done.stdout.splitlines()[-1])
+    # The script itself fails unless the exact count is the seeded one and verify finds nothing.
+    assert figures["stats_exact"]["count"] == 3000 and figures["verify"]["pairs"] == 40
+    assert 0 <= figures["stats_estimate"]["count"] <= 3000 * 2
+    reads = ("stats_estimate", "stats_exact", "hotspots_shard_load", "hotspots_heaviest_pairs", "verify")
+    assert all(figures[name]["seconds"] > 0 for name in reads)
