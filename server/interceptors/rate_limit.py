@@ -110,7 +110,7 @@ class RateLimitInterceptor(CallCheck):
                 if wait > 0:
                     raise ResourceExhausted(
                         f"too many {name} calls: at most {limiter.rate_per_second:g} per second per user "
-                        f"(bursts of {limiter.burst}); retry in {wait:.3f} s",
+                        f"(bursts of {limiter.burst}); retry in {max(wait, 0.001):.3f} s",
                         retry_after_seconds=wait,
                         reason="RATE_LIMITED",
                         metadata={"method": name},
