@@ -54,7 +54,8 @@ def deliberate_outcome(
         code: grpc.StatusCode = err.code()
         assert code in allowed, (code, err.details())
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            assert "too many" in err.details() or "concurrent" in err.details().lower(), err.details()
+            details = err.details() or ""
+            assert "too many" in details or "concurrent" in details.lower(), details
         return code
     return grpc.StatusCode.OK
 
@@ -279,9 +280,9 @@ def fuzz_paging(address: str, config: ServerConfig) -> int:
             metadata = (("authorization", f"Bearer {issue_token(config.auth, user_id=a)}"),)
             stored: list[str] = []
             for text in dialog:
-                request = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text)
+                send = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text)
                 try:
-                    stored.append(stub.SendMessage(request, metadata=metadata, timeout=10).message.message_id)
+                    stored.append(stub.SendMessage(send, metadata=metadata, timeout=10).message.message_id)
                 except grpc.RpcError as err:
                     assert err.code() in DELIBERATE, (err.code(), err.details())
             seen: list[str] = []
