@@ -61,7 +61,7 @@ def _config(path: Path, dsns: list[str], secret_file: Path) -> Path:
             listen="127.0.0.1:0",
             auth={"jwt_secret_file": str(secret_file)},
             settings={"shutdown_grace_seconds": 5.0},
-            sections={"limits": {"send_rate_per_second": 0}},
+            sections={"limits": {"send_rate_per_second": 0, "read_rate_per_second": 0}},
         )
     )
     return path

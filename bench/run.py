@@ -10,7 +10,8 @@ with h2load and pgbench (C load generators in their own processes):
 - server RSS before and after the load, server and PostgreSQL CPU per call;
 - ratios SendMessage/echo, SendMessage/pgbench INSERT and deep/first page, each within one round,
   and each judged against its goal (bench.goals);
-- after the servers stop, shard resolution per call with no overrides and with 100,000 (bench.resolve).
+- after the servers stop, shard resolution per call with no overrides and with 100,000 (bench.resolve),
+  and a rate-limit check per call, in-process vs the table shared by workers (bench.limiter).
 
 Each round runs every measurement once; figures are medians over rounds, ratios are computed within
 a round (then the median of those is shown). SendMessage successes are checked against the rows that
@@ -47,7 +48,7 @@ from typing import Any
 import grpc
 import psycopg
 
-from bench import echo_server, goals, resolve
+from bench import echo_server, goals, limiter, resolve
 from bench.loadgen import Layout, Measurement, Target, grpc_frame, pgbench_binary, run_h2load, run_pgbench
 from bench.procs import (
     REPO,
@@ -86,8 +87,8 @@ NUM_SHARDS = 4
 PAGE_SIZE = 50
 SEND_PATH = "/dialog.v1.DialogService/SendMessage"
 GET_PATH = "/dialog.v1.DialogService/GetDialog"
-#: Config [limits] set for the benchmark when the server knows them (0 disables the per-user rate limit).
-BENCH_LIMITS = {"send_rate_per_second": 0}
+#: Config [limits] set for the benchmark when the server knows them (0 disables a per-user rate limit).
+BENCH_LIMITS = {"send_rate_per_second": 0, "read_rate_per_second": 0}
 #: The server's write batching counters (summed over shards, kinds and workers).
 _STATEMENTS = "dialog_shard_insert_statements_total"
 _STATEMENT_MESSAGES = "dialog_shard_insert_statement_messages_total"
@@ -700,6 +701,8 @@ def render_table(result: dict[str, Any]) -> str:
     )
     if "resolve" in result:
         lines += ["", *resolve.render(result["resolve"])]
+    if "limiter" in result:
+        lines += ["", *limiter.render(result["limiter"])]
     lines.append(f"elapsed {result['elapsed_s']:.0f}s")
     return "\n".join(lines)
 
@@ -737,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     # Pure CPU in this process: measured once the servers have stopped, so nothing else competes.
     result["resolve"] = resolve.measure(args.resolve_overrides)
+    result["limiter"] = limiter.measure()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
     out = args.output_dir / f"{stamp}.json"

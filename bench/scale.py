@@ -209,7 +209,7 @@ def _start_server(
             auth={"jwt_secret_file": str(secret_file)},
             settings={"shutdown_grace_seconds": 5.0},
             sections={
-                "limits": {"send_rate_per_second": 0},
+                "limits": {"send_rate_per_second": 0, "read_rate_per_second": 0},
                 "pool": {"max_write_batch": v.batch, "max_write_batch_wait_ms": v.batch_wait_ms},
                 "metrics": {"listen": "127.0.0.1:0"},  # several servers at once: free ports
             },

@@ -19,9 +19,10 @@ from server.config import DEFAULT_LISTEN, ConfigError, LogConfig, ServerConfig, 
 from server.dev import stack as devstack
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.errors import StartupError
+from server.interceptors.shared_buckets import SharedLimitTables
 from server.observability.logs import configure_logging
 from server.runtime import affinity, eventloop, supervisor
-from server.runtime.app import running_server
+from server.runtime.app import RATE_LIMITS, running_server
 
 _DEV_BANNER = """\
 Try it (in another terminal):
@@ -65,6 +66,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (overrides config)")
     parser.add_argument(supervisor.WORKER_FLAG, type=int, dest="worker_of", help=argparse.SUPPRESS)
     parser.add_argument(supervisor.WORKER_INDEX_FLAG, type=int, dest="worker_index", help=argparse.SUPPRESS)
+    parser.add_argument(
+        supervisor.SHARED_LIMITS_FLAG, type=Path, dest="shared_limits", help=argparse.SUPPRESS
+    )
     return parser.parse_args(argv)
 
 
@@ -74,6 +78,7 @@ async def _serve(
     log_level: str | None,
     worker_of: int | None = None,
     pinned_cpu: int | None = None,
+    shared_limits: Path | None = None,
 ) -> None:
     configure_logging(replace(config.log, level=log_level.upper()) if log_level else config.log)
     if pinned_cpu is not None:
@@ -83,7 +88,9 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     logging.getLogger(__name__).info("event loop: %s", eventloop.name())
-    async with running_server(config, reuse_port=worker_of is not None) as running:
+    async with running_server(
+        config, reuse_port=worker_of is not None, shared_limits=shared_limits
+    ) as running:
         address = f"{config.listen.rsplit(':', 1)[0]}:{running.port}"
         metrics_line = None
         if running.metrics_port is not None and config.metrics.listen is not None:
@@ -122,7 +129,10 @@ def _start(
             config = replace(config, metrics=config.metrics.for_worker(args.worker_index))
             # Before the event loop and gRPC start their threads, which inherit the CPU.
             pinned_cpu = affinity.pin_worker(args.worker_index) if config.pin_workers else None
-        eventloop.run(_serve(config, banner, args.log_level, args.worker_of, pinned_cpu), args.event_loop)
+        eventloop.run(
+            _serve(config, banner, args.log_level, args.worker_of, pinned_cpu, args.shared_limits),
+            args.event_loop,
+        )
         return 0
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
@@ -134,11 +144,17 @@ def _start(
         worker_argv.append("--pin-workers")
     if config_path is not None:
         worker_argv += ["--config", str(config_path)]
-    return asyncio.run(
-        supervisor.Supervisor(
-            worker_argv, workers=workers, listen=config.listen, grace_seconds=config.shutdown_grace_seconds
-        ).run([banner] if banner else [])
-    )
+    # The per-user rate limits hold for the host: every worker maps the same tables.
+    with SharedLimitTables.created(RATE_LIMITS, config.limits.max_tracked_users) as tables:
+        worker_argv += [supervisor.SHARED_LIMITS_FLAG, str(tables.directory)]
+        return asyncio.run(
+            supervisor.Supervisor(
+                worker_argv,
+                workers=workers,
+                listen=config.listen,
+                grace_seconds=config.shutdown_grace_seconds,
+            ).run([banner] if banner else [])
+        )
 
 
 def _run(args: argparse.Namespace) -> int:

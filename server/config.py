@@ -34,6 +34,10 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     [limits]
     send_rate_per_second = 20               # per-user SendMessage token bucket; 0 disables
     send_burst = 100
+    read_rate_per_second = 50               # per-user GetDialog token bucket; 0 disables
+    read_burst = 200
+    max_response_bytes = 1048576            # a GetDialog page ends at this many bytes (>= 1 message)
+    max_concurrent_rpcs = 256               # per server process; more are RESOURCE_EXHAUSTED
 
     [metrics]
     listen = "127.0.0.1:9464"               # Prometheus endpoint http://ADDRESS/metrics; port 0 picks one
@@ -74,6 +78,9 @@ Environment variables (they win over the file):
 - `DIALOG_METRICS_LISTEN`: address of the metrics endpoint, or `off`.
 - `DIALOG_LOG_FORMAT` (`json`, `text`, `auto`), `DIALOG_LOG_LEVEL`, `DIALOG_LOG_RPC` (`0` silences
   the per-RPC lines).
+- `DIALOG_SEND_RATE_PER_SECOND`, `DIALOG_SEND_BURST`, `DIALOG_READ_RATE_PER_SECOND`,
+  `DIALOG_READ_BURST`, `DIALOG_MAX_RESPONSE_BYTES`, `DIALOG_MAX_CONCURRENT_RPCS`: the `[limits]`
+  keys of the same names.
 
 Relative file paths are relative to the config file's directory.
 """
@@ -122,6 +129,20 @@ MAX_LEEWAY_SECONDS = 300.0
 DEFAULT_MAX_TOKEN_LIFETIME = 24 * 3600.0
 #: Default longest lifetime of an admin token: an hour, what one operator task takes.
 DEFAULT_MAX_ADMIN_TOKEN_LIFETIME = 3600.0
+#: Largest message the server sends (`grpc.max_send_message_length`): gRPC's default receive limit,
+#: so that a client with default options can read every response.
+MAX_SEND_BYTES = 4 * 1024 * 1024
+#: Room kept beside `max_response_bytes` under MAX_SEND_BYTES (page token, framing).
+_RESPONSE_HEADROOM = 64 * 1024
+#: [limits] keys an environment variable `DIALOG_<KEY>` overrides.
+_LIMITS_FROM_ENV = (
+    "send_rate_per_second",
+    "send_burst",
+    "read_rate_per_second",
+    "read_burst",
+    "max_response_bytes",
+    "max_concurrent_rpcs",
+)
 
 
 class ConfigError(StartupError, ValueError):
@@ -257,6 +278,17 @@ class LimitsConfig:
     send_rate_per_second: float = 20.0
     #: SendMessage calls one user may make at once before the sustained rate applies.
     send_burst: int = 100
+    #: Sustained GetDialog calls per second allowed to one user; 0 disables the read limit.
+    read_rate_per_second: float = 50.0
+    #: GetDialog calls one user may make at once before the sustained rate applies.
+    read_burst: int = 200
+    #: Bytes of a GetDialog page: the page ends before the message that would pass them (it always
+    #: holds one message) and its next_page_token continues there. Well under gRPC's default 4 MiB
+    #: receive limit, and what bounds a read's memory on the server.
+    max_response_bytes: int = 1024 * 1024
+    #: RPCs one server process runs at once; more are answered RESOURCE_EXHAUSTED at once.
+    #: With max_response_bytes it bounds the memory reads can take.
+    max_concurrent_rpcs: int = 256
     #: Users whose rate-limit state is kept; idle users are forgotten first.
     max_tracked_users: int = 100_000
     #: Largest request message the server reads, in bytes (gRPC answers RESOURCE_EXHAUSTED beyond).
@@ -447,7 +479,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
             "(it cannot be derived when only public JWT keys are configured)"
         )
     pool = PoolConfig(**_known(data.get("pool", {}), PoolConfig, "pool"))
-    limits = LimitsConfig(**_known(data.get("limits", {}), LimitsConfig, "limits"))
+    limits = _limits(data.get("limits", {}), env)
     if pool.min_size < 0 or pool.max_size < max(1, pool.min_size):
         raise ConfigError(f"pool sizes are inconsistent: min_size={pool.min_size}, max_size={pool.max_size}")
     if pool.max_write_batch < 1:
@@ -673,13 +705,34 @@ def _auth(auth_data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> 
     )
 
 
+def _limits(section: Mapping[str, Any], env: Mapping[str, str]) -> LimitsConfig:
+    values = _known(section, LimitsConfig, "limits")
+    for name in _LIMITS_FROM_ENV:
+        text = env.get(f"DIALOG_{name.upper()}")
+        if text:
+            values[name] = float(text) if name.endswith("per_second") else int(text)
+    return LimitsConfig(**values)
+
+
 def _check_limits(limits: LimitsConfig) -> None:
     if not 0 < limits.default_page_size <= limits.max_page_size:
         raise ConfigError("limits.default_page_size must be in 1..limits.max_page_size")
     if limits.send_rate_per_second < 0 or (limits.send_rate_per_second > 0 and limits.send_burst < 1):
         raise ConfigError("limits.send_rate_per_second must be >= 0 (0 disables) and send_burst >= 1")
+    if limits.read_rate_per_second < 0 or (limits.read_rate_per_second > 0 and limits.read_burst < 1):
+        raise ConfigError("limits.read_rate_per_second must be >= 0 (0 disables) and read_burst >= 1")
     if limits.max_tracked_users < 1:
         raise ConfigError("limits.max_tracked_users must be at least 1")
+    # One message of the longest valid text always fits a page; a page always fits what gRPC sends.
+    lowest, highest = limits.max_text_bytes + 1024, MAX_SEND_BYTES - _RESPONSE_HEADROOM
+    if not lowest <= limits.max_response_bytes <= highest:
+        raise ConfigError(
+            f"limits.max_response_bytes must be in {lowest}..{highest} (at least max_text_bytes + 1024, "
+            f"at most gRPC's default 4 MiB receive limit less {_RESPONSE_HEADROOM}), "
+            f"got {limits.max_response_bytes}"
+        )
+    if limits.max_concurrent_rpcs < 1:
+        raise ConfigError("limits.max_concurrent_rpcs must be at least 1")
     # Room for the longest valid text plus ids and request_id, so a valid request is never refused.
     if limits.max_request_bytes < limits.max_text_bytes + 1024:
         raise ConfigError(

@@ -431,7 +431,7 @@ def fault_server_config(path: Path, config: ServerConfig, port: int, jwt_secret:
             sections={
                 "pool": FAST_POOL,
                 "resilience": FAST_RESILIENCE,
-                "limits": {"send_rate_per_second": 0},
+                "limits": {"send_rate_per_second": 0, "read_rate_per_second": 0},
             },
         )
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,16 @@ async def run_async(*argv: str | Path, cwd: Path | None = None, env: dict[str, s
     return Result(Path(argv[0]).name, proc.returncode, out.decode(), err.decode())
 
 
-def write_server_config(path: Path, config: ServerConfig, listen: str, jwt_secret: str) -> Path:
-    """A TOML file for a `dialog-server`/`dialogctl` process on the same shards as `config`."""
+def write_server_config(
+    path: Path,
+    config: ServerConfig,
+    listen: str,
+    jwt_secret: str,
+    *,
+    sections: Mapping[str, Mapping[str, object]] | None = None,
+) -> Path:
+    """A TOML file for a `dialog-server`/`dialogctl` process on the same shards as `config`,
+    with any further `sections` (e.g. `{"limits": {...}}`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         render_config(
@@ -76,6 +85,7 @@ def write_server_config(path: Path, config: ServerConfig, listen: str, jwt_secre
             control_dsn=config.control_dsn,
             listen=listen,
             auth={"jwt_secret": jwt_secret},
+            sections=sections,
         )
     )
     return path

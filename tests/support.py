@@ -216,9 +216,15 @@ def rows_for_pair(config: ServerConfig, pair: tuple[int, int]) -> dict[int, list
 
 
 def preload_pairs(
-    config: ServerConfig, pairs: list[tuple[int, int]], per_pair: int, shards: int = 4
+    config: ServerConfig,
+    pairs: list[tuple[int, int]],
+    per_pair: int,
+    shards: int = 4,
+    text: Callable[[int], str] = "m{}".format,
 ) -> set[str]:
-    """Messages written straight to each pair's home among the first `shards` shards; returns their ids."""
+    """Messages written straight to each pair's home among the first `shards` shards; returns their ids.
+
+    Message i of a pair says `text(i)` (by default `m<i>`)."""
     ids = MessageIdGenerator()
     by_shard: dict[int, list[tuple[Any, ...]]] = {}
     for a, b in pairs:
@@ -226,7 +232,7 @@ def preload_pairs(
         for i in range(per_pair):
             message_id = ids.next()
             by_shard.setdefault(calculate_shard(a, b, shards), []).append(
-                (message_id, low, high, bucket_of(a, b), low, high, f"m{i}", id_time(message_id))
+                (message_id, low, high, bucket_of(a, b), low, high, text(i), id_time(message_id))
             )
     for shard_id, rows in by_shard.items():
         shard = config.shards[shard_id]
@@ -412,3 +418,25 @@ async def read_all(
         token = page.next_page_token
         if not token:
             return ids
+
+
+async def dialog_pages(
+    stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    user: int,
+    peer: int,
+    auth: Metadata,
+    *,
+    order: dpb.MessageOrder.ValueType = dpb.MESSAGE_ORDER_OLDEST_FIRST,
+    page_size: int = 1000,
+) -> list[dpb.GetDialogResponse]:
+    """Every page of the dialog through GetDialog in `order`, following page tokens to the end."""
+    pages: list[dpb.GetDialogResponse] = []
+    token = ""
+    while True:
+        request = dpb.GetDialogRequest(
+            user_id=user, peer_user_id=peer, page_size=page_size, page_token=token, order=order
+        )
+        pages.append(await stub.GetDialog(request, metadata=auth, timeout=30))
+        token = pages[-1].next_page_token
+        if not token:
+            return pages

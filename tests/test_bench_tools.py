@@ -140,6 +140,22 @@ def test_the_resolution_benchmark_runs_alone() -> None:
     assert "overrides, pinned pair" in done.stdout
 
 
+def test_the_limiter_benchmark_runs_alone() -> None:
+    """`python -m bench.limiter`: a rate-limit check in-process and shared (`make bench` runs it too)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.limiter", "--calls", "1000", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    figures = json.loads(done.stdout.splitlines()[-1])
+    assert figures["benchmark"] == "dialog-shard limiter" and figures["calls"] == 1000
+    for name in ("in_process_hot_us", "shared_hot_us", "shared_many_contended_us"):
+        assert 0 < figures[name] < 10_000, figures
+    assert "shared table, 10 users" in done.stdout
+
+
 def test_machine_idle_share_counts_idle_and_iowait_against_all_cpu_time() -> None:
     before = machine_cpu_ticks("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n")
     after = machine_cpu_ticks("cpu  160 0 70 830 60 5 5 0 9 9\n")

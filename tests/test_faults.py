@@ -67,7 +67,7 @@ def fault_config(
         jwt_secret,
         pool=FAST_POOL,
         resilience=FAST_RESILIENCE,
-        limits={"send_rate_per_second": 0},
+        limits={"send_rate_per_second": 0, "read_rate_per_second": 0},
     )
 
 

@@ -12,11 +12,12 @@ import asyncio
 import base64
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
 import jwt
+import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,9 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
 from server.config import ServerConfig
-from tests.support import Metadata, expect_error, rows_for_pair, status_details
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.runtime.app import running_server
+from tests.support import Metadata, expect_error, make_config, rows_for_pair, status_details
 
 MAX_ID = 2**63 - 1
 SEND_METHOD = "/dialog.v1.DialogService/SendMessage"
@@ -38,13 +41,22 @@ DELIBERATE = {
 }
 
 
-def deliberate_outcome(call: Callable[[], object]) -> grpc.StatusCode:
-    """The status of one call, failing the test unless it is one of DELIBERATE."""
+#: What a server with tight limits may answer besides: a rate limit or the concurrency cap.
+UNDER_LIMITS = DELIBERATE | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def deliberate_outcome(
+    call: Callable[[], object], allowed: frozenset[grpc.StatusCode] | set[grpc.StatusCode] = DELIBERATE
+) -> grpc.StatusCode:
+    """The status of one call, failing the test unless it is one of `allowed`."""
     try:
         call()
     except grpc.RpcError as err:
         code: grpc.StatusCode = err.code()
-        assert code in DELIBERATE, (code, err.details())
+        assert code in allowed, (code, err.details())
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            details = err.details() or ""
+            assert "too many" in details or "concurrent" in details.lower(), details
         return code
     return grpc.StatusCode.OK
 
@@ -160,14 +172,18 @@ def fuzz_send_message(address: str, config: ServerConfig) -> dict[str, int]:
 
 
 async def test_generated_get_dialog_requests(address: str, cluster_config: ServerConfig) -> None:
-    counts = await asyncio.to_thread(fuzz_get_dialog, address, cluster_config)
+    # Generated requests repeat users (the shrinker's favourite is 1): the per-user read limit may
+    # refuse some, with RESOURCE_EXHAUSTED (checked to be the rate limit), never INTERNAL.
+    counts = await asyncio.to_thread(fuzz_get_dialog, address, cluster_config, UNDER_LIMITS)
     print(f"\n[fuzz] GetDialog: {counts}")
     assert all(counts.get(code.name, 0) > 20 for code in DELIBERATE - {grpc.StatusCode.UNAUTHENTICATED}), (
         counts
     )
 
 
-def fuzz_get_dialog(address: str, config: ServerConfig) -> dict[str, int]:
+def fuzz_get_dialog(
+    address: str, config: ServerConfig, allowed: set[grpc.StatusCode] = DELIBERATE
+) -> dict[str, int]:
     counts: dict[str, int] = {}
     with grpc.insecure_channel(address) as channel:
         stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
@@ -202,7 +218,7 @@ def fuzz_get_dialog(address: str, config: ServerConfig) -> dict[str, int]:
                 order=cast("pb.MessageOrder.ValueType", order),
             )
             metadata = (("authorization", f"Bearer {issue_token(config.auth, user_id=caller)}"),)
-            code = deliberate_outcome(lambda: stub.GetDialog(request, metadata=metadata, timeout=10))
+            code = deliberate_outcome(lambda: stub.GetDialog(request, metadata=metadata, timeout=10), allowed)
             counts[code.name] = counts.get(code.name, 0) + 1
 
         check()
@@ -273,6 +289,92 @@ def fuzz_subs(address: str, config: ServerConfig) -> dict[str, int]:
 
         check()
     return counts
+
+
+@pytest_asyncio.fixture(scope="module")
+async def tight_server(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str
+) -> AsyncIterator[tuple[str, ServerConfig]]:
+    """A server with the smallest page budget, a low read rate and few concurrent calls; sends unlimited."""
+    config = make_config(
+        [s.dsn for s in pg_servers],
+        jwt_secret,
+        limits={
+            "send_rate_per_second": 0,
+            "read_rate_per_second": 20,
+            "read_burst": 20,
+            "max_response_bytes": 16384 + 1024,
+            "max_concurrent_rpcs": 4,
+        },
+    )
+    async with running_server(config) as running:
+        yield f"127.0.0.1:{running.port}", config
+
+
+async def test_generated_get_dialog_requests_under_tight_limits(
+    tight_server: tuple[str, ServerConfig],
+) -> None:
+    counts = await asyncio.to_thread(fuzz_get_dialog, *tight_server, UNDER_LIMITS)
+    print(f"\n[fuzz] GetDialog under tight limits: {counts}")
+    # The one caller reading others' dialogs (12345) runs into the read limit.
+    assert counts.get("RESOURCE_EXHAUSTED", 0) > 5 and counts.get("OK", 0) > 20, counts
+
+
+async def test_generated_dialogs_page_within_the_budget_exactly_once(
+    tight_server: tuple[str, ServerConfig],
+) -> None:
+    pages = await asyncio.to_thread(fuzz_paging, *tight_server)
+    assert pages > 80, "some dialogs took several pages"
+
+
+def fuzz_paging(address: str, config: ServerConfig) -> int:
+    """Dialogs of generated texts (up to the size limits) walked at generated page sizes, both orders."""
+    rng = random.Random()
+    budget = config.limits.max_response_bytes
+    walked = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+
+        @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(
+            dialog=st.lists(texts, min_size=1, max_size=6),
+            page_size=st.integers(0, 5),
+            order=st.sampled_from(pb.MessageOrder.values()),
+        )
+        def check(dialog: list[str], page_size: int, order: int) -> None:
+            nonlocal walked
+            a, b = fresh_id(rng), fresh_id(rng)
+            metadata = (("authorization", f"Bearer {issue_token(config.auth, user_id=a)}"),)
+            stored: list[str] = []
+            for text in dialog:
+                send = pb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text)
+                try:
+                    stored.append(stub.SendMessage(send, metadata=metadata, timeout=10).message.message_id)
+                except grpc.RpcError as err:
+                    assert err.code() in DELIBERATE, (err.code(), err.details())
+            seen: list[str] = []
+            token = ""
+            for _ in range(len(stored) + 1):
+                request = pb.GetDialogRequest(
+                    user_id=a,
+                    peer_user_id=b,
+                    page_size=page_size,
+                    page_token=token,
+                    order=cast("pb.MessageOrder.ValueType", order),
+                )
+                page = stub.GetDialog(request, metadata=metadata, timeout=10)
+                walked += 1
+                assert page.ByteSize() <= budget
+                assert page.messages or not stored
+                seen += [m.message_id for m in page.messages]
+                token = page.next_page_token
+                if not token:
+                    break
+            newest_first = order != pb.MESSAGE_ORDER_OLDEST_FIRST
+            assert seen == sorted(stored, reverse=newest_first), "every message once, in order"
+
+        check()
+    return walked
 
 
 def raw_send(channel: grpc.aio.Channel) -> Callable[..., Any]:

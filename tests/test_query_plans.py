@@ -50,12 +50,14 @@ def explain_first_page(
     cursor = MIN_ID if oldest_first else MAX_ID
     conn.execute(f"SET plan_cache_mode = {plan_mode}")
     conn.execute(
-        "PREPARE page(bigint, bigint, uuid, integer, bigint, bigint, bigint) AS "
-        + sql.replace("%s", "${}").format(*range(1, 8))
+        "PREPARE page(bigint, bigint, bigint, uuid, integer, bigint, bigint, bigint, bigint) AS "
+        + sql.replace("%s", "${}").format(*range(1, 10))
     )
+    budget = 1024 * 1024
     try:
         rows = conn.execute(
-            f"EXPLAIN EXECUTE page({pair[0]}, {pair[1]}, '{cursor}', 0, {pair[0]}, {pair[1]}, 51)"
+            f"EXPLAIN EXECUTE page({budget}, {pair[0]}, {pair[1]}, '{cursor}', 0, {pair[0]}, {pair[1]}, 51, "
+            f"{budget})"
         ).fetchall()
     finally:
         conn.execute("DEALLOCATE page")
@@ -72,6 +74,8 @@ def test_dialog_page_uses_the_dialog_index_without_sorting(
         plan = explain_first_page(conn, table, HOT, oldest_first=oldest_first, plan_mode=plan_mode)
     assert f"Index Scan{' Backward' if not oldest_first else ''} using {table}_dialog_idx" in plan, plan
     assert "Sort" not in plan and "Bitmap" not in plan, plan
+    # The byte budget's running sum streams on the index scan, and LIMIT above it stops the scan.
+    assert plan.index("Limit") < plan.index("WindowAgg") < plan.index("Index Scan"), plan
 
 
 def test_first_page_of_a_dialog_that_dominates_its_shard_avoids_the_primary_key(

@@ -16,7 +16,7 @@ from server.config import ConfigError, ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.interceptors.rate_limit import TokenBucketLimiter
 from server.runtime.app import running_server
-from tests.support import Metadata, expect_error, make_config, rows_for_pair, status_details
+from tests.support import Metadata, expect_error, make_config, retry_delay_of, rows_for_pair, status_details
 
 
 class FakeClock:
@@ -84,9 +84,11 @@ def test_limits_configuration_mistakes_are_named() -> None:
 async def limited_stub(
     pg_servers: list[EmbeddedPostgres], jwt_secret: str
 ) -> AsyncIterator[dialog_service_pb2_grpc.DialogServiceAsyncStub]:
-    """Bursts of 3, then one message per 100 s: slow enough that no token refills during the test."""
+    """Bursts of 3 sends and 4 reads, then one per 100 s: no token refills during the test."""
     config = make_config(
-        [s.dsn for s in pg_servers], jwt_secret, limits={"send_rate_per_second": 0.01, "send_burst": 3}
+        [s.dsn for s in pg_servers],
+        jwt_secret,
+        limits={"send_rate_per_second": 0.01, "send_burst": 3, "read_rate_per_second": 0.01, "read_burst": 4},
     )
     async with (
         running_server(config) as running,
@@ -125,6 +127,37 @@ async def test_send_over_the_rate_is_resource_exhausted_with_retry_info(
     assert sorted(m.text for m in page.messages) == ["m0", "m1", "m2"]
     (rows,) = rows_for_pair(cluster_config, (a, b)).values()
     assert sorted(r[3] for r in rows) == ["m0", "m1", "m2"]
+
+
+async def test_reads_over_the_rate_are_resource_exhausted_with_retry_info(
+    limited_stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    a, b = new_pair()
+    await limited_stub.SendMessage(
+        pb.SendMessageRequest(from_user_id=a, to_user_id=b, text="hi"), metadata=auth_for(a)
+    )
+    request = pb.GetDialogRequest(user_id=a, peer_user_id=b)
+    for _ in range(4):
+        page = await limited_stub.GetDialog(request, metadata=auth_for(a))
+        assert [m.text for m in page.messages] == ["hi"]
+    err = await expect_error(
+        limited_stub.GetDialog(request, metadata=auth_for(a)), grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    info, _ = status_details(err)
+    assert info is not None and info.reason == "RATE_LIMITED" and info.metadata["method"] == "GetDialog"
+    assert "too many GetDialog calls" in (err.details() or "")
+    delay = retry_delay_of(err)
+    assert delay is not None and 90 < delay <= 100
+    # The peer reads the same dialog with a bucket of its own, and the reader may still send.
+    peer_page = await limited_stub.GetDialog(
+        pb.GetDialogRequest(user_id=b, peer_user_id=a), metadata=auth_for(b)
+    )
+    assert [m.text for m in peer_page.messages] == ["hi"]
+    await limited_stub.SendMessage(
+        pb.SendMessageRequest(from_user_id=a, to_user_id=b, text="again"), metadata=auth_for(a)
+    )
 
 
 async def test_oversize_request_is_refused_by_grpc_and_nothing_is_stored(

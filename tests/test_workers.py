@@ -328,3 +328,89 @@ async def test_connections_older_than_max_connection_age_are_replaced_and_no_cal
         await replaced  # the server ended the connection (TimeoutError here if it never does)
         assert answered > 5
         assert (await health.Check(request, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _channel_per_worker(running: Supervised) -> dict[int, grpc.aio.Channel]:
+    """Worker pid -> a channel whose one connection that worker accepted (found in /proc)."""
+    channels: dict[int, grpc.aio.Channel] = {}
+    for _ in range(_MAX_CONNECTIONS):
+        if len(channels) == len(running.worker_pids):
+            return channels
+        before = set(_server_connections(running.port))
+        channel = grpc.aio.insecure_channel(running.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        new = set(_server_connections(running.port)) - before
+        owner = [pid for pid in running.worker_pids if new & _socket_inodes(pid)]
+        if len(new) == 1 and len(owner) == 1 and owner[0] not in channels:
+            channels[owner[0]] = channel
+        else:
+            await channel.close()
+    raise AssertionError(f"connections reached only workers {sorted(channels)}")
+
+
+async def test_rate_limits_hold_for_the_host_not_per_worker(
+    tmp_path: Path,
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    send_burst, read_rate, read_burst = 4, 10.0, 5
+    limits = {
+        # Sends: a burst and then no refill within the test.
+        "send_rate_per_second": 0.01,
+        "send_burst": send_burst,
+        # Reads: a sustained rate the test runs into.
+        "read_rate_per_second": read_rate,
+        "read_burst": read_burst,
+    }
+    config_path = write_server_config(
+        tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret, sections={"limits": limits}
+    )
+    sender, peer = new_pair()
+    metadata = auth_for(sender)
+    async with _supervised(config_path, workers=2) as running:
+        channels = await _channel_per_worker(running)
+        try:
+            stubs = [pb_grpc.DialogServiceStub(channels[pid]) for pid in running.worker_pids]
+            # Twice the burst, alternating over the two workers: the burst in total, not per worker.
+            accepted: list[str] = []
+            limited = 0
+            for i in range(2 * send_burst):
+                try:
+                    reply = await stubs[i % 2].SendMessage(
+                        pb.SendMessageRequest(from_user_id=sender, to_user_id=peer, text=f"m{i}"),
+                        metadata=metadata,
+                        timeout=10,
+                    )
+                    accepted.append(reply.message.text)
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+                    limited += 1
+            assert (len(accepted), limited) == (send_burst, send_burst)
+
+            # Reads as fast as they come for ~1.5 s over both workers: at most the burst plus the
+            # rate over the time taken, in total (two per-worker limits would allow twice that).
+            request = pb.GetDialogRequest(user_id=sender, peer_user_id=peer)
+            reads = refused = 0
+            started = loop_time = asyncio.get_running_loop().time()
+            while loop_time - started < 1.5:
+                try:
+                    page = await stubs[(reads + refused) % 2].GetDialog(
+                        request, metadata=metadata, timeout=10
+                    )
+                    assert len(page.messages) == send_burst
+                    reads += 1
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+                    refused += 1
+                loop_time = asyncio.get_running_loop().time()
+            allowed = read_burst + read_rate * (loop_time - started)
+            assert refused > 0
+            assert read_burst <= reads <= allowed + 1, (reads, allowed)
+        finally:
+            for channel in channels.values():
+                await channel.close()
+    stored = [row[3] for rows in rows_for_pair(cluster_config, (sender, peer)).values() for row in rows]
+    assert sorted(stored) == sorted(accepted)

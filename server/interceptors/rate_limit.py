@@ -5,6 +5,10 @@ a call takes one token or is refused with RESOURCE_EXHAUSTED and a RetryInfo
 saying when the next token is there. Memory stays bounded: a bucket idle long
 enough to be full again is indistinguishable from a new one, so it is dropped,
 and beyond `max_keys` buckets the least recently used is dropped as well.
+
+`TokenBucketLimiter` keeps the buckets of one process (a single-process server);
+the workers of `dialog-server --workers N` share theirs through
+`server.interceptors.shared_buckets.SharedTokenBuckets`, with the same contract (`Limiter`).
 """
 
 from __future__ import annotations
@@ -12,13 +16,26 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from server.auth import current_principal
 from server.errors import ResourceExhausted
 from server.interceptors._wrap import CallCheck, Check
+
+
+class Limiter(Protocol):
+    """Per-user token buckets: one process's own, or shared by the workers of a host."""
+
+    rate_per_second: float
+    burst: int
+    #: Buckets dropped for room before they were full again (those users got a fresh burst early).
+    evictions: int
+
+    def acquire(self, key: int) -> float:
+        """Take a token for user `key`: 0.0 when allowed, else the seconds until one is there."""
+        ...
 
 
 class TokenBucketLimiter:
@@ -39,6 +56,7 @@ class TokenBucketLimiter:
         self._max_keys = max_keys
         self._clock = clock
         self._refill_seconds = burst / rate_per_second
+        self.evictions = 0
         # key -> (tokens, time of the last update); ordered from least to most recently used.
         self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
 
@@ -58,7 +76,9 @@ class TokenBucketLimiter:
             wait = (1.0 - tokens) / self.rate_per_second
         self._buckets[key] = (tokens, now)
         if len(self._buckets) > self._max_keys:
-            self._buckets.popitem(last=False)
+            _, (_, dropped) = self._buckets.popitem(last=False)
+            if now - dropped < self._refill_seconds:
+                self.evictions += 1
         return wait
 
     def _forget_idle(self, now: float) -> None:
@@ -73,7 +93,7 @@ class TokenBucketLimiter:
 class RateLimitInterceptor(CallCheck):
     """Applies a per-user limiter to some methods; must run after the auth interceptor."""
 
-    def __init__(self, limiter: TokenBucketLimiter, methods: frozenset[str]) -> None:
+    def __init__(self, limiter: Limiter, methods: frozenset[str]) -> None:
         self._limiter = limiter
         self._methods = methods
 
@@ -90,7 +110,7 @@ class RateLimitInterceptor(CallCheck):
                 if wait > 0:
                     raise ResourceExhausted(
                         f"too many {name} calls: at most {limiter.rate_per_second:g} per second per user "
-                        f"(bursts of {limiter.burst}); retry in {wait:.3f} s",
+                        f"(bursts of {limiter.burst}); retry in {max(wait, 0.001):.3f} s",
                         retry_after_seconds=wait,
                         reason="RATE_LIMITED",
                         metadata={"method": name},

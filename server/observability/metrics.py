@@ -199,6 +199,28 @@ class ServerMetrics:
         and write batching."""
         self.registry.register(StateCollector(pools, overrides, reloads, breakers, batches))
 
+    def watch_rate_limits(self, evictions: Callable[[], Mapping[str, int]]) -> None:
+        """Export the rate limiters' evictions (by limit: `send`, `read`), read at scrape time."""
+        self.registry.register(EvictionCollector(evictions))
+
+
+class EvictionCollector(Collector):
+    """Per-user buckets a rate limiter gave away for room before they were full again."""
+
+    def __init__(self, evictions: Callable[[], Mapping[str, int]]) -> None:
+        self._evictions = evictions
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "dialog_shard_rate_limit_evictions",
+            "Users whose rate-limit bucket was dropped for room before it was full again "
+            "(they got a fresh burst early): the table of tracked users is too small.",
+            labels=["limit"],
+        )
+        for limit, count in sorted(self._evictions().items()):
+            family.add_metric([limit], count)
+        yield family
+
 
 class StateCollector(Collector):
     """Reads the pools, the shard-map mirror and the breakers when Prometheus scrapes.

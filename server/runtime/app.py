@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -27,7 +28,7 @@ from client.gen.dialog.v1 import (
     dialog_service_pb2_grpc,
 )
 from server.auth import TokenVerifier
-from server.config import ServerConfig, TlsConfig
+from server.config import MAX_SEND_BYTES, LimitsConfig, ServerConfig, TlsConfig
 from server.interceptors import (
     AuthInterceptor,
     DeadlineInterceptor,
@@ -37,7 +38,8 @@ from server.interceptors import (
 )
 from server.interceptors._wrap import UnaryUnaryInterceptor
 from server.interceptors.observe import ObserveInterceptor
-from server.interceptors.rate_limit import TokenBucketLimiter
+from server.interceptors.rate_limit import Limiter, TokenBucketLimiter
+from server.interceptors.shared_buckets import SharedTokenBuckets, table_path
 from server.moves.resumer import MoveResumer
 from server.observability.logs import RpcLog
 from server.observability.metrics import MetricsEndpoint, ServerMetrics
@@ -54,6 +56,10 @@ log = logging.getLogger(__name__)
 DIALOG_SERVICE = dialog_service_pb2.DESCRIPTOR.services_by_name["DialogService"].full_name
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SEND_MESSAGE_METHOD = f"/{DIALOG_SERVICE}/SendMessage"
+#: DialogService's read methods, under the per-user read limit.
+READ_METHODS = frozenset({f"/{DIALOG_SERVICE}/GetDialog"})
+#: The rate limits by name (their shared tables' names): rate, burst, limited methods.
+RATE_LIMITS = ("send", "read")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,15 +87,47 @@ def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+def _limit_settings(limits: LimitsConfig) -> dict[str, tuple[float, int, frozenset[str]]]:
+    """The enabled rate limits by name: rate, burst and the methods they limit."""
+    settings = {
+        "send": (limits.send_rate_per_second, limits.send_burst, frozenset({SEND_MESSAGE_METHOD})),
+        "read": (limits.read_rate_per_second, limits.read_burst, READ_METHODS),
+    }
+    return {name: values for name, values in settings.items() if values[0] > 0}
+
+
+def rate_limiters(
+    limits: LimitsConfig, shared: Path | None, stack: AsyncExitStack
+) -> dict[str, tuple[Limiter, frozenset[str]]]:
+    """The enabled rate limiters and their methods: this process's own, or (with `shared`, the
+    directory of the tables the supervising parent created) the host's shared ones."""
+    found: dict[str, tuple[Limiter, frozenset[str]]] = {}
+    for name, (rate, burst, methods) in _limit_settings(limits).items():
+        limiter: Limiter
+        if shared is None:
+            limiter = TokenBucketLimiter(rate_per_second=rate, burst=burst, max_keys=limits.max_tracked_users)
+        else:
+            buckets = SharedTokenBuckets(table_path(shared, name), rate_per_second=rate, burst=burst)
+            stack.callback(buckets.close)
+            limiter = buckets
+        found[name] = (limiter, methods)
+    return found
+
+
 @asynccontextmanager
-async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> AsyncIterator[RunningServer]:
+async def running_server(
+    config: ServerConfig, *, reuse_port: bool = False, shared_limits: Path | None = None
+) -> AsyncIterator[RunningServer]:
     """Open storage, start serving on `config.listen` (port 0 picks one), drain and close on exit.
 
     `reuse_port` is for the worker processes of `dialog-server --workers` (server.runtime.supervisor),
     which share a port their parent reserved; otherwise a taken port fails the start.
+    `shared_limits` is the directory of the rate-limit tables the workers of one parent share
+    (server.interceptors.shared_buckets); without it the limits are this process's own.
     """
     verifier = TokenVerifier(config.auth)  # loads the key files: a bad one fails before any connection
     async with (
+        AsyncExitStack() as stack,
         ShardSet(config.shards, config.pool, config.resilience) as shards,
         Placement(
             config.control_dsn, config.num_shards, config.pool, moving_wait=config.resilience.moving_wait
@@ -111,20 +149,24 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             AuthInterceptor(verifier),
         ]
         limits = config.limits
-        if limits.send_rate_per_second > 0:
-            limiter = TokenBucketLimiter(
-                rate_per_second=limits.send_rate_per_second,
-                burst=limits.send_burst,
-                max_keys=limits.max_tracked_users,
-            )
-            interceptors.append(RateLimitInterceptor(limiter, frozenset({SEND_MESSAGE_METHOD})))
+        limiters = rate_limiters(limits, shared_limits, stack)
+        for limiter, methods in limiters.values():
+            interceptors.append(RateLimitInterceptor(limiter, methods))
+        metrics.watch_rate_limits(
+            lambda: {name: limiter.evictions for name, (limiter, _) in limiters.items()}
+        )
         server = grpc.aio.server(
             # One interceptor for all: each method's wrapped handler is built on its first call.
             interceptors=[FusedInterceptors(interceptors)],
+            # Calls beyond it are answered RESOURCE_EXHAUSTED by gRPC before any handler runs.
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
             options=[
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # gRPC itself refuses larger requests with RESOURCE_EXHAUSTED before any handler runs.
                 ("grpc.max_receive_message_length", limits.max_request_bytes),
+                # Never a response a client with default options cannot read (GetDialog pages stay
+                # within max_response_bytes, well below).
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 ("grpc.max_metadata_size", limits.max_metadata_bytes),
                 ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
                 *_connection_age_options(config),

@@ -2,8 +2,10 @@
 
 One Python process saturates one core in gRPC and asyncio machinery long before PostgreSQL is
 busy, so a host with several cores runs several worker processes. Each worker is a complete
-server (its own pools, shard-map mirror kept current by LISTEN/NOTIFY, rate limiter) bound to the
-same address with SO_REUSEPORT; the kernel spreads incoming connections across them.
+server (its own pools, shard-map mirror kept current by LISTEN/NOTIFY) bound to the same address
+with SO_REUSEPORT; the kernel spreads incoming connections across them. The per-user rate limits are
+the host's, not each worker's: the parent creates their tables (server.interceptors.shared_buckets)
+and every worker maps them (`--shared-limits`).
 
 The parent reserves the address first: it checks that nothing is bound there (a bind without
 SO_REUSEPORT fails if anything is), then keeps a bound, non-listening SO_REUSEPORT socket for its
@@ -36,6 +38,8 @@ from server.errors import StartupError
 WORKER_FLAG = "--worker-of"
 #: Hidden `dialog-server` option giving a worker its index (0..N-1); worker i serves metrics on port + i.
 WORKER_INDEX_FLAG = "--worker-index"
+#: Hidden `dialog-server` option naming the directory of the rate-limit tables the workers share.
+SHARED_LIMITS_FLAG = "--shared-limits"
 #: What a worker prints (instead of the usual banner) once it serves.
 READY_LINE = "dialog-shard worker ready"
 #: How every server process announces its metrics endpoint (prefixed with the worker's index here).

@@ -28,6 +28,8 @@ from server.storage.messages import NewMessage
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
+#: Bytes of a GetDialogResponse kept for its next_page_token (about 50 encoded).
+_TOKEN_ROOM = 128
 
 
 def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
@@ -47,6 +49,8 @@ class DialogService(pb_grpc.DialogServiceServicer):
         self._shards = shards
         self._tokens = tokens
         self._limits = limits
+        # The messages' share of max_response_bytes; the rest is the next_page_token's room.
+        self._page_bytes = limits.max_response_bytes - _TOKEN_ROOM
         self._ids = MessageIdGenerator()
 
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
@@ -112,16 +116,20 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 )
                 violations.raise_if_any()
 
-        # One row more than asked tells whether another page exists without a count.
-        rows = await self._placement.through_moves(
+        # The page ends at `limit` messages or at the byte budget, whichever comes first; the
+        # storage reads one row beyond it to tell whether another page exists, without a count.
+        rows, more = await self._placement.through_moves(
             where,
             lambda shard_id: self._shards.store(shard_id).page(
-                where.pair, after=after, oldest_first=oldest_first, limit=limit + 1
+                where.pair,
+                after=after,
+                oldest_first=oldest_first,
+                limit=limit,
+                max_bytes=self._page_bytes,
             ),
         )
         next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
+        if more:
             next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(rows[-1][0]).bytes)
         response = pb.GetDialogResponse(next_page_token=next_token)
         add_page(response.messages, rows)

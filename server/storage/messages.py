@@ -71,6 +71,9 @@ _COLUMNS = "message_id, from_user_id, to_user_id, text, created_at"
 _PAGE_COLUMNS = "message_id::text AS message_id_text, from_user_id, to_user_id, text, created_at"
 #: One message of a dialog page: (message_id as text, from_user_id, to_user_id, text, created_at).
 PageRow = tuple[str, int, int, str, datetime]
+#: Bytes a dialog.v1.Message in a GetDialogResponse takes besides its text's UTF-8 bytes, at most:
+#: tags and lengths, the 36-character id, two int64 varints, the timestamp (about 85 in all).
+PAGE_MESSAGE_OVERHEAD = 96
 
 
 class MessageStore:
@@ -120,21 +123,31 @@ class MessageStore:
         # The last condition runs once per statement (an InitPlan): it raises when the
         # pair has moved away from this shard, for a reader whose routing is stale.
         pair_and_cursor = "(SELECT %s::bigint AS lo, %s::bigint AS hi, %s::uuid AS cursor) AS p"
+        # A page ends at a byte budget too (the last two parameters): a running sum of the rows'
+        # sizes, over the index order (a WindowAgg streaming on the index scan: no sort, and LIMIT
+        # still stops the scan). The rows that fit come with their text; the first row that does
+        # not comes without it (its text stays in PostgreSQL), only to say that more exist. The
+        # first row always fits. `octet_length` of a TOASTed text reads its header, not the text.
+        size = f"octet_length(text) + {PAGE_MESSAGE_OVERHEAD}"
         self.page_sql = {
-            False: f"""
-                SELECT {_PAGE_COLUMNS} FROM {table}, {pair_and_cursor}
-                WHERE (user_low, user_high, message_id) < (p.lo, p.hi, p.cursor)
-                  AND (user_low, user_high, message_id) > (p.lo, p.hi, '{MIN_ID}'::uuid)
-                  AND (SELECT {table}_readable(%s, %s, %s))
-                ORDER BY user_low DESC, user_high DESC, message_id DESC LIMIT %s
-            """,
-            True: f"""
-                SELECT {_PAGE_COLUMNS} FROM {table}, {pair_and_cursor}
-                WHERE (user_low, user_high, message_id) > (p.lo, p.hi, p.cursor)
-                  AND (user_low, user_high, message_id) < (p.lo, p.hi, '{MAX_ID}'::uuid)
-                  AND (SELECT {table}_readable(%s, %s, %s))
-                ORDER BY user_low, user_high, message_id LIMIT %s
-            """,
+            oldest_first: f"""
+                SELECT message_id_text, from_user_id, to_user_id,
+                       CASE WHEN upto <= %s::bigint OR n = 1 THEN text END, created_at
+                FROM (
+                    SELECT {_PAGE_COLUMNS}, sum({size}) OVER w AS upto, count(*) OVER w AS n
+                    FROM {table}, {pair_and_cursor}
+                    WHERE (user_low, user_high, message_id) {before} (p.lo, p.hi, p.cursor)
+                      AND (user_low, user_high, message_id) {beyond} (p.lo, p.hi, '{edge}'::uuid)
+                      AND (SELECT {table}_readable(%s, %s, %s))
+                    WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)
+                    ORDER BY {order} LIMIT %s
+                ) AS page
+                WHERE upto - ({size}) <= %s::bigint OR n <= 2
+            """
+            for oldest_first, before, beyond, edge, order in (
+                (False, "<", ">", MIN_ID, "user_low DESC, user_high DESC, message_id DESC"),
+                (True, ">", "<", MAX_ID, "user_low, user_high, message_id"),
+            )
         }
         self._count_sql = f"SELECT count(*) FROM {table}"
         # Live rows as PostgreSQL's statistics track them (every insert and delete counts, flushed
@@ -195,24 +208,27 @@ class MessageStore:
         return InsertResult(StoredMessage(*row[:5]), replayed=bool(row[5]))
 
     async def page(
-        self, pair: Pair, *, after: uuid.UUID | None, oldest_first: bool, limit: int
-    ) -> list[PageRow]:
-        """Up to `limit` messages of the pair strictly beyond the cursor `after`, in the given order.
+        self, pair: Pair, *, after: uuid.UUID | None, oldest_first: bool, limit: int, max_bytes: int
+    ) -> tuple[list[PageRow], bool]:
+        """The pair's messages strictly beyond the cursor `after`, in the given order, and whether
+        more follow: at most `limit` of them, and no more than fit `max_bytes` (counting each as
+        its text's UTF-8 bytes + PAGE_MESSAGE_OVERHEAD), but always one if there is one.
 
         May be served by a replica within the configured lag (or any replica while the primary
         is down): a page can then miss the newest messages, never show a wrong one.
         """
         cursor = after if after is not None else (MIN_ID if oldest_first else MAX_ID)
+        bucket = bucket_of(*pair)
+        params = (max_bytes, pair.low, pair.high, cursor, bucket, pair.low, pair.high, limit + 1, max_bytes)
 
         async def op(conn: AsyncConnection[Any]) -> list[PageRow]:
-            cur = await conn.execute(
-                self.page_sql[oldest_first],
-                (pair.low, pair.high, cursor, bucket_of(*pair), pair.low, pair.high, limit),
-                binary=True,
-            )
+            cur = await conn.execute(self.page_sql[oldest_first], params, binary=True)
             return cast(list[PageRow], await cur.fetchall())
 
-        return await self.shard.read(op, stale_ok=True)
+        rows = await self.shard.read(op, stale_ok=True)
+        # Rows past the budget come without text (at most one, the last): they only say "more".
+        page = [row for row in rows[:limit] if row[3] is not None]
+        return page, len(page) < len(rows)
 
     async def count(self) -> int:
         """Number of messages on this shard (exact, on the primary)."""
