@@ -46,7 +46,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from server.errors import FailedPrecondition, ShardUnavailable
+from server.errors import CONTROL_SHARD, ControlUnavailable, FailedPrecondition, ShardUnavailable
 from server.resilience.db_errors import describe_db_error, shard_errors
 from server.routing import Pair, ShardRouter, bucket_of, pair_hash
 from server.routing.layout import units_of_move
@@ -55,7 +55,7 @@ from server.storage.fences import FenceKey, FenceState, FenceStore, pair_fence_k
 from server.storage.layout import Layout, load_layout
 from server.storage.messages import MessageStore
 from server.storage.moves import Flip, Move, MoveLog, MoveState
-from server.storage.overrides import CONTROL_SHARD, OverrideStore
+from server.storage.overrides import OverrideStore
 from server.storage.pools import ShardSet
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncItera
             control_dsn, autocommit=True, connect_timeout=10, application_name="dialog-shard mover"
         )
     except psycopg.Error as exc:
-        raise ShardUnavailable(CONTROL_SHARD, describe_db_error(exc)) from None
+        raise ControlUnavailable(describe_db_error(exc)) from None
     async with conn:
         deadline = asyncio.get_running_loop().time() + wait_seconds
         while True:

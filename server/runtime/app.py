@@ -92,7 +92,11 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
     async with (
         ShardSet(config.shards, config.pool, config.resilience) as shards,
         Placement(
-            config.control_dsn, config.num_shards, config.pool, moving_wait=config.resilience.moving_wait
+            config.control_dsn,
+            config.num_shards,
+            config.pool,
+            moving_wait=config.resilience.moving_wait,
+            resilience=config.resilience,
         ) as placement,
     ):
         tokens = PageTokenCodec(config.page_token_secret)
@@ -164,7 +168,9 @@ async def running_server(config: ServerConfig, *, reuse_port: bool = False) -> A
             interval=config.resilience.probe_interval,
         )
         await reporter.start()
-        resumer = MoveResumer(placement.mover(shards), after=config.resilience.move_resume_after)
+        resumer = MoveResumer(
+            placement.mover(shards), after=config.resilience.move_resume_after, control=placement.control
+        )
         await resumer.start()
         log.info(
             "serving on port %d with %d shards (%s)",
