@@ -382,14 +382,20 @@ class ServerConfig:
 
 
 def describe_dsn(dsn: str) -> str:
-    """`host:port/dbname` of a DSN, never its password."""
+    """`host:port/dbname` of a DSN, never its password; `a:5432,b:5433/dbname` for several hosts
+    (libpq's multi-host DSNs: `host=a,b port=5432,5433`, or a single port for all)."""
     try:
         params = conninfo_to_dict(dsn)
     except Exception:
         return urlsplit(dsn).hostname or "<unparsable dsn>"
-    host = params.get("host") or "localhost"
-    port = params.get("port") or "5432"
-    return f"{host}:{port}/{params.get('dbname', '')}"
+    hosts = [h.strip() or "localhost" for h in str(params.get("host") or "localhost").split(",")]
+    ports = [p.strip() or "5432" for p in str(params.get("port") or "5432").split(",")]
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if len(ports) != len(hosts):  # libpq refuses such a DSN too; show it as written
+        return f"{params.get('host')}:{params.get('port')}/{params.get('dbname', '')}"
+    where = ",".join(f"{h}:{p}" for h, p in zip(hosts, ports, strict=True))
+    return f"{where}/{params.get('dbname', '')}"
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -498,7 +504,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         raise ConfigError(f"max_connection_age_seconds must be 0 (never) or more, got {max_connection_age}")
     return ServerConfig(
         shards=shards,
-        control_dsn=env.get("DIALOG_CONTROL_DSN") or data.get("control_dsn") or shards[0].dsn,
+        control_dsn=_control_dsn(env.get("DIALOG_CONTROL_DSN") or data.get("control_dsn") or shards[0].dsn),
         auth=auth,
         page_token_secret=page_secret,
         listen=env.get("DIALOG_LISTEN", data.get("listen", DEFAULT_LISTEN)),
@@ -514,6 +520,14 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         metrics=_metrics(data.get("metrics", {}), env),
         log=_log(data.get("log", {}), env),
     )
+
+
+def _control_dsn(dsn: object) -> str:
+    try:
+        conninfo_to_dict(str(dsn))
+    except Exception:
+        raise ConfigError("control_dsn is not a valid PostgreSQL connection string") from None
+    return str(dsn)
 
 
 def _metrics(section: Mapping[str, Any], env: Mapping[str, str]) -> MetricsConfig:

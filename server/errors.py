@@ -11,6 +11,7 @@ Exception tree::
     ├── FailedPrecondition       FAILED_PRECONDITION: the system is not in a state that allows it
     ├── ResourceExhausted        RESOURCE_EXHAUSTED + google.rpc.RetryInfo: over a rate limit; retry later
     ├── ShardUnavailable         UNAVAILABLE + google.rpc.RetryInfo: a shard's database cannot be reached
+    │   └── ControlUnavailable   UNAVAILABLE + RetryInfo, reason CONTROL_UNAVAILABLE: the control database
     ├── DialogMoving             UNAVAILABLE + google.rpc.RetryInfo: the dialog is moving between shards
     ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call's deadline passed while a shard was working
     └── InternalError            INTERNAL: a bug; details only in the server log
@@ -181,6 +182,34 @@ class ShardUnavailable(ServiceError):
 
     def details(self) -> list[object]:
         return [_retry_info(self.retry_after_seconds)]
+
+
+#: The shard id `ShardUnavailable.of` and the gates use for the control database (shard_map,
+#: moves, the layout), which is no shard.
+CONTROL_SHARD = -1
+
+
+class ControlUnavailable(ShardUnavailable):
+    """The control database cannot be reached: overrides, moves and reshards wait; messages do not."""
+
+    default_reason = "CONTROL_UNAVAILABLE"
+
+    def __init__(self, cause: str, *, retry_after_seconds: float = 1.0) -> None:
+        ServiceError.__init__(
+            self,
+            f"the control database is unavailable ({cause}): overrides, moves and reshards cannot be "
+            "changed until it is back (sending and reading messages go on); retry later",
+            metadata={"database": "control"},
+        )
+        self.shard_id = CONTROL_SHARD
+        self.retry_after_seconds = retry_after_seconds
+
+
+def unavailable(shard_id: int, cause: str, *, retry_after_seconds: float = 1.0) -> ShardUnavailable:
+    """UNAVAILABLE for shard `shard_id`, or for the control database when it is CONTROL_SHARD."""
+    if shard_id == CONTROL_SHARD:
+        return ControlUnavailable(cause, retry_after_seconds=retry_after_seconds)
+    return ShardUnavailable(shard_id, cause, retry_after_seconds=retry_after_seconds)
 
 
 class DialogMoving(ServiceError):

@@ -3,6 +3,14 @@
 `Placement` owns the control database's pool and the LISTEN/NOTIFY mirror; it
 resolves pairs without I/O and changes overrides through `server.moves.mover`, which
 moves a pair's existing messages to its new shard online.
+
+The control database is a failure domain of its own, watched like a shard's primary: a
+`ShardGate` with its breaker and an `EndpointMonitor` probing it (server.resilience). Sending
+and reading never touch it (routing is the in-memory mirror); override changes and listings go
+through the gate (`ShardGate.guard`), so while it is down or hung they get UNAVAILABLE
+(CONTROL_UNAVAILABLE, with RetryInfo) at once, or as soon as the monitor finds it hung. The
+monitor also tells the mirror's listener to drop a hung connection and to reconnect and reload
+at once when the database answers again.
 """
 
 from __future__ import annotations
@@ -17,10 +25,11 @@ from typing import Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 
-from server.config import PoolConfig
-from server.errors import DialogMoving, FailedPrecondition, NotFound
+from server.config import PoolConfig, ResilienceConfig, describe_dsn
+from server.errors import CONTROL_SHARD, DialogMoving, FailedPrecondition, NotFound
 from server.moves.mover import Mover
 from server.observability.call_context import current_shard
+from server.resilience import EndpointMonitor, ShardGate
 from server.resilience.deadline import remaining
 from server.routing import Pair, Resolution, ShardRouter
 from server.storage.layout import ensure_layout, load_layout
@@ -39,10 +48,18 @@ class Placement:
     """Router + shard map; an async context manager owning the control pool and listener."""
 
     def __init__(
-        self, control_dsn: str, num_shards: int, pool_config: PoolConfig, *, moving_wait: float = 0.0
+        self,
+        control_dsn: str,
+        num_shards: int,
+        pool_config: PoolConfig,
+        *,
+        moving_wait: float = 0.0,
+        resilience: ResilienceConfig | None = None,
     ) -> None:
         self.router = ShardRouter(num_shards)
         self._moving_wait = moving_wait
+        self._resilience = resilience or ResilienceConfig()
+        self._monitor: EndpointMonitor | None = None
         #: Calls that found their dialog moving and waited for routing to change.
         self.moving_waits = 0
         self._configured_shards = num_shards
@@ -64,14 +81,40 @@ class Placement:
     def reloads(self) -> int:
         return self._sync.reloads
 
+    @property
+    def control(self) -> ShardGate:
+        """The control database's gate: its breaker, availability and last error."""
+        if self._monitor is None:
+            raise RuntimeError("Placement is not open")
+        return self._monitor.gate
+
     async def __aenter__(self) -> Placement:
-        self._pool = await open_pool("control", self._control_dsn, self._pool_config, min_size=1, max_size=4)
+        resilience = self._resilience
+        self._pool = await open_pool(
+            "control",
+            self._control_dsn,
+            self._pool_config,
+            min_size=1,
+            max_size=4,
+            reconnect_timeout=resilience.reconnect_timeout,
+        )
         self._presence = PresenceBeacon(self._pool, self._configured_shards)
+        gate = ShardGate(
+            CONTROL_SHARD,
+            self._pool,
+            resilience,
+            acquire_timeout=self._pool_config.acquire_timeout,
+            location=describe_dsn(self._control_dsn),
+        )
+        self._monitor = EndpointMonitor(
+            gate, self._control_dsn, resilience, on_available=self._sync.wake, on_down=self._sync.lost
+        )
         try:
             await self.store.migrate()
             await self._check_layout()
             await self._sync.start()
             await self._presence.start()
+            self._monitor.start()
         except BaseException:
             await self._sync.stop()
             await self._pool.close()
@@ -84,6 +127,8 @@ class Placement:
         started = time.monotonic()
         await self._presence.stop()
         await self._sync.stop()
+        if self._monitor is not None:
+            await self._monitor.stop()
         if self._pool is not None:
             await self._pool.close()
         # Each closing step has its own bound; the time says which one a slow shutdown spent.
@@ -151,8 +196,19 @@ class Placement:
             raise RuntimeError("Placement is not open")
         return Mover(self._control_dsn, self._pool, shards, self.router, **options)  # type: ignore[arg-type]
 
+    async def list_overrides(self, after: Pair | None, limit: int) -> list[OverrideRow]:
+        """A page of the stored overrides (see OverrideStore.page), through the control gate."""
+        return await self.control.guard(self.store.page(after, limit))
+
     async def set_override(self, pair: Pair, shard_id: int, shards: ShardSet) -> OverrideRow:
         """Pin `pair` to `shard_id`, moving its messages there (server.moves.mover)."""
+        return await self.control.guard(self._set_override(pair, shard_id, shards))
+
+    async def delete_override(self, pair: Pair, shards: ShardSet, *, allow_missing: bool) -> int:
+        """Drop the pair's override, moving its messages back to the hash shard; returns that shard."""
+        return await self.control.guard(self._delete_override(pair, shards, allow_missing=allow_missing))
+
+    async def _set_override(self, pair: Pair, shard_id: int, shards: ShardSet) -> OverrideRow:
         await self.mover(shards).move_pair(pair, shard_id)
         row = await self.store.get(pair)
         if row is None or row.shard_id != shard_id:  # pragma: no cover - changed by a concurrent call
@@ -162,8 +218,7 @@ class Placement:
             )
         return row
 
-    async def delete_override(self, pair: Pair, shards: ShardSet, *, allow_missing: bool) -> int:
-        """Drop the pair's override, moving its messages back to the hash shard; returns that shard."""
+    async def _delete_override(self, pair: Pair, shards: ShardSet, *, allow_missing: bool) -> int:
         if await self.store.get(pair) is None and not allow_missing:
             raise NotFound(
                 f"the pair ({pair.low}, {pair.high}) has no shard override", reason="OVERRIDE_NOT_FOUND"

@@ -160,10 +160,21 @@ class Outcome:
 
 
 @dataclass
+class Read:
+    """One GetDialog call of the load generator (with `reads`)."""
+
+    shard_id: int
+    started: float
+    finished: float
+    code: grpc.StatusCode
+
+
+@dataclass
 class LoadReport:
     """Every attempt, with helpers to summarize them per shard and over time."""
 
     outcomes: list[Outcome] = field(default_factory=list)
+    reads: list[Read] = field(default_factory=list)
 
     def of(self, shard_id: int) -> list[Outcome]:
         return [o for o in self.outcomes if o.shard_id == shard_id]
@@ -180,7 +191,10 @@ class LoadReport:
 
 
 class Load:
-    """Bounded concurrent SendMessage load: `workers` per pair list, until stopped or `max_seconds`."""
+    """Bounded concurrent SendMessage load: `workers` per pair list, until stopped or `max_seconds`.
+
+    With `reads`, each worker also reads its dialog's newest page (GetDialog) after every send.
+    """
 
     def __init__(
         self,
@@ -191,8 +205,10 @@ class Load:
         deadline: float = 1.5,
         pause: float = 0.005,
         max_seconds: float = 60.0,
+        reads: bool = False,
     ) -> None:
         self._address = address
+        self._reads = reads
         self._auth = auth
         self._pairs = pairs
         self._deadline = deadline
@@ -238,7 +254,28 @@ class Load:
                 outcome.retry_delay = retry_delay_of(exc)
             outcome.finished = time.monotonic()
             self.report.outcomes.append(outcome)
+            if self._reads:
+                await self._read(stub, shard_id, pair, metadata)
             await asyncio.sleep(self._pause)
+
+    async def _read(
+        self,
+        stub: dialog_service_pb2_grpc.DialogServiceAsyncStub,
+        shard_id: int,
+        pair: tuple[int, int],
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        read = Read(shard_id, time.monotonic(), 0.0, grpc.StatusCode.OK)
+        try:
+            await stub.GetDialog(
+                pb.GetDialogRequest(user_id=pair[0], peer_user_id=pair[1], page_size=10),
+                metadata=metadata,
+                timeout=self._deadline,
+            )
+        except grpc.aio.AioRpcError as exc:
+            read.code = exc.code()
+        read.finished = time.monotonic()
+        self.report.reads.append(read)
 
     async def wait_for(self, predicate: Callable[[], bool], within: float, what: str) -> float:
         """Poll `predicate()` until true; returns when (monotonic); fails after `within` seconds."""

@@ -46,7 +46,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from server.errors import FailedPrecondition, ShardUnavailable
+from server.errors import CONTROL_SHARD, ControlUnavailable, FailedPrecondition, ShardUnavailable
 from server.resilience.db_errors import describe_db_error, shard_errors
 from server.routing import Pair, ShardRouter, bucket_of, pair_hash
 from server.routing.layout import units_of_move
@@ -55,7 +55,7 @@ from server.storage.fences import FenceKey, FenceState, FenceStore, pair_fence_k
 from server.storage.layout import Layout, load_layout
 from server.storage.messages import MessageStore
 from server.storage.moves import Flip, Move, MoveLog, MoveState
-from server.storage.overrides import CONTROL_SHARD, OverrideStore
+from server.storage.overrides import OverrideStore
 from server.storage.pools import ShardSet
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,21 @@ class Mover:
     async def move_pair(self, pair: Pair, override: int | None) -> MoveResult:
         """Route `pair` to shard `override` (None: its hash shard, no override), moving its messages.
 
-        Shielded with its lock: a caller that gives up (an RPC deadline) neither abandons the move
-        half-way nor lets another mover start before this one ends.
+        Shielded with its lock: a caller that gives up (an RPC deadline, an unavailable control
+        database) neither abandons the move half-way nor lets another mover start before this one
+        ends. But a move its caller gave up on before it was recorded is not started at all (the
+        caller was told it failed): e.g. one still waiting for the lock on a hung control database.
         """
-        return await asyncio.shield(self._move_pair(pair, override))
+        gone = asyncio.Event()
+        inner = asyncio.ensure_future(self._move_pair(pair, override, gone))
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            gone.set()
+            inner.add_done_callback(_retrieve)
+            raise
 
-    async def _move_pair(self, pair: Pair, override: int | None) -> MoveResult:
+    async def _move_pair(self, pair: Pair, override: int | None, gone: asyncio.Event) -> MoveResult:
         async with self.exclusive():
             bucket = bucket_of(*pair)
             pending = await self._log.unfinished(bucket, pair.low, pair.high)
@@ -126,6 +135,9 @@ class Mover:
             source = stored.shard_id if stored is not None else hash_shard
             target = override if override is not None else hash_shard
             flip = Flip.SET_OVERRIDE if override is not None else Flip.DELETE_OVERRIDE
+            if gone.is_set():
+                log.info("not moving pair %s: its caller gave up before the move was recorded", pair)
+                raise asyncio.CancelledError
             if source == target:
                 # No data moves; the shard map changes in one step.
                 if override is not None:
@@ -337,6 +349,12 @@ class Mover:
         return mover_lock(self._control_dsn, wait)
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a move nobody awaits any more, so asyncio does not log it as lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a move its caller gave up on failed: %s", task.exception())
+
+
 class MoverBusy(FailedPrecondition):
     """Another mover held the lock for longer than the caller would wait."""
 
@@ -355,7 +373,7 @@ async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncItera
             control_dsn, autocommit=True, connect_timeout=10, application_name="dialog-shard mover"
         )
     except psycopg.Error as exc:
-        raise ShardUnavailable(CONTROL_SHARD, describe_db_error(exc)) from None
+        raise ControlUnavailable(describe_db_error(exc)) from None
     async with conn:
         deadline = asyncio.get_running_loop().time() + wait_seconds
         while True:

@@ -23,7 +23,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from server.errors import FailedPrecondition
+from server.errors import CONTROL_SHARD, FailedPrecondition
 from server.moves.mover import Mover
 from server.resilience.db_errors import shard_errors
 from server.routing import NUM_BUCKETS, Pair, pair_hash
@@ -37,7 +37,6 @@ from server.routing.layout import (
 )
 from server.storage.layout import begin_reshard_in, finish_reshard_in
 from server.storage.moves import Flip
-from server.storage.overrides import CONTROL_SHARD
 from server.storage.pools import ShardSet
 from server.storage.presence import LiveServer, live_servers
 

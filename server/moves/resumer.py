@@ -18,6 +18,7 @@ import logging
 
 from server.background import repeat_every, stop_task
 from server.moves.mover import Mover, MoverBusy
+from server.resilience import ShardGate
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,11 @@ log = logging.getLogger(__name__)
 class MoveResumer:
     """Background task: completes stale unfinished moves when no mover holds the lock."""
 
-    def __init__(self, mover: Mover, *, after: float) -> None:
+    def __init__(self, mover: Mover, *, after: float, control: ShardGate | None = None) -> None:
         self._mover = mover
+        # The control database's gate: while it is down, there is nothing to look at (nor a
+        # warning to log every round); once it is back, the next round completes the moves.
+        self._control = control
         self._after = after
         self._interval = min(max(after / 2, 0.2), 10.0)
         self._task: asyncio.Task[None] | None = None
@@ -52,6 +56,13 @@ class MoveResumer:
 
     async def resume_once(self) -> int:
         """Complete the stale unfinished moves if no mover is alive; returns how many."""
+        if self._control is None:
+            return await self._resume_once()
+        if not self._control.available:
+            return 0
+        return await self._control.guard(self._resume_once())
+
+    async def _resume_once(self) -> int:
         if not await self._mover.log.stale(self._after):
             return 0
         try:

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import psycopg
 from psycopg_pool import PoolTimeout, TooManyRequests
 
-from server.errors import DialogMoving, ShardUnavailable
+from server.errors import DialogMoving, unavailable
 
 #: SQLSTATE raised by the move fence's functions (server.storage.fences; class "DS": dialog-shard's own).
 FENCED_SQLSTATE = "DSM01"
@@ -32,15 +32,15 @@ def describe_db_error(exc: BaseException) -> str:
 
 @asynccontextmanager
 async def shard_errors(shard_id: int) -> AsyncIterator[None]:
-    """Map connection-level failures inside the block to ShardUnavailable(shard_id), and a fenced
-    unit (server.storage.fences) to DialogMoving(shard_id)."""
+    """Map connection-level failures inside the block to ShardUnavailable(shard_id) (ControlUnavailable
+    for CONTROL_SHARD), and a fenced unit (server.storage.fences) to DialogMoving(shard_id)."""
     try:
         yield
     except psycopg.Error as exc:
         if exc.sqlstate == FENCED_SQLSTATE:
             raise DialogMoving(shard_id) from None
         if isinstance(exc, psycopg.OperationalError):
-            raise ShardUnavailable(shard_id, describe_db_error(exc)) from exc
+            raise unavailable(shard_id, describe_db_error(exc)) from exc
         raise
     except (PoolTimeout, TooManyRequests) as exc:
-        raise ShardUnavailable(shard_id, describe_db_error(exc)) from exc
+        raise unavailable(shard_id, describe_db_error(exc)) from exc

@@ -33,7 +33,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from server.config import ResilienceConfig
-from server.errors import DeadlineExceeded, DialogMoving, ShardUnavailable
+from server.errors import CONTROL_SHARD, DeadlineExceeded, DialogMoving, ShardUnavailable, unavailable
 from server.resilience.breaker import BreakerState, CircuitBreaker
 from server.resilience.db_errors import FENCED_SQLSTATE, describe_db_error
 from server.resilience.deadline import remaining
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[AsyncConnection[Any]], Awaitable[T]]
 
+#: The budget of `ShardGate.guard`'s work: none of its own (a day), the caller's deadline applies.
+_NO_CEILING = 86400.0
 #: Smallest retry hint sent to callers, in seconds.
 _MIN_RETRY_AFTER = 0.1
 #: Tasks left behind to finish a cancellation; referenced so they are not garbage-collected.
@@ -126,6 +128,10 @@ class ShardGate:
         ready: bool = True,
     ) -> None:
         self.shard_id = shard_id
+        #: How logs name the endpoint's database: `shard 2`, or `the control database`.
+        self.name = "the control database" if shard_id == CONTROL_SHARD else f"shard {shard_id}"
+        #: The same in one word, for connection and task names: `shard-2`, `control`.
+        self.tag = "control" if shard_id == CONTROL_SHARD else f"shard-{shard_id}"
         self.pool = pool
         self.role = role
         self.location = location
@@ -174,7 +180,7 @@ class ShardGate:
     def unavailable(self, cause: str | None = None) -> ShardUnavailable:
         """The error a refused or failed call raises, with a retry hint from the breaker."""
         hint = self.breaker.retry_after() or self._resilience.open_seconds
-        return ShardUnavailable(
+        return unavailable(
             self.shard_id,
             cause or self.last_error or "circuit breaker open",
             retry_after_seconds=max(_MIN_RETRY_AFTER, hint),
@@ -248,6 +254,39 @@ class ShardGate:
             else:
                 self._succeeded()
                 return result
+
+    async def guard(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work`, which uses the pool (or its own connections) its own way, under the breaker.
+
+        For long or multi-statement work that does not fit `run`'s statement ceiling (a move, with
+        its locks and transactions in the control database): refused at once while the breaker is
+        open, and answered with UNAVAILABLE as soon as the monitor declares the endpoint down or
+        hung while it runs (the work's task is then cancelled in the background; a move shields its
+        own steps and stays recorded for a re-run). An UNAVAILABLE of this endpoint raised by the
+        work counts against it and wakes the monitor. No deadline is added: the caller's applies.
+        """
+        trial = self.breaker.admit() if self.ready else None
+        if trial is None:
+            work.close()
+            raise self.unavailable()
+        try:
+            result = await within(_NO_CEILING, work, interrupt=self._down_signal())
+        except Interrupted:
+            if trial:
+                self.breaker.release_trial()
+            raise self.unavailable() from None
+        except ShardUnavailable as exc:
+            if exc.shard_id == self.shard_id:
+                self._failed(exc.message)
+            elif trial:
+                self.breaker.release_trial()
+            raise
+        except BaseException:
+            if trial:
+                self.breaker.release_trial()
+            raise
+        self._succeeded()
+        return result
 
     async def _attempt(self, op: Operation[T], budget: float) -> T:
         async with self.pool.connection(timeout=min(self._acquire_timeout, budget)) as conn:

@@ -11,7 +11,8 @@ within `probe_interval` + `hung_after_probes` x `probe_timeout`). A probe that
 succeeds while the breaker is open first discards the pool's broken
 connections (`pool.check()`), then closes the breaker. On a replica the probe also reads its
 replication lag. An endpoint that was down at startup gets its schema applied (`prepare`) the
-first time it is reached, and only then becomes ready.
+first time it is reached, and only then becomes ready. `on_down` and `on_available` tell others
+what the monitor found (the control database's tell the shard-map listener).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class EndpointMonitor:
         *,
         replica: bool = False,
         prepare: Prepare | None = None,
+        on_available: Callable[[], None] | None = None,
+        on_down: Callable[[], None] | None = None,
     ) -> None:
         self.gate = gate
         #: Replication lag in seconds from the last probe (replicas only; None when unknown).
@@ -68,6 +71,8 @@ class EndpointMonitor:
         self._resilience = resilience
         self._sql = _REPLICA_PROBE if replica else _PRIMARY_PROBE
         self._prepare = prepare
+        self._on_available = on_available
+        self._on_down = on_down
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._wake = asyncio.Event()
         self._unanswered = 0
@@ -75,7 +80,7 @@ class EndpointMonitor:
         gate.on_failure(self._wake.set)
 
     def start(self) -> None:
-        name = f"monitor shard-{self.gate.shard_id} {self.gate.role}"
+        name = f"monitor {self.gate.tag} {self.gate.role}"
         self._task = asyncio.create_task(self._loop(), name=name)
 
     async def stop(self) -> None:
@@ -95,7 +100,7 @@ class EndpointMonitor:
             try:
                 await self.probe()
             except Exception:  # pragma: no cover - a bug here must not stop the heartbeat
-                log.exception("probing shard %d %s failed unexpectedly", self.gate.shard_id, self.gate.role)
+                log.exception("probing %s %s failed unexpectedly", self.gate.name, self.gate.role)
 
     async def probe(self) -> bool:
         """Probe once now; update the breaker; True when the endpoint answered."""
@@ -120,8 +125,10 @@ class EndpointMonitor:
                     return False
                 cause = f"no answer to {self._unanswered} probes of {self._resilience.probe_timeout:g}s"
             if gate.healthy:
-                log.warning("shard %d %s is unavailable (%s)", gate.shard_id, gate.role, cause)
+                log.warning("%s %s is unavailable (%s)", gate.name, gate.role, cause)
             gate.declare_down(cause)
+            if self._on_down is not None:
+                self._on_down()
             return False
         self._unanswered = 0
         if gate.breaker.state is BreakerState.CLOSED:
@@ -132,9 +139,11 @@ class EndpointMonitor:
             # Connections made before the outage are broken: replace them before letting calls in.
             with contextlib.suppress(Exception):
                 await within(self._resilience.probe_timeout, gate.pool.check())
-            log.info("shard %d %s is available again", gate.shard_id, gate.role)
+            log.info("%s %s is available again", gate.name, gate.role)
             gate.last_error = None
             gate.breaker.record_success()
+            if self._on_available is not None:
+                self._on_available()
         return True
 
     async def _query(self) -> float | None:
@@ -145,7 +154,7 @@ class EndpointMonitor:
                     self._dsn,
                     autocommit=True,
                     connect_timeout=max(2, math.ceil(self._resilience.probe_timeout)),
-                    application_name=f"dialog-shard monitor shard-{self.gate.shard_id}",
+                    application_name=f"dialog-shard monitor {self.gate.tag}",
                 )
             row = await (await conn.execute(self._sql)).fetchone()
         except BaseException:

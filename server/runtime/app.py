@@ -130,7 +130,11 @@ async def running_server(
         AsyncExitStack() as stack,
         ShardSet(config.shards, config.pool, config.resilience) as shards,
         Placement(
-            config.control_dsn, config.num_shards, config.pool, moving_wait=config.resilience.moving_wait
+            config.control_dsn,
+            config.num_shards,
+            config.pool,
+            moving_wait=config.resilience.moving_wait,
+            resilience=config.resilience,
         ) as placement,
     ):
         tokens = PageTokenCodec(config.page_token_secret)
@@ -206,7 +210,9 @@ async def running_server(
             interval=config.resilience.probe_interval,
         )
         await reporter.start()
-        resumer = MoveResumer(placement.mover(shards), after=config.resilience.move_resume_after)
+        resumer = MoveResumer(
+            placement.mover(shards), after=config.resilience.move_resume_after, control=placement.control
+        )
         await resumer.start()
         log.info(
             "serving on port %d with %d shards (%s)",

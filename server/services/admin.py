@@ -91,7 +91,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
                     "page_token", str(exc) if isinstance(exc, InvalidPageToken) else "is malformed"
                 )
         violations.raise_if_any()
-        rows = await self._placement.store.page(after, limit + 1)
+        rows = await self._placement.list_overrides(after, limit + 1)
         next_token = ""
         if len(rows) > limit:
             rows = rows[:limit]

@@ -17,10 +17,11 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from server.errors import CONTROL_SHARD
 from server.resilience.db_errors import shard_errors
 from server.routing import Pair
 from server.storage.layout import flip_units_in
-from server.storage.overrides import CONTROL_SHARD, delete_override_in, upsert_override_in
+from server.storage.overrides import delete_override_in, upsert_override_in
 
 
 class MoveState(enum.StrEnum):

@@ -17,6 +17,7 @@ malformed one is logged and ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -28,7 +29,9 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from server.background import stop_task
+from server.errors import CONTROL_SHARD
 from server.resilience.db_errors import shard_errors
+from server.resilience.gate import Interrupted, within
 from server.routing import Pair, ShardRouter
 from server.storage.channel import CHANNEL
 from server.storage.layout import load_layout
@@ -39,8 +42,8 @@ log = logging.getLogger(__name__)
 
 #: application_name of the listener connection, to spot it in pg_stat_activity.
 LISTENER_APPLICATION_NAME = "dialog-shard override-sync"
-#: Shard id reported for control-database failures (ShardUnavailable metadata).
-CONTROL_SHARD = -1
+#: No budget of the listener's own for one round: `_follow_once` bounds its own waits.
+_NO_CEILING = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +195,13 @@ async def refresh_from_tables(
 
 
 class OverrideSync:
-    """Mirrors shard_map into a ShardRouter via LISTEN/NOTIFY, reloading on reconnect."""
+    """Mirrors shard_map into a ShardRouter via LISTEN/NOTIFY, reloading on reconnect.
+
+    The control database's monitor (server.placement) tells it about outages it cannot see on its
+    own connection: `lost()` when the database is declared down or hung (a hung server leaves the
+    connection open and silent: it is dropped, and the mirror is reloaded from a new one), and
+    `wake()` when it answers again (the reconnection is tried at once, not after its backoff).
+    """
 
     def __init__(
         self,
@@ -207,6 +216,9 @@ class OverrideSync:
         self._liveness_interval = liveness_interval
         self._max_backoff = max_backoff
         self._task: asyncio.Task[None] | None = None
+        # Completed by lost(): ends the following of the current connection.
+        self._lost: asyncio.Future[None] | None = None
+        self._retry_now = asyncio.Event()
         #: Full reloads done so far (the first load included).
         self.reloads = 0
 
@@ -221,6 +233,15 @@ class OverrideSync:
     async def stop(self) -> None:
         await stop_task(self._task)
         self._task = None
+
+    def lost(self) -> None:
+        """The control database is down or hung: drop the connection, reload from a new one."""
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    def wake(self) -> None:
+        """The control database answers again: reconnect (and reload) now if not connected."""
+        self._retry_now.set()
 
     async def _connect_and_load(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(
@@ -247,11 +268,15 @@ class OverrideSync:
         """Follow the hints on `conn`; after any failure, reconnect and reload everything."""
         backoff = 0.1
         while True:
+            lost = self._lost = asyncio.get_running_loop().create_future()
             try:
-                async with conn:
-                    while True:
-                        await self._follow_once(conn)
-                        backoff = 0.1
+                while True:
+                    # In a task of its own, so that lost() ends it at once even on a hung server
+                    # (its cancellation then finishes in the background).
+                    await within(_NO_CEILING, self._follow_once(conn), interrupt=lost)
+                    backoff = 0.1
+            except Interrupted:
+                log.warning("shard map listener: the control database is unavailable; reconnecting")
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 log.warning(
                     "shard map listener lost its connection (%s); reconnecting", connect_failure_reason(exc)
@@ -259,9 +284,19 @@ class OverrideSync:
             except Exception:
                 # Supervised: whatever went wrong, a reload from the tables is the way back.
                 log.exception("shard map listener failed; reconnecting and reloading")
+            finally:
+                self._lost = None
+                await conn.close()  # never waits for the server
+            self._retry_now.clear()
             while True:
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, self._max_backoff)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(backoff * (0.5 + random.random())):
+                        await self._retry_now.wait()
+                if self._retry_now.is_set():
+                    self._retry_now.clear()
+                    backoff = 0.1
+                else:
+                    backoff = min(backoff * 2, self._max_backoff)
                 try:
                     conn = await self._connect_and_load()
                     break

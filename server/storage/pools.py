@@ -145,7 +145,7 @@ async def open_pool(
     reconnect_timeout: float = 300.0,
 ) -> AsyncConnectionPool[Any]:
     """Connect once to report a clear error, then open a pool and wait for its first connections."""
-    label = f"{name} ({describe_dsn(dsn)})"
+    label = f"{'the control database' if name == 'control' else name} ({describe_dsn(dsn)})"
     try:
         probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=max(1, int(config.open_timeout)))
     except psycopg.Error as exc:
