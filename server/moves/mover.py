@@ -60,6 +60,8 @@ from server.storage.pools import ShardSet
 
 log = logging.getLogger(__name__)
 
+#: Seconds a mover waits for its lock's session to answer before taking the lock as lost.
+_LEASE_CONFIRM_SECONDS = 5.0
 #: Session advisory lock (control database) held by the one running mover.
 MOVER_LOCK = 0x6D6F7665
 #: The step boundaries at which a Mover awaits its `after_step` hook, in order.
@@ -104,6 +106,7 @@ class Mover:
         self._chunk_rows = chunk_rows
         self._replica_wait_seconds = replica_wait_seconds
         self._after_step = after_step
+        self._lease: MoverLease | None = None
 
     async def move_pair(self, pair: Pair, override: int | None) -> MoveResult:
         """Route `pair` to shard `override` (None: its hash shard, no override), moving its messages.
@@ -232,6 +235,7 @@ class Mover:
                 if move.state is MoveState.COPYING:
                     copied += await transfer.copy(source, target, unit, chunk_rows=self._chunk_rows)
                     await self._passed("copied")
+                    await self._confirm_lease()
                     await self._fence(source, unit, FenceState.FENCED, move, exempt)
                     await self._passed("fence_committed")
                     move = await self._log.advance(move, MoveState.FENCED, copied_rows=copied)
@@ -240,8 +244,10 @@ class Mover:
                 copied += caught_up
                 await transfer.verify(source, target, unit)
                 await self._await_replicas(target)
+                await self._confirm_lease()
                 await self._open(target, unit)
                 await self._passed("target_opened")
+                await self._confirm_lease()
                 move = await self._log.flip(move)
             except Exception:
                 await self._reopen_after_failure(source, unit, move.move_id)
@@ -259,8 +265,10 @@ class Mover:
             await self._passed("flipped")
         if move.state is MoveState.FLIPPED:
             self._apply_locally(move)
+            await self._confirm_lease()
             await self._fence(source, unit, FenceState.MOVED, move, exempt)
             await self._passed("retired")
+            await self._confirm_lease()
             deleted = await transfer.delete(source, unit)
             await self._passed("deleted")
             move = await self._log.advance(move, MoveState.DONE, deleted_rows=deleted)
@@ -332,6 +340,8 @@ class Mover:
         acknowledged ambiguously must never be followed by re-opening the old shard.
         """
         try:
+            # Without the lock another mover may be running this very move: it owns the fence now.
+            await self._confirm_lease()
             move = await self._log.get(move_id)
             if move.state not in (MoveState.COPYING, MoveState.FENCED):
                 return
@@ -343,10 +353,24 @@ class Mover:
                 "move %d: shard %d stays fenced until the move is re-run (%s)", move_id, source.shard_id, exc
             )
 
-    def exclusive(self, *, wait_seconds: float | None = None) -> contextlib.AbstractAsyncContextManager[None]:
-        """Hold the cluster-wide mover lock (see `mover_lock`); MoverBusy after `wait_seconds`."""
+    @contextlib.asynccontextmanager
+    async def exclusive(self, *, wait_seconds: float | None = None) -> AsyncIterator[MoverLease]:
+        """Hold the cluster-wide mover lock (see `mover_lock`); MoverBusy after `wait_seconds`.
+
+        While it is held, every step of `run` that changes a fence, the data or the move's record
+        first confirms the lease: a mover whose lock went with its control connection stops there.
+        """
         wait = self._lock_wait_seconds if wait_seconds is None else wait_seconds
-        return mover_lock(self._control_dsn, wait)
+        async with mover_lock(self._control_dsn, wait) as lease:
+            outer, self._lease = self._lease, lease
+            try:
+                yield lease
+            finally:
+                self._lease = outer
+
+    async def _confirm_lease(self) -> None:
+        if self._lease is not None:
+            await self._lease.confirm()
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -361,8 +385,39 @@ class MoverBusy(FailedPrecondition):
     default_reason = "MOVE_IN_PROGRESS"
 
 
+class MoverLease:
+    """The mover lock as held by one session: valid exactly while that session is alive.
+
+    A session advisory lock ends with its connection. If the control database drops the
+    connection (a crash, a restart, a failover), another server's resumer may take the lock and
+    run the same move: the old mover must find out before its next step, not carry on beside it.
+    """
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._conn = conn
+
+    async def confirm(self) -> None:
+        """Return if the lock is still held (its session answers); MoverLockLost otherwise."""
+        try:
+            async with asyncio.timeout(_LEASE_CONFIRM_SECONDS):
+                await self._conn.execute("SELECT 1")
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            cause = "no answer" if isinstance(exc, TimeoutError) else describe_db_error(exc)
+            raise MoverLockLost(cause) from None
+
+
+class MoverLockLost(ControlUnavailable):
+    """The mover's lock went with its control-database session; the move stops where it is."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(
+            f"the mover lost its lock with its connection ({cause}); the move stops and is completed "
+            "once the control database is back"
+        )
+
+
 @contextlib.asynccontextmanager
-async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncIterator[None]:
+async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncIterator[MoverLease]:
     """Hold the cluster-wide mover lock (a session advisory lock on its own connection).
 
     Moves, reshard steps and `dialogctl verify --repair` take it, so none of them sees
@@ -387,7 +442,7 @@ async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncItera
                 )
             await asyncio.sleep(0.1)
         try:
-            yield
+            yield MoverLease(conn)
         finally:
             with contextlib.suppress(psycopg.Error):
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (MOVER_LOCK,))

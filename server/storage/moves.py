@@ -17,11 +17,17 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from server.errors import CONTROL_SHARD
+from server.errors import CONTROL_SHARD, FailedPrecondition
 from server.resilience.db_errors import shard_errors
 from server.routing import Pair
 from server.storage.layout import flip_units_in
 from server.storage.overrides import delete_override_in, upsert_override_in
+
+
+class MoveTakenOver(FailedPrecondition):
+    """The move's record is no longer in the state this mover left it in: another mover runs it."""
+
+    default_reason = "MOVE_IN_PROGRESS"
 
 
 class MoveState(enum.StrEnum):
@@ -179,24 +185,30 @@ class MoveLog:
     async def flip(self, move: Move) -> Move:
         """Change routing (shard_map or unit_flips, with NOTIFY) and mark the move flipped, atomically."""
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn, conn.transaction():
+            # The state first: if another mover moved the record on, nothing of the flip commits.
+            await self._set_state(conn, move, MoveState.FLIPPED, 0, 0)
             if move.flip is Flip.SET_OVERRIDE:
                 await upsert_override_in(conn, move.pair, move.target_shard)
             elif move.flip is Flip.DELETE_OVERRIDE:
                 await delete_override_in(conn, move.pair)
             else:
                 await flip_units_in(conn, move.buckets, move.source_shard, move.target_shard)
-            await self._set_state(conn, move, MoveState.FLIPPED, 0, 0)
         return move.with_state(MoveState.FLIPPED)
 
     @staticmethod
     async def _set_state(
         conn: AsyncConnection[Any], move: Move, state: MoveState, copied_rows: int, deleted_rows: int
     ) -> None:
-        await conn.execute(
+        """Move the record from the state `move` says it is in to `state` (compare and set)."""
+        cur = await conn.execute(
             """
             UPDATE shard_moves SET state = %s, copied_rows = copied_rows + %s,
                    deleted_rows = deleted_rows + %s, updated_at = now()
-            WHERE move_id = %s
+            WHERE move_id = %s AND state = %s
             """,
-            (str(state), copied_rows, deleted_rows, move.move_id),
+            (str(state), copied_rows, deleted_rows, move.move_id, str(move.state)),
         )
+        if cur.rowcount != 1:
+            raise MoveTakenOver(
+                f"move {move.move_id} is no longer {move.state}: another mover has taken it over"
+            )
