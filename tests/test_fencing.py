@@ -89,7 +89,7 @@ def test_state_of_follows_the_sql_order() -> None:
     assert state_of({}, pair) is None
     assert state_of({residue: MOVED, (-4, hashed % 4): FENCED}, pair) == FENCED, "smallest modulus first"
     assert state_of({residue: MOVED, (0, 0): FENCED}, pair) == FENCED, "the whole bucket before residues"
-    assert state_of({(0, 0): MOVED, tuple(pair): OPEN}, pair) == OPEN, "the pair's own row first"
+    assert state_of({(0, 0): MOVED, (pair.low, pair.high): OPEN}, pair) == OPEN, "the pair's own row first"
     assert state_of({(-6, (hashed + 1) % 6): MOVED}, pair) is None, "another residue does not cover it"
 
 
