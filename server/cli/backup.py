@@ -35,6 +35,7 @@ from server.cli.output import format_table, print_json
 from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, run_tool
 from server.cli.progress import Progress
 from server.cli.session import EXIT_CONFIG, CliError, Session
+from server.cli.verify import reconcile_restored_routing
 from server.config import describe_dsn
 from server.storage.overrides import LISTENER_APPLICATION_NAME
 from server.storage.schema import migrate_control, migrate_shard
@@ -262,6 +263,8 @@ def cmd_restore(session: Session) -> int:
         for n, item in enumerate(items, 1):
             progress.update(f"{item.name} ({n}/{len(items)})")
             restored.append(_restore(item, entries[item.name], directory, pg_restore))
+    if restored[-1]["shard_id"] is None:  # the control item comes last: fences and messages follow routing
+        restored[-1]["reconciled"] = reconcile_restored_routing(session)
     if session.json:
         print_json({"directory": str(directory), "items": restored})
         return 0
