@@ -330,7 +330,9 @@ async def test_hung_control_database_sigstop_then_sigcont(
 def _multi_host(primary: EmbeddedPostgres, standby: EmbeddedPostgres) -> str:
     return (
         f"host={primary.host},{standby.host} port={primary.port},{standby.port} "
-        f"dbname={primary.database} user=postgres target_session_attrs=read-write connect_timeout=2"
+        f"dbname={primary.database} user=postgres target_session_attrs=read-write connect_timeout=2 "
+        # The standby is a copy of the primary's data directory, password file included.
+        f"passfile={primary.password_file}"
     )
 
 

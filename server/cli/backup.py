@@ -46,8 +46,9 @@ from server.cli.output import format_table, print_json
 from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, list_archive, run_tool
 from server.cli.progress import Progress
 from server.cli.session import EXIT_CONFIG, CliError, Session
+from server.cli.verify import reconcile_restored_routing
 from server.config import describe_dsn
-from server.storage.overrides import LISTENER_APPLICATION_NAME
+from server.storage.overrides import reload_mirrors_in
 from server.storage.schema import migrate_control, migrate_shard
 
 MANIFEST = "manifest.json"
@@ -394,23 +395,15 @@ def _check(item: Item, entry: dict[str, Any], directory: Path, pg_restore: Path)
     return _Checked(item, entry, archive, kept, left_out)
 
 
-async def _migrate(item: Item) -> None:
+async def _migrate(item: Item) -> int | None:
+    """Bring the restored tables to this version's schema; after the control tables, make the
+    servers reload their shard-map mirrors (returns how many did)."""
     async with await psycopg.AsyncConnection.connect(item.dsn, autocommit=True, connect_timeout=10) as conn:
-        if item.table is None:
-            await migrate_control(conn)
-        else:
+        if item.table is not None:
             await migrate_shard(conn, item.table)
-
-
-def _reload_mirrors(item: Item) -> int:
-    """End the servers' shard-map listener connections: each reconnects and reloads the whole table."""
-    with _connect(item) as conn:
-        row = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = %s AND datname = current_database()",
-            (LISTENER_APPLICATION_NAME,),
-        ).fetchone()
-    return int(row[0]) if row else 0
+            return None
+        await migrate_control(conn)
+        return await reload_mirrors_in(conn)
 
 
 def _restore(checked: _Checked, pg_restore: Path) -> dict[str, Any]:
@@ -434,7 +427,7 @@ def _restore(checked: _Checked, pg_restore: Path) -> dict[str, Any]:
             str(checked.archive),
         ]
         run_tool(pg_restore, args, item.dsn, f"restore of {item.name}")
-    asyncio.run(_migrate(item))
+    mirrors_reloaded = asyncio.run(_migrate(item))
     with _connect(item) as conn:
         rows = _count(conn, tables)
     if rows != entry["rows"]:
@@ -444,8 +437,8 @@ def _restore(checked: _Checked, pg_restore: Path) -> dict[str, Any]:
     result = {**entry, "location": describe_dsn(item.dsn), "rows": rows}
     if checked.left_out:
         result["left_out"] = [f"{e.kind} {e.tag}" for e in checked.left_out]
-    if item.shard_id is None:
-        result["mirrors_reloaded"] = _reload_mirrors(item)
+    if mirrors_reloaded is not None:
+        result["mirrors_reloaded"] = mirrors_reloaded
     return result
 
 
@@ -478,6 +471,8 @@ def cmd_restore(session: Session) -> int:
         for n, one in enumerate(checked, 1):
             progress.update(f"{one.item.name} ({n}/{len(items)})")
             restored.append(_restore(one, pg_restore))
+    if restored[-1]["shard_id"] is None:  # the control item comes last: fences and messages follow routing
+        restored[-1]["reconciled"] = reconcile_restored_routing(session)
     if session.json:
         print_json({"directory": str(directory), "items": restored})
         return 0

@@ -1,16 +1,22 @@
 """`dialogctl verify`: is every message stored once, on the shard routing names? (like Vitess VDiff)
 
     dialogctl verify              # scan every shard; exit 1 when something is off
-    dialogctl verify --repair     # also move misplaced messages home and drop duplicate copies
+    dialogctl verify --repair     # also move misplaced messages home, drop duplicate copies, fix fences
     dialogctl verify --json       # every finding with up to 20 message ids each
 
 It connects to the shards and the control database named in the config (no server
 needed) and routes pairs as the servers do: the shard map first, else the hash.
+It also reads every shard's fence rows: a `stale_fence` refuses (DIALOG_MOVING)
+pairs that routing sends to that very shard, which no move will ever lift (left
+by a finished move before a control restore or a hand edit of shard_map).
 Without --repair, pairs with an unfinished move (or in buckets a reshard is
 moving) are skipped: a mover may be working on them. --repair takes the mover
 lock, so no move runs meanwhile, and checks those pairs too: a crashed or failed
 move's copies on its target are settled as strays, and re-running the move
-copies them again.
+copies them again. It first makes the servers reload their shard-map mirrors
+(routing as stored is what it repairs to), then rewrites stale fences (never
+those of a bucket with an unfinished move), then repairs the messages.
+`dialogctl restore --control` runs the same repair after restoring.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from server.cli.session import Session
 from server.cli.shards import run_tool, tool_shards
 from server.config import ServerConfig
 from server.moves.mover import mover_lock
-from server.moves.verify import Report, verify
+from server.moves.verify import Report, check_fences, verify
 from server.routing import Pair, ShardRouter, bucket_of
 from server.storage.layout import ensure_layout, load_layout
+from server.storage.overrides import reload_mirrors_in
 from server.storage.schema import migrate_control
 
 _EXIT_FINDINGS = 1
@@ -67,14 +74,69 @@ async def run_verify(config: ServerConfig, *, repair: bool) -> Report:
 
 
 async def _verify(config: ServerConfig, *, repair: bool) -> Report:
+    report = Report()
+    if repair:
+        # The servers route as stored from now on (a stale one is turned away by the fences below).
+        async with await psycopg.AsyncConnection.connect(
+            config.control_dsn, autocommit=True, connect_timeout=10
+        ) as conn:
+            report.mirrors_reloaded = await reload_mirrors_in(conn)
     router, moving_pairs, moving_buckets = await load_router(config)
     async with tool_shards(config) as shards:
+        # Fences first: the message repair copies to shards whose fences must already be right.
+        await check_fences(
+            shards, router, report, moving_pairs=moving_pairs, moving_buckets=moving_buckets, repair=repair
+        )
         return await verify(
             shards,
             lambda p: router.resolve(*p).shard_id,
             moving=lambda p: not repair and (p in moving_pairs or bucket_of(*p) in moving_buckets),
             repair=repair,
+            report=report,
         )
+
+
+def _stale_fences(report: Report) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": "stale_fence",
+            "shard_id": f.shard_id,
+            "bucket": f.row.bucket,
+            "user_low": f.row.low,
+            "user_high": f.row.high,
+            "unit": f.row.unit,
+            "state": f.row.state,
+        }
+        for f in report.stale_fences
+    ]
+
+
+def reconcile_restored_routing(session: Session) -> dict[str, Any]:
+    """After `restore --control`: make fences and messages agree with the restored routing.
+
+    Runs `verify --repair` (mover lock, mirrors reloaded, stale fences rewritten, misplaced
+    messages moved home); prints a line unless --json, and returns what it did.
+    """
+    with Progress("restore") as progress:
+        progress.update("reconciling fences and messages with the restored routing")
+        report = run_tool(run_verify(session.config(), repair=True))
+    remaining = [f for f in report.findings if f.kind in _UNREPAIRABLE]
+    summary = {
+        "stale_fences": _stale_fences(report),
+        "fences_repaired": report.fences_repaired,
+        "copied": report.copied,
+        "deleted": report.deleted,
+        "unrepaired_findings": len(remaining),
+    }
+    if not session.json:
+        print(
+            f"reconciled with the restored routing: {len(report.stale_fences)} stale fence row(s) fixed in "
+            f"{report.fences_repaired} bucket(s), {report.copied} message(s) copied to their shard, "
+            f"{report.deleted} stray copies deleted"
+        )
+        if remaining:
+            print(f"{len(remaining)} finding(s) need a person: run `dialogctl verify` to list them")
+    return summary
 
 
 def cmd_verify(session: Session) -> int:
@@ -83,7 +145,9 @@ def cmd_verify(session: Session) -> int:
     with Progress("verify") as progress:
         progress.update(f"scanning {config.num_shards} shards")
         report = run_tool(run_verify(config, repair=args.repair))
-    remaining = [f for f in report.findings if not args.repair or f.kind in _UNREPAIRABLE]
+    remaining: list[object] = [f for f in report.findings if not args.repair or f.kind in _UNREPAIRABLE]
+    if not args.repair:
+        remaining += report.stale_fences
     if session.json:
         print_json(
             {
@@ -91,6 +155,9 @@ def cmd_verify(session: Session) -> int:
                 "pairs": report.pairs,
                 "messages": report.messages,
                 "skipped_moving_pairs": report.skipped_moving_pairs,
+                "fence_rows": report.fence_rows,
+                "skipped_moving_buckets": report.skipped_moving_buckets,
+                "stale_fences": _stale_fences(report),
                 "findings": [
                     {
                         "kind": f.kind,
@@ -105,6 +172,8 @@ def cmd_verify(session: Session) -> int:
                 "repaired": args.repair,
                 "copied": report.copied,
                 "deleted": report.deleted,
+                "fences_repaired": report.fences_repaired,
+                "mirrors_reloaded": report.mirrors_reloaded,
                 "clean": not remaining,
             }
         )
@@ -126,12 +195,23 @@ def cmd_verify(session: Session) -> int:
                     ("KIND", "PAIR", "SHARD", "EXPECTED", "COUNT", "MESSAGE_IDS"), rows, right=(2, 3, 4)
                 )
             )
+        if report.stale_fences:
+            fences = [
+                ["stale_fence", f.shard_id, f.row.bucket, f.row.unit, f.row.state]
+                for f in report.stale_fences
+            ]
+            print(format_table(("KIND", "SHARD", "BUCKET", "UNIT", "STATE"), fences, right=(1, 2)))
         print(
             f"scanned {report.shards_scanned} shards: {report.messages} messages of {report.pairs} pairs, "
-            f"{len(report.findings)} finding(s), {report.skipped_moving_pairs} moving pair(s) skipped"
+            f"{len(report.findings)} finding(s), {report.skipped_moving_pairs} moving pair(s) skipped; "
+            f"{report.fence_rows} fence rows, {len(report.stale_fences)} stale, "
+            f"{report.skipped_moving_buckets} bucket(s) of unfinished moves skipped"
         )
         if args.repair:
-            print(f"repaired: {report.copied} copied to their shard, {report.deleted} stray copies deleted")
+            print(
+                f"repaired: {report.copied} copied to their shard, {report.deleted} stray copies deleted, "
+                f"fences of {report.fences_repaired} bucket(s) rewritten"
+            )
         if remaining and args.repair:
             print(f"{len(remaining)} finding(s) need a person: conflicting copies or wrong stored buckets")
     return _EXIT_FINDINGS if remaining else 0
@@ -145,8 +225,9 @@ def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> 
     verifying.add_argument(
         "--repair",
         action="store_true",
-        help="copy misplaced messages to their shard and delete stray copies (conflicts are only reported)",
+        help="copy misplaced messages to their shard, delete stray copies and fix stale fences "
+        "(conflicts are only reported)",
     )
 
 
-__all__ = ["cmd_verify", "load_router", "register", "run_verify"]
+__all__ = ["cmd_verify", "load_router", "reconcile_restored_routing", "register", "run_verify"]

@@ -11,21 +11,32 @@ names them:
 - `bad_bucket`: rows whose stored bucket is not the pair's hash bucket (reported only).
 
 Pairs with an unfinished move are skipped (the move owns them; re-run it first).
-`repair` copies misplaced messages to the routed shard and then deletes the wrong-shard
+`repair` fences the pair `moved` on each wrong shard it repairs (as a finished move
+leaves its source, so a server still routing there retries instead of writing a new
+stray), copies misplaced messages to the routed shard and then deletes the wrong-shard
 copies that the routed shard now holds identically.
+
+`check_fences` reads every shard's fence rows: a `stale_fence` refuses pairs that
+routing sends to that shard (server.routing.fencing decides which, and what replaces
+them); its repair rewrites the bucket's rows under the bucket's advisory lock
+(FenceStore.reconcile). Buckets of unfinished moves are always skipped: their fences
+belong to the move.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from server.resilience.db_errors import shard_errors
-from server.routing import Pair, bucket_of
+from server.routing import Pair, ShardRouter, bucket_of
+from server.routing.fencing import FenceRow, plan_bucket
 from server.storage import transfer
+from server.storage.fences import FenceState, FenceStore, pair_fence_key
 from server.storage.messages import MessageStore
 from server.storage.pools import ShardSet
 
@@ -45,6 +56,14 @@ class Finding:
     message_ids: tuple[uuid.UUID, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class StaleFence:
+    """A fence row on a shard that refuses pairs routing sends to that shard."""
+
+    shard_id: int
+    row: FenceRow
+
+
 @dataclass(slots=True)
 class Report:
     """What a verification found, and what a repair changed."""
@@ -56,10 +75,17 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     copied: int = 0
     deleted: int = 0
+    fence_rows: int = 0
+    skipped_moving_buckets: int = 0
+    stale_fences: list[StaleFence] = field(default_factory=list)
+    #: Buckets whose fence rows a repair rewrote.
+    fences_repaired: int = 0
+    #: Servers whose shard-map mirrors a repair made reload.
+    mirrors_reloaded: int = 0
 
     @property
     def clean(self) -> bool:
-        return not self.findings
+        return not self.findings and not self.stale_fences
 
 
 async def _pair_summaries(store: MessageStore) -> list[tuple[int, int, int, int, int]]:
@@ -93,9 +119,10 @@ async def verify(
     *,
     moving: Callable[[Pair], bool] = lambda pair: False,
     repair: bool = False,
+    report: Report | None = None,
 ) -> Report:
     """Scan every shard; report (and with `repair`, fix) messages stored off their routed shard."""
-    report = Report()
+    report = Report() if report is None else report
     stores = [shards.store(c.shard_id) for c in shards.configs]
     summaries = await asyncio.gather(*(_pair_summaries(s) for s in stores))
     where: dict[Pair, dict[int, int]] = defaultdict(dict)
@@ -126,6 +153,8 @@ async def _check_pair(
     at_home = await _fingerprints(home, pair)
     for shard_id in sorted(strays):
         stray = shards.store(shard_id)
+        if repair:
+            await _retire(stray, pair)
         there = await _fingerprints(stray, pair)
         misplaced = [i for i in there if i not in at_home]
         duplicate = [i for i in there if i in at_home and at_home[i] == there[i]]
@@ -147,3 +176,63 @@ async def _delete_ids(store: MessageStore, ids: list[uuid.UUID]) -> int:
         cur = await conn.execute(f"DELETE FROM {store.table} WHERE message_id = ANY(%s)", (ids,))
     count: int = cur.rowcount
     return count
+
+
+async def _retire(store: MessageStore, pair: Pair) -> None:
+    """Fence the pair `moved` on a shard routing does not name (first waiting out its inserts)."""
+    async with shard_errors(store.shard_id), store.pool.connection() as conn:
+        await FenceStore(store.table).set(conn, [pair_fence_key(pair)], FenceState.MOVED, None)
+
+
+async def check_fences(
+    shards: ShardSet,
+    router: ShardRouter,
+    report: Report,
+    *,
+    moving_pairs: Iterable[Pair] = (),
+    moving_buckets: Iterable[int] = (),
+    repair: bool = False,
+) -> None:
+    """Report (and with `repair`, reconcile) fence rows that refuse pairs routed to their shard.
+
+    `router` holds routing as stored (overrides and layout); buckets of unfinished moves
+    (`moving_pairs`' buckets and `moving_buckets`) are skipped.
+    """
+    busy = set(moving_buckets) | {bucket_of(*p) for p in moving_pairs}
+    pinned: dict[int, list[Pair]] = defaultdict(list)
+    pinned_to: dict[int, set[int]] = defaultdict(set)
+    for pair, shard_id in router.overrides().items():
+        pinned[bucket_of(*pair)].append(pair)
+        pinned_to[shard_id].add(bucket_of(*pair))
+
+    def route(pair: Pair) -> int:
+        return router.resolve(*pair).shard_id
+
+    for config in shards.configs:
+        store = shards.store(config.shard_id)
+        fences = FenceStore(store.table)
+        async with shard_errors(store.shard_id), store.pool.connection() as conn:
+            rows = await fences.rows(conn)
+        report.fence_rows += len(rows)
+        by_bucket: dict[int, list[FenceRow]] = defaultdict(list)
+        for row in rows:
+            by_bucket[row.bucket].append(row)
+        for bucket in sorted(set(by_bucket) | pinned_to[config.shard_id]):
+            if bucket in busy:
+                report.skipped_moving_buckets += 1
+                continue
+            plan = functools.partial(
+                plan_bucket,
+                config.shard_id,
+                bucket,
+                layout=router.layout,
+                route=route,
+                pinned=tuple(pinned.get(bucket, ())),
+            )
+            fix = plan(by_bucket.get(bucket, []))
+            if fix is not None and repair:
+                async with shard_errors(store.shard_id), store.pool.connection() as conn:
+                    fix = await fences.reconcile(conn, bucket, plan)
+                report.fences_repaired += fix is not None
+            if fix is not None:
+                report.stale_fences += [StaleFence(fix.shard_id, row) for row in fix.stale]

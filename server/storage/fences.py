@@ -30,19 +30,36 @@ A pair's state is its pair row if one exists, else the bucket's whole or residue
 that covers it, else open. A pair row `open` re-opens one pair inside a fenced bucket
 (a pair pinned by an override to a shard its bucket left). The residue's hash is only
 computed for a bucket that has residue rows, so inserts elsewhere never pay for it.
+
+Invariants (every writer of these rows keeps them):
+
+- a row is changed only under `pg_advisory_xact_lock(<table key>, bucket)`, so no insert
+  of the bucket that already passed its check is in flight when the change commits;
+- a pair is never refused on the shard its current routing names, except while a move
+  (shard_moves, not `done`) of its unit runs: the mover fences only its source, opens
+  its target (`open`) before the flip, and re-opens the source after a failure that
+  left routing on it;
+- a finished move leaves its source `moved` (not deleted): a server routing by a stale
+  mirror can never write or read there again;
+- routing that changes without a move (a restored or hand-edited shard_map, a restored
+  layout) can break the second rule: `dialogctl verify` reports such rows as
+  `stale_fence`, and `verify --repair` (which `restore --control` runs) reconciles them
+  with `FenceStore.reconcile` under the movers' lock, skipping buckets of unfinished
+  moves (server.routing.fencing decides which rows are stale and what replaces them).
 """
 
 from __future__ import annotations
 
 import enum
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from psycopg import AsyncConnection
 
 from server.resilience.db_errors import FENCED_SQLSTATE
 from server.routing import Pair, bucket_of
+from server.routing.fencing import BucketFix, FenceRow
 
 #: user_low/user_high of a whole-bucket fence row.
 WHOLE_BUCKET = 0
@@ -175,7 +192,7 @@ class FenceStore:
         conn: AsyncConnection[Any],
         keys: Sequence[FenceKey],
         state: FenceState,
-        move_id: int,
+        move_id: int | None,
         *,
         exempt: Sequence[FenceKey] = (),
     ) -> None:
@@ -255,6 +272,51 @@ class FenceStore:
                     """,
                     _columns(pairs),
                 )
+
+    async def rows(self, conn: AsyncConnection[Any]) -> list[FenceRow]:
+        """Every fence row of the table, in key order."""
+        cur = await conn.execute(
+            f"SELECT bucket, user_low, user_high, state FROM {self._fences} "
+            "ORDER BY bucket, user_low, user_high"
+        )
+        return [FenceRow(int(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in await cur.fetchall()]
+
+    async def reconcile(
+        self, conn: AsyncConnection[Any], bucket: int, plan: Callable[[list[FenceRow]], BucketFix | None]
+    ) -> BucketFix | None:
+        """Apply `plan` (server.routing.fencing.plan_bucket) to the bucket's rows as they are under its lock.
+
+        The bucket's exclusive advisory lock is taken first, as `set` does, and the rows are read
+        again under it, so the fix is decided on what it changes; commits on return.
+        """
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (self._key, bucket))
+            cur = await conn.execute(
+                f"SELECT bucket, user_low, user_high, state FROM {self._fences} WHERE bucket = %s", (bucket,)
+            )
+            fix = plan([FenceRow(int(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in await cur.fetchall()])
+            if fix is None:
+                return None
+            if fix.delete:
+                await conn.execute(
+                    f"""
+                    DELETE FROM {self._fences} WHERE (bucket, user_low, user_high) IN
+                        (SELECT * FROM unnest(%s::smallint[], %s::bigint[], %s::bigint[]))
+                    """,
+                    _columns(fix.delete),
+                )
+            if fix.put:
+                await conn.execute(
+                    f"""
+                    INSERT INTO {self._fences} (bucket, user_low, user_high, state)
+                    SELECT b, lo, hi, s FROM unnest(%s::smallint[], %s::bigint[], %s::bigint[], %s::text[])
+                        AS u(b, lo, hi, s)
+                    ON CONFLICT (bucket, user_low, user_high)
+                        DO UPDATE SET state = EXCLUDED.state, move_id = NULL, updated_at = now()
+                    """,
+                    (*_columns([r.key for r in fix.put]), [r.state for r in fix.put]),
+                )
+            return fix
 
 
 def _columns(keys: Sequence[FenceKey]) -> tuple[list[int], list[int], list[int]]:

@@ -133,6 +133,18 @@ _USER_ID_RE = re.compile(r"-?[0-9]{1,19}")
 _BUCKET_LIST_RE = re.compile(r"[0-9]{1,4}(,[0-9]{1,4})*")
 
 
+async def reload_mirrors_in(conn: psycopg.AsyncConnection[Any]) -> int:
+    """End the servers' listener connections to this control database; each reconnects and reloads
+    the whole shard map and layout (a change made without a NOTIFY). Returns how many were ended."""
+    cur = await conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = %s AND datname = current_database()",
+        (LISTENER_APPLICATION_NAME,),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 @dataclass(slots=True)
 class RoutingHints:
     """What a batch of notifications says has changed: pairs of shard_map, and/or the layout."""
