@@ -144,7 +144,9 @@ def _start(
         worker_argv.append("--pin-workers")
     if config_path is not None:
         worker_argv += ["--config", str(config_path)]
-    # The per-user rate limits hold for the host: every worker maps the same tables.
+    # The per-user rate limits hold for the host: every worker maps the same tables. Their files
+    # go as soon as every worker has them open, so that not even a SIGKILL of this process leaves
+    # them behind in /dev/shm.
     with SharedLimitTables.created(RATE_LIMITS, config.limits.max_tracked_users) as tables:
         worker_argv += [supervisor.SHARED_LIMITS_FLAG, str(tables.directory)]
         return asyncio.run(
@@ -153,7 +155,7 @@ def _start(
                 workers=workers,
                 listen=config.listen,
                 grace_seconds=config.shutdown_grace_seconds,
-            ).run([banner] if banner else [])
+            ).run([banner] if banner else [], on_ready=tables.remove)
         )
 
 

@@ -28,7 +28,7 @@ from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.runtime.affinity import cpu_for_worker
 from server.runtime.app import RunningServer, running_server
-from server.runtime.supervisor import ListenError, reserve_port, split_listen
+from server.runtime.supervisor import SHARED_LIMITS_FLAG, ListenError, reserve_port, split_listen
 from tests.processes import child_env, write_server_config
 from tests.support import Metadata, rows_for_pair, wait_until
 
@@ -348,6 +348,13 @@ async def _channel_per_worker(running: Supervised) -> dict[int, grpc.aio.Channel
     raise AssertionError(f"connections reached only workers {sorted(channels)}")
 
 
+def _shared_limits_of(worker_pid: int) -> tuple[str, bool]:
+    """The name of the rate-limit tables' directory a worker was handed, and whether it still exists."""
+    argv = Path(f"/proc/{worker_pid}/cmdline").read_bytes().split(b"\0")
+    handed = Path(argv[argv.index(SHARED_LIMITS_FLAG.encode()) + 1].decode())
+    return handed.name, handed.exists()
+
+
 async def test_rate_limits_hold_for_the_host_not_per_worker(
     tmp_path: Path,
     server: RunningServer,
@@ -371,6 +378,10 @@ async def test_rate_limits_hold_for_the_host_not_per_worker(
     sender, peer = new_pair()
     metadata = auth_for(sender)
     async with _supervised(config_path, workers=2) as running:
+        # The workers were handed the tables' directory, which is gone once they all serve: a
+        # SIGKILL of the parent leaves nothing behind in /dev/shm, and the tables work on.
+        handed, still_there = _shared_limits_of(running.worker_pids[0])
+        assert handed.startswith("dialog-shard-limits-") and not still_there
         channels = await _channel_per_worker(running)
         try:
             stubs = [pb_grpc.DialogServiceStub(channels[pid]) for pid in running.worker_pids]

@@ -29,7 +29,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from server.errors import StartupError
@@ -119,8 +119,11 @@ class Supervisor:
         self._workers: list[_Worker] = []
         self._stop = asyncio.Event()
 
-    async def run(self, on_serving: Sequence[str] = ()) -> int:
-        """Serve until SIGTERM/SIGINT (exit code 0) or a worker's exit (its code, at least 1)."""
+    async def run(self, on_serving: Sequence[str] = (), on_ready: Callable[[], None] = lambda: None) -> int:
+        """Serve until SIGTERM/SIGINT (exit code 0) or a worker's exit (its code, at least 1).
+
+        `on_ready` runs once every worker serves (and so has opened whatever it was handed).
+        """
         sockets, port = reserve_port(self._listen)
         host = self._listen.rpartition(":")[0]
         address = f"{host}:{port}"
@@ -133,6 +136,7 @@ class Supervisor:
                 await self._spawn(index, address)
             failed = await self._wait_ready()
             if failed is None:
+                on_ready()
                 print(
                     f"dialog-shard serving on {address} with {self._count} worker processes "
                     f"(pids {', '.join(str(w.pid) for w in self._workers)})",
