@@ -18,6 +18,8 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
+from client.gen.dialog.v1 import admin_service_pb2_grpc as admin_pb_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.config import ConfigError, ServerConfig, config_from_mapping
@@ -92,6 +94,33 @@ async def test_a_dialog_of_1000_maximal_messages_reads_completely_with_a_default
             # it stopped only when the next message would not fit.
             assert len(pages) >= 16
             assert min(sizes[:-1]) > budget - 2 * len(big_text(0).encode()), sizes
+
+
+async def test_admins_list_the_big_dialog_completely_in_pages_within_the_budget(
+    address: str, big_dialog: BigDialog, admin_auth: Metadata, cluster_config: ServerConfig
+) -> None:
+    """ListMessages pages end at the same byte budget (and read the shard a chunk at a time)."""
+    budget = cluster_config.limits.max_response_bytes
+    listed: list[str] = []
+    sizes: list[int] = []
+    async with grpc.aio.insecure_channel(address) as channel:  # default receive limit
+        stub = admin_pb_grpc.AdminServiceStub(channel)
+        token = ""
+        while True:
+            page = await stub.ListMessages(
+                admin_pb.ListMessagesRequest(
+                    user_id_1=big_dialog.user, user_id_2=big_dialog.peer, page_size=1000, page_token=token
+                ),
+                metadata=admin_auth,
+            )
+            listed += [m.message.message_id for m in page.messages]
+            sizes.append(page.ByteSize())
+            token = page.next_page_token
+            if not token:
+                break
+    assert len(listed) == MESSAGES and set(listed) == big_dialog.ids, "every message exactly once"
+    assert max(sizes) <= budget and len(sizes) >= 16, sizes
+    assert min(sizes[:-1]) > budget - 2 * len(big_text(0).encode()), sizes
 
 
 async def test_a_page_holds_one_message_even_when_it_alone_passes_the_budget(

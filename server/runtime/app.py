@@ -180,7 +180,8 @@ async def running_server(
             DialogService(placement, shards, tokens, config.limits), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(placement, shards, tokens), server
+            AdminService(placement, shards, tokens, max_response_bytes=config.limits.max_response_bytes),
+            server,
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -40,10 +40,13 @@ def _override_to_proto(row: OverrideRow) -> pb.ShardOverride:
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
-    def __init__(self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec) -> None:
+    def __init__(
+        self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec, *, max_response_bytes: int
+    ) -> None:
         self._placement = placement
         self._shards = shards
         self._tokens = tokens
+        self._max_response_bytes = max_response_bytes
 
     def _pair(self, violations: Violations, request: Any) -> Pair:
         check_pair(violations, _PAIR_FIELDS, (request.user_id_1, request.user_id_2))
@@ -160,4 +163,6 @@ class AdminService(pb_grpc.AdminServiceServicer):
     async def ListMessages(
         self, request: pb.ListMessagesRequest, context: Context
     ) -> pb.ListMessagesResponse:
-        return await list_placed_messages(request, self._placement, self._shards, self._tokens)
+        return await list_placed_messages(
+            request, self._placement, self._shards, self._tokens, max_response_bytes=self._max_response_bytes
+        )

@@ -21,6 +21,10 @@ from server.storage.pools import ShardSet
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+#: Rows read from a shard at a time: a page's memory stays near its byte budget, whatever its size.
+_CHUNK_ROWS = 64
+#: Bytes of a ListMessagesResponse kept for its next_page_token.
+_TOKEN_ROOM = 128
 _CURSOR = struct.Struct(">i16s")
 
 
@@ -46,8 +50,15 @@ def _placed(placement: Placement, shard_id: int, row: ListedMessage) -> pb.Place
 
 
 async def list_placed_messages(
-    request: pb.ListMessagesRequest, placement: Placement, shards: ShardSet, tokens: PageTokenCodec
+    request: pb.ListMessagesRequest,
+    placement: Placement,
+    shards: ShardSet,
+    tokens: PageTokenCodec,
+    *,
+    max_response_bytes: int,
 ) -> pb.ListMessagesResponse:
+    """One page of stored messages; it ends at `page_size` messages or at the byte budget, whichever
+    comes first (always one message at least), like GetDialog's pages."""
     violations = Violations()
     pair: Pair | None = None
     if request.user_id_1 or request.user_id_2:
@@ -71,25 +82,34 @@ async def list_placed_messages(
     violations.raise_if_any()
 
     wanted = [s for s in shard_ids if (shard_filter is None or s == shard_filter) and s >= start_shard]
-    found: list[tuple[int, ListedMessage]] = []
-    # One row more than asked, across shards, tells whether another page exists.
+    budget = max_response_bytes - _TOKEN_ROOM
+    page: list[pb.PlacedMessage] = []
+    used = 0
+    last: tuple[int, uuid.UUID] | None = None
+    more = False
+    # Read in chunks until the page is full (by count or bytes) and one row more shows that
+    # another page exists.
     for shard_id in wanted:
-        rows = await list_messages(
-            shards.store(shard_id),
-            pair=pair,
-            after=after if shard_id == start_shard else None,
-            limit=limit + 1 - len(found),
-        )
-        found += [(shard_id, r) for r in rows]
-        if len(found) > limit:
+        cursor = after if shard_id == start_shard else None
+        while not more:
+            rows = await list_messages(
+                shards.store(shard_id), pair=pair, after=cursor, limit=min(_CHUNK_ROWS, limit + 1 - len(page))
+            )
+            for row in rows:
+                placed = _placed(placement, shard_id, row)
+                size = placed.ByteSize() + 8  # the field's tag and length
+                if len(page) == limit or (page and used + size > budget):
+                    more = True
+                    break
+                page.append(placed)
+                used += size
+                last = (shard_id, row.message.message_id)
+            if more or not rows:
+                break
+            cursor = rows[-1].message.message_id
+        if more:
             break
     next_token = ""
-    if len(found) > limit:
-        found = found[:limit]
-        last_shard, last = found[-1]
-        next_token = tokens.encode(
-            PageTokenCodec.MESSAGES, binding, _CURSOR.pack(last_shard, last.message.message_id.bytes)
-        )
-    return pb.ListMessagesResponse(
-        messages=[_placed(placement, s, r) for s, r in found], next_page_token=next_token
-    )
+    if more and last is not None:
+        next_token = tokens.encode(PageTokenCodec.MESSAGES, binding, _CURSOR.pack(last[0], last[1].bytes))
+    return pb.ListMessagesResponse(messages=page, next_page_token=next_token)
