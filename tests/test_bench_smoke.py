@@ -76,6 +76,11 @@ def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -
         assert goals[key]["rounds"] == 1
     assert "goals (median over rounds" in stdout and "not judged" in stdout
     assert bench["server_rss_kib"]["after"] > 0
+    # The rate-limit check's cost: in-process buckets against the table the workers share.
+    limiter = bench["limiter"]
+    for key in ("in_process_hot_us", "in_process_many_us", "shared_hot_us", "shared_many_us"):
+        assert limiter[key] > 0, key
+    assert limiter["shared_many_contended_us"] > 0 and "Rate-limit check per call" in stdout
     assert set(bench["postgres_background_during_rounds"]) == {"autovacuum", "autoanalyze", "checkpoints"}
     assert all(count >= 0 for count in bench["postgres_background_during_rounds"].values())
     assert "PostgreSQL background work during the rounds" in stdout
