@@ -3,6 +3,7 @@
     dialogctl verify              # scan every shard; exit 1 when something is off
     dialogctl verify --repair     # also move misplaced messages home, drop duplicate copies, fix fences
     dialogctl verify --json       # every finding with up to 20 message ids each
+    dialogctl verify --max-rows-per-second 0    # as fast as the shards go (default: 50,000 rows/s each)
 
 It connects to the shards and the control database named in the config (no server
 needed) and routes pairs as the servers do: the shard map first, else the hash.
@@ -64,16 +65,17 @@ async def load_router(config: ServerConfig) -> tuple[ShardRouter, frozenset[Pair
     return router, pairs, buckets
 
 
-async def run_verify(config: ServerConfig, *, repair: bool) -> Report:
+async def run_verify(config: ServerConfig, *, repair: bool, rows_per_second: float = 0.0) -> Report:
+    """Verify (and with `repair`, fix) every shard, each scanned at most `rows_per_second` (0: unbounded)."""
     if not repair:
-        return await _verify(config, repair=False)
+        return await _verify(config, repair=False, rows_per_second=rows_per_second)
     # No move runs while a repair holds the mover lock: every unit, even one whose move
     # crashed or failed, is where routing says, and the rest are strays to settle.
     async with mover_lock(config.control_dsn):
-        return await _verify(config, repair=True)
+        return await _verify(config, repair=True, rows_per_second=rows_per_second)
 
 
-async def _verify(config: ServerConfig, *, repair: bool) -> Report:
+async def _verify(config: ServerConfig, *, repair: bool, rows_per_second: float) -> Report:
     report = Report()
     if repair:
         # The servers route as stored from now on (a stale one is turned away by the fences below).
@@ -93,6 +95,7 @@ async def _verify(config: ServerConfig, *, repair: bool) -> Report:
             moving=lambda p: not repair and (p in moving_pairs or bucket_of(*p) in moving_buckets),
             repair=repair,
             report=report,
+            rows_per_second=rows_per_second,
         )
 
 
@@ -144,7 +147,7 @@ def cmd_verify(session: Session) -> int:
     config = session.config()
     with Progress("verify") as progress:
         progress.update(f"scanning {config.num_shards} shards")
-        report = run_tool(run_verify(config, repair=args.repair))
+        report = run_tool(run_verify(config, repair=args.repair, rows_per_second=args.max_rows_per_second))
     remaining: list[object] = [f for f in report.findings if not args.repair or f.kind in _UNREPAIRABLE]
     if not args.repair:
         remaining += report.stale_fences
@@ -217,10 +220,32 @@ def cmd_verify(session: Session) -> int:
     return _EXIT_FINDINGS if remaining else 0
 
 
+#: Rows per second `dialogctl verify` reads from each shard by default: a scan that leaves a busy
+#: shard most of its capacity (docs/operations.md, Operator reads, has the costs).
+DEFAULT_ROWS_PER_SECOND = 50_000
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of rows per second, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {text!r}")
+    return value
+
+
 def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add `verify` to dialogctl's subcommands."""
     verifying = command(
         commands, "verify", cmd_verify, "check that every message is stored once, on the shard routing names"
+    )
+    verifying.add_argument(
+        "--max-rows-per-second",
+        type=_rate,
+        default=DEFAULT_ROWS_PER_SECOND,
+        metavar="N",
+        help=f"rows read per second per shard at most (default {DEFAULT_ROWS_PER_SECOND:,}; 0: no limit)",
     )
     verifying.add_argument(
         "--repair",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -88,14 +89,57 @@ class Report:
         return not self.findings and not self.stale_fences
 
 
-async def _pair_summaries(store: MessageStore) -> list[tuple[int, int, int, int, int]]:
-    """(low, high, bucket, count, checksum) of every pair on the shard."""
-    async with shard_errors(store.shard_id), store.pool.connection() as conn:
-        cur = await conn.execute(
-            f"SELECT user_low, user_high, bucket, count(*), sum({transfer.ROW_FINGERPRINT}) "
-            f"FROM {store.table} GROUP BY user_low, user_high, bucket"
-        )
-        return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in await cur.fetchall()]
+#: Rows of a shard one summary statement reads (plus the rest of the pair it ends in).
+SCAN_CHUNK_ROWS = 20_000
+
+
+class Pacer:
+    """Keeps a scan at or below `rows_per_second` (0: as fast as it goes) by sleeping between chunks."""
+
+    def __init__(self, rows_per_second: float) -> None:
+        self._rate = rows_per_second
+        self._rows = 0
+        self._started = time.monotonic()
+
+    async def account(self, rows: int) -> None:
+        """`rows` were just read: wait until the scan is back within its rate."""
+        self._rows += rows
+        if self._rate > 0:
+            ahead = self._rows / self._rate - (time.monotonic() - self._started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+
+async def _pair_summaries(
+    store: MessageStore, rows_per_second: float, chunk_rows: int = SCAN_CHUNK_ROWS
+) -> list[tuple[int, int, int, int, int]]:
+    """(low, high, bucket, count, checksum) of every pair on the shard, read in keyset chunks of
+    about `chunk_rows` rows along the dialog index, at most `rows_per_second` (0: unbounded)."""
+    pacer = Pacer(rows_per_second)
+    summaries: list[tuple[int, int, int, int, int]] = []
+    after = (0, 0)  # below every pair: user ids start at 1
+    while True:
+        async with shard_errors(store.shard_id), store.pool.connection() as conn:
+            # The pair `chunk_rows` rows further along the index ends this chunk (all of its rows in).
+            cur = await conn.execute(
+                f"SELECT user_low, user_high FROM {store.table} WHERE (user_low, user_high) > (%s, %s) "
+                "ORDER BY user_low, user_high OFFSET %s LIMIT 1",
+                (*after, chunk_rows),
+            )
+            bound = await cur.fetchone()
+            upper = "AND (user_low, user_high) <= (%s, %s)" if bound is not None else ""
+            cur = await conn.execute(
+                f"SELECT user_low, user_high, bucket, count(*), sum({transfer.ROW_FINGERPRINT}) "
+                f"FROM {store.table} WHERE (user_low, user_high) > (%s, %s) {upper} "
+                "GROUP BY user_low, user_high, bucket",
+                (*after, *(bound or ())),
+            )
+            chunk = [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in await cur.fetchall()]
+        summaries += chunk
+        if bound is None:
+            return summaries
+        after = (bound[0], bound[1])
+        await pacer.account(sum(c[3] for c in chunk))
 
 
 async def _fingerprints(store: MessageStore, pair: Pair) -> dict[uuid.UUID, int]:
@@ -120,11 +164,13 @@ async def verify(
     moving: Callable[[Pair], bool] = lambda pair: False,
     repair: bool = False,
     report: Report | None = None,
+    rows_per_second: float = 0.0,
 ) -> Report:
-    """Scan every shard; report (and with `repair`, fix) messages stored off their routed shard."""
+    """Scan every shard (each at most `rows_per_second`, 0: unbounded); report (and with `repair`,
+    fix) messages stored off their routed shard."""
     report = Report() if report is None else report
     stores = [shards.store(c.shard_id) for c in shards.configs]
-    summaries = await asyncio.gather(*(_pair_summaries(s) for s in stores))
+    summaries = await asyncio.gather(*(_pair_summaries(s, rows_per_second) for s in stores))
     where: dict[Pair, dict[int, int]] = defaultdict(dict)
     for store, rows in zip(stores, summaries, strict=True):
         report.shards_scanned += 1
