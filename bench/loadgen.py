@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import shutil
 import statistics
@@ -271,6 +272,8 @@ def run_pgbench(
 ) -> Measurement:
     """pgbench with a custom script; `prepared` like the service's pool (else a custom plan per call).
 
+    `dsn_parts`: host, port, user, dbname, and optionally passfile (libpq's password file).
+
     For `duration` seconds, or, given `requests` (a multiple of `clients`), for exactly that many
     transactions within `duration`.
     """
@@ -311,6 +314,8 @@ def run_pgbench(
             timeout=_time_limit(duration, requests),
             check=False,
             cwd=run_dir,
+            # The password comes from libpq's password file, as in the service's DSNs.
+            env={**os.environ, "PGPASSFILE": dsn_parts["passfile"]} if "passfile" in dsn_parts else None,
         )
     except subprocess.TimeoutExpired:
         raise RuntimeError(_over_time_limit("pgbench", requests, duration)) from None

@@ -469,7 +469,13 @@ class Bench:
         insert_sql, select_sql, self.sql_source = pgbench_scripts(self.table(d))
         insert_vars, select_vars = pgbench_variables(d, PAGE_SIZE)
         server = self.pg[d.shard_id]
-        parts = {"host": "127.0.0.1", "port": str(server.port), "user": "postgres", "dbname": server.database}
+        parts = {
+            "host": "127.0.0.1",
+            "port": str(server.port),
+            "user": "postgres",
+            "dbname": server.database,
+            "passfile": str(server.password_file),
+        }
         script, variables = (insert_sql, insert_vars) if kind == "insert" else (select_sql, select_vars)
         pg_pids = postmaster_pids(self.pg)
         pg_before = cpu_seconds(pg_pids)

@@ -13,7 +13,9 @@ from typing import Any, cast
 
 import psycopg
 
+from server.config import LimitsConfig
 from server.routing import Resolution, ShardRouter
+from server.services.dialog import page_message_bytes
 from server.storage.ids import MAX_ID
 from server.storage.messages import MessageStore
 
@@ -135,8 +137,9 @@ def pgbench_scripts(table: str) -> tuple[str, str, str]:
     insert, page, source = _service_sql(table)
     literal = {"id": _SQL_UUIDV7, "created": "clock_timestamp()", "request_id": "NULL::text"}
     insert = re.sub(r"%\((\w+)\)s", lambda m: literal.get(m.group(1), f":{m.group(1)}"), insert)
-    # MessageStore.page's parameters: the pair and cursor, the move fence's (bucket, pair), the limit.
-    names = [":low", ":high", ":cursor", ":bucket", ":low", ":high", ":limit"]
+    # MessageStore.page's parameters: the byte budget, the pair and cursor, the move fence's
+    # (bucket, pair), the limit, the byte budget again.
+    names = [":max_bytes", ":low", ":high", ":cursor", ":bucket", ":low", ":high", ":limit", ":max_bytes"]
     if page.count("%s") != len(names):
         raise RuntimeError(
             f"MessageStore.page_sql takes {page.count('%s')} parameters; update pgbench_scripts"
@@ -157,8 +160,10 @@ def pgbench_variables(dialog: Dialog, page_size: int) -> tuple[dict[str, str], d
         "to": str(dialog.peer),
         "text": MESSAGE_TEXT,
     }
-    # The service asks for one row more than the page size to know whether another page exists.
+    # The service asks for one row more than the page size to know whether another page exists,
+    # with the byte budget of a server with the default limits (the benchmark's).
     select = {
+        "max_bytes": str(page_message_bytes(LimitsConfig())),
         "bucket": str(dialog.where.bucket),
         "low": str(pair.low),
         "high": str(pair.high),

@@ -243,7 +243,13 @@ def test_a_counted_pgbench_run_runs_exactly_the_transactions_asked_for(
         conn.execute("CREATE TABLE hits (id bigserial PRIMARY KEY, who int NOT NULL)")
     binary = pgbench_binary(pg_server.bin_dir)
     assert binary is not None, "pgbench ships with the PostgreSQL server binaries"
-    parts = {"host": pg_server.host, "port": str(pg_server.port), "user": "postgres", "dbname": database}
+    parts = {
+        "host": pg_server.host,
+        "port": str(pg_server.port),
+        "user": "postgres",
+        "dbname": database,
+        "passfile": str(pg_server.password_file),
+    }
     script = "INSERT INTO hits (who) VALUES (:who);\n"
 
     m = run_pgbench(binary, parts, script, {"who": "7"}, 8, 60.0, tmp_path, requests=200)

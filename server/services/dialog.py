@@ -32,6 +32,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _TOKEN_ROOM = 128
 
 
+def page_message_bytes(limits: LimitsConfig) -> int:
+    """The messages' share of a GetDialog page's `max_response_bytes`; the rest is the token's room."""
+    return limits.max_response_bytes - _TOKEN_ROOM
+
+
 def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
     """Authorization comes before validation (AIP-211): the caller acts only as itself."""
     principal = current_principal.get()
@@ -49,8 +54,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         self._shards = shards
         self._tokens = tokens
         self._limits = limits
-        # The messages' share of max_response_bytes; the rest is the next_page_token's room.
-        self._page_bytes = limits.max_response_bytes - _TOKEN_ROOM
+        self._page_bytes = page_message_bytes(limits)
         self._ids = MessageIdGenerator()
 
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
