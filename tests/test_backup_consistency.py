@@ -7,17 +7,21 @@ all its dumps. Here a real server's move of a pair with many messages is held (i
 will not wait is refused at once and writes nothing, and a backup of the whole set waits, dumping
 nothing, until the move has finished. That set, restored into the wiped cluster (after the pair
 was moved again), routes the pair to the move's target and GetDialog returns every acknowledged
-message of every pair exactly once, with nothing for the restore to reconcile.
+message of every pair exactly once, with nothing for the restore to reconcile. A move left
+unfinished (its mover failed after the copy) is listed in the set's manifest, and after a restore
+the servers' resumer completes it: every message once, on the move's target.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 
@@ -28,12 +32,13 @@ from server.auth import issue_token
 from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.moves.mover import MOVER_LOCK, Mover
-from server.routing import calculate_shard
+from server.routing import Pair, calculate_shard
 from tests.processes import write_server_config
 from tests.support import (
     Metadata,
     dialogctl,
     fresh_cluster,
+    move_rows,
     preload_pairs,
     read_all,
     rows_for_pair,
@@ -207,3 +212,70 @@ async def test_a_backup_set_waits_for_a_move_and_restores_every_message_exactly_
         # The restored pair takes messages at once, on the shard its restored routing names.
         await send(moved, "after the restore")
         assert len(rows_for_pair(config, moved)[away]) == MOVED_MESSAGES + 4
+
+
+async def test_a_set_with_an_unfinished_move_lists_it_and_the_resumer_completes_it_after_restore(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failing = True
+
+    async def fail_after_copy(step: str) -> None:
+        if step == "copied" and failing:
+            raise RuntimeError("the move fails after its copy (a test hook)")
+
+    monkeypatch.setattr(
+        Mover, "__init__", functools.partialmethod(Mover.__init__, after_step=fail_after_copy)
+    )
+    base = fresh_cluster(pg_servers, jwt_secret, 4)
+    config = dataclasses.replace(base, resilience=dataclasses.replace(base.resilience, move_resume_after=0.5))
+    pair = new_pair()
+    away = (calculate_shard(*pair, 4) + 2) % 4
+    async with serving(config) as (running, channel):
+        ids = preload_pairs(config, [pair], 50)
+        ctl_config = write_server_config(
+            tmp_path / "ctl.toml", config, f"127.0.0.1:{running.port}", jwt_secret
+        )
+        dialog = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        admin_auth: Metadata = (("authorization", f"Bearer {issue_token(config.auth, admin=True)}"),)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await admin.SetShardOverride(
+                pb.SetShardOverrideRequest(user_id_1=pair[0], user_id_2=pair[1], shard_id=away),
+                metadata=admin_auth,
+                timeout=60,
+            )
+        # The move's record stays unfinished (`copying`), its copy on the target: the resumer
+        # keeps retrying it and failing at the same step while the hook is armed.
+        assert [state for state, _, _ in move_rows(config, pair)] == ["copying"]
+
+        out = tmp_path / "set"
+        done = await dialogctl(ctl_config, "backup", "--out", str(out), "--json")
+        assert done.returncode == 0, done.stderr
+        manifest = done.json()
+        assert manifest["movers_lock"] is True
+        low, high = Pair.of(*pair)
+        assert [
+            (m["state"], m["target_shard"], m["user_low"], m["user_high"])
+            for m in manifest["unfinished_moves"]
+        ] == [("copying", away, low, high)]
+        assert (
+            "1 unfinished move(s) in the set"
+            in (await dialogctl(ctl_config, "backup", "--out", str(tmp_path / "text"))).stdout
+        )
+
+        failing = False
+        restored = await dialogctl(ctl_config, "restore", str(out), "--yes", "--json")
+        assert restored.returncode == 0, restored.stderr
+
+        async def completed() -> bool:
+            return [s for s, _, _ in move_rows(config, pair)] == ["done"]
+
+        await wait_until(completed, "the resumer completes the restored unfinished move", within=30)
+        auth: Metadata = (("authorization", f"Bearer {issue_token(config.auth, user_id=pair[0])}"),)
+        read = await read_all(dialog, pair[0], pair[1], auth)
+        assert len(read) == len(set(read)) and set(read) == ids
+        assert set(rows_for_pair(config, pair)) == {away}
