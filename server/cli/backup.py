@@ -9,9 +9,14 @@ A backup directory (mode 0700) holds one custom-format archive per item (`shard-
 A shard's item is its message table and the tables named after it (`messages_N_fences`); the
 control item is every other table of the control database. Rows are counted in the very snapshot
 pg_dump reads (`pg_export_snapshot` + `pg_dump --snapshot`), so a restore can verify that every
-row came back. Before anything is changed, restore checks every chosen item: its file is named by a
-path inside the backup directory (no absolute path, no `..`, no symlink out of it), its sha256 is
-the manifest's, its tables are the item's, and the archive holds each of them. Restoring replaces
+row came back. A backup of more than one item holds the movers' lock (server.moves.mover.mover_lock)
+from before its first dump to after its last, waiting up to --lock-wait seconds for a running move:
+no move runs between two dumps, so every message is in the set exactly once, on the shard the
+set's routing names. The manifest says so (`movers_lock`) and lists the moves unfinished then
+(crashed ones, which the servers' resumer completes after a restore). Before anything is changed,
+restore checks every chosen item: its file is named by a path inside the backup directory (no
+absolute path, no `..`, no symlink out of it), its sha256 is the manifest's, its tables are the
+item's, and the archive holds each of them. Restoring replaces
 the item's tables (`pg_restore --clean --if-exists`, in one transaction) and only those: pg_restore
 gets a list (`-L`) of the manifest's tables and what depends on them alone (their data,
 constraints, indexes, sequences, defaults), so anything else an archive holds is left out.
@@ -27,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +55,8 @@ from server.cli.progress import Progress
 from server.cli.session import EXIT_CONFIG, CliError, Session
 from server.cli.verify import reconcile_restored_routing
 from server.config import describe_dsn
+from server.errors import ControlUnavailable
+from server.moves.mover import MoverBusy, MoverLockLost, mover_lock
 from server.storage.overrides import reload_mirrors_in
 from server.storage.schema import migrate_control, migrate_shard
 
@@ -179,13 +188,7 @@ def _dump(item: Item, out: Path, pg_dump: Path) -> dict[str, Any]:
     }
 
 
-def cmd_backup(session: Session) -> int:
-    args = session.args
-    items = _items(session, args.shard, args.control)
-    pg_dump = find_tool("pg_dump", args.pg_bindir)
-    out: Path = args.out
-    if out.exists() and any(out.iterdir()):
-        raise CliError(f"{out} is not empty: back up into a new directory")
+def _dump_all(items: Sequence[Item], out: Path, pg_dump: Path) -> list[dict[str, Any]]:
     out.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
     out.chmod(_DIR_MODE)  # an existing empty directory too: the archives hold every message
     entries = []
@@ -193,13 +196,114 @@ def cmd_backup(session: Session) -> int:
         for n, item in enumerate(items, 1):
             progress.update(f"{item.name} ({n}/{len(items)})")
             entries.append(_dump(item, out, pg_dump))
-    manifest = {"format": _FORMAT, "created_at": datetime.now(UTC).isoformat(), "items": entries}
+    return entries
+
+
+_UNFINISHED = """
+    SELECT move_id, state, source_shard, target_shard, flip, user_low, user_high,
+           coalesce(buckets, ARRAY[bucket]) FROM shard_moves WHERE state <> 'done' ORDER BY move_id
+"""
+
+
+async def _unfinished_moves(control_dsn: str) -> list[dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(
+        control_dsn, autocommit=True, connect_timeout=10
+    ) as conn:
+        rows = await (await conn.execute(_UNFINISHED)).fetchall()
+    return [
+        {
+            "move_id": r[0],
+            "state": r[1],
+            "source_shard": r[2],
+            "target_shard": r[3],
+            "flip": r[4],
+            **({"user_low": r[5], "user_high": r[6]} if r[5] or r[6] else {"buckets": list(r[7])}),
+        }
+        for r in rows
+    ]
+
+
+_LOCK_NAME = "dialogctl backup"
+
+
+async def _dump_under_lock(
+    control_dsn: str, wait: float, work: Callable[[], list[dict[str, Any]]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run `work` (the dumps) holding the movers' lock: no move, reshard or repair changes routing,
+    fences or a unit's messages between the first dump and the last. Returns (entries, the moves
+    unfinished while the lock was held: crashed ones, which the servers' resumer completes)."""
+    busy = (
+        "the movers' lock is held (a move, reshard, repair or other backup is running) and was not "
+        f"released within {wait:g} s; a backup of more than one item waits for it, so that the set "
+        "is consistent: retry later or pass a longer --lock-wait; nothing was backed up"
+    )
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                lease = await stack.enter_async_context(
+                    mover_lock(control_dsn, 0, application_name=_LOCK_NAME)
+                )
+            except MoverBusy:
+                if wait <= 0:
+                    raise
+                print(
+                    "dialogctl: a move, reshard, repair or other backup holds the movers' lock; the backup "
+                    f"waits up to {wait:g} s (--lock-wait) for it to finish, so that the set is consistent",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                lease = await stack.enter_async_context(
+                    mover_lock(control_dsn, wait, application_name=_LOCK_NAME)
+                )
+            unfinished = await _unfinished_moves(control_dsn)
+            entries = await asyncio.to_thread(work)
+            # Still ours at the end: had the lock gone with its session, a move could have run meanwhile.
+            await lease.confirm()
+            return entries, unfinished
+    except MoverBusy:
+        raise CliError(busy, EXIT_TOOL_FAILED) from None
+    except MoverLockLost as exc:
+        raise CliError(
+            f"the backup is not consistent: {exc.message}; take it again", EXIT_TOOL_FAILED
+        ) from None
+    except ControlUnavailable as exc:
+        raise CliError(
+            f"cannot take the movers' lock on the control database: {exc.message}", EXIT_TOOL_FAILED
+        ) from None
+
+
+def cmd_backup(session: Session) -> int:
+    args = session.args
+    items = _items(session, args.shard, args.control)
+    pg_dump = find_tool("pg_dump", args.pg_bindir)
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()):
+        raise CliError(f"{out} is not empty: back up into a new directory")
+    manifest: dict[str, Any] = {"format": _FORMAT, "created_at": datetime.now(UTC).isoformat()}
+    if len(items) > 1:
+        # Shards are dumped one after another: only with no move in between does every message
+        # appear exactly once in the set, on the shard the set's routing names.
+        work = functools.partial(_dump_all, items, out, pg_dump)
+        entries, unfinished = asyncio.run(
+            _dump_under_lock(session.config().control_dsn, args.lock_wait, work)
+        )
+        manifest |= {"movers_lock": True, "unfinished_moves": unfinished}
+    else:
+        # One item is one snapshot of one database: consistent by itself, no need to stop moves.
+        entries = _dump_all(items, out, pg_dump)
+        manifest |= {"movers_lock": False}
+    manifest["items"] = entries
     _create_private(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if session.json:
         print_json({"directory": str(out), **manifest})
         return 0
     _print_items(entries)
     print(f"backup of {len(entries)} item{'' if len(entries) == 1 else 's'} in {out}")
+    if manifest["movers_lock"]:
+        print(
+            f"taken under the movers' lock (no move ran meanwhile); {len(manifest['unfinished_moves'])} "
+            "unfinished move(s) in the set, which the servers' move resumer completes after a restore"
+        )
     return 0
 
 
@@ -499,6 +603,14 @@ def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> 
     """Add `backup` and `restore` to dialogctl's subcommands."""
     backup = command(commands, "backup", cmd_backup, "back up shards and control tables with pg_dump")
     backup.add_argument("--out", type=Path, required=True, metavar="DIR", help="new or empty directory")
+    backup.add_argument(
+        "--lock-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a backup of more than one item waits for a running move, reshard or repair "
+        "(the movers' lock) before giving up (default: 60)",
+    )
     _selection(backup, "back up")
     restore = command(commands, "restore", cmd_restore, "restore shards and control tables from a backup")
     restore.add_argument("directory", type=Path, metavar="DIR", help="a directory written by backup")

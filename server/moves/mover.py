@@ -417,15 +417,18 @@ class MoverLockLost(ControlUnavailable):
 
 
 @contextlib.asynccontextmanager
-async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncIterator[MoverLease]:
+async def mover_lock(
+    control_dsn: str, wait_seconds: float = 60.0, *, application_name: str = "dialog-shard mover"
+) -> AsyncIterator[MoverLease]:
     """Hold the cluster-wide mover lock (a session advisory lock on its own connection).
 
-    Moves, reshard steps and `dialogctl verify --repair` take it, so none of them sees
-    another's half-done unit.
+    Moves, reshard steps, `dialogctl verify --repair` and `dialogctl backup` of more than one item
+    take it, so none of them sees another's half-done unit. `application_name` names the holder in
+    pg_stat_activity.
     """
     try:
         conn = await psycopg.AsyncConnection.connect(
-            control_dsn, autocommit=True, connect_timeout=10, application_name="dialog-shard mover"
+            control_dsn, autocommit=True, connect_timeout=10, application_name=application_name
         )
     except psycopg.Error as exc:
         raise ControlUnavailable(describe_db_error(exc)) from None
@@ -437,8 +440,8 @@ async def mover_lock(control_dsn: str, wait_seconds: float = 60.0) -> AsyncItera
                 break
             if asyncio.get_running_loop().time() > deadline:
                 raise MoverBusy(
-                    "another move or reshard is running and did not finish within "
-                    f"{wait_seconds:g} s; retry when it is done"
+                    "another move, reshard, repair or backup holds the movers' lock and did not "
+                    f"finish within {wait_seconds:g} s; retry when it is done"
                 )
             await asyncio.sleep(0.1)
         try:
