@@ -89,8 +89,8 @@ class Report:
         return not self.findings and not self.stale_fences
 
 
-#: Rows of a shard one summary statement reads (plus the rest of the pair it ends in).
-SCAN_CHUNK_ROWS = 20_000
+#: Heap blocks of a shard one summary statement reads (8 KiB each: some 15,000 short messages).
+SCAN_CHUNK_BLOCKS = 256
 
 
 class Pacer:
@@ -111,35 +111,40 @@ class Pacer:
 
 
 async def _pair_summaries(
-    store: MessageStore, rows_per_second: float, chunk_rows: int = SCAN_CHUNK_ROWS
+    store: MessageStore, rows_per_second: float, chunk_blocks: int = SCAN_CHUNK_BLOCKS
 ) -> list[tuple[int, int, int, int, int]]:
-    """(low, high, bucket, count, checksum) of every pair on the shard, read in keyset chunks of
-    about `chunk_rows` rows along the dialog index, at most `rows_per_second` (0: unbounded)."""
+    """(low, high, bucket, count, checksum) of every pair on the shard, at most `rows_per_second`
+    (0: unbounded).
+
+    The table is read in physical order, `chunk_blocks` heap blocks per statement (TID range
+    scans: sequential reads, no index, no sort), and each chunk's per-pair counts and checksums
+    are added up here, since both are sums. Walking the dialog index instead reads the heap in
+    random order and cost several times as much on a large shard (docs/operations.md, Operator reads).
+    Rows appended after the scan started, beyond the blocks it counted, are not read.
+    """
     pacer = Pacer(rows_per_second)
-    summaries: list[tuple[int, int, int, int, int]] = []
-    after = (0, 0)  # below every pair: user ids start at 1
-    while True:
+    totals: dict[tuple[int, int, int], list[int]] = {}
+    async with shard_errors(store.shard_id), store.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT pg_relation_size(to_regclass(%s)) / current_setting('block_size')::bigint", (store.table,)
+        )
+        row = await cur.fetchone()
+    blocks = int(row[0]) if row and row[0] is not None else 0
+    for first in range(0, blocks, chunk_blocks):
         async with shard_errors(store.shard_id), store.pool.connection() as conn:
-            # The pair `chunk_rows` rows further along the index ends this chunk (all of its rows in).
-            cur = await conn.execute(
-                f"SELECT user_low, user_high FROM {store.table} WHERE (user_low, user_high) > (%s, %s) "
-                "ORDER BY user_low, user_high OFFSET %s LIMIT 1",
-                (*after, chunk_rows),
-            )
-            bound = await cur.fetchone()
-            upper = "AND (user_low, user_high) <= (%s, %s)" if bound is not None else ""
             cur = await conn.execute(
                 f"SELECT user_low, user_high, bucket, count(*), sum({transfer.ROW_FINGERPRINT}) "
-                f"FROM {store.table} WHERE (user_low, user_high) > (%s, %s) {upper} "
+                f"FROM {store.table} WHERE ctid >= %s::tid AND ctid < %s::tid "
                 "GROUP BY user_low, user_high, bucket",
-                (*after, *(bound or ())),
+                (f"({first},0)", f"({first + chunk_blocks},0)"),
             )
-            chunk = [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in await cur.fetchall()]
-        summaries += chunk
-        if bound is None:
-            return summaries
-        after = (bound[0], bound[1])
-        await pacer.account(sum(c[3] for c in chunk))
+            chunk = await cur.fetchall()
+        for low, high, bucket, count, checksum in chunk:
+            total = totals.setdefault((low, high, bucket), [0, 0])
+            total[0] += int(count)
+            total[1] += int(checksum)
+        await pacer.account(sum(int(r[3]) for r in chunk))
+    return [(low, high, bucket, n, checksum) for (low, high, bucket), (n, checksum) in totals.items()]
 
 
 async def _fingerprints(store: MessageStore, pair: Pair) -> dict[uuid.UUID, int]:
