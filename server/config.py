@@ -286,7 +286,8 @@ class LimitsConfig:
     #: holds one message) and its next_page_token continues there. Well under gRPC's default 4 MiB
     #: receive limit, and what bounds a read's memory on the server.
     max_response_bytes: int = 1024 * 1024
-    #: RPCs one server process runs at once; more are answered RESOURCE_EXHAUSTED at once.
+    #: DialogService and AdminService calls one server process runs at once; more are answered
+    #: RESOURCE_EXHAUSTED (TOO_MANY_CALLS, RetryInfo) at once; health checks are not counted.
     #: With max_response_bytes it bounds the memory reads can take.
     max_concurrent_rpcs: int = 256
     #: Users whose rate-limit state is kept; idle users are forgotten first.

@@ -17,6 +17,7 @@ import grpc
 import psycopg
 import pytest
 import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc as admin_pb_grpc
@@ -42,9 +43,11 @@ from tests.support import (
     make_config,
     metric_value,
     preload_pairs,
+    retry_delay,
     rows_for_pair,
     scrape_metrics,
     serving,
+    status_details,
     wait_until,
 )
 
@@ -182,7 +185,14 @@ async def test_calls_beyond_max_concurrent_rpcs_are_resource_exhausted_and_held_
                 stub.GetDialog(pb.GetDialogRequest(user_id=a, peer_user_id=b), metadata=auth_for(a)),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
-            assert "concurrent" in (err.details() or "").lower()
+            assert "its limit of 2 calls at once" in (err.details() or "")
+            info, _ = status_details(err)
+            assert info is not None and info.reason == "TOO_MANY_CALLS"
+            assert retry_delay(err) > 0
+            # Health checks stay out of the cap: a load balancer's probe is answered meanwhile.
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
             blocker.rollback()
             replies = await asyncio.gather(*held)
             assert sorted(r.message.text for r in replies) == ["held 0", "held 1"]

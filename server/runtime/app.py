@@ -31,6 +31,7 @@ from server.auth import TokenVerifier
 from server.config import MAX_SEND_BYTES, LimitsConfig, ServerConfig, TlsConfig
 from server.interceptors import (
     AuthInterceptor,
+    ConcurrencyLimitInterceptor,
     DeadlineInterceptor,
     ErrorMappingInterceptor,
     FusedInterceptors,
@@ -53,6 +54,8 @@ from server.storage.pools import ShardSet
 
 log = logging.getLogger(__name__)
 
+#: Calls gRPC admits beyond the services' cap: health checks and reflection, which it leaves out.
+_UNCAPPED_CALLS = 32
 DIALOG_SERVICE = dialog_service_pb2.DESCRIPTOR.services_by_name["DialogService"].full_name
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SEND_MESSAGE_METHOD = f"/{DIALOG_SERVICE}/SendMessage"
@@ -146,13 +149,16 @@ async def running_server(
             breakers=lambda: {s.shard_id: s.primary.breaker.value for s in shards.states()},
             batches=shards.batch_stats,
         )
+        limits = config.limits
         interceptors: list[UnaryUnaryInterceptor] = [
             ObserveInterceptor(metrics, RpcLog()),
             ErrorMappingInterceptor(),
+            ConcurrencyLimitInterceptor(
+                limits.max_concurrent_rpcs, (f"/{DIALOG_SERVICE}/", f"/{ADMIN_SERVICE}/")
+            ),
             DeadlineInterceptor(),
             AuthInterceptor(verifier),
         ]
-        limits = config.limits
         limiters = rate_limiters(limits, shared_limits, stack)
         for limiter, methods in limiters.values():
             interceptors.append(RateLimitInterceptor(limiter, methods))
@@ -162,8 +168,9 @@ async def running_server(
         server = grpc.aio.server(
             # One interceptor for all: each method's wrapped handler is built on its first call.
             interceptors=[FusedInterceptors(interceptors)],
-            # Calls beyond it are answered RESOURCE_EXHAUSTED by gRPC before any handler runs.
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+            # The backstop behind ConcurrencyLimitInterceptor's cap on the services' calls: room for
+            # health checks and reflection beyond it; gRPC refuses what passes this before any handler.
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs + _UNCAPPED_CALLS,
             options=[
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # gRPC itself refuses larger requests with RESOURCE_EXHAUSTED before any handler runs.
