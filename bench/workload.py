@@ -14,8 +14,8 @@ from typing import Any, cast
 import psycopg
 
 from server.config import LimitsConfig
+from server.pagination import items_budget
 from server.routing import Resolution, ShardRouter
-from server.services.dialog import page_message_bytes
 from server.storage.ids import MAX_ID
 from server.storage.messages import MessageStore
 
@@ -163,7 +163,7 @@ def pgbench_variables(dialog: Dialog, page_size: int) -> tuple[dict[str, str], d
     # The service asks for one row more than the page size to know whether another page exists,
     # with the byte budget of a server with the default limits (the benchmark's).
     select = {
-        "max_bytes": str(page_message_bytes(LimitsConfig())),
+        "max_bytes": str(items_budget(LimitsConfig().max_response_bytes)),
         "bucket": str(dialog.where.bucket),
         "low": str(pair.low),
         "high": str(pair.high),

@@ -17,6 +17,13 @@ import struct
 
 _VERSION = 1
 _MAC_BYTES = 16
+#: Bytes of a page's response kept for its next_page_token (about 50 encoded) and framing.
+_TOKEN_ROOM = 128
+
+
+def items_budget(max_response_bytes: int) -> int:
+    """The share of a page response's `max_response_bytes` its items may fill; the rest is the token's."""
+    return max_response_bytes - _TOKEN_ROOM
 
 
 class InvalidPageToken(ValueError):

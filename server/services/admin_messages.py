@@ -11,7 +11,7 @@ import struct
 import uuid
 
 from client.gen.dialog.v1 import admin_service_pb2 as pb
-from server.pagination import InvalidPageToken, PageTokenCodec
+from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
 from server.routing import Pair, ShardSource
 from server.services.convert import message_to_proto
@@ -23,8 +23,6 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 #: Rows read from a shard at a time: a page's memory stays near its byte budget, whatever its size.
 _CHUNK_ROWS = 64
-#: Bytes of a ListMessagesResponse kept for its next_page_token.
-_TOKEN_ROOM = 128
 _CURSOR = struct.Struct(">i16s")
 
 
@@ -82,7 +80,7 @@ async def list_placed_messages(
     violations.raise_if_any()
 
     wanted = [s for s in shard_ids if (shard_filter is None or s == shard_filter) and s >= start_shard]
-    budget = max_response_bytes - _TOKEN_ROOM
+    budget = items_budget(max_response_bytes)
     page: list[pb.PlacedMessage] = []
     used = 0
     last: tuple[int, uuid.UUID] | None = None

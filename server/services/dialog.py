@@ -13,7 +13,7 @@ from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.auth import current_principal
 from server.config import LimitsConfig
 from server.errors import AlreadyExists, PermissionDenied
-from server.pagination import InvalidPageToken, PageTokenCodec
+from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
 from server.services.convert import add_page, fill_message
 from server.services.validation import (
@@ -28,13 +28,6 @@ from server.storage.messages import NewMessage
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
-#: Bytes of a GetDialogResponse kept for its next_page_token (about 50 encoded).
-_TOKEN_ROOM = 128
-
-
-def page_message_bytes(limits: LimitsConfig) -> int:
-    """The messages' share of a GetDialog page's `max_response_bytes`; the rest is the token's room."""
-    return limits.max_response_bytes - _TOKEN_ROOM
 
 
 def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
@@ -54,7 +47,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         self._shards = shards
         self._tokens = tokens
         self._limits = limits
-        self._page_bytes = page_message_bytes(limits)
+        self._page_bytes = items_budget(limits.max_response_bytes)
         self._ids = MessageIdGenerator()
 
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
