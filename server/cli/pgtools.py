@@ -60,22 +60,25 @@ def find_tool(name: str, bindir: Path | None = None) -> Path:
     raise CliError(f"{name} not found{where}: {_INSTALL_HINT}")
 
 
-def list_archive(pg_restore: Path, archive: Path) -> str:
-    """`pg_restore --list --verbose ARCHIVE`: the archive's table of contents, with dependencies."""
+def _run(
+    argv: Sequence[str], failure: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL tool; when it fails, `failure` plus the last line of its stderr is the error."""
     try:
-        done = subprocess.run(
-            [str(pg_restore), "--list", "--verbose", str(archive)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        done = subprocess.run(list(argv), capture_output=True, text=True, env=env, check=False)
     except OSError as exc:
-        raise CliError(f"cannot run {pg_restore}: {exc.strerror or exc}", EXIT_TOOL_FAILED) from None
+        raise CliError(f"cannot run {argv[0]}: {exc.strerror or exc}", EXIT_TOOL_FAILED) from None
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {done.returncode}"
-        raise CliError(f"{archive} is not a readable pg_dump archive: {reason}", EXIT_TOOL_FAILED)
-    return done.stdout
+        raise CliError(f"{failure}: {reason}", EXIT_TOOL_FAILED)
+    return done
+
+
+def list_archive(pg_restore: Path, archive: Path) -> str:
+    """`pg_restore --list --verbose ARCHIVE`: the archive's table of contents, with dependencies."""
+    argv = [str(pg_restore), "--list", "--verbose", str(archive)]
+    return _run(argv, f"{archive} is not a readable pg_dump archive").stdout
 
 
 def run_tool(program: Path, args: Sequence[str], dsn: str, what: str) -> str:
@@ -86,12 +89,4 @@ def run_tool(program: Path, args: Sequence[str], dsn: str, what: str) -> str:
     if password is not None:
         env["PGPASSWORD"] = str(password)
     argv = [str(program), *args, "--dbname=" + make_conninfo("", **params)]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    except OSError as exc:
-        raise CliError(f"cannot run {program}: {exc.strerror or exc}", EXIT_TOOL_FAILED) from None
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit status {done.returncode}"
-        raise CliError(f"{what}: {program.name} failed: {reason}", EXIT_TOOL_FAILED)
-    return done.stderr
+    return _run(argv, f"{what}: {program.name} failed", env).stderr
