@@ -117,17 +117,22 @@ def load_public_key(path: Path) -> PublicKey:
     return key
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON document in `path`; ConfigError names the `what` file and what is wrong with it."""
+    try:
+        return json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"the {what} {path} is not valid JSON") from None
+
+
 def load_jwks(path: Path) -> dict[str, PublicKey]:
     """The public keys of a JWKS file by `kid`; private parts and keys of other types are refused.
 
     `{"keys": []}` is valid and withdraws every key.
     """
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"cannot read the JWKS file {path}: {exc.strerror}") from None
-    except ValueError:
-        raise ConfigError(f"the JWKS file {path} is not valid JSON") from None
+    data = _read_json(path, "JWKS file")
     entries = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ConfigError(f'the JWKS file {path} has no "keys" list')
@@ -164,12 +169,7 @@ class Revocations:
 
 def load_revocations(path: Path) -> Revocations:
     """The revocation file: `{"jti": ["..."], "kid": ["..."]}` (either list may be left out)."""
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"cannot read the revocation file {path}: {exc.strerror}") from None
-    except ValueError:
-        raise ConfigError(f"the revocation file {path} is not valid JSON") from None
+    data = _read_json(path, "revocation file")
     if not isinstance(data, dict) or set(data) - {"jti", "kid"}:
         raise ConfigError(f'the revocation file {path} must be an object with "jti" and/or "kid" lists')
     lists: dict[str, frozenset[str]] = {}
