@@ -347,6 +347,21 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivityConfig:
+    """Recent-activity counts (server.observability.activity): what hotspots and the rebalancer read."""
+
+    #: Seconds between flushes of each server process's counts to the shards' activity tables.
+    flush_seconds: float = 10.0
+    #: Length of one stored window of counts, in seconds (the finest time resolution of a rate).
+    window_seconds: float = 60.0
+    #: Seconds the windows are kept (the longest `--window` of `dialogctl hotspots`).
+    retention_seconds: float = 3600.0
+    #: Pairs one process tracks per flush period (a pair above 1/(max_pairs + 1) of the period's
+    #: calls is always among them); memory is bounded by it and the 4096 buckets per shard.
+    max_pairs: int = 512
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything the server needs, validated."""
 
@@ -376,6 +391,7 @@ class ServerConfig:
     pin_workers: bool = False
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    activity: ActivityConfig = field(default_factory=ActivityConfig)
 
     @property
     def num_shards(self) -> int:
@@ -520,7 +536,18 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         pin_workers=_bool(env.get("DIALOG_PIN_WORKERS", data.get("pin_workers", False))),
         metrics=_metrics(data.get("metrics", {}), env),
         log=_log(data.get("log", {}), env),
+        activity=_activity(data.get("activity", {})),
     )
+
+
+def _activity(section: Mapping[str, Any]) -> ActivityConfig:
+    values = _known(section, ActivityConfig, "activity")
+    activity = ActivityConfig(**values)
+    if min(activity.flush_seconds, activity.window_seconds) <= 0 or activity.max_pairs < 1:
+        raise ConfigError("activity.flush_seconds and window_seconds must be positive, max_pairs at least 1")
+    if activity.retention_seconds < activity.window_seconds:
+        raise ConfigError("activity.retention_seconds must be at least activity.window_seconds")
+    return activity
 
 
 def _control_dsn(dsn: object) -> str:

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
 from server.config import split_host_port
+from server.observability.activity import FlushStats
 from server.storage.batching import BatchStats
 
 #: The `shard` label of a call that resolved no shard.
@@ -199,9 +200,43 @@ class ServerMetrics:
         and write batching."""
         self.registry.register(StateCollector(pools, overrides, reloads, breakers, batches))
 
+    def watch_activity(self, stats: Callable[[], FlushStats]) -> None:
+        """Export the recent-activity flusher's counters, read at scrape time."""
+        self.registry.register(ActivityCollector(stats))
+
     def watch_rate_limits(self, evictions: Callable[[], Mapping[str, int]]) -> None:
         """Export the rate limiters' evictions (by limit: `send`, `read`), read at scrape time."""
         self.registry.register(EvictionCollector(evictions))
+
+
+class ActivityCollector(Collector):
+    """The recent-activity flusher's work: flushes, failures, counts dropped, windows pruned."""
+
+    def __init__(self, stats: Callable[[], FlushStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield CounterMetricFamily(
+            "dialog_shard_activity_flushes",
+            "Flushes of recent-activity counts to the shards.",
+            value=stats.flushes,
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_activity_flush_failures",
+            "Shard flushes of recent-activity counts that failed (their counts were dropped).",
+            value=stats.failures,
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_activity_dropped_events",
+            "Calls (messages and reads) whose recent-activity counts were dropped by a failed flush.",
+            value=stats.dropped_events,
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_activity_pruned_rows",
+            "Rows of recent-activity windows past the retention deleted by this process.",
+            value=stats.pruned_rows,
+        )
 
 
 class EvictionCollector(Collector):

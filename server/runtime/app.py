@@ -42,6 +42,7 @@ from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import Limiter, TokenBucketLimiter
 from server.interceptors.shared_buckets import SharedTokenBuckets, table_path
 from server.moves.resumer import MoveResumer
+from server.observability.activity import ActivityFlusher, ActivityRecorder
 from server.observability.logs import RpcLog
 from server.observability.metrics import MetricsEndpoint, ServerMetrics
 from server.pagination import PageTokenCodec
@@ -76,6 +77,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     #: The metrics endpoint's port (None: metrics disabled).
     metrics_port: int | None = None
+    #: The flusher of this process's recent-activity counts (tests flush it on demand).
+    activity: ActivityFlusher | None = None
 
 
 def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -141,6 +144,7 @@ async def running_server(
         ) as placement,
     ):
         tokens = PageTokenCodec(config.page_token_secret)
+        recorder = ActivityRecorder(max_pairs=config.activity.max_pairs)
         metrics = ServerMetrics(c.shard_id for c in config.shards)
         metrics.watch(
             {c.shard_id: shards.store(c.shard_id).pool for c in config.shards},
@@ -184,7 +188,7 @@ async def running_server(
             ],
         )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
-            DialogService(placement, shards, tokens, config.limits), server
+            DialogService(placement, shards, tokens, config.limits, recorder), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(placement, shards, tokens, max_response_bytes=config.limits.max_response_bytes),
@@ -222,26 +226,48 @@ async def running_server(
             placement.mover(shards), after=config.resilience.move_resume_after, control=placement.control
         )
         await resumer.start()
-        log.info(
-            "serving on port %d with %d shards (%s)",
-            port,
-            config.num_shards,
-            "plaintext" if config.tls is None else "mutual TLS" if config.tls.require_client_cert else "TLS",
-        )
-        if endpoint is not None:
-            log.info("metrics on %s", endpoint.url)
-        try:
-            yield RunningServer(
-                server, port, placement, shards, health_servicer, endpoint.port if endpoint else None
+        # Entered here and left after the server stopped: the last flush counts the drained calls,
+        # and it runs before the pools close.
+        async with (
+            ActivityFlusher(
+                recorder,
+                shards,
+                flush_seconds=config.activity.flush_seconds,
+                window_seconds=config.activity.window_seconds,
+                retention_seconds=config.activity.retention_seconds,
+            ) as flusher,
+        ):
+            metrics.watch_activity(lambda: flusher.stats)
+            log.info(
+                "serving on port %d with %d shards (%s)",
+                port,
+                config.num_shards,
+                "plaintext"
+                if config.tls is None
+                else "mutual TLS"
+                if config.tls.require_client_cert
+                else "TLS",
             )
-        finally:
-            await resumer.stop()
-            await reporter.stop()
-            await health_servicer.enter_graceful_shutdown()
-            await server.stop(config.shutdown_grace_seconds)
             if endpoint is not None:
-                endpoint.close()
-            log.info("server stopped")
+                log.info("metrics on %s", endpoint.url)
+            try:
+                yield RunningServer(
+                    server,
+                    port,
+                    placement,
+                    shards,
+                    health_servicer,
+                    endpoint.port if endpoint else None,
+                    flusher,
+                )
+            finally:
+                await resumer.stop()
+                await reporter.stop()
+                await health_servicer.enter_graceful_shutdown()
+                await server.stop(config.shutdown_grace_seconds)
+                if endpoint is not None:
+                    endpoint.close()
+                log.info("server stopped")
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

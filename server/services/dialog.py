@@ -13,6 +13,7 @@ from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.auth import current_principal
 from server.config import LimitsConfig
 from server.errors import AlreadyExists, PermissionDenied
+from server.observability.activity import ActivityRecorder
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
 from server.services.convert import add_page, fill_message
@@ -24,7 +25,7 @@ from server.services.validation import (
     page_size,
 )
 from server.storage.ids import MessageIdGenerator, id_time
-from server.storage.messages import NewMessage
+from server.storage.messages import InsertResult, NewMessage, PageRow
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -41,9 +42,15 @@ def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
 
 class DialogService(pb_grpc.DialogServiceServicer):
     def __init__(
-        self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec, limits: LimitsConfig
+        self,
+        placement: Placement,
+        shards: ShardSet,
+        tokens: PageTokenCodec,
+        limits: LimitsConfig,
+        activity: ActivityRecorder | None = None,
     ) -> None:
         self._placement = placement
+        self._activity = activity or ActivityRecorder()
         self._shards = shards
         self._tokens = tokens
         self._limits = limits
@@ -70,10 +77,16 @@ class DialogService(pb_grpc.DialogServiceServicer):
             created_at=id_time(message_id),
             request_id=request.request_id or None,
         )
+        activity = self._activity
+
+        async def insert(shard_id: int) -> InsertResult:
+            inserted = await self._shards.store(shard_id).insert(message)
+            if not inserted.replayed:
+                activity.sent(shard_id, where.pair, where.bucket, len(request.text.encode()))
+            return inserted
+
         # A refused insert committed nothing, so the same message (same id) goes to the new shard.
-        result = await self._placement.through_moves(
-            where, lambda shard_id: self._shards.store(shard_id).insert(message)
-        )
+        result = await self._placement.through_moves(where, insert)
         stored = result.message
         if result.replayed and (stored.to_user_id != request.to_user_id or stored.text != request.text):
             raise AlreadyExists(
@@ -115,16 +128,16 @@ class DialogService(pb_grpc.DialogServiceServicer):
 
         # The page ends at `limit` messages or at the byte budget, whichever comes first; the
         # storage reads one row beyond it to tell whether another page exists, without a count.
-        rows, more = await self._placement.through_moves(
-            where,
-            lambda shard_id: self._shards.store(shard_id).page(
-                where.pair,
-                after=after,
-                oldest_first=oldest_first,
-                limit=limit,
-                max_bytes=self._page_bytes,
-            ),
-        )
+        activity = self._activity
+
+        async def page(shard_id: int) -> tuple[list[PageRow], bool]:
+            found = await self._shards.store(shard_id).page(
+                where.pair, after=after, oldest_first=oldest_first, limit=limit, max_bytes=self._page_bytes
+            )
+            activity.read(shard_id, where.pair, where.bucket)
+            return found
+
+        rows, more = await self._placement.through_moves(where, page)
         next_token = ""
         if more:
             next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(rows[-1][0]).bytes)

@@ -116,6 +116,23 @@ CREATE UNIQUE INDEX IF NOT EXISTS {table}_request_idx
 CREATE INDEX IF NOT EXISTS {table}_bucket_idx ON {table} (bucket);
 """
 
+# Recent activity of the shard (server.storage.activity): messages, bytes and reads added up per
+# window of time, per bucket (user_low = user_high = 0: the bucket's total) and per heavy pair.
+# Every server process adds its counts to the same rows, so the primary key leads with the window:
+# a time range is one index range, and pruning deletes from its start.
+ACTIVITY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table}_activity (
+    window_start TIMESTAMPTZ NOT NULL,
+    bucket SMALLINT NOT NULL CHECK (bucket >= 0 AND bucket < 4096),
+    user_low BIGINT NOT NULL,
+    user_high BIGINT NOT NULL,
+    messages BIGINT NOT NULL DEFAULT 0,
+    bytes BIGINT NOT NULL DEFAULT 0,
+    reads BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (window_start, bucket, user_low, user_high)
+);
+"""
+
 
 # The seed's pair hash in SQL, bit for bit (server.routing.hash), as a numeric in
 # 0..2^64-1: a full reshuffle selects the pairs of a bucket that go to one shard by
@@ -157,4 +174,8 @@ async def migrate_control(conn: AsyncConnection[object]) -> None:
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
     """Create one shard's message table, indexes and fences; `table` is a validated identifier."""
-    await _apply(conn, SHARD_SCHEMA.format(table=table), [PAIR_HASH_FUNCTION, *fence_schema(table)])
+    await _apply(
+        conn,
+        SHARD_SCHEMA.format(table=table) + ACTIVITY_SCHEMA.format(table=table),
+        [PAIR_HASH_FUNCTION, *fence_schema(table)],
+    )
