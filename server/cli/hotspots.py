@@ -4,6 +4,7 @@
     dialogctl hotspots --by rate --window 600
     dialogctl rebalance                     # proposed overrides bringing the heaviest shard near the mean
     dialogctl rebalance --apply             # apply them through SetShardOverride (which moves the data)
+    dialogctl rebalance --status            # what the automatic rebalancer saw, did and skipped, and why
 
 Nothing here scans a message table. A shard's stored messages are PostgreSQL's estimate (the
 statistics of GetShardStats); its recent messages, bytes and reads, and its heaviest pairs, come
@@ -12,7 +13,7 @@ index range per shard). A listed pair's stored messages are counted along the di
 pair alone. So only pairs written or read within the window are listed: `--by messages` orders
 them (and the shards) by stored messages, `--by rate` by messages written within the window.
 
-`hotspots` and the proposal read the databases named in the config directly (no
+`hotspots`, the proposal and `--status` read the databases named in the config directly (no
 server needed); `--apply` calls the server's AdminService, one SetShardOverride per proposal.
 """
 
@@ -27,13 +28,14 @@ from typing import Any
 import psycopg
 
 from server.cli.output import format_table, print_json
-from server.cli.session import Session
+from server.cli.session import CliError, Session
 from server.cli.shards import run_tool, tool_shards
 from server.config import ServerConfig
 from server.routing import Pair, ShardRouter
 from server.routing.rebalance import PairLoad, Proposal, attribute, propose
 from server.storage.activity import pairs_messages, shard_activity
 from server.storage.layout import load_layout
+from server.storage.rebalance_log import Entry, latest_entries, leader
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,8 @@ def cmd_hotspots(session: Session) -> int:
 
 def cmd_rebalance(session: Session) -> int:
     args = session.args
+    if args.status:
+        return _status(session)
     scan = _scan_or_fail(session)
     router, shards, pairs = scan.router, scan.shards, scan.pairs
     by_rate = args.by == "rate"
@@ -238,6 +242,74 @@ def cmd_rebalance(session: Session) -> int:
     return 0
 
 
+def _entry_json(entry: Entry) -> dict[str, Any]:
+    return {
+        "at": entry.decided_at.isoformat(),
+        "server": entry.instance,
+        "kind": entry.kind,
+        "outcome": entry.outcome,
+        "pair": [entry.pair.low, entry.pair.high] if entry.pair else None,
+        "source": entry.source_shard,
+        "target": entry.target_shard,
+        "load": entry.load,
+        "rows_moved": entry.rows_moved,
+        "reason": entry.reason,
+    }
+
+
+def _status(session: Session) -> int:
+    dsn = session.config().control_dsn
+
+    async def read() -> tuple[str | None, Entry | None, list[Entry], list[Entry]]:
+        async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=5) as conn:
+            acting = await leader(conn)
+            last, skipped, moves = await latest_entries(conn)
+        return acting, last, skipped, moves
+
+    try:
+        acting, last, skipped, moves = asyncio.run(read())
+    except psycopg.Error as exc:
+        raise CliError(f"cannot read the control database: {exc}", 1) from None
+    if session.json:
+        print_json(
+            {
+                "leader": acting,
+                "last_round": None
+                if last is None
+                else {**_entry_json(last), "loads": last.loads, "skipped": [_entry_json(e) for e in skipped]},
+                "moves_last_hour": [_entry_json(e) for e in moves],
+            }
+        )
+        return 0
+    print(f"acting server: {acting or 'none (no server runs the rebalancer: [rebalance] auto is off)'}")
+    if last is None:
+        print("no round recorded yet")
+        return 0
+    print(f"last round: {last.decided_at:%Y-%m-%d %H:%M:%S %Z} on {last.instance}: {last.outcome}")
+    print(f"  {last.reason}")
+    if last.loads:
+        loads = [[shard, f"{load:.4g}"] for shard, load in last.loads.items()]
+        print(format_table(("SHARD", "LOAD"), loads, right=(0, 1)))
+    for entry in skipped:
+        pair = f"({entry.pair.low}, {entry.pair.high})" if entry.pair else "-"
+        print(f"  {entry.kind} {pair}: {entry.reason}")
+    print(f"moves within the last hour: {sum(1 for m in moves if m.kind == 'move')}")
+    rows: list[list[object]] = [
+        [
+            f"{m.decided_at:%H:%M:%S}",
+            f"{m.pair.low} {m.pair.high}" if m.pair else "-",
+            m.source_shard if m.source_shard is not None else "-",
+            m.target_shard if m.target_shard is not None else "-",
+            m.rows_moved if m.rows_moved is not None else "-",
+            m.kind if m.kind != "move" else "moved",
+        ]
+        for m in moves
+    ]
+    if rows:
+        print(format_table(("AT", "PAIR", "FROM", "TO", "ROWS", "RESULT"), rows, right=(2, 3, 4)))
+    return 0
+
+
 def _options(parser: argparse.ArgumentParser, top_default: int) -> None:
     parser.add_argument(
         "--by",
@@ -272,6 +344,11 @@ def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> 
         "--max-moves", type=int, default=10, metavar="N", help="at most this many overrides"
     )
     rebalance.add_argument("--apply", action="store_true", help="apply the proposals through the server")
+    rebalance.add_argument(
+        "--status",
+        action="store_true",
+        help="what the automatic rebalancer saw, did and skipped, and why (from the control database)",
+    )
 
 
 __all__ = ["cmd_hotspots", "cmd_rebalance", "register"]

@@ -41,6 +41,7 @@ from server.interceptors._wrap import UnaryUnaryInterceptor
 from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import Limiter, TokenBucketLimiter
 from server.interceptors.shared_buckets import SharedTokenBuckets, table_path
+from server.moves.rebalancer import Rebalancer
 from server.moves.resumer import MoveResumer
 from server.observability.activity import ActivityFlusher, ActivityRecorder
 from server.observability.logs import RpcLog
@@ -79,6 +80,8 @@ class RunningServer:
     metrics_port: int | None = None
     #: The flusher of this process's recent-activity counts (tests flush it on demand).
     activity: ActivityFlusher | None = None
+    #: The automatic rebalancer (None: `[rebalance] auto` is off).
+    rebalancer: Rebalancer | None = None
 
 
 def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -236,8 +239,22 @@ async def running_server(
                 window_seconds=config.activity.window_seconds,
                 retention_seconds=config.activity.retention_seconds,
             ) as flusher,
+            AsyncExitStack() as optional,
         ):
             metrics.watch_activity(lambda: flusher.stats)
+            rebalancer: Rebalancer | None = None
+            if config.rebalance.auto:
+                rebalancer = await optional.enter_async_context(
+                    Rebalancer(
+                        config.rebalance,
+                        placement.mover(shards, lock_wait_seconds=0.0),
+                        shards,
+                        control=placement.control,
+                        control_pool=placement.store.pool,
+                        control_dsn=config.control_dsn,
+                    )
+                )
+                metrics.watch_rebalancer(rebalancer.stats)
             log.info(
                 "serving on port %d with %d shards (%s)",
                 port,
@@ -259,8 +276,10 @@ async def running_server(
                     health_servicer,
                     endpoint.port if endpoint else None,
                     flusher,
+                    rebalancer,
                 )
             finally:
+                await optional.aclose()  # the rebalancer first: no new move while the server drains
                 await resumer.stop()
                 await reporter.stop()
                 await health_servicer.enter_graceful_shutdown()

@@ -90,6 +90,31 @@ CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_unfinished_idx
 ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS buckets SMALLINT[];
 ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS residue_modulus INTEGER;
 ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS source_modulus INTEGER;
+ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS automatic BOOLEAN NOT NULL DEFAULT false;
+"""
+
+# Overrides the automatic rebalancer made are marked (it never touches the others, and an
+# operator's pin of the same pair clears the mark). rebalance_decisions: what the rebalancer saw,
+# did and skipped, and why (server.storage.rebalance_log).
+REBALANCE_SCHEMA = """
+ALTER TABLE shard_map ADD COLUMN IF NOT EXISTS automatic BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE IF NOT EXISTS rebalance_decisions (
+    decision_id BIGSERIAL PRIMARY KEY,
+    decided_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    instance TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('round', 'move', 'skip', 'failed')),
+    outcome TEXT NOT NULL,
+    user_low BIGINT,
+    user_high BIGINT,
+    source_shard INTEGER,
+    target_shard INTEGER,
+    load DOUBLE PRECISION,
+    rows_moved BIGINT,
+    reason TEXT NOT NULL,
+    loads JSONB
+);
+CREATE INDEX IF NOT EXISTS rebalance_decisions_time_idx ON rebalance_decisions (decided_at);
+CREATE INDEX IF NOT EXISTS rebalance_decisions_kind_idx ON rebalance_decisions (kind, decision_id);
 """
 
 # The pair is stored ordered (user_low < user_high) with its hash bucket, so a
@@ -169,7 +194,7 @@ async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str
 
 async def migrate_control(conn: AsyncConnection[object]) -> None:
     """Create the control tables (shard_map, shard_moves)."""
-    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA, [_FLIPS_UPGRADE])
+    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA + REBALANCE_SCHEMA, [_FLIPS_UPGRADE])
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
