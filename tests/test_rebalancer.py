@@ -256,6 +256,8 @@ async def test_operators_pins_are_never_moved_and_a_later_pin_wins(
         assert len(set(moved) & {Pair.of(*h) for h in hot[1:]}) >= 2, "hot pairs moved off shard 0"
         skips = _decisions(config, "skip")
         assert any(r[2:4] == (pinned.low, pinned.high) and "operator" in r[5] for r in skips), skips
+        listed = await stub.ListShardOverrides(apb.ListShardOverridesRequest(page_size=100), metadata=admin)
+        assert {Pair(o.user_id_1, o.user_id_2): o.automatic for o in listed.overrides} == overrides
         await _read_each_once(channel, config, sent)
         # An operator pins a pair the rebalancer moved: the pin is the operator's from then on.
         target = next(s for s in range(4) if s != running.placement.router.override_of(moved[0]))
