@@ -89,6 +89,7 @@ def _seed_activity(dsn: str, pairs: int) -> None:
                    1000 + 2 * k, 1001 + 2 * k, 1 + mod(k, 97), 100, 1
             FROM generate_series(0, 59) AS w,
                  LATERAL (SELECT mod(w * 512 + j, %(pairs)s) AS k FROM generate_series(0, 511) AS j) AS p
+            ON CONFLICT DO NOTHING
             """,
             {"pairs": pairs},
         )
