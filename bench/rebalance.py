@@ -25,21 +25,18 @@ import json
 import os
 import random
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench.procs import REPO, ServerProcess, start_postgres
-from bench.reshard import Load
+from bench.procs import REPO, ServerProcess, scratch_dir, start_postgres
+from bench.reshard import Load, percentile_ms, seed_messages
 from server.config import AuthConfig, render_config
 from server.dev.embedded_pg import EmbeddedPostgres
-from server.routing import Pair, bucket_of, calculate_shard
-from server.storage.ids import MessageIdGenerator, id_time
+from server.routing import calculate_shard
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,27 +58,6 @@ def _pairs(shard: int, count: int, rng: random.Random) -> list[tuple[int, int]]:
     return found
 
 
-def _seed(dsns: list[str], pairs: list[tuple[int, int]], per_pair: int) -> None:
-    ids = MessageIdGenerator()
-    rows: dict[int, list[tuple[Any, ...]]] = {}
-    for a, b in pairs:
-        low, high = Pair.of(a, b)
-        for i in range(per_pair):
-            message_id = ids.next()
-            rows.setdefault(calculate_shard(a, b, 4), []).append(
-                (message_id, low, high, bucket_of(a, b), a, b, f"seeded {i}", id_time(message_id))
-            )
-    for shard_id, shard_rows in rows.items():
-        with psycopg.connect(dsns[shard_id]) as conn, conn.cursor() as cur:
-            with cur.copy(
-                f"COPY messages_{shard_id} (message_id, user_low, user_high, bucket, from_user_id, "
-                "to_user_id, text, created_at) FROM STDIN"
-            ) as copy:
-                for row in shard_rows:
-                    copy.write_row(row)
-            conn.execute(f"ANALYZE messages_{shard_id}")
-
-
 def _config(path: Path, dsns: list[str], secret_file: Path, rebalance: bool) -> Path:
     path.write_text(
         render_config(
@@ -98,11 +74,6 @@ def _config(path: Path, dsns: list[str], secret_file: Path, rebalance: bool) -> 
         )
     )
     return path
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
 
 def _run(
@@ -131,7 +102,7 @@ def _run(
     hot = _pairs(0, args.hot_pairs, rng)
     cold = [p for s in (1, 2, 3) for p in _pairs(s, max(1, args.hot_pairs // 3), rng)]
     print(f"{name}: seeding {len(hot + cold) * args.messages_per_pair:,} messages", file=sys.stderr)
-    _seed(dsns, hot + cold, args.messages_per_pair)
+    seed_messages(dsns, hot + cold, args.messages_per_pair * len(hot + cold))
     server = ServerProcess(
         f"dialog-server ({name})",
         [server_bin, "--config", str(config), "--log-level", "WARNING"],
@@ -167,8 +138,8 @@ def _run(
         "seconds": round(elapsed, 2),
         "sends": len(latencies),
         "sends_per_second": round(len(latencies) / elapsed, 1),
-        "send_p50_ms": round(_percentile(latencies, 0.50), 2),
-        "send_p99_ms": round(_percentile(latencies, 0.99), 2),
+        "send_p50_ms": round(percentile_ms(latencies, 0.50), 2),
+        "send_p99_ms": round(percentile_ms(latencies, 0.99), 2),
         "moving_retries": load.moving_retries["during"],
         "moves": int(moves[0]) if moves else 0,
         "rows_moved": int(moves[1]) if moves else 0,
@@ -180,10 +151,7 @@ def _run(
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     with contextlib.ExitStack() as stack:
-        root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
-        tmp = Path(tempfile.mkdtemp(prefix="dialog-rebalance-bench-", dir=root))
-        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        tmp.chmod(0o711)
+        tmp = scratch_dir("dialog-rebalance-bench-", stack)
         print(f"starting 4 PostgreSQL servers in {tmp}", file=sys.stderr)
         pg = start_postgres(tmp, 4, stack, {"synchronous_commit": "on", "fsync": "on"})
         runs = [_run("without", False, args, pg, tmp, stack), _run("with", True, args, pg, tmp, stack)]

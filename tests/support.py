@@ -350,6 +350,12 @@ STATE_AFTER_CRASH = {
 }
 
 
+def dialog_moving(error: grpc.aio.AioRpcError) -> bool:
+    """The call was refused because its dialog is moving (UNAVAILABLE, DIALOG_MOVING): retry it."""
+    info, _ = status_details(error)
+    return error.code() == grpc.StatusCode.UNAVAILABLE and info is not None and info.reason == "DIALOG_MOVING"
+
+
 @dataclass
 class Writer:
     """Sends messages as `sender` until stopped, retrying DIALOG_MOVING with the same request_id."""
@@ -378,12 +384,7 @@ class Writer:
                     reply = await self.stub.SendMessage(request, metadata=self.auth, timeout=10)
                     break
                 except grpc.aio.AioRpcError as err:
-                    info, _ = status_details(err)
-                    if (
-                        err.code() != grpc.StatusCode.UNAVAILABLE
-                        or info is None
-                        or info.reason != "DIALOG_MOVING"
-                    ):
+                    if not dialog_moving(err):
                         self.other_errors.append(f"{err.code().name}: {err.details()}")
                         return
                     self.moving_retries += 1
@@ -469,12 +470,7 @@ async def send_dialog(
                 reply = await stub.SendMessage(request, metadata=auth[sender], timeout=10)
                 break
             except grpc.aio.AioRpcError as err:
-                info, _ = status_details(err)
-                if (
-                    err.code() != grpc.StatusCode.UNAVAILABLE
-                    or info is None
-                    or info.reason != "DIALOG_MOVING"
-                ):
+                if not dialog_moving(err):
                     raise
                 await asyncio.sleep(retry_delay(err))
         else:
