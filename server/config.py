@@ -562,6 +562,13 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
     max_connection_age = float(data.get("max_connection_age_seconds", 0.0))
     if max_connection_age < 0:
         raise ConfigError(f"max_connection_age_seconds must be 0 (never) or more, got {max_connection_age}")
+    activity = _activity(data.get("activity", {}))
+    rebalance = _rebalance(data.get("rebalance", {}), env)
+    if rebalance.window > activity.retention_seconds:
+        raise ConfigError(
+            f"rebalance.window ({rebalance.window:g} s) must be at most activity.retention_seconds "
+            f"({activity.retention_seconds:g} s): older activity is pruned"
+        )
     return ServerConfig(
         shards=shards,
         control_dsn=_control_dsn(env.get("DIALOG_CONTROL_DSN") or data.get("control_dsn") or shards[0].dsn),
@@ -579,8 +586,8 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         pin_workers=_bool(env.get("DIALOG_PIN_WORKERS", data.get("pin_workers", False))),
         metrics=_metrics(data.get("metrics", {}), env),
         log=_log(data.get("log", {}), env),
-        activity=_activity(data.get("activity", {})),
-        rebalance=_rebalance(data.get("rebalance", {}), env),
+        activity=activity,
+        rebalance=rebalance,
     )
 
 

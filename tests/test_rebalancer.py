@@ -5,6 +5,7 @@ a hot shard is evened out with every message readable exactly once, one server o
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -12,10 +13,11 @@ from typing import Any
 
 import grpc
 import psycopg
+import pytest
 
 from client.gen.dialog.v1 import admin_service_pb2 as apb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
-from server.config import ServerConfig
+from server.config import ConfigError, ServerConfig, config_from_mapping
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair
 from tests.faults import start_server_process
@@ -37,8 +39,26 @@ from tests.support import (
     wait_until,
 )
 
+#: The least config_from_mapping accepts.
+BASE: dict[str, Any] = {"shards": [{"id": 0, "dsn": "postgresql:///x"}], "auth": {"jwt_secret": "k" * 32}}
 #: A rebalancer (and activity flushes) fast enough for a test, otherwise the defaults.
 FAST = {"rebalance": {"auto": True, "interval": 0.3}, "activity": {"flush_seconds": 0.3}}
+
+
+def test_the_environment_turns_it_on_and_sets_its_interval_over_the_file() -> None:
+    section = {"rebalance": {"auto": False, "interval": 60}}
+    env = {"DIALOG_REBALANCE_AUTO": "1", "DIALOG_REBALANCE_INTERVAL": "5"}
+    config = config_from_mapping({**section, **BASE}, env, base_dir=Path.cwd())
+    assert (config.rebalance.auto, config.rebalance.interval) == (True, 5.0)
+    assert config_from_mapping(BASE, {}, base_dir=Path.cwd()).rebalance.auto is False, "off by default"
+    for bad, words in (
+        ({"rebalance": {"settle": 1.5}}, "settle"),
+        ({"rebalance": {"by": "bytes"}}, "rebalance.by"),
+        ({"rebalance": {"window": 7200}}, "retention_seconds"),
+        ({"rebalance": {"atuo": True}}, "unknown keys in [rebalance]"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            config_from_mapping({**bad, **BASE}, {}, base_dir=Path.cwd())
 
 
 def _messages_per_shard(config: ServerConfig) -> list[int]:
