@@ -3,10 +3,12 @@ reads them: `dialogctl hotspots` finds the heavy pairs; `rebalance` proposes and
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
@@ -15,6 +17,8 @@ from server.observability.activity import ActivityRecorder, FrequentPairs
 from server.routing import Pair, bucket_of, calculate_shard
 from server.routing.rebalance import PairLoad, Proposal, propose
 from server.storage.activity import TOTAL
+from tests.faults import start_server_process
+from tests.pgfixtures import free_port
 from tests.processes import write_server_config
 from tests.support import (
     activity_rows,
@@ -223,3 +227,38 @@ async def test_rebalance_only_uses_the_shards_the_hash_routes_over(
             proposed, f"the heavy pair's shard is far above the mean ({by})", within=30, every=0.5
         )
         assert all(p["target"] < 4 for p in found), found
+
+
+async def test_every_worker_process_flushes_its_own_counts(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    """`--workers 2`: each worker counts the calls it serves; their flushes add up on the shard."""
+    config = fresh_cluster(pg_servers, jwt_secret, 4)
+    port = free_port()
+    path = write_server_config(
+        tmp_path / "workers.toml",
+        config,
+        f"127.0.0.1:{port}",
+        jwt_secret,
+        sections={"activity": {"flush_seconds": 0.5}},
+    )
+    proc = await start_server_process(path, env={"DIALOG_WORKERS": "2"})
+    pair = new_pair()
+    low, high = Pair.of(*pair)
+    try:
+        # A channel is one connection, which the kernel gives one worker: several spread the calls.
+        for i in range(6):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await send_dialog(channel, config, pair, 5, prefix=f"c{i}-")
+        home = calculate_shard(*pair, 4)
+
+        def counted() -> int:
+            return activity_rows(config, home).get((bucket_of(*pair), low, high), (0, 0, 0))[0]
+
+        await wait_until(lambda: counted() == 30, "both workers' counts are flushed", explain=counted)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
