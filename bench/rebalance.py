@@ -10,10 +10,11 @@ databases: a first `dialog-server` creates the schema, then `--hot-pairs` pairs 
 the same on the other shards. A `dialog-server` (rate limits off; activity flushed every second;
 with `--rebalance`: `[rebalance] auto`, a round every 2 s) then takes a closed-loop SendMessage
 load for `--seconds` (`--concurrency` callers, one process, the hot pairs three times as often as
-the cold ones, so shard 0 is the hot one; DIALOG_MOVING is retried after its RetryInfo). The run
-without the rebalancer goes first. Prints and writes to bench-results/rebalance-<time>.json: calls
-per second, p50/p99 of acknowledged calls (including their retries), the rebalancer's moves and
-rows moved, and the messages per shard at the end. Not a test: nothing is asserted about time.
+the cold ones, so shard 0 is the hot one; DIALOG_MOVING is retried after its RetryInfo). Runs
+without and with the rebalancer alternate, `--rounds` of each. Prints and writes to
+bench-results/rebalance-<time>.json: calls per second, p50/p99 of acknowledged calls (including
+their retries), the rebalancer's moves and rows moved, the messages per shard at the end, and the
+medians of each way. Not a test: nothing is asserted about time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import random
 import secrets
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,6 +47,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="SendMessage calls in flight")
     parser.add_argument("--hot-pairs", type=int, default=40, help="pairs on shard 0 (default 40)")
     parser.add_argument("--messages-per-pair", type=int, default=2000, help="seeded per pair (default 2,000)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs without and with it, interleaved (default 2 each)"
+    )
     parser.add_argument("--output-dir", type=Path, default=REPO / "bench-results")
     return parser.parse_args(argv)
 
@@ -154,7 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         tmp = scratch_dir("dialog-rebalance-bench-", stack)
         print(f"starting 4 PostgreSQL servers in {tmp}", file=sys.stderr)
         pg = start_postgres(tmp, 4, stack, {"synchronous_commit": "on", "fsync": "on"})
-        runs = [_run("without", False, args, pg, tmp, stack), _run("with", True, args, pg, tmp, stack)]
+        # Interleaved, so a machine that gets busier or quieter meanwhile weighs on both alike.
+        runs = [
+            _run(f"{name}{i}", rebalance, args, pg, tmp, stack)
+            for i in range(args.rounds)
+            for name, rebalance in (("without", False), ("with", True))
+        ]
+    medians = {
+        way: {
+            key: statistics.median(r[key] for r in runs if r["rebalancer"] is on)
+            for key in ("sends_per_second", "send_p50_ms", "send_p99_ms", "moves", "rows_moved")
+        }
+        for way, on in (("without", False), ("with", True))
+    }
     report = {
         "benchmark": "rebalance",
         "settings": {
@@ -165,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
         },
         "runs": runs,
+        "median": medians,
     }
     for run in runs:
         print(
@@ -173,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['moves']} moves ({run['rows_moved']:,} rows), "
             f"DIALOG_MOVING retries {run['moving_retries']}, messages per shard {run['messages_per_shard']}"
         )
+    for way, figures in medians.items():
+        print(f"median {way:>7}: {figures}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     path = args.output_dir / f"rebalance-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -143,7 +143,16 @@ def test_rebalance_benchmark_runs_without_and_with_the_rebalancer_at_toy_size(tm
     done = subprocess.run(
         [
             *(sys.executable, "-m", "bench.rebalance", "--seconds", "3", "--hot-pairs", "6"),
-            *("--messages-per-pair", "20", "--concurrency", "4", "--output-dir", str(tmp_path)),
+            *(
+                "--messages-per-pair",
+                "20",
+                "--concurrency",
+                "4",
+                "--rounds",
+                "1",
+                "--output-dir",
+                str(tmp_path),
+            ),
         ],
         cwd=REPO,
         capture_output=True,
