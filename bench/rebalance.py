@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     medians = {
         way: {
-            key: statistics.median(r[key] for r in runs if r["rebalancer"] is on)
+            key: round(statistics.median(r[key] for r in runs if r["rebalancer"] is on), 2)
             for key in ("sends_per_second", "send_p50_ms", "send_p99_ms", "moves", "rows_moved")
         }
         for way, on in (("without", False), ("with", True))
