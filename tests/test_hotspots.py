@@ -25,6 +25,7 @@ from tests.support import (
     dialogctl,
     fresh_cluster,
     make_config,
+    pair_on_shard,
     read_all,
     rows_for_pair,
     send_dialog,
@@ -262,3 +263,33 @@ async def test_every_worker_process_flushes_its_own_counts(
     finally:
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
+
+
+async def test_windows_past_the_retention_are_pruned(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
+    activity = {"flush_seconds": 0.2, "window_seconds": 1, "retention_seconds": 600}
+    config = fresh_cluster(pg_servers, jwt_secret, 4)
+    config = make_config([s.dsn for s in config.shards], jwt_secret, activity=activity)
+    shard = config.shards[2]
+    async with serving(config) as (running, channel):
+        with psycopg.connect(shard.dsn, autocommit=True) as conn:
+            conn.execute(
+                f"INSERT INTO {shard.table}_activity (window_start, bucket, user_low, user_high, messages) "
+                "VALUES (now() - interval '2 hours', 2, 0, 0, 5)"
+            )
+        pair = pair_on_shard(2, 4, new_pair)
+        await send_dialog(channel, config, pair, 3)
+        assert running.activity is not None
+        flusher = running.activity
+        await wait_until(
+            lambda: flusher.stats.pruned_rows >= 1, "the old window is pruned", explain=lambda: flusher.stats
+        )
+        rows = activity_rows(config, 2)
+        low, high = Pair.of(*pair)
+        assert rows[bucket_of(*pair), low, high][0] == 3, "recent windows stay"
+        with psycopg.connect(shard.dsn) as conn:
+            old = conn.execute(
+                f"SELECT count(*) FROM {shard.table}_activity WHERE window_start < now() - interval '1 hour'"
+            ).fetchone()
+        assert old == (0,)

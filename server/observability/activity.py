@@ -247,6 +247,8 @@ class ActivityFlusher:
             return
         try:
             async with asyncio.timeout(_FLUSH_TIMEOUT):
-                self.stats.pruned_rows += await prune_activity(store.pool, table, self._retention_seconds)
+                deleted = await prune_activity(store.pool, table, self._retention_seconds)
+            # Added after the await: `+= await` would add to a total read before the other shards' prunes.
+            self.stats.pruned_rows += deleted
         except (psycopg.Error, OSError, TimeoutError) as exc:
             log.info("shard %d: old recent-activity windows not pruned yet (%s)", shard_id, exc)
