@@ -190,6 +190,13 @@ async def test_hotspots_and_rebalance_apply(
         after = (await dialogctl(path, "hotspots", "--json")).json()
         where = {tuple(p["pair"]): p["shard_id"] for p in after["pairs"]}
         assert where[tuple(first["pair"])] == first["target"], "a moved pair is listed where it lives now"
+        # Every pair here wrote all its messages just now: a moved pair's recent messages count
+        # on its new shard, not its old one.
+        expected = {s["shard_id"]: s["recent"] for s in spots["shards"]}
+        for proposal in applied["proposals"]:
+            expected[proposal["source"]] -= proposal["load"]
+            expected[proposal["target"]] += proposal["load"]
+        assert {s["shard_id"]: s["recent"] for s in after["shards"]} == expected
         again = (await dialogctl(path, "rebalance", "--by", "rate", "--json")).json()
         assert first["pair"] not in [p["pair"] for p in again["proposals"]], (
             "its recent messages count on its new shard, so it is not proposed again"

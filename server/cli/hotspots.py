@@ -51,13 +51,12 @@ class ShardView:
 
 @dataclass(frozen=True, slots=True)
 class Scan:
-    """What `hotspots` and `rebalance` read: routing, shards, active pairs, and where each pair's
-    messages of the window were recorded (a pair moved within it has some on two shards)."""
+    """What `hotspots` and `rebalance` read: the routing, the shards and the active pairs (both
+    counted where the pairs live now: a pair moved within the window has activity on two shards)."""
 
     router: ShardRouter
     shards: list[ShardView]
     pairs: list[PairView]
-    recorded: list[tuple[Pair, int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +103,15 @@ async def _scan(config: ServerConfig, *, window: float, top: int) -> Scan:
             if shard_id < len(stores):
                 where.setdefault(shard_id, []).append(pair)
         counted = await asyncio.gather(*(pairs_messages(stores[s], ps) for s, ps in where.items()))
+    # A shard's recent messages as the routing places them now: those of a pair that moved away
+    # within the window count on its new shard (as the rebalancer weighs them).
+    recent, _ = attribute(
+        {a.shard_id: float(a.messages) for a in activity},
+        [PairLoad(r.pair, a.shard_id, float(r.messages)) for a in activity for r in a.pairs],
+        lambda p: router.resolve(p.low, p.high).shard_id,
+    )
     views = [
-        ShardView(a.shard_id, n, a.messages, a.bytes, a.reads)
+        ShardView(a.shard_id, n, round(recent[a.shard_id]), a.bytes, a.reads)
         for a, n in zip(activity, estimates, strict=True)
     ]
     pairs = [
@@ -113,8 +119,7 @@ async def _scan(config: ServerConfig, *, window: float, top: int) -> Scan:
         for s, found in zip(where, counted, strict=True)
         for p, n in found.items()
     ]
-    recorded = [(r.pair, a.shard_id, r.messages) for a in activity for r in a.pairs]
-    return Scan(router, views, pairs, recorded)
+    return Scan(router, views, pairs)
 
 
 def _scan_or_fail(session: Session) -> Scan:
@@ -183,7 +188,7 @@ def cmd_hotspots(session: Session) -> int:
     print(format_table(headers, pair_rows, right=(1, 2, 3, 4, 5)))
     print(
         f"MESSAGES~ = PostgreSQL's estimate; RECENT = written within the last {window:g} s (recent-activity "
-        "tables); pairs: those active within the window"
+        "tables), on the shard the pair lives on now; pairs: those active within the window"
     )
     return 0
 
@@ -199,10 +204,11 @@ def cmd_rebalance(session: Session) -> int:
     # reshard has not reached yet (or has left), and those must not look like the lightest.
     routed = set(range(router.num_shards))
     if by_rate:
+        # `_scan` counted shards' and pairs' recent messages where the pairs live now.
         loads = {s.shard_id: s.recent / args.window for s in shards if s.shard_id in routed}
-        # Activity is recorded where the pair lived then: it counts where the pair lives now.
-        recorded = [PairLoad(p, s, n / args.window) for p, s, n in scan.recorded]
-        loads, candidates = attribute(loads, recorded, lambda p: router.resolve(p.low, p.high).shard_id)
+        candidates = [
+            PairLoad(p.pair, p.shard_id, p.recent / args.window) for p in pairs if p.shard_id in routed
+        ]
     else:
         loads = {s.shard_id: float(s.messages) for s in shards if s.shard_id in routed}
         candidates = [PairLoad(p.pair, p.shard_id, float(p.messages)) for p in pairs if p.shard_id in routed]
