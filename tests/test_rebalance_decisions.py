@@ -107,6 +107,19 @@ def test_one_pair_above_the_fair_share_is_not_shuffled_around() -> None:
     assert any(s.pair == giant.pair and "fair share" in s.reason for s in decision.skipped)
 
 
+def test_a_giant_that_only_swaps_places_with_an_empty_shard_is_left_and_named() -> None:
+    """The greedy plan may pick the giant for an empty shard; lowering the maximum by 8 of 158
+    does not pay, and the reason names the giant, not a lack of candidates."""
+    giant = PairLoad(Pair(1, 2), 0, 150.0)
+    small = [PairLoad(Pair(10, 11), 0, 4.0), PairLoad(Pair(12, 13), 0, 4.0)]
+    small += [PairLoad(Pair(20 + i, 30 + i), 2 + i % 2, 4.0) for i in range(4)]
+    loads = {0: 158.0, 1: 0.0, 2: 8.0, 3: 8.0}
+    decision = decide(loads, [giant, *small], Policy(max_moves=20))
+    assert decision.outcome is Outcome.UNHELPABLE and decision.moves == ()
+    assert "(1, 2) alone carries 150" in decision.reason
+    assert [s.pair for s in decision.skipped] == [giant.pair]
+
+
 def test_a_pair_above_the_fair_share_gets_the_least_loaded_shard_when_that_helps() -> None:
     giant = PairLoad(Pair(1, 2), 0, 1000.0)
     others = [PairLoad(Pair(10 + i, 20 + i), 0, 100.0) for i in range(5)]

@@ -208,22 +208,19 @@ def decide(
         after[move.source] -= move.load
         after[move.target] += move.load
     lowered = top - max(after.values())
-    giants = [
-        c
-        for c in movable
-        if c.shard_id == heaviest and c.load > mean and c.pair not in {m.pair for m in plan}
-    ]
-    skipped += [
-        Skip(
-            c.pair,
-            c.shard_id,
-            c.load,
-            f"carries {c.load:.3g} alone, above the fair share {mean:.3g}: no shard would end lighter "
-            "than its own with it",
+    # Pairs above the fair share on the hot shard: when the plan does not pay they are why (the
+    # plan may have chosen one of them), and when it does, those it leaves are worth saying.
+    giants = [c for c in movable if c.shard_id == heaviest and c.load > mean]
+
+    def alone(c: PairLoad) -> Skip:
+        why = (
+            f"carries {c.load:.3g} alone, above the fair share {mean:.3g}: no shard would end "
+            "lighter than its own with it"
         )
-        for c in giants
-    ]
+        return Skip(c.pair, c.shard_id, c.load, why)
+
     if not plan or lowered < policy.min_improvement * top:
+        skipped += [alone(c) for c in giants]
         why = (
             f"pair ({giants[0].pair.low}, {giants[0].pair.high}) alone carries {giants[0].load:.3g} of its "
             f"{top:.3g}"
@@ -235,6 +232,8 @@ def decide(
             f"{policy.min_improvement:.0%} ({why})"
         )
         return Decision(Outcome.UNHELPABLE, reason, loads, skipped=tuple(skipped))
+    moved = {m.pair for m in plan}
+    skipped += [alone(c) for c in giants if c.pair not in moved]
     reason = (
         f"shard {heaviest} is at {ratio:.2f}x the mean (threshold {policy.threshold:g}x); "
         f"{len(plan)} move(s) bring the heaviest shard to {max(after.values()) / mean:.2f}x"
