@@ -1,6 +1,7 @@
 """The automatic rebalancer (issue 24), against real PostgreSQL servers and real server processes:
 a hot shard is evened out with every message readable exactly once, one server of several acts
-(another takes over when it dies), a hotspot no move can help makes no move, operators' pins win."""
+(another takes over when it dies), a hotspot no move can help makes no move, operators' pins win,
+and it pauses while a shard is down or a move is unfinished."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from server.config import ConfigError, ServerConfig, config_from_mapping
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair
-from tests.faults import start_server_process
-from tests.pgfixtures import free_port
+from tests.faults import FAST_POOL, FAST_RESILIENCE, crash, start_postgres, start_server_process
+from tests.pgfixtures import free_port, reachable_temp_dir
 from tests.processes import write_server_config
 from tests.support import (
     Metadata,
@@ -286,3 +287,32 @@ async def test_operators_pins_are_never_moved_and_a_later_pin_wins(
             metadata=admin,
         )
         assert _automatic(config)[moved[0]] is False
+
+
+async def test_it_pauses_while_a_shard_is_down(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, new_pair: Callable[[], tuple[int, int]]
+) -> None:
+    with reachable_temp_dir("dialog-shard-rebalance-") as base:
+        victim = start_postgres(base, "victim")
+        victim.create_database("shard1")
+        dsns = [fresh_database(pg_servers[0], "pause"), victim.dsn_for("shard1")]
+        dsns += [fresh_database(s, "pause") for s in pg_servers[2:]]
+        config = make_config(dsns, jwt_secret, pool=FAST_POOL, resilience=FAST_RESILIENCE, **FAST)
+        async with serving(config) as (running, channel):
+            rebalancer = running.rebalancer
+            assert rebalancer is not None
+            crash(victim)
+            await wait_until(lambda: not running.shards.state(1).primary.available, "shard 1 is down")
+            # A hot shard 0, which a round would otherwise even out at once.
+            for pair in [pair_on_shard(0, 4, new_pair) for _ in range(4)]:
+                await send_dialog(channel, config, pair, 30)
+            paused = rebalancer.stats.rounds["paused"]
+            await wait_until(
+                lambda: rebalancer.stats.rounds["paused"] >= paused + 3,
+                "three rounds paused",
+                explain=lambda: rebalancer.stats,
+            )
+            assert "shard(s) 1 not healthy" in rebalancer.stats.last_reason
+            assert rebalancer.stats.moves == 0 and _automatic(config) == {}
+            outcomes = [r[1] for r in _decisions(config, "round")]
+            assert "paused" in outcomes and "moves" not in outcomes, outcomes
