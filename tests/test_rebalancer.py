@@ -6,6 +6,7 @@ and it pauses while a shard is down or a move is unfinished."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 from collections.abc import Callable
@@ -146,6 +147,15 @@ async def test_a_hot_shard_comes_within_1_5x_the_mean_with_every_message_once(
             moves = [m for m in status["moves_last_hour"] if m["kind"] == "move"]
             assert len(moves) == len(overrides) and all(m["source"] == 0 for m in moves)
             assert all(m["rows_moved"] == 90 for m in moves)
+            # One log line per decision, with its reason and fields (JSON: stderr is not a terminal).
+            lines = [
+                json.loads(line)
+                for line in path.with_suffix(".log").read_text().splitlines()
+                if line.startswith("{")
+            ]
+            decided = [e for e in lines if e.get("logger") == "server.moves.rebalancer"]
+            assert any(e.get("outcome") == "moves" and "x the mean" in e["message"] for e in decided)
+            assert sum(1 for e in decided if e.get("outcome") == "moved") == len(moves)
     finally:
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
