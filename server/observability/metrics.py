@@ -95,10 +95,10 @@ class MethodMetrics:
         "service",
     )
 
-    def __init__(self, metrics: ServerMetrics, full_method: str) -> None:
+    def __init__(self, metrics: ServerMetrics, full_method: str, *, stream: bool = False) -> None:
         self.service, _, self.name = full_method.lstrip("/").rpartition("/")
         self._metrics = metrics
-        self._labels = ("unary", self.service, self.name)
+        self._labels = ("server_stream" if stream else "unary", self.service, self.name)
         self._handled: dict[grpc.StatusCode, Any] = {}
         self._handling: dict[int | None, Any] = {}
         self._response_counter = RESPONSE_COUNTERS.get(full_method)
@@ -180,11 +180,11 @@ class ServerMetrics:
             child = self._children[counter, shard] = counter.labels(self.shard_label(shard))
         return child
 
-    def method(self, full_method: str) -> MethodMetrics:
-        """The metrics of a registered method (`/package.Service/Method`)."""
+    def method(self, full_method: str, *, stream: bool = False) -> MethodMetrics:
+        """The metrics of a registered method (`/package.Service/Method`; `stream`: server-streaming)."""
         found = self._methods.get(full_method)
         if found is None:
-            found = self._methods[full_method] = MethodMetrics(self, full_method)
+            found = self._methods[full_method] = MethodMetrics(self, full_method, stream=stream)
         return found
 
     def watch(

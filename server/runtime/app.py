@@ -37,7 +37,7 @@ from server.interceptors import (
     FusedInterceptors,
     RateLimitInterceptor,
 )
-from server.interceptors._wrap import UnaryUnaryInterceptor
+from server.interceptors._wrap import CallInterceptor
 from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import Limiter, TokenBucketLimiter
 from server.interceptors.shared_buckets import SharedTokenBuckets, table_path
@@ -150,7 +150,7 @@ async def running_server(
             batches=shards.batch_stats,
         )
         limits = config.limits
-        interceptors: list[UnaryUnaryInterceptor] = [
+        interceptors: list[CallInterceptor] = [
             ObserveInterceptor(metrics, RpcLog()),
             ErrorMappingInterceptor(),
             ConcurrencyLimitInterceptor(
