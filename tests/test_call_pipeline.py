@@ -130,7 +130,10 @@ async def test_a_server_stream_is_wrapped_like_a_unary_call_and_writes_each_resp
     assert handler is not None and handler.unary_stream is not None and handler.unary_unary is None
     # The whole stream runs inside the wrappers: the outer one ends after the last response.
     # Wrapped, the stream is a coroutine that writes its responses (the stubs type it an iterator).
-    assert await cast(Behavior, handler.unary_stream)(2, cast(grpc.ServicerContext, Writes(log))) is None
+    assert (
+        await cast(Behavior, handler.unary_stream)(2, cast(grpc.aio.ServicerContext[Any, Any], Writes(log)))
+        is None
+    )
     assert log == ["outer>", "check", "stream", "write(0)", "write(1)", "<outer"]
 
 
@@ -154,7 +157,9 @@ async def test_a_failing_check_refuses_a_stream_before_its_first_response() -> N
     handler = await FusedInterceptors([Refusing()]).intercept_service(continuation, Details("/s/S"))
     assert handler is not None and handler.unary_stream is not None
     with pytest.raises(PermissionError):
-        await cast(Behavior, handler.unary_stream)(None, cast(grpc.ServicerContext, Writes(log)))
+        await cast(Behavior, handler.unary_stream)(
+            None, cast(grpc.aio.ServicerContext[Any, Any], Writes(log))
+        )
     assert log == []
 
 
