@@ -49,6 +49,11 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     level = "INFO"
     rpc = true                              # one line per RPC (logger server.rpc, INFO)
 
+    [delivery]                              # SubscribeMessages (server.delivery); optional
+    retention_seconds = 86400               # a resume_token older than this is OUT_OF_RANGE
+    stream_buffer = 1024                    # messages queued per subscriber before SUBSCRIBER_TOO_SLOW
+    max_streams = 10000                     # subscriptions per server process
+
     [resilience]                            # optional; see ResilienceConfig for every key
     require_all_shards = false              # start with some shards down (they answer UNAVAILABLE)
     replica_reads = true                    # GetDialog may read from a replica lagging <= replica_max_lag
@@ -229,6 +234,24 @@ class ResilienceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """Live delivery (SubscribeMessages) from the shards' message logs (server.delivery)."""
+
+    #: Seconds a message stays in its shard's log: a subscriber can resume from a token this old.
+    retention_seconds: float = 86400.0
+    #: Messages queued for one subscriber beyond what its connection takes; a subscriber that falls
+    #: further behind is cut off (RESOURCE_EXHAUSTED, SUBSCRIBER_TOO_SLOW) and resumes.
+    stream_buffer: int = 1024
+    #: Subscriptions one server process serves at once; more are RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
+    max_streams: int = 10_000
+    #: Seconds between reads of a shard's log when no wake-up (NOTIFY) came: the delivery latency
+    #: of a message whose wake-up was lost.
+    poll_interval: float = 1.0
+    #: Seconds between prunings of the logs' events older than `retention_seconds`.
+    prune_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """Bearer token verification."""
 
@@ -376,6 +399,7 @@ class ServerConfig:
     pin_workers: bool = False
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
     @property
     def num_shards(self) -> int:
@@ -520,7 +544,19 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         pin_workers=_bool(env.get("DIALOG_PIN_WORKERS", data.get("pin_workers", False))),
         metrics=_metrics(data.get("metrics", {}), env),
         log=_log(data.get("log", {}), env),
+        delivery=_delivery(data.get("delivery", {})),
     )
+
+
+def _delivery(section: Mapping[str, Any]) -> DeliveryConfig:
+    delivery = DeliveryConfig(**_known(section, DeliveryConfig, "delivery"))
+    if delivery.stream_buffer < 1 or delivery.max_streams < 0:
+        raise ConfigError("delivery.stream_buffer must be at least 1 and delivery.max_streams at least 0")
+    if min(delivery.retention_seconds, delivery.poll_interval, delivery.prune_interval) <= 0:
+        raise ConfigError(
+            "delivery.retention_seconds, poll_interval and prune_interval must be more than 0 seconds"
+        )
+    return delivery
 
 
 def _control_dsn(dsn: object) -> str:

@@ -29,6 +29,7 @@ from client.gen.dialog.v1 import (
 )
 from server.auth import TokenVerifier
 from server.config import MAX_SEND_BYTES, LimitsConfig, ServerConfig, TlsConfig
+from server.delivery import DeliveryHub
 from server.interceptors import (
     AuthInterceptor,
     ConcurrencyLimitInterceptor,
@@ -59,8 +60,8 @@ _UNCAPPED_CALLS = 32
 DIALOG_SERVICE = dialog_service_pb2.DESCRIPTOR.services_by_name["DialogService"].full_name
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SEND_MESSAGE_METHOD = f"/{DIALOG_SERVICE}/SendMessage"
-#: DialogService's read methods, under the per-user read limit.
-READ_METHODS = frozenset({f"/{DIALOG_SERVICE}/GetDialog"})
+#: DialogService's read methods, under the per-user read limit (a subscription counts as one read).
+READ_METHODS = frozenset({f"/{DIALOG_SERVICE}/GetDialog", f"/{DIALOG_SERVICE}/SubscribeMessages"})
 #: The rate limits by name (their shared tables' names): rate, burst, limited methods.
 RATE_LIMITS = ("send", "read")
 
@@ -76,6 +77,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     #: The metrics endpoint's port (None: metrics disabled).
     metrics_port: int | None = None
+    #: Live delivery (SubscribeMessages) in this process.
+    delivery: DeliveryHub | None = None
 
 
 def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -154,7 +157,9 @@ async def running_server(
             ObserveInterceptor(metrics, RpcLog()),
             ErrorMappingInterceptor(),
             ConcurrencyLimitInterceptor(
-                limits.max_concurrent_rpcs, (f"/{DIALOG_SERVICE}/", f"/{ADMIN_SERVICE}/")
+                limits.max_concurrent_rpcs,
+                (f"/{DIALOG_SERVICE}/", f"/{ADMIN_SERVICE}/"),
+                stream_limit=config.delivery.max_streams,
             ),
             DeadlineInterceptor(),
             AuthInterceptor(verifier),
@@ -170,7 +175,9 @@ async def running_server(
             interceptors=[FusedInterceptors(interceptors)],
             # The backstop behind ConcurrencyLimitInterceptor's cap on the services' calls: room for
             # health checks and reflection beyond it; gRPC refuses what passes this before any handler.
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs + _UNCAPPED_CALLS,
+            maximum_concurrent_rpcs=(
+                limits.max_concurrent_rpcs + config.delivery.max_streams + _UNCAPPED_CALLS
+            ),
             options=[
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # gRPC itself refuses larger requests with RESOURCE_EXHAUSTED before any handler runs.
@@ -183,8 +190,11 @@ async def running_server(
                 *_connection_age_options(config),
             ],
         )
+        delivery = DeliveryHub(
+            {c.shard_id: (c, shards.store(c.shard_id).shard) for c in config.shards}, config.delivery
+        )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
-            DialogService(placement, shards, tokens, config.limits), server
+            DialogService(placement, shards, tokens, config.limits, delivery=delivery), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(placement, shards, tokens, max_response_bytes=config.limits.max_response_bytes),
@@ -222,6 +232,7 @@ async def running_server(
             placement.mover(shards), after=config.resilience.move_resume_after, control=placement.control
         )
         await resumer.start()
+        await delivery.start()
         log.info(
             "serving on port %d with %d shards (%s)",
             port,
@@ -232,9 +243,17 @@ async def running_server(
             log.info("metrics on %s", endpoint.url)
         try:
             yield RunningServer(
-                server, port, placement, shards, health_servicer, endpoint.port if endpoint else None
+                server,
+                port,
+                placement,
+                shards,
+                health_servicer,
+                endpoint.port if endpoint else None,
+                delivery,
             )
         finally:
+            # Subscriptions end first (UNAVAILABLE: resume elsewhere): they would hold the drain.
+            await delivery.stop()
             await resumer.stop()
             await reporter.stop()
             await health_servicer.enter_graceful_shutdown()

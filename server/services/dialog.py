@@ -1,7 +1,8 @@
-"""dialog.v1.DialogService: SendMessage and GetDialog."""
+"""dialog.v1.DialogService: SendMessage, GetDialog and SubscribeMessages."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import uuid
 from typing import Any
@@ -12,6 +13,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.auth import current_principal
 from server.config import LimitsConfig
+from server.delivery import DeliveryHub, ResumeTokens
 from server.errors import AlreadyExists, PermissionDenied
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
@@ -21,10 +23,11 @@ from server.services.validation import (
     check_pair,
     check_request_id,
     check_text,
+    check_user_id,
     page_size,
 )
 from server.storage.ids import MessageIdGenerator, id_time
-from server.storage.messages import NewMessage
+from server.storage.messages import InsertResult, NewMessage
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -41,7 +44,13 @@ def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
 
 class DialogService(pb_grpc.DialogServiceServicer):
     def __init__(
-        self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec, limits: LimitsConfig
+        self,
+        placement: Placement,
+        shards: ShardSet,
+        tokens: PageTokenCodec,
+        limits: LimitsConfig,
+        *,
+        delivery: DeliveryHub,
     ) -> None:
         self._placement = placement
         self._shards = shards
@@ -49,6 +58,8 @@ class DialogService(pb_grpc.DialogServiceServicer):
         self._limits = limits
         self._page_bytes = items_budget(limits.max_response_bytes)
         self._ids = MessageIdGenerator()
+        self._delivery = delivery
+        self._resume_tokens = ResumeTokens(tokens)
 
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
         _require_caller("from_user_id", request.from_user_id, "send as itself", "NOT_MESSAGE_SENDER")
@@ -70,10 +81,15 @@ class DialogService(pb_grpc.DialogServiceServicer):
             created_at=id_time(message_id),
             request_id=request.request_id or None,
         )
+
+        async def insert(shard_id: int) -> InsertResult:
+            result = await self._shards.store(shard_id).insert(message)
+            if not result.replayed:
+                self._delivery.written(shard_id)  # its subscribers' readers read the log now
+            return result
+
         # A refused insert committed nothing, so the same message (same id) goes to the new shard.
-        result = await self._placement.through_moves(
-            where, lambda shard_id: self._shards.store(shard_id).insert(message)
-        )
+        result = await self._placement.through_moves(where, insert)
         stored = result.message
         if result.replayed and (stored.to_user_id != request.to_user_id or stored.text != request.text):
             raise AlreadyExists(
@@ -131,3 +147,53 @@ class DialogService(pb_grpc.DialogServiceServicer):
         response = pb.GetDialogResponse(next_page_token=next_token)
         add_page(response.messages, rows)
         return response
+
+    async def SubscribeMessages(  # type: ignore[override]  # writes its responses (see _write_unless)
+        self, request: pb.SubscribeMessagesRequest, context: Context
+    ) -> None:
+        _require_caller("user_id", request.user_id, "subscribe to its own messages", "NOT_SUBSCRIBER")
+        violations = Violations()
+        check_user_id(violations, "user_id", request.user_id)
+        violations.raise_if_any()
+        resume = None
+        if request.resume_token:
+            try:
+                resume = self._resume_tokens.decode(request.user_id, request.resume_token)
+            except InvalidPageToken as exc:
+                violations.add("resume_token", str(exc).replace("page_token", "resume_token"))
+                violations.raise_if_any()
+        subscription = await self._delivery.subscribe(request.user_id, resume)
+        # Watches for the subscription's end while a write waits for a client that does not read.
+        failed = asyncio.ensure_future(subscription.wait_failure())
+        try:
+            # The first response says the subscription is live, with a token from which to resume
+            # even before a message came.
+            await _write_unless(
+                context,
+                pb.SubscribeMessagesResponse(
+                    resume_token=self._resume_tokens.encode(request.user_id, subscription.positions)
+                ),
+                failed,
+            )
+            while True:
+                _, event = await subscription.next()
+                response = pb.SubscribeMessagesResponse(
+                    resume_token=self._resume_tokens.encode(request.user_id, subscription.positions)
+                )
+                fill_message(response.message, event)
+                await _write_unless(context, response, failed)
+        finally:
+            failed.cancel()
+            self._delivery.unsubscribe(subscription)
+
+
+async def _write_unless(
+    context: Context, response: pb.SubscribeMessagesResponse, failed: asyncio.Future[Any]
+) -> None:
+    """Write `response`, unless the subscription fails first (its error is then raised)."""
+    write = asyncio.ensure_future(context.write(response))
+    await asyncio.wait((write, failed), return_when=asyncio.FIRST_COMPLETED)
+    if not write.done():
+        write.cancel()
+        raise failed.result()
+    write.result()

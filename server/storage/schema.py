@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from psycopg import AsyncConnection
 
+from server.storage.events import events_schema
 from server.storage.fences import fence_schema
 
 # Arbitrary constant: the advisory lock key that serializes migrations.
@@ -156,5 +157,10 @@ async def migrate_control(conn: AsyncConnection[object]) -> None:
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
-    """Create one shard's message table, indexes and fences; `table` is a validated identifier."""
-    await _apply(conn, SHARD_SCHEMA.format(table=table), [PAIR_HASH_FUNCTION, *fence_schema(table)])
+    """Create one shard's message table, indexes, fences and message log; `table` is a validated
+    identifier."""
+    await _apply(
+        conn,
+        SHARD_SCHEMA.format(table=table),
+        [PAIR_HASH_FUNCTION, *fence_schema(table), *events_schema(table)],
+    )

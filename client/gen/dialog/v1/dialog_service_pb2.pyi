@@ -196,6 +196,64 @@ class GetDialogRequest(_message.Message):
 Global___GetDialogRequest: _TypeAlias = GetDialogRequest  # noqa: Y015
 
 @_typing.final
+class SubscribeMessagesRequest(_message.Message):
+    """Request of DialogService.SubscribeMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The subscribing user; must equal the authenticated user."""
+    resume_token: _builtins.str
+    """`resume_token` of the last message received on an earlier stream, or
+    empty to start from now. A token is bound to the user it was issued for.
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeMessagesRequest: _TypeAlias = SubscribeMessagesRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeMessagesResponse(_message.Message):
+    """One message of a DialogService.SubscribeMessages stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Where a new subscription resumes to receive what follows this message."""
+    @_builtins.property
+    def message(self) -> Global___Message:
+        """A message sent to or by the subscribing user; unset in the stream's first
+        response, which only confirms the subscription.
+        """
+
+    def __init__(
+        self,
+        *,
+        message: Global___Message | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeMessagesResponse: _TypeAlias = SubscribeMessagesResponse  # noqa: Y015
+
+@_typing.final
 class GetDialogResponse(_message.Message):
     """Response of DialogService.GetDialog."""
 

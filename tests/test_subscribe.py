@@ -1,0 +1,245 @@
+"""SubscribeMessages: live delivery from the shards' message logs, resuming, limits and auth."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import psycopg
+
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.runtime.app import RunningServer
+from tests.processes import channel_per_worker, supervised, write_server_config
+from tests.support import Metadata, expect_error, make_config, serving, status_details, wait_until
+
+if TYPE_CHECKING:
+    Stub = pb_grpc.DialogServiceAsyncStub
+Stream = Any  # grpc.aio.UnaryStreamCall[SubscribeMessagesRequest, SubscribeMessagesResponse]
+
+
+@asynccontextmanager
+async def subscribed(
+    stub: Stub, user_id: int, metadata: Metadata, resume_token: str = ""
+) -> AsyncIterator[tuple[Stream, str]]:
+    """An open subscription, once the server confirmed it, and its first resume token."""
+    call = stub.SubscribeMessages(
+        pb.SubscribeMessagesRequest(user_id=user_id, resume_token=resume_token), metadata=metadata
+    )
+    try:
+        first = await asyncio.wait_for(call.read(), timeout=10)
+        assert isinstance(first, pb.SubscribeMessagesResponse) and not first.HasField("message")
+        yield call, first.resume_token
+    finally:
+        call.cancel()
+
+
+async def receive(call: Stream, count: int) -> list[pb.SubscribeMessagesResponse]:
+    """The next `count` responses of a stream (within a bound: a missing message fails the test)."""
+    got: list[pb.SubscribeMessagesResponse] = []
+    for _ in range(count):
+        response = await asyncio.wait_for(call.read(), timeout=10)
+        assert isinstance(response, pb.SubscribeMessagesResponse), f"ended after {len(got)}"
+        got.append(response)
+    return got
+
+
+async def send(stub: Stub, metadata: Metadata, sender: int, to: int, text: str) -> pb.Message:
+    response = await stub.SendMessage(
+        pb.SendMessageRequest(from_user_id=sender, to_user_id=to, text=text), metadata=metadata, timeout=10
+    )
+    return response.message
+
+
+async def test_a_subscriber_gets_what_is_sent_to_or_by_it_once_and_resumes_without_gaps(
+    dialog_stub: Stub, auth_for: Callable[..., Metadata], new_pair: Callable[[], tuple[int, int]]
+) -> None:
+    me, friend = new_pair()
+    other, stranger = new_pair()
+    async with subscribed(dialog_stub, me, auth_for(me)) as (call, _):
+        expected = [
+            await send(dialog_stub, auth_for(friend), friend, me, "to me"),
+            await send(dialog_stub, auth_for(me), me, other, "by me, to someone else"),
+        ]
+        # Not to nor by the subscriber: never delivered.
+        await send(dialog_stub, auth_for(stranger), stranger, other, "none of my business")
+        expected.append(await send(dialog_stub, auth_for(me), me, friend, "by me"))
+        got = await receive(call, 3)
+        # Messages of one dialog in the order stored; the others may interleave in any order.
+        assert sorted((r.message for r in got), key=lambda m: m.message_id) == sorted(
+            expected, key=lambda m: m.message_id
+        )
+        to_friend = [r.message.text for r in got if friend in (r.message.from_user_id, r.message.to_user_id)]
+        assert to_friend == ["to me", "by me"]
+        token = got[-1].resume_token
+
+    # Dropped: what is sent meanwhile comes on resuming from the last token, once, in order.
+    missed = [await send(dialog_stub, auth_for(friend), friend, me, f"missed {i}") for i in range(5)]
+    async with subscribed(dialog_stub, me, auth_for(me), token) as (call, _):
+        got = await receive(call, 5)
+        assert [r.message for r in got] == missed
+        after_missed = got[-1].resume_token
+        live = await send(dialog_stub, auth_for(friend), friend, me, "live again")
+        assert [r.message for r in await receive(call, 1)] == [live]
+    # Resuming from a token in the middle gives what followed it, and nothing before.
+    async with subscribed(dialog_stub, me, auth_for(me), got[1].resume_token) as (call, _):
+        assert [r.message for r in await receive(call, 4)] == [*missed[2:], live]
+    # The first response's token of a subscription that got nothing resumes there too.
+    async with subscribed(dialog_stub, me, auth_for(me), after_missed) as (call, start):
+        assert [r.message for r in await receive(call, 1)] == [live]
+    quiet = await send(dialog_stub, auth_for(friend), friend, me, "while nobody listened")
+    async with subscribed(dialog_stub, me, auth_for(me), start) as (call, _):
+        assert [r.message for r in await receive(call, 2)] == [live, quiet]
+
+
+async def test_streams_are_authenticated_authorized_and_validated(
+    dialog_stub: Stub, auth_for: Callable[..., Metadata], new_pair: Callable[[], tuple[int, int]]
+) -> None:
+    me, other = new_pair()
+    request = pb.SubscribeMessagesRequest(user_id=me)
+    err = await expect_error(dialog_stub.SubscribeMessages(request).read(), grpc.StatusCode.UNAUTHENTICATED)
+    err = await expect_error(
+        dialog_stub.SubscribeMessages(request, metadata=auth_for(other)).read(),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    info, _ = status_details(err)
+    assert info is not None and info.reason == "NOT_SUBSCRIBER"
+    async with subscribed(dialog_stub, other, auth_for(other)) as (_, others_token):
+        pass
+    # Another user's token, or a forged one, is refused before anything is read.
+    for token in (others_token, others_token[:-4] + "AAAA", "garbage"):
+        err = await expect_error(
+            dialog_stub.SubscribeMessages(
+                pb.SubscribeMessagesRequest(user_id=me, resume_token=token), metadata=auth_for(me)
+            ).read(),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        _, violations = status_details(err)
+        assert [field for field, _ in violations] == ["resume_token"]
+
+
+async def _pruned(config: ServerConfig) -> bool:
+    """Whether some shard's log was pruned (the shards' tables share one database here)."""
+    async with await psycopg.AsyncConnection.connect(config.shards[0].dsn) as conn:
+        union = " UNION ALL ".join(f"SELECT 1 FROM {shard.table}_pruned" for shard in config.shards)
+        return await (await conn.execute(union)).fetchone() is not None
+
+
+async def test_a_slow_subscriber_is_cut_off_and_resumes_without_loss_and_old_tokens_expire(
+    pg_server: EmbeddedPostgres,
+    jwt_secret: str,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    pg_server.create_database("subscribe_limits")
+    config = make_config(
+        [pg_server.dsn_for("subscribe_limits")] * 2,
+        jwt_secret,
+        limits={"send_rate_per_second": 0},
+        delivery={"stream_buffer": 4, "retention_seconds": 3600},
+    )
+    me, friend = new_pair()
+    running: RunningServer
+    COUNT = 200
+    async with (
+        serving(config) as (running, channel),
+        # Without BDP probes the connection's window stays at its initial 64 KiB.
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{running.port}", options=[("grpc.http2.bdp_probe", 0)]
+        ) as slow_channel,
+    ):
+        stub = pb_grpc.DialogServiceStub(channel)
+        big = "€" * 4000  # 12 kB
+        async with subscribed(pb_grpc.DialogServiceStub(slow_channel), me, auth_for(me)) as (
+            call,
+            first_token,
+        ):
+            # Nobody reads: the connection's window fills, then the buffer, then the cut-off.
+            sent = [await send(stub, auth_for(friend), friend, me, f"{i} {big}") for i in range(COUNT)]
+            got: list[pb.SubscribeMessagesResponse] = []
+            err = await expect_error(receive(call, COUNT + 1), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            info, _ = status_details(err)
+            assert info is not None and info.reason == "SUBSCRIBER_TOO_SLOW"
+        # What it did receive before the cut-off came through; the rest comes on resuming.
+        async with subscribed(stub, me, auth_for(me), first_token) as (call, _):
+            got = await receive(call, COUNT)
+            assert [r.message.message_id for r in got] == [m.message_id for m in sent]
+        assert running.delivery is not None
+        await wait_until(
+            lambda: running.delivery is not None and running.delivery.subscribers == 0, "unsubscribed"
+        )
+
+    # Past the retention, a token is refused with what to do instead.
+    short = make_config(
+        [pg_server.dsn_for("subscribe_limits")] * 2,
+        jwt_secret,
+        delivery={"retention_seconds": 0.001, "prune_interval": 0.05},
+    )
+    async with serving(short) as (running, channel):
+        stub = pb_grpc.DialogServiceStub(channel)
+        async with subscribed(stub, me, auth_for(me)) as (_, old_token):
+            pass
+        await send(stub, auth_for(friend), friend, me, "soon pruned")
+        await wait_until(
+            lambda: _pruned(short),
+            "the log is pruned",
+        )
+        err = await expect_error(
+            stub.SubscribeMessages(
+                pb.SubscribeMessagesRequest(user_id=me, resume_token=old_token), metadata=auth_for(me)
+            ).read(),
+            grpc.StatusCode.OUT_OF_RANGE,
+        )
+        info, _ = status_details(err)
+        assert info is not None and info.reason == "RESUME_TOKEN_EXPIRED"
+        assert "GetDialog" in (err.details() or "")
+
+
+async def test_subscribers_on_two_workers_get_every_message_of_several_senders_through_both(
+    tmp_path: Path,
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    jwt_secret: str,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    config_path = write_server_config(
+        tmp_path / "dialog.toml",
+        cluster_config,
+        "127.0.0.1:0",
+        jwt_secret,
+        sections={"limits": {"send_rate_per_second": 0}},
+    )
+    me = new_pair()[0]
+    senders = [new_pair()[0] for _ in range(4)]
+    per_sender = 10
+    async with supervised(config_path, workers=2) as running:
+        channels = await channel_per_worker(running)
+        stubs = [pb_grpc.DialogServiceStub(channels[pid]) for pid in running.worker_pids]
+        try:
+            async with (
+                subscribed(stubs[0], me, auth_for(me)) as (first, _),
+                subscribed(stubs[1], me, auth_for(me)) as (second, _),
+            ):
+
+                async def send_all(sender: int) -> list[pb.Message]:
+                    # Alternately through each worker: a subscriber gets from both.
+                    return [
+                        await send(stubs[i % 2], auth_for(sender), sender, me, f"{sender} #{i}")
+                        for i in range(per_sender)
+                    ]
+
+                sent = await asyncio.gather(*(send_all(sender) for sender in senders))
+                for call in (first, second):
+                    got = [r.message for r in await receive(call, len(senders) * per_sender)]
+                    for sender, theirs in zip(senders, sent, strict=True):
+                        assert [m for m in got if m.from_user_id == sender] == theirs
+        finally:
+            for channel in channels.values():
+                await channel.close()
