@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from server.background import repeat_every, stop_task
 from server.config import DeliveryConfig, ShardConfig
+from server.delivery.relay import InboxRelay
 from server.delivery.wakeups import Notifier, WakeupListener
 from server.errors import FailedPrecondition, OutOfRange, ResourceExhausted, ServerStopping, ServiceError
 from server.resilience import Shard
 from server.storage.events import ORIGIN, Event, EventCursor, EventLog
+from server.storage.inbox import InboxStore
 
 log = logging.getLogger(__name__)
 
@@ -238,18 +241,25 @@ class _Tail:
 class DeliveryHub:
     """This process's live delivery: one reader per shard log, the subscribers by user."""
 
-    def __init__(self, shards: Mapping[int, tuple[ShardConfig, Shard]], config: DeliveryConfig) -> None:
+    def __init__(
+        self,
+        shards: Mapping[int, tuple[ShardConfig, Shard]],
+        config: DeliveryConfig,
+        *,
+        inboxes: Mapping[int, InboxStore] | None = None,
+    ) -> None:
         self._config = config
         self._logs = {sid: EventLog(sid, cfg.table, shard) for sid, (cfg, shard) in shards.items()}
         self._tails = {sid: _Tail(self, log, config.poll_interval) for sid, log in self._logs.items()}
         self._notifiers = {sid: Notifier(log.notify) for sid, log in self._logs.items()}
-        by_dsn: dict[str, dict[str, _Tail]] = defaultdict(dict)
+        #: Keeps the inbox (ListDialogs) current from the same logs, woken with their readers.
+        self.relay = (
+            None if inboxes is None else InboxRelay(self._logs, inboxes, poll_interval=config.poll_interval)
+        )
+        by_dsn: dict[str, dict[str, Callable[[], None]]] = defaultdict(dict)
         for sid, (cfg, _) in shards.items():
-            by_dsn[cfg.dsn][self._logs[sid].channel] = self._tails[sid]
-        self.listeners = [
-            WakeupListener(dsn, {channel: tail.wake for channel, tail in tails.items()})
-            for dsn, tails in by_dsn.items()
-        ]
+            by_dsn[cfg.dsn][self._logs[sid].channel] = functools.partial(self._woken, sid)
+        self.listeners = [WakeupListener(dsn, wakeups) for dsn, wakeups in by_dsn.items()]
         self._by_user: dict[int, list[Subscription]] = {}
         self._count = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -267,6 +277,8 @@ class DeliveryHub:
     async def start(self) -> None:
         for listener in self.listeners:
             listener.start()
+        if self.relay is not None:
+            self.relay.start()
         for sid, tail in self._tails.items():
             self._tasks.append(asyncio.create_task(tail.run(), name=f"message-log-tail-{sid}"))
         self._tasks.append(
@@ -288,14 +300,21 @@ class DeliveryHub:
                 )
         for task in self._tasks:
             await stop_task(task)
+        if self.relay is not None:
+            await self.relay.stop()
         for listener in self.listeners:
             await listener.stop()
         for notifier in self._notifiers.values():
             await notifier.stop()
 
-    def written(self, shard_id: int) -> None:
-        """A message was stored on `shard_id` by this process: wake its reader here and elsewhere."""
+    def _woken(self, shard_id: int) -> None:
         self._tails[shard_id].wake()
+        if self.relay is not None:
+            self.relay.wake(shard_id)
+
+    def written(self, shard_id: int) -> None:
+        """A message was stored on `shard_id` by this process: wake its readers here and elsewhere."""
+        self._woken(shard_id)
         self._notifiers[shard_id].notify()
 
     def fan_out(self, shard_id: int, event: Event) -> None:

@@ -16,8 +16,10 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import psycopg
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,7 +30,7 @@ from client.gen.dialog.v1 import (
     dialog_service_pb2_grpc,
 )
 from server.auth import TokenVerifier
-from server.config import MAX_SEND_BYTES, LimitsConfig, ServerConfig, TlsConfig
+from server.config import MAX_SEND_BYTES, ConfigError, LimitsConfig, ServerConfig, TlsConfig
 from server.delivery import DeliveryHub
 from server.interceptors import (
     AuthInterceptor,
@@ -51,6 +53,7 @@ from server.runtime.supervisor import ListenError
 from server.services.admin import AdminService
 from server.services.dialog import DialogService
 from server.services.health import ShardHealthReporter
+from server.storage.inbox import InboxStore, inbox_layout
 from server.storage.pools import ShardSet
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,9 @@ DIALOG_SERVICE = dialog_service_pb2.DESCRIPTOR.services_by_name["DialogService"]
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SEND_MESSAGE_METHOD = f"/{DIALOG_SERVICE}/SendMessage"
 #: DialogService's read methods, under the per-user read limit (a subscription counts as one read).
-READ_METHODS = frozenset({f"/{DIALOG_SERVICE}/GetDialog", f"/{DIALOG_SERVICE}/SubscribeMessages"})
+READ_METHODS = frozenset(
+    {f"/{DIALOG_SERVICE}/{name}" for name in ("GetDialog", "SubscribeMessages", "ListDialogs")}
+)
 #: The rate limits by name (their shared tables' names): rate, burst, limited methods.
 RATE_LIMITS = ("send", "read")
 
@@ -190,11 +195,15 @@ async def running_server(
                 *_connection_age_options(config),
             ],
         )
+        inboxes = await open_inboxes(config, shards, placement)
         delivery = DeliveryHub(
-            {c.shard_id: (c, shards.store(c.shard_id).shard) for c in config.shards}, config.delivery
+            {c.shard_id: (c, shards.store(c.shard_id).shard) for c in config.shards},
+            config.delivery,
+            inboxes=inboxes,
         )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
-            DialogService(placement, shards, tokens, config.limits, delivery=delivery), server
+            DialogService(placement, shards, tokens, config.limits, delivery=delivery, inboxes=inboxes),
+            server,
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(placement, shards, tokens, max_response_bytes=config.limits.max_response_bytes),
@@ -261,6 +270,25 @@ async def running_server(
             if endpoint is not None:
                 endpoint.close()
             log.info("server stopped")
+
+
+async def open_inboxes(config: ServerConfig, shards: ShardSet, placement: Placement) -> dict[int, InboxStore]:
+    """The inbox shards (the first ones, as many as the control database records: the shards
+    configured when the first server started)."""
+
+    async def layout(conn: psycopg.AsyncConnection[Any]) -> int:
+        return await inbox_layout(conn, config.num_shards)
+
+    count = await placement.control.run(layout, idempotent=True)
+    if count > config.num_shards:
+        raise ConfigError(
+            f"the inbox lives on the first {count} shards, but only {config.num_shards} are configured: "
+            "configure them all, or move the inbox first (dialogctl inbox rebuild --shards N)"
+        )
+    return {
+        c.shard_id: InboxStore(c.shard_id, c.table, shards.store(c.shard_id).shard)
+        for c in config.shards[:count]
+    }
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -1,10 +1,11 @@
-"""dialog.v1.DialogService: SendMessage, GetDialog and SubscribeMessages."""
+"""dialog.v1.DialogService: SendMessage, GetDialog, SubscribeMessages and ListDialogs."""
 
 from __future__ import annotations
 
 import asyncio
 import struct
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -17,7 +18,8 @@ from server.delivery import DeliveryHub, ResumeTokens
 from server.errors import AlreadyExists, PermissionDenied
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
-from server.services.convert import add_page, fill_message
+from server.routing.inbox import inbox_shard
+from server.services.convert import add_page, fill_message, set_timestamp
 from server.services.validation import (
     Violations,
     check_pair,
@@ -27,7 +29,8 @@ from server.services.validation import (
     page_size,
 )
 from server.storage.ids import MessageIdGenerator, id_time
-from server.storage.messages import InsertResult, NewMessage
+from server.storage.inbox import InboxStore
+from server.storage.messages import PAGE_MESSAGE_OVERHEAD, InsertResult, NewMessage
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -51,6 +54,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         limits: LimitsConfig,
         *,
         delivery: DeliveryHub,
+        inboxes: Mapping[int, InboxStore],
     ) -> None:
         self._placement = placement
         self._shards = shards
@@ -60,6 +64,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         self._ids = MessageIdGenerator()
         self._delivery = delivery
         self._resume_tokens = ResumeTokens(tokens)
+        self._inboxes = inboxes
 
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
         _require_caller("from_user_id", request.from_user_id, "send as itself", "NOT_MESSAGE_SENDER")
@@ -146,6 +151,50 @@ class DialogService(pb_grpc.DialogServiceServicer):
             next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(rows[-1][0]).bytes)
         response = pb.GetDialogResponse(next_page_token=next_token)
         add_page(response.messages, rows)
+        return response
+
+    async def ListDialogs(self, request: pb.ListDialogsRequest, context: Context) -> pb.ListDialogsResponse:
+        _require_caller("user_id", request.user_id, "list its own dialogs", "NOT_INBOX_OWNER")
+        violations = Violations()
+        check_user_id(violations, "user_id", request.user_id)
+        limit = page_size(
+            violations,
+            "page_size",
+            request.page_size,
+            default=self._limits.default_page_size,
+            maximum=self._limits.max_page_size,
+        )
+        violations.raise_if_any()
+        binding = struct.pack(">q", request.user_id)
+        before: uuid.UUID | None = None
+        if request.page_token:
+            try:
+                before = uuid.UUID(
+                    bytes=self._tokens.decode(request.page_token, PageTokenCodec.INBOX, binding)
+                )
+            except (InvalidPageToken, ValueError) as exc:
+                violations.add(
+                    "page_token", str(exc) if isinstance(exc, InvalidPageToken) else "is malformed"
+                )
+                violations.raise_if_any()
+        inbox = self._inboxes[inbox_shard(request.user_id, len(self._inboxes))]
+        rows = await inbox.page(request.user_id, before=before, limit=limit + 1)
+        response = pb.ListDialogsResponse()
+        # The page also ends at the byte budget of a GetDialog page (always one dialog at least).
+        budget = self._page_bytes
+        for index, row in enumerate(rows[:limit]):
+            budget -= len(row.last_text.encode()) + PAGE_MESSAGE_OVERHEAD + 16
+            if budget < 0 and index > 0:
+                break
+            dialog = response.dialogs.add(peer_user_id=row.peer_id, message_count=row.message_count)
+            last = dialog.last_message
+            last.message_id, last.text = str(row.last_message_id), row.last_text
+            last.from_user_id = row.last_from_user_id
+            last.to_user_id = request.user_id if row.last_from_user_id == row.peer_id else row.peer_id
+            set_timestamp(last.create_time, row.last_created_at)
+        if len(response.dialogs) < len(rows):
+            last_id = uuid.UUID(response.dialogs[-1].last_message.message_id)
+            response.next_page_token = self._tokens.encode(PageTokenCodec.INBOX, binding, last_id.bytes)
         return response
 
     async def SubscribeMessages(  # type: ignore[override]  # writes its responses (see _write_unless)

@@ -12,6 +12,7 @@ from psycopg import AsyncConnection
 
 from server.storage.events import events_schema
 from server.storage.fences import fence_schema
+from server.storage.inbox import INBOX_LAYOUT_SCHEMA, inbox_schema
 
 # Arbitrary constant: the advisory lock key that serializes migrations.
 _MIGRATION_LOCK = 0x6469616C6F67
@@ -153,7 +154,7 @@ async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str
 
 async def migrate_control(conn: AsyncConnection[object]) -> None:
     """Create the control tables (shard_map, shard_moves)."""
-    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA, [_FLIPS_UPGRADE])
+    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA, [_FLIPS_UPGRADE, INBOX_LAYOUT_SCHEMA])
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
@@ -162,5 +163,5 @@ async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
     await _apply(
         conn,
         SHARD_SCHEMA.format(table=table),
-        [PAIR_HASH_FUNCTION, *fence_schema(table), *events_schema(table)],
+        [PAIR_HASH_FUNCTION, *fence_schema(table), *events_schema(table), *inbox_schema(table)],
     )

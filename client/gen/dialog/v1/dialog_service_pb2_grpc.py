@@ -52,6 +52,11 @@ class DialogServiceStub:
                 request_serializer=dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesRequest.SerializeToString,
                 response_deserializer=dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesResponse.FromString,
                 _registered_method=True)
+        self.ListDialogs = channel.unary_unary(
+                '/dialog.v1.DialogService/ListDialogs',
+                request_serializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.SerializeToString,
+                response_deserializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.FromString,
+                _registered_method=True)
 
 
 class DialogServiceServicer:
@@ -103,6 +108,20 @@ class DialogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDialogs(self, request, context):
+        """Lists the dialogs of `user_id`, most recent activity first: with whom,
+        the last message and how many messages each dialog has.
+
+        The caller must be authenticated as `user_id`. The list is read from an
+        index kept current from the stored messages in the background: a message
+        shows here within moments of SendMessage's answer (GetDialog shows it at
+        once). Pages are keyset based; a dialog that gets a new message while the
+        list is paged moves to the front, where a later page does not show it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DialogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +139,11 @@ def add_DialogServiceServicer_to_server(servicer, server):
                     servicer.SubscribeMessages,
                     request_deserializer=dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesRequest.FromString,
                     response_serializer=dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesResponse.SerializeToString,
+            ),
+            'ListDialogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDialogs,
+                    request_deserializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.FromString,
+                    response_serializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,6 +230,33 @@ class DialogService:
             '/dialog.v1.DialogService/SubscribeMessages',
             dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesRequest.SerializeToString,
             dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDialogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dialog.v1.DialogService/ListDialogs',
+            dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.SerializeToString,
+            dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

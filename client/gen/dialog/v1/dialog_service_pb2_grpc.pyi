@@ -67,6 +67,16 @@ class DialogServiceStub:
     cut off with RESOURCE_EXHAUSTED (reason SUBSCRIBER_TOO_SLOW), and a server
     shutting down ends its streams with UNAVAILABLE: in both cases, resume.
     """
+    ListDialogs: _grpc.UnaryUnaryMultiCallable[_dialog_service_pb2.ListDialogsRequest, _dialog_service_pb2.ListDialogsResponse]
+    """Lists the dialogs of `user_id`, most recent activity first: with whom,
+    the last message and how many messages each dialog has.
+
+    The caller must be authenticated as `user_id`. The list is read from an
+    index kept current from the stored messages in the background: a message
+    shows here within moments of SendMessage's answer (GetDialog shows it at
+    once). Pages are keyset based; a dialog that gets a new message while the
+    list is paged moves to the front, where a later page does not show it.
+    """
 
 @_typing.type_check_only
 class DialogServiceAsyncStub(DialogServiceStub):
@@ -106,6 +116,16 @@ class DialogServiceAsyncStub(DialogServiceStub):
     subscribe without a token. A subscriber that does not read fast enough is
     cut off with RESOURCE_EXHAUSTED (reason SUBSCRIBER_TOO_SLOW), and a server
     shutting down ends its streams with UNAVAILABLE: in both cases, resume.
+    """
+    ListDialogs: _aio.UnaryUnaryMultiCallable[_dialog_service_pb2.ListDialogsRequest, _dialog_service_pb2.ListDialogsResponse]  # type: ignore[assignment]
+    """Lists the dialogs of `user_id`, most recent activity first: with whom,
+    the last message and how many messages each dialog has.
+
+    The caller must be authenticated as `user_id`. The list is read from an
+    index kept current from the stored messages in the background: a message
+    shows here within moments of SendMessage's answer (GetDialog shows it at
+    once). Pages are keyset based; a dialog that gets a new message while the
+    list is paged moves to the front, where a later page does not show it.
     """
 
 class DialogServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,6 +181,22 @@ class DialogServiceServicer(metaclass=_abc_1.ABCMeta):
         subscribe without a token. A subscriber that does not read fast enough is
         cut off with RESOURCE_EXHAUSTED (reason SUBSCRIBER_TOO_SLOW), and a server
         shutting down ends its streams with UNAVAILABLE: in both cases, resume.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDialogs(
+        self,
+        request: _dialog_service_pb2.ListDialogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dialog_service_pb2.ListDialogsResponse, _abc.Awaitable[_dialog_service_pb2.ListDialogsResponse]]:
+        """Lists the dialogs of `user_id`, most recent activity first: with whom,
+        the last message and how many messages each dialog has.
+
+        The caller must be authenticated as `user_id`. The list is read from an
+        index kept current from the stored messages in the background: a message
+        shows here within moments of SendMessage's answer (GetDialog shows it at
+        once). Pages are keyset based; a dialog that gets a new message while the
+        list is paged moves to the front, where a later page does not show it.
         """
 
 def add_DialogServiceServicer_to_server(servicer: DialogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
