@@ -10,7 +10,7 @@ import grpc
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from server.runtime.app import RunningServer
-from tests.support import Metadata, expect_error, other_shard, status_details
+from tests.support import Metadata, expect_error, metric_value, other_shard, scrape_metrics, status_details
 
 if TYPE_CHECKING:
     from client.gen.dialog.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
@@ -134,3 +134,13 @@ async def test_a_move_neither_loses_nor_doubles_an_inbox_count(
     await server.delivery.relay.catch_up()
     assert summary(await inbox(dialog_stub, auth_for, a)) == [(b, 4, last.text, last.message_id)]
     assert summary(await inbox(dialog_stub, auth_for, b)) == [(a, 4, last.text, last.message_id)]
+
+
+async def test_the_relay_lag_and_the_subscribers_are_exported(server: RunningServer) -> None:
+    assert (
+        server.metrics_port is not None and server.delivery is not None and server.delivery.relay is not None
+    )
+    await server.delivery.relay.catch_up()
+    samples, _ = await scrape_metrics(server.metrics_port)
+    assert metric_value(samples, "dialog_shard_subscribers") == server.delivery.subscribers
+    assert 0 <= metric_value(samples, "dialog_shard_inbox_relay_lag_seconds") < 60

@@ -203,6 +203,31 @@ class ServerMetrics:
         """Export the rate limiters' evictions (by limit: `send`, `read`), read at scrape time."""
         self.registry.register(EvictionCollector(evictions))
 
+    def watch_delivery(self, subscribers: Callable[[], int], relay_lag: Callable[[], float | None]) -> None:
+        """Export the live subscriptions and the inbox relay's lag, read at scrape time."""
+        self.registry.register(DeliveryCollector(subscribers, relay_lag))
+
+
+class DeliveryCollector(Collector):
+    """SubscribeMessages' subscribers in this process and the inbox relay's lag."""
+
+    def __init__(self, subscribers: Callable[[], int], relay_lag: Callable[[], float | None]) -> None:
+        self._subscribers = subscribers
+        self._relay_lag = relay_lag
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "dialog_shard_subscribers", "SubscribeMessages streams open in this process.", self._subscribers()
+        )
+        lag = self._relay_lag()
+        if lag is not None:
+            yield GaugeMetricFamily(
+                "dialog_shard_inbox_relay_lag_seconds",
+                "How old the newest message the inbox relay applied last was when it applied it "
+                "(0 when caught up): how far ListDialogs is behind the messages.",
+                lag,
+            )
+
 
 class EvictionCollector(Collector):
     """Per-user buckets a rate limiter gave away for room before they were full again."""

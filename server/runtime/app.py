@@ -201,6 +201,10 @@ async def running_server(
             config.delivery,
             inboxes=inboxes,
         )
+        relay = delivery.relay
+        metrics.watch_delivery(
+            lambda: delivery.subscribers, lambda: None if relay is None else relay.lag_seconds
+        )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
             DialogService(placement, shards, tokens, config.limits, delivery=delivery, inboxes=inboxes),
             server,
