@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import psycopg
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1.dialog_service_pb2_grpc import DialogServiceStub
+from server.dev.embedded_pg import EmbeddedPostgres
 from server.runtime.app import RunningServer
-from tests.support import Metadata, expect_error, metric_value, other_shard, scrape_metrics, status_details
+from tests.processes import write_server_config
+from tests.support import (
+    Metadata,
+    dialogctl,
+    expect_error,
+    fresh_cluster,
+    make_config,
+    metric_value,
+    other_shard,
+    scrape_metrics,
+    serving,
+    status_details,
+)
 
 if TYPE_CHECKING:
     from client.gen.dialog.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
@@ -144,3 +161,66 @@ async def test_the_relay_lag_and_the_subscribers_are_exported(server: RunningSer
     samples, _ = await scrape_metrics(server.metrics_port)
     assert metric_value(samples, "dialog_shard_subscribers") == server.delivery.subscribers
     assert 0 <= metric_value(samples, "dialog_shard_inbox_relay_lag_seconds") < 60
+
+
+async def _send_all(
+    stub: DialogServiceAsyncStub, auth_for: Callable[..., Metadata], pairs: list[tuple[int, int]], tag: str
+) -> dict[tuple[int, int], pb.Message]:
+    """One message each way of every pair; the last message of each."""
+    last = {}
+    for a, b in pairs:
+        await send(stub, auth_for, a, b, f"{tag} from {a}")
+        last[(a, b)] = await send(stub, auth_for, b, a, f"{tag} from {b}")
+    return last
+
+
+async def test_list_dialogs_after_a_reshard_and_a_rebuild_under_writes(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    config = fresh_cluster(pg_servers, jwt_secret, 8)
+    pairs = [new_pair() for _ in range(12)]
+    # The first server has 4 shards: the inbox lives on those for good.
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)) as (_, channel):
+        await _send_all(DialogServiceStub(channel), auth_for, pairs, "before")
+    path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
+    async with serving(config) as (running, channel):
+        stub = DialogServiceStub(channel)
+        assert running.delivery is not None and running.delivery.relay is not None
+        result = await dialogctl(path, "reshard", "--shards", "8", "--json")
+        assert result.json()["rows_copied"] > 0
+        last = await _send_all(stub, auth_for, pairs, "after")
+        await running.delivery.relay.catch_up()
+        for (a, b), message in last.items():
+            for owner, peer in ((a, b), (b, a)):
+                assert summary(await inbox(stub, auth_for, owner)) == [
+                    (peer, 4, message.text, message.message_id)
+                ]
+
+        # A broken inbox row, rebuilt while messages keep coming: every count is right afterwards.
+        with psycopg.connect(config.shards[0].dsn) as conn:
+            conn.execute(f"UPDATE {config.shards[0].table}_inbox SET message_count = 999")
+        stop = asyncio.Event()
+
+        async def keep_sending() -> int:
+            sent = 0
+            while not stop.is_set():
+                a, b = pairs[sent % len(pairs)]
+                await send(stub, auth_for, a, b, "during the rebuild")
+                sent += 1
+            return sent
+
+        writer = asyncio.create_task(keep_sending())
+        rebuilt = (await dialogctl(path, "rebuild-inbox", "--json")).json()
+        stop.set()
+        sent = await writer
+        assert rebuilt["inbox_shards"] == 4 and rebuilt["rows"] == 2 * len(pairs)
+        await running.delivery.relay.catch_up()
+        for i, (a, b) in enumerate(pairs):
+            extra = sum(1 for n in range(sent) if n % len(pairs) == i)
+            for owner, peer in ((a, b), (b, a)):
+                [row] = await inbox(stub, auth_for, owner)
+                assert (row.peer_user_id, row.message_count) == (peer, 4 + extra)

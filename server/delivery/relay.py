@@ -93,7 +93,7 @@ class InboxRelay:
                 self.lost.add(source)
                 log.error(
                     "shard %d's message log was pruned before the inbox relay read it: run "
-                    "`dialogctl inbox rebuild`",
+                    "`dialogctl rebuild-inbox`",
                     source,
                 )
             if done.newest is not None:

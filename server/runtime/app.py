@@ -287,7 +287,7 @@ async def open_inboxes(config: ServerConfig, shards: ShardSet, placement: Placem
     if count > config.num_shards:
         raise ConfigError(
             f"the inbox lives on the first {count} shards, but only {config.num_shards} are configured: "
-            "configure them all, or move the inbox first (dialogctl inbox rebuild --shards N)"
+            "configure them all"
         )
     return {
         c.shard_id: InboxStore(c.shard_id, c.table, shards.store(c.shard_id).shard)

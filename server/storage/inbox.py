@@ -7,7 +7,7 @@ to it: one transaction on the inbox shard locks the source's row in `<table>_rel
 cursor in that source's log), reads the events after it, adds them up and moves the cursor, so
 each event counts once however many servers relay at once (the others skip the locked row).
 
-A rebuild (`dialogctl inbox rebuild`) replaces the rows with counts from the message tables and
+A rebuild (`dialogctl rebuild-inbox`) replaces the rows with counts from the message tables and
 sets each cursor to where its snapshot of that source began, remembering the snapshot
 (`counted`): the relay then skips the events that snapshot already saw, and counts the rest.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -150,6 +150,14 @@ def _rows_json(rows: Iterable[tuple[tuple[int, int], InboxRow]]) -> str:
     )
 
 
+#: Inbox rows from the JSON array `_rows_json` makes.
+_ROWS = """
+    SELECT r.o, r.p, r.i, r.f, r.x,
+           timestamptz '1970-01-01 00:00:00+00' + r.c * interval '1 microsecond', r.n
+    FROM json_to_recordset(%s::json) AS r(o int8, p int8, i uuid, f int8, x text, c int8, n int8)
+"""
+
+
 class InboxStore:
     """Reads and relays into one inbox shard's `<table>_inbox` through the shard's gates."""
 
@@ -164,16 +172,11 @@ class InboxStore:
             ORDER BY owner_id DESC, last_message_id DESC
             LIMIT %s
         """
-        rows = """
-            SELECT r.o, r.p, r.i, r.f, r.x,
-                   timestamptz '1970-01-01 00:00:00+00' + r.c * interval '1 microsecond', r.n
-            FROM json_to_recordset(%s::json) AS r(o int8, p int8, i uuid, f int8, x text, c int8, n int8)
-        """
         newer = "excluded.last_message_id > i.last_message_id"
         self._add_sql = f"""
             INSERT INTO {table}_inbox AS i (owner_id, peer_id, last_message_id, last_from_user_id,
                                             last_text, last_created_at, message_count)
-            {rows}
+            {_ROWS}
             ON CONFLICT (owner_id, peer_id) DO UPDATE SET
                 message_count = i.message_count + excluded.message_count,
                 last_message_id = greatest(i.last_message_id, excluded.last_message_id),
@@ -183,7 +186,6 @@ class InboxStore:
                 last_created_at = CASE WHEN {newer} THEN excluded.last_created_at
                                        ELSE i.last_created_at END
         """
-        self._replace_sql = f"INSERT INTO {table}_inbox {rows}"
         self._lock_cursor_sql = (
             f"SELECT xid::text, message_id, counted FROM {table}_relayed WHERE source_shard = %s "
             "FOR UPDATE SKIP LOCKED"
@@ -196,12 +198,6 @@ class InboxStore:
             f"UPDATE {table}_relayed SET xid = %s::text::xid8, message_id = %s, counted = %s "
             "WHERE source_shard = %s"
         )
-        self._set_cursor_sql = f"""
-            INSERT INTO {table}_relayed (source_shard, xid, message_id, counted)
-            VALUES (%s, %s::text::xid8, %s, %s)
-            ON CONFLICT (source_shard) DO UPDATE SET
-                xid = excluded.xid, message_id = excluded.message_id, counted = excluded.counted
-        """
 
     async def page(self, owner_id: int, *, before: uuid.UUID | None, limit: int) -> list[InboxRow]:
         """Up to `limit` dialogs of `owner_id` whose last message is older than `before`, most
@@ -253,16 +249,62 @@ class InboxStore:
 
         return await self.shard.write(op, idempotent=True)
 
-    async def replace(
-        self,
-        rows: Sequence[tuple[tuple[int, int], InboxRow]],
-        cursors: dict[int, tuple[EventCursor, str]],
-        conn: AsyncConnection[Any],
-    ) -> None:
-        """Replace every row and every source's cursor (with the snapshot it counted), in the
-        caller's transaction on `conn` (a rebuild)."""
-        await conn.execute(f"DELETE FROM {self.table}_inbox")
-        for start in range(0, len(rows), 1000):
-            await conn.execute(self._replace_sql, (_rows_json(rows[start : start + 1000]),))
-        for source, (cursor, snapshot) in cursors.items():
-            await conn.execute(self._set_cursor_sql, (source, str(cursor.xid), cursor.message_id, snapshot))
+
+async def lock_relays(conn: AsyncConnection[Any], table: str) -> None:
+    """Keep every relay into `table`'s inbox waiting until `conn`'s transaction ends (a rebuild)."""
+    await conn.execute(f"LOCK TABLE {table}_relayed IN EXCLUSIVE MODE")
+
+
+async def replace_inbox(
+    conn: AsyncConnection[Any],
+    table: str,
+    rows: Sequence[tuple[tuple[int, int], InboxRow]],
+    cursors: Mapping[int, tuple[EventCursor, str]],
+) -> None:
+    """Replace every row of `table`'s inbox and every source's cursor (with the snapshot it
+    counted), in the caller's transaction on `conn`, which holds `lock_relays` (a rebuild)."""
+    await conn.execute(f"DELETE FROM {table}_inbox")
+    for start in range(0, len(rows), 1000):
+        await conn.execute(f"INSERT INTO {table}_inbox {_ROWS}", (_rows_json(rows[start : start + 1000]),))
+    for source, (cursor, snapshot) in cursors.items():
+        await conn.execute(
+            f"""
+            INSERT INTO {table}_relayed (source_shard, xid, message_id, counted)
+            VALUES (%s, %s::text::xid8, %s, %s)
+            ON CONFLICT (source_shard) DO UPDATE SET
+                xid = excluded.xid, message_id = excluded.message_id, counted = excluded.counted
+            """,
+            (source, str(cursor.xid), cursor.message_id, snapshot),
+        )
+
+
+def dialog_totals_sql(table: str) -> str:
+    """Every pair of a message table with its last message and message count (a rebuild's read)."""
+    return f"""
+        SELECT DISTINCT ON (user_low, user_high) user_low, user_high, message_id, from_user_id, text,
+               created_at, count(*) OVER (PARTITION BY user_low, user_high)
+        FROM {table}
+        ORDER BY user_low, user_high, message_id DESC
+    """
+
+
+async def read_dialog_totals(
+    conn: AsyncConnection[Any], table: str, routed_here: Callable[[int, int], bool]
+) -> tuple[EventCursor, str, list[tuple[tuple[int, int], InboxRow]]]:
+    """In one snapshot of `conn`'s shard: where its log's relay should start, the snapshot (what
+    it counted), and both owners' inbox rows of every pair `routed_here` keeps."""
+    rows: list[tuple[tuple[int, int], InboxRow]] = []
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        snapshot_sql = "SELECT pg_current_snapshot()::text, pg_snapshot_xmin(pg_current_snapshot())::text"
+        row = await (await conn.execute(snapshot_sql)).fetchone()
+        assert row is not None
+        snapshot, xmin = str(row[0]), int(row[1])
+        async with conn.cursor(name="dialog_totals") as cur:
+            await cur.execute(dialog_totals_sql(table))
+            async for low, high, last_id, last_from, text, created_at, count in cur:
+                if not routed_here(low, high):
+                    continue  # a copy an unfinished move left: counted where routing sends the pair
+                for owner, peer in ((low, high), (high, low)):
+                    rows.append(((owner, peer), InboxRow(peer, last_id, last_from, text, created_at, count)))
+    return EventCursor.before(xmin), snapshot, rows
