@@ -11,13 +11,25 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import psycopg
 
+from client import AsyncDialogClient, ChannelSecurity
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.runtime.app import RunningServer
 from tests.processes import channel_per_worker, supervised, write_server_config
-from tests.support import Metadata, expect_error, make_config, serving, status_details, wait_until
+from tests.support import (
+    Metadata,
+    expect_error,
+    fresh_database,
+    make_config,
+    metric_value,
+    scrape_metrics,
+    serving,
+    status_details,
+    token_provider,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     Stub = pb_grpc.DialogServiceAsyncStub
@@ -243,3 +255,47 @@ async def test_subscribers_on_two_workers_get_every_message_of_several_senders_t
         finally:
             for channel in channels.values():
                 await channel.close()
+
+
+async def test_the_typed_client_resumes_a_cut_off_subscription_and_lists_dialogs(
+    pg_server: EmbeddedPostgres,
+    jwt_secret: str,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    config = make_config(
+        [fresh_database(pg_server, "subscribe_client")] * 2,
+        jwt_secret,
+        limits={"send_rate_per_second": 0},
+        delivery={"stream_buffer": 4},
+    )
+    me, friend = new_pair()
+    async with serving(config) as (running, channel):
+        address = f"127.0.0.1:{running.port}"
+        stub = pb_grpc.DialogServiceStub(channel)
+        async with AsyncDialogClient.connect(
+            address,
+            ChannelSecurity(plaintext=True),
+            token=token_provider(config, me),
+            options=[("grpc.http2.bdp_probe", 0)],
+        ) as client:
+            stream = client.subscribe_messages(me)
+            assert running.delivery is not None
+            # Nobody reads for now: the server cuts the subscription off; the client resumes it.
+            first = asyncio.ensure_future(anext(stream))
+            await wait_until(
+                lambda: running.delivery is not None and running.delivery.subscribers == 1, "subscribed"
+            )
+            sent = [await send(stub, auth_for(friend), friend, me, f"{i} {'€' * 4000}") for i in range(150)]
+            got = [await first] + [await anext(stream) for _ in range(len(sent) - 1)]
+            assert [d.message.message_id for d in got] == [m.message_id for m in sent]
+            samples, _ = await scrape_metrics(running.metrics_port or 0)
+            assert metric_value(samples, "grpc_server_started_total", grpc_method="SubscribeMessages") >= 2
+            await stream.aclose()
+
+            assert running.delivery.relay is not None
+            await running.delivery.relay.catch_up()
+            [dialog] = [d async for d in client.iter_dialogs(me, page_size=1)]
+            assert (dialog.peer_user_id, dialog.message_count) == (friend, len(sent))
+            assert dialog.last_message.message_id == sent[-1].message_id
+            assert (await client.list_dialogs(me)).next_page_token == ""
