@@ -62,6 +62,7 @@ class Subscription:
         "_seen",
         "_waiter",
         "positions",
+        "started",
         "user_id",
     )
 
@@ -83,6 +84,8 @@ class Subscription:
         self._failure: ServiceError | None = None
         #: Set while someone waits for the failure (wait_failure).
         self._failed: asyncio.Future[None] | None = None
+        #: Registered on every shard: everything stored from now on reaches it.
+        self.started = False
 
     def start_at(self, shard_id: int, after: EventCursor, now: EventCursor) -> None:
         """Register on a shard whose reader is at `now`, resuming `after` (`now` for a new stream)."""
@@ -261,7 +264,9 @@ class DeliveryHub:
             by_dsn[cfg.dsn][self._logs[sid].channel] = functools.partial(self._woken, sid)
         self.listeners = [WakeupListener(dsn, wakeups) for dsn, wakeups in by_dsn.items()]
         self._by_user: dict[int, list[Subscription]] = {}
+        #: Subscriptions registered or registering (the readers read while there are any).
         self._count = 0
+        self._started = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     def log(self, shard_id: int) -> EventLog:
@@ -272,7 +277,8 @@ class DeliveryHub:
 
     @property
     def subscribers(self) -> int:
-        return self._count
+        """Subscriptions started (registered on every shard)."""
+        return self._started
 
     async def start(self) -> None:
         for listener in self.listeners:
@@ -342,6 +348,8 @@ class DeliveryHub:
         except BaseException:
             self.unsubscribe(subscription)
             raise
+        subscription.started = True
+        self._started += 1
         return subscription
 
     async def _register(
@@ -362,6 +370,7 @@ class DeliveryHub:
         if not subscriptions:
             del self._by_user[subscription.user_id]
         self._count -= 1
+        self._started -= subscription.started
 
     async def prune(self) -> None:
         """Delete the events older than the retention from every shard's log."""
