@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: Events one read of a shard's log returns at most (a full page is followed by another at once).
 TAIL_PAGE = 512
+#: Seconds before a reader looks again when a running transaction held its horizon back (doubling).
+_FIRST_RECHECK = 0.002
+_LAST_RECHECK = 0.05
 #: Events of one subscriber's catch-up read at once.
 CATCH_UP_PAGE = 256
 #: Events one pruning statement deletes at most.
@@ -212,6 +215,7 @@ class _Tail:
 
     async def run(self) -> None:
         backoff = 0.1
+        recheck = _FIRST_RECHECK
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_interval):
@@ -239,6 +243,12 @@ class _Tail:
                 self.cursor = page.next_cursor
             if page.full:
                 self._wake.set()
+            elif page.held_back:
+                # Whatever transaction holds the horizon back, look again soon, less and less often.
+                asyncio.get_running_loop().call_later(recheck, self._wake.set)
+                recheck = min(recheck * 2, _LAST_RECHECK, self._poll_interval)
+            else:
+                recheck = _FIRST_RECHECK
 
 
 class DeliveryHub:

@@ -122,6 +122,9 @@ class EventPage:
     pruned: EventCursor
     #: Whether the page was cut at its limit (more events may follow at once).
     full: bool
+    #: Whether a transaction was running: events after it wait for it to end, and whoever ends it
+    #: may not say so (a NOTIFY's own transaction, a relay's), so read again soon.
+    held_back: bool = False
 
 
 _HORIZON_SQL = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
@@ -139,10 +142,12 @@ class EventLog:
         # One statement, one snapshot: the horizon, the pruned mark and the events agree.
         # `user` (or NULL: everybody) selects one user's events, `upto` bounds the page.
         self._read_sql = f"""
-            WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon),
+            WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon,
+                              pg_snapshot_xmax(pg_current_snapshot()) AS next_xid),
             p AS (SELECT xid, message_id FROM {table}_pruned)
             SELECT e.xid::text, e.message_id, e.from_user_id, e.to_user_id, e.text, e.created_at,
-                   s.horizon::text, (SELECT xid::text FROM p), (SELECT message_id FROM p)
+                   s.horizon::text, (SELECT xid::text FROM p), (SELECT message_id FROM p),
+                   s.horizon < s.next_xid
             FROM s LEFT JOIN LATERAL (
                 SELECT * FROM {table}_events e
                 WHERE (e.xid, e.message_id) > (%(xid)s::text::xid8, %(id)s::uuid)
@@ -206,7 +211,7 @@ class EventLog:
         if not full:
             # Every event of a transaction older than the horizon (up to `upto`) has been read.
             next_cursor = max(next_cursor, min(EventCursor.before(int(first[6])), bound))
-        return EventPage(events, next_cursor, pruned, full)
+        return EventPage(events, next_cursor, pruned, full, held_back=bool(first[9]))
 
     async def horizon(self) -> EventCursor:
         """The cursor before the oldest running transaction: where a reader starting now begins."""
