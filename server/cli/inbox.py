@@ -30,7 +30,7 @@ from server.moves.mover import mover_lock
 from server.routing import ShardRouter
 from server.routing.inbox import inbox_shard
 from server.storage.events import EventCursor
-from server.storage.inbox import InboxRow, inbox_layout, lock_relays, read_dialog_totals, replace_inbox
+from server.storage.inbox import InboxRow, inbox_layout, read_dialog_totals, relay_lock, replace_inbox
 
 
 async def rebuild_inbox(config: ServerConfig) -> dict[str, Any]:
@@ -48,7 +48,8 @@ async def rebuild_inbox(config: ServerConfig) -> dict[str, Any]:
             inboxes: list[tuple[str, psycopg.AsyncConnection[Any]]] = []
             for shard in config.shards[:count]:
                 conn = await stack.enter_async_context(await psycopg.AsyncConnection.connect(shard.dsn))
-                await lock_relays(conn, shard.table)
+                for source in config.shards:  # every relay into this inbox shard waits
+                    await relay_lock(conn, shard.table, source.shard_id, wait=True)
                 inboxes.append((shard.table, conn))
             per_inbox: list[list[tuple[tuple[int, int], InboxRow]]] = [[] for _ in range(count)]
             cursors: dict[int, tuple[EventCursor, str]] = {}

@@ -1,7 +1,7 @@
 """The inbox relay: applies every shard's message log to the inbox shards (server.storage.inbox).
 
 Every server process relays, woken as the log readers are (a send here, a NOTIFY, the poll):
-per source shard and inbox shard, one transaction at a time takes the source's cursor row,
+per source shard and inbox shard, one transaction at a time takes the source's relay lock,
 reads the next events and adds them up, so the work is shared and each event counts once. The
 relay's lag (`lag_seconds`: how old the newest event was when it was applied) is what ListDialogs
 can be behind the messages; with the shards reachable it is bounded by the wake-up latency, or

@@ -66,6 +66,15 @@ class DialogService(pb_grpc.DialogServiceServicer):
         self._resume_tokens = ResumeTokens(tokens)
         self._inboxes = inboxes
 
+    def _page_size(self, violations: Violations, requested: int) -> int:
+        return page_size(
+            violations,
+            "page_size",
+            requested,
+            default=self._limits.default_page_size,
+            maximum=self._limits.max_page_size,
+        )
+
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
         _require_caller("from_user_id", request.from_user_id, "send as itself", "NOT_MESSAGE_SENDER")
         violations = Violations()
@@ -110,13 +119,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         _require_caller("user_id", request.user_id, "read its own dialogs", "NOT_DIALOG_MEMBER")
         violations = Violations()
         check_pair(violations, ("user_id", "peer_user_id"), (request.user_id, request.peer_user_id))
-        limit = page_size(
-            violations,
-            "page_size",
-            request.page_size,
-            default=self._limits.default_page_size,
-            maximum=self._limits.max_page_size,
-        )
+        limit = self._page_size(violations, request.page_size)
         if request.order not in pb.MessageOrder.values():
             violations.add("order", f"unknown order {request.order}")
         violations.raise_if_any()
@@ -157,13 +160,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         _require_caller("user_id", request.user_id, "list its own dialogs", "NOT_INBOX_OWNER")
         violations = Violations()
         check_user_id(violations, "user_id", request.user_id)
-        limit = page_size(
-            violations,
-            "page_size",
-            request.page_size,
-            default=self._limits.default_page_size,
-            maximum=self._limits.max_page_size,
-        )
+        limit = self._page_size(violations, request.page_size)
         violations.raise_if_any()
         binding = struct.pack(">q", request.user_id)
         before: uuid.UUID | None = None

@@ -3,9 +3,10 @@
 `<table>_inbox` on inbox shard `inbox_shard(owner, n)` (server.routing.inbox) holds one row per
 dialog of each of its owners: the peer, the last message and the message count. The relay
 (server.delivery.relay) applies the message logs (server.storage.events) of every message shard
-to it: one transaction on the inbox shard locks the source's row in `<table>_relayed` (its
-cursor in that source's log), reads the events after it, adds them up and moves the cursor, so
-each event counts once however many servers relay at once (the others skip the locked row).
+to it: one transaction on the inbox shard takes the source's relay lock (an advisory lock: it
+takes no transaction id, so it holds back no log reader while it reads), reads the source's
+cursor in `<table>_relayed` and the events after it, adds them up and moves the cursor, so each
+event counts once however many servers relay at once (the others skip a source that is locked).
 
 A rebuild (`dialogctl rebuild-inbox`) replaces the rows with counts from the message tables and
 sets each cursor to where its snapshot of that source began, remembering the snapshot
@@ -186,13 +187,12 @@ class InboxStore:
                 last_created_at = CASE WHEN {newer} THEN excluded.last_created_at
                                        ELSE i.last_created_at END
         """
-        self._lock_cursor_sql = (
-            f"SELECT xid::text, message_id, counted FROM {table}_relayed WHERE source_shard = %s "
-            "FOR UPDATE SKIP LOCKED"
+        self._cursor_sql = (
+            f"SELECT xid::text, message_id, counted FROM {table}_relayed WHERE source_shard = %s"
         )
         self._new_cursor_sql = (
             f"INSERT INTO {table}_relayed (source_shard, xid, message_id) VALUES (%s, '0', %s) "
-            "ON CONFLICT DO NOTHING RETURNING xid::text, message_id, counted"
+            "RETURNING xid::text, message_id, counted"
         )
         self._move_cursor_sql = (
             f"UPDATE {table}_relayed SET xid = %s::text::xid8, message_id = %s, counted = %s "
@@ -220,12 +220,15 @@ class InboxStore:
 
         async def op(conn: AsyncConnection[Any]) -> Relayed | None:
             async with conn.transaction():
-                row = await (await conn.execute(self._lock_cursor_sql, (source_shard,))).fetchone()
+                # An advisory lock, not a row lock: it takes no transaction id, so this transaction
+                # holds back no log reader's horizon while it reads the source (server.storage.events).
+                if not await relay_lock(conn, self.table, source_shard, wait=False):
+                    return None  # another relay holds it
+                row = await (await conn.execute(self._cursor_sql, (source_shard,))).fetchone()
                 if row is None:
                     cur = await conn.execute(self._new_cursor_sql, (source_shard, ORIGIN.message_id))
                     row = await cur.fetchone()
-                    if row is None:
-                        return None  # another relay holds it
+                    assert row is not None
                 cursor = EventCursor(int(row[0]), row[1])
                 counted = Snapshot.parse(row[2]) if row[2] else None
                 page = await read(cursor)
@@ -250,9 +253,15 @@ class InboxStore:
         return await self.shard.write(op, idempotent=True)
 
 
-async def lock_relays(conn: AsyncConnection[Any], table: str) -> None:
-    """Keep every relay into `table`'s inbox waiting until `conn`'s transaction ends (a rebuild)."""
-    await conn.execute(f"LOCK TABLE {table}_relayed IN EXCLUSIVE MODE")
+async def relay_lock(conn: AsyncConnection[Any], table: str, source_shard: int, *, wait: bool) -> bool:
+    """Take (or with `wait=False`, try) the lock of relaying `source_shard` into `table`'s inbox,
+    until `conn`'s transaction ends; whether it is held."""
+    key = (table, source_shard)
+    if wait:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", key)
+        return True
+    row = await (await conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s), %s)", key)).fetchone()
+    return bool(row and row[0])
 
 
 async def replace_inbox(
@@ -262,7 +271,7 @@ async def replace_inbox(
     cursors: Mapping[int, tuple[EventCursor, str]],
 ) -> None:
     """Replace every row of `table`'s inbox and every source's cursor (with the snapshot it
-    counted), in the caller's transaction on `conn`, which holds `lock_relays` (a rebuild)."""
+    counted), in the caller's transaction on `conn`, which holds every source's `relay_lock` (a rebuild)."""
     await conn.execute(f"DELETE FROM {table}_inbox")
     for start in range(0, len(rows), 1000):
         await conn.execute(f"INSERT INTO {table}_inbox {_ROWS}", (_rows_json(rows[start : start + 1000]),))
