@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import psycopg
 
-from client import AsyncDialogClient, ChannelSecurity
+from client import AsyncDialogClient, ChannelSecurity, DeliveredMessage, DialogClient
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.config import ServerConfig
@@ -299,3 +299,41 @@ async def test_the_typed_client_resumes_a_cut_off_subscription_and_lists_dialogs
             assert (dialog.peer_user_id, dialog.message_count) == (friend, len(sent))
             assert dialog.last_message.message_id == sent[-1].message_id
             assert (await client.list_dialogs(me)).next_page_token == ""
+
+
+async def test_the_blocking_client_subscribes_and_lists_dialogs(
+    address: str,
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    me, friend = new_pair()
+    assert server.delivery is not None and server.delivery.relay is not None
+    delivery, relay = server.delivery, server.delivery.relay
+    before = delivery.subscribers
+
+    def receive_two() -> list[DeliveredMessage]:
+        with DialogClient.connect(
+            address, ChannelSecurity(plaintext=True), token=token_provider(cluster_config, me)
+        ) as c:
+            stream = c.subscribe_messages(me)
+            try:
+                return [next(stream), next(stream)]
+            finally:
+                stream.close()  # ends the stream
+
+    receiving = asyncio.create_task(asyncio.to_thread(receive_two))
+    await wait_until(lambda: delivery.subscribers > before, "subscribed")
+    sent = []
+    with DialogClient.connect(
+        address, ChannelSecurity(plaintext=True), token=token_provider(cluster_config, friend)
+    ) as c:
+        for text in ("one", "two"):
+            sent.append((await asyncio.to_thread(c.send_message, friend, me, text)).message)
+        got = await receiving
+        assert [d.message for d in got] == sent and all(d.resume_token for d in got)
+        await wait_until(lambda: delivery.subscribers == before, "the stream ended")
+        await relay.catch_up()
+        dialogs = await asyncio.to_thread(lambda: list(c.iter_dialogs(friend)))
+        assert [(d.peer_user_id, d.message_count, d.last_message) for d in dialogs] == [(me, 2, sent[-1])]
+        assert (await asyncio.to_thread(c.list_dialogs, friend, page_size=1)).next_page_token == ""

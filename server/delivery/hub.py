@@ -33,7 +33,7 @@ from server.delivery.relay import InboxRelay
 from server.delivery.wakeups import Notifier, WakeupListener
 from server.errors import FailedPrecondition, OutOfRange, ResourceExhausted, ServerStopping, ServiceError
 from server.resilience import Shard
-from server.storage.events import ORIGIN, Event, EventCursor, EventLog
+from server.storage.events import ORIGIN, Event, EventCursor, EventLog, EventPage
 from server.storage.inbox import InboxStore
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Subscription:
         #: Set while next() waits for an event.
         self._waiter: asyncio.Future[None] | None = None
         self._failure: ServiceError | None = None
-        #: Set while someone waits for the failure (wait_failure).
+        #: Done when the subscription fails, once someone asked (failed()).
         self._failed: asyncio.Future[None] | None = None
         #: Registered on every shard: everything stored from now on reaches it.
         self.started = False
@@ -131,13 +131,14 @@ class Subscription:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def wait_failure(self) -> ServiceError:
-        """Wait until the subscription fails (to stop a write its client does not take)."""
-        if self._failure is None:
+    def failed(self) -> asyncio.Future[None]:
+        """A future done once the subscription fails (to stop a write its client does not take);
+        a plain future, not a task: an idle subscriber costs none."""
+        if self._failed is None:
             self._failed = asyncio.get_running_loop().create_future()
-            await self._failed
-        assert self._failure is not None
-        return self._failure
+            if self._failure is not None:
+                self._failed.set_result(None)
+        return self._failed
 
     async def next(self) -> tuple[int, Event]:
         """The next event and its shard; raises the subscription's failure."""
@@ -202,7 +203,6 @@ class _Tail:
         self.cursor: EventCursor | None = None
         self.lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self.reads = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -212,6 +212,18 @@ class _Tail:
         if self.cursor is None:
             self.cursor = await self.log.horizon()
         return self.cursor
+
+    async def _hand_out(self) -> EventPage | None:
+        """Read the next page of the log and hand its events to their subscribers (None: no reader
+        position, nobody subscribes)."""
+        async with self.lock:
+            if self.cursor is None:
+                return None
+            page = await self.log.read(self.cursor, limit=TAIL_PAGE)
+            for event in page.events:
+                self._hub.fan_out(self.log.shard_id, event)
+            self.cursor = page.next_cursor
+            return page
 
     async def run(self) -> None:
         backoff = 0.1
@@ -224,23 +236,19 @@ class _Tail:
             if not self._hub.has_subscribers():
                 self.cursor = None
                 continue
-            async with self.lock:
-                if self.cursor is None:
-                    continue
-                try:
-                    page = await self.log.read(self.cursor, limit=TAIL_PAGE)
-                except ServiceError as exc:
-                    shard_id = self.log.shard_id
-                    log.warning("shard %d's message log cannot be read (%s); retrying", shard_id, exc)
-                    await asyncio.sleep(backoff * (0.5 + random.random()))
-                    backoff = min(backoff * 2, self._poll_interval)
-                    self._wake.set()
-                    continue
-                backoff = 0.1
-                self.reads += 1
-                for event in page.events:
-                    self._hub.fan_out(self.log.shard_id, event)
-                self.cursor = page.next_cursor
+            try:
+                page = await self._hand_out()
+            except ServiceError as exc:
+                shard_id = self.log.shard_id
+                log.warning("shard %d's message log cannot be read (%s); retrying", shard_id, exc)
+                # Outside the lock: subscribers keep registering meanwhile.
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, self._poll_interval)
+                self._wake.set()
+                continue
+            backoff = 0.1
+            if page is None:
+                continue
             if page.full:
                 self._wake.set()
             elif page.held_back:

@@ -14,7 +14,7 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.auth import current_principal
 from server.config import LimitsConfig
-from server.delivery import DeliveryHub, ResumeTokens
+from server.delivery import DeliveryHub, ResumeTokens, Subscription
 from server.errors import AlreadyExists, PermissionDenied
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
@@ -209,8 +209,6 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 violations.add("resume_token", str(exc).replace("page_token", "resume_token"))
                 violations.raise_if_any()
         subscription = await self._delivery.subscribe(request.user_id, resume)
-        # Watches for the subscription's end while a write waits for a client that does not read.
-        failed = asyncio.ensure_future(subscription.wait_failure())
         try:
             # The first response says the subscription is live, with a token from which to resume
             # even before a message came.
@@ -219,7 +217,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 pb.SubscribeMessagesResponse(
                     resume_token=self._resume_tokens.encode(request.user_id, subscription.positions)
                 ),
-                failed,
+                subscription,
             )
             while True:
                 _, event = await subscription.next()
@@ -227,19 +225,20 @@ class DialogService(pb_grpc.DialogServiceServicer):
                     resume_token=self._resume_tokens.encode(request.user_id, subscription.positions)
                 )
                 fill_message(response.message, event)
-                await _write_unless(context, response, failed)
+                await _write_unless(context, response, subscription)
         finally:
-            failed.cancel()
             self._delivery.unsubscribe(subscription)
 
 
 async def _write_unless(
-    context: Context, response: pb.SubscribeMessagesResponse, failed: asyncio.Future[Any]
+    context: Context, response: pb.SubscribeMessagesResponse, subscription: Subscription
 ) -> None:
-    """Write `response`, unless the subscription fails first (its error is then raised)."""
+    """Write `response`, unless the subscription fails first (a client that does not read holds
+    the write: the failure is raised instead)."""
     write = asyncio.ensure_future(context.write(response))
-    await asyncio.wait((write, failed), return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait((write, subscription.failed()), return_when=asyncio.FIRST_COMPLETED)
     if not write.done():
         write.cancel()
-        raise failed.result()
+        assert subscription.failure is not None
+        raise subscription.failure
     write.result()
