@@ -337,3 +337,49 @@ async def test_the_blocking_client_subscribes_and_lists_dialogs(
         dialogs = await asyncio.to_thread(lambda: list(c.iter_dialogs(friend)))
         assert [(d.peer_user_id, d.message_count, d.last_message) for d in dialogs] == [(me, 2, sent[-1])]
         assert (await asyncio.to_thread(c.list_dialogs, friend, page_size=1)).next_page_token == ""
+
+
+async def _subscription_refusal(stub: Stub, user_id: int, metadata: Metadata) -> str:
+    """The ErrorInfo reason a subscription is refused with, or "" when it starts (then it ends)."""
+    call = stub.SubscribeMessages(pb.SubscribeMessagesRequest(user_id=user_id), metadata=metadata)
+    try:
+        await asyncio.wait_for(call.read(), timeout=10)
+        return ""
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        info, _ = status_details(err)
+        assert info is not None
+        return str(info.reason)
+    finally:
+        call.cancel()
+
+
+async def test_streams_have_their_own_cap_and_take_read_tokens(
+    pg_server: EmbeddedPostgres,
+    jwt_secret: str,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    config = make_config(
+        [fresh_database(pg_server, "subscribe_caps")] * 2,
+        jwt_secret,
+        limits={"read_rate_per_second": 0.001, "read_burst": 2},
+        delivery={"max_streams": 1},
+    )
+    me, friend = new_pair()
+    async with serving(config) as (_, channel):
+        stub = pb_grpc.DialogServiceStub(channel)
+        async with subscribed(stub, me, auth_for(me)):
+            assert await _subscription_refusal(stub, me, auth_for(me)) == "TOO_MANY_STREAMS"
+            # Unary calls are counted apart: the open stream takes none of their room.
+            await send(stub, auth_for(friend), friend, me, "still served")
+        # A refusal for the cap takes no read token: the burst's second one starts a stream
+        # once the first stream's place is free, and the next one is over the rate.
+        reasons: list[str] = []
+
+        async def refused_for_rate() -> bool:
+            reasons.append(await _subscription_refusal(stub, me, auth_for(me)))
+            return reasons[-1] == "RATE_LIMITED"
+
+        await wait_until(refused_for_rate, "a subscription over the rate")
+        assert [r for r in reasons if r != "TOO_MANY_STREAMS"] == ["", "RATE_LIMITED"]

@@ -238,7 +238,9 @@ class _Tail:
                 continue
             try:
                 page = await self._hand_out()
-            except ServiceError as exc:
+            except Exception as exc:
+                # Supervised: a shard that is down, or a table a restore has not brought back yet,
+                # must not end the reader for good.
                 shard_id = self.log.shard_id
                 log.warning("shard %d's message log cannot be read (%s); retrying", shard_id, exc)
                 # Outside the lock: subscribers keep registering meanwhile.

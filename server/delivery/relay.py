@@ -17,7 +17,6 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from server.errors import ServiceError
 from server.routing.inbox import inbox_shard
 from server.storage.events import EventCursor, EventLog, EventPage
 from server.storage.inbox import InboxStore
@@ -71,7 +70,8 @@ class InboxRelay:
             try:
                 if await self.relay_source(source):
                     wake.set()
-            except ServiceError as exc:
+            except Exception as exc:
+                # Supervised like the log readers: the next wake-up or poll tries again.
                 log.warning("relaying shard %d's messages to the inbox failed (%s); retrying", source, exc)
 
     async def relay_source(self, source: int) -> bool:

@@ -82,6 +82,9 @@ class WakeupListener:
                 except (psycopg.Error, OSError, TimeoutError) as exc:
                     reason = connect_failure_reason(exc)
                     log.warning("message-log listener lost its connection (%s); reconnecting", reason)
+                except Exception:
+                    # Supervised: the readers poll meanwhile, and a new connection starts afresh.
+                    log.exception("message-log listener failed; reconnecting")
                 finally:
                     await conn.close()
             await asyncio.sleep(backoff * (0.5 + random.random()))
