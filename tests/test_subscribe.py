@@ -136,6 +136,11 @@ async def test_streams_are_authenticated_authorized_and_validated(
         assert [field for field, _ in violations] == ["resume_token"]
 
 
+def _own_cluster(pg_server: EmbeddedPostgres, jwt_secret: str, **sections: Any) -> ServerConfig:
+    """Two shards side by side in a fresh database, with the given config sections."""
+    return make_config([fresh_database(pg_server, "subscribe")] * 2, jwt_secret, **sections)
+
+
 async def _pruned(config: ServerConfig) -> bool:
     """Whether some shard's log was pruned (the shards' tables share one database here)."""
     async with await psycopg.AsyncConnection.connect(config.shards[0].dsn) as conn:
@@ -149,9 +154,8 @@ async def test_a_slow_subscriber_is_cut_off_and_resumes_without_loss_and_old_tok
     auth_for: Callable[..., Metadata],
     new_pair: Callable[[], tuple[int, int]],
 ) -> None:
-    pg_server.create_database("subscribe_limits")
-    config = make_config(
-        [pg_server.dsn_for("subscribe_limits")] * 2,
+    config = _own_cluster(
+        pg_server,
         jwt_secret,
         limits={"send_rate_per_second": 0},
         delivery={"stream_buffer": 4, "retention_seconds": 3600},
@@ -189,7 +193,7 @@ async def test_a_slow_subscriber_is_cut_off_and_resumes_without_loss_and_old_tok
 
     # Past the retention, a token is refused with what to do instead.
     short = make_config(
-        [pg_server.dsn_for("subscribe_limits")] * 2,
+        [s.dsn for s in config.shards],
         jwt_secret,
         delivery={"retention_seconds": 0.001, "prune_interval": 0.05},
     )
@@ -263,11 +267,8 @@ async def test_the_typed_client_resumes_a_cut_off_subscription_and_lists_dialogs
     auth_for: Callable[..., Metadata],
     new_pair: Callable[[], tuple[int, int]],
 ) -> None:
-    config = make_config(
-        [fresh_database(pg_server, "subscribe_client")] * 2,
-        jwt_secret,
-        limits={"send_rate_per_second": 0},
-        delivery={"stream_buffer": 4},
+    config = _own_cluster(
+        pg_server, jwt_secret, limits={"send_rate_per_second": 0}, delivery={"stream_buffer": 4}
     )
     me, friend = new_pair()
     async with serving(config) as (running, channel):
@@ -290,7 +291,13 @@ async def test_the_typed_client_resumes_a_cut_off_subscription_and_lists_dialogs
             got = [await first] + [await anext(stream) for _ in range(len(sent) - 1)]
             assert [d.message.message_id for d in got] == [m.message_id for m in sent]
             samples, _ = await scrape_metrics(running.metrics_port or 0)
-            assert metric_value(samples, "grpc_server_started_total", grpc_method="SubscribeMessages") >= 2
+            started = metric_value(
+                samples,
+                "grpc_server_started_total",
+                grpc_method="SubscribeMessages",
+                grpc_type="server_stream",
+            )
+            assert started >= 2, "the stream was cut off and resumed"
             await stream.aclose()
 
             assert running.delivery.relay is not None
@@ -360,8 +367,8 @@ async def test_streams_have_their_own_cap_and_take_read_tokens(
     auth_for: Callable[..., Metadata],
     new_pair: Callable[[], tuple[int, int]],
 ) -> None:
-    config = make_config(
-        [fresh_database(pg_server, "subscribe_caps")] * 2,
+    config = _own_cluster(
+        pg_server,
         jwt_secret,
         limits={"read_rate_per_second": 0.001, "read_burst": 2},
         delivery={"max_streams": 1},
