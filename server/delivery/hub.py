@@ -288,6 +288,8 @@ class DeliveryHub:
         self._count = 0
         self._started = 0
         self._tasks: list[asyncio.Task[None]] = []
+        #: Stopped: sends still draining wake nobody (their NOTIFY would outlive the pools).
+        self._stopped = False
 
     def log(self, shard_id: int) -> EventLog:
         return self._logs[shard_id]
@@ -319,6 +321,7 @@ class DeliveryHub:
 
     async def stop(self) -> None:
         """End every subscription (UNAVAILABLE, resume elsewhere) and stop reading."""
+        self._stopped = True
         for subscriptions in self._by_user.values():
             for subscription in subscriptions:
                 subscription.fail(
@@ -340,6 +343,8 @@ class DeliveryHub:
 
     def written(self, shard_id: int) -> None:
         """A message was stored on `shard_id` by this process: wake its readers here and elsewhere."""
+        if self._stopped:
+            return  # the other servers' readers poll
         self._woken(shard_id)
         self._notifiers[shard_id].notify()
 
