@@ -141,11 +141,14 @@ def _own_cluster(pg_server: EmbeddedPostgres, jwt_secret: str, **sections: Any) 
     return make_config([fresh_database(pg_server, "subscribe")] * 2, jwt_secret, **sections)
 
 
-async def _pruned(config: ServerConfig) -> bool:
-    """Whether some shard's log was pruned (the shards' tables share one database here)."""
+async def _pruned(config: ServerConfig, message_id: str) -> bool:
+    """Whether the message's event was pruned from its shard's log (the shards' tables share one
+    database here)."""
     async with await psycopg.AsyncConnection.connect(config.shards[0].dsn) as conn:
-        union = " UNION ALL ".join(f"SELECT 1 FROM {shard.table}_pruned" for shard in config.shards)
-        return await (await conn.execute(union)).fetchone() is not None
+        union = " UNION ALL ".join(
+            f"SELECT 1 FROM {shard.table}_events WHERE message_id = %(id)s" for shard in config.shards
+        )
+        return await (await conn.execute(union, {"id": message_id})).fetchone() is None
 
 
 async def test_a_slow_subscriber_is_cut_off_and_resumes_without_loss_and_old_tokens_expire(
@@ -201,11 +204,8 @@ async def test_a_slow_subscriber_is_cut_off_and_resumes_without_loss_and_old_tok
         stub = pb_grpc.DialogServiceStub(channel)
         async with subscribed(stub, me, auth_for(me)) as (_, old_token):
             pass
-        await send(stub, auth_for(friend), friend, me, "soon pruned")
-        await wait_until(
-            lambda: _pruned(short),
-            "the log is pruned",
-        )
+        gone = await send(stub, auth_for(friend), friend, me, "soon pruned")
+        await wait_until(lambda: _pruned(short, gone.message_id), "the message's event is pruned")
         err = await expect_error(
             stub.SubscribeMessages(
                 pb.SubscribeMessagesRequest(user_id=me, resume_token=old_token), metadata=auth_for(me)
