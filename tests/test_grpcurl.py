@@ -187,7 +187,7 @@ async def test_subscribe_and_list_dialogs_through_reflection(
             GRPCURL,
             "-plaintext",
             "-max-time",
-            "4",
+            "8",
             "-H",
             bearer(b),
             "-d",
