@@ -6,6 +6,8 @@
         sent = c.send_message(1, 2, "hello")
         for message in c.iter_dialog(1, 2):
             ...
+        for delivered in c.subscribe_messages(2):   # live, resuming by itself after a reconnect
+            ...
 
 `DialogClient` / `AdminClient` block; `AsyncDialogClient` / `AsyncAdminClient` are their asyncio
 twins. Results are frozen dataclasses (`Message`, `DialogPage`, ...). Every call has a deadline
@@ -23,7 +25,10 @@ from client._dialog import AsyncDialogClient, DialogClient, new_request_id
 from client._errors import DialogShardError, FieldViolation
 from client._models import (
     ClusterStats,
+    DeliveredMessage,
+    DialogList,
     DialogPage,
+    DialogSummary,
     Message,
     Order,
     OverridePage,
@@ -43,9 +48,12 @@ __all__ = [
     "AsyncDialogClient",
     "ChannelSecurity",
     "ClusterStats",
+    "DeliveredMessage",
     "DialogClient",
+    "DialogList",
     "DialogPage",
     "DialogShardError",
+    "DialogSummary",
     "FieldViolation",
     "Message",
     "Order",

@@ -54,21 +54,35 @@ def _with_token(metadata: Any, token: TokenProvider) -> list[tuple[str, str | by
     return [*pairs, ("authorization", f"Bearer {token()}")]
 
 
-class _AioBearer(grpc.aio.UnaryUnaryClientInterceptor):
+class _AioBearerDetails:
+    """Call details with the bearer token added (grpc.aio files an interceptor under one kind of
+    call only: `_AioBearer` serves unary calls, `_AioStreamBearer` server streams)."""
+
     def __init__(self, token: TokenProvider) -> None:
         self._token = token
 
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        details = grpc.aio.ClientCallDetails(
+    def _details(self, client_call_details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
             method=client_call_details.method,
             timeout=client_call_details.timeout,
             metadata=grpc.aio.Metadata(*_with_token(client_call_details.metadata, self._token)),
             credentials=client_call_details.credentials,
             wait_for_ready=client_call_details.wait_for_ready,
         )
-        return await continuation(details, request)
+
+
+class _AioBearer(_AioBearerDetails, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioStreamBearer(_AioBearerDetails, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +95,14 @@ class _CallDetails(grpc.ClientCallDetails):
     compression: grpc.Compression | None
 
 
-class _SyncBearer(grpc.UnaryUnaryClientInterceptor):
+class _SyncBearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the bearer token to every unary call and every server stream (SubscribeMessages)."""
+
     def __init__(self, token: TokenProvider) -> None:
         self._token = token
 
-    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        details = _CallDetails(
+    def _details(self, client_call_details: Any) -> _CallDetails:
+        return _CallDetails(
             method=client_call_details.method,
             timeout=client_call_details.timeout,
             metadata=_with_token(client_call_details.metadata, self._token),
@@ -94,7 +110,12 @@ class _SyncBearer(grpc.UnaryUnaryClientInterceptor):
             wait_for_ready=client_call_details.wait_for_ready,
             compression=client_call_details.compression,
         )
-        return continuation(details, request)
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
 
 
 def aio_channel(
@@ -105,7 +126,9 @@ def aio_channel(
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """An asyncio channel to `address` (`host:port`); use it with `async with`."""
-    interceptors = [_AioBearer(token)] if token is not None else None
+    interceptors: list[grpc.aio.ClientInterceptor] | None = None
+    if token is not None:
+        interceptors = [_AioBearer(token), _AioStreamBearer(token)]
     credentials = security.credentials()
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

@@ -89,6 +89,37 @@ class DialogPage:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveredMessage:
+    """One message of `subscribe_messages`, with where a new subscription would resume after it."""
+
+    message: Message
+    #: Pass as `resume_token` to continue after this message (e.g. after a restart of the caller).
+    resume_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class DialogSummary:
+    """One dialog of a user's inbox (`list_dialogs`)."""
+
+    peer_user_id: int
+    last_message: Message
+    message_count: int
+
+    @classmethod
+    def from_proto(cls, d: dialog_pb.DialogSummary) -> DialogSummary:
+        return cls(d.peer_user_id, Message.from_proto(d.last_message), d.message_count)
+
+
+@dataclass(frozen=True, slots=True)
+class DialogList:
+    """One page of a user's dialogs, most recent activity first."""
+
+    dialogs: tuple[DialogSummary, ...]
+    #: Pass to the next `list_dialogs` call; "" on the last page.
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
 class ShardOverride:
     """An operator's placement of one pair (user_id_1 < user_id_2)."""
 

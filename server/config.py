@@ -49,6 +49,11 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     level = "INFO"
     rpc = true                              # one line per RPC (logger server.rpc, INFO)
 
+    [delivery]                              # SubscribeMessages (server.delivery); optional
+    retention_seconds = 86400               # a resume_token older than this is OUT_OF_RANGE
+    stream_buffer = 1024                    # messages queued per subscriber before SUBSCRIBER_TOO_SLOW
+    max_streams = 10000                     # subscriptions per server process
+
     [resilience]                            # optional; see ResilienceConfig for every key
     require_all_shards = false              # start with some shards down (they answer UNAVAILABLE)
     replica_reads = true                    # GetDialog may read from a replica lagging <= replica_max_lag
@@ -232,6 +237,24 @@ class ResilienceConfig:
     #: Seconds a call to a moving dialog waits (within its deadline) for routing to flip before
     #: answering UNAVAILABLE / DIALOG_MOVING; 0: answer at once.
     moving_wait: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """Live delivery (SubscribeMessages) from the shards' message logs (server.delivery)."""
+
+    #: Seconds a message stays in its shard's log: a subscriber can resume from a token this old.
+    retention_seconds: float = 86400.0
+    #: Messages queued for one subscriber beyond what its connection takes; a subscriber that falls
+    #: further behind is cut off (RESOURCE_EXHAUSTED, SUBSCRIBER_TOO_SLOW) and resumes.
+    stream_buffer: int = 1024
+    #: Subscriptions one server process serves at once; more are RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
+    max_streams: int = 10_000
+    #: Seconds between reads of a shard's log when no wake-up (NOTIFY) came: the delivery latency
+    #: of a message whose wake-up was lost.
+    poll_interval: float = 1.0
+    #: Seconds between prunings of the logs' events older than `retention_seconds`.
+    prune_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,6 +458,7 @@ class ServerConfig:
     log: LogConfig = field(default_factory=LogConfig)
     activity: ActivityConfig = field(default_factory=ActivityConfig)
     rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
     @property
     def num_shards(self) -> int:
@@ -630,6 +654,19 @@ def _rebalance(section: Mapping[str, Any], env: Mapping[str, str]) -> RebalanceC
     if rebalance.cooldown < 0:
         raise ConfigError("rebalance.cooldown must be >= 0")
     return rebalance
+        delivery=_delivery(data.get("delivery", {})),
+    )
+
+
+def _delivery(section: Mapping[str, Any]) -> DeliveryConfig:
+    delivery = DeliveryConfig(**_known(section, DeliveryConfig, "delivery"))
+    if delivery.stream_buffer < 1 or delivery.max_streams < 0:
+        raise ConfigError("delivery.stream_buffer must be at least 1 and delivery.max_streams at least 0")
+    if min(delivery.retention_seconds, delivery.poll_interval, delivery.prune_interval) <= 0:
+        raise ConfigError(
+            "delivery.retention_seconds, poll_interval and prune_interval must be more than 0 seconds"
+        )
+    return delivery
 
 
 def _control_dsn(dsn: object) -> str:

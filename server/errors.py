@@ -14,6 +14,8 @@ Exception tree::
     │   └── ControlUnavailable   UNAVAILABLE + RetryInfo, reason CONTROL_UNAVAILABLE: the control database
     ├── DialogMoving             UNAVAILABLE + google.rpc.RetryInfo: the dialog is moving between shards
     ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call's deadline passed while a shard was working
+    ├── OutOfRange               OUT_OF_RANGE: a resume position older than the server keeps
+    ├── ServerStopping           UNAVAILABLE + google.rpc.RetryInfo: this server process is shutting down
     └── InternalError            INTERNAL: a bug; details only in the server log
 
     StartupError                 the server cannot start; `dialog-server` prints the message and exits 2
@@ -240,6 +242,24 @@ class DeadlineExceeded(ServiceError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class OutOfRange(ServiceError):
+    """A position the caller resumes from is older than what the server still keeps."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
+class ServerStopping(ServiceError):
+    """This server process is shutting down; the call (a stream) may be resumed on another."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "SERVER_STOPPING"
+    RETRY_AFTER_SECONDS = 0.5
+
+    def details(self) -> list[object]:
+        return [_retry_info(self.RETRY_AFTER_SECONDS)]
+
+
 class InternalError(ServiceError):
     """A bug; the message says only that it happened and where to look."""
 
@@ -266,6 +286,7 @@ _CODE_NUMBERS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: code_pb2.DEADLINE_EXCEEDED,
+    grpc.StatusCode.OUT_OF_RANGE: code_pb2.OUT_OF_RANGE,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
     grpc.StatusCode.UNKNOWN: code_pb2.UNKNOWN,
 }

@@ -37,6 +37,9 @@ class PageTokenCodec:
     DIALOG = 1
     OVERRIDES = 2
     MESSAGES = 3
+    #: SubscribeMessages' resume tokens (server.delivery.resume) and ListDialogs' page tokens.
+    SUBSCRIPTION = 4
+    INBOX = 5
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:

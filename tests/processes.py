@@ -7,12 +7,18 @@ process use `run_async` (a blocking subprocess.run would stall the server being 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from server.config import ServerConfig, render_config
 
@@ -89,3 +95,120 @@ def write_server_config(
         )
     )
     return path
+
+
+# -- dialog-server --workers N -----------------------------------------------------------------
+
+SERVING_LINE = re.compile(
+    r"dialog-shard serving on (\S+):(\d+) with (\d+) worker processes \(pids ([\d, ]+)\)"
+)
+#: A fresh connection lands on one of two workers by hash: 40 tries miss one with odds 2**-39.
+MAX_CONNECTIONS = 40
+
+
+@dataclass
+class Supervised:
+    """A running `dialog-server --workers N`: the parent, its port, its workers and its output."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    worker_pids: list[int]
+    output: list[str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+async def start_supervised(config_path: Path, workers: int, *args: str) -> Supervised:
+    """`dialog-server --workers N` on `config_path`, once it says it serves (its output kept)."""
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "dialog-server"),
+        "--config",
+        str(config_path),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "WARNING",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(),
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+
+    async def serving() -> re.Match[str]:
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            output.append(raw.decode().rstrip())
+            if match := SERVING_LINE.search(output[-1]):
+                return match
+        raise AssertionError("dialog-server exited before serving:\n" + "\n".join(output))
+
+    match = await asyncio.wait_for(serving(), timeout=60)
+    pids = [int(p) for p in match.group(4).split(", ")]
+
+    async def drain_output() -> None:
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            output.append(raw.decode().rstrip())
+
+    asyncio.get_running_loop().create_task(drain_output())
+    return Supervised(process, int(match.group(2)), pids, output)
+
+
+@contextlib.asynccontextmanager
+async def supervised(config_path: Path, workers: int, *args: str) -> AsyncIterator[Supervised]:
+    """`start_supervised`, killed with its workers on the way out."""
+    running = await start_supervised(config_path, workers, *args)
+    try:
+        yield running
+    finally:
+        if running.process.returncode is None:
+            running.process.kill()
+            await running.process.wait()
+        for pid in running.worker_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def server_connections(port: int) -> dict[int, int]:
+    """Inode -> remote port of every established TCP socket whose local port is `port`."""
+    found: dict[int, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                parts = line.split()
+                local, remote, state, inode = parts[1], parts[2], parts[3], int(parts[9])
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    found[inode] = int(remote.rsplit(":", 1)[1], 16)
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+async def channel_per_worker(running: Supervised) -> dict[int, grpc.aio.Channel]:
+    """Worker pid -> a channel whose one connection that worker accepted (found in /proc)."""
+    channels: dict[int, grpc.aio.Channel] = {}
+    for _ in range(MAX_CONNECTIONS):
+        if len(channels) == len(running.worker_pids):
+            return channels
+        before = set(server_connections(running.port))
+        channel = grpc.aio.insecure_channel(running.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        new = set(server_connections(running.port)) - before
+        owner = [pid for pid in running.worker_pids if new & socket_inodes(pid)]
+        if len(new) == 1 and len(owner) == 1 and owner[0] not in channels:
+            channels[owner[0]] = channel
+        else:
+            await channel.close()
+    raise AssertionError(f"connections reached only workers {sorted(channels)}")

@@ -16,16 +16,16 @@ import pytest
 from server.interceptors._wrap import (
     Behavior,
     CallCheck,
+    CallInterceptor,
     Check,
     FusedInterceptors,
-    UnaryUnaryInterceptor,
     Wrapper,
 )
 from server.resilience.gate import within
 from tests.support import wait_until
 
 
-class Recording(UnaryUnaryInterceptor):
+class Recording(CallInterceptor):
     def __init__(self, name: str, log: list[str]) -> None:
         self.name, self.log = name, log
 
@@ -71,7 +71,7 @@ async def test_fused_interceptors_build_each_handler_once_and_keep_the_order() -
 
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "/s/M": grpc.unary_unary_rpc_method_handler(behavior),
-        "/s/Stream": grpc.unary_stream_rpc_method_handler(behavior),
+        "/s/ClientStream": grpc.stream_unary_rpc_method_handler(behavior),
     }
     lookups: list[str] = []
 
@@ -96,11 +96,71 @@ async def test_fused_interceptors_build_each_handler_once_and_keep_the_order() -
     assert await first.unary_unary(21, NO_CONTEXT) == 42
     # The same order as the interceptors one by one; checks of other methods do not run.
     assert log == ["outer>", "check1", "check2", "middle>", "check3", "behavior(21)", "<middle", "<outer"]
-    # Streams and unknown methods pass through untouched, looked up each time.
-    assert await fused.intercept_service(continuation, Details("/s/Stream")) is handlers["/s/Stream"]
+    # Client streams and unknown methods pass through untouched, looked up each time.
+    client_stream = await fused.intercept_service(continuation, Details("/s/ClientStream"))
+    assert client_stream is handlers["/s/ClientStream"]
     assert await fused.intercept_service(continuation, Details("/s/Nope")) is None
     assert await fused.intercept_service(continuation, Details("/s/Nope")) is None
-    assert lookups == ["/s/M", "/s/Stream", "/s/Nope", "/s/Nope"]
+    assert lookups == ["/s/M", "/s/ClientStream", "/s/Nope", "/s/Nope"]
+
+
+class Writes:
+    """The one part of a servicer context a wrapped stream uses: `write`."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    async def write(self, response: Any) -> None:
+        self.log.append(f"write({response})")
+
+
+async def test_a_server_stream_is_wrapped_like_a_unary_call_and_writes_each_response() -> None:
+    log: list[str] = []
+
+    async def stream(request: Any, context: Any) -> Any:
+        log.append("stream")
+        for n in range(request):
+            yield n
+
+    async def continuation(details: grpc.HandlerCallDetails) -> Any:
+        return grpc.unary_stream_rpc_method_handler(stream)
+
+    fused = FusedInterceptors([Recording("outer", log), RecordingCheck("check", log, frozenset({"/s/S"}))])
+    handler = await fused.intercept_service(continuation, Details("/s/S"))
+    assert handler is not None and handler.unary_stream is not None and handler.unary_unary is None
+    # The whole stream runs inside the wrappers: the outer one ends after the last response.
+    # Wrapped, the stream is a coroutine that writes its responses (the stubs type it an iterator).
+    assert (
+        await cast(Behavior, handler.unary_stream)(2, cast(grpc.aio.ServicerContext[Any, Any], Writes(log)))
+        is None
+    )
+    assert log == ["outer>", "check", "stream", "write(0)", "write(1)", "<outer"]
+
+
+async def test_a_failing_check_refuses_a_stream_before_its_first_response() -> None:
+    log: list[str] = []
+
+    class Refusing(CallCheck):
+        def check(self, method: str) -> Check:
+            def refuse(request: Any, context: Any) -> None:
+                raise PermissionError("no")
+
+            return refuse
+
+    async def stream(request: Any, context: Any) -> Any:
+        log.append("stream")
+        yield 1
+
+    async def continuation(details: grpc.HandlerCallDetails) -> Any:
+        return grpc.unary_stream_rpc_method_handler(stream)
+
+    handler = await FusedInterceptors([Refusing()]).intercept_service(continuation, Details("/s/S"))
+    assert handler is not None and handler.unary_stream is not None
+    with pytest.raises(PermissionError):
+        await cast(Behavior, handler.unary_stream)(
+            None, cast(grpc.aio.ServicerContext[Any, Any], Writes(log))
+        )
+    assert log == []
 
 
 async def test_a_failing_check_stops_the_call_before_the_behavior() -> None:

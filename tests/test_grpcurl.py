@@ -6,14 +6,18 @@ INVALID_ARGUMENT). The server runs on this process's event loop, so subprocesses
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from server.runtime.app import RunningServer
 from tests.processes import Result, run_async
+from tests.support import wait_until
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 UNAUTHENTICATED_EXIT = 64 + 16
@@ -155,3 +159,59 @@ async def test_health_check_is_serving(address: str) -> None:
         assert result.json() == {"status": "SERVING"}
     unknown = await grpcurl("-d", '{"service": "no.such.Service"}', address, "grpc.health.v1.Health/Check")
     assert unknown.returncode == 64 + 5, unknown.stderr  # NOT_FOUND
+
+
+def _json_stream(text: str) -> list[dict[str, Any]]:
+    """The JSON objects grpcurl printed one after the other (one per streamed response)."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        at += len(text[at:]) - len(text[at:].lstrip())
+        value, at = decoder.raw_decode(text, at)
+        found.append(value)
+    return found
+
+
+async def test_subscribe_and_list_dialogs_through_reflection(
+    address: str,
+    server: RunningServer,
+    bearer: Callable[[int], str],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    a, b = new_pair()
+    assert server.delivery is not None and server.delivery.relay is not None
+    delivery = server.delivery
+    before = delivery.subscribers
+    # The stream never ends by itself: grpcurl stops it at -max-time (DEADLINE_EXCEEDED).
+    subscribing = asyncio.create_task(
+        run_async(
+            GRPCURL,
+            "-plaintext",
+            "-max-time",
+            "8",
+            "-H",
+            bearer(b),
+            "-d",
+            json.dumps({"user_id": b}),
+            address,
+            "dialog.v1.DialogService/SubscribeMessages",
+        )
+    )
+    await wait_until(lambda: delivery.subscribers > before, "grpcurl subscribed")
+    request = {"from_user_id": a, "to_user_id": b, "text": "to a grpcurl subscriber"}
+    sent = await grpcurl(
+        "-H", bearer(a), "-d", json.dumps(request), address, "dialog.v1.DialogService/SendMessage"
+    )
+    assert sent.returncode == 0, sent.stderr
+    streamed = await subscribing
+    assert streamed.returncode == 64 + 4, streamed.stderr
+    first, delivered = _json_stream(streamed.stdout)
+    assert "message" not in first and first["resume_token"]
+    assert delivered["message"] == sent.json()["message"] and delivered["resume_token"]
+
+    await server.delivery.relay.catch_up()
+    listed = await grpcurl(
+        "-H", bearer(b), "-d", json.dumps({"user_id": b}), address, "dialog.v1.DialogService/ListDialogs"
+    )
+    [dialog] = listed.json()["dialogs"]
+    assert (dialog["peer_user_id"], dialog["message_count"]) == (str(a), "1")
+    assert dialog["last_message"] == sent.json()["message"]

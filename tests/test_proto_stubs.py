@@ -27,12 +27,18 @@ def test_stubs_come_with_type_stubs() -> None:
         assert (generated / f"{name}_pb2_grpc.pyi").is_file()
 
 
-def test_protected_services_define_unary_methods_only() -> None:
-    # The interceptors (authentication among them) wrap unary-unary behaviors and pass other
-    # handlers through: a streaming method in these services would need them extended first.
+def test_protected_services_define_no_client_streaming_methods() -> None:
+    # The interceptors (authentication among them) wrap unary-unary and server-streaming behaviors
+    # (tests/test_call_pipeline.py, tests/test_subscribe.py) and pass other handlers through: a
+    # client-streaming method in these services would need them extended first.
     from client.gen.dialog.v1 import admin_service_pb2, dialog_service_pb2
 
+    server_streaming = []
     for module, name in ((dialog_service_pb2, "DialogService"), (admin_service_pb2, "AdminService")):
         service = module.DESCRIPTOR.services_by_name[name]
-        streaming = [m.name for m in service.methods if m.client_streaming or m.server_streaming]
-        assert not streaming, f"{name} has streaming methods the interceptors would not guard: {streaming}"
+        unguarded = [m.name for m in service.methods if m.client_streaming]
+        assert not unguarded, (
+            f"{name} has client-streaming methods the interceptors would not guard: {unguarded}"
+        )
+        server_streaming += [f"{name}.{m.name}" for m in service.methods if m.server_streaming]
+    assert server_streaming == ["DialogService.SubscribeMessages"]

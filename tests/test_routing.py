@@ -39,6 +39,7 @@ from server.routing.distribution import (
     max_mean_ratio,
     regularized_gamma_q,
 )
+from server.routing.inbox import Snapshot, inbox_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden"
@@ -363,3 +364,10 @@ def test_summary_gathers_every_figure() -> None:
     assert "max/mean=1.5000" in summary.describe()
     with pytest.raises(dataclasses.FrozenInstanceError):
         summary.total = 0  # type: ignore[misc]
+
+
+def test_inbox_shards_and_snapshot_visibility() -> None:
+    assert [inbox_shard(u, 4) for u in (1, 2, 3)] == [calculate_shard(u, u, 4) for u in (1, 2, 3)]
+    snapshot = Snapshot.parse("10:20:12,15")
+    assert [x for x in range(8, 23) if snapshot.sees(x)] == [8, 9, 10, 11, 13, 14, 16, 17, 18, 19]
+    assert Snapshot.parse("7:7:").sees(6) and not Snapshot.parse("7:7:").sees(7)

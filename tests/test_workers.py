@@ -11,12 +11,10 @@ import asyncio
 import contextlib
 import errno
 import os
-import re
 import signal
 import socket
-import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -29,98 +27,15 @@ from server.config import ServerConfig
 from server.runtime.affinity import cpu_for_worker
 from server.runtime.app import RunningServer, running_server
 from server.runtime.supervisor import SHARED_LIMITS_FLAG, ListenError, reserve_port, split_listen
-from tests.processes import child_env, write_server_config
+from tests.processes import (
+    MAX_CONNECTIONS,
+    channel_per_worker,
+    server_connections,
+    socket_inodes,
+    supervised,
+    write_server_config,
+)
 from tests.support import Metadata, rows_for_pair, wait_until
-
-_SERVING = re.compile(r"dialog-shard serving on (\S+):(\d+) with (\d+) worker processes \(pids ([\d, ]+)\)")
-#: A fresh connection lands on one of two workers by hash: 40 tries miss one with odds 2**-39.
-_MAX_CONNECTIONS = 40
-
-
-@dataclass
-class Supervised:
-    process: asyncio.subprocess.Process
-    port: int
-    worker_pids: list[int]
-    output: list[str]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-async def _start(config_path: Path, workers: int, *args: str) -> Supervised:
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "dialog-server"),
-        "--config",
-        str(config_path),
-        "--workers",
-        str(workers),
-        "--log-level",
-        "WARNING",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=child_env(),
-    )
-    assert process.stdout is not None
-    output: list[str] = []
-
-    async def serving() -> re.Match[str]:
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            output.append(raw.decode().rstrip())
-            if match := _SERVING.search(output[-1]):
-                return match
-        raise AssertionError("dialog-server exited before serving:\n" + "\n".join(output))
-
-    match = await asyncio.wait_for(serving(), timeout=60)
-    pids = [int(p) for p in match.group(4).split(", ")]
-
-    async def drain_output() -> None:
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            output.append(raw.decode().rstrip())
-
-    asyncio.get_running_loop().create_task(drain_output())
-    return Supervised(process, int(match.group(2)), pids, output)
-
-
-@contextlib.asynccontextmanager
-async def _supervised(config_path: Path, workers: int, *args: str) -> AsyncIterator[Supervised]:
-    running = await _start(config_path, workers, *args)
-    try:
-        yield running
-    finally:
-        if running.process.returncode is None:
-            running.process.kill()
-            await running.process.wait()
-        for pid in running.worker_pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _server_connections(port: int) -> dict[int, int]:
-    """Inode -> remote port of every established TCP socket whose local port is `port`."""
-    found: dict[int, int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                parts = line.split()
-                local, remote, state, inode = parts[1], parts[2], parts[3], int(parts[9])
-                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
-                    found[inode] = int(remote.rsplit(":", 1)[1], 16)
-    return found
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
 
 
 def _alive(pid: int) -> bool:
@@ -155,7 +70,7 @@ async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigter
     config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     sender, peer = new_pair()
     metadata = auth_for(sender)
-    async with _supervised(config_path, workers=2) as running:
+    async with supervised(config_path, workers=2) as running:
         assert len(running.worker_pids) == 2
         # The reserved port refuses any other server: plain binds and other supervisors alike.
         with pytest.raises(OSError) as caught, socket.socket() as intruder:
@@ -166,10 +81,10 @@ async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigter
 
         channels: dict[int, grpc.aio.Channel] = {}  # worker pid -> a connection to it
         sent: list[str] = []
-        for attempt in range(_MAX_CONNECTIONS):
+        for attempt in range(MAX_CONNECTIONS):
             if len(channels) == 2:
                 break
-            before = set(_server_connections(running.port))
+            before = set(server_connections(running.port))
             # A local subchannel pool: each channel opens its own connection.
             channel = grpc.aio.insecure_channel(
                 running.address, options=[("grpc.use_local_subchannel_pool", 1)]
@@ -181,9 +96,9 @@ async def test_workers_share_the_port_serve_each_others_data_and_drain_on_sigter
                 timeout=10,
             )
             sent.append(text)
-            new = set(_server_connections(running.port)) - before
+            new = set(server_connections(running.port)) - before
             assert len(new) == 1, f"expected one new connection, found {len(new)}"
-            owner = [pid for pid in running.worker_pids if new & _socket_inodes(pid)]
+            owner = [pid for pid in running.worker_pids if new & socket_inodes(pid)]
             assert len(owner) == 1
             if owner[0] in channels:
                 await channel.close()
@@ -244,7 +159,7 @@ async def test_a_crashed_worker_stops_the_server_with_an_error(
     tmp_path: Path, server: RunningServer, cluster_config: ServerConfig, jwt_secret: str
 ) -> None:
     config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
-    async with _supervised(config_path, workers=2) as running:
+    async with supervised(config_path, workers=2) as running:
         crashed, other = running.worker_pids
         os.kill(crashed, signal.SIGKILL)
         assert await asyncio.wait_for(running.process.wait(), timeout=30) == 1
@@ -265,7 +180,7 @@ async def test_pinned_workers_run_every_thread_on_their_own_cpu_and_serve(
 ) -> None:
     config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     allowed = os.sched_getaffinity(0)
-    async with _supervised(config_path, 2, "--pin-workers") as running:
+    async with supervised(config_path, 2, "--pin-workers") as running:
         async with grpc.aio.insecure_channel(running.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -284,7 +199,7 @@ async def test_workers_are_not_pinned_by_default(
 ) -> None:
     config_path = write_server_config(tmp_path / "dialog.toml", cluster_config, "127.0.0.1:0", jwt_secret)
     allowed = os.sched_getaffinity(0)
-    async with _supervised(config_path, 2) as running:
+    async with supervised(config_path, 2) as running:
         for pid in running.worker_pids:
             assert all(cpus == allowed for cpus in _thread_cpus(pid).values())
 
@@ -330,24 +245,6 @@ async def test_connections_older_than_max_connection_age_are_replaced_and_no_cal
         assert (await health.Check(request, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def _channel_per_worker(running: Supervised) -> dict[int, grpc.aio.Channel]:
-    """Worker pid -> a channel whose one connection that worker accepted (found in /proc)."""
-    channels: dict[int, grpc.aio.Channel] = {}
-    for _ in range(_MAX_CONNECTIONS):
-        if len(channels) == len(running.worker_pids):
-            return channels
-        before = set(_server_connections(running.port))
-        channel = grpc.aio.insecure_channel(running.address, options=[("grpc.use_local_subchannel_pool", 1)])
-        await asyncio.wait_for(channel.channel_ready(), 10)
-        new = set(_server_connections(running.port)) - before
-        owner = [pid for pid in running.worker_pids if new & _socket_inodes(pid)]
-        if len(new) == 1 and len(owner) == 1 and owner[0] not in channels:
-            channels[owner[0]] = channel
-        else:
-            await channel.close()
-    raise AssertionError(f"connections reached only workers {sorted(channels)}")
-
-
 def _shared_limits_of(worker_pid: int) -> tuple[str, bool]:
     """The name of the rate-limit tables' directory a worker was handed, and whether it still exists."""
     argv = Path(f"/proc/{worker_pid}/cmdline").read_bytes().split(b"\0")
@@ -377,12 +274,12 @@ async def test_rate_limits_hold_for_the_host_not_per_worker(
     )
     sender, peer = new_pair()
     metadata = auth_for(sender)
-    async with _supervised(config_path, workers=2) as running:
+    async with supervised(config_path, workers=2) as running:
         # The workers were handed the tables' directory, which is gone once they all serve: a
         # SIGKILL of the parent leaves nothing behind in /dev/shm, and the tables work on.
         handed, still_there = _shared_limits_of(running.worker_pids[0])
         assert handed.startswith("dialog-shard-limits-") and not still_there
-        channels = await _channel_per_worker(running)
+        channels = await channel_per_worker(running)
         try:
             stubs = [pb_grpc.DialogServiceStub(channels[pid]) for pid in running.worker_pids]
             # Twice the burst, alternating over the two workers: the burst in total, not per worker.

@@ -1,4 +1,4 @@
-"""Wrapping the behavior of unary-unary handlers, the only RPC kind this service defines.
+"""Wrapping the behavior of the service's handlers: unary-unary and server-streaming ones.
 
 Each interceptor says once per method how it wraps that method's behavior (`wrapper`), or, for
 the ones that only check or record something before the call (`CallCheck`), what it checks
@@ -6,11 +6,20 @@ the ones that only check or record something before the call (`CallCheck`), what
 `FusedInterceptors` serves the server's interceptors as one: the first call of a method builds
 its wrapped handler, with consecutive checks run in one wrapper, and later calls reuse it, so a
 call pays for neither rebuilding handlers nor one coroutine per check.
+
+A server-streaming behavior is wrapped in the same way: its async generator is first turned into a
+coroutine that writes each response (`context.write`) and returns None, which grpc.aio serves as
+a stream. The wrappers then see one awaitable per call whatever its kind, so a stream is
+authenticated, limited, timed, logged and error-mapped by the very code that handles unary calls
+(an error raised after some responses went out still ends the stream with the mapped status).
+Client-streaming methods are not wrapped (the services define none; tests/test_proto_stubs.py
+checks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -27,16 +36,47 @@ Continuation: TypeAlias = (
 Wrapper = Callable[[Behavior], Behavior]
 
 
-def wrap_unary_unary(
+def is_wrappable(handler: grpc.RpcMethodHandler[Any, Any] | None) -> bool:
+    """Whether `handler` is of a kind the interceptors wrap (unary-unary or server-streaming)."""
+    return handler is not None and (handler.unary_unary is not None or handler.unary_stream is not None)
+
+
+def is_stream(handler: grpc.RpcMethodHandler[Any, Any]) -> bool:
+    """Whether `handler` answers with a stream of responses."""
+    return handler.unary_stream is not None
+
+
+def _writing(stream: Callable[..., Any]) -> Behavior:
+    """A server-streaming behavior as a coroutine that writes each response itself."""
+    if not inspect.isasyncgenfunction(stream):
+        return stream  # already a coroutine using context.write (a wrapped behavior)
+
+    async def write_all(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        responses: AsyncIterator[Any] = stream(request, context)
+        async for response in responses:
+            await context.write(response)
+
+    return write_all
+
+
+def rewrap(
     handler: grpc.RpcMethodHandler[Any, Any],
     wrap: Callable[[Behavior], Behavior],
     *,
     request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler like `handler` whose behavior is `wrap(original behavior)` (and deserializer, if given)."""
+    """A handler of `handler`'s kind whose behavior is `wrap(original behavior)` (and deserializer,
+    if given)."""
+    deserializer = request_deserializer or handler.request_deserializer
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(_writing(handler.unary_stream)),
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
     return grpc.unary_unary_rpc_method_handler(
         wrap(handler.unary_unary),  # type: ignore[arg-type]
-        request_deserializer=request_deserializer or handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -49,11 +89,11 @@ def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str
     return None
 
 
-class UnaryUnaryInterceptor(grpc.aio.ServerInterceptor):
-    """Base of the interceptors that wrap unary-unary behaviors.
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Base of the interceptors that wrap unary-unary and server-streaming behaviors.
 
     Subclasses say in `wrapper` how to wrap a method's behavior (None leaves the handler as it
-    is); other handlers (unknown methods, streams such as health Watch) pass through untouched.
+    is); other handlers (unknown methods, client streams) pass through untouched.
     """
 
     async def intercept_service(
@@ -62,7 +102,7 @@ class UnaryUnaryInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or not is_wrappable(handler):
             return handler
         return self.wrap_handler(handler, handler_call_details.method)
 
@@ -70,13 +110,13 @@ class UnaryUnaryInterceptor(grpc.aio.ServerInterceptor):
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
         wrap = self.wrapper(method)
-        return handler if wrap is None else wrap_unary_unary(handler, wrap)
+        return handler if wrap is None else rewrap(handler, wrap)
 
     def wrapper(self, method: str) -> Wrapper | None:
         raise NotImplementedError
 
 
-class CallCheck(UnaryUnaryInterceptor):
+class CallCheck(CallInterceptor):
     """An interceptor that only checks or records something before the behavior runs."""
 
     def check(self, method: str) -> Check | None:
@@ -107,11 +147,12 @@ class FusedInterceptors(grpc.aio.ServerInterceptor):
     """`interceptors` (outermost first) as one interceptor, with each method's handler built once.
 
     Equivalent to passing them to the server one by one: the same wrappers in the same order,
-    consecutive `CallCheck`s run one after the other inside one wrapper. Handlers that are not
-    unary-unary, or unknown methods, go through untouched (and are not remembered).
+    consecutive `CallCheck`s run one after the other inside one wrapper. Handlers of other kinds
+    than unary-unary and server-streaming, or unknown methods, go through untouched (and are not
+    remembered).
     """
 
-    def __init__(self, interceptors: Sequence[UnaryUnaryInterceptor]) -> None:
+    def __init__(self, interceptors: Sequence[CallInterceptor]) -> None:
         self._interceptors = tuple(interceptors)
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
@@ -125,7 +166,7 @@ class FusedInterceptors(grpc.aio.ServerInterceptor):
         if handler is not None:
             return handler
         found = await continuation(handler_call_details)
-        if found is None or found.unary_unary is None:
+        if found is None or not is_wrappable(found):
             return found
         # The services are registered before the server starts and never change, so a method's
         # handler is the same for every call.
@@ -144,9 +185,9 @@ class FusedInterceptors(grpc.aio.ServerInterceptor):
                     checks.insert(0, check)
                 continue
             if checks:
-                handler = wrap_unary_unary(handler, _checked(checks))
+                handler = rewrap(handler, _checked(checks))
                 checks = []
             handler = interceptor.wrap_handler(handler, method)
         if checks:
-            handler = wrap_unary_unary(handler, _checked(checks))
+            handler = rewrap(handler, _checked(checks))
         return handler

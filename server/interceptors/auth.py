@@ -30,8 +30,9 @@ class AuthInterceptor(CallCheck):
         admin_only = method.startswith(ADMIN_SERVICE_PREFIX)
         if not (admin_only or method.startswith(DIALOG_SERVICE_PREFIX)):
             return None  # health and reflection stay open
-        # Protected services are unary only (tests/test_proto_stubs.py checks): the base class
-        # passes streaming handlers through, which would leave them unauthenticated.
+        # Unary and server-streaming methods alike (server.interceptors._wrap); the protected
+        # services define no client-streaming method, which would pass unauthenticated
+        # (tests/test_proto_stubs.py checks).
         verify_header = self._verifier.verify_header
 
         def authenticate(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:

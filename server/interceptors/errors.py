@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from server.errors import InternalError, InvalidArgument, ServiceError, to_grpc_status
-from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper, wrap_unary_unary
+from server.interceptors._wrap import Behavior, CallInterceptor, Wrapper, rewrap
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-class ErrorMappingInterceptor(UnaryUnaryInterceptor):
+class ErrorMappingInterceptor(CallInterceptor):
     """Turns exceptions raised by inner layers into statuses; outermost but for observation."""
 
     def wrap_handler(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
         # A request that does not parse reaches the wrapper as a marker, answered INVALID_ARGUMENT.
-        return wrap_unary_unary(
+        return rewrap(
             handler, self.wrapper(method), request_deserializer=_tolerant(handler.request_deserializer)
         )
 

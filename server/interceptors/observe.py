@@ -16,23 +16,36 @@ from typing import Any
 import grpc
 
 from server.auth import current_principal
-from server.interceptors._wrap import Behavior, UnaryUnaryInterceptor, Wrapper, metadata_value
+from server.interceptors._wrap import Behavior, CallInterceptor, Wrapper, is_stream, metadata_value, rewrap
 from server.observability.call_context import current_shard
 from server.observability.logs import ANONYMOUS, RpcLog
 from server.observability.metrics import ServerMetrics, go_code_name
 
 
-class ObserveInterceptor(UnaryUnaryInterceptor):
-    """Counts and times unary calls of registered methods; must be the outermost interceptor."""
+class ObserveInterceptor(CallInterceptor):
+    """Counts and times calls of registered methods; must be the outermost interceptor.
+
+    A stream is one call: counted when it starts, timed and logged once when it ends.
+    """
 
     def __init__(self, metrics: ServerMetrics | None, rpc_log: RpcLog | None) -> None:
         self._metrics = metrics
         self._log = rpc_log
 
+    def wrap_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        return rewrap(handler, self._observing(method, stream=is_stream(handler)))
+
     def wrapper(self, full_method: str) -> Wrapper:
+        return self._observing(full_method, stream=False)
+
+    def _observing(self, full_method: str, *, stream: bool) -> Wrapper:
         # Only registered methods get here (an unknown one is answered UNIMPLEMENTED by gRPC and
         # passed through by the base class), so method names are a bounded label set.
-        method_metrics = self._metrics.method(full_method) if self._metrics is not None else None
+        method_metrics = (
+            self._metrics.method(full_method, stream=stream) if self._metrics is not None else None
+        )
         rpc_log = self._log
         service, _, name = full_method.lstrip("/").rpartition("/")
 

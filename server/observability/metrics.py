@@ -97,10 +97,10 @@ class MethodMetrics:
         "service",
     )
 
-    def __init__(self, metrics: ServerMetrics, full_method: str) -> None:
+    def __init__(self, metrics: ServerMetrics, full_method: str, *, stream: bool = False) -> None:
         self.service, _, self.name = full_method.lstrip("/").rpartition("/")
         self._metrics = metrics
-        self._labels = ("unary", self.service, self.name)
+        self._labels = ("server_stream" if stream else "unary", self.service, self.name)
         self._handled: dict[grpc.StatusCode, Any] = {}
         self._handling: dict[int | None, Any] = {}
         self._response_counter = RESPONSE_COUNTERS.get(full_method)
@@ -182,11 +182,11 @@ class ServerMetrics:
             child = self._children[counter, shard] = counter.labels(self.shard_label(shard))
         return child
 
-    def method(self, full_method: str) -> MethodMetrics:
-        """The metrics of a registered method (`/package.Service/Method`)."""
+    def method(self, full_method: str, *, stream: bool = False) -> MethodMetrics:
+        """The metrics of a registered method (`/package.Service/Method`; `stream`: server-streaming)."""
         found = self._methods.get(full_method)
         if found is None:
-            found = self._methods[full_method] = MethodMetrics(self, full_method)
+            found = self._methods[full_method] = MethodMetrics(self, full_method, stream=stream)
         return found
 
     def watch(
@@ -212,6 +212,31 @@ class ServerMetrics:
     def watch_rate_limits(self, evictions: Callable[[], Mapping[str, int]]) -> None:
         """Export the rate limiters' evictions (by limit: `send`, `read`), read at scrape time."""
         self.registry.register(EvictionCollector(evictions))
+
+    def watch_delivery(self, subscribers: Callable[[], int], relay_lag: Callable[[], float | None]) -> None:
+        """Export the live subscriptions and the inbox relay's lag, read at scrape time."""
+        self.registry.register(DeliveryCollector(subscribers, relay_lag))
+
+
+class DeliveryCollector(Collector):
+    """SubscribeMessages' subscribers in this process and the inbox relay's lag."""
+
+    def __init__(self, subscribers: Callable[[], int], relay_lag: Callable[[], float | None]) -> None:
+        self._subscribers = subscribers
+        self._relay_lag = relay_lag
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "dialog_shard_subscribers", "SubscribeMessages streams open in this process.", self._subscribers()
+        )
+        lag = self._relay_lag()
+        if lag is not None:
+            yield GaugeMetricFamily(
+                "dialog_shard_inbox_relay_lag_seconds",
+                "How old the newest message the inbox relay applied last was when it applied it "
+                "(0 when caught up): how far ListDialogs is behind the messages.",
+                lag,
+            )
 
 
 class ActivityCollector(Collector):

@@ -16,8 +16,10 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import psycopg
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,7 +30,8 @@ from client.gen.dialog.v1 import (
     dialog_service_pb2_grpc,
 )
 from server.auth import TokenVerifier
-from server.config import MAX_SEND_BYTES, LimitsConfig, ServerConfig, TlsConfig
+from server.config import MAX_SEND_BYTES, ConfigError, LimitsConfig, ServerConfig, TlsConfig
+from server.delivery import DeliveryHub
 from server.interceptors import (
     AuthInterceptor,
     ConcurrencyLimitInterceptor,
@@ -37,7 +40,7 @@ from server.interceptors import (
     FusedInterceptors,
     RateLimitInterceptor,
 )
-from server.interceptors._wrap import UnaryUnaryInterceptor
+from server.interceptors._wrap import CallInterceptor
 from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import Limiter, TokenBucketLimiter
 from server.interceptors.shared_buckets import SharedTokenBuckets, table_path
@@ -52,6 +55,7 @@ from server.runtime.supervisor import ListenError
 from server.services.admin import AdminService
 from server.services.dialog import DialogService
 from server.services.health import ShardHealthReporter
+from server.storage.inbox import InboxStore, inbox_layout
 from server.storage.pools import ShardSet
 
 log = logging.getLogger(__name__)
@@ -61,8 +65,10 @@ _UNCAPPED_CALLS = 32
 DIALOG_SERVICE = dialog_service_pb2.DESCRIPTOR.services_by_name["DialogService"].full_name
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SEND_MESSAGE_METHOD = f"/{DIALOG_SERVICE}/SendMessage"
-#: DialogService's read methods, under the per-user read limit.
-READ_METHODS = frozenset({f"/{DIALOG_SERVICE}/GetDialog"})
+#: DialogService's read methods, under the per-user read limit (a subscription counts as one read).
+READ_METHODS = frozenset(
+    {f"/{DIALOG_SERVICE}/{name}" for name in ("GetDialog", "SubscribeMessages", "ListDialogs")}
+)
 #: The rate limits by name (their shared tables' names): rate, burst, limited methods.
 RATE_LIMITS = ("send", "read")
 
@@ -82,6 +88,8 @@ class RunningServer:
     activity: ActivityFlusher | None = None
     #: The automatic rebalancer (None: `[rebalance] auto` is off).
     rebalancer: Rebalancer | None = None
+    #: Live delivery (SubscribeMessages) in this process.
+    delivery: DeliveryHub | None = None
 
 
 def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -157,11 +165,13 @@ async def running_server(
             batches=shards.batch_stats,
         )
         limits = config.limits
-        interceptors: list[UnaryUnaryInterceptor] = [
+        interceptors: list[CallInterceptor] = [
             ObserveInterceptor(metrics, RpcLog()),
             ErrorMappingInterceptor(),
             ConcurrencyLimitInterceptor(
-                limits.max_concurrent_rpcs, (f"/{DIALOG_SERVICE}/", f"/{ADMIN_SERVICE}/")
+                limits.max_concurrent_rpcs,
+                (f"/{DIALOG_SERVICE}/", f"/{ADMIN_SERVICE}/"),
+                stream_limit=config.delivery.max_streams,
             ),
             DeadlineInterceptor(),
             AuthInterceptor(verifier),
@@ -177,7 +187,9 @@ async def running_server(
             interceptors=[FusedInterceptors(interceptors)],
             # The backstop behind ConcurrencyLimitInterceptor's cap on the services' calls: room for
             # health checks and reflection beyond it; gRPC refuses what passes this before any handler.
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs + _UNCAPPED_CALLS,
+            maximum_concurrent_rpcs=(
+                limits.max_concurrent_rpcs + config.delivery.max_streams + _UNCAPPED_CALLS
+            ),
             options=[
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # gRPC itself refuses larger requests with RESOURCE_EXHAUSTED before any handler runs.
@@ -190,8 +202,21 @@ async def running_server(
                 *_connection_age_options(config),
             ],
         )
+        inboxes = await open_inboxes(config, shards, placement)
+        delivery = DeliveryHub(
+            {c.shard_id: (c, shards.store(c.shard_id).shard) for c in config.shards},
+            config.delivery,
+            inboxes=inboxes,
+        )
+        relay = delivery.relay
+        metrics.watch_delivery(
+            lambda: delivery.subscribers, lambda: None if relay is None else relay.lag_seconds
+        )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
-            DialogService(placement, shards, tokens, config.limits, recorder), server
+            DialogService(
+                placement, shards, tokens, config.limits, recorder, delivery=delivery, inboxes=inboxes
+            ),
+            server,
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(placement, shards, tokens, max_response_bytes=config.limits.max_response_bytes),
@@ -229,6 +254,7 @@ async def running_server(
             placement.mover(shards), after=config.resilience.move_resume_after, control=placement.control
         )
         await resumer.start()
+        await delivery.start()
         # Entered here and left after the server stopped: the last flush counts the drained calls,
         # and it runs before the pools close.
         async with (
@@ -277,8 +303,11 @@ async def running_server(
                     endpoint.port if endpoint else None,
                     flusher,
                     rebalancer,
+                    delivery,
                 )
             finally:
+                # Subscriptions end first (UNAVAILABLE: resume elsewhere): they would hold the drain.
+                await delivery.stop()
                 await optional.aclose()  # the rebalancer first: no new move while the server drains
                 await resumer.stop()
                 await reporter.stop()
@@ -287,6 +316,25 @@ async def running_server(
                 if endpoint is not None:
                     endpoint.close()
                 log.info("server stopped")
+
+
+async def open_inboxes(config: ServerConfig, shards: ShardSet, placement: Placement) -> dict[int, InboxStore]:
+    """The inbox shards (the first ones, as many as the control database records: the shards
+    configured when the first server started)."""
+
+    async def layout(conn: psycopg.AsyncConnection[Any]) -> int:
+        return await inbox_layout(conn, config.num_shards)
+
+    count = await placement.control.run(layout, idempotent=True)
+    if count > config.num_shards:
+        raise ConfigError(
+            f"the inbox lives on the first {count} shards, but only {config.num_shards} are configured: "
+            "configure them all"
+        )
+    return {
+        c.shard_id: InboxStore(c.shard_id, c.table, shards.store(c.shard_id).shard)
+        for c in config.shards[:count]
+    }
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

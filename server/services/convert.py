@@ -9,6 +9,7 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from server.storage.events import Event
 from server.storage.ids import EPOCH
 from server.storage.messages import PageRow, StoredMessage
 
@@ -37,7 +38,7 @@ def message_to_proto(message: StoredMessage) -> pb.Message:
     return proto
 
 
-def fill_message(target: pb.Message, message: StoredMessage) -> None:
+def fill_message(target: pb.Message, message: StoredMessage | Event) -> None:
     """Set the fields of `target` (e.g. a response's own message field) from `message`."""
     _fill(
         target,

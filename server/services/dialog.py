@@ -1,9 +1,11 @@
-"""dialog.v1.DialogService: SendMessage and GetDialog."""
+"""dialog.v1.DialogService: SendMessage, GetDialog, SubscribeMessages and ListDialogs."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -12,20 +14,24 @@ from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
 from server.auth import current_principal
 from server.config import LimitsConfig
+from server.delivery import DeliveryHub, ResumeTokens, Subscription
 from server.errors import AlreadyExists, PermissionDenied
 from server.observability.activity import ActivityRecorder
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
-from server.services.convert import add_page, fill_message
+from server.routing.inbox import inbox_shard
+from server.services.convert import add_page, fill_message, set_timestamp
 from server.services.validation import (
     Violations,
     check_pair,
     check_request_id,
     check_text,
+    check_user_id,
     page_size,
 )
 from server.storage.ids import MessageIdGenerator, id_time
-from server.storage.messages import InsertResult, NewMessage, PageRow
+from server.storage.inbox import InboxStore
+from server.storage.messages import PAGE_MESSAGE_OVERHEAD, InsertResult, NewMessage, PageRow
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -48,6 +54,9 @@ class DialogService(pb_grpc.DialogServiceServicer):
         tokens: PageTokenCodec,
         limits: LimitsConfig,
         activity: ActivityRecorder | None = None,
+        *,
+        delivery: DeliveryHub,
+        inboxes: Mapping[int, InboxStore],
     ) -> None:
         self._placement = placement
         self._activity = activity or ActivityRecorder()
@@ -56,6 +65,18 @@ class DialogService(pb_grpc.DialogServiceServicer):
         self._limits = limits
         self._page_bytes = items_budget(limits.max_response_bytes)
         self._ids = MessageIdGenerator()
+        self._delivery = delivery
+        self._resume_tokens = ResumeTokens(tokens)
+        self._inboxes = inboxes
+
+    def _page_size(self, violations: Violations, requested: int) -> int:
+        return page_size(
+            violations,
+            "page_size",
+            requested,
+            default=self._limits.default_page_size,
+            maximum=self._limits.max_page_size,
+        )
 
     async def SendMessage(self, request: pb.SendMessageRequest, context: Context) -> pb.SendMessageResponse:
         _require_caller("from_user_id", request.from_user_id, "send as itself", "NOT_MESSAGE_SENDER")
@@ -80,10 +101,11 @@ class DialogService(pb_grpc.DialogServiceServicer):
         activity = self._activity
 
         async def insert(shard_id: int) -> InsertResult:
-            inserted = await self._shards.store(shard_id).insert(message)
-            if not inserted.replayed:
+            result = await self._shards.store(shard_id).insert(message)
+            if not result.replayed:
                 activity.sent(shard_id, where.pair, where.bucket, len(request.text.encode()))
-            return inserted
+                self._delivery.written(shard_id)  # its subscribers' readers read the log now
+            return result
 
         # A refused insert committed nothing, so the same message (same id) goes to the new shard.
         result = await self._placement.through_moves(where, insert)
@@ -102,13 +124,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
         _require_caller("user_id", request.user_id, "read its own dialogs", "NOT_DIALOG_MEMBER")
         violations = Violations()
         check_pair(violations, ("user_id", "peer_user_id"), (request.user_id, request.peer_user_id))
-        limit = page_size(
-            violations,
-            "page_size",
-            request.page_size,
-            default=self._limits.default_page_size,
-            maximum=self._limits.max_page_size,
-        )
+        limit = self._page_size(violations, request.page_size)
         if request.order not in pb.MessageOrder.values():
             violations.add("order", f"unknown order {request.order}")
         violations.raise_if_any()
@@ -144,3 +160,90 @@ class DialogService(pb_grpc.DialogServiceServicer):
         response = pb.GetDialogResponse(next_page_token=next_token)
         add_page(response.messages, rows)
         return response
+
+    async def ListDialogs(self, request: pb.ListDialogsRequest, context: Context) -> pb.ListDialogsResponse:
+        _require_caller("user_id", request.user_id, "list its own dialogs", "NOT_INBOX_OWNER")
+        violations = Violations()
+        check_user_id(violations, "user_id", request.user_id)
+        limit = self._page_size(violations, request.page_size)
+        violations.raise_if_any()
+        binding = struct.pack(">q", request.user_id)
+        before: uuid.UUID | None = None
+        if request.page_token:
+            try:
+                before = uuid.UUID(
+                    bytes=self._tokens.decode(request.page_token, PageTokenCodec.INBOX, binding)
+                )
+            except (InvalidPageToken, ValueError) as exc:
+                violations.add(
+                    "page_token", str(exc) if isinstance(exc, InvalidPageToken) else "is malformed"
+                )
+                violations.raise_if_any()
+        inbox = self._inboxes[inbox_shard(request.user_id, len(self._inboxes))]
+        rows = await inbox.page(request.user_id, before=before, limit=limit + 1)
+        response = pb.ListDialogsResponse()
+        # The page also ends at the byte budget of a GetDialog page (always one dialog at least).
+        budget = self._page_bytes
+        for index, row in enumerate(rows[:limit]):
+            budget -= len(row.last_text.encode()) + PAGE_MESSAGE_OVERHEAD + 16
+            if budget < 0 and index > 0:
+                break
+            dialog = response.dialogs.add(peer_user_id=row.peer_id, message_count=row.message_count)
+            last = dialog.last_message
+            last.message_id, last.text = str(row.last_message_id), row.last_text
+            last.from_user_id = row.last_from_user_id
+            last.to_user_id = request.user_id if row.last_from_user_id == row.peer_id else row.peer_id
+            set_timestamp(last.create_time, row.last_created_at)
+        if len(response.dialogs) < len(rows):
+            last_id = uuid.UUID(response.dialogs[-1].last_message.message_id)
+            response.next_page_token = self._tokens.encode(PageTokenCodec.INBOX, binding, last_id.bytes)
+        return response
+
+    async def SubscribeMessages(  # type: ignore[override]  # writes its responses (see _write_unless)
+        self, request: pb.SubscribeMessagesRequest, context: Context
+    ) -> None:
+        _require_caller("user_id", request.user_id, "subscribe to its own messages", "NOT_SUBSCRIBER")
+        violations = Violations()
+        check_user_id(violations, "user_id", request.user_id)
+        violations.raise_if_any()
+        resume = None
+        if request.resume_token:
+            try:
+                resume = self._resume_tokens.decode(request.user_id, request.resume_token)
+            except InvalidPageToken as exc:
+                violations.add("resume_token", str(exc).replace("page_token", "resume_token"))
+                violations.raise_if_any()
+        subscription = await self._delivery.subscribe(request.user_id, resume)
+        try:
+            # The first response says the subscription is live, with a token from which to resume
+            # even before a message came.
+            await _write_unless(
+                context,
+                pb.SubscribeMessagesResponse(
+                    resume_token=self._resume_tokens.encode(request.user_id, subscription.positions)
+                ),
+                subscription,
+            )
+            while True:
+                _, event = await subscription.next()
+                response = pb.SubscribeMessagesResponse(
+                    resume_token=self._resume_tokens.encode(request.user_id, subscription.positions)
+                )
+                fill_message(response.message, event)
+                await _write_unless(context, response, subscription)
+        finally:
+            self._delivery.unsubscribe(subscription)
+
+
+async def _write_unless(
+    context: Context, response: pb.SubscribeMessagesResponse, subscription: Subscription
+) -> None:
+    """Write `response`, unless the subscription fails first (a client that does not read holds
+    the write: the failure is raised instead)."""
+    write = asyncio.ensure_future(context.write(response))
+    await asyncio.wait((write, subscription.failed()), return_when=asyncio.FIRST_COMPLETED)
+    if not write.done():
+        write.cancel()
+        assert subscription.failure is not None
+        raise subscription.failure
+    write.result()

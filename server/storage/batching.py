@@ -66,6 +66,7 @@ from psycopg import AsyncConnection
 from server.errors import DialogMoving
 from server.resilience import Shard
 from server.resilience.deadline import rpc_deadline
+from server.storage.events import log_inserted
 from server.storage.ids import EPOCH
 from server.storage.messages import InsertResult, MessageStore, NewMessage, StoredMessage
 
@@ -94,6 +95,9 @@ def batch_insert_sql(table: str) -> str:
     one of the batch's pairs, checks every row with `<table>_writable` itself. A fenced row makes
     the whole statement fail, and the batch is then retried message by message.
 
+    What is stored is logged to the shard's message log in the same statement, as by the single
+    insert (server.storage.events).
+
     A stored row comes back as its index alone (the caller has its values: what was sent is
     what is stored); a replay comes back with the earlier row's columns.
     """
@@ -120,8 +124,9 @@ def batch_insert_sql(table: str) -> str:
             ORDER BY ord
             ON CONFLICT (user_low, user_high, from_user_id, request_id)
                 WHERE request_id IS NOT NULL DO NOTHING
-            RETURNING message_id
-        )
+            RETURNING message_id, user_low, user_high, from_user_id, to_user_id, text, created_at
+        ),
+        logged AS ({log_inserted(table, "inserted")})
         SELECT b.ord, NULL::uuid, NULL::int8, NULL::int8, NULL::text, NULL::timestamptz, false
         FROM inserted i JOIN batch b ON b.message_id = i.message_id
         UNION ALL

@@ -21,6 +21,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
 
 from server.routing import Pair, bucket_of
+from server.storage.events import log_inserted
 from server.storage.ids import MAX_ID, MIN_ID
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ class MessageStore:
         # matched an earlier row, ON CONFLICT skips the insert and the second
         # branch returns that row instead, in the same round trip. The WHERE
         # clause is the move fence (server.storage.fences): it raises while the
-        # pair's messages are moving away from this shard.
+        # pair's messages are moving away from this shard. `logged` writes what was inserted to
+        # the shard's message log (server.storage.events) in the same transaction.
         self.insert_sql = f"""
             WITH inserted AS (
                 INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,
@@ -98,8 +100,9 @@ class MessageStore:
                 WHERE {table}_writable(%(bucket)s, %(low)s, %(high)s)
                 ON CONFLICT (user_low, user_high, from_user_id, request_id)
                     WHERE request_id IS NOT NULL DO NOTHING
-                RETURNING {_COLUMNS}
-            )
+                RETURNING {_COLUMNS}, user_low, user_high
+            ),
+            logged AS ({log_inserted(table, "inserted")})
             SELECT {_COLUMNS}, false FROM inserted
             UNION ALL
             SELECT {_COLUMNS}, true FROM {table}

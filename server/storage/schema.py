@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 from psycopg import AsyncConnection
 
+from server.storage.events import events_schema
 from server.storage.fences import fence_schema
+from server.storage.inbox import INBOX_LAYOUT_SCHEMA, inbox_schema
 
 # Arbitrary constant: the advisory lock key that serializes migrations.
 _MIGRATION_LOCK = 0x6469616C6F67
@@ -194,13 +196,14 @@ async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str
 
 async def migrate_control(conn: AsyncConnection[object]) -> None:
     """Create the control tables (shard_map, shard_moves)."""
-    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA + REBALANCE_SCHEMA, [_FLIPS_UPGRADE])
+    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA + REBALANCE_SCHEMA, [_FLIPS_UPGRADE, INBOX_LAYOUT_SCHEMA])
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
-    """Create one shard's message table, indexes and fences; `table` is a validated identifier."""
+    """Create one shard's message table, indexes, fences, recent-activity table and message log;
+    `table` is a validated identifier."""
     await _apply(
         conn,
         SHARD_SCHEMA.format(table=table) + ACTIVITY_SCHEMA.format(table=table),
-        [PAIR_HASH_FUNCTION, *fence_schema(table)],
+        [PAIR_HASH_FUNCTION, *fence_schema(table), *events_schema(table), *inbox_schema(table)],
     )

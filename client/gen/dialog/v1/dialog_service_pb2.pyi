@@ -196,6 +196,158 @@ class GetDialogRequest(_message.Message):
 Global___GetDialogRequest: _TypeAlias = GetDialogRequest  # noqa: Y015
 
 @_typing.final
+class SubscribeMessagesRequest(_message.Message):
+    """Request of DialogService.SubscribeMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The subscribing user; must equal the authenticated user."""
+    resume_token: _builtins.str
+    """`resume_token` of the last message received on an earlier stream, or
+    empty to start from now. A token is bound to the user it was issued for.
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeMessagesRequest: _TypeAlias = SubscribeMessagesRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeMessagesResponse(_message.Message):
+    """One message of a DialogService.SubscribeMessages stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Where a new subscription resumes to receive what follows this message."""
+    @_builtins.property
+    def message(self) -> Global___Message:
+        """A message sent to or by the subscribing user; unset in the stream's first
+        response, which only confirms the subscription.
+        """
+
+    def __init__(
+        self,
+        *,
+        message: Global___Message | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeMessagesResponse: _TypeAlias = SubscribeMessagesResponse  # noqa: Y015
+
+@_typing.final
+class ListDialogsRequest(_message.Message):
+    """Request of DialogService.ListDialogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user whose dialogs are listed; must equal the authenticated user."""
+    page_size: _builtins.int
+    """Maximum number of dialogs to return: 0 means 50, values above 1000 are
+    treated as 1000, negative values are INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of a previous response, or empty for the first page.
+    A token is bound to the user it was issued for.
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDialogsRequest: _TypeAlias = ListDialogsRequest  # noqa: Y015
+
+@_typing.final
+class DialogSummary(_message.Message):
+    """One dialog in a DialogService.ListDialogs response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_USER_ID_FIELD_NUMBER: _builtins.int
+    LAST_MESSAGE_FIELD_NUMBER: _builtins.int
+    MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
+    peer_user_id: _builtins.int
+    """The other participant."""
+    message_count: _builtins.int
+    """Number of messages in the dialog."""
+    @_builtins.property
+    def last_message(self) -> Global___Message:
+        """The dialog's most recent message."""
+
+    def __init__(
+        self,
+        *,
+        peer_user_id: _builtins.int = ...,
+        last_message: Global___Message | None = ...,
+        message_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_message", b"last_message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_message", b"last_message", "message_count", b"message_count", "peer_user_id", b"peer_user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DialogSummary: _TypeAlias = DialogSummary  # noqa: Y015
+
+@_typing.final
+class ListDialogsResponse(_message.Message):
+    """Response of DialogService.ListDialogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIALOGS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more dialogs."""
+    @_builtins.property
+    def dialogs(self) -> _containers.RepeatedCompositeFieldContainer[Global___DialogSummary]:
+        """The dialogs of this page, most recent activity first."""
+
+    def __init__(
+        self,
+        *,
+        dialogs: _abc.Iterable[Global___DialogSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dialogs", b"dialogs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDialogsResponse: _TypeAlias = ListDialogsResponse  # noqa: Y015
+
+@_typing.final
 class GetDialogResponse(_message.Message):
     """Response of DialogService.GetDialog."""
 

@@ -47,6 +47,16 @@ class DialogServiceStub:
                 request_serializer=dialog_dot_v1_dot_dialog__service__pb2.GetDialogRequest.SerializeToString,
                 response_deserializer=dialog_dot_v1_dot_dialog__service__pb2.GetDialogResponse.FromString,
                 _registered_method=True)
+        self.SubscribeMessages = channel.unary_stream(
+                '/dialog.v1.DialogService/SubscribeMessages',
+                request_serializer=dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesRequest.SerializeToString,
+                response_deserializer=dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesResponse.FromString,
+                _registered_method=True)
+        self.ListDialogs = channel.unary_unary(
+                '/dialog.v1.DialogService/ListDialogs',
+                request_serializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.SerializeToString,
+                response_deserializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.FromString,
+                _registered_method=True)
 
 
 class DialogServiceServicer:
@@ -78,6 +88,40 @@ class DialogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeMessages(self, request, context):
+        """Streams the messages sent to or by `user_id` as they are stored, from the
+        moment the subscription starts or, with `resume_token`, from where an
+        earlier stream stopped.
+
+        The caller must be authenticated as `user_id`. The first response has no
+        message: it says the subscription has started, with its `resume_token`.
+        Then each message comes once, with a `resume_token`; messages of one
+        dialog come in the order they were stored. Subscribing again with the last `resume_token` received delivers
+        what was stored meanwhile, without gaps or duplicates, on any server,
+        within the server's retention (a day by default); an older token is
+        OUT_OF_RANGE (reason RESUME_TOKEN_EXPIRED): re-sync with GetDialog and
+        subscribe without a token. A subscriber that does not read fast enough is
+        cut off with RESOURCE_EXHAUSTED (reason SUBSCRIBER_TOO_SLOW), and a server
+        shutting down ends its streams with UNAVAILABLE: in both cases, resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDialogs(self, request, context):
+        """Lists the dialogs of `user_id`, most recent activity first: with whom,
+        the last message and how many messages each dialog has.
+
+        The caller must be authenticated as `user_id`. The list is read from an
+        index kept current from the stored messages in the background: a message
+        shows here within moments of SendMessage's answer (GetDialog shows it at
+        once). Pages are keyset based; a dialog that gets a new message while the
+        list is paged moves to the front, where a later page does not show it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DialogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +134,16 @@ def add_DialogServiceServicer_to_server(servicer, server):
                     servicer.GetDialog,
                     request_deserializer=dialog_dot_v1_dot_dialog__service__pb2.GetDialogRequest.FromString,
                     response_serializer=dialog_dot_v1_dot_dialog__service__pb2.GetDialogResponse.SerializeToString,
+            ),
+            'SubscribeMessages': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeMessages,
+                    request_deserializer=dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesRequest.FromString,
+                    response_serializer=dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesResponse.SerializeToString,
+            ),
+            'ListDialogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDialogs,
+                    request_deserializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.FromString,
+                    response_serializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -149,6 +203,60 @@ class DialogService:
             '/dialog.v1.DialogService/GetDialog',
             dialog_dot_v1_dot_dialog__service__pb2.GetDialogRequest.SerializeToString,
             dialog_dot_v1_dot_dialog__service__pb2.GetDialogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dialog.v1.DialogService/SubscribeMessages',
+            dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesRequest.SerializeToString,
+            dialog_dot_v1_dot_dialog__service__pb2.SubscribeMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDialogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dialog.v1.DialogService/ListDialogs',
+            dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.SerializeToString,
+            dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,32 @@ class DialogServiceStub:
     a deep page costs the same as the first one, and paging while new
     messages arrive yields neither duplicates nor gaps.
     """
+    SubscribeMessages: _grpc.UnaryStreamMultiCallable[_dialog_service_pb2.SubscribeMessagesRequest, _dialog_service_pb2.SubscribeMessagesResponse]
+    """Streams the messages sent to or by `user_id` as they are stored, from the
+    moment the subscription starts or, with `resume_token`, from where an
+    earlier stream stopped.
+
+    The caller must be authenticated as `user_id`. The first response has no
+    message: it says the subscription has started, with its `resume_token`.
+    Then each message comes once, with a `resume_token`; messages of one
+    dialog come in the order they were stored. Subscribing again with the last `resume_token` received delivers
+    what was stored meanwhile, without gaps or duplicates, on any server,
+    within the server's retention (a day by default); an older token is
+    OUT_OF_RANGE (reason RESUME_TOKEN_EXPIRED): re-sync with GetDialog and
+    subscribe without a token. A subscriber that does not read fast enough is
+    cut off with RESOURCE_EXHAUSTED (reason SUBSCRIBER_TOO_SLOW), and a server
+    shutting down ends its streams with UNAVAILABLE: in both cases, resume.
+    """
+    ListDialogs: _grpc.UnaryUnaryMultiCallable[_dialog_service_pb2.ListDialogsRequest, _dialog_service_pb2.ListDialogsResponse]
+    """Lists the dialogs of `user_id`, most recent activity first: with whom,
+    the last message and how many messages each dialog has.
+
+    The caller must be authenticated as `user_id`. The list is read from an
+    index kept current from the stored messages in the background: a message
+    shows here within moments of SendMessage's answer (GetDialog shows it at
+    once). Pages are keyset based; a dialog that gets a new message while the
+    list is paged moves to the front, where a later page does not show it.
+    """
 
 @_typing.type_check_only
 class DialogServiceAsyncStub(DialogServiceStub):
@@ -74,6 +100,32 @@ class DialogServiceAsyncStub(DialogServiceStub):
     The caller must be authenticated as `user_id`. Pages are keyset based:
     a deep page costs the same as the first one, and paging while new
     messages arrive yields neither duplicates nor gaps.
+    """
+    SubscribeMessages: _aio.UnaryStreamMultiCallable[_dialog_service_pb2.SubscribeMessagesRequest, _dialog_service_pb2.SubscribeMessagesResponse]  # type: ignore[assignment]
+    """Streams the messages sent to or by `user_id` as they are stored, from the
+    moment the subscription starts or, with `resume_token`, from where an
+    earlier stream stopped.
+
+    The caller must be authenticated as `user_id`. The first response has no
+    message: it says the subscription has started, with its `resume_token`.
+    Then each message comes once, with a `resume_token`; messages of one
+    dialog come in the order they were stored. Subscribing again with the last `resume_token` received delivers
+    what was stored meanwhile, without gaps or duplicates, on any server,
+    within the server's retention (a day by default); an older token is
+    OUT_OF_RANGE (reason RESUME_TOKEN_EXPIRED): re-sync with GetDialog and
+    subscribe without a token. A subscriber that does not read fast enough is
+    cut off with RESOURCE_EXHAUSTED (reason SUBSCRIBER_TOO_SLOW), and a server
+    shutting down ends its streams with UNAVAILABLE: in both cases, resume.
+    """
+    ListDialogs: _aio.UnaryUnaryMultiCallable[_dialog_service_pb2.ListDialogsRequest, _dialog_service_pb2.ListDialogsResponse]  # type: ignore[assignment]
+    """Lists the dialogs of `user_id`, most recent activity first: with whom,
+    the last message and how many messages each dialog has.
+
+    The caller must be authenticated as `user_id`. The list is read from an
+    index kept current from the stored messages in the background: a message
+    shows here within moments of SendMessage's answer (GetDialog shows it at
+    once). Pages are keyset based; a dialog that gets a new message while the
+    list is paged moves to the front, where a later page does not show it.
     """
 
 class DialogServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,6 +159,44 @@ class DialogServiceServicer(metaclass=_abc_1.ABCMeta):
         The caller must be authenticated as `user_id`. Pages are keyset based:
         a deep page costs the same as the first one, and paging while new
         messages arrive yields neither duplicates nor gaps.
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeMessages(
+        self,
+        request: _dialog_service_pb2.SubscribeMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dialog_service_pb2.SubscribeMessagesResponse], _abc.AsyncIterator[_dialog_service_pb2.SubscribeMessagesResponse]]:
+        """Streams the messages sent to or by `user_id` as they are stored, from the
+        moment the subscription starts or, with `resume_token`, from where an
+        earlier stream stopped.
+
+        The caller must be authenticated as `user_id`. The first response has no
+        message: it says the subscription has started, with its `resume_token`.
+        Then each message comes once, with a `resume_token`; messages of one
+        dialog come in the order they were stored. Subscribing again with the last `resume_token` received delivers
+        what was stored meanwhile, without gaps or duplicates, on any server,
+        within the server's retention (a day by default); an older token is
+        OUT_OF_RANGE (reason RESUME_TOKEN_EXPIRED): re-sync with GetDialog and
+        subscribe without a token. A subscriber that does not read fast enough is
+        cut off with RESOURCE_EXHAUSTED (reason SUBSCRIBER_TOO_SLOW), and a server
+        shutting down ends its streams with UNAVAILABLE: in both cases, resume.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDialogs(
+        self,
+        request: _dialog_service_pb2.ListDialogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dialog_service_pb2.ListDialogsResponse, _abc.Awaitable[_dialog_service_pb2.ListDialogsResponse]]:
+        """Lists the dialogs of `user_id`, most recent activity first: with whom,
+        the last message and how many messages each dialog has.
+
+        The caller must be authenticated as `user_id`. The list is read from an
+        index kept current from the stored messages in the background: a message
+        shows here within moments of SendMessage's answer (GetDialog shows it at
+        once). Pages are keyset based; a dialog that gets a new message while the
+        list is paged moves to the front, where a later page does not show it.
         """
 
 def add_DialogServiceServicer_to_server(servicer: DialogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,226 @@
+"""ListDialogs: the per-user inbox kept by the relay from the message logs, through moves and reshards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import psycopg
+
+from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
+from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1.dialog_service_pb2_grpc import DialogServiceStub
+from server.dev.embedded_pg import EmbeddedPostgres
+from server.runtime.app import RunningServer
+from tests.processes import write_server_config
+from tests.support import (
+    Metadata,
+    dialogctl,
+    expect_error,
+    fresh_cluster,
+    make_config,
+    metric_value,
+    other_shard,
+    scrape_metrics,
+    serving,
+    status_details,
+)
+
+if TYPE_CHECKING:
+    from client.gen.dialog.v1.admin_service_pb2_grpc import AdminServiceAsyncStub
+    from client.gen.dialog.v1.dialog_service_pb2_grpc import DialogServiceAsyncStub
+
+
+async def send(
+    stub: DialogServiceAsyncStub, auth_for: Callable[..., Metadata], a: int, b: int, text: str
+) -> pb.Message:
+    reply = await stub.SendMessage(
+        pb.SendMessageRequest(from_user_id=a, to_user_id=b, text=text), metadata=auth_for(a), timeout=10
+    )
+    return reply.message
+
+
+async def inbox(
+    stub: DialogServiceAsyncStub, auth_for: Callable[..., Metadata], user: int, page_size: int = 0
+) -> list[pb.DialogSummary]:
+    """Every dialog of `user`, page after page."""
+    found: list[pb.DialogSummary] = []
+    token = ""
+    while True:
+        page = await stub.ListDialogs(
+            pb.ListDialogsRequest(user_id=user, page_size=page_size, page_token=token),
+            metadata=auth_for(user),
+            timeout=10,
+        )
+        found += page.dialogs
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+def summary(dialogs: list[pb.DialogSummary]) -> list[tuple[int, int, str, str]]:
+    return [
+        (d.peer_user_id, d.message_count, d.last_message.text, d.last_message.message_id) for d in dialogs
+    ]
+
+
+async def test_list_dialogs_shows_each_dialog_with_its_last_message_most_recent_first(
+    server: RunningServer,
+    dialog_stub: DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    me = new_pair()[0]
+    peers = [new_pair()[0] for _ in range(5)]
+    last: dict[int, pb.Message] = {}
+    for round_ in range(3):
+        for i, peer in enumerate(peers):
+            if i <= round_ + 1:  # peer i has min(i, ...) fewer messages
+                sender, recipient = (me, peer) if (i + round_) % 2 else (peer, me)
+                last[peer] = await send(dialog_stub, auth_for, sender, recipient, f"{round_}/{i}")
+    assert server.delivery is not None and server.delivery.relay is not None
+    await server.delivery.relay.catch_up()
+    counts = {peer: sum(1 for r in range(3) if i <= r + 1) for i, peer in enumerate(peers)}
+    expected = sorted(
+        ((peer, counts[peer], m.text, m.message_id) for peer, m in last.items()),
+        key=lambda d: d[3],
+        reverse=True,
+    )
+    assert summary(await inbox(dialog_stub, auth_for, me)) == expected
+    # Paged two at a time: the same list.
+    assert summary(await inbox(dialog_stub, auth_for, me, page_size=2)) == expected
+    listed = await inbox(dialog_stub, auth_for, me)
+    assert listed[0].last_message == last[expected[0][0]]
+    # A peer's inbox shows the dialog from its side.
+    theirs = await inbox(dialog_stub, auth_for, peers[1])
+    assert summary(theirs) == [(me, counts[peers[1]], last[peers[1]].text, last[peers[1]].message_id)]
+
+
+async def test_list_dialogs_checks_the_caller_and_its_tokens(
+    dialog_stub: DialogServiceAsyncStub,
+    server: RunningServer,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    me, other = new_pair()
+    for peer in new_pair():
+        await send(dialog_stub, auth_for, me, peer, "hi")
+    assert server.delivery is not None and server.delivery.relay is not None
+    await server.delivery.relay.catch_up()
+    await expect_error(
+        dialog_stub.ListDialogs(pb.ListDialogsRequest(user_id=me), metadata=auth_for(other)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    first = await dialog_stub.ListDialogs(
+        pb.ListDialogsRequest(user_id=me, page_size=1), metadata=auth_for(me)
+    )
+    assert first.next_page_token
+    err = await expect_error(
+        dialog_stub.ListDialogs(
+            pb.ListDialogsRequest(user_id=other, page_token=first.next_page_token), metadata=auth_for(other)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert [f for f, _ in status_details(err)[1]] == ["page_token"]
+    await expect_error(
+        dialog_stub.ListDialogs(pb.ListDialogsRequest(user_id=me, page_size=-1), metadata=auth_for(me)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+async def test_a_move_neither_loses_nor_doubles_an_inbox_count(
+    server: RunningServer,
+    dialog_stub: DialogServiceAsyncStub,
+    admin_stub: AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    a, b = new_pair()
+    for i in range(3):
+        await send(dialog_stub, auth_for, a, b, f"before {i}")
+    await admin_stub.SetShardOverride(
+        admin_pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=other_shard(a, b)),
+        metadata=admin_auth,
+    )
+    last = await send(dialog_stub, auth_for, b, a, "after the move")
+    assert server.delivery is not None and server.delivery.relay is not None
+    await server.delivery.relay.catch_up()
+    assert summary(await inbox(dialog_stub, auth_for, a)) == [(b, 4, last.text, last.message_id)]
+    assert summary(await inbox(dialog_stub, auth_for, b)) == [(a, 4, last.text, last.message_id)]
+
+
+async def test_the_relay_lag_and_the_subscribers_are_exported(server: RunningServer) -> None:
+    assert (
+        server.metrics_port is not None and server.delivery is not None and server.delivery.relay is not None
+    )
+    await server.delivery.relay.catch_up()
+    samples, _ = await scrape_metrics(server.metrics_port)
+    assert metric_value(samples, "dialog_shard_subscribers") == server.delivery.subscribers
+    assert 0 <= metric_value(samples, "dialog_shard_inbox_relay_lag_seconds") < 60
+
+
+async def _send_all(
+    stub: DialogServiceAsyncStub, auth_for: Callable[..., Metadata], pairs: list[tuple[int, int]], tag: str
+) -> dict[tuple[int, int], pb.Message]:
+    """One message each way of every pair; the last message of each."""
+    last = {}
+    for a, b in pairs:
+        await send(stub, auth_for, a, b, f"{tag} from {a}")
+        last[(a, b)] = await send(stub, auth_for, b, a, f"{tag} from {b}")
+    return last
+
+
+async def test_list_dialogs_after_a_reshard_and_a_rebuild_under_writes(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    config = fresh_cluster(pg_servers, jwt_secret, 8)
+    pairs = [new_pair() for _ in range(12)]
+    # The first server has 4 shards: the inbox lives on those for good.
+    async with serving(make_config([s.dsn for s in config.shards[:4]], jwt_secret)) as (_, channel):
+        await _send_all(DialogServiceStub(channel), auth_for, pairs, "before")
+    path = write_server_config(tmp_path / "all.toml", config, "127.0.0.1:1", jwt_secret)
+    async with serving(config) as (running, channel):
+        stub = DialogServiceStub(channel)
+        assert running.delivery is not None and running.delivery.relay is not None
+        result = await dialogctl(path, "reshard", "--shards", "8", "--json")
+        assert result.json()["rows_copied"] > 0
+        last = await _send_all(stub, auth_for, pairs, "after")
+        await running.delivery.relay.catch_up()
+        for (a, b), message in last.items():
+            for owner, peer in ((a, b), (b, a)):
+                assert summary(await inbox(stub, auth_for, owner)) == [
+                    (peer, 4, message.text, message.message_id)
+                ]
+
+        # A broken inbox row, rebuilt while messages keep coming: every count is right afterwards.
+        with psycopg.connect(config.shards[0].dsn) as conn:
+            conn.execute(f"UPDATE {config.shards[0].table}_inbox SET message_count = 999")
+        stop = asyncio.Event()
+
+        async def keep_sending() -> int:
+            sent = 0
+            while not stop.is_set():
+                a, b = pairs[sent % len(pairs)]
+                await send(stub, auth_for, a, b, "during the rebuild")
+                sent += 1
+            return sent
+
+        writer = asyncio.create_task(keep_sending())
+        rebuilt = (await dialogctl(path, "rebuild-inbox", "--json")).json()
+        stop.set()
+        sent = await writer
+        assert rebuilt["inbox_shards"] == 4 and rebuilt["rows"] == 2 * len(pairs)
+        await running.delivery.relay.catch_up()
+        for i, (a, b) in enumerate(pairs):
+            extra = sum(1 for n in range(sent) if n % len(pairs) == i)
+            for owner, peer in ((a, b), (b, a)):
+                [row] = await inbox(stub, auth_for, owner)
+                assert (row.peer_user_id, row.message_count) == (peer, 4 + extra)
