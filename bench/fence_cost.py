@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 
 from bench.loadgen import pgbench_binary, run_pgbench
-from bench.procs import cpu_seconds, postmaster_pids, scratch_dir, start_postgres
+from bench.procs import cpu_seconds, pgbench_login, postmaster_pids, scratch_dir, start_postgres
 from bench.workload import dialogs_per_shard, pgbench_scripts, pgbench_variables, plain_insert_script
 from server.storage.fences import params_unit, write_guard
 from server.storage.schema import migrate_shard
@@ -74,13 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(migrate())
         dialog = dialogs_per_shard(1, 1_000_000_000)[0]
         variables, _select = pgbench_variables(dialog, 50)
-        parts = {
-            "host": "127.0.0.1",
-            "port": str(server.port),
-            "user": "postgres",
-            "dbname": server.database,
-            "passfile": str(server.password_file),
-        }
+        parts = pgbench_login(server)
         by_kind = scripts(TABLE)
         rounds: list[dict[str, float]] = []
         cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}

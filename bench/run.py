@@ -61,6 +61,7 @@ from bench.procs import (
     idle_share,
     interrupt_on_sigterm,
     machine_cpu_ticks,
+    pgbench_login,
     postmaster_pids,
     rss_kib,
     scratch_dir,
@@ -472,13 +473,7 @@ class Bench:
         insert_sql, select_sql, self.sql_source = pgbench_scripts(self.table(d))
         insert_vars, select_vars = pgbench_variables(d, PAGE_SIZE)
         server = self.pg[d.shard_id]
-        parts = {
-            "host": "127.0.0.1",
-            "port": str(server.port),
-            "user": "postgres",
-            "dbname": server.database,
-            "passfile": str(server.password_file),
-        }
+        parts = pgbench_login(server)
         script, variables = {
             "insert": (insert_sql, insert_vars),
             "plain_insert": (plain_insert_script(self.table(d)), insert_vars),

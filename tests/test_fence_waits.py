@@ -12,6 +12,7 @@ import asyncio
 import functools
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -57,14 +58,42 @@ async def _hold_insert(store: MessageStore, message: NewMessage) -> psycopg.Asyn
     return conn
 
 
-def _hold_after_copy(
-    store_of: Callable[[], MessageStore], message: NewMessage, held: list[psycopg.AsyncConnection[Any]]
-) -> Callable[[str], Any]:
-    async def after_step(step: str) -> None:
-        if step == "copied" and not held:
-            held.append(await _hold_insert(store_of(), message))
+@dataclass
+class _HeldMove:
+    """A pair on its hash shard with some history, whose movers leave an insert open after the copy."""
 
-    return after_step
+    pair: Pair
+    source: int
+    target: int
+    history: set[str]
+    #: The held insert's message, and (once a mover has copied) its open connection.
+    late: NewMessage
+    held: list[psycopg.AsyncConnection[Any]] = field(default_factory=list)
+
+
+def _hold_an_insert_after_the_copy(
+    server: RunningServer,
+    cluster_config: ServerConfig,
+    new_pair: Callable[[], tuple[int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> _HeldMove:
+    """Every mover built from now on, once it has copied, leaves an insert of the pair open on its
+    source shard, as a writer whose routing still names that shard would."""
+    a, b = new_pair()
+    move = _HeldMove(
+        Pair.of(a, b),
+        calculate_shard(a, b, 4),
+        other_shard(a, b),
+        preload_pairs(cluster_config, [(a, b)], 20),
+        _message((a, b), "begun before the fence, committed after it"),
+    )
+
+    async def after_step(step: str) -> None:
+        if step == "copied" and not move.held:
+            move.held.append(await _hold_insert(server.shards.store(move.source), move.late))
+
+    monkeypatch.setattr(Mover, "__init__", functools.partialmethod(Mover.__init__, after_step=after_step))
+    return move
 
 
 async def test_a_move_waits_for_an_insert_begun_before_its_fence_and_copies_its_row(
@@ -73,30 +102,26 @@ async def test_a_move_waits_for_an_insert_begun_before_its_fence_and_copies_its_
     new_pair: Callable[[], tuple[int, int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    a, b = new_pair()
-    source, target = calculate_shard(a, b, 4), other_shard(a, b)
-    history = preload_pairs(cluster_config, [(a, b)], 20)
-    late = _message((a, b), "begun before the fence, committed after it")
-    held: list[psycopg.AsyncConnection[Any]] = []
-    hook = _hold_after_copy(lambda: server.shards.store(source), late, held)
-    monkeypatch.setattr(Mover, "__init__", functools.partialmethod(Mover.__init__, after_step=hook))
-    move = asyncio.ensure_future(server.placement.mover(server.shards).move_pair(Pair.of(a, b), target))
+    m = _hold_an_insert_after_the_copy(server, cluster_config, new_pair, monkeypatch)
+    move = asyncio.ensure_future(server.placement.mover(server.shards).move_pair(m.pair, m.target))
     try:
         async with await psycopg.AsyncConnection.connect(
-            cluster_config.shards[source].dsn, autocommit=True
+            cluster_config.shards[m.source].dsn, autocommit=True
         ) as observer:
             await until_one(observer, AWAITING_WRITERS)
         assert not move.done(), "the fence waits while the insert is open"
-        assert move_rows(cluster_config, (a, b)) == [("copying", source, target)]
-        await held[0].commit()
+        assert move_rows(cluster_config, m.pair) == [("copying", m.source, m.target)]
+        await m.held[0].commit()
         result = await move
     finally:
-        for conn in held:
+        for conn in m.held:
             await conn.close()
-    assert result.shard_id == target
-    rows = rows_for_pair(cluster_config, (a, b))
-    assert list(rows) == [target], "nothing is left behind on the source"
-    assert {str(r[0]) for r in rows[target]} == history | {str(late.message_id)}, "the late row was copied"
+    assert result.shard_id == m.target
+    rows = rows_for_pair(cluster_config, m.pair)
+    assert list(rows) == [m.target], "nothing is left behind on the source"
+    assert {str(r[0]) for r in rows[m.target]} == m.history | {str(m.late.message_id)}, (
+        "the late row was copied"
+    )
 
 
 async def test_a_move_whose_fence_outwaits_its_bound_stops_and_reopens_the_source(
@@ -105,33 +130,26 @@ async def test_a_move_whose_fence_outwaits_its_bound_stops_and_reopens_the_sourc
     new_pair: Callable[[], tuple[int, int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    a, b = new_pair()
-    source, target = calculate_shard(a, b, 4), other_shard(a, b)
-    history = preload_pairs(cluster_config, [(a, b)], 5)
-    late = _message((a, b), "left open across the fence")
-    held: list[psycopg.AsyncConnection[Any]] = []
-    hook = _hold_after_copy(lambda: server.shards.store(source), late, held)
-    monkeypatch.setattr(Mover, "__init__", functools.partialmethod(Mover.__init__, after_step=hook))
-    pair = Pair.of(a, b)
+    m = _hold_an_insert_after_the_copy(server, cluster_config, new_pair, monkeypatch)
     try:
         mover = server.placement.mover(server.shards, writers_wait_seconds=0.3)
         with pytest.raises(ShardUnavailable, match=r"still run after 0\.3 s") as stopped:
-            await mover.move_pair(pair, target)
-        assert stopped.value.shard_id == source
-        assert move_rows(cluster_config, (a, b)) == [("copying", source, target)]
+            await mover.move_pair(m.pair, m.target)
+        assert stopped.value.shard_id == m.source
+        assert move_rows(cluster_config, m.pair) == [("copying", m.source, m.target)]
         # Re-opened: the pair's inserts pass the guard on the source again.
-        store = server.shards.store(source)
+        store = server.shards.store(m.source)
         async with store.pool.connection() as conn:
-            cur = await conn.execute(write_guard_query(store.table), pair_fence_key(pair))
+            cur = await conn.execute(write_guard_query(store.table), pair_fence_key(m.pair))
             assert await cur.fetchone() == (True,)
-        await held[0].commit()
+        await m.held[0].commit()
     finally:
-        for conn in held:
+        for conn in m.held:
             await conn.close()
-    await server.placement.mover(server.shards).move_pair(pair, target)
-    rows = rows_for_pair(cluster_config, (a, b))
-    assert list(rows) == [target]
-    assert {str(r[0]) for r in rows[target]} == history | {str(late.message_id)}
+    await server.placement.mover(server.shards).move_pair(m.pair, m.target)
+    rows = rows_for_pair(cluster_config, m.pair)
+    assert list(rows) == [m.target]
+    assert {str(r[0]) for r in rows[m.target]} == m.history | {str(m.late.message_id)}
 
 
 async def test_a_fence_refuses_inserts_after_its_commit_with_dialog_moving_and_moved_refuses_reads(

@@ -5,10 +5,13 @@ other server processes may route by a stale shard-map mirror for a moment. So
 the *source* shard itself refuses writes once the mover has fenced the unit:
 
 - every insert carries `write_guard` in its WHERE clause: plain SQL that the planner runs
-  once per statement (an InitPlan), one probe of the fence table's primary key. Only when
-  a fence row covers the pair and is not `open` does it call `<table>_refuse` (plpgsql),
-  which raises. No lock, no function call in the common case. A batch insert runs the same
-  guard over its rows, one probe per row, still once per statement.
+  once per statement (an InitPlan), one probe of the fence table's primary key for a row
+  that can cover the pair (its own row, or a whole or residue row of its bucket; the rows
+  of the bucket's other pairs, which moves by override leave behind, cannot). Only when
+  there is one does it call `<table>_fence_check` (plpgsql, STABLE: the same snapshot),
+  which finds the pair's state as described below and raises unless it is open. No lock,
+  no function call in the common case. A batch insert runs the same guard over its rows,
+  one probe per row, still once per statement.
 - the guard reads the fence table with its statement's snapshot, and a statement whose
   snapshot was taken just before a fence committed does not see it. So a writer of fence
   rows (`FenceStore.set`, `FenceStore.reconcile`), right after committing a change that
@@ -31,11 +34,12 @@ the *source* shard itself refuses writes once the mover has fenced the unit:
   the mover's catch-up copy starts only then.
 - a fenced insert raises SQLSTATE `DSM01`, which the service answers with UNAVAILABLE,
   reason `DIALOG_MOVING` and a RetryInfo: a retry (same request_id) is safe.
-- every page read runs `read_guard` once (an InitPlan): after the routing flip the source's
+- every page read runs `read_guard` once (an InitPlan), the same probe and check, refusing only
+  `moved`: after the routing flip the source's
   fence becomes `moved`, and a reader whose mirror is still stale gets the same retryable
   error instead of the dialog on the old shard. Reads need no wait: the mover deletes the
   source's rows only after `moved` committed, so a snapshot that misses the fence misses
-  the deletions too and reads the dialog whole.
+  the deletions too and reads the dialog whole, as it stood before the flip.
 
 Fence rows of a bucket, by (user_low, user_high):
 
