@@ -137,36 +137,38 @@ def lock_key(table: str) -> int:
 WRITERS_WAIT_SECONDS = 5.0
 
 
-def _may_refuse(table: str, unit: str) -> str:
-    """SQL: whether a fence row can cover `unit`.(b, lo, hi): its own row, or a whole or residue
-    row of its bucket (rows of the bucket's other pairs cannot). One range of the primary key:
-    the bucket's rows up to the pair's own (user_low <= 0 sort first)."""
+def _may_refuse(table: str, bucket: str, low: str, high: str) -> str:
+    """SQL: whether a fence row can cover the pair (SQL expressions): its own row, or a whole or
+    residue row of its bucket (rows of the bucket's other pairs cannot). One range of the primary
+    key: the bucket's rows up to the pair's own (user_low <= 0 sort first)."""
     return f"""EXISTS (SELECT 1 FROM {table}_fences f
-        WHERE f.bucket = {unit}.b AND f.user_low <= {unit}.lo
-          AND (f.user_low <= 0 OR (f.user_low = {unit}.lo AND f.user_high = {unit}.hi)))"""
-
-
-def _guard(table: str, units: str, *, reading: bool, many: bool) -> str:
-    # A scalar subquery without outer references: the planner makes it an InitPlan, run once per
-    # statement (for one unit of parameters, its probe too). The CASE keeps the order: a unit no
-    # fence row can cover, the common case, costs one probe of the primary key and no call.
-    check = f"{table}_fence_check(u.b, u.lo, u.hi, {'true' if reading else 'false'})"
-    each = f"CASE WHEN {_may_refuse(table, 'u')} THEN {check} ELSE true END"
-    if many:
-        return f"(SELECT coalesce(bool_and({each}), true) FROM {units} AS u)"
-    return f"(SELECT {each} FROM {units} AS u)"
+        WHERE f.bucket = {bucket} AND f.user_low <= {low}
+          AND (f.user_low <= 0 OR (f.user_low = {low} AND f.user_high = {high})))"""
 
 
 def write_guard(table: str, units: str, *, many: bool = False) -> str:
     """SQL: true, or raises DSM01 when one of `units` (a FROM item with columns b, lo, hi; one row
     unless `many`) is fenced here. For an insert's WHERE clause (see the module docstring for why
     no lock is needed)."""
-    return _guard(table, units, reading=False, many=many)
+    # A scalar subquery without outer references: the planner makes it an InitPlan, run once per
+    # statement (for one unit of parameters, its probe too). The CASE keeps the order: a unit no
+    # fence row can cover, the common case, costs one probe of the primary key and no call.
+    check = f"{table}_fence_check(u.b, u.lo, u.hi, false)"
+    each = f"CASE WHEN {_may_refuse(table, 'u.b', 'u.lo', 'u.hi')} THEN {check} ELSE true END"
+    if many:
+        return f"(SELECT coalesce(bool_and({each}), true) FROM {units} AS u)"
+    return f"(SELECT {each} FROM {units} AS u)"
 
 
-def read_guard(table: str, units: str) -> str:
-    """SQL: true, or raises DSM01 when the unit of `units` (one row: b, lo, hi) has moved away from here."""
-    return _guard(table, units, reading=True, many=False)
+def read_guard(table: str, bucket: str, low: str, high: str) -> str:
+    """SQL: true, or raises DSM01 when the pair (`bucket`, `low`, `high`: SQL expressions) has moved
+    away from here. For a page read's WHERE clause, run once (an InitPlan).
+
+    Unlike `write_guard` it calls `<table>_fence_check` every time, which then makes the same
+    probe: a page read is planned anew at each execution (its custom plans win: they fit the
+    pair's size), and planning the probe inline costs more than the call.
+    """
+    return f"(SELECT {table}_fence_check({bucket}, {low}, {high}, true))"
 
 
 def params_unit(bucket: str, low: str, high: str) -> str:
@@ -251,6 +253,9 @@ def fence_schema(table: str) -> list[str]:
         RETURNS boolean LANGUAGE plpgsql STABLE AS $fn$
         DECLARE s text;
         BEGIN
+            IF NOT {_may_refuse(table, "b", "lo", "hi")} THEN
+                RETURN true;
+            END IF;
             {state_of}
             IF s = 'moved' OR (s = 'fenced' AND NOT reading) THEN {refuse} END IF;
             RETURN true;

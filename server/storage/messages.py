@@ -154,7 +154,7 @@ class MessageStore:
                     FROM {table}, {pair_and_cursor}
                     WHERE (user_low, user_high, message_id) {before} (p.lo, p.hi, p.cursor)
                       AND (user_low, user_high, message_id) {beyond} (p.lo, p.hi, '{edge}'::uuid)
-                      AND {read_guard(table, params_unit("%s", "%s", "%s"))}
+                      AND {read_guard(table, "%s", "%s", "%s")}
                     WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)
                     ORDER BY {order} LIMIT %s
                 ) AS page
