@@ -9,7 +9,8 @@ the *source* shard itself refuses writes once the mover has fenced the unit:
   that can cover the pair (its own row, or a whole or residue row of its bucket; the rows
   of the bucket's other pairs, which moves by override leave behind, cannot). Only when
   there is one does it call `<table>_fence_check` (plpgsql, STABLE: the same snapshot),
-  which finds the pair's state as described below and raises unless it is open. No lock,
+  which finds the pair's state as described below and raises unless it is open (or, for a
+  read, unless it is not `moved`). No lock,
   no function call in the common case. A batch insert runs the same guard over its rows,
   one probe per row, still once per statement.
 - the guard reads the fence table with its statement's snapshot, and a statement whose
@@ -34,10 +35,11 @@ the *source* shard itself refuses writes once the mover has fenced the unit:
   the mover's catch-up copy starts only then.
 - a fenced insert raises SQLSTATE `DSM01`, which the service answers with UNAVAILABLE,
   reason `DIALOG_MOVING` and a RetryInfo: a retry (same request_id) is safe.
-- every page read runs `read_guard` once (an InitPlan), the same probe and check, refusing only
-  `moved`: after the routing flip the source's
-  fence becomes `moved`, and a reader whose mirror is still stale gets the same retryable
-  error instead of the dialog on the old shard. Reads need no wait: the mover deletes the
+- every page read runs `read_guard` once (an InitPlan): a call of `<table>_fence_check`, which
+  makes the same probe first and refuses only `moved` (page reads are planned anew at each
+  execution, and the call costs less than planning the probe inline). After the routing flip
+  the source's fence becomes `moved`, and a reader whose mirror is still stale gets the same
+  retryable error instead of the dialog on the old shard. Reads need no wait: the mover deletes the
   source's rows only after `moved` committed, so a snapshot that misses the fence misses
   the deletions too and reads the dialog whole, as it stood before the flip.
 
