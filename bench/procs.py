@@ -62,6 +62,17 @@ def start_postgres(
     return servers
 
 
+def pgbench_login(server: EmbeddedPostgres) -> dict[str, str]:
+    """`run_pgbench`'s connection parts for `server`'s database (the password from its file)."""
+    return {
+        "host": "127.0.0.1",
+        "port": str(server.port),
+        "user": "postgres",
+        "dbname": server.database,
+        "passfile": str(server.password_file),
+    }
+
+
 def _stop_quietly(server: EmbeddedPostgres) -> None:
     try:
         server.stop("fast")

@@ -5,10 +5,12 @@ dialog server (`dialog-server --config`, its own process) and a bare grpc.aio ec
 with h2load and pgbench (C load generators in their own processes):
 
 - SendMessage, GetDialog and echo throughput and p50/p99 latency at several concurrencies;
-- pgbench running the service's INSERT and latest-page SELECT on one shard server (the DB ceiling);
+- pgbench running the service's INSERT and latest-page SELECT on one shard server (the DB ceiling),
+  and a plain INSERT of the same row (what the service's statement, its move fence included, adds);
 - GetDialog of a 100,000-message dialog: the first page vs a page ~1,000 pages deep;
 - server RSS before and after the load, server and PostgreSQL CPU per call;
-- ratios SendMessage/echo, SendMessage/pgbench INSERT and deep/first page, each within one round,
+- ratios SendMessage/echo, SendMessage/pgbench INSERT, pgbench INSERT/plain INSERT and deep/first
+  page, each within one round,
   and each judged against its goal (bench.goals);
 - after the servers stop, shard resolution per call with no overrides and with 100,000 (bench.resolve),
   and a rate-limit check per call, in-process vs the table shared by workers (bench.limiter).
@@ -59,6 +61,7 @@ from bench.procs import (
     idle_share,
     interrupt_on_sigterm,
     machine_cpu_ticks,
+    pgbench_login,
     postmaster_pids,
     rss_kib,
     scratch_dir,
@@ -72,6 +75,7 @@ from bench.workload import (
     dialogs_per_shard,
     pgbench_scripts,
     pgbench_variables,
+    plain_insert_script,
     seed_dialog,
     seed_other_dialogs,
     settle_after_load,
@@ -465,18 +469,16 @@ class Bench:
         # INSERTs go to another shard server: 100,000s of fresh rows next to the deep dialog would
         # change what the SELECT (here and in GetDialog) measures.
         insert = next(d for d in self.send_dialogs if d.shard_id != deep.shard_id)
-        d = insert if kind == "insert" else deep
+        d = deep if kind == "select" else insert
         insert_sql, select_sql, self.sql_source = pgbench_scripts(self.table(d))
         insert_vars, select_vars = pgbench_variables(d, PAGE_SIZE)
         server = self.pg[d.shard_id]
-        parts = {
-            "host": "127.0.0.1",
-            "port": str(server.port),
-            "user": "postgres",
-            "dbname": server.database,
-            "passfile": str(server.password_file),
-        }
-        script, variables = (insert_sql, insert_vars) if kind == "insert" else (select_sql, select_vars)
+        parts = pgbench_login(server)
+        script, variables = {
+            "insert": (insert_sql, insert_vars),
+            "plain_insert": (plain_insert_script(self.table(d)), insert_vars),
+            "select": (select_sql, select_vars),
+        }[kind]
         pg_pids = postmaster_pids(self.pg)
         pg_before = cpu_seconds(pg_pids)
         m = run_pgbench(
@@ -514,6 +516,8 @@ class Bench:
             plan.append(("get_dialog", str(c), partial(self.measure_get, c)))
         for n in args.pgbench_clients:
             plan.append(("pgbench_insert", str(n), partial(self.measure_pgbench, "insert", n)))
+            # The same row by a plain INSERT, right after: what the service's statement adds to it.
+            plan.append(("pgbench_plain_insert", str(n), partial(self.measure_pgbench, "plain_insert", n)))
             # Unnamed statements: a custom plan per execution, the query's best case.
             plan.append(
                 ("pgbench_select", str(n), partial(self.measure_pgbench, "select", n, prepared=False))
@@ -545,6 +549,8 @@ class Bench:
                 f"send_over_echo_c{rc}": rnd["send_message"][str(rc)].rps / rnd["echo"][str(rc)].rps,
                 f"send_c{rc}_over_pgbench_insert_c{pc}": rnd["send_message"][str(rc)].rps
                 / rnd["pgbench_insert"][str(pc)].rps,
+                f"pgbench_insert_over_plain_c{pc}": rnd["pgbench_insert"][str(pc)].rps
+                / rnd["pgbench_plain_insert"][str(pc)].rps,
                 "deep_over_first_page_p50": rnd["get_dialog_page"]["deep"].p50_ms
                 / rnd["get_dialog_page"]["first"].p50_ms,
                 "deep_over_first_page_p99": rnd["get_dialog_page"]["deep"].p99_ms
@@ -654,6 +660,7 @@ def render_table(result: dict[str, Any]) -> str:
         "get_dialog": f"GetDialog (page of {PAGE_SIZE})",
         "echo": "echo (gRPC ceiling)",
         "pgbench_insert": "pgbench INSERT (DB ceiling)",
+        "pgbench_plain_insert": "  plain INSERT of the same row",
         "pgbench_select": f"pgbench SELECT latest {PAGE_SIZE}",
         "pgbench_select_prepared": "  same, prepared (as the service)",
     }

@@ -149,6 +149,18 @@ def pgbench_scripts(table: str) -> tuple[str, str, str]:
     return " ".join(insert.split()) + ";\n", " ".join(page.split()) + ";\n", source
 
 
+def plain_insert_script(table: str) -> str:
+    """pgbench script: the row `pgbench_scripts`' INSERT stores, by a plain INSERT (no fence, no
+    idempotency, nothing returned): what PostgreSQL spends on the row alone."""
+    values = ", ".join(
+        [_SQL_UUIDV7, ":low", ":high", ":bucket", ":from", ":to", ":text", "clock_timestamp()", "NULL"]
+    )
+    return (
+        f"INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id, to_user_id, text, "
+        f"created_at, request_id) VALUES ({values});\n"
+    )
+
+
 def pgbench_variables(dialog: Dialog, page_size: int) -> tuple[dict[str, str], dict[str, str]]:
     """Variables for the INSERT and SELECT scripts (same users and text as the gRPC payloads)."""
     pair = dialog.where.pair

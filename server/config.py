@@ -612,6 +612,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         log=_log(data.get("log", {}), env),
         activity=activity,
         rebalance=rebalance,
+        delivery=_delivery(data.get("delivery", {})),
     )
 
 
@@ -654,8 +655,6 @@ def _rebalance(section: Mapping[str, Any], env: Mapping[str, str]) -> RebalanceC
     if rebalance.cooldown < 0:
         raise ConfigError("rebalance.cooldown must be >= 0")
     return rebalance
-        delivery=_delivery(data.get("delivery", {})),
-    )
 
 
 def _delivery(section: Mapping[str, Any]) -> DeliveryConfig:

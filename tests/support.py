@@ -33,6 +33,7 @@ from server.config import ServerConfig, config_from_mapping
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.routing import Pair, bucket_of, calculate_shard
 from server.runtime.app import RunningServer, running_server
+from server.storage.fences import params_unit, write_guard
 from server.storage.ids import MessageIdGenerator, id_time
 from tests.crashing_mover import crashing_argv
 from tests.processes import Result, run_async
@@ -252,6 +253,28 @@ def replay(replica: EmbeddedPostgres, action: str) -> None:
 
 
 # -- Pairs and shards ------------------------------------------------------------------------------
+
+
+def write_guard_query(table: str) -> str:
+    """The service's insert guard (server.storage.fences) alone: `SELECT` it with (bucket, low, high);
+    true, or SQLSTATE DSM01 when the pair is fenced on that shard."""
+    return f"SELECT {write_guard(table, params_unit('%s', '%s', '%s'))}"
+
+
+#: Counts the backends that wait out a message table's writers after a fence change (server.storage.fences).
+AWAITING_WRITERS = (
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE state = 'active' AND query LIKE 'SELECT dialog_await_writers%'"
+)
+
+
+async def until_one(conn: psycopg.AsyncConnection[Any], count_query: str, *, within: float = 5.0) -> None:
+    """Wait until `count_query` (a `SELECT count(*) ...` without parameters) answers 1."""
+
+    async def one() -> bool:
+        return (await (await conn.execute(count_query)).fetchone()) == (1,)
+
+    await wait_until(one, count_query, within=within, every=0.01)
 
 
 def pair_on_shard(shard: int, num_shards: int, new_pair: Callable[[], tuple[int, int]]) -> tuple[int, int]:

@@ -28,12 +28,12 @@ from server.resilience import Shard
 from server.resilience.deadline import rpc_deadline
 from server.routing import ShardRouter
 from server.storage.batching import BatchingMessageStore, CompanyForecast, WriteActivity
-from server.storage.fences import FenceState, FenceStore, lock_key
+from server.storage.fences import FenceState, FenceStore, pair_fence_key, write_guard
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import InsertResult, NewMessage
 from server.storage.pools import open_pool
 from server.storage.schema import migrate_shard
-from tests.support import rows_for_pair, wait_until
+from tests.support import AWAITING_WRITERS, rows_for_pair, until_one
 
 _router = ShardRouter(4)
 _ids = MessageIdGenerator()
@@ -199,44 +199,49 @@ async def test_a_fenced_dialog_in_a_batch_is_moving_and_the_others_are_stored(
         assert await cur.fetchone() == (0,)
 
 
-async def test_a_fence_committed_while_a_batch_waits_for_its_bucket_lock_refuses_that_dialog(
+async def test_a_fence_waits_for_a_batch_in_flight_across_its_commit_then_refuses_the_dialog(
     store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
 ) -> None:
-    # The mover's order: exclusive bucket lock, fence row, commit. A batch that reached the bucket
-    # while the mover held the lock must see the fence once it gets the lock (a fresh snapshot).
-    fenced = _message(new_pair(), "to a dialog fenced while the batch waited")
-    good = [_message(new_pair(), f"good {i}") for i in range(3)]
-    good = [m for m in good if m.bucket != fenced.bucket]
+    # A batch statement that passed the guard before the fence committed (its snapshot could not
+    # show it) commits after it: the fence's writer must not return before that commit, or the
+    # mover's catch-up copy could miss the row. Here the statement is held after its guard, on the
+    # uncommitted duplicate of one message's request key.
+    good = [_message(new_pair(), f"good {i}", request_id=f"g{i}") for i in range(2)]
+    fenced = _message(new_pair(), "to a dialog fenced while the batch ran", request_id="f")
     assert isinstance(store.pool.conninfo, str)
-    async with await psycopg.AsyncConnection.connect(store.pool.conninfo) as mover:
-        async with mover.transaction():
-            await mover.execute(
-                "SELECT pg_advisory_xact_lock(%s, %s)", (lock_key(store.table), fenced.bucket)
-            )
-            await mover.execute(
-                f"INSERT INTO {store.table}_fences (bucket, user_low, user_high, state, move_id)"
-                " VALUES (%s, %s, %s, 'fenced', 1)",
-                (fenced.bucket, fenced.pair.low, fenced.pair.high),
-            )
-            inserts = asyncio.gather(
-                *(store.insert(m) for m in [good[0], fenced, *good[1:]]), return_exceptions=True
-            )
-            await _until_a_backend_waits_for_an_advisory_lock(mover)
-            assert not inserts.done()
-        outcomes = await inserts
-    assert (store.stats.batches, store.stats.split) == (1, 1)
-    assert isinstance(outcomes[1], DialogMoving)
-    stored = [o for o in outcomes if isinstance(o, InsertResult)]
-    assert [r.message.message_id for r in stored] == [m.message_id for m in good]
+    async with (
+        await psycopg.AsyncConnection.connect(store.pool.conninfo) as blocker,
+        await psycopg.AsyncConnection.connect(store.pool.conninfo, autocommit=True) as observer,
+    ):
+        await _hold_request_key(blocker, store.table, good[0])
+        # The first goes alone (nothing runs yet); the others leave together after it.
+        lead = _message(new_pair(), "alone")
+        inserts = asyncio.gather(*(store.insert(m) for m in [lead, good[0], fenced, good[1]]))
+        await until_one(
+            observer, "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+        )
 
+        async def fence_then_count() -> int:
+            async with store.pool.connection() as conn:
+                await FenceStore(store.table).set(conn, [pair_fence_key(fenced.pair)], FenceState.FENCED, 1)
+                cur = await conn.execute(
+                    f"SELECT count(*) FROM {store.table} WHERE message_id = %s", (fenced.message_id,)
+                )
+                row = await cur.fetchone()
+                return int(row[0]) if row else 0
 
-async def _until_a_backend_waits_for_an_advisory_lock(conn: psycopg.AsyncConnection[Any]) -> None:
-
-    async def one_waits() -> bool:
-        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-        return (await cur.fetchone()) == (1,)
-
-    await wait_until(one_waits, "an insert waits for the bucket lock", within=5, every=0.01)
+        fence = asyncio.ensure_future(fence_then_count())
+        await until_one(observer, AWAITING_WRITERS)
+        assert not fence.done() and not inserts.done()
+        await blocker.rollback()
+        stored = await inserts
+        assert await fence == 1, "the fence returned once the batch had committed, not before"
+    assert (store.stats.single, store.stats.batches, store.stats.split) == (1, 1, 0)
+    assert [r.message.message_id for r in stored] == [m.message_id for m in [lead, good[0], fenced, good[1]]]
+    # A statement that starts after the fence committed sees it.
+    again = [_message(new_pair(), "after", request_id="a"), _message(fenced.pair, "refused", request_id="r")]
+    outcomes = await asyncio.gather(*(store.insert(m) for m in again), return_exceptions=True)
+    assert isinstance(outcomes[1], DialogMoving) and isinstance(outcomes[0], InsertResult)
 
 
 async def test_a_batch_in_a_bucket_with_another_pairs_fence_row_is_stored_in_one_statement(
@@ -258,18 +263,19 @@ async def test_a_batch_in_a_bucket_with_another_pairs_fence_row_is_stored_in_one
 
 
 async def _per_row_checks(store: BatchingMessageStore, batch: list[NewMessage]) -> int:
-    """How many `<table>_writable` calls one `<table>_writable_batch` call of `batch` made."""
+    """How many `<table>_fence_check` calls the batch insert's fence guard made for `batch`."""
     # The view also holds calls of the backend's earlier transactions not flushed yet: take the
     # difference, inside one transaction (nothing is flushed before it ends).
     calls = (
         "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions"
-        f" WHERE funcname = '{store.table}_writable'"
+        f" WHERE funcname = '{store.table}_fence_check'"
     )
+    units = "(SELECT * FROM unnest(%s::smallint[], %s::bigint[], %s::bigint[]) AS k(b, lo, hi))"
     async with store.pool.connection() as conn, conn.transaction():
         await conn.execute("SET LOCAL track_functions = 'pl'")
         before = await (await conn.execute(calls)).fetchone()
         await conn.execute(
-            f"SELECT {store.table}_writable_batch(%s::smallint[], %s::bigint[], %s::bigint[])",
+            f"SELECT {write_guard(store.table, units, many=True)}",
             ([m.bucket for m in batch], [m.pair.low for m in batch], [m.pair.high for m in batch]),
         )
         after = await (await conn.execute(calls)).fetchone()
@@ -277,11 +283,12 @@ async def _per_row_checks(store: BatchingMessageStore, batch: list[NewMessage]) 
         return int(after[0] - before[0])
 
 
-async def test_the_batch_fence_checks_row_by_row_only_when_a_fence_row_can_cover_one_of_its_pairs(
+async def test_the_batch_fence_checks_only_the_rows_a_fence_row_can_cover(
     store: BatchingMessageStore, new_pair: Callable[[], tuple[int, int]]
 ) -> None:
     batch = [_message(new_pair(), f"m{i}") for i in range(4)]
     first = batch[0]
+    in_first_bucket = sum(m.bucket == first.bucket for m in batch)
     fences = FenceStore(store.table)
 
     async def fence(key: tuple[int, int, int], state: FenceState) -> None:
@@ -297,11 +304,11 @@ async def test_the_batch_fence_checks_row_by_row_only_when_a_fence_row_can_cover
     for m in batch:
         await fence((m.bucket, 10**15 + m.bucket, 10**15 + m.bucket + 1), FenceState.MOVED)
     assert await _per_row_checks(store, batch) == 0
-    # A row of one of the batch's own pairs (here re-opened): every row is checked.
+    # A row of one of the batch's own pairs (here re-opened): that row is checked.
     await fence((first.bucket, first.pair.low, first.pair.high), FenceState.OPEN)
-    assert await _per_row_checks(store, batch) == len(batch)
+    assert await _per_row_checks(store, batch) == 1
     await drop_fences()
-    # A reshard's residue row of the bucket is checked row by row, whether it covers the pair or not.
+    # A reshard's residue row is checked for the rows of its bucket, whether it covers the pair or not.
     async with store.pool.connection() as conn:
         cur = await conn.execute(
             "SELECT mod(dialog_pair_hash(%s, %s), 16)", (first.pair.low, first.pair.high)
@@ -309,7 +316,7 @@ async def test_the_batch_fence_checks_row_by_row_only_when_a_fence_row_can_cover
         row = await cur.fetchone()
         assert row is not None
     await fence((first.bucket, -16, (row[0] + 1) % 16), FenceState.FENCED)
-    assert await _per_row_checks(store, batch) == len(batch)
+    assert await _per_row_checks(store, batch) == in_first_bucket
     await fence((first.bucket, -16, row[0]), FenceState.FENCED)
     with pytest.raises(psycopg.DatabaseError) as refused:
         await _per_row_checks(store, batch)

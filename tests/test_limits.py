@@ -32,9 +32,8 @@ from server.interceptors.shared_buckets import (
     SharedTokenBuckets,
     create_table,
 )
-from server.routing import bucket_of, calculate_shard
+from server.routing import calculate_shard
 from server.runtime.app import RunningServer
-from server.storage.fences import lock_key
 from tests.processes import child_env, write_server_config
 from tests.support import (
     Metadata,
@@ -157,9 +156,9 @@ async def test_calls_beyond_max_concurrent_rpcs_are_resource_exhausted_and_held_
     config = replace(cluster_config, limits=replace(cluster_config.limits, max_concurrent_rpcs=2))
     a, b = new_pair()
     shard = config.shards[calculate_shard(a, b, 4)]
-    # The move fence's lock, held exclusively: the pair's inserts wait for it (server.storage.fences).
+    # The shard's table locked against writes: the pair's inserts wait (its reads would not).
     with psycopg.connect(shard.dsn) as blocker:
-        blocker.execute("SELECT pg_advisory_xact_lock(%s, %s)", (lock_key(shard.table), bucket_of(a, b)))
+        blocker.execute(f"LOCK TABLE {shard.table} IN SHARE MODE")
         async with serving(config) as (running, channel):
             stub = pb_grpc.DialogServiceStub(channel)
             assert running.metrics_port is not None

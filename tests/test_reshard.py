@@ -47,6 +47,7 @@ from tests.support import (
     read_all,
     serving,
     wait_until,
+    write_guard_query,
 )
 
 
@@ -298,7 +299,7 @@ async def test_a_residue_fence_holds_back_only_its_part_of_the_bucket(
             )
             for residue, pairs in by_residue.items():
                 for pair in pairs:
-                    query = f"SELECT {store.table}_writable(%s, %s, %s)"
+                    query = write_guard_query(store.table)
                     if residue == fenced_residue and pair != exempt:
                         with pytest.raises(psycopg.Error) as refused:
                             await conn.execute(query, (bucket, pair.low, pair.high))

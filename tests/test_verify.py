@@ -21,7 +21,7 @@ from server.resilience.db_errors import FENCED_SQLSTATE
 from server.routing import Pair, bucket_of, calculate_shard
 from server.storage.ids import MessageIdGenerator, id_time
 from tests.processes import run_async, write_server_config
-from tests.support import fresh_cluster, make_config, preload_pairs
+from tests.support import fresh_cluster, make_config, preload_pairs, write_guard_query
 
 DIALOGCTL = Path(sys.executable).parent / "dialogctl"
 
@@ -125,9 +125,11 @@ def fence(config: ServerConfig, shard_id: int, key: tuple[int, int, int], state:
     shard = config.shards[shard_id]
     with psycopg.connect(shard.dsn) as conn:
         conn.execute(
-            f"INSERT INTO {shard.table}_fences (bucket, user_low, user_high, state) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (bucket, user_low, user_high) DO UPDATE SET state = EXCLUDED.state",
-            (*key, state),
+            f"INSERT INTO {shard.table}_fences (bucket, user_low, user_high, state, writers_awaited)"
+            " VALUES (%s, %s, %s, %s, NULLIF(%s <> 'open', false))"
+            " ON CONFLICT (bucket, user_low, user_high)"
+            " DO UPDATE SET state = EXCLUDED.state, writers_awaited = EXCLUDED.writers_awaited",
+            (*key, state, state),
         )
 
 
@@ -146,7 +148,7 @@ def writable(config: ServerConfig, shard_id: int, pair: tuple[int, int]) -> bool
     low, high = Pair.of(*pair)
     with psycopg.connect(shard.dsn) as conn:
         try:
-            conn.execute(f"SELECT {shard.table}_writable(%s, %s, %s)", (bucket_of(low, high), low, high))
+            conn.execute(write_guard_query(shard.table), (bucket_of(low, high), low, high))
         except psycopg.Error as exc:
             assert exc.sqlstate == FENCED_SQLSTATE, exc
             return False

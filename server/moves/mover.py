@@ -7,9 +7,11 @@ sequence of idempotent steps recorded in `shard_moves` (server.storage.moves):
 1. `copying`: the move is recorded, then the unit's rows are copied to the target in
    keyset chunks (`ON CONFLICT (message_id) DO NOTHING`) while writers go on writing
    to the source.
-2. fence: on the source, wait for in-flight inserts of the bucket and commit a
-   `fenced` row (server.storage.fences); from then on no insert of the unit commits
-   there, and writers get a retryable UNAVAILABLE (DIALOG_MOVING). State `fenced`.
+2. fence: on the source, commit a `fenced` row (server.storage.fences), then wait
+   out the inserts that may have begun before it (at most `writers_wait_seconds`;
+   longer, and the move stops and re-opens the source); from then on no insert of
+   the unit commits there, and writers get a retryable UNAVAILABLE (DIALOG_MOVING).
+   State `fenced`.
 3. catch up and verify: copy what arrived meanwhile (an id comparison, not a time
    window: ids minted by other processes need not be ordered with ours), then compare
    counts and checksums of both copies.
@@ -51,7 +53,7 @@ from server.resilience.db_errors import describe_db_error, shard_errors
 from server.routing import Pair, ShardRouter, bucket_of, pair_hash
 from server.routing.layout import units_of_move
 from server.storage import transfer
-from server.storage.fences import FenceKey, FenceState, FenceStore, pair_fence_key
+from server.storage.fences import WRITERS_WAIT_SECONDS, FenceKey, FenceState, FenceStore, pair_fence_key
 from server.storage.layout import Layout, load_layout
 from server.storage.messages import MessageStore
 from server.storage.moves import Flip, Move, MoveLog, MoveState
@@ -94,6 +96,7 @@ class Mover:
         lock_wait_seconds: float = 60.0,
         chunk_rows: int = 1000,
         replica_wait_seconds: float = 10.0,
+        writers_wait_seconds: float = WRITERS_WAIT_SECONDS,
         after_step: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._control_dsn = control_dsn
@@ -105,6 +108,7 @@ class Mover:
         self._lock_wait_seconds = lock_wait_seconds
         self._chunk_rows = chunk_rows
         self._replica_wait_seconds = replica_wait_seconds
+        self._writers_wait_seconds = writers_wait_seconds
         self._after_step = after_step
         self._lease: MoverLease | None = None
 
@@ -336,7 +340,14 @@ class Mover:
         self, store: MessageStore, unit: transfer.Unit, state: FenceState, move: Move, exempt: list[FenceKey]
     ) -> None:
         async with shard_errors(store.shard_id), store.pool.connection() as conn:
-            await FenceStore(store.table).set(conn, unit.fence_keys(), state, move.move_id, exempt=exempt)
+            await FenceStore(store.table).set(
+                conn,
+                unit.fence_keys(),
+                state,
+                move.move_id,
+                exempt=exempt,
+                wait_seconds=self._writers_wait_seconds,
+            )
 
     async def _open(self, store: MessageStore, unit: transfer.Unit) -> None:
         keep = [pair_fence_key(p) for p in unit.pinned]

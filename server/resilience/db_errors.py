@@ -15,6 +15,8 @@ from server.errors import DialogMoving, unavailable
 
 #: SQLSTATE raised by the move fence's functions (server.storage.fences; class "DS": dialog-shard's own).
 FENCED_SQLSTATE = "DSM01"
+#: SQLSTATE of a fence change whose wait for older writers ran out (server.storage.fences).
+WRITERS_IN_FLIGHT_SQLSTATE = "DSM02"
 
 
 def describe_db_error(exc: BaseException) -> str:
@@ -33,12 +35,15 @@ def describe_db_error(exc: BaseException) -> str:
 @asynccontextmanager
 async def shard_errors(shard_id: int) -> AsyncIterator[None]:
     """Map connection-level failures inside the block to ShardUnavailable(shard_id) (ControlUnavailable
-    for CONTROL_SHARD), and a fenced unit (server.storage.fences) to DialogMoving(shard_id)."""
+    for CONTROL_SHARD), a fenced unit (server.storage.fences) to DialogMoving(shard_id), and a fence
+    change whose writers did not finish in time to ShardUnavailable(shard_id) with that message."""
     try:
         yield
     except psycopg.Error as exc:
         if exc.sqlstate == FENCED_SQLSTATE:
             raise DialogMoving(shard_id) from None
+        if exc.sqlstate == WRITERS_IN_FLIGHT_SQLSTATE:
+            raise unavailable(shard_id, exc.diag.message_primary or "writers still in flight") from None
         if isinstance(exc, psycopg.OperationalError):
             raise unavailable(shard_id, describe_db_error(exc)) from exc
         raise

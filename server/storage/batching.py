@@ -34,9 +34,8 @@ What a single insert guarantees holds per message:
   Two messages of one batch with the same (pair, sender, request_id) are one insert: the later
   ones get the first one's stored row as a replay (the service then answers ALREADY_EXISTS if
   their text or recipient differ, as for any replay).
-- The move fence: a batch takes the same bucket locks as its single inserts would, once
-  (`<table>_writable_batch`), and where a fence row can cover one of its pairs every row
-  passes `<table>_writable` like a single insert.
+- The move fence: a batch checks each of its pairs as its single inserts would, once per
+  statement (server.storage.fences.write_guard over the batch's rows).
 - Per-message errors: if the batch statement fails with a database error (a fenced dialog, a
   bad row), nothing was committed (one statement is atomic), and each message of the batch is
   retried alone through `MessageStore.insert`, so one message gets its own error (DialogMoving
@@ -67,6 +66,7 @@ from server.errors import DialogMoving
 from server.resilience import Shard
 from server.resilience.deadline import rpc_deadline
 from server.storage.events import log_inserted
+from server.storage.fences import write_guard
 from server.storage.ids import EPOCH
 from server.storage.messages import InsertResult, MessageStore, NewMessage, StoredMessage
 
@@ -82,6 +82,10 @@ class _Rejected(Exception):
     """The batch statement failed with a database error: nothing of it was committed."""
 
 
+#: The batch's units, as the fence guard reads them.
+_BATCH_UNITS = "(SELECT bucket AS b, user_low AS lo, user_high AS hi FROM batch)"
+
+
 def batch_insert_sql(table: str) -> str:
     """The multi-row form of `MessageStore.insert_sql`: one result row per message stored or replayed.
 
@@ -90,10 +94,9 @@ def batch_insert_sql(table: str) -> str:
     `json_to_recordset` parses it into typed columns in C. `created_at` travels as
     microseconds since the epoch, converted exactly (integer microseconds, no float).
 
-    The move fence is `<table>_writable_batch` (server.storage.fences), run once for the whole
-    batch: it takes every bucket's lock as a single insert does and, when a fence row can cover
-    one of the batch's pairs, checks every row with `<table>_writable` itself. A fenced row makes
-    the whole statement fail, and the batch is then retried message by message.
+    The move fence is the single insert's guard (server.storage.fences.write_guard) over the
+    batch's rows, run once for the whole statement: one index probe of the fence table per row.
+    A fenced row makes the whole statement fail, and the batch is then retried message by message.
 
     What is stored is logged to the shard's message log in the same statement, as by the single
     insert (server.storage.events).
@@ -119,8 +122,7 @@ def batch_insert_sql(table: str) -> str:
             SELECT message_id, user_low, user_high, bucket, from_user_id, to_user_id, text,
                    created_at, request_id
             FROM batch
-            WHERE (SELECT {table}_writable_batch(array_agg(bucket), array_agg(user_low),
-                                                 array_agg(user_high)) FROM batch)
+            WHERE {write_guard(table, _BATCH_UNITS, many=True)}
             ORDER BY ord
             ON CONFLICT (user_low, user_high, from_user_id, request_id)
                 WHERE request_id IS NOT NULL DO NOTHING

@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from server.routing import Pair, bucket_of
 from server.storage.events import log_inserted
+from server.storage.fences import params_unit, read_guard, write_guard
 from server.storage.ids import MAX_ID, MIN_ID
 
 if TYPE_CHECKING:
@@ -77,6 +78,21 @@ PageRow = tuple[str, int, int, str, datetime]
 PAGE_MESSAGE_OVERHEAD = 96
 
 
+def insert_params(message: NewMessage) -> dict[str, Any]:
+    """The parameters of `MessageStore.insert_sql` for `message`."""
+    return {
+        "id": message.message_id,
+        "low": message.pair.low,
+        "high": message.pair.high,
+        "bucket": message.bucket,
+        "from": message.from_user_id,
+        "to": message.to_user_id,
+        "text": message.text,
+        "created": message.created_at,
+        "request_id": message.request_id,
+    }
+
+
 class MessageStore:
     """Reads and writes one shard's `messages_N` table through the shard's gates."""
 
@@ -88,8 +104,9 @@ class MessageStore:
         # matched an earlier row, ON CONFLICT skips the insert and the second
         # branch returns that row instead, in the same round trip. The WHERE
         # clause is the move fence (server.storage.fences): it raises while the
-        # pair's messages are moving away from this shard. `logged` writes what was inserted to
-        # the shard's message log (server.storage.events) in the same transaction.
+        # pair's messages are moving away from this shard, and costs one index probe otherwise.
+        # `logged` writes what was inserted to the shard's message log (server.storage.events)
+        # in the same transaction.
         self.insert_sql = f"""
             WITH inserted AS (
                 INSERT INTO {table} (message_id, user_low, user_high, bucket, from_user_id,
@@ -97,7 +114,7 @@ class MessageStore:
                 SELECT %(id)s::uuid, %(low)s::bigint, %(high)s::bigint, %(bucket)s::smallint,
                        %(from)s::bigint, %(to)s::bigint, %(text)s::text, %(created)s::timestamptz,
                        %(request_id)s::text
-                WHERE {table}_writable(%(bucket)s, %(low)s, %(high)s)
+                WHERE {write_guard(table, params_unit("%(bucket)s", "%(low)s", "%(high)s"))}
                 ON CONFLICT (user_low, user_high, from_user_id, request_id)
                     WHERE request_id IS NOT NULL DO NOTHING
                 RETURNING {_COLUMNS}, user_low, user_high
@@ -141,7 +158,7 @@ class MessageStore:
                     FROM {table}, {pair_and_cursor}
                     WHERE (user_low, user_high, message_id) {before} (p.lo, p.hi, p.cursor)
                       AND (user_low, user_high, message_id) {beyond} (p.lo, p.hi, '{edge}'::uuid)
-                      AND (SELECT {table}_readable(%s, %s, %s))
+                      AND {read_guard(table, "%s", "%s", "%s")}
                     WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)
                     ORDER BY {order} LIMIT %s
                 ) AS page
@@ -174,17 +191,7 @@ class MessageStore:
         attempt that finds its own id already stored returns that row, and a request_id
         already stored returns the earlier message.
         """
-        params = {
-            "id": message.message_id,
-            "low": message.pair.low,
-            "high": message.pair.high,
-            "bucket": message.bucket,
-            "from": message.from_user_id,
-            "to": message.to_user_id,
-            "text": message.text,
-            "created": message.created_at,
-            "request_id": message.request_id,
-        }
+        params = insert_params(message)
 
         async def op(conn: AsyncConnection[Any]) -> tuple[Any, ...] | None:
             try:

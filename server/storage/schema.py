@@ -196,7 +196,9 @@ async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str
 
 async def migrate_control(conn: AsyncConnection[object]) -> None:
     """Create the control tables (shard_map, shard_moves)."""
-    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA + REBALANCE_SCHEMA, [_FLIPS_UPGRADE, INBOX_LAYOUT_SCHEMA])
+    await _apply(
+        conn, CONTROL_SCHEMA + MOVES_SCHEMA + REBALANCE_SCHEMA, [_FLIPS_UPGRADE, INBOX_LAYOUT_SCHEMA]
+    )
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
