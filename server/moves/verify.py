@@ -11,9 +11,10 @@ names them:
 - `bad_bucket`: rows whose stored bucket is not the pair's hash bucket (reported only).
 
 Pairs with an unfinished move are skipped (the move owns them; re-run it first).
-`repair` fences the pair `moved` on each wrong shard it repairs (as a finished move
+`repair` first fences every pair it repairs `moved` on each wrong shard (as a finished move
 leaves its source, so a server still routing there retries instead of writing a new
-stray), copies misplaced messages to the routed shard and then deletes the wrong-shard
+stray; a chunk of pairs at a time, each followed by one wait for older inserts), then, pair by
+pair, copies misplaced messages to the routed shard and deletes the wrong-shard
 copies that the routed shard now holds identically.
 
 `check_fences` reads every shard's fence rows: a `stale_fence` refuses pairs that
@@ -37,12 +38,14 @@ from server.resilience.db_errors import shard_errors
 from server.routing import Pair, ShardRouter, bucket_of
 from server.routing.fencing import FenceRow, plan_bucket
 from server.storage import transfer
-from server.storage.fences import FenceState, FenceStore, pair_fence_key
+from server.storage.fences import FenceKey, FenceState, FenceStore, pair_fence_key
 from server.storage.messages import MessageStore
 from server.storage.pools import ShardSet
 
 #: How many message ids a finding lists (the counts are always complete).
 MAX_IDS_PER_FINDING = 20
+#: Misplaced pairs fenced per transaction by a repair (each followed by one wait for older inserts).
+_RETIRE_CHUNK = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,7 @@ async def verify(
             if bucket != bucket_of(low, high):
                 report.findings.append(_finding("bad_bucket", pair, store.shard_id, store.shard_id, ()))
     report.pairs = len(where)
+    misplaced: list[tuple[Pair, int, list[int]]] = []
     for pair, per_shard in sorted(where.items()):
         if moving(pair):
             report.skipped_moving_pairs += 1
@@ -193,7 +197,11 @@ async def verify(
         expected = route(pair)
         strays = [s for s in per_shard if s != expected]
         if strays:
-            await _check_pair(shards, pair, expected, strays, report, repair=repair)
+            misplaced.append((pair, expected, strays))
+    if repair:
+        await _retire(shards, misplaced)
+    for pair, expected, strays in misplaced:
+        await _check_pair(shards, pair, expected, strays, report, repair=repair)
     return report
 
 
@@ -204,8 +212,6 @@ async def _check_pair(
     at_home = await _fingerprints(home, pair)
     for shard_id in sorted(strays):
         stray = shards.store(shard_id)
-        if repair:
-            await _retire(stray, pair)
         there = await _fingerprints(stray, pair)
         misplaced = [i for i in there if i not in at_home]
         duplicate = [i for i in there if i in at_home and at_home[i] == there[i]]
@@ -229,10 +235,21 @@ async def _delete_ids(store: MessageStore, ids: list[uuid.UUID]) -> int:
     return count
 
 
-async def _retire(store: MessageStore, pair: Pair) -> None:
-    """Fence the pair `moved` on a shard routing does not name (first waiting out its inserts)."""
-    async with shard_errors(store.shard_id), store.pool.connection() as conn:
-        await FenceStore(store.table).set(conn, [pair_fence_key(pair)], FenceState.MOVED, None)
+async def _retire(shards: ShardSet, misplaced: Iterable[tuple[Pair, int, list[int]]]) -> None:
+    """Fence the misplaced pairs `moved` on the shards routing does not name, before their rows
+    are compared and copied home: inserts that missed the fence are waited out once per chunk of
+    pairs, not once per pair."""
+    by_shard: dict[int, list[FenceKey]] = defaultdict(list)
+    for pair, _expected, strays in misplaced:
+        for shard_id in strays:
+            by_shard[shard_id].append(pair_fence_key(pair))
+    for shard_id, keys in sorted(by_shard.items()):
+        store = shards.store(shard_id)
+        for start in range(0, len(keys), _RETIRE_CHUNK):
+            async with shard_errors(store.shard_id), store.pool.connection() as conn:
+                await FenceStore(store.table).set(
+                    conn, keys[start : start + _RETIRE_CHUNK], FenceState.MOVED, None
+                )
 
 
 async def check_fences(
