@@ -144,6 +144,14 @@ async def test_a_backup_set_waits_for_a_move_and_restores_every_message_exactly_
         )
         assert single.returncode == 0, single.stderr
         assert single.json()["movers_lock"] is False
+        # A restore waits for moves too (a move between an item's restore and its row count, or
+        # a restored unfinished move resumed meanwhile, would change what it checks).
+        refused = await dialogctl(
+            ctl_config, "restore", str(tmp_path / "single"), "--control", "--yes", "--lock-wait", "0"
+        )
+        assert refused.returncode == 1, refused.stderr
+        assert len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert "movers' lock is held" in refused.stderr and "nothing was restored" in refused.stderr
 
         out = tmp_path / "set"
         backup = asyncio.create_task(

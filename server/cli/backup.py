@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -63,6 +63,7 @@ from server.storage.schema import migrate_control, migrate_shard
 MANIFEST = "manifest.json"
 #: 2: files are 0600 in a 0700 directory and every item records its file's sha256.
 _FORMAT = 2
+_T = TypeVar("_T")
 CONTROL = "control"
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
@@ -72,6 +73,23 @@ _TABLES = """
     SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') ORDER BY c.relname
 """
+
+
+#: Tables that running servers keep writing on their own (recent-activity counts, the message log's
+#: pruning, the inbox and its relay cursors, server heartbeats, the rebalancer's decisions): they
+#: are backed up and restored, but their row counts are not checked, since a server may change
+#: them between a restore and its count.
+_SERVER_MAINTAINED_SUFFIXES = ("_activity", "_events", "_pruned", "_inbox", "_relayed")
+_SERVER_MAINTAINED_CONTROL = frozenset({"server_presence", "rebalance_decisions"})
+
+
+def counted_tables(tables: Sequence[str]) -> list[str]:
+    """The tables whose exact row count a backup records and a restore checks."""
+    return [
+        t
+        for t in tables
+        if t not in _SERVER_MAINTAINED_CONTROL and not t.endswith(_SERVER_MAINTAINED_SUFFIXES)
+    ]
 
 
 def owned_by_shard(table: str, shard_table: str) -> bool:
@@ -165,7 +183,8 @@ def _dump(item: Item, out: Path, pg_dump: Path) -> dict[str, Any]:
             raise CliError(f"{item.name}: table {item.table} does not exist; run `dialogctl migrate`")
         if not tables:
             raise CliError(f"{item.name}: no control tables found; run `dialogctl migrate`")
-        rows = _count(conn, tables)
+        counted = counted_tables(tables)
+        rows = _count(conn, counted)
         args = [
             "--format=custom",
             "--no-owner",
@@ -182,6 +201,7 @@ def _dump(item: Item, out: Path, pg_dump: Path) -> dict[str, Any]:
         "tables": tables,
         "location": describe_dsn(item.dsn),
         "rows": rows,
+        "counted_tables": counted,
         "file": item.file,
         "bytes": target.stat().st_size,
         "sha256": _sha256(target),
@@ -226,45 +246,49 @@ async def _unfinished_moves(control_dsn: str) -> list[dict[str, Any]]:
 _LOCK_NAME = "dialogctl backup"
 
 
-async def _dump_under_lock(
-    control_dsn: str, wait: float, work: Callable[[], list[dict[str, Any]]]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run `work` (the dumps) holding the movers' lock: no move, reshard or repair changes routing,
-    fences or a unit's messages between the first dump and the last. Returns (entries, the moves
-    unfinished while the lock was held: crashed ones, which the servers' resumer completes)."""
+async def _under_movers_lock(
+    control_dsn: str, wait: float, work: Callable[[], _T], *, doing: str, undone: str
+) -> tuple[_T, list[dict[str, Any]]]:
+    """Run `work` holding the movers' lock: no move, reshard, repair or resumed move changes
+    routing, fences or a unit's messages meanwhile. Returns (its result, the moves unfinished
+    while the lock was held: crashed ones, which the servers' resumer completes). `doing` names
+    the work in messages ("backup"), `undone` what a refusal means ("nothing was backed up")."""
     busy = (
-        "the movers' lock is held (a move, reshard, repair or other backup is running) and was not "
-        f"released within {wait:g} s; a backup of more than one item waits for it, so that the set "
-        "is consistent: retry later or pass a longer --lock-wait; nothing was backed up"
+        "the movers' lock is held (a move, reshard, repair, backup or restore is running) and was not "
+        f"released within {wait:g} s; a {doing} waits for it, so that no move runs meanwhile: retry "
+        f"later or pass a longer --lock-wait; {undone}"
     )
     try:
         async with contextlib.AsyncExitStack() as stack:
             try:
                 lease = await stack.enter_async_context(
-                    mover_lock(control_dsn, 0, application_name=_LOCK_NAME)
+                    mover_lock(control_dsn, 0, application_name=f"dialogctl {doing}")
                 )
             except MoverBusy:
                 if wait <= 0:
                     raise
                 print(
-                    "dialogctl: a move, reshard, repair or other backup holds the movers' lock; the backup "
-                    f"waits up to {wait:g} s (--lock-wait) for it to finish, so that the set is consistent",
+                    "dialogctl: a move, reshard, repair, backup or restore holds the movers' lock; the "
+                    f"{doing} waits up to {wait:g} s (--lock-wait) for it to finish, so that no move "
+                    "runs meanwhile",
                     file=sys.stderr,
                     flush=True,
                 )
                 lease = await stack.enter_async_context(
-                    mover_lock(control_dsn, wait, application_name=_LOCK_NAME)
+                    mover_lock(control_dsn, wait, application_name=f"dialogctl {doing}")
                 )
             unfinished = await _unfinished_moves(control_dsn)
-            entries = await asyncio.to_thread(work)
+            result = await asyncio.to_thread(work)
             # Still ours at the end: had the lock gone with its session, a move could have run meanwhile.
             await lease.confirm()
-            return entries, unfinished
+            return result, unfinished
     except MoverBusy:
         raise CliError(busy, EXIT_TOOL_FAILED) from None
     except MoverLockLost as exc:
         raise CliError(
-            f"the backup is not consistent: {exc.message}; take it again", EXIT_TOOL_FAILED
+            f"the movers' lock was lost during the {doing}, so a move may have run meanwhile: "
+            f"{exc.message}; run it again",
+            EXIT_TOOL_FAILED,
         ) from None
     except ControlUnavailable as exc:
         raise CliError(
@@ -285,7 +309,13 @@ def cmd_backup(session: Session) -> int:
         # appear exactly once in the set, on the shard the set's routing names.
         work = functools.partial(_dump_all, items, out, pg_dump)
         entries, unfinished = asyncio.run(
-            _dump_under_lock(session.config().control_dsn, args.lock_wait, work)
+            _under_movers_lock(
+                session.config().control_dsn,
+                args.lock_wait,
+                work,
+                doing="backup",
+                undone="nothing was backed up",
+            )
         )
         manifest |= {"movers_lock": True, "unfinished_moves": unfinished}
     else:
@@ -335,6 +365,10 @@ def _inside(directory: Path, name: object, what: str) -> Path:
     return real
 
 
+def _names_some_of(value: object, tables: list[str]) -> bool:
+    return isinstance(value, list) and all(isinstance(t, str) and t in tables for t in value)
+
+
 def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     if not (directory / MANIFEST).exists():
         raise CliError(f"{directory / MANIFEST} not found: not a dialogctl backup directory")
@@ -367,6 +401,7 @@ def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
             or len(set(tables)) != len(tables)
             or not isinstance(entry.get("rows"), int)
             or not isinstance(entry.get("sha256"), str)
+            or not _names_some_of(entry.get("counted_tables", tables), tables)
         ):
             raise _refuse(directory, f"the manifest's item {name!r} is malformed or repeated")
         entries[name] = entry
@@ -532,8 +567,10 @@ def _restore(checked: _Checked, pg_restore: Path) -> dict[str, Any]:
         ]
         run_tool(pg_restore, args, item.dsn, f"restore of {item.name}")
     mirrors_reloaded = asyncio.run(_migrate(item))
+    # Sets written before `counted_tables` existed counted every table.
+    counted: list[str] = entry.get("counted_tables", tables)
     with _connect(item) as conn:
-        rows = _count(conn, tables)
+        rows = _count(conn, counted)
     if rows != entry["rows"]:
         raise CliError(
             f"{item.name}: restored {rows} rows but the backup recorded {entry['rows']}", EXIT_TOOL_FAILED
@@ -570,11 +607,26 @@ def cmd_restore(session: Session) -> int:
     pg_restore = find_tool("pg_restore", args.pg_bindir)
     # Every item is verified before the first one is restored: a bad backup changes nothing.
     checked = [_check(item, entries[item.name], directory, pg_restore) for item in items]
-    restored = []
-    with Progress("restore") as progress:
-        for n, one in enumerate(checked, 1):
-            progress.update(f"{one.item.name} ({n}/{len(items)})")
-            restored.append(_restore(one, pg_restore))
+
+    def restore_all() -> list[dict[str, Any]]:
+        restored = []
+        with Progress("restore") as progress:
+            for n, one in enumerate(checked, 1):
+                progress.update(f"{one.item.name} ({n}/{len(items)})")
+                restored.append(_restore(one, pg_restore))
+        return restored
+
+    # Under the movers' lock: a move (or the servers' resumer completing a restored unfinished
+    # one) cannot change routing or a unit's rows between an item's restore and its row count.
+    restored, _ = asyncio.run(
+        _under_movers_lock(
+            session.config().control_dsn,
+            args.lock_wait,
+            restore_all,
+            doing="restore",
+            undone="nothing was restored",
+        )
+    )
     if restored[-1]["shard_id"] is None:  # the control item comes last: fences and messages follow routing
         restored[-1]["reconciled"] = reconcile_restored_routing(session)
     if session.json:
@@ -616,6 +668,14 @@ def register(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> 
     restore.add_argument("directory", type=Path, metavar="DIR", help="a directory written by backup")
     _selection(restore, "restore")
     restore.add_argument("--yes", action="store_true", help="confirm replacing the current tables")
+    restore.add_argument(
+        "--lock-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long the restore waits for a running move, reshard or repair (the movers' lock) "
+        "before giving up (default: 60)",
+    )
 
 
 __all__ = [
