@@ -49,6 +49,10 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     level = "INFO"
     rpc = true                              # one line per RPC (logger server.rpc, INFO)
 
+    [archive]                               # optional; see ArchiveConfig for every key
+    url = "/var/lib/dialog-shard/archive"   # or "s3://bucket/prefix" (with endpoint_url for non-AWS S3)
+    older_than = "365d"                     # the servers archive older messages daily; omit: only dialogctl
+
     [resilience]                            # optional; see ResilienceConfig for every key
     require_all_shards = false              # start with some shards down (they answer UNAVAILABLE)
     replica_reads = true                    # GetDialog may read from a replica lagging <= replica_max_lag
@@ -78,6 +82,8 @@ Environment variables (they win over the file):
 - `DIALOG_METRICS_LISTEN`: address of the metrics endpoint, or `off`.
 - `DIALOG_LOG_FORMAT` (`json`, `text`, `auto`), `DIALOG_LOG_LEVEL`, `DIALOG_LOG_RPC` (`0` silences
   the per-RPC lines).
+- `DIALOG_ARCHIVE_URL`, `DIALOG_ARCHIVE_ENDPOINT_URL`, `DIALOG_ARCHIVE_OLDER_THAN`: the `[archive]`
+  keys `url`, `endpoint_url` and `older_than` (S3 credentials come from the usual `AWS_*` variables).
 - `DIALOG_SEND_RATE_PER_SECOND`, `DIALOG_SEND_BURST`, `DIALOG_READ_RATE_PER_SECOND`,
   `DIALOG_READ_BURST`, `DIALOG_MAX_RESPONSE_BYTES`, `DIALOG_MAX_CONCURRENT_RPCS`: the `[limits]`
   keys of the same names.
@@ -229,6 +235,47 @@ class ResilienceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveConfig:
+    """Cold storage of old messages (server.archive): Parquet files in a directory or an S3 bucket."""
+
+    #: A local directory, or `s3://bucket/prefix`; None: no archive (GetDialog reads only the shards).
+    url: str | None = None
+    #: The S3 API's endpoint for S3-compatible storage other than AWS (e.g. `http://10.0.0.5:9000`).
+    endpoint_url: str | None = None
+    #: The S3 region; None: the AWS default chain's.
+    region: str | None = None
+    #: Messages older than this (`90d`, `12h`, `30m`, `45s`) are archived by the servers on their
+    #: own every `schedule_interval` seconds; None: only `dialogctl archive` archives.
+    older_than: str | None = None
+    #: Seconds between scheduled archive runs (one server runs each: it takes the movers' lock).
+    schedule_interval: float = 86400.0
+    #: Seconds a server reads pages with the archive's manifest as it loaded it before loading it
+    #: again. An archive run waits this long (and a second) after publishing files before it deletes
+    #: their rows from the shards, so no server misses a message between the two.
+    manifest_max_age: float = 2.0
+    #: Most rows one archive file (one batch) holds; a batch is held in memory while written.
+    batch_rows: int = 100_000
+    #: Rows per Parquet row group: the unit a page deep in the archive reads.
+    row_group_rows: int = 2048
+
+    @property
+    def older_than_seconds(self) -> float | None:
+        return None if self.older_than is None else parse_duration(self.older_than)
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90d`, `12h`, `30m` or `45s`; ValueError with the accepted forms otherwise."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: write a number with s, m, h or d (e.g. 90d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """Bearer token verification."""
 
@@ -376,6 +423,7 @@ class ServerConfig:
     pin_workers: bool = False
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
 
     @property
     def num_shards(self) -> int:
@@ -520,6 +568,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         pin_workers=_bool(env.get("DIALOG_PIN_WORKERS", data.get("pin_workers", False))),
         metrics=_metrics(data.get("metrics", {}), env),
         log=_log(data.get("log", {}), env),
+        archive=_archive(data.get("archive", {}), env, base_dir),
     )
 
 
@@ -756,6 +805,27 @@ def _check_limits(limits: LimitsConfig) -> None:
         )
     if limits.max_metadata_bytes < 4096:
         raise ConfigError("limits.max_metadata_bytes must be at least 4096 (bearer tokens travel there)")
+
+
+def _archive(section: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> ArchiveConfig:
+    values = _known(section, ArchiveConfig, "archive")
+    for key in ("url", "endpoint_url", "older_than"):
+        if env.get(f"DIALOG_ARCHIVE_{key.upper()}"):
+            values[key] = env[f"DIALOG_ARCHIVE_{key.upper()}"]
+    url = values.get("url")
+    if url and "://" not in str(url):
+        values["url"] = str(base_dir / Path(str(url)).expanduser())
+    archive = ArchiveConfig(**values)
+    if archive.older_than is not None:
+        try:
+            parse_duration(archive.older_than)
+        except ValueError as exc:
+            raise ConfigError(f"archive.older_than: {exc}") from None
+    if archive.batch_rows < 1 or archive.row_group_rows < 1:
+        raise ConfigError("archive.batch_rows and archive.row_group_rows must be at least 1")
+    if archive.manifest_max_age <= 0 or archive.schedule_interval <= 0:
+        raise ConfigError("archive.manifest_max_age and archive.schedule_interval must be positive")
+    return archive
 
 
 def _resilience(section: Mapping[str, Any]) -> ResilienceConfig:

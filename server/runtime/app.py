@@ -27,8 +27,10 @@ from client.gen.dialog.v1 import (
     dialog_service_pb2,
     dialog_service_pb2_grpc,
 )
+from server.archive.reader import ArchiveReader
+from server.archive.store import ArchiveStore
 from server.auth import TokenVerifier
-from server.config import MAX_SEND_BYTES, LimitsConfig, ServerConfig, TlsConfig
+from server.config import MAX_SEND_BYTES, ArchiveConfig, LimitsConfig, ServerConfig, TlsConfig
 from server.interceptors import (
     AuthInterceptor,
     ConcurrencyLimitInterceptor,
@@ -41,6 +43,7 @@ from server.interceptors._wrap import UnaryUnaryInterceptor
 from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import Limiter, TokenBucketLimiter
 from server.interceptors.shared_buckets import SharedTokenBuckets, table_path
+from server.moves.archiver import Archiver, ArchiveSchedule
 from server.moves.resumer import MoveResumer
 from server.observability.logs import RpcLog
 from server.observability.metrics import MetricsEndpoint, ServerMetrics
@@ -184,7 +187,8 @@ async def running_server(
             ],
         )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
-            DialogService(placement, shards, tokens, config.limits), server
+            DialogService(placement, shards, tokens, config.limits, archive=archive_reader(config.archive)),
+            server,
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(placement, shards, tokens, max_response_bytes=config.limits.max_response_bytes),
@@ -222,6 +226,9 @@ async def running_server(
             placement.mover(shards), after=config.resilience.move_resume_after, control=placement.control
         )
         await resumer.start()
+        schedule = archive_schedule(config, shards)
+        if schedule is not None:
+            await schedule.start()
         log.info(
             "serving on port %d with %d shards (%s)",
             port,
@@ -235,6 +242,8 @@ async def running_server(
                 server, port, placement, shards, health_servicer, endpoint.port if endpoint else None
             )
         finally:
+            if schedule is not None:
+                await schedule.stop()
             await resumer.stop()
             await reporter.stop()
             await health_servicer.enter_graceful_shutdown()
@@ -242,6 +251,29 @@ async def running_server(
             if endpoint is not None:
                 endpoint.close()
             log.info("server stopped")
+
+
+def _archive_store(archive: ArchiveConfig) -> ArchiveStore | None:
+    if archive.url is None:
+        return None
+    return ArchiveStore(archive.url, endpoint_url=archive.endpoint_url, region=archive.region)
+
+
+def archive_reader(archive: ArchiveConfig) -> ArchiveReader | None:
+    """The reader of the configured archive, None without one."""
+    store = _archive_store(archive)
+    return None if store is None else ArchiveReader(store, max_age=archive.manifest_max_age)
+
+
+def archive_schedule(config: ServerConfig, shards: ShardSet) -> ArchiveSchedule | None:
+    """The scheduled archive runs (`[archive] older_than`), None when not configured."""
+    store = _archive_store(config.archive)
+    older_than = config.archive.older_than_seconds
+    if store is None or older_than is None:
+        return None
+    stores = [shards.store(c.shard_id) for c in config.shards]
+    archiver = Archiver(stores, config.control_dsn, store, config.archive)
+    return ArchiveSchedule(archiver, older_than=older_than, interval=config.archive.schedule_interval)
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

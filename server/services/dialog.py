@@ -10,11 +10,14 @@ import grpc
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server.archive.merge import merge_pages
+from server.archive.reader import ArchiveReader
 from server.auth import current_principal
 from server.config import LimitsConfig
 from server.errors import AlreadyExists, PermissionDenied
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
+from server.routing import Pair
 from server.services.convert import add_page, fill_message
 from server.services.validation import (
     Violations,
@@ -24,7 +27,7 @@ from server.services.validation import (
     page_size,
 )
 from server.storage.ids import MessageIdGenerator, id_time
-from server.storage.messages import NewMessage
+from server.storage.messages import PAGE_MESSAGE_OVERHEAD, NewMessage, PageRow
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -41,9 +44,16 @@ def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
 
 class DialogService(pb_grpc.DialogServiceServicer):
     def __init__(
-        self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec, limits: LimitsConfig
+        self,
+        placement: Placement,
+        shards: ShardSet,
+        tokens: PageTokenCodec,
+        limits: LimitsConfig,
+        *,
+        archive: ArchiveReader | None = None,
     ) -> None:
         self._placement = placement
+        self._archive = archive
         self._shards = shards
         self._tokens = tokens
         self._limits = limits
@@ -125,9 +135,45 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 max_bytes=self._page_bytes,
             ),
         )
+        if self._archive is not None:
+            rows, more = await self._with_archive(
+                self._archive, where.pair, after, oldest_first, limit, rows, more
+            )
         next_token = ""
         if more:
             next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(rows[-1][0]).bytes)
         response = pb.GetDialogResponse(next_page_token=next_token)
         add_page(response.messages, rows)
         return response
+
+    async def _with_archive(
+        self,
+        archive: ArchiveReader,
+        pair: Pair,
+        after: uuid.UUID | None,
+        oldest_first: bool,
+        limit: int,
+        hot: list[PageRow],
+        hot_more: bool,
+    ) -> tuple[list[PageRow], bool]:
+        """The page with the archived messages that belong on it: the same cursor walks the shard's
+        messages and the archive's, in both orders. No file is read when none can belong there."""
+        newest = await archive.newest_id(pair)
+        cursor = None if after is None else str(after)
+        if newest is None:
+            return hot, hot_more
+        if oldest_first and cursor is not None and cursor >= newest:
+            return hot, hot_more
+        if not oldest_first and hot_more and hot[-1][0] > newest:
+            return hot, hot_more
+        cold, cold_more = await archive.page(pair, after=cursor, oldest_first=oldest_first, limit=limit)
+        return merge_pages(
+            hot,
+            hot_more,
+            cold,
+            cold_more,
+            oldest_first=oldest_first,
+            limit=limit,
+            max_bytes=self._page_bytes,
+            overhead=PAGE_MESSAGE_OVERHEAD,
+        )

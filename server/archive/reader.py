@@ -1,0 +1,158 @@
+"""Reading a dialog's archived messages: the manifest as of at most `max_age` seconds ago, the
+files' footers (cached: files never change) and only the row groups that can hold the page.
+
+A page beyond a cursor reads, in each file of the dialog's part, the row groups whose statistics
+admit the pair and ids beyond the cursor, in the page's order, until it has `limit + 1` of the
+pair's messages: about `limit / row_group_rows + 1` groups per file, however deep the page is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from server.archive import manifest as manifest_module
+from server.archive.files import PAGE_COLUMNS, PageRow, page_rows, part_of
+from server.archive.manifest import Batch, Manifest
+from server.archive.store import ArchiveStore
+from server.routing import Pair, bucket_of
+
+#: Footers kept in memory (a few KiB each).
+_FOOTERS = 4096
+
+
+@dataclass(slots=True)
+class ReadStats:
+    """What pages cost: manifests loaded, footers and row groups read (for tests and benchmarks)."""
+
+    manifests: int = 0
+    footers: int = 0
+    row_groups: int = 0
+
+
+class ArchiveReader:
+    """The archive as the servers read it."""
+
+    def __init__(self, store: ArchiveStore, *, max_age: float) -> None:
+        self.store = store
+        self._max_age = max_age
+        self._manifest = Manifest()
+        self._loaded_at = -float("inf")
+        self._lock = asyncio.Lock()
+        self._footers: OrderedDict[str, Any] = OrderedDict()
+        self.stats = ReadStats()
+
+    async def manifest(self) -> Manifest:
+        """The manifest, loaded again when the one held is older than `max_age` seconds."""
+        if time.monotonic() - self._loaded_at < self._max_age:
+            return self._manifest
+        async with self._lock:
+            if time.monotonic() - self._loaded_at >= self._max_age:
+                started = time.monotonic()
+                data = await asyncio.to_thread(self.store.read, manifest_module.NAME)
+                self._manifest = Manifest() if data is None else Manifest.from_json(data)
+                # Counted from before the read: the manifest is at least as new as that moment.
+                self._loaded_at = started
+                self.stats.manifests += 1
+        return self._manifest
+
+    async def may_hold(self, pair: Pair, *, after: str | None, oldest_first: bool) -> bool:
+        """Whether archived messages of the pair may lie beyond the cursor (no file read)."""
+        newest = (await self.manifest()).newest_id(part_of(bucket_of(*pair)))
+        if newest is None:
+            return False
+        return not (oldest_first and after is not None and after >= newest)
+
+    async def newest_id(self, pair: Pair) -> str | None:
+        return (await self.manifest()).newest_id(part_of(bucket_of(*pair)))
+
+    async def page(
+        self, pair: Pair, *, after: str | None, oldest_first: bool, limit: int
+    ) -> tuple[list[PageRow], bool]:
+        """The pair's archived messages strictly beyond `after` in the order: at most `limit`, and
+        whether more follow."""
+        batches = (await self.manifest()).files_of_part(part_of(bucket_of(*pair)))
+        if not batches:
+            return [], False
+        found: dict[bytes, PageRow] = {}
+        for batch in batches:
+            rows = await asyncio.to_thread(self._read_file, batch, pair, after, oldest_first, limit + 1)
+            found.update(rows)
+        ordered = sorted(found.items(), reverse=not oldest_first)
+        return [row for _, row in ordered[:limit]], len(ordered) > limit
+
+    def _footer(self, batch: Batch) -> Any:
+        footer = self._footers.get(batch.file)
+        if footer is None:
+            with self.store.open(batch.file) as handle:
+                footer = pq.ParquetFile(handle).metadata
+            self.stats.footers += 1
+            self._footers[batch.file] = footer
+            if len(self._footers) > _FOOTERS:
+                self._footers.popitem(last=False)
+        else:
+            self._footers.move_to_end(batch.file)
+        return footer
+
+    def _read_file(
+        self, batch: Batch, pair: Pair, after: str | None, oldest_first: bool, wanted: int
+    ) -> list[tuple[bytes, PageRow]]:
+        footer = self._footer(batch)
+        cursor = None if after is None else bytes.fromhex(after.replace("-", ""))
+        groups = [
+            g
+            for g in range(footer.num_row_groups)
+            if _may_hold(footer.row_group(g), pair, cursor, oldest_first)
+        ]
+        if not oldest_first:
+            groups.reverse()
+        rows: list[tuple[bytes, PageRow]] = []
+        if not groups:
+            return rows
+        with self.store.open(batch.file) as handle:
+            parquet = pq.ParquetFile(handle, metadata=footer)
+            for group in groups:
+                table = parquet.read_row_group(group, columns=PAGE_COLUMNS)
+                self.stats.row_groups += 1
+                for key, row in page_rows(table, pair):
+                    if cursor is None or (key > cursor if oldest_first else key < cursor):
+                        rows.append((key, row))
+                if len(rows) >= wanted:
+                    break
+        return rows
+
+
+def _statistics(group: Any, column: int) -> tuple[Any, Any] | None:
+    stats = group.column(column).statistics
+    if stats is None or not stats.has_min_max:
+        return None
+    return stats.min, stats.max
+
+
+# Column positions in server.archive.files.SCHEMA.
+_ID, _LOW, _HIGH = 0, 1, 2
+
+
+def _may_hold(group: Any, pair: Pair, cursor: bytes | None, oldest_first: bool) -> bool:
+    """Whether a row group's statistics admit rows of the pair beyond the cursor."""
+    lows = _statistics(group, _LOW)
+    if lows is not None and not lows[0] <= pair.low <= lows[1]:
+        return False
+    highs = _statistics(group, _HIGH)
+    # Rows sort by (low, high): the highs' range bounds the pair only when one low fills the group.
+    if (
+        lows is not None
+        and lows[0] == lows[1]
+        and highs is not None
+        and not highs[0] <= pair.high <= highs[1]
+    ):
+        return False
+    ids = _statistics(group, _ID)
+    if cursor is not None and ids is not None:
+        return bool(ids[1] > cursor) if oldest_first else bool(ids[0] < cursor)
+    return True
