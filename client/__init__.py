@@ -34,6 +34,7 @@ from client._models import (
     ShardResolution,
     ShardSource,
     ShardStats,
+    UserErasure,
 )
 from client._retry import RetryPolicy
 
@@ -59,6 +60,7 @@ __all__ = [
     "ShardSource",
     "ShardStats",
     "TokenProvider",
+    "UserErasure",
     "aio_channel",
     "new_request_id",
     "sync_channel",

@@ -106,6 +106,25 @@ class DialogClient(SyncCaller[pb_grpc.DialogServiceStub]):
         )
         return _page(response)
 
+    def delete_message(
+        self,
+        user_id: int,
+        peer_user_id: int,
+        message_id: str,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> bool:
+        """Delete a message `user_id` sent; True when this call deleted it, False when it was gone
+        already (retried safely: deleting is idempotent)."""
+        request = build_request(
+            pb.DeleteMessageRequest, user_id=user_id, peer_user_id=peer_user_id, message_id=message_id
+        )
+        response = self._call(
+            self._stub.DeleteMessage, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return response.deleted
+
     def iter_dialog(
         self,
         user_id: int,
@@ -179,6 +198,25 @@ class AsyncDialogClient(AsyncCaller[_AsyncStub]):
             safe_to_repeat=True,
         )
         return _page(response)
+
+    async def delete_message(
+        self,
+        user_id: int,
+        peer_user_id: int,
+        message_id: str,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> bool:
+        """Delete a message `user_id` sent; True when this call deleted it, False when it was gone
+        already (retried safely: deleting is idempotent)."""
+        request = build_request(
+            pb.DeleteMessageRequest, user_id=user_id, peer_user_id=peer_user_id, message_id=message_id
+        )
+        response = await self._call(
+            self._stub.DeleteMessage, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return response.deleted
 
     def iter_dialog(
         self,

@@ -4,6 +4,7 @@ of archived pairs."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
 
@@ -35,6 +37,7 @@ from tests.support import (
     S3Server,
     dialog_pages,
     dialogctl,
+    expect_error,
     fresh_cluster,
     hot_count,
     make_config,
@@ -112,7 +115,8 @@ async def walk(
     stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
     order = dpb.MESSAGE_ORDER_OLDEST_FIRST if oldest_first else dpb.MESSAGE_ORDER_NEWEST_FIRST
     pages = await dialog_pages(stub, a, b, auth, order=order, page_size=page_size)
-    assert all(0 < len(p.messages) <= page_size for p in pages)
+    empty_dialog = len(pages) == 1 and not pages[0].messages
+    assert empty_dialog or all(0 < len(p.messages) <= page_size for p in pages)
     return [m.message_id for p in pages for m in p.messages]
 
 
@@ -133,23 +137,35 @@ def row(n: int, text: str = "t") -> tuple[str, int, int, str, datetime]:
 def test_merge_keeps_each_message_once_and_stops_at_a_source_with_more() -> None:
     hot = [row(5), row(6), row(9)]
     cold = [row(1), row(5), row(7)]  # 5 is in both: archived, not yet deleted from its shard
-    page, more = merge_pages(hot, True, cold, False, oldest_first=True, limit=10, max_bytes=10**6, overhead=0)
+    page, more, _ = merge_pages(
+        hot, True, cold, False, oldest_first=True, limit=10, max_bytes=10**6, overhead=0
+    )
     # The hot source has more after 9; everything up to 9 is certain.
     assert [r[0] for r in page] == [str(uuid.UUID(int=n)) for n in (1, 5, 6, 7, 9)] and more
-    page, more = merge_pages(
+    page, more, _ = merge_pages(
         hot[::-1], False, cold[::-1], True, oldest_first=False, limit=10, max_bytes=10**6, overhead=0
     )
     # Newest first, the archive has more beyond 1: the page ends there.
     assert [r[0] for r in page] == [str(uuid.UUID(int=n)) for n in (9, 7, 6, 5, 1)] and more
-    page, more = merge_pages(hot, False, cold, False, oldest_first=True, limit=2, max_bytes=10**6, overhead=0)
-    assert [r[0] for r in page] == [str(uuid.UUID(int=n)) for n in (1, 5)] and more
+    page, more, after = merge_pages(
+        hot, False, cold, False, oldest_first=True, limit=2, max_bytes=10**6, overhead=0
+    )
+    assert [r[0] for r in page] == [str(uuid.UUID(int=n)) for n in (1, 5)] and more and after == page[-1][0]
+    # Deleted messages are passed over; the next page continues after the last one passed.
+    gone = {str(uuid.UUID(int=n)) for n in (1, 5, 6, 7, 9)}
+    page, more, after = merge_pages(
+        hot, True, cold, False, oldest_first=True, limit=2, max_bytes=10**6, overhead=0, deleted=gone
+    )
+    assert page == [] and more and after == str(uuid.UUID(int=9))
 
 
 def test_merge_ends_a_page_at_the_byte_budget_but_never_empty() -> None:
     cold = [row(1, "x" * 50), row(2, "y" * 50)]
-    page, more = merge_pages([], False, cold, False, oldest_first=True, limit=10, max_bytes=60, overhead=10)
+    page, more, _ = merge_pages(
+        [], False, cold, False, oldest_first=True, limit=10, max_bytes=60, overhead=10
+    )
     assert [r[3] for r in page] == ["x" * 50] and more
-    page, more = merge_pages([], False, cold, False, oldest_first=True, limit=10, max_bytes=1, overhead=10)
+    page, more, _ = merge_pages([], False, cold, False, oldest_first=True, limit=10, max_bytes=1, overhead=10)
     assert len(page) == 1 and more
 
 
@@ -403,3 +419,142 @@ def rows_on(config: ServerConfig, pair: tuple[int, int]) -> list[int]:
             ).fetchone():
                 found.append(shard.shard_id)
     return found
+
+
+# -- Deleting and erasing --------------------------------------------------------------------------
+
+
+async def test_a_sender_deletes_hot_and_archived_messages_once_and_nobody_elses(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = {"url": str(tmp_path / "archive"), **SMALL}
+    async with archived_cluster(pg_servers, jwt_secret, settings) as (config, running, channel):
+        a, b = new_pair()
+        low, high = Pair.of(a, b)
+        old = old_messages(config, (a, b), 30, sent=datetime.now(UTC) - LONG_AGO)
+        mine = await send(channel, auth_for(a), a, b, 2)
+        theirs = await send(channel, auth_for(b), b, a, 1)
+        await archiver(running, config).run(cutoff())
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+
+        async def delete(user: int, peer: int, message_id: str, auth: Metadata | None = None) -> bool:
+            request = dpb.DeleteMessageRequest(user_id=user, peer_user_id=peer, message_id=message_id)
+            reply = await stub.DeleteMessage(request, metadata=auth or auth_for(user))
+            return bool(reply.deleted)
+
+        # old[i] was sent by `low` unless i % 3 == 0 (then by `high`).
+        archived_mine = next(m for i, m in enumerate(old) if (low if i % 3 else high) == a)
+        archived_theirs = next(m for i, m in enumerate(old) if (low if i % 3 else high) == b)
+        with caplog.at_level("INFO", logger="server.rpc"):
+            assert await delete(a, b, mine[0]) is True
+            assert await delete(a, b, mine[0]) is False, "deleting again is a success that deletes nothing"
+            assert await delete(a, b, archived_mine) is True
+            assert await delete(a, b, archived_mine) is False
+        for message_id in (theirs[0], archived_theirs):
+            denied = await expect_error(delete(a, b, message_id), grpc.StatusCode.PERMISSION_DENIED)
+            assert "only the sender" in (denied.details() or "")
+        impostor = await expect_error(delete(b, a, theirs[0], auth_for(a)), grpc.StatusCode.PERMISSION_DENIED)
+        assert "user_id must be the authenticated user" in (impostor.details() or "")
+        bad = await expect_error(delete(a, b, "not-an-id"), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "message_id" in (bad.details() or "")
+        logged = [(r.grpc_method, r.principal) for r in caplog.records if r.name == "server.rpc"]  # type: ignore[attr-defined]
+        assert logged == [("DeleteMessage", f"user:{a}")] * 4
+        expected = [m for m in old + mine + theirs if m not in (mine[0], archived_mine)]
+        expected.sort()
+        await assert_dialog_is(channel, auth_for(a), a, b, expected)
+        # The next run compacts: the file is written again without the deleted message.
+        report = await archiver(running, config).run(cutoff())
+        assert (report.compacted_messages, report.compacted_files) == (1, 1)
+        assert manifest_of(config).totals()["messages"] == 29
+        assert sorted(b.file for b in manifest_of(config).batches) == store_of(config).list("parts")
+        with psycopg.connect(config.control_dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM message_tombstones").fetchone() == (0,)
+        await assert_dialog_is(channel, auth_for(a), a, b, expected)
+
+
+async def test_erase_user_removes_every_message_of_the_user_everywhere_and_again_nothing(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+    admin_auth: Metadata,
+) -> None:
+    settings = {"url": str(tmp_path / "archive"), **SMALL}
+    async with archived_cluster(pg_servers, jwt_secret, settings) as (config, running, channel):
+        user, peer = new_pair()
+        other_peer, bystander = new_pair()
+        kept = old_messages(config, (other_peer, bystander), 25, sent=datetime.now(UTC) - LONG_AGO)
+        for someone in (peer, other_peer):
+            old_messages(config, (user, someone), 40, sent=datetime.now(UTC) - LONG_AGO)
+        await archiver(running, config).run(cutoff())
+        await send(channel, auth_for(user), user, peer, 3)
+        await send(channel, auth_for(other_peer), other_peer, user, 2)
+        # An erasure cut short after rewriting one file: the next call completes it.
+
+        async def cut_short(passed: str) -> None:
+            if passed == "rewritten":
+                raise Crash(passed)
+
+        with pytest.raises(Crash):
+            await archiver(running, config, after_step=cut_short).erase_user(user)
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        erased = await admin.EraseUser(apb.EraseUserRequest(user_id=user), metadata=admin_auth)
+        assert erased.hot_messages_deleted == 0, "the first call deleted the hot messages"
+        assert (erased.archived_messages_erased, erased.archive_files_rewritten) == (40, 1)
+        again = await admin.EraseUser(apb.EraseUserRequest(user_id=user), metadata=admin_auth)
+        assert (
+            again.hot_messages_deleted,
+            again.archived_messages_erased,
+            again.archive_files_rewritten,
+        ) == (0, 0, 0)
+        for someone in (peer, other_peer):
+            assert await walk(channel, auth_for(user), user, someone, oldest_first=True, page_size=50) == []
+            assert hot_count(config, (user, someone)) == 0
+        assert all(
+            user not in (r[1], r[2])
+            for b in manifest_of(config).batches
+            for r in decode(store_of(config).read(b.file) or b"")
+        )
+        await assert_dialog_is(channel, auth_for(bystander), bystander, other_peer, kept)
+        refused = await expect_error(
+            admin.EraseUser(apb.EraseUserRequest(user_id=user), metadata=auth_for(user)),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        assert refused.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_verify_checks_the_archive_and_backups_name_its_files(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    settings = {"url": str(tmp_path / "archive"), **SMALL}
+    async with archived_cluster(pg_servers, jwt_secret, settings) as (config, running, _):
+        a, b = new_pair()
+        old_messages(config, (a, b), 120, sent=datetime.now(UTC) - LONG_AGO)
+        await archiver(running, config).run(cutoff())
+        path = write_server_config(
+            tmp_path / "ctl.toml", config, "127.0.0.1:1", jwt_secret, sections={"archive": settings}
+        )
+        verified = (await dialogctl(path, "verify", "--json")).json()
+        assert verified["clean"] is True
+        assert (verified["archive"]["files"], verified["archive"]["messages"]) == (2, 120)
+        backup = await dialogctl(path, "backup", "--out", str(tmp_path / "backup"), "--json")
+        assert backup.returncode == 0, backup.stderr
+        listed = backup.json()["archive"]
+        assert sorted(f["file"] for f in listed["files"]) == store_of(config).list("parts")
+        assert sum(f["rows"] for f in listed["files"]) == 120
+        lost = manifest_of(config).batches[0]
+        store_of(config).delete(lost.file)
+        store_of(config).write("parts/00/stray.parquet", b"not parquet")
+        broken = await dialogctl(path, "verify", "--json")
+        assert broken.returncode == 1
+        findings = {(f["kind"], f["file"]) for f in json.loads(broken.stdout)["archive"]["findings"]}
+        assert findings == {("missing", lost.file), ("unlisted", "parts/00/stray.parquet")}

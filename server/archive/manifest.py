@@ -65,6 +65,11 @@ class Manifest:
         kept = tuple(b for b in self.batches if b.batch_id != batch.batch_id)
         return Manifest((*kept, batch), self.version + 1)
 
+    def replacing(self, batch_id: str, batch: Batch | None) -> Manifest:
+        """The manifest with a batch's file replaced by another (a rewrite), or dropped (None)."""
+        kept = tuple(b for b in self.batches if b.batch_id != batch_id)
+        return Manifest(kept if batch is None else (*kept, batch), self.version + 1)
+
     def with_state(self, batch_id: str, state: BatchState) -> Manifest:
         return Manifest(
             tuple(replace(b, state=state) if b.batch_id == batch_id else b for b in self.batches),

@@ -8,7 +8,7 @@ a source that has more, since that source's next messages could come first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from server.archive.files import PageRow
 
@@ -23,9 +23,11 @@ def merge_pages(
     limit: int,
     max_bytes: int,
     overhead: int,
-) -> tuple[list[PageRow], bool]:
+    deleted: Collection[str] = (),
+) -> tuple[list[PageRow], bool, str | None]:
     """The page's messages (at most `limit`, within `max_bytes` counting each as its text's UTF-8
-    bytes + `overhead`, always at least one) and whether more follow."""
+    bytes + `overhead`, at least one unless all of them were `deleted`), whether more follow, and
+    the id the next page continues after (the last one shown or passed over as deleted)."""
     by_id = {row[0]: row for row in cold}
     by_id.update((row[0], row) for row in hot)
     # Canonical UUID text sorts as the ids' bytes do.
@@ -37,10 +39,15 @@ def merge_pages(
     more = hot_more or cold_more
     page: list[PageRow] = []
     used = 0
+    resume_after: str | None = None
     for row in joined:
+        if row[0] in deleted:
+            resume_after = row[0]
+            continue
         size = len(row[3].encode()) + overhead
         if len(page) == limit or (page and used + size > max_bytes):
-            return page, True
+            return page, True, resume_after
         page.append(row)
         used += size
-    return page, more
+        resume_after = row[0]
+    return page, more, resume_after

@@ -86,6 +86,28 @@ class ArchiveReader:
         ordered = sorted(found.items(), reverse=not oldest_first)
         return [row for _, row in ordered[:limit]], len(ordered) > limit
 
+    async def find(self, pair: Pair, message_id: str) -> PageRow | None:
+        """The pair's archived message with this id (canonical text), None when no file holds it."""
+        for batch in (await self.manifest()).files_of_part(part_of(bucket_of(*pair))):
+            if batch.min_id <= message_id <= batch.max_id:
+                found = await asyncio.to_thread(self._find_in_file, batch, pair, message_id)
+                if found is not None:
+                    return found
+        return None
+
+    def _find_in_file(self, batch: Batch, pair: Pair, message_id: str) -> PageRow | None:
+        footer = self._footer(batch)
+        key = bytes.fromhex(message_id.replace("-", ""))
+        groups = [g for g in range(footer.num_row_groups) if _may_hold_id(footer.row_group(g), pair, key)]
+        with self.store.open(batch.file) as handle:
+            parquet = pq.ParquetFile(handle, metadata=footer)
+            for group in groups:
+                self.stats.row_groups += 1
+                for found, row in page_rows(parquet.read_row_group(group, columns=PAGE_COLUMNS), pair):
+                    if found == key:
+                        return row
+        return None
+
     def _footer(self, batch: Batch) -> Any:
         footer = self._footers.get(batch.file)
         if footer is None:
@@ -138,19 +160,29 @@ def _statistics(group: Any, column: int) -> tuple[Any, Any] | None:
 _ID, _LOW, _HIGH = 0, 1, 2
 
 
-def _may_hold(group: Any, pair: Pair, cursor: bytes | None, oldest_first: bool) -> bool:
-    """Whether a row group's statistics admit rows of the pair beyond the cursor."""
+def _may_hold_id(group: Any, pair: Pair, key: bytes) -> bool:
+    """Whether a row group's statistics admit the pair's message with this id."""
+    ids = _statistics(group, _ID)
+    return _may_hold_pair(group, pair) and (ids is None or ids[0] <= key <= ids[1])
+
+
+def _may_hold_pair(group: Any, pair: Pair) -> bool:
     lows = _statistics(group, _LOW)
     if lows is not None and not lows[0] <= pair.low <= lows[1]:
         return False
     highs = _statistics(group, _HIGH)
     # Rows sort by (low, high): the highs' range bounds the pair only when one low fills the group.
-    if (
+    return not (
         lows is not None
         and lows[0] == lows[1]
         and highs is not None
         and not highs[0] <= pair.high <= highs[1]
-    ):
+    )
+
+
+def _may_hold(group: Any, pair: Pair, cursor: bytes | None, oldest_first: bool) -> bool:
+    """Whether a row group's statistics admit rows of the pair beyond the cursor."""
+    if not _may_hold_pair(group, pair):
         return False
     ids = _statistics(group, _ID)
     if cursor is not None and ids is not None:

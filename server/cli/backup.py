@@ -49,6 +49,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from server.archive import manifest as archive_manifest
+from server.archive.manifest import Manifest as ArchiveManifest
+from server.cli.archive import open_store
 from server.cli.output import format_table, print_json
 from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, list_archive, run_tool
 from server.cli.progress import Progress
@@ -293,6 +296,8 @@ def cmd_backup(session: Session) -> int:
         entries = _dump_all(items, out, pg_dump)
         manifest |= {"movers_lock": False}
     manifest["items"] = entries
+    if session.config().archive.url is not None:
+        manifest["archive"] = _archive_reference(session)
     _create_private(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if session.json:
         print_json({"directory": str(out), **manifest})
@@ -305,6 +310,23 @@ def cmd_backup(session: Session) -> int:
             "unfinished move(s) in the set, which the servers' move resumer completes after a restore"
         )
     return 0
+
+
+def _archive_reference(session: Session) -> dict[str, Any]:
+    """The archive files the backed-up shards rely on: messages archived before the backup are in
+    them, not in the dumps. Archive files are never changed, so naming them is enough; keep them
+    (a rewrite by compaction or an erasure makes new files and removes the old ones)."""
+    store = open_store(session.config().archive)
+    data = store.read(archive_manifest.NAME)
+    listed = ArchiveManifest() if data is None else ArchiveManifest.from_json(data)
+    return {
+        "url": store.url,
+        "manifest_version": listed.version,
+        "files": [
+            {"file": b.file, "rows": b.rows, "checksum": str(b.checksum), "state": str(b.state)}
+            for b in listed.batches
+        ],
+    }
 
 
 def _print_items(entries: Sequence[dict[str, Any]]) -> None:

@@ -18,6 +18,13 @@ and no other run writes the manifest) and goes part by part, shard by shard, in 
 A crash at any step leaves the rows on their shard or in a listed file or both: the next run
 first finishes the `verified` batches (steps 4-6; deleting rows already deleted deletes nothing),
 so nothing is lost and nothing is left twice.
+
+Files are rewritten (never changed in place) by compaction, at the end of every run: files holding
+messages their senders deleted (tombstones, server.storage.tombstones) are written again without
+them, verified, swapped in the manifest, and the old files removed once no server reads them;
+then those tombstones go. EraseUser (`erase_user`) deletes a user's dialogs from every shard and
+rewrites every file holding any of their messages the same way; it is idempotent, so calling it
+again completes an erasure that was cut short.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -52,12 +59,14 @@ from server.config import ArchiveConfig
 from server.errors import FailedPrecondition
 from server.moves.mover import MoverBusy, MoverLease, mover_lock
 from server.resilience.db_errors import shard_errors
+from server.storage import deletion, tombstones
 from server.storage.messages import MessageStore
 from server.storage.transfer import ROW_COLUMNS, ROW_FINGERPRINT
 
 log = logging.getLogger(__name__)
 
-#: The step boundaries an `after_step` hook sees, in order.
+#: The step boundaries of archiving a batch an `after_step` hook sees, in order (a file rewritten
+#: by compaction or an erasure passes `written` and `verified`, then `rewritten`).
 STEPS = ("written", "verified", "published", "deleted", "done")
 #: The application_name the run's lock session shows in pg_stat_activity.
 LOCK_HOLDER = "dialog-shard archive"
@@ -75,6 +84,16 @@ def id_floor(moment: datetime) -> uuid.UUID:
 
 
 @dataclass(slots=True)
+class EraseReport:
+    """What an erasure removed."""
+
+    hot_messages: int = 0
+    archived_messages: int = 0
+    files_rewritten: int = 0
+    tombstones: int = 0
+
+
+@dataclass(slots=True)
 class ArchiveReport:
     """What a run did (or, dry, would do): messages per shard, files and bytes written."""
 
@@ -85,6 +104,9 @@ class ArchiveReport:
     bytes: int = 0
     resumed_batches: int = 0
     removed_leftovers: int = 0
+    #: Deleted messages compaction removed from files, and the files it rewrote.
+    compacted_messages: int = 0
+    compacted_files: int = 0
     seconds: float = 0.0
 
     @property
@@ -99,7 +121,7 @@ class Archiver:
         self,
         stores: Sequence[MessageStore],
         control_dsn: str,
-        store: ArchiveStore,
+        store: ArchiveStore | None,
         config: ArchiveConfig,
         *,
         after_step: Callable[[str], Awaitable[None]] | None = None,
@@ -113,6 +135,11 @@ class Archiver:
 
     async def run(self, cutoff: datetime, *, dry_run: bool = False, lock_wait: float = 0.0) -> ArchiveReport:
         """Archive every message older than `cutoff`; resumes what a crashed run left first."""
+        if self._store is None:
+            raise FailedPrecondition(
+                "no archive is configured: set [archive] url (a directory or s3://bucket/prefix)",
+                reason="ARCHIVE_NOT_CONFIGURED",
+            )
         report = ArchiveReport(cutoff, dry_run)
         started = time.monotonic()
         if dry_run:
@@ -137,11 +164,89 @@ class Archiver:
                     report.messages[batch.shard_id] = report.messages.get(batch.shard_id, 0) + batch.rows
                     report.files += 1
                     report.bytes += batch.bytes
-                await self._delete_published(manifest)
+                manifest = await self._delete_published(manifest)
+                await self._compact(manifest, report)
             finally:
                 self._lease = None
         report.seconds = time.monotonic() - started
         return report
+
+    async def erase_user(self, user_id: int, *, lock_wait: float = 30.0) -> EraseReport:
+        """Delete every message of the user's dialogs from every shard and the archive."""
+        report = EraseReport()
+        async with mover_lock(self._control_dsn, lock_wait, application_name=LOCK_HOLDER) as lease:
+            self._lease = lease
+            try:
+                for shard in self._stores.values():
+                    await self._confirm()
+                    report.hot_messages += await deletion.erase_user(shard, user_id)
+                if self._store is not None:
+                    manifest = await self._load()
+                    erased = await self._rewrite(manifest, lambda r: user_id in (r[1], r[2]), parts=None)
+                    report.archived_messages, report.files_rewritten = erased[1], erased[2]
+                async with await psycopg.AsyncConnection.connect(
+                    self._control_dsn, autocommit=True, connect_timeout=10
+                ) as conn:
+                    report.tombstones = await tombstones.drop_user(conn, user_id)
+            finally:
+                self._lease = None
+        return report
+
+    async def _compact(self, manifest: Manifest, report: ArchiveReport) -> None:
+        """Rewrite the files holding deleted messages without them, then drop those tombstones."""
+        async with await psycopg.AsyncConnection.connect(
+            self._control_dsn, autocommit=True, connect_timeout=10
+        ) as conn:
+            deleted = await tombstones.all_ids(conn)
+        if not deleted:
+            return
+        _, report.compacted_messages, report.compacted_files = await self._rewrite(
+            manifest, lambda r: r[0] in deleted, parts=None
+        )
+        await self._confirm()
+        async with await psycopg.AsyncConnection.connect(
+            self._control_dsn, autocommit=True, connect_timeout=10
+        ) as conn:
+            # Only the tombstones read above: one recorded since may hide a message in a file
+            # this pass did not rewrite.
+            await tombstones.drop(conn, sorted(deleted))
+
+    async def _rewrite(
+        self, manifest: Manifest, dropped: Callable[[Row], bool], *, parts: set[int] | None
+    ) -> tuple[Manifest, int, int]:
+        """Write again, without the `dropped` rows, every listed file holding any; returns the
+        manifest, rows removed and files rewritten. Each new file is verified before the manifest
+        names it instead of the old one; the old files go once no server can still read them."""
+        removed = 0
+        replaced: list[str] = []
+        for batch in list(manifest.batches):
+            if parts is not None and batch.part not in parts:
+                continue
+            data = await asyncio.to_thread(self._files.read, batch.file)
+            rows = decode(data) if data is not None else []
+            kept = [r for r in rows if not dropped(r)]
+            if len(kept) == len(rows):
+                continue
+            new_batch: Batch | None = None
+            if kept:
+                new_batch = await self._write_verified(batch.shard_id, batch.part, kept, fingerprint(kept))
+                new_batch = replace(new_batch, state=batch.state)
+            manifest = manifest.replacing(batch.batch_id, new_batch)
+            await self._save(manifest)
+            removed += len(rows) - len(kept)
+            replaced.append(batch.file)
+            await self._passed("rewritten")
+        if replaced:
+            await asyncio.sleep(self._config.manifest_max_age + 1.0)
+            for name in replaced:
+                await asyncio.to_thread(self._files.delete, name)
+        return manifest, removed, len(replaced)
+
+    @property
+    def _files(self) -> ArchiveStore:
+        if self._store is None:
+            raise FailedPrecondition("no archive is configured", reason="ARCHIVE_NOT_CONFIGURED")
+        return self._store
 
     async def _passed(self, step: str) -> None:
         if self._after_step is not None:
@@ -167,19 +272,22 @@ class Archiver:
             )
 
     async def _load(self) -> Manifest:
-        data = await asyncio.to_thread(self._store.read, manifest_module.NAME)
+        data = await asyncio.to_thread(self._files.read, manifest_module.NAME)
         return Manifest() if data is None else Manifest.from_json(data)
 
     async def _save(self, manifest: Manifest) -> None:
         await self._confirm()
-        await asyncio.to_thread(self._store.write, manifest_module.NAME, manifest.to_json())
+        await asyncio.to_thread(self._files.write, manifest_module.NAME, manifest.to_json())
 
     async def _remove_leftovers(self, manifest: Manifest) -> int:
         """Delete files that no manifest entry names: written by a run that crashed before listing them."""
         listed = {b.file for b in manifest.batches}
-        leftovers = [n for n in await asyncio.to_thread(self._store.list, "parts") if n not in listed]
+        leftovers = [n for n in await asyncio.to_thread(self._files.list, "parts") if n not in listed]
+        if leftovers:
+            # A file a crashed rewrite just unlisted may still be read by a server's older manifest.
+            await asyncio.sleep(self._config.manifest_max_age + 1.0)
         for name in leftovers:
-            await asyncio.to_thread(self._store.delete, name)
+            await asyncio.to_thread(self._files.delete, name)
         return len(leftovers)
 
     async def _archive_part(
@@ -190,36 +298,13 @@ class Archiver:
             rows = await _older_rows(shard, part, floor, after, self._config.batch_rows)
             if not rows:
                 return manifest
-            batch_id = uuid.uuid4().hex
-            name = file_name(part, batch_id)
-            data = encode(rows, row_group_rows=self._config.row_group_rows)
-            await self._confirm()
-            await asyncio.to_thread(self._store.write, name, data)
-            await self._passed("written")
             expected = await _shard_fingerprint(shard, [r[0] for r in rows])
-            read_back = await asyncio.to_thread(self._store.read, name)
-            found = fingerprint(decode(read_back)) if read_back is not None else Fingerprint(0, 0)
-            if found != expected or expected.count != len(rows):
+            if expected.count != len(rows):
                 raise ArchiveMismatch(
-                    f"the archive file {self._store.describe(name)} read back holds {found.count} "
-                    f"messages with checksum {found.checksum}, shard {shard.shard_id} {expected.count} "
-                    f"with checksum {expected.checksum}; nothing was deleted: check the storage and retry"
+                    f"shard {shard.shard_id} changed while a batch was read ({expected.count} of "
+                    f"{len(rows)} messages left); nothing was deleted: retry"
                 )
-            await self._passed("verified")
-            ids = sorted(str(r[0]) for r in rows)
-            batch = Batch(
-                batch_id=batch_id,
-                shard_id=shard.shard_id,
-                part=part,
-                file=name,
-                rows=len(rows),
-                checksum=found.checksum,
-                bytes=len(data),
-                min_id=ids[0],
-                max_id=ids[-1],
-                state=BatchState.VERIFIED,
-                created_at=datetime.now(UTC).isoformat(),
-            )
+            batch = await self._write_verified(shard.shard_id, part, rows, expected)
             manifest = manifest.with_batch(batch)
             await self._save(manifest)
             published.append(batch)
@@ -227,6 +312,41 @@ class Archiver:
             after = max(r[0] for r in rows)
             if len(rows) < self._config.batch_rows:
                 return manifest
+
+    async def _write_verified(
+        self, shard_id: int, part: int, rows: list[Row], expected: Fingerprint
+    ) -> Batch:
+        """Write the rows as a new file and read it back: it must hold `expected`."""
+        batch_id = uuid.uuid4().hex
+        name = file_name(part, batch_id)
+        data = encode(rows, row_group_rows=self._config.row_group_rows)
+        await self._confirm()
+        await asyncio.to_thread(self._files.write, name, data)
+        await self._passed("written")
+        read_back = await asyncio.to_thread(self._files.read, name)
+        found = fingerprint(decode(read_back)) if read_back is not None else Fingerprint(0, 0)
+        if found != expected:
+            raise ArchiveMismatch(
+                f"the archive file {self._files.describe(name)} read back holds {found.count} messages "
+                f"with checksum {found.checksum}, not the {expected.count} with checksum "
+                f"{expected.checksum} written (shard {shard_id}); nothing was deleted: "
+                "check the storage and retry"
+            )
+        await self._passed("verified")
+        ids = sorted(str(r[0]) for r in rows)
+        return Batch(
+            batch_id=batch_id,
+            shard_id=shard_id,
+            part=part,
+            file=name,
+            rows=len(rows),
+            checksum=found.checksum,
+            bytes=len(data),
+            min_id=ids[0],
+            max_id=ids[-1],
+            state=BatchState.VERIFIED,
+            created_at=datetime.now(UTC).isoformat(),
+        )
 
     async def _delete_published(self, manifest: Manifest) -> Manifest:
         """Delete the rows of every `verified` batch from the shards, then mark it done."""
@@ -237,17 +357,17 @@ class Archiver:
         # passed, they all know the files, and no page misses the rows deleted next.
         await asyncio.sleep(self._config.manifest_max_age + 1.0)
         for batch in pending:
-            data = await asyncio.to_thread(self._store.read, batch.file)
+            data = await asyncio.to_thread(self._files.read, batch.file)
             rows = decode(data) if data is not None else []
             if fingerprint(rows) != batch.fingerprint:
                 raise ArchiveMismatch(
-                    f"the archive file {self._store.describe(batch.file)} no longer matches the manifest "
+                    f"the archive file {self._files.describe(batch.file)} no longer matches the manifest "
                     f"({len(rows)} messages, {batch.rows} listed); its messages stay on the shards"
                 )
             checksums = {r[0]: row_checksum(r) for r in rows}
             for shard in self._stores.values():
                 await self._confirm()
-                await _delete_archived(shard, checksums, self._store.describe(batch.file))
+                await _delete_archived(shard, checksums, self._files.describe(batch.file))
             await self._passed("deleted")
             manifest = manifest.with_state(batch.batch_id, BatchState.DONE)
             await self._save(manifest)

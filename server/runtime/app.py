@@ -191,7 +191,13 @@ async def running_server(
             server,
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(placement, shards, tokens, max_response_bytes=config.limits.max_response_bytes),
+            AdminService(
+                placement,
+                shards,
+                tokens,
+                max_response_bytes=config.limits.max_response_bytes,
+                archiver=archiver_of(config, shards),
+            ),
             server,
         )
         health_servicer = health.aio.HealthServicer()
@@ -265,14 +271,18 @@ def archive_reader(archive: ArchiveConfig) -> ArchiveReader | None:
     return None if store is None else ArchiveReader(store, max_age=archive.manifest_max_age)
 
 
+def archiver_of(config: ServerConfig, shards: ShardSet) -> Archiver:
+    """The archiver of the configured archive (without one it still erases users' messages)."""
+    stores = [shards.store(c.shard_id) for c in config.shards]
+    return Archiver(stores, config.control_dsn, _archive_store(config.archive), config.archive)
+
+
 def archive_schedule(config: ServerConfig, shards: ShardSet) -> ArchiveSchedule | None:
     """The scheduled archive runs (`[archive] older_than`), None when not configured."""
-    store = _archive_store(config.archive)
     older_than = config.archive.older_than_seconds
-    if store is None or older_than is None:
+    if config.archive.url is None or older_than is None:
         return None
-    stores = [shards.store(c.shard_id) for c in config.shards]
-    archiver = Archiver(stores, config.control_dsn, store, config.archive)
+    archiver = archiver_of(config, shards)
     return ArchiveSchedule(archiver, older_than=older_than, interval=config.archive.schedule_interval)
 
 

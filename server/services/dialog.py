@@ -1,4 +1,4 @@
-"""dialog.v1.DialogService: SendMessage and GetDialog."""
+"""dialog.v1.DialogService: SendMessage, GetDialog and DeleteMessage."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from server.services.validation import (
     check_text,
     page_size,
 )
+from server.storage import deletion, tombstones
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.messages import PAGE_MESSAGE_OVERHEAD, NewMessage, PageRow
 from server.storage.pools import ShardSet
@@ -135,13 +136,14 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 max_bytes=self._page_bytes,
             ),
         )
+        resume_after = rows[-1][0] if rows else None
         if self._archive is not None:
-            rows, more = await self._with_archive(
+            rows, more, resume_after = await self._with_archive(
                 self._archive, where.pair, after, oldest_first, limit, rows, more
             )
         next_token = ""
-        if more:
-            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(rows[-1][0]).bytes)
+        if more and resume_after is not None:
+            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(resume_after).bytes)
         response = pb.GetDialogResponse(next_page_token=next_token)
         add_page(response.messages, rows)
         return response
@@ -155,18 +157,24 @@ class DialogService(pb_grpc.DialogServiceServicer):
         limit: int,
         hot: list[PageRow],
         hot_more: bool,
-    ) -> tuple[list[PageRow], bool]:
-        """The page with the archived messages that belong on it: the same cursor walks the shard's
-        messages and the archive's, in both orders. No file is read when none can belong there."""
+    ) -> tuple[list[PageRow], bool, str | None]:
+        """The page with the archived messages that belong on it, whether more follow and the id
+        the next page continues after: the same cursor walks the shard's messages and the
+        archive's, in both orders. No file is read when none can belong there."""
+        unchanged = hot, hot_more, hot[-1][0] if hot else None
         newest = await archive.newest_id(pair)
         cursor = None if after is None else str(after)
         if newest is None:
-            return hot, hot_more
+            return unchanged
         if oldest_first and cursor is not None and cursor >= newest:
-            return hot, hot_more
+            return unchanged
         if not oldest_first and hot_more and hot[-1][0] > newest:
-            return hot, hot_more
+            return unchanged
         cold, cold_more = await archive.page(pair, after=cursor, oldest_first=oldest_first, limit=limit)
+        deleted: set[str] = set()
+        if cold:
+            ids = [row[0] for row in cold]
+            deleted = await self._placement.control.guard(self._tombstoned(ids))
         return merge_pages(
             hot,
             hot_more,
@@ -176,4 +184,53 @@ class DialogService(pb_grpc.DialogServiceServicer):
             limit=limit,
             max_bytes=self._page_bytes,
             overhead=PAGE_MESSAGE_OVERHEAD,
+            deleted=deleted,
         )
+
+    async def _tombstoned(self, ids: list[str]) -> set[str]:
+        async with self._placement.control_pool.connection() as conn:
+            return await tombstones.deleted_among(conn, ids)
+
+    async def _tombstone(self, message_id: uuid.UUID, pair: Pair, sender: int) -> bool:
+        async with self._placement.control_pool.connection() as conn:
+            return await tombstones.record(conn, message_id, pair, sender)
+
+    async def DeleteMessage(
+        self, request: pb.DeleteMessageRequest, context: Context
+    ) -> pb.DeleteMessageResponse:
+        _require_caller("user_id", request.user_id, "delete messages it sent", "NOT_MESSAGE_SENDER")
+        violations = Violations()
+        check_pair(violations, ("user_id", "peer_user_id"), (request.user_id, request.peer_user_id))
+        try:
+            message_id = uuid.UUID(request.message_id)
+        except ValueError:
+            violations.add(
+                "message_id", "must be a message id as SendMessage and GetDialog return it (a UUID)"
+            )
+        violations.raise_if_any()
+        where = self._placement.resolve(request.user_id, request.peer_user_id)
+        pair = where.pair
+        sender = await self._placement.through_moves(
+            where, lambda shard_id: deletion.sender_of(self._shards.store(shard_id), pair, message_id)
+        )
+        archived = None
+        if sender is None and self._archive is not None:
+            archived = await self._archive.find(pair, str(message_id))
+            sender = None if archived is None else archived[1]
+        if sender is None:
+            # Already deleted (or never in this dialog): deleting is idempotent.
+            return pb.DeleteMessageResponse(deleted=False)
+        if sender != request.user_id:
+            raise PermissionDenied(
+                "only the sender of a message may delete it; this message was sent by peer_user_id",
+                reason="NOT_MESSAGE_SENDER",
+            )
+        tombstoned = False
+        if self._archive is not None:
+            # First: it hides any archived copy, even one an archive run is writing right now.
+            tombstoned = await self._placement.control.guard(self._tombstone(message_id, pair, sender))
+        removed = await self._placement.through_moves(
+            where,
+            lambda shard_id: deletion.delete_sent(self._shards.store(shard_id), pair, message_id, sender),
+        )
+        return pb.DeleteMessageResponse(deleted=removed or (archived is not None and tombstoned))

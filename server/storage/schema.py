@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from psycopg import AsyncConnection
 
 from server.storage.fences import fence_schema
+from server.storage.tombstones import TOMBSTONE_SCHEMA
 
 # Arbitrary constant: the advisory lock key that serializes migrations.
 _MIGRATION_LOCK = 0x6469616C6F67
@@ -152,7 +153,7 @@ async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str
 
 async def migrate_control(conn: AsyncConnection[object]) -> None:
     """Create the control tables (shard_map, shard_moves)."""
-    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA, [_FLIPS_UPGRADE])
+    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA + TOMBSTONE_SCHEMA, [_FLIPS_UPGRADE])
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64ialog/v1/dialog_service.proto\x12\tdialog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x01\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_user_id\x18\x02 \x01(\x03\x12\x12\n\nto_user_id\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x12SendMessageRequest\x12\x14\n\x0c\x66rom_user_id\x18\x01 \x01(\x03\x12\x12\n\nto_user_id\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"L\n\x13SendMessageResponse\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.dialog.v1.Message\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\x88\x01\n\x10GetDialogRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x14\n\x0cpeer_user_id\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12&\n\x05order\x18\x05 \x01(\x0e\x32\x17.dialog.v1.MessageOrder\"R\n\x11GetDialogResponse\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.dialog.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*m\n\x0cMessageOrder\x12\x1d\n\x19MESSAGE_ORDER_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMESSAGE_ORDER_NEWEST_FIRST\x10\x01\x12\x1e\n\x1aMESSAGE_ORDER_OLDEST_FIRST\x10\x02\x32\xa5\x01\n\rDialogService\x12L\n\x0bSendMessage\x12\x1d.dialog.v1.SendMessageRequest\x1a\x1e.dialog.v1.SendMessageResponse\x12\x46\n\tGetDialog\x12\x1b.dialog.v1.GetDialogRequest\x1a\x1c.dialog.v1.GetDialogResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64ialog/v1/dialog_service.proto\x12\tdialog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x01\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_user_id\x18\x02 \x01(\x03\x12\x12\n\nto_user_id\x18\x03 \x01(\x03\x12\x0c\n\x04text\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x12SendMessageRequest\x12\x14\n\x0c\x66rom_user_id\x18\x01 \x01(\x03\x12\x12\n\nto_user_id\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"L\n\x13SendMessageResponse\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.dialog.v1.Message\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\x88\x01\n\x10GetDialogRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x14\n\x0cpeer_user_id\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12&\n\x05order\x18\x05 \x01(\x0e\x32\x17.dialog.v1.MessageOrder\"R\n\x11GetDialogResponse\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.dialog.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x14\x44\x65leteMessageRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x14\n\x0cpeer_user_id\x18\x02 \x01(\x03\x12\x12\n\nmessage_id\x18\x03 \x01(\t\"(\n\x15\x44\x65leteMessageResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08*m\n\x0cMessageOrder\x12\x1d\n\x19MESSAGE_ORDER_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMESSAGE_ORDER_NEWEST_FIRST\x10\x01\x12\x1e\n\x1aMESSAGE_ORDER_OLDEST_FIRST\x10\x02\x32\xf9\x01\n\rDialogService\x12L\n\x0bSendMessage\x12\x1d.dialog.v1.SendMessageRequest\x1a\x1e.dialog.v1.SendMessageResponse\x12\x46\n\tGetDialog\x12\x1b.dialog.v1.GetDialogRequest\x1a\x1c.dialog.v1.GetDialogResponse\x12R\n\rDeleteMessage\x12\x1f.dialog.v1.DeleteMessageRequest\x1a .dialog.v1.DeleteMessageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dialog.v1.dialog_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGEORDER']._serialized_start=614
-  _globals['_MESSAGEORDER']._serialized_end=723
+  _globals['_MESSAGEORDER']._serialized_start=739
+  _globals['_MESSAGEORDER']._serialized_end=848
   _globals['_MESSAGE']._serialized_start=79
   _globals['_MESSAGE']._serialized_end=213
   _globals['_SENDMESSAGEREQUEST']._serialized_start=215
@@ -44,6 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETDIALOGREQUEST']._serialized_end=528
   _globals['_GETDIALOGRESPONSE']._serialized_start=530
   _globals['_GETDIALOGRESPONSE']._serialized_end=612
-  _globals['_DIALOGSERVICE']._serialized_start=726
-  _globals['_DIALOGSERVICE']._serialized_end=891
+  _globals['_DELETEMESSAGEREQUEST']._serialized_start=614
+  _globals['_DELETEMESSAGEREQUEST']._serialized_end=695
+  _globals['_DELETEMESSAGERESPONSE']._serialized_start=697
+  _globals['_DELETEMESSAGERESPONSE']._serialized_end=737
+  _globals['_DIALOGSERVICE']._serialized_start=851
+  _globals['_DIALOGSERVICE']._serialized_end=1100
 # @@protoc_insertion_point(module_scope)

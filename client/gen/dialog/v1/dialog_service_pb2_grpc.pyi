@@ -51,6 +51,14 @@ class DialogServiceStub:
     a deep page costs the same as the first one, and paging while new
     messages arrive yields neither duplicates nor gaps.
     """
+    DeleteMessage: _grpc.UnaryUnaryMultiCallable[_dialog_service_pb2.DeleteMessageRequest, _dialog_service_pb2.DeleteMessageResponse]
+    """Deletes a message the caller sent to `peer_user_id`.
+
+    The caller must be authenticated as `user_id`, the message's sender;
+    deleting a message someone else sent is PERMISSION_DENIED. Idempotent:
+    deleting a message that is already gone succeeds with `deleted` false.
+    Archived messages are deleted too (GetDialog no longer shows them).
+    """
 
 @_typing.type_check_only
 class DialogServiceAsyncStub(DialogServiceStub):
@@ -74,6 +82,14 @@ class DialogServiceAsyncStub(DialogServiceStub):
     The caller must be authenticated as `user_id`. Pages are keyset based:
     a deep page costs the same as the first one, and paging while new
     messages arrive yields neither duplicates nor gaps.
+    """
+    DeleteMessage: _aio.UnaryUnaryMultiCallable[_dialog_service_pb2.DeleteMessageRequest, _dialog_service_pb2.DeleteMessageResponse]  # type: ignore[assignment]
+    """Deletes a message the caller sent to `peer_user_id`.
+
+    The caller must be authenticated as `user_id`, the message's sender;
+    deleting a message someone else sent is PERMISSION_DENIED. Idempotent:
+    deleting a message that is already gone succeeds with `deleted` false.
+    Archived messages are deleted too (GetDialog no longer shows them).
     """
 
 class DialogServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,6 +123,20 @@ class DialogServiceServicer(metaclass=_abc_1.ABCMeta):
         The caller must be authenticated as `user_id`. Pages are keyset based:
         a deep page costs the same as the first one, and paging while new
         messages arrive yields neither duplicates nor gaps.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteMessage(
+        self,
+        request: _dialog_service_pb2.DeleteMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dialog_service_pb2.DeleteMessageResponse, _abc.Awaitable[_dialog_service_pb2.DeleteMessageResponse]]:
+        """Deletes a message the caller sent to `peer_user_id`.
+
+        The caller must be authenticated as `user_id`, the message's sender;
+        deleting a message someone else sent is PERMISSION_DENIED. Idempotent:
+        deleting a message that is already gone succeeds with `deleted` false.
+        Archived messages are deleted too (GetDialog no longer shows them).
         """
 
 def add_DialogServiceServicer_to_server(servicer: DialogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
