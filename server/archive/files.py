@@ -155,28 +155,29 @@ def rows_of(table: pa.Table) -> list[Row]:
     return rows
 
 
-def page_rows(table: pa.Table, pair: Pair) -> list[tuple[bytes, PageRow]]:
-    """The pair's rows of a row group read with PAGE_COLUMNS, with their ids' bytes (the sort key)."""
+def page_rows(
+    table: pa.Table, pair: Pair, *, cursor: bytes | None, oldest_first: bool, wanted: int
+) -> list[tuple[bytes, PageRow]]:
+    """The pair's first `wanted` rows beyond `cursor` (an id's bytes) in the page's order, of a row
+    group read with PAGE_COLUMNS, with their ids' bytes. Only those rows become Python values."""
     lows = table.column("user_low").to_pylist()
     highs = table.column("user_high").to_pylist()
-    wanted = [i for i in range(table.num_rows) if lows[i] == pair.low and highs[i] == pair.high]
-    if not wanted:
+    ids = table.column("message_id").to_pylist()
+    wanted_rows = [i for i in range(table.num_rows) if lows[i] == pair.low and highs[i] == pair.high]
+    if cursor is not None:
+        wanted_rows = [i for i in wanted_rows if (ids[i] > cursor if oldest_first else ids[i] < cursor)]
+    if not oldest_first:
+        wanted_rows.reverse()
+    wanted_rows = wanted_rows[:wanted]
+    if not wanted_rows:
         return []
-    picked = table.take(pa.array(wanted, pa.int64()))
-    ids = picked.column("message_id").to_pylist()
+    picked = table.take(pa.array(wanted_rows, pa.int64()))
     senders = picked.column("from_user_id").to_pylist()
     texts = picked.column("text").to_pylist()
     times = picked.column("created_at").to_pylist()
-    return [
-        (
-            ids[i],
-            (
-                str(uuid.UUID(bytes=ids[i])),
-                senders[i],
-                pair.high if senders[i] == pair.low else pair.low,
-                texts[i],
-                times[i],
-            ),
-        )
-        for i in range(len(wanted))
-    ]
+    result = []
+    for n, i in enumerate(wanted_rows):
+        key = ids[i]
+        recipient = pair.high if senders[n] == pair.low else pair.low
+        result.append((key, (str(uuid.UUID(bytes=key)), senders[n], recipient, texts[n], times[n])))
+    return result

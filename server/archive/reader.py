@@ -103,7 +103,10 @@ class ArchiveReader:
             parquet = pq.ParquetFile(handle, metadata=footer)
             for group in groups:
                 self.stats.row_groups += 1
-                for found, row in page_rows(parquet.read_row_group(group, columns=PAGE_COLUMNS), pair):
+                table = parquet.read_row_group(group, columns=PAGE_COLUMNS)
+                # The first row beyond the key's predecessor is the key's row, if the group has it.
+                before = (int.from_bytes(key, "big") - 1).to_bytes(16, "big")
+                for found, row in page_rows(table, pair, cursor=before, oldest_first=True, wanted=1):
                     if found == key:
                         return row
         return None
@@ -141,9 +144,9 @@ class ArchiveReader:
             for group in groups:
                 table = parquet.read_row_group(group, columns=PAGE_COLUMNS)
                 self.stats.row_groups += 1
-                for key, row in page_rows(table, pair):
-                    if cursor is None or (key > cursor if oldest_first else key < cursor):
-                        rows.append((key, row))
+                rows += page_rows(
+                    table, pair, cursor=cursor, oldest_first=oldest_first, wanted=wanted - len(rows)
+                )
                 if len(rows) >= wanted:
                     break
         return rows
