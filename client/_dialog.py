@@ -46,6 +46,12 @@ def _dialog_request(
     )
 
 
+def _delete_request(user_id: int, peer_user_id: int, message_id: str) -> pb.DeleteMessageRequest:
+    return build_request(
+        pb.DeleteMessageRequest, user_id=user_id, peer_user_id=peer_user_id, message_id=message_id
+    )
+
+
 def _sent(response: pb.SendMessageResponse, request_id: str) -> SentMessage:
     return SentMessage(Message.from_proto(response.message), response.replayed, request_id)
 
@@ -117,9 +123,7 @@ class DialogClient(SyncCaller[pb_grpc.DialogServiceStub]):
     ) -> bool:
         """Delete a message `user_id` sent; True when this call deleted it, False when it was gone
         already (retried safely: deleting is idempotent)."""
-        request = build_request(
-            pb.DeleteMessageRequest, user_id=user_id, peer_user_id=peer_user_id, message_id=message_id
-        )
+        request = _delete_request(user_id, peer_user_id, message_id)
         response = self._call(
             self._stub.DeleteMessage, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
         )
@@ -210,9 +214,7 @@ class AsyncDialogClient(AsyncCaller[_AsyncStub]):
     ) -> bool:
         """Delete a message `user_id` sent; True when this call deleted it, False when it was gone
         already (retried safely: deleting is idempotent)."""
-        request = build_request(
-            pb.DeleteMessageRequest, user_id=user_id, peer_user_id=peer_user_id, message_id=message_id
-        )
+        request = _delete_request(user_id, peer_user_id, message_id)
         response = await self._call(
             self._stub.DeleteMessage, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
         )

@@ -33,6 +33,7 @@ from server.runtime.app import RunningServer
 from server.storage.ids import id_time
 from tests.processes import write_server_config
 from tests.support import (
+    S3_CREDENTIALS,
     Metadata,
     S3Server,
     dialog_pages,
@@ -44,6 +45,7 @@ from tests.support import (
     old_messages,
     other_shard,
     serving,
+    status_details,
     wait_until,
 )
 
@@ -558,3 +560,25 @@ async def test_verify_checks_the_archive_and_backups_name_its_files(
         assert broken.returncode == 1
         findings = {(f["kind"], f["file"]) for f in json.loads(broken.stdout)["archive"]["findings"]}
         assert findings == {("missing", lost.file), ("unlisted", "parts/00/stray.parquet")}
+
+
+async def test_an_unreachable_archive_is_unavailable_with_a_reason_not_an_internal_error(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    settings = {"url": "s3://nowhere/archive", "endpoint_url": "http://127.0.0.1:1", **SMALL}
+    async with archived_cluster(pg_servers, jwt_secret, settings) as (_, _, channel):
+        a, b = new_pair()
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        error = await expect_error(
+            stub.GetDialog(dpb.GetDialogRequest(user_id=a, peer_user_id=b), metadata=auth_for(a)),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert "the archive at s3://nowhere/archive" in (error.details() or "")
+        info, _ = status_details(error)
+        assert info is not None and info.reason == "ARCHIVE_UNAVAILABLE"

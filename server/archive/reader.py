@@ -9,6 +9,7 @@ pair's messages: about `limit / row_group_rows + 1` groups per file, however dee
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class ArchiveReader:
         self._loaded_at = -float("inf")
         self._lock = asyncio.Lock()
         self._footers: OrderedDict[str, Any] = OrderedDict()
+        # Pages read files in worker threads: the cache is shared between them.
+        self._footers_lock = threading.Lock()
         self.stats = ReadStats()
 
     async def manifest(self) -> Manifest:
@@ -112,16 +115,18 @@ class ArchiveReader:
         return None
 
     def _footer(self, batch: Batch) -> Any:
-        footer = self._footers.get(batch.file)
-        if footer is None:
-            with self.store.open(batch.file) as handle:
-                footer = pq.ParquetFile(handle).metadata
+        with self._footers_lock:
+            footer = self._footers.get(batch.file)
+            if footer is not None:
+                self._footers.move_to_end(batch.file)
+                return footer
+        with self.store.open(batch.file) as handle:
+            footer = pq.ParquetFile(handle).metadata
+        with self._footers_lock:
             self.stats.footers += 1
             self._footers[batch.file] = footer
             if len(self._footers) > _FOOTERS:
                 self._footers.popitem(last=False)
-        else:
-            self._footers.move_to_end(batch.file)
         return footer
 
     def _read_file(

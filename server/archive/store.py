@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import fsspec
 import grpc
+from botocore.exceptions import BotoCoreError, ClientError
 
 from server.errors import ServiceError, unavailable_details
 
@@ -43,7 +44,12 @@ class ArchiveStore:
                 client_kwargs["region_name"] = region
             # No listing cache: the archiver lists what it wrote a moment ago.
             self._fs = fsspec.filesystem(
-                "s3", client_kwargs=client_kwargs, use_listings_cache=False, skip_instance_cache=True
+                "s3",
+                client_kwargs=client_kwargs,
+                # A page waits on the archive: an unreachable one must fail it soon, not in minutes.
+                config_kwargs={"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}},
+                use_listings_cache=False,
+                skip_instance_cache=True,
             )
             self._root = self.url.removeprefix("s3://")
         else:
@@ -113,7 +119,7 @@ class ArchiveStore:
             yield
         except FileNotFoundError:
             raise
-        except OSError as exc:
+        except (OSError, BotoCoreError, ClientError) as exc:
             raise ArchiveUnavailable(
                 f"the archive at {self.describe(name)} could not be reached: {exc}; "
                 "check [archive] url, endpoint_url and the storage's credentials"
