@@ -560,6 +560,9 @@ async def test_verify_checks_the_archive_and_backups_name_its_files(
         assert broken.returncode == 1
         findings = {(f["kind"], f["file"]) for f in json.loads(broken.stdout)["archive"]["findings"]}
         assert findings == {("missing", lost.file), ("unlisted", "parts/00/stray.parquet")}
+        restored = await dialogctl(path, "restore", str(tmp_path / "backup"), "--yes", "--json")
+        assert restored.json()["archive_files_missing"] == [lost.file]
+        assert "archive file(s) the backup relies on are gone" in restored.stderr
 
 
 async def test_an_unreachable_archive_is_unavailable_with_a_reason_not_an_internal_error(

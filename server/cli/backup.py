@@ -312,6 +312,19 @@ def cmd_backup(session: Session) -> int:
     return 0
 
 
+def _missing_archive_files(session: Session, directory: Path) -> list[str]:
+    """The archive files the backup's manifest names that the configured archive no longer holds."""
+    if session.config().archive.url is None:
+        return []
+    try:
+        listed = json.loads((directory / MANIFEST).read_text()).get("archive") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    names = [f.get("file") for f in listed.get("files", []) if isinstance(f, dict)]
+    present = set(open_store(session.config().archive).list("parts"))
+    return [n for n in names if isinstance(n, str) and n not in present]
+
+
 def _archive_reference(session: Session) -> dict[str, Any]:
     """The archive files the backed-up shards rely on: messages archived before the backup are in
     them, not in the dumps. Archive files are never changed, so naming them is enough; keep them
@@ -599,8 +612,16 @@ def cmd_restore(session: Session) -> int:
             restored.append(_restore(one, pg_restore))
     if restored[-1]["shard_id"] is None:  # the control item comes last: fences and messages follow routing
         restored[-1]["reconciled"] = reconcile_restored_routing(session)
+    missing_files = _missing_archive_files(session, directory)
+    if missing_files:
+        print(
+            f"dialogctl: {len(missing_files)} archive file(s) the backup relies on are gone (e.g. "
+            f"{missing_files[0]}): their messages were rewritten or erased since; GetDialog shows the "
+            "archive as it is now",
+            file=sys.stderr,
+        )
     if session.json:
-        print_json({"directory": str(directory), "items": restored})
+        print_json({"directory": str(directory), "items": restored, "archive_files_missing": missing_files})
         return 0
     _print_items(restored)
     print(f"restored {len(restored)} item{'' if len(restored) == 1 else 's'} from {directory}")

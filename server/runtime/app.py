@@ -62,6 +62,8 @@ _UNCAPPED_CALLS = 32
 DIALOG_SERVICE = dialog_service_pb2.DESCRIPTOR.services_by_name["DialogService"].full_name
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SEND_MESSAGE_METHOD = f"/{DIALOG_SERVICE}/SendMessage"
+#: DialogService's write methods, under the per-user send limit.
+WRITE_METHODS = frozenset({SEND_MESSAGE_METHOD, f"/{DIALOG_SERVICE}/DeleteMessage"})
 #: DialogService's read methods, under the per-user read limit.
 READ_METHODS = frozenset({f"/{DIALOG_SERVICE}/GetDialog"})
 #: The rate limits by name (their shared tables' names): rate, burst, limited methods.
@@ -96,7 +98,7 @@ def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
 def _limit_settings(limits: LimitsConfig) -> dict[str, tuple[float, int, frozenset[str]]]:
     """The enabled rate limits by name: rate, burst and the methods they limit."""
     settings = {
-        "send": (limits.send_rate_per_second, limits.send_burst, frozenset({SEND_MESSAGE_METHOD})),
+        "send": (limits.send_rate_per_second, limits.send_burst, WRITE_METHODS),
         "read": (limits.read_rate_per_second, limits.read_burst, READ_METHODS),
     }
     return {name: values for name, values in settings.items() if values[0] > 0}
