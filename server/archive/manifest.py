@@ -54,13 +54,6 @@ class Manifest:
     #: Bumped by every change, so a reader tells a new manifest from the one it has.
     version: int = 0
 
-    def files_of_part(self, part: int) -> list[Batch]:
-        return [b for b in self.batches if b.part == part]
-
-    def newest_id(self, part: int) -> str | None:
-        """The largest archived message id of the part (canonical text), None when it has none."""
-        return max((b.max_id for b in self.batches if b.part == part), default=None)
-
     def with_batch(self, batch: Batch) -> Manifest:
         kept = tuple(b for b in self.batches if b.batch_id != batch.batch_id)
         return Manifest((*kept, batch), self.version + 1)

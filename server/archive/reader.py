@@ -43,6 +43,8 @@ class ArchiveReader:
         self.store = store
         self._max_age = max_age
         self._manifest = Manifest()
+        self._by_part: dict[int, list[Batch]] = {}
+        self._newest: dict[int, str] = {}
         self._loaded_at = -float("inf")
         self._lock = asyncio.Lock()
         self._footers: OrderedDict[str, Any] = OrderedDict()
@@ -58,28 +60,33 @@ class ArchiveReader:
             if time.monotonic() - self._loaded_at >= self._max_age:
                 started = time.monotonic()
                 data = await asyncio.to_thread(self.store.read, manifest_module.NAME)
-                self._manifest = Manifest() if data is None else Manifest.from_json(data)
+                manifest = Manifest() if data is None else Manifest.from_json(data)
+                # Every page asks for its part's files: indexed once per load, not per page.
+                by_part: dict[int, list[Batch]] = {}
+                for batch in manifest.batches:
+                    by_part.setdefault(batch.part, []).append(batch)
+                self._manifest, self._by_part = manifest, by_part
+                self._newest = {part: max(b.max_id for b in files) for part, files in by_part.items()}
                 # Counted from before the read: the manifest is at least as new as that moment.
                 self._loaded_at = started
                 self.stats.manifests += 1
         return self._manifest
 
-    async def may_hold(self, pair: Pair, *, after: str | None, oldest_first: bool) -> bool:
-        """Whether archived messages of the pair may lie beyond the cursor (no file read)."""
-        newest = (await self.manifest()).newest_id(part_of(bucket_of(*pair)))
-        if newest is None:
-            return False
-        return not (oldest_first and after is not None and after >= newest)
-
     async def newest_id(self, pair: Pair) -> str | None:
-        return (await self.manifest()).newest_id(part_of(bucket_of(*pair)))
+        """The largest archived message id of the pair's part: none of the pair's is larger."""
+        await self.manifest()
+        return self._newest.get(part_of(bucket_of(*pair)))
+
+    async def _files(self, pair: Pair) -> list[Batch]:
+        await self.manifest()
+        return self._by_part.get(part_of(bucket_of(*pair)), [])
 
     async def page(
         self, pair: Pair, *, after: str | None, oldest_first: bool, limit: int
     ) -> tuple[list[PageRow], bool]:
         """The pair's archived messages strictly beyond `after` in the order: at most `limit`, and
         whether more follow."""
-        batches = (await self.manifest()).files_of_part(part_of(bucket_of(*pair)))
+        batches = await self._files(pair)
         if not batches:
             return [], False
         found: dict[bytes, PageRow] = {}
@@ -91,7 +98,7 @@ class ArchiveReader:
 
     async def find(self, pair: Pair, message_id: str) -> PageRow | None:
         """The pair's archived message with this id (canonical text), None when no file holds it."""
-        for batch in (await self.manifest()).files_of_part(part_of(bucket_of(*pair))):
+        for batch in await self._files(pair):
             if batch.min_id <= message_id <= batch.max_id:
                 found = await asyncio.to_thread(self._find_in_file, batch, pair, message_id)
                 if found is not None:
