@@ -4,6 +4,7 @@ of archived pairs."""
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,13 +15,14 @@ from typing import Any
 
 import grpc
 import psycopg
+import pyarrow.parquet as pq
 import pytest
 
 from client.gen.dialog.v1 import admin_service_pb2 as apb
 from client.gen.dialog.v1 import admin_service_pb2_grpc, dialog_service_pb2_grpc
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from server.archive import manifest as manifest_module
-from server.archive.files import PARTS, decode, encode, fingerprint, part_of
+from server.archive.files import PARTS, decode, encode, fingerprint, may_hold_pair, pairs_of, part_of
 from server.archive.manifest import Manifest
 from server.archive.merge import merge_pages
 from server.archive.reader import ArchiveReader
@@ -187,9 +189,16 @@ def test_a_file_round_trips_its_rows_and_fingerprint() -> None:
         )
         for i in range(40)
     ]
-    decoded = decode(encode(rows, row_group_rows=8))
+    data = encode(rows, row_group_rows=8)
+    decoded = decode(data)
     assert sorted(decoded) == sorted(rows)
     assert fingerprint(decoded) == fingerprint(rows)
+    footer = pq.ParquetFile(io.BytesIO(data)).metadata
+    assert footer.num_row_groups == 5
+    keys = pairs_of(footer)
+    assert keys is not None and len(keys) == 2
+    assert may_hold_pair(keys, Pair(10, 20)) and may_hold_pair(keys, Pair(10, 21))
+    assert not may_hold_pair(keys, Pair(10, 22))
 
 
 def test_parts_follow_the_hash_bucket_not_the_shard_count() -> None:
@@ -280,6 +289,15 @@ async def test_a_deep_archived_page_reads_a_bounded_number_of_row_groups(
                 # 20 messages span at most 3 groups of 16 (one file): not the 125 groups of the dialog.
                 assert reader.stats.row_groups - before <= 3
         assert reader.stats.footers == 1 and reader.stats.manifests == 1
+        # A dialog the file does not hold costs no row group: the footer lists the file's pairs.
+        while True:
+            absent = Pair.of(*new_pair())
+            if part_of(bucket_of(*absent)) == part_of(bucket_of(*pair)):
+                break
+        before = reader.stats.row_groups
+        assert await reader.page(absent, after=None, oldest_first=True, limit=20) == ([], False)
+        assert await reader.find(absent, old[5]) is None
+        assert reader.stats.row_groups == before
 
 
 async def test_dialogctl_archive_counts_archives_and_reports(

@@ -13,9 +13,11 @@ it took with the figure of the file it reads back, before it deletes the rows.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import uuid
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from server.routing import Pair
+from server.routing import Pair, pair_hash
 
 #: Parts of the archive: a bucket's part is `bucket % PARTS` (a divisor of the 4096 buckets).
 PARTS = 64
@@ -51,6 +53,9 @@ SCHEMA = pa.schema(
         ("request_id", pa.string()),
     ]
 )
+#: The footer's key-value entry listing the file's pairs (sorted 32-bit keys, `pair_key`): a page of
+#: a dialog absent from a file reads none of its row groups.
+PAIRS_KEY = b"dialog_shard.pairs"
 #: What a page reads of a row group (bucket and request_id stay in the file).
 PAGE_COLUMNS = ["message_id", "user_low", "user_high", "from_user_id", "text", "created_at"]
 
@@ -114,18 +119,47 @@ def encode(rows: Sequence[Row], *, row_group_rows: int) -> bytes:
         },
         schema=SCHEMA,
     )
+    pairs = sorted({pair_key(Pair(r[1], r[2])) for r in ordered})
     out = io.BytesIO()
-    pq.write_table(
-        table,
+    with pq.ParquetWriter(
         out,
+        SCHEMA,
+        # The pairs' list is in the footer once; Arrow's copy of the schema would hold it again.
+        store_schema=False,
         compression="zstd",
         compression_level=9,
-        row_group_size=row_group_rows,
         write_statistics=True,
         # Ids are random past their time prefix: a dictionary would only cost.
         use_dictionary=["user_low", "user_high", "bucket", "from_user_id", "request_id"],
-    )
+    ) as writer:
+        writer.write_table(table, row_group_size=row_group_rows)
+        writer.add_key_value_metadata({PAIRS_KEY: array("I", pairs).tobytes()})
     return out.getvalue()
+
+
+def pair_key(pair: Pair) -> int:
+    """A pair's 32-bit key in a file's list of pairs: the upper half of its hash (the lower bits
+    are alike within a part)."""
+    return pair_hash(*pair) >> 32
+
+
+def pairs_of(footer: Any) -> array[int] | None:
+    """The sorted pair keys a file's footer lists; None when it lists none (any pair may be there)."""
+    listed = (footer.metadata or {}).get(PAIRS_KEY)
+    if listed is None:
+        return None
+    keys: array[int] = array("I")
+    keys.frombytes(listed)
+    return keys
+
+
+def may_hold_pair(keys: array[int] | None, pair: Pair) -> bool:
+    """Whether a file whose footer lists `keys` can hold the pair (no row group read when not)."""
+    if keys is None:
+        return True
+    key = pair_key(pair)
+    at = bisect.bisect_left(keys, key)
+    return at < len(keys) and keys[at] == key
 
 
 def decode(data: bytes | Any) -> list[Row]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +19,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from server.archive import manifest as manifest_module
-from server.archive.files import PAGE_COLUMNS, PageRow, page_rows, part_of
+from server.archive.files import PAGE_COLUMNS, PageRow, may_hold_pair, page_rows, pairs_of, part_of
 from server.archive.manifest import Batch, Manifest
 from server.archive.store import ArchiveStore
 from server.routing import Pair, bucket_of
 
-#: Footers kept in memory (a few KiB each).
+#: Footers kept in memory (a few KiB each, and 4 bytes per pair of the file).
 _FOOTERS = 4096
 
 
@@ -47,7 +48,7 @@ class ArchiveReader:
         self._newest: dict[int, str] = {}
         self._loaded_at = -float("inf")
         self._lock = asyncio.Lock()
-        self._footers: OrderedDict[str, Any] = OrderedDict()
+        self._footers: OrderedDict[str, tuple[Any, array[int] | None]] = OrderedDict()
         # Pages read files in worker threads: the cache is shared between them.
         self._footers_lock = threading.Lock()
         self.stats = ReadStats()
@@ -106,7 +107,9 @@ class ArchiveReader:
         return None
 
     def _find_in_file(self, batch: Batch, pair: Pair, message_id: str) -> PageRow | None:
-        footer = self._footer(batch)
+        footer, pairs = self._footer(batch)
+        if not may_hold_pair(pairs, pair):
+            return None
         key = bytes.fromhex(message_id.replace("-", ""))
         groups = [g for g in range(footer.num_row_groups) if _may_hold_id(footer.row_group(g), pair, key)]
         with self.store.open(batch.file) as handle:
@@ -121,25 +124,29 @@ class ArchiveReader:
                         return row
         return None
 
-    def _footer(self, batch: Batch) -> Any:
+    def _footer(self, batch: Batch) -> tuple[Any, array[int] | None]:
+        """The file's footer and the pair keys it lists."""
         with self._footers_lock:
-            footer = self._footers.get(batch.file)
-            if footer is not None:
+            cached = self._footers.get(batch.file)
+            if cached is not None:
                 self._footers.move_to_end(batch.file)
-                return footer
+                return cached
         with self.store.open(batch.file) as handle:
             footer = pq.ParquetFile(handle).metadata
+        cached = (footer, pairs_of(footer))
         with self._footers_lock:
             self.stats.footers += 1
-            self._footers[batch.file] = footer
+            self._footers[batch.file] = cached
             if len(self._footers) > _FOOTERS:
                 self._footers.popitem(last=False)
-        return footer
+        return cached
 
     def _read_file(
         self, batch: Batch, pair: Pair, after: str | None, oldest_first: bool, wanted: int
     ) -> list[tuple[bytes, PageRow]]:
-        footer = self._footer(batch)
+        footer, pairs = self._footer(batch)
+        if not may_hold_pair(pairs, pair):
+            return []
         cursor = None if after is None else bytes.fromhex(after.replace("-", ""))
         groups = [
             g
