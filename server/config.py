@@ -257,6 +257,9 @@ class ArchiveConfig:
     batch_rows: int = 100_000
     #: Rows per Parquet row group: the unit a page deep in the archive reads.
     row_group_rows: int = 2048
+    #: Files a part may have before an archive run merges its smallest ones (each run adds up to
+    #: one per shard): a page reads every file holding its dialog.
+    max_files_per_part: int = 8
 
     @property
     def older_than_seconds(self) -> float | None:
@@ -821,8 +824,10 @@ def _archive(section: Mapping[str, Any], env: Mapping[str, str], base_dir: Path)
             parse_duration(archive.older_than)
         except ValueError as exc:
             raise ConfigError(f"archive.older_than: {exc}") from None
-    if archive.batch_rows < 1 or archive.row_group_rows < 1:
-        raise ConfigError("archive.batch_rows and archive.row_group_rows must be at least 1")
+    if min(archive.batch_rows, archive.row_group_rows, archive.max_files_per_part) < 1:
+        raise ConfigError(
+            "archive.batch_rows, archive.row_group_rows and archive.max_files_per_part must be at least 1"
+        )
     if archive.manifest_max_age <= 0 or archive.schedule_interval <= 0:
         raise ConfigError("archive.manifest_max_age and archive.schedule_interval must be positive")
     return archive

@@ -603,3 +603,26 @@ async def test_an_unreachable_archive_is_unavailable_with_a_reason_not_an_intern
         assert "the archive at s3://nowhere/archive" in (error.details() or "")
         info, _ = status_details(error)
         assert info is not None and info.reason == "ARCHIVE_UNAVAILABLE"
+
+
+async def test_runs_merge_a_parts_small_files_and_the_dialog_reads_the_same(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+) -> None:
+    settings = {"url": str(tmp_path / "archive"), **SMALL, "max_files_per_part": 2}
+    async with archived_cluster(pg_servers, jwt_secret, settings) as (config, running, channel):
+        a, b = new_pair()
+        history: list[str] = []
+        merged = 0
+        for days in (40, 35, 30, 25):
+            history += old_messages(config, (a, b), 20, sent=datetime.now(UTC) - timedelta(days=days))
+            merged += (await archiver(running, config).run(cutoff())).merged_files
+        part = part_of(bucket_of(a, b))
+        files = [batch for batch in manifest_of(config).batches if batch.part == part]
+        assert merged >= 2 and len(files) <= 2
+        assert sum(batch.rows for batch in files) == 80
+        assert sorted(batch.file for batch in manifest_of(config).batches) == store_of(config).list("parts")
+        await assert_dialog_is(channel, auth_for(a), a, b, history)

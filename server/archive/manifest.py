@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -30,6 +31,7 @@ class Batch:
     """One archive file: a batch of one shard's messages of one part."""
 
     batch_id: str
+    #: The shard its messages came from (the smallest of them for files merged into one).
     shard_id: int
     part: int
     file: str
@@ -58,9 +60,10 @@ class Manifest:
         kept = tuple(b for b in self.batches if b.batch_id != batch.batch_id)
         return Manifest((*kept, batch), self.version + 1)
 
-    def replacing(self, batch_id: str, batch: Batch | None) -> Manifest:
-        """The manifest with a batch's file replaced by another (a rewrite), or dropped (None)."""
-        kept = tuple(b for b in self.batches if b.batch_id != batch_id)
+    def replacing(self, batch_ids: Collection[str], batch: Batch | None) -> Manifest:
+        """The manifest with these batches' files replaced by one (a rewrite or a merge), or
+        dropped (None)."""
+        kept = tuple(b for b in self.batches if b.batch_id not in batch_ids)
         return Manifest(kept if batch is None else (*kept, batch), self.version + 1)
 
     def with_state(self, batch_id: str, state: BatchState) -> Manifest:

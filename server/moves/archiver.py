@@ -24,7 +24,9 @@ messages their senders deleted (tombstones, server.storage.tombstones) are writt
 them, verified, swapped in the manifest, and the old files removed once no server reads them;
 then those tombstones go. EraseUser (`erase_user`) deletes a user's dialogs from every shard and
 rewrites every file holding any of their messages the same way; it is idempotent, so calling it
-again completes an erasure that was cut short.
+again completes an erasure that was cut short. Last, a part with more than `max_files_per_part`
+files has its smallest finished files merged into one (verified against the sum of their
+fingerprints), so a dialog archived by many runs stays in a few files.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class ArchiveReport:
     #: Deleted messages compaction removed from files, and the files it rewrote.
     compacted_messages: int = 0
     compacted_files: int = 0
+    #: Small files merged into larger ones.
+    merged_files: int = 0
     seconds: float = 0.0
 
     @property
@@ -165,7 +169,8 @@ class Archiver:
                     report.files += 1
                     report.bytes += batch.bytes
                 manifest = await self._delete_published(manifest)
-                await self._compact(manifest, report)
+                manifest = await self._compact(manifest, report)
+                await self._merge_small_files(manifest, report)
             finally:
                 self._lease = None
         report.seconds = time.monotonic() - started
@@ -192,15 +197,15 @@ class Archiver:
                 self._lease = None
         return report
 
-    async def _compact(self, manifest: Manifest, report: ArchiveReport) -> None:
+    async def _compact(self, manifest: Manifest, report: ArchiveReport) -> Manifest:
         """Rewrite the files holding deleted messages without them, then drop those tombstones."""
         async with await psycopg.AsyncConnection.connect(
             self._control_dsn, autocommit=True, connect_timeout=10
         ) as conn:
             deleted = await tombstones.all_ids(conn)
         if not deleted:
-            return
-        _, report.compacted_messages, report.compacted_files = await self._rewrite(
+            return manifest
+        manifest, report.compacted_messages, report.compacted_files = await self._rewrite(
             manifest, lambda r: r[0] in deleted, parts=None
         )
         await self._confirm()
@@ -210,6 +215,48 @@ class Archiver:
             # Only the tombstones read above: one recorded since may hide a message in a file
             # this pass did not rewrite.
             await tombstones.drop(conn, sorted(deleted))
+        return manifest
+
+    async def _merge_small_files(self, manifest: Manifest, report: ArchiveReport) -> Manifest:
+        """In every part with more than `max_files_per_part` files, merge the smallest finished
+        files (up to `batch_rows` rows together) into one, so that a dialog's archived messages
+        stay in a few files however many runs archived them."""
+        replaced: list[str] = []
+        for part in sorted({b.part for b in manifest.batches}):
+            files = [b for b in manifest.batches if b.part == part]
+            if len(files) <= self._config.max_files_per_part:
+                continue
+            chosen: list[Batch] = []
+            for batch in sorted((b for b in files if b.state == BatchState.DONE), key=lambda b: b.rows):
+                if chosen and sum(b.rows for b in chosen) + batch.rows > self._config.batch_rows:
+                    break
+                chosen.append(batch)
+            if len(chosen) < 2:
+                continue
+            rows: list[Row] = []
+            for batch in chosen:
+                data = await asyncio.to_thread(self._files.read, batch.file)
+                found = decode(data) if data is not None else []
+                if fingerprint(found) != batch.fingerprint:
+                    raise ArchiveMismatch(
+                        f"the archive file {self._files.describe(batch.file)} does not match the manifest; "
+                        "run `dialogctl verify`"
+                    )
+                rows += found
+            expected = Fingerprint(sum(b.rows for b in chosen), sum(b.checksum for b in chosen))
+            merged = await self._write_verified(min(b.shard_id for b in chosen), part, rows, expected)
+            manifest = manifest.replacing(
+                {b.batch_id for b in chosen}, replace(merged, state=BatchState.DONE)
+            )
+            await self._save(manifest)
+            await self._passed("merged")
+            replaced += [b.file for b in chosen]
+            report.merged_files += len(chosen)
+        if replaced:
+            await asyncio.sleep(self._config.manifest_max_age + 1.0)
+            for name in replaced:
+                await asyncio.to_thread(self._files.delete, name)
+        return manifest
 
     async def _rewrite(
         self, manifest: Manifest, dropped: Callable[[Row], bool], *, parts: set[int] | None
@@ -231,7 +278,7 @@ class Archiver:
             if kept:
                 new_batch = await self._write_verified(batch.shard_id, batch.part, kept, fingerprint(kept))
                 new_batch = replace(new_batch, state=batch.state)
-            manifest = manifest.replacing(batch.batch_id, new_batch)
+            manifest = manifest.replacing({batch.batch_id}, new_batch)
             await self._save(manifest)
             removed += len(rows) - len(kept)
             replaced.append(batch.file)
