@@ -215,6 +215,8 @@ def test_archive_settings_are_checked() -> None:
         make_config(["postgresql://x@h/db"], "s" * 32, archive={"bucket": "b"})
     with pytest.raises(ConfigError, match=r"archive\.older_than"):
         make_config(["postgresql://x@h/db"], "s" * 32, archive={"older_than": "a year"})
+    with pytest.raises(ConfigError, match="max_files_per_part must be at least 1"):
+        make_config(["postgresql://x@h/db"], "s" * 32, archive={"max_files_per_part": 0})
     relative = make_config(["postgresql://x@h/db"], "s" * 32, archive={"url": "cold"})
     assert relative.archive.url is not None and Path(relative.archive.url).is_absolute()
 
