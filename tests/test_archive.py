@@ -33,6 +33,7 @@ from server.moves.archiver import STEPS, Archiver, ArchiveReport
 from server.routing import Pair, bucket_of, calculate_shard
 from server.runtime.app import RunningServer
 from server.storage.ids import id_time
+from tests.crashing_mover import CRASHED_EXIT
 from tests.processes import write_server_config
 from tests.support import (
     S3_CREDENTIALS,
@@ -628,3 +629,34 @@ async def test_runs_merge_a_parts_small_files_and_the_dialog_reads_the_same(
         assert sum(batch.rows for batch in files) == 80
         assert sorted(batch.file for batch in manifest_of(config).batches) == store_of(config).list("parts")
         await assert_dialog_is(channel, auth_for(a), a, b, history)
+
+
+@pytest.mark.parametrize("step", STEPS)
+async def test_dialogctl_archive_killed_at_each_step_completes_on_the_next_run(
+    step: str,
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+) -> None:
+    settings = {"url": str(tmp_path / "archive"), **SMALL}
+    async with archived_cluster(pg_servers, jwt_secret, settings) as (config, _, channel):
+        a, b = new_pair()
+        old = old_messages(config, (a, b), 150, sent=datetime.now(UTC) - LONG_AGO)
+        path = write_server_config(
+            tmp_path / "ctl.toml", config, "127.0.0.1:1", jwt_secret, sections={"archive": settings}
+        )
+        killed = await dialogctl(path, "archive", "--older-than", "7d", crash_at=step)
+        assert killed.returncode == CRASHED_EXIT, killed.stderr
+        await assert_dialog_is(channel, auth_for(a), a, b, old)
+        finished = (await dialogctl(path, "archive", "--older-than", "7d", "--json")).json()
+        # The second run archives what no listed batch holds: 100 of them were listed when it died
+        # after publishing (and both batches are listed before any is deleted).
+        newly = {"written": 150, "verified": 150, "published": 50, "deleted": 0, "done": 0}[step]
+        assert finished["messages"] == newly
+        manifest = manifest_of(config)
+        assert not manifest.unfinished() and manifest.totals()["messages"] == 150
+        assert sorted(batch.file for batch in manifest.batches) == store_of(config).list("parts")
+        assert hot_count(config, (a, b)) == 0
+        await assert_dialog_is(channel, auth_for(a), a, b, old)
