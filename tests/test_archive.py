@@ -507,6 +507,7 @@ async def test_erase_user_removes_every_message_of_the_user_everywhere_and_again
     new_pair: Callable[[], tuple[int, int]],
     auth_for: Callable[..., Metadata],
     admin_auth: Metadata,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = {"url": str(tmp_path / "archive"), **SMALL}
     async with archived_cluster(pg_servers, jwt_secret, settings) as (config, running, channel):
@@ -527,7 +528,10 @@ async def test_erase_user_removes_every_message_of_the_user_everywhere_and_again
         with pytest.raises(Crash):
             await archiver(running, config, after_step=cut_short).erase_user(user)
         admin = admin_service_pb2_grpc.AdminServiceStub(channel)
-        erased = await admin.EraseUser(apb.EraseUserRequest(user_id=user), metadata=admin_auth)
+        with caplog.at_level("INFO", logger="server.rpc"):
+            erased = await admin.EraseUser(apb.EraseUserRequest(user_id=user), metadata=admin_auth)
+        logged = [(r.grpc_method, r.principal) for r in caplog.records if r.name == "server.rpc"]  # type: ignore[attr-defined]
+        assert logged == [("EraseUser", "admin")]
         assert erased.hot_messages_deleted == 0, "the first call deleted the hot messages"
         assert (erased.archived_messages_erased, erased.archive_files_rewritten) == (40, 1)
         again = await admin.EraseUser(apb.EraseUserRequest(user_id=user), metadata=admin_auth)
