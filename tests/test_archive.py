@@ -30,6 +30,7 @@ from server.archive.store import ArchiveStore
 from server.config import ConfigError, ServerConfig, parse_duration
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.moves.archiver import STEPS, Archiver, ArchiveReport
+from server.moves.mover import Mover
 from server.routing import Pair, bucket_of, calculate_shard
 from server.runtime.app import RunningServer
 from server.storage.ids import id_time
@@ -664,3 +665,39 @@ async def test_dialogctl_archive_killed_at_each_step_completes_on_the_next_run(
         assert sorted(batch.file for batch in manifest.batches) == store_of(config).list("parts")
         assert hot_count(config, (a, b)) == 0
         await assert_dialog_is(channel, auth_for(a), a, b, old)
+
+
+async def test_a_message_deleted_while_its_dialog_moves_is_gone_from_both_shards_and_the_move_verifies(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+) -> None:
+    base = fresh_cluster(pg_servers, jwt_secret, 4)
+    async with serving(base) as (running, channel):
+        a, b = new_pair()
+        sent = await send(channel, auth_for(a), a, b, 5)
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        deleted: list[bool] = []
+
+        async def delete_after_the_copy(step: str) -> None:
+            # The move has copied the dialog to its target and not fenced the source yet.
+            if step == "copied":
+                request = dpb.DeleteMessageRequest(user_id=a, peer_user_id=b, message_id=sent[2])
+                deleted.append((await stub.DeleteMessage(request, metadata=auth_for(a))).deleted)
+
+        source = calculate_shard(a, b, 4)
+        target = other_shard(a, b)
+        mover = Mover(
+            base.control_dsn,
+            running.placement.control_pool,
+            running.shards,
+            running.placement.router,
+            after_step=delete_after_the_copy,
+        )
+        result = await mover.move_pair(Pair.of(a, b), target)
+        assert deleted == [True] and result.shard_id == target
+        assert rows_on(base, (a, b)) == [target]
+        assert hot_count(base, (a, b)) == 4
+        await assert_dialog_is(channel, auth_for(a), a, b, [m for m in sent if m != sent[2]])
+        assert source != target

@@ -191,6 +191,10 @@ class DialogService(pb_grpc.DialogServiceServicer):
         async with self._placement.control_pool.connection() as conn:
             return await tombstones.deleted_among(conn, ids)
 
+    async def _move_targets(self, pair: Pair) -> list[int]:
+        async with self._placement.control_pool.connection() as conn:
+            return await deletion.move_targets(conn, pair)
+
     async def _tombstone(self, message_id: uuid.UUID, pair: Pair, sender: int) -> bool:
         async with self._placement.control_pool.connection() as conn:
             return await tombstones.record(conn, message_id, pair, sender)
@@ -233,4 +237,7 @@ class DialogService(pb_grpc.DialogServiceServicer):
             where,
             lambda shard_id: deletion.delete_sent(self._shards.store(shard_id), pair, message_id, sender),
         )
+        if removed:
+            for target in await self._placement.control.guard(self._move_targets(pair)):
+                await deletion.delete_copy(self._shards.store(target), pair, message_id)
         return pb.DeleteMessageResponse(deleted=removed or (archived is not None and tombstoned))

@@ -1,7 +1,9 @@
 """SQL of deleting messages on one shard: a sender's message (DeleteMessage), a user's dialogs
 (EraseUser). A delete of a pair's message passes the move fence as an insert does (see
 server.storage.fences): while the pair's messages move away, it is refused as DIALOG_MOVING and
-served by the new shard after the flip, so no deleted message is copied back by a move."""
+served by the new shard after the flip. Before the fence, a move may already have copied the
+message: the delete removes that copy on the move's target too (`move_targets`, `delete_copy`), or
+the move's verification would find a message its source lacks."""
 
 from __future__ import annotations
 
@@ -53,3 +55,28 @@ async def erase_user(store: MessageStore, user_id: int) -> int:
         )
         deleted: int = cur.rowcount
         return deleted
+
+
+async def move_targets(conn: AsyncConnection[Any], pair: Pair) -> list[int]:
+    """The target shards of the unfinished moves that take the pair's messages (a pair's move, or a
+    reshard's bucket move): a copy made before a delete must be deleted there too."""
+    cur = await conn.execute(
+        "SELECT DISTINCT target_shard FROM shard_moves WHERE state <> 'done' AND "
+        "((user_low = %s AND user_high = %s) OR "
+        "(user_low = 0 AND user_high = 0 AND %s = ANY(coalesce(buckets, ARRAY[bucket]))))",
+        (pair.low, pair.high, bucket_of(*pair)),
+    )
+    return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def delete_copy(store: MessageStore, pair: Pair, message_id: uuid.UUID) -> bool:
+    """Delete a moving message's copy on the move's target shard (no fence: it is the copy's shard)."""
+
+    async def op(conn: AsyncConnection[Any]) -> bool:
+        cur = await conn.execute(
+            f"DELETE FROM {store.table} WHERE message_id = %s AND user_low = %s AND user_high = %s",
+            (message_id, pair.low, pair.high),
+        )
+        return cur.rowcount == 1
+
+    return await store.shard.write(op, idempotent=True)
