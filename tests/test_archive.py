@@ -701,3 +701,42 @@ async def test_a_message_deleted_while_its_dialog_moves_is_gone_from_both_shards
         assert hot_count(base, (a, b)) == 4
         await assert_dialog_is(channel, auth_for(a), a, b, [m for m in sent if m != sent[2]])
         assert source != target
+
+
+async def test_deleting_again_removes_a_copy_a_move_left_on_its_target(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+) -> None:
+    base = fresh_cluster(pg_servers, jwt_secret, 4)
+    async with serving(base) as (_, channel):
+        a, b = new_pair()
+        sent = await send(channel, auth_for(a), a, b, 2)
+        low, high = Pair.of(a, b)
+        source, target = base.shards[calculate_shard(a, b, 4)], base.shards[other_shard(a, b)]
+        # What a mover's copy written just after a delete leaves: the message on the target only.
+        columns = "message_id, user_low, user_high, bucket, from_user_id, to_user_id, text, created_at"
+        with psycopg.connect(source.dsn) as conn:
+            row = conn.execute(
+                f"DELETE FROM {source.table} WHERE message_id = %s RETURNING {columns}", (sent[0],)
+            ).fetchone()
+        with psycopg.connect(target.dsn) as conn:
+            conn.execute(
+                f"INSERT INTO {target.table} ({columns}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", row
+            )
+        with psycopg.connect(base.control_dsn) as conn:
+            conn.execute(
+                "INSERT INTO shard_moves (bucket, buckets, user_low, user_high, source_shard, target_shard, "
+                "flip, state) VALUES (%s, %s, %s, %s, %s, %s, 'set_override', 'copying')",
+                (bucket_of(a, b), [bucket_of(a, b)], low, high, source.shard_id, target.shard_id),
+            )
+        stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+        request = dpb.DeleteMessageRequest(user_id=a, peer_user_id=b, message_id=sent[0])
+        assert (await stub.DeleteMessage(request, metadata=auth_for(a))).deleted is True
+        assert (await stub.DeleteMessage(request, metadata=auth_for(a))).deleted is False
+        assert hot_count(base, (a, b)) == 1
+        with psycopg.connect(base.control_dsn) as conn:
+            conn.execute(
+                "UPDATE shard_moves SET state = 'done' WHERE user_low = %s AND user_high = %s", (low, high)
+            )

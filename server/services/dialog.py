@@ -221,6 +221,14 @@ class DialogService(pb_grpc.DialogServiceServicer):
         if sender is None and self._archive is not None:
             archived = await self._archive.find(pair, str(message_id))
             sender = None if archived is None else archived[1]
+        targets: list[int] | None = None
+        if sender is None:
+            # Only a copy a move made before an earlier delete may be left, on the move's target.
+            targets = await self._placement.control.guard(self._move_targets(pair))
+            for target in targets:
+                sender = await deletion.sender_of(self._shards.store(target), pair, message_id)
+                if sender is not None:
+                    break
         if sender is None:
             # Already deleted (or never in this dialog): deleting is idempotent.
             return pb.DeleteMessageResponse(deleted=False)
@@ -237,7 +245,9 @@ class DialogService(pb_grpc.DialogServiceServicer):
             where,
             lambda shard_id: deletion.delete_sent(self._shards.store(shard_id), pair, message_id, sender),
         )
-        if removed:
-            for target in await self._placement.control.guard(self._move_targets(pair)):
-                await deletion.delete_copy(self._shards.store(target), pair, message_id)
+        if targets is None:
+            targets = await self._placement.control.guard(self._move_targets(pair))
+        for target in targets:
+            # A move may have copied the message already: its verification must not find the copy.
+            removed = await deletion.delete_copy(self._shards.store(target), pair, message_id) or removed
         return pb.DeleteMessageResponse(deleted=removed or (archived is not None and tombstoned))
