@@ -353,6 +353,24 @@ async def test_a_server_archives_on_its_schedule(
     assert manifest_of(config).totals()["messages"] == 40
 
 
+async def assert_archived_once(
+    config: ServerConfig,
+    channel: Any,
+    auth: Metadata,
+    pair: tuple[int, int],
+    *,
+    archived: list[str],
+    hot: list[str],
+) -> None:
+    """After a finished run: `archived` in listed files only (no batch unfinished, no unlisted
+    file), `hot` on the shards, and the dialog shows each once."""
+    manifest = manifest_of(config)
+    assert not manifest.unfinished() and manifest.totals()["messages"] == len(archived)
+    assert sorted(batch.file for batch in manifest.batches) == store_of(config).list("parts")
+    assert hot_count(config, pair) == len(hot)
+    await assert_dialog_is(channel, auth, *pair, archived + hot)
+
+
 class Crash(Exception):
     """The archive run dies at a step (the lock goes with its session, as with a killed process)."""
 
@@ -384,11 +402,7 @@ async def test_a_run_crashed_at_each_step_completes_on_the_next_with_every_messa
         assert report.removed_leftovers == (1 if step in ("written", "verified") else 0)
         # Both batches are published before the first is deleted.
         assert report.resumed_batches == {"published": 1, "deleted": 2, "done": 1}.get(step, 0)
-        manifest = manifest_of(config)
-        assert not manifest.unfinished() and manifest.totals()["messages"] == 150
-        assert sorted(b.file for b in manifest.batches) == store_of(config).list("parts")
-        assert hot_count(config, (a, b)) == 3
-        await assert_dialog_is(channel, auth_for(a), a, b, old + new)
+        await assert_archived_once(config, channel, auth_for(a), (a, b), archived=old, hot=new)
 
 
 async def test_archived_pairs_move_and_reshard_without_their_files(
@@ -660,11 +674,7 @@ async def test_dialogctl_archive_killed_at_each_step_completes_on_the_next_run(
         # after publishing (and both batches are listed before any is deleted).
         newly = {"written": 150, "verified": 150, "published": 50, "deleted": 0, "done": 0}[step]
         assert finished["messages"] == newly
-        manifest = manifest_of(config)
-        assert not manifest.unfinished() and manifest.totals()["messages"] == 150
-        assert sorted(batch.file for batch in manifest.batches) == store_of(config).list("parts")
-        assert hot_count(config, (a, b)) == 0
-        await assert_dialog_is(channel, auth_for(a), a, b, old)
+        await assert_archived_once(config, channel, auth_for(a), (a, b), archived=old, hot=[])
 
 
 async def test_a_message_deleted_while_its_dialog_moves_is_gone_from_both_shards_and_the_move_verifies(
