@@ -6,7 +6,10 @@ an operator runs is timed through the service's own code, `--repeats` times (med
 
 - `stats estimate`: GetShardStats' default count (PostgreSQL's statistics, no scan);
 - `stats exact`: `GetShardStats(exact=True)` / `dialogctl stats --exact` (a scan);
-- `hotspots shard load` and `hotspots heaviest pairs`: what `dialogctl hotspots` runs per shard;
+- `hotspots activity` and `hotspots pair counts`: what `dialogctl hotspots` (and a rebalancer
+  round) runs per shard: the recent-activity table over an hour (seeded as a full hour of windows:
+  every bucket's total and 512 pairs per minute, what one busy server process flushes) and an index
+  count of each of the 20 heaviest pairs;
 - `verify`: `dialogctl verify`'s pass over the shard (every pair's count and checksum).
 
 Figures depend on the machine and on what else runs: quote them with both.
@@ -33,7 +36,7 @@ from server.cli.shards import tool_shards
 from server.config import config_from_mapping
 from server.moves.verify import verify
 from server.routing import ShardRouter
-from server.storage.hotspots import heaviest_pairs, shard_load
+from server.storage.activity import pairs_messages, shard_activity
 from server.storage.schema import migrate_shard
 
 _TABLE = "messages_0"
@@ -63,7 +66,34 @@ def _seed(dsn: str, rows: int, pairs: int) -> None:
             """,
             {"n": rows, "pairs": pairs, "start": now_ms - 3_600_000, "text": MESSAGE_TEXT},
         )
+    _seed_activity(dsn, pairs)
     settle_after_load(dsn, _TABLE)
+
+
+def _seed_activity(dsn: str, pairs: int) -> None:
+    """A full hour of activity windows, as busy servers' flushes leave it: each minute every
+    bucket's total and 512 pairs' counts (the seeded pairs, a different slice each minute)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"""
+            INSERT INTO {_TABLE}_activity (window_start, bucket, user_low, user_high, messages, bytes, reads)
+            SELECT date_trunc('minute', now()) - make_interval(mins => w), b, 0, 0, 40, 4000, 10
+            FROM generate_series(0, 59) AS w, generate_series(0, 4095) AS b
+            """
+        )
+        conn.execute(
+            f"""
+            INSERT INTO {_TABLE}_activity (window_start, bucket, user_low, user_high, messages, bytes, reads)
+            SELECT date_trunc('minute', now()) - make_interval(mins => w),
+                   mod(dialog_pair_hash(1000 + 2 * k, 1001 + 2 * k), 4096)::smallint,
+                   1000 + 2 * k, 1001 + 2 * k, 1 + mod(k, 97), 100, 1
+            FROM generate_series(0, 59) AS w,
+                 LATERAL (SELECT mod(w * 512 + j, %(pairs)s) AS k FROM generate_series(0, 511) AS j) AS p
+            ON CONFLICT DO NOTHING
+            """,
+            {"pairs": pairs},
+        )
+        conn.execute(f"VACUUM ANALYZE {_TABLE}_activity")
 
 
 async def _timed(work: Callable[[], Awaitable[Any]], repeats: int) -> tuple[float, Any]:
@@ -90,10 +120,11 @@ async def _measure(dsn: str, rows: int, repeats: int) -> dict[str, Any]:
         figures["stats_estimate"] = {"seconds": seconds, "count": estimate}
         seconds, exact = await _timed(store.count, repeats)
         figures["stats_exact"] = {"seconds": seconds, "count": exact}
-        seconds, _ = await _timed(lambda: shard_load(store, _WINDOW), repeats)
-        figures["hotspots_shard_load"] = {"seconds": seconds}
-        seconds, _ = await _timed(lambda: heaviest_pairs(store, _WINDOW, top=20, by_recent=True), repeats)
-        figures["hotspots_heaviest_pairs"] = {"seconds": seconds}
+        seconds, activity = await _timed(lambda: shard_activity(store, _WINDOW, top=20), repeats)
+        figures["hotspots_activity"] = {"seconds": seconds, "pairs": len(activity.pairs)}
+        top = [row.pair for row in activity.pairs]
+        seconds, counts = await _timed(lambda: pairs_messages(store, top), repeats)
+        figures["hotspots_pair_counts"] = {"seconds": seconds, "messages": sum(counts.values())}
         seconds, report = await _timed(
             lambda: verify(shards, lambda pair: router.resolve(pair.low, pair.high).shard_id), repeats
         )

@@ -19,12 +19,9 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ from typing import Any
 import grpc
 import psycopg
 
-from bench.procs import ServerProcess, start_postgres
+from bench.procs import ServerProcess, scratch_dir, start_postgres
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
 from server.auth import issue_token
@@ -67,7 +64,9 @@ def _config(path: Path, dsns: list[str], secret_file: Path) -> Path:
     return path
 
 
-def _seed(dsns: list[str], pairs: list[tuple[int, int]], messages: int) -> None:
+def seed_messages(dsns: list[str], pairs: list[tuple[int, int]], messages: int) -> None:
+    """`messages` messages over `pairs` (round-robin), copied straight into each pair's home among
+    the 4 shards `dsns[0..3]` (table `messages_<shard>`), then analyzed."""
     ids = MessageIdGenerator()
     rows: dict[int, list[tuple[Any, ...]]] = {}
     for i in range(messages):
@@ -139,7 +138,8 @@ class Load:
             await asyncio.gather(*(self._caller(stub, n) for n in range(self.concurrency)))
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile_ms(values: list[float], q: float) -> float:
+    """The `q` quantile of latencies in seconds, in milliseconds (NaN for none)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
@@ -168,10 +168,7 @@ async def _measure(args: argparse.Namespace, load: Load, ctl: list[str]) -> dict
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     with contextlib.ExitStack() as stack:
-        root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
-        tmp = Path(tempfile.mkdtemp(prefix="dialog-reshard-bench-", dir=root))
-        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        tmp.chmod(0o711)
+        tmp = scratch_dir("dialog-reshard-bench-", stack)
         print(f"starting 4 PostgreSQL servers in {tmp}", file=sys.stderr)
         pg = start_postgres(tmp, 4, stack, {"synchronous_commit": "on", "fsync": "on"})
         dsns = [pg[i % 4].dsn for i in range(args.target_shards)]
@@ -189,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random(7)
         pairs = [(rng.randrange(1, 2**62), rng.randrange(2**62, 2**63)) for _ in range(args.pairs)]
         print(f"seeding {args.messages:,} messages of {len(pairs):,} pairs", file=sys.stderr)
-        _seed(dsns, pairs, args.messages)
+        seed_messages(dsns, pairs, args.messages)
         everything = _config(tmp / "all.toml", dsns, secret_file)
         server = ServerProcess(
             "dialog-server",
@@ -218,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows_copied": result["rows_copied"],
         "reshard_seconds": result["wall_seconds"],
         "rows_per_second": round(result["rows_copied"] / result["wall_seconds"], 1),
-        "send_p50_ms": {p: round(_percentile(v, 0.50), 2) for p, v in load.latencies.items()},
-        "send_p99_ms": {p: round(_percentile(v, 0.99), 2) for p, v in load.latencies.items()},
+        "send_p50_ms": {p: round(percentile_ms(v, 0.50), 2) for p, v in load.latencies.items()},
+        "send_p99_ms": {p: round(percentile_ms(v, 0.99), 2) for p, v in load.latencies.items()},
         "sends": {p: len(v) for p, v in load.latencies.items()},
         "moving_retries": load.moving_retries,
         "errors": load.errors[:5],

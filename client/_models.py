@@ -96,10 +96,12 @@ class ShardOverride:
     user_id_2: int
     shard_id: int
     create_time: datetime
+    #: Made by the automatic rebalancer (not an operator's pin).
+    automatic: bool = False
 
     @classmethod
     def from_proto(cls, o: admin_pb.ShardOverride) -> ShardOverride:
-        return cls(o.user_id_1, o.user_id_2, o.shard_id, _time(o.create_time))
+        return cls(o.user_id_1, o.user_id_2, o.shard_id, _time(o.create_time), o.automatic)
 
     def to_proto(self) -> admin_pb.ShardOverride:
         return admin_pb.ShardOverride(
@@ -107,6 +109,7 @@ class ShardOverride:
             user_id_2=self.user_id_2,
             shard_id=self.shard_id,
             create_time=_timestamp(self.create_time),
+            automatic=self.automatic,
         )
 
 

@@ -58,6 +58,10 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     replica_reads = true                    # GetDialog may read from a replica lagging <= replica_max_lag
     replica_max_lag = 5.0
 
+    [rebalance]                             # optional; see RebalanceConfig for every key
+    auto = false                            # move hot pairs off a hot shard on its own
+    interval = 60                           # seconds between its rounds
+
     [[shards]]
     id = 0
     dsn = "postgresql://postgres@10.0.0.1:5432/dialog"
@@ -82,6 +86,8 @@ Environment variables (they win over the file):
 - `DIALOG_METRICS_LISTEN`: address of the metrics endpoint, or `off`.
 - `DIALOG_LOG_FORMAT` (`json`, `text`, `auto`), `DIALOG_LOG_LEVEL`, `DIALOG_LOG_RPC` (`0` silences
   the per-RPC lines).
+- `DIALOG_REBALANCE_AUTO` (`1` turns the automatic rebalancer on), `DIALOG_REBALANCE_INTERVAL`
+  (seconds between its rounds): the `[rebalance]` keys `auto` and `interval`.
 - `DIALOG_ARCHIVE_URL`, `DIALOG_ARCHIVE_ENDPOINT_URL`, `DIALOG_ARCHIVE_OLDER_THAN`: the `[archive]`
   keys `url`, `endpoint_url` and `older_than` (S3 credentials come from the usual `AWS_*` variables).
 - `DIALOG_SEND_RATE_PER_SECOND`, `DIALOG_SEND_BURST`, `DIALOG_READ_RATE_PER_SECOND`,
@@ -397,6 +403,57 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivityConfig:
+    """Recent-activity counts (server.observability.activity): what hotspots and the rebalancer read."""
+
+    #: Seconds between flushes of each server process's counts to the shards' activity tables.
+    flush_seconds: float = 10.0
+    #: Length of one stored window of counts, in seconds (the finest time resolution of a rate).
+    window_seconds: float = 60.0
+    #: Seconds the windows are kept (the longest `--window` of `dialogctl hotspots`).
+    retention_seconds: float = 3600.0
+    #: Pairs one process tracks per flush period (a pair above 1/(max_pairs + 1) of the period's
+    #: calls is always among them); memory is bounded by it and the 4096 buckets per shard.
+    max_pairs: int = 512
+
+
+#: What the rebalancer weighs shards and pairs by.
+REBALANCE_MEASURES = ("rate", "size")
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceConfig:
+    """The automatic rebalancer (server.moves.rebalancer; decisions in server.routing.rebalance)."""
+
+    #: Run it (one server of the cluster acts, chosen by an advisory lock); `DIALOG_REBALANCE_AUTO`.
+    auto: bool = False
+    #: Seconds between its rounds; `DIALOG_REBALANCE_INTERVAL`.
+    interval: float = 60.0
+    #: `rate`: messages written per second over `window` (recent-activity tables); `size`: stored
+    #: messages (PostgreSQL's estimate per shard, an index count per candidate pair).
+    by: str = "rate"
+    #: Seconds of activity a round weighs.
+    window: float = 600.0
+    #: Act when the heaviest shard carries more than this times the mean.
+    threshold: float = 1.3
+    #: Stop moving once the heaviest shard is within this times the mean (below `threshold`: the
+    #: band between the two is the hysteresis).
+    settle: float = 1.1
+    #: Make moves only if together they lower the heaviest shard's load by at least this fraction.
+    min_improvement: float = 0.1
+    #: Pairs (the heaviest by activity) per shard a round considers moving.
+    candidates: int = 50
+    #: Most moves in any hour (over all servers: counted in the control database's decisions).
+    max_moves_per_hour: int = 30
+    #: Most moves in one round.
+    max_moves_per_round: int = 5
+    #: Rows moved per second, at most, averaged over a round's moves (it waits between moves).
+    rows_per_second: float = 5000.0
+    #: Seconds a pair the rebalancer moved stays where it put it.
+    cooldown: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything the server needs, validated."""
 
@@ -426,6 +483,8 @@ class ServerConfig:
     pin_workers: bool = False
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    activity: ActivityConfig = field(default_factory=ActivityConfig)
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
 
     @property
@@ -554,6 +613,13 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
     max_connection_age = float(data.get("max_connection_age_seconds", 0.0))
     if max_connection_age < 0:
         raise ConfigError(f"max_connection_age_seconds must be 0 (never) or more, got {max_connection_age}")
+    activity = _activity(data.get("activity", {}))
+    rebalance = _rebalance(data.get("rebalance", {}), env)
+    if rebalance.window > activity.retention_seconds:
+        raise ConfigError(
+            f"rebalance.window ({rebalance.window:g} s) must be at most activity.retention_seconds "
+            f"({activity.retention_seconds:g} s): older activity is pruned"
+        )
     return ServerConfig(
         shards=shards,
         control_dsn=_control_dsn(env.get("DIALOG_CONTROL_DSN") or data.get("control_dsn") or shards[0].dsn),
@@ -571,8 +637,51 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         pin_workers=_bool(env.get("DIALOG_PIN_WORKERS", data.get("pin_workers", False))),
         metrics=_metrics(data.get("metrics", {}), env),
         log=_log(data.get("log", {}), env),
+        activity=activity,
+        rebalance=rebalance,
         archive=_archive(data.get("archive", {}), env, base_dir),
     )
+
+
+def _activity(section: Mapping[str, Any]) -> ActivityConfig:
+    values = _known(section, ActivityConfig, "activity")
+    activity = ActivityConfig(**values)
+    if min(activity.flush_seconds, activity.window_seconds) <= 0 or activity.max_pairs < 1:
+        raise ConfigError("activity.flush_seconds and window_seconds must be positive, max_pairs at least 1")
+    if activity.retention_seconds < activity.window_seconds:
+        raise ConfigError("activity.retention_seconds must be at least activity.window_seconds")
+    return activity
+
+
+def _rebalance(section: Mapping[str, Any], env: Mapping[str, str]) -> RebalanceConfig:
+    values = _known(section, RebalanceConfig, "rebalance")
+    if env.get("DIALOG_REBALANCE_AUTO"):
+        values["auto"] = env["DIALOG_REBALANCE_AUTO"]
+    if env.get("DIALOG_REBALANCE_INTERVAL"):
+        values["interval"] = float(env["DIALOG_REBALANCE_INTERVAL"])
+    if "auto" in values:
+        values["auto"] = _bool(values["auto"])
+    rebalance = RebalanceConfig(**values)
+    if rebalance.by not in REBALANCE_MEASURES:
+        raise ConfigError(
+            f"rebalance.by must be one of {', '.join(REBALANCE_MEASURES)}, got {rebalance.by!r}"
+        )
+    if min(rebalance.interval, rebalance.window, rebalance.rows_per_second) <= 0:
+        raise ConfigError("rebalance.interval, window and rows_per_second must be positive")
+    if not 1.0 <= rebalance.settle <= rebalance.threshold:
+        raise ConfigError(
+            f"rebalance.settle must be in 1..threshold ({rebalance.threshold:g}), got {rebalance.settle:g}: "
+            "moves stop within settle x the mean and start above threshold x the mean"
+        )
+    if not 0 <= rebalance.min_improvement < 1:
+        raise ConfigError(f"rebalance.min_improvement must be in [0, 1), got {rebalance.min_improvement:g}")
+    if min(rebalance.candidates, rebalance.max_moves_per_round) < 1 or rebalance.max_moves_per_hour < 0:
+        raise ConfigError(
+            "rebalance.candidates and max_moves_per_round must be at least 1, max_moves_per_hour >= 0"
+        )
+    if rebalance.cooldown < 0:
+        raise ConfigError("rebalance.cooldown must be >= 0")
+    return rebalance
 
 
 def _control_dsn(dsn: object) -> str:

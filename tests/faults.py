@@ -354,8 +354,11 @@ class Watch:
         return when
 
 
-async def start_server_process(config_path: Path, within: float = 30.0) -> asyncio.subprocess.Process:
-    """Run `dialog-server --config config_path` (output in `<config>.log`) until it says it serves."""
+async def start_server_process(
+    config_path: Path, within: float = 30.0, *, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """Run `dialog-server --config config_path` (output in `<config>.log`) until it says it serves;
+    `env`: DIALOG_* variables of its own (they win over the file, as for an operator)."""
     log_path = config_path.with_suffix(".log")
     offset = log_path.stat().st_size if log_path.exists() else 0
     # A file, not a pipe: nobody reads a pipe after startup, and a full one would block the server.
@@ -366,7 +369,7 @@ async def start_server_process(config_path: Path, within: float = 30.0) -> async
             str(config_path),
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
-            env=child_env(),
+            env=child_env(**(env or {})),
         )
     ends = time.monotonic() + within
     while True:

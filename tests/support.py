@@ -355,6 +355,12 @@ STATE_AFTER_CRASH = {
 }
 
 
+def dialog_moving(error: grpc.aio.AioRpcError) -> bool:
+    """The call was refused because its dialog is moving (UNAVAILABLE, DIALOG_MOVING): retry it."""
+    info, _ = status_details(error)
+    return error.code() == grpc.StatusCode.UNAVAILABLE and info is not None and info.reason == "DIALOG_MOVING"
+
+
 @dataclass
 class Writer:
     """Sends messages as `sender` until stopped, retrying DIALOG_MOVING with the same request_id."""
@@ -383,12 +389,7 @@ class Writer:
                     reply = await self.stub.SendMessage(request, metadata=self.auth, timeout=10)
                     break
                 except grpc.aio.AioRpcError as err:
-                    info, _ = status_details(err)
-                    if (
-                        err.code() != grpc.StatusCode.UNAVAILABLE
-                        or info is None
-                        or info.reason != "DIALOG_MOVING"
-                    ):
+                    if not dialog_moving(err):
                         self.other_errors.append(f"{err.code().name}: {err.details()}")
                         return
                     self.moving_retries += 1
@@ -539,3 +540,51 @@ def old_messages(
 def hot_count(config: ServerConfig, pair: tuple[int, int]) -> int:
     """Rows of the pair on every shard together."""
     return sum(len(rows) for rows in rows_for_pair(config, pair).values())
+
+
+# -- Sending through the service -------------------------------------------------------------------
+
+
+async def send_dialog(
+    channel: grpc.aio.Channel, config: ServerConfig, pair: tuple[int, int], count: int, *, prefix: str = "m"
+) -> list[str]:
+    """`count` messages of the pair through SendMessage, the two users taking turns (so each stays
+    within the default per-user burst), message i saying `<prefix><i>`; returns their ids in order.
+
+    DIALOG_MOVING is retried with the same request_id, as a client would."""
+    stub = dialog_service_pb2_grpc.DialogServiceStub(channel)
+    a, b = pair
+    auth = {
+        user: (("authorization", f"Bearer {issue_token(config.auth, user_id=user, ttl_seconds=600)}"),)
+        for user in pair
+    }
+    ids: list[str] = []
+    for i in range(count):
+        sender, recipient = (a, b) if i % 2 == 0 else (b, a)
+        request = dpb.SendMessageRequest(
+            from_user_id=sender, to_user_id=recipient, text=f"{prefix}{i}", request_id=f"{prefix}-{i}"
+        )
+        for _ in range(200):
+            try:
+                reply = await stub.SendMessage(request, metadata=auth[sender], timeout=10)
+                break
+            except grpc.aio.AioRpcError as err:
+                if not dialog_moving(err):
+                    raise
+                await asyncio.sleep(retry_delay(err))
+        else:
+            raise AssertionError(f"pair {pair}: still moving after 200 retries")
+        ids.append(reply.message.message_id)
+    return ids
+
+
+def activity_rows(config: ServerConfig, shard_id: int) -> dict[tuple[int, int, int], tuple[int, int, int]]:
+    """A shard's recent-activity table summed over its windows: (bucket, low, high) ->
+    (messages, bytes, reads); low = high = 0 is the bucket's total."""
+    shard = config.shards[shard_id]
+    with psycopg.connect(shard.dsn) as conn:
+        rows = conn.execute(
+            f"SELECT bucket, user_low, user_high, sum(messages), sum(bytes), sum(reads) "
+            f"FROM {shard.table}_activity GROUP BY 1, 2, 3"
+        ).fetchall()
+    return {(r[0], r[1], r[2]): (int(r[3]), int(r[4]), int(r[5])) for r in rows}

@@ -132,5 +132,39 @@ def test_operator_reads_benchmark_runs_every_read_at_toy_size() -> None:
     # The script itself fails unless the exact count is the seeded one and verify finds nothing.
     assert figures["stats_exact"]["count"] == 3000 and figures["verify"]["pairs"] == 40
     assert 0 <= figures["stats_estimate"]["count"] <= 3000 * 2
-    reads = ("stats_estimate", "stats_exact", "hotspots_shard_load", "hotspots_heaviest_pairs", "verify")
+    reads = ("stats_estimate", "stats_exact", "hotspots_activity", "hotspots_pair_counts", "verify")
     assert all(figures[name]["seconds"] > 0 for name in reads)
+    assert figures["hotspots_activity"]["pairs"] == 20, "the seeded hour of activity names its heavy pairs"
+
+
+@pytest.mark.timeout(300)
+def test_rebalance_benchmark_runs_without_and_with_the_rebalancer_at_toy_size(tmp_path: Path) -> None:
+    """`python -m bench.rebalance` (`make bench-rebalance`), which docs/performance.md quotes."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.rebalance", "--seconds", "3", "--hot-pairs", "6"),
+            *(
+                "--messages-per-pair",
+                "20",
+                "--concurrency",
+                "4",
+                "--rounds",
+                "1",
+                "--output-dir",
+                str(tmp_path),
+            ),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (written,) = tmp_path.glob("rebalance-*.json")
+    without, with_rebalancer = json.loads(written.read_text())["runs"]
+    assert (without["rebalancer"], with_rebalancer["rebalancer"]) == (False, True)
+    assert without["moves"] == 0 and without["sends"] > 0 and with_rebalancer["sends"] > 0
+    seeded = 6 * 20 + 3 * 2 * 20
+    assert sum(without["messages_per_shard"]) == seeded + without["sends"], "every acknowledged send stored"
+    assert sum(with_rebalancer["messages_per_shard"]) == seeded + with_rebalancer["sends"]

@@ -180,7 +180,7 @@ async def test_overrides_set_list_delete_round_trip(
     assert first["next_page_token"] or len(listed["overrides"]) == 1
     human = await ctl("overrides", "list", "--all")
     assert human.returncode == 0, human.stderr
-    assert human.stdout.splitlines()[0].split() == ["USER_ID_1", "USER_ID_2", "SHARD", "CREATED"]
+    assert human.stdout.splitlines()[0].split() == ["USER_ID_1", "USER_ID_2", "SHARD", "CREATED", "BY"]
     assert any(line.split()[:3] == [str(low), str(high), str(target)] for line in human.stdout.splitlines())
 
     deleted = (await ctl("overrides", "delete", str(a), str(b), "--json")).json()

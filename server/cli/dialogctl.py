@@ -174,10 +174,19 @@ def _shard_of_offline(session: Session, a: int, b: int) -> int:
 
 
 def _override_rows(overrides: Sequence[ShardOverride]) -> list[list[object]]:
-    return [[o.user_id_1, o.user_id_2, o.shard_id, rfc3339(o.create_time)] for o in overrides]
+    return [
+        [
+            o.user_id_1,
+            o.user_id_2,
+            o.shard_id,
+            rfc3339(o.create_time),
+            "rebalancer" if o.automatic else "operator",
+        ]
+        for o in overrides
+    ]
 
 
-_OVERRIDE_HEADERS = ("USER_ID_1", "USER_ID_2", "SHARD", "CREATED")
+_OVERRIDE_HEADERS = ("USER_ID_1", "USER_ID_2", "SHARD", "CREATED", "BY")
 
 
 def cmd_overrides_list(session: Session) -> int:

@@ -108,8 +108,11 @@ class Mover:
         self._after_step = after_step
         self._lease: MoverLease | None = None
 
-    async def move_pair(self, pair: Pair, override: int | None) -> MoveResult:
+    async def move_pair(self, pair: Pair, override: int | None, *, automatic: bool = False) -> MoveResult:
         """Route `pair` to shard `override` (None: its hash shard, no override), moving its messages.
+
+        `automatic` (the rebalancer's moves): the override is marked automatic, and a pair an
+        operator pinned is left alone (ManualPin, before anything is recorded).
 
         Shielded with its lock: a caller that gives up (an RPC deadline, an unavailable control
         database) neither abandons the move half-way nor lets another mover start before this one
@@ -117,7 +120,7 @@ class Mover:
         caller was told it failed): e.g. one still waiting for the lock on a hung control database.
         """
         gone = asyncio.Event()
-        inner = asyncio.ensure_future(self._move_pair(pair, override, gone))
+        inner = asyncio.ensure_future(self._move_pair(pair, override, gone, automatic))
         try:
             return await asyncio.shield(inner)
         except asyncio.CancelledError:
@@ -125,7 +128,9 @@ class Mover:
             inner.add_done_callback(_retrieve)
             raise
 
-    async def _move_pair(self, pair: Pair, override: int | None, gone: asyncio.Event) -> MoveResult:
+    async def _move_pair(
+        self, pair: Pair, override: int | None, gone: asyncio.Event, automatic: bool
+    ) -> MoveResult:
         async with self.exclusive():
             bucket = bucket_of(*pair)
             pending = await self._log.unfinished(bucket, pair.low, pair.high)
@@ -133,6 +138,9 @@ class Mover:
                 log.info("completing unfinished move %d of pair %s first", pending.move_id, pair)
                 await self.run(pending)
             stored = await self._overrides.get(pair)
+            if automatic and stored is not None and not stored.automatic:
+                # Read under the movers' lock: an operator's pin made since the decision wins.
+                raise ManualPin(f"the pair ({pair.low}, {pair.high}) is pinned by an operator")
             # The stored layout, not this process's mirror: a bucket may have flipped a moment ago.
             hash_shard = (await self.layout()).hash_shard(pair_hash(*pair))
             source = stored.shard_id if stored is not None else hash_shard
@@ -144,14 +152,16 @@ class Mover:
             if source == target:
                 # No data moves; the shard map changes in one step.
                 if override is not None:
-                    await self._overrides.upsert(pair, override)
+                    await self._overrides.upsert(pair, override, automatic=automatic)
                     self._router.set(pair, override)
                 elif stored is not None:
                     await self._overrides.delete(pair)
                     self._router.discard(pair)
                 return MoveResult(target, 0, 0)
             self._refuse_unless_healthy(source, target)  # both must also be configured here
-            move = await self._log.create((bucket,), pair.low, pair.high, source, target, flip)
+            move = await self._log.create(
+                (bucket,), pair.low, pair.high, source, target, flip, automatic=automatic
+            )
             return await self.run(move)
 
     async def move_buckets(
@@ -383,6 +393,12 @@ class MoverBusy(FailedPrecondition):
     """Another mover held the lock for longer than the caller would wait."""
 
     default_reason = "MOVE_IN_PROGRESS"
+
+
+class ManualPin(FailedPrecondition):
+    """An automatic move of a pair an operator pinned: the operator's pin stays."""
+
+    default_reason = "PAIR_PINNED"
 
 
 class MoverLease:

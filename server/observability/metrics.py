@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -32,6 +33,7 @@ from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
 from server.config import split_host_port
+from server.observability.activity import FlushStats
 from server.storage.batching import BatchStats
 
 #: The `shard` label of a call that resolved no shard.
@@ -199,9 +201,116 @@ class ServerMetrics:
         and write batching."""
         self.registry.register(StateCollector(pools, overrides, reloads, breakers, batches))
 
+    def watch_activity(self, stats: Callable[[], FlushStats]) -> None:
+        """Export the recent-activity flusher's counters, read at scrape time."""
+        self.registry.register(ActivityCollector(stats))
+
+    def watch_rebalancer(self, stats: RebalancerStats) -> None:
+        """Export the automatic rebalancer's counters and its view, read at scrape time."""
+        self.registry.register(RebalancerCollector(stats))
+
     def watch_rate_limits(self, evictions: Callable[[], Mapping[str, int]]) -> None:
         """Export the rate limiters' evictions (by limit: `send`, `read`), read at scrape time."""
         self.registry.register(EvictionCollector(evictions))
+
+
+class ActivityCollector(Collector):
+    """The recent-activity flusher's work: flushes, failures, counts dropped, windows pruned."""
+
+    def __init__(self, stats: Callable[[], FlushStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield CounterMetricFamily(
+            "dialog_shard_activity_flushes",
+            "Flushes of recent-activity counts to the shards.",
+            value=stats.flushes,
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_activity_flush_failures",
+            "Shard flushes of recent-activity counts that failed (their counts were dropped).",
+            value=stats.failures,
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_activity_dropped_events",
+            "Calls (messages and reads) whose recent-activity counts were dropped by a failed flush.",
+            value=stats.dropped_events,
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_activity_pruned_rows",
+            "Rows of recent-activity windows past the retention deleted by this process.",
+            value=stats.pruned_rows,
+        )
+
+
+@dataclass(slots=True)
+class RebalancerStats:
+    """What the automatic rebalancer (server.moves.rebalancer) counts, read at scrape time."""
+
+    leader: bool = False
+    rounds: Tally[str] = field(default_factory=Tally)
+    moves: int = 0
+    rows_moved: int = 0
+    failed_moves: int = 0
+    skipped: int = 0
+    #: The heaviest shard's load over the mean, as the last round saw it.
+    imbalance: float = 0.0
+    #: The last round: when (epoch seconds), its outcome and reason.
+    last_round_at: float = 0.0
+    last_outcome: str = ""
+    last_reason: str = ""
+
+
+#: Every outcome of a rebalance round (server.routing.rebalance.Outcome), so each series exists at once.
+REBALANCE_OUTCOMES = ("idle", "balanced", "moves", "unhelpable", "budget", "paused")
+
+
+class RebalancerCollector(Collector):
+    """The automatic rebalancer: leadership, rounds by outcome, moves, rows, skips, the imbalance seen."""
+
+    def __init__(self, stats: RebalancerStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        yield GaugeMetricFamily(
+            "dialog_shard_rebalance_leader",
+            "1 while this process's rebalancer holds the cluster's rebalancer lock (it acts), else 0.",
+            value=1 if stats.leader else 0,
+        )
+        rounds = CounterMetricFamily(
+            "dialog_shard_rebalance_rounds",
+            "Rounds of the acting rebalancer, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome in REBALANCE_OUTCOMES:
+            rounds.add_metric([outcome], stats.rounds.get(outcome, 0))
+        yield rounds
+        yield CounterMetricFamily(
+            "dialog_shard_rebalance_moves", "Pairs the rebalancer moved.", value=stats.moves
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_rebalance_rows_moved",
+            "Messages the rebalancer's moves copied.",
+            value=stats.rows_moved,
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_rebalance_failed_moves",
+            "Moves of the rebalancer that failed.",
+            value=stats.failed_moves,
+        )
+        yield CounterMetricFamily(
+            "dialog_shard_rebalance_skips",
+            "Candidate pairs the rebalancer left alone (pinned, cooling down, alone above the fair "
+            "share, movers' lock busy).",
+            value=stats.skipped,
+        )
+        yield GaugeMetricFamily(
+            "dialog_shard_rebalance_imbalance",
+            "The heaviest routed shard's load over the mean, as the last round saw it (0: no load).",
+            value=stats.imbalance,
+        )
 
 
 class EvictionCollector(Collector):

@@ -44,7 +44,9 @@ from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import Limiter, TokenBucketLimiter
 from server.interceptors.shared_buckets import SharedTokenBuckets, table_path
 from server.moves.archiver import Archiver, ArchiveSchedule
+from server.moves.rebalancer import Rebalancer
 from server.moves.resumer import MoveResumer
+from server.observability.activity import ActivityFlusher, ActivityRecorder
 from server.observability.logs import RpcLog
 from server.observability.metrics import MetricsEndpoint, ServerMetrics
 from server.pagination import PageTokenCodec
@@ -81,6 +83,10 @@ class RunningServer:
     health: health.aio.HealthServicer
     #: The metrics endpoint's port (None: metrics disabled).
     metrics_port: int | None = None
+    #: The flusher of this process's recent-activity counts (tests flush it on demand).
+    activity: ActivityFlusher | None = None
+    #: The automatic rebalancer (None: `[rebalance] auto` is off).
+    rebalancer: Rebalancer | None = None
 
 
 def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -146,6 +152,7 @@ async def running_server(
         ) as placement,
     ):
         tokens = PageTokenCodec(config.page_token_secret)
+        recorder = ActivityRecorder(max_pairs=config.activity.max_pairs)
         metrics = ServerMetrics(c.shard_id for c in config.shards)
         metrics.watch(
             {c.shard_id: shards.store(c.shard_id).pool for c in config.shards},
@@ -189,7 +196,9 @@ async def running_server(
             ],
         )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
-            DialogService(placement, shards, tokens, config.limits, archive=archive_reader(config.archive)),
+            DialogService(
+                placement, shards, tokens, config.limits, recorder, archive=archive_reader(config.archive)
+            ),
             server,
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
@@ -234,31 +243,68 @@ async def running_server(
             placement.mover(shards), after=config.resilience.move_resume_after, control=placement.control
         )
         await resumer.start()
-        schedule = archive_schedule(config, shards)
-        if schedule is not None:
-            await schedule.start()
-        log.info(
-            "serving on port %d with %d shards (%s)",
-            port,
-            config.num_shards,
-            "plaintext" if config.tls is None else "mutual TLS" if config.tls.require_client_cert else "TLS",
-        )
-        if endpoint is not None:
-            log.info("metrics on %s", endpoint.url)
-        try:
-            yield RunningServer(
-                server, port, placement, shards, health_servicer, endpoint.port if endpoint else None
-            )
-        finally:
+        # Entered here and left after the server stopped: the last flush counts the drained calls,
+        # and it runs before the pools close.
+        async with (
+            ActivityFlusher(
+                recorder,
+                shards,
+                flush_seconds=config.activity.flush_seconds,
+                window_seconds=config.activity.window_seconds,
+                retention_seconds=config.activity.retention_seconds,
+            ) as flusher,
+            AsyncExitStack() as optional,
+        ):
+            metrics.watch_activity(lambda: flusher.stats)
+            rebalancer: Rebalancer | None = None
+            if config.rebalance.auto:
+                rebalancer = await optional.enter_async_context(
+                    Rebalancer(
+                        config.rebalance,
+                        placement.mover(shards, lock_wait_seconds=0.0),
+                        shards,
+                        control=placement.control,
+                        control_pool=placement.store.pool,
+                        control_dsn=config.control_dsn,
+                    )
+                )
+                metrics.watch_rebalancer(rebalancer.stats)
+            schedule = archive_schedule(config, shards)
             if schedule is not None:
-                await schedule.stop()
-            await resumer.stop()
-            await reporter.stop()
-            await health_servicer.enter_graceful_shutdown()
-            await server.stop(config.shutdown_grace_seconds)
+                await schedule.start()
+                optional.push_async_callback(schedule.stop)
+            log.info(
+                "serving on port %d with %d shards (%s)",
+                port,
+                config.num_shards,
+                "plaintext"
+                if config.tls is None
+                else "mutual TLS"
+                if config.tls.require_client_cert
+                else "TLS",
+            )
             if endpoint is not None:
-                endpoint.close()
-            log.info("server stopped")
+                log.info("metrics on %s", endpoint.url)
+            try:
+                yield RunningServer(
+                    server,
+                    port,
+                    placement,
+                    shards,
+                    health_servicer,
+                    endpoint.port if endpoint else None,
+                    flusher,
+                    rebalancer,
+                )
+            finally:
+                await optional.aclose()  # the rebalancer first: no new move while the server drains
+                await resumer.stop()
+                await reporter.stop()
+                await health_servicer.enter_graceful_shutdown()
+                await server.stop(config.shutdown_grace_seconds)
+                if endpoint is not None:
+                    endpoint.close()
+                log.info("server stopped")
 
 
 def _archive_store(archive: ArchiveConfig) -> ArchiveStore | None:

@@ -38,6 +38,7 @@ def _override_to_proto(row: OverrideRow) -> pb.ShardOverride:
         user_id_2=row.pair.high,
         shard_id=row.shard_id,
         create_time=timestamp(row.created_at),
+        automatic=row.automatic,
     )
 
 

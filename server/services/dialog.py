@@ -15,6 +15,7 @@ from server.archive.reader import ArchiveReader
 from server.auth import current_principal
 from server.config import LimitsConfig
 from server.errors import AlreadyExists, PermissionDenied
+from server.observability.activity import ActivityRecorder
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
 from server.routing import Pair
@@ -28,7 +29,7 @@ from server.services.validation import (
 )
 from server.storage import deletion, tombstones
 from server.storage.ids import MessageIdGenerator, id_time
-from server.storage.messages import PAGE_MESSAGE_OVERHEAD, NewMessage, PageRow
+from server.storage.messages import PAGE_MESSAGE_OVERHEAD, InsertResult, NewMessage, PageRow
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -50,10 +51,12 @@ class DialogService(pb_grpc.DialogServiceServicer):
         shards: ShardSet,
         tokens: PageTokenCodec,
         limits: LimitsConfig,
+        activity: ActivityRecorder | None = None,
         *,
         archive: ArchiveReader | None = None,
     ) -> None:
         self._placement = placement
+        self._activity = activity or ActivityRecorder()
         self._archive = archive
         self._shards = shards
         self._tokens = tokens
@@ -81,10 +84,16 @@ class DialogService(pb_grpc.DialogServiceServicer):
             created_at=id_time(message_id),
             request_id=request.request_id or None,
         )
+        activity = self._activity
+
+        async def insert(shard_id: int) -> InsertResult:
+            inserted = await self._shards.store(shard_id).insert(message)
+            if not inserted.replayed:
+                activity.sent(shard_id, where.pair, where.bucket, len(request.text.encode()))
+            return inserted
+
         # A refused insert committed nothing, so the same message (same id) goes to the new shard.
-        result = await self._placement.through_moves(
-            where, lambda shard_id: self._shards.store(shard_id).insert(message)
-        )
+        result = await self._placement.through_moves(where, insert)
         stored = result.message
         if result.replayed and (stored.to_user_id != request.to_user_id or stored.text != request.text):
             raise AlreadyExists(
@@ -126,16 +135,16 @@ class DialogService(pb_grpc.DialogServiceServicer):
 
         # The page ends at `limit` messages or at the byte budget, whichever comes first; the
         # storage reads one row beyond it to tell whether another page exists, without a count.
-        rows, more = await self._placement.through_moves(
-            where,
-            lambda shard_id: self._shards.store(shard_id).page(
-                where.pair,
-                after=after,
-                oldest_first=oldest_first,
-                limit=limit,
-                max_bytes=self._page_bytes,
-            ),
-        )
+        activity = self._activity
+
+        async def page(shard_id: int) -> tuple[list[PageRow], bool]:
+            found = await self._shards.store(shard_id).page(
+                where.pair, after=after, oldest_first=oldest_first, limit=limit, max_bytes=self._page_bytes
+            )
+            activity.read(shard_id, where.pair, where.bucket)
+            return found
+
+        rows, more = await self._placement.through_moves(where, page)
         resume_after = rows[-1][0] if rows else None
         if self._archive is not None:
             rows, more, resume_after = await self._with_archive(

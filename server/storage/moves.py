@@ -70,6 +70,8 @@ class Move:
     source_modulus: int | None = None
     #: Seconds since the record last changed, when it was read.
     idle_seconds: float = 0.0
+    #: A move of the automatic rebalancer: the override it sets is marked automatic.
+    automatic: bool = False
 
     @property
     def pair(self) -> Pair:
@@ -90,7 +92,7 @@ class Move:
 
 _COLUMNS = (
     "move_id, bucket, user_low, user_high, source_shard, target_shard, flip, state, copied_rows, buckets, "
-    "residue_modulus, source_modulus, extract(epoch FROM now() - updated_at)::float8"
+    "residue_modulus, source_modulus, extract(epoch FROM now() - updated_at)::float8, automatic"
 )
 
 
@@ -151,13 +153,15 @@ class MoveLog:
         flip: Flip,
         residue_modulus: int | None = None,
         source_modulus: int | None = None,
+        *,
+        automatic: bool = False,
     ) -> Move:
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
             cur = await conn.execute(
                 f"""
                 INSERT INTO shard_moves (bucket, buckets, user_low, user_high, source_shard, target_shard,
-                                         flip, state, residue_modulus, source_modulus)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, 'copying', %s, %s) RETURNING {_COLUMNS}
+                                         flip, state, residue_modulus, source_modulus, automatic)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, 'copying', %s, %s, %s) RETURNING {_COLUMNS}
                 """,
                 (
                     buckets[0],
@@ -169,6 +173,7 @@ class MoveLog:
                     str(flip),
                     residue_modulus,
                     source_modulus,
+                    automatic,
                 ),
             )
             row = await cur.fetchone()
@@ -188,7 +193,7 @@ class MoveLog:
             # The state first: if another mover moved the record on, nothing of the flip commits.
             await self._set_state(conn, move, MoveState.FLIPPED, 0, 0)
             if move.flip is Flip.SET_OVERRIDE:
-                await upsert_override_in(conn, move.pair, move.target_shard)
+                await upsert_override_in(conn, move.pair, move.target_shard, automatic=move.automatic)
             elif move.flip is Flip.DELETE_OVERRIDE:
                 await delete_override_in(conn, move.pair)
             else:

@@ -53,6 +53,8 @@ class OverrideRow:
     pair: Pair
     shard_id: int
     created_at: datetime
+    #: Made by the automatic rebalancer (which moves only its own overrides), not an operator.
+    automatic: bool = False
 
 
 class OverrideStore:
@@ -65,9 +67,9 @@ class OverrideStore:
         async with self.pool.connection() as conn:
             await migrate_control(conn)
 
-    async def upsert(self, pair: Pair, shard_id: int) -> OverrideRow:
+    async def upsert(self, pair: Pair, shard_id: int, *, automatic: bool = False) -> OverrideRow:
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn, conn.transaction():
-            return await upsert_override_in(conn, pair, shard_id)
+            return await upsert_override_in(conn, pair, shard_id, automatic=automatic)
 
     async def delete(self, pair: Pair) -> bool:
         """Remove the pair's override; False if it had none."""
@@ -84,11 +86,25 @@ class OverrideStore:
         """The pair's override as stored (the authority, unlike a process's mirror)."""
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT shard_id, created_at FROM shard_map WHERE user1 = %s AND user2 = %s",
+                "SELECT shard_id, created_at, automatic FROM shard_map WHERE user1 = %s AND user2 = %s",
                 (pair.low, pair.high),
             )
             row = await cur.fetchone()
-        return OverrideRow(pair, row[0], row[1]) if row else None
+        return OverrideRow(pair, row[0], row[1], row[2]) if row else None
+
+    async def of_pairs(self, pairs: list[Pair]) -> dict[Pair, OverrideRow]:
+        """The stored overrides of these pairs (pairs without one are left out)."""
+        async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT m.user1, m.user2, m.shard_id, m.created_at, m.automatic
+                FROM unnest(%s::bigint[], %s::bigint[]) AS p (low, high)
+                JOIN shard_map m ON m.user1 = p.low AND m.user2 = p.high
+                """,
+                ([p.low for p in pairs], [p.high for p in pairs]),
+            )
+            rows = await cur.fetchall()
+        return {Pair(r[0], r[1]): OverrideRow(Pair(r[0], r[1]), r[2], r[3], r[4]) for r in rows}
 
     async def page(self, after: Pair | None, limit: int) -> list[OverrideRow]:
         """Overrides ordered by pair, strictly after `after`."""
@@ -96,28 +112,33 @@ class OverrideStore:
         async with shard_errors(CONTROL_SHARD), self.pool.connection() as conn:
             cur = await conn.execute(
                 """
-                SELECT user1, user2, shard_id, created_at FROM shard_map
+                SELECT user1, user2, shard_id, created_at, automatic FROM shard_map
                 WHERE (user1, user2) > (%s, %s) ORDER BY user1, user2 LIMIT %s
                 """,
                 (low, high, limit),
             )
-            return [OverrideRow(Pair(r[0], r[1]), r[2], r[3]) for r in await cur.fetchall()]
+            return [OverrideRow(Pair(r[0], r[1]), r[2], r[3], r[4]) for r in await cur.fetchall()]
 
 
-async def upsert_override_in(conn: psycopg.AsyncConnection[Any], pair: Pair, shard_id: int) -> OverrideRow:
-    """Pin the pair inside the caller's transaction; the NOTIFY goes out when it commits."""
+async def upsert_override_in(
+    conn: psycopg.AsyncConnection[Any], pair: Pair, shard_id: int, *, automatic: bool = False
+) -> OverrideRow:
+    """Pin the pair inside the caller's transaction; the NOTIFY goes out when it commits.
+
+    `automatic` marks a pin of the rebalancer; an operator's pin (the default) clears the mark."""
     cur = await conn.execute(
         """
-        INSERT INTO shard_map (user1, user2, shard_id) VALUES (%s, %s, %s)
-        ON CONFLICT (user1, user2) DO UPDATE SET shard_id = EXCLUDED.shard_id, created_at = now()
+        INSERT INTO shard_map (user1, user2, shard_id, automatic) VALUES (%s, %s, %s, %s)
+        ON CONFLICT (user1, user2) DO UPDATE
+            SET shard_id = EXCLUDED.shard_id, created_at = now(), automatic = EXCLUDED.automatic
         RETURNING created_at
         """,
-        (pair.low, pair.high, shard_id),
+        (pair.low, pair.high, shard_id, automatic),
     )
     row = await cur.fetchone()
     await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"set {pair.low} {pair.high} {shard_id}"))
     assert row is not None
-    return OverrideRow(pair, shard_id, row[0])
+    return OverrideRow(pair, shard_id, row[0], automatic)
 
 
 async def delete_override_in(conn: psycopg.AsyncConnection[Any], pair: Pair) -> bool:

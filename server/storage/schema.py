@@ -91,6 +91,31 @@ CREATE UNIQUE INDEX IF NOT EXISTS shard_moves_unfinished_idx
 ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS buckets SMALLINT[];
 ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS residue_modulus INTEGER;
 ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS source_modulus INTEGER;
+ALTER TABLE shard_moves ADD COLUMN IF NOT EXISTS automatic BOOLEAN NOT NULL DEFAULT false;
+"""
+
+# Overrides the automatic rebalancer made are marked (it never touches the others, and an
+# operator's pin of the same pair clears the mark). rebalance_decisions: what the rebalancer saw,
+# did and skipped, and why (server.storage.rebalance_log).
+REBALANCE_SCHEMA = """
+ALTER TABLE shard_map ADD COLUMN IF NOT EXISTS automatic BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE IF NOT EXISTS rebalance_decisions (
+    decision_id BIGSERIAL PRIMARY KEY,
+    decided_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    instance TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('round', 'move', 'skip', 'failed')),
+    outcome TEXT NOT NULL,
+    user_low BIGINT,
+    user_high BIGINT,
+    source_shard INTEGER,
+    target_shard INTEGER,
+    load DOUBLE PRECISION,
+    rows_moved BIGINT,
+    reason TEXT NOT NULL,
+    loads JSONB
+);
+CREATE INDEX IF NOT EXISTS rebalance_decisions_time_idx ON rebalance_decisions (decided_at);
+CREATE INDEX IF NOT EXISTS rebalance_decisions_kind_idx ON rebalance_decisions (kind, decision_id);
 """
 
 # The pair is stored ordered (user_low < user_high) with its hash bucket, so a
@@ -115,6 +140,23 @@ CREATE INDEX IF NOT EXISTS {table}_dialog_idx ON {table} (user_low, user_high, m
 CREATE UNIQUE INDEX IF NOT EXISTS {table}_request_idx
     ON {table} (user_low, user_high, from_user_id, request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS {table}_bucket_idx ON {table} (bucket);
+"""
+
+# Recent activity of the shard (server.storage.activity): messages, bytes and reads added up per
+# window of time, per bucket (user_low = user_high = 0: the bucket's total) and per heavy pair.
+# Every server process adds its counts to the same rows, so the primary key leads with the window:
+# a time range is one index range, and pruning deletes from its start.
+ACTIVITY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table}_activity (
+    window_start TIMESTAMPTZ NOT NULL,
+    bucket SMALLINT NOT NULL CHECK (bucket >= 0 AND bucket < 4096),
+    user_low BIGINT NOT NULL,
+    user_high BIGINT NOT NULL,
+    messages BIGINT NOT NULL DEFAULT 0,
+    bytes BIGINT NOT NULL DEFAULT 0,
+    reads BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (window_start, bucket, user_low, user_high)
+);
 """
 
 
@@ -153,9 +195,13 @@ async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str
 
 async def migrate_control(conn: AsyncConnection[object]) -> None:
     """Create the control tables (shard_map, shard_moves)."""
-    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA + TOMBSTONE_SCHEMA, [_FLIPS_UPGRADE])
+    await _apply(conn, CONTROL_SCHEMA + MOVES_SCHEMA + REBALANCE_SCHEMA + TOMBSTONE_SCHEMA, [_FLIPS_UPGRADE])
 
 
 async def migrate_shard(conn: AsyncConnection[object], table: str) -> None:
     """Create one shard's message table, indexes and fences; `table` is a validated identifier."""
-    await _apply(conn, SHARD_SCHEMA.format(table=table), [PAIR_HASH_FUNCTION, *fence_schema(table)])
+    await _apply(
+        conn,
+        SHARD_SCHEMA.format(table=table) + ACTIVITY_SCHEMA.format(table=table),
+        [PAIR_HASH_FUNCTION, *fence_schema(table)],
+    )

@@ -26,53 +26,53 @@ from client.gen.dialog.v1 import dialog_service_pb2 as dialog_dot_v1_dot_dialog_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ialog/v1/admin_service.proto\x12\tdialog.v1\x1a\x1e\x64ialog/v1/dialog_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"x\n\rShardOverride\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x17SetShardOverrideRequest\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\"F\n\x18SetShardOverrideResponse\x12*\n\x08override\x18\x01 \x01(\x0b\x32\x18.dialog.v1.ShardOverride\"Y\n\x1a\x44\x65leteShardOverrideRequest\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"/\n\x1b\x44\x65leteShardOverrideResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\"B\n\x19ListShardOverridesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x1aListShardOverridesResponse\x12+\n\toverrides\x18\x01 \x03(\x0b\x32\x18.dialog.v1.ShardOverride\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x13ResolveShardRequest\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\"w\n\x14ResolveShardResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12&\n\x06source\x18\x02 \x01(\x0e\x32\x16.dialog.v1.ShardSource\x12\x15\n\rhash_shard_id\x18\x03 \x01(\x05\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\x05\"I\n\x14GetShardStatsRequest\x12\r\n\x05\x65xact\x18\x01 \x01(\x08\x12\x15\n\x08shard_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"\xfc\x01\n\nShardStats\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x15\n\rmessage_count\x18\x02 \x01(\x03\x12\x16\n\x0eoverride_count\x18\x03 \x01(\x03\x12\x12\n\ntable_name\x18\x04 \x01(\t\x12\x10\n\x08location\x18\x05 \x01(\t\x12\x11\n\tavailable\x18\x06 \x01(\x08\x12*\n\x07primary\x18\x07 \x01(\x0b\x32\x19.dialog.v1.EndpointHealth\x12+\n\x08replicas\x18\x08 \x03(\x0b\x32\x19.dialog.v1.EndpointHealth\x12\x1b\n\x13message_count_exact\x18\t \x01(\x08\"\xd1\x01\n\x0e\x45ndpointHealth\x12\x10\n\x08location\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12.\n\rbreaker_state\x18\x03 \x01(\x0e\x32\x17.dialog.v1.BreakerState\x12\x1c\n\x14\x63onsecutive_failures\x18\x04 \x01(\x05\x12\x15\n\rbreaker_trips\x18\x05 \x01(\x03\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x18\n\x0blag_seconds\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_lag_seconds\"\x87\x01\n\x15GetShardStatsResponse\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.dialog.v1.ShardStats\x12\x12\n\nnum_shards\x18\x02 \x01(\x05\x12\x1b\n\x13total_message_count\x18\x03 \x01(\x03\x12\x16\n\x0eoverride_count\x18\x04 \x01(\x03\"\x86\x01\n\x13ListMessagesRequest\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\x12\x15\n\x08shard_id\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\tB\x0b\n\t_shard_id\"\x99\x01\n\rPlacedMessage\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.dialog.v1.Message\x12\x10\n\x08shard_id\x18\x02 \x01(\x05\x12&\n\x06source\x18\x03 \x01(\x0e\x32\x16.dialog.v1.ShardSource\x12\x19\n\x11resolved_shard_id\x18\x04 \x01(\x05\x12\x0e\n\x06\x62ucket\x18\x05 \x01(\x05\"[\n\x14ListMessagesResponse\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.dialog.v1.PlacedMessage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10\x45raseUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\"\x90\x01\n\x11\x45raseUserResponse\x12\x1c\n\x14hot_messages_deleted\x18\x01 \x01(\x03\x12 \n\x18\x61rchived_messages_erased\x18\x02 \x01(\x03\x12\x1f\n\x17\x61rchive_files_rewritten\x18\x03 \x01(\x03\x12\x1a\n\x12tombstones_dropped\x18\x04 \x01(\x03*]\n\x0bShardSource\x12\x1c\n\x18SHARD_SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11SHARD_SOURCE_HASH\x10\x01\x12\x19\n\x15SHARD_SOURCE_OVERRIDE\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\xf2\x04\n\x0c\x41\x64minService\x12[\n\x10SetShardOverride\x12\".dialog.v1.SetShardOverrideRequest\x1a#.dialog.v1.SetShardOverrideResponse\x12\x64\n\x13\x44\x65leteShardOverride\x12%.dialog.v1.DeleteShardOverrideRequest\x1a&.dialog.v1.DeleteShardOverrideResponse\x12\x61\n\x12ListShardOverrides\x12$.dialog.v1.ListShardOverridesRequest\x1a%.dialog.v1.ListShardOverridesResponse\x12O\n\x0cResolveShard\x12\x1e.dialog.v1.ResolveShardRequest\x1a\x1f.dialog.v1.ResolveShardResponse\x12R\n\rGetShardStats\x12\x1f.dialog.v1.GetShardStatsRequest\x1a .dialog.v1.GetShardStatsResponse\x12O\n\x0cListMessages\x12\x1e.dialog.v1.ListMessagesRequest\x1a\x1f.dialog.v1.ListMessagesResponse\x12\x46\n\tEraseUser\x12\x1b.dialog.v1.EraseUserRequest\x1a\x1c.dialog.v1.EraseUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ialog/v1/admin_service.proto\x12\tdialog.v1\x1a\x1e\x64ialog/v1/dialog_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x01\n\rShardOverride\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tautomatic\x18\x05 \x01(\x08\"Q\n\x17SetShardOverrideRequest\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\"F\n\x18SetShardOverrideResponse\x12*\n\x08override\x18\x01 \x01(\x0b\x32\x18.dialog.v1.ShardOverride\"Y\n\x1a\x44\x65leteShardOverrideRequest\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"/\n\x1b\x44\x65leteShardOverrideResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\"B\n\x19ListShardOverridesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x1aListShardOverridesResponse\x12+\n\toverrides\x18\x01 \x03(\x0b\x32\x18.dialog.v1.ShardOverride\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x13ResolveShardRequest\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\"w\n\x14ResolveShardResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12&\n\x06source\x18\x02 \x01(\x0e\x32\x16.dialog.v1.ShardSource\x12\x15\n\rhash_shard_id\x18\x03 \x01(\x05\x12\x0e\n\x06\x62ucket\x18\x04 \x01(\x05\"I\n\x14GetShardStatsRequest\x12\r\n\x05\x65xact\x18\x01 \x01(\x08\x12\x15\n\x08shard_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_shard_id\"\xfc\x01\n\nShardStats\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x15\n\rmessage_count\x18\x02 \x01(\x03\x12\x16\n\x0eoverride_count\x18\x03 \x01(\x03\x12\x12\n\ntable_name\x18\x04 \x01(\t\x12\x10\n\x08location\x18\x05 \x01(\t\x12\x11\n\tavailable\x18\x06 \x01(\x08\x12*\n\x07primary\x18\x07 \x01(\x0b\x32\x19.dialog.v1.EndpointHealth\x12+\n\x08replicas\x18\x08 \x03(\x0b\x32\x19.dialog.v1.EndpointHealth\x12\x1b\n\x13message_count_exact\x18\t \x01(\x08\"\xd1\x01\n\x0e\x45ndpointHealth\x12\x10\n\x08location\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12.\n\rbreaker_state\x18\x03 \x01(\x0e\x32\x17.dialog.v1.BreakerState\x12\x1c\n\x14\x63onsecutive_failures\x18\x04 \x01(\x05\x12\x15\n\rbreaker_trips\x18\x05 \x01(\x03\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x18\n\x0blag_seconds\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_lag_seconds\"\x87\x01\n\x15GetShardStatsResponse\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.dialog.v1.ShardStats\x12\x12\n\nnum_shards\x18\x02 \x01(\x05\x12\x1b\n\x13total_message_count\x18\x03 \x01(\x03\x12\x16\n\x0eoverride_count\x18\x04 \x01(\x03\"\x86\x01\n\x13ListMessagesRequest\x12\x11\n\tuser_id_1\x18\x01 \x01(\x03\x12\x11\n\tuser_id_2\x18\x02 \x01(\x03\x12\x15\n\x08shard_id\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\tB\x0b\n\t_shard_id\"\x99\x01\n\rPlacedMessage\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.dialog.v1.Message\x12\x10\n\x08shard_id\x18\x02 \x01(\x05\x12&\n\x06source\x18\x03 \x01(\x0e\x32\x16.dialog.v1.ShardSource\x12\x19\n\x11resolved_shard_id\x18\x04 \x01(\x05\x12\x0e\n\x06\x62ucket\x18\x05 \x01(\x05\"[\n\x14ListMessagesResponse\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.dialog.v1.PlacedMessage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10\x45raseUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\"\x90\x01\n\x11\x45raseUserResponse\x12\x1c\n\x14hot_messages_deleted\x18\x01 \x01(\x03\x12 \n\x18\x61rchived_messages_erased\x18\x02 \x01(\x03\x12\x1f\n\x17\x61rchive_files_rewritten\x18\x03 \x01(\x03\x12\x1a\n\x12tombstones_dropped\x18\x04 \x01(\x03*]\n\x0bShardSource\x12\x1c\n\x18SHARD_SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11SHARD_SOURCE_HASH\x10\x01\x12\x19\n\x15SHARD_SOURCE_OVERRIDE\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\xf2\x04\n\x0c\x41\x64minService\x12[\n\x10SetShardOverride\x12\".dialog.v1.SetShardOverrideRequest\x1a#.dialog.v1.SetShardOverrideResponse\x12\x64\n\x13\x44\x65leteShardOverride\x12%.dialog.v1.DeleteShardOverrideRequest\x1a&.dialog.v1.DeleteShardOverrideResponse\x12\x61\n\x12ListShardOverrides\x12$.dialog.v1.ListShardOverridesRequest\x1a%.dialog.v1.ListShardOverridesResponse\x12O\n\x0cResolveShard\x12\x1e.dialog.v1.ResolveShardRequest\x1a\x1f.dialog.v1.ResolveShardResponse\x12R\n\rGetShardStats\x12\x1f.dialog.v1.GetShardStatsRequest\x1a .dialog.v1.GetShardStatsResponse\x12O\n\x0cListMessages\x12\x1e.dialog.v1.ListMessagesRequest\x1a\x1f.dialog.v1.ListMessagesResponse\x12\x46\n\tEraseUser\x12\x1b.dialog.v1.EraseUserRequest\x1a\x1c.dialog.v1.EraseUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dialog.v1.admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHARDSOURCE']._serialized_start=2126
-  _globals['_SHARDSOURCE']._serialized_end=2219
-  _globals['_BREAKERSTATE']._serialized_start=2221
-  _globals['_BREAKERSTATE']._serialized_end=2345
-  _globals['_SHARDOVERRIDE']._serialized_start=109
-  _globals['_SHARDOVERRIDE']._serialized_end=229
-  _globals['_SETSHARDOVERRIDEREQUEST']._serialized_start=231
-  _globals['_SETSHARDOVERRIDEREQUEST']._serialized_end=312
-  _globals['_SETSHARDOVERRIDERESPONSE']._serialized_start=314
-  _globals['_SETSHARDOVERRIDERESPONSE']._serialized_end=384
-  _globals['_DELETESHARDOVERRIDEREQUEST']._serialized_start=386
-  _globals['_DELETESHARDOVERRIDEREQUEST']._serialized_end=475
-  _globals['_DELETESHARDOVERRIDERESPONSE']._serialized_start=477
-  _globals['_DELETESHARDOVERRIDERESPONSE']._serialized_end=524
-  _globals['_LISTSHARDOVERRIDESREQUEST']._serialized_start=526
-  _globals['_LISTSHARDOVERRIDESREQUEST']._serialized_end=592
-  _globals['_LISTSHARDOVERRIDESRESPONSE']._serialized_start=594
-  _globals['_LISTSHARDOVERRIDESRESPONSE']._serialized_end=692
-  _globals['_RESOLVESHARDREQUEST']._serialized_start=694
-  _globals['_RESOLVESHARDREQUEST']._serialized_end=753
-  _globals['_RESOLVESHARDRESPONSE']._serialized_start=755
-  _globals['_RESOLVESHARDRESPONSE']._serialized_end=874
-  _globals['_GETSHARDSTATSREQUEST']._serialized_start=876
-  _globals['_GETSHARDSTATSREQUEST']._serialized_end=949
-  _globals['_SHARDSTATS']._serialized_start=952
-  _globals['_SHARDSTATS']._serialized_end=1204
-  _globals['_ENDPOINTHEALTH']._serialized_start=1207
-  _globals['_ENDPOINTHEALTH']._serialized_end=1416
-  _globals['_GETSHARDSTATSRESPONSE']._serialized_start=1419
-  _globals['_GETSHARDSTATSRESPONSE']._serialized_end=1554
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1557
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1691
-  _globals['_PLACEDMESSAGE']._serialized_start=1694
-  _globals['_PLACEDMESSAGE']._serialized_end=1847
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1849
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1940
-  _globals['_ERASEUSERREQUEST']._serialized_start=1942
-  _globals['_ERASEUSERREQUEST']._serialized_end=1977
-  _globals['_ERASEUSERRESPONSE']._serialized_start=1980
-  _globals['_ERASEUSERRESPONSE']._serialized_end=2124
-  _globals['_ADMINSERVICE']._serialized_start=2348
-  _globals['_ADMINSERVICE']._serialized_end=2974
+  _globals['_SHARDSOURCE']._serialized_start=2146
+  _globals['_SHARDSOURCE']._serialized_end=2239
+  _globals['_BREAKERSTATE']._serialized_start=2241
+  _globals['_BREAKERSTATE']._serialized_end=2365
+  _globals['_SHARDOVERRIDE']._serialized_start=110
+  _globals['_SHARDOVERRIDE']._serialized_end=249
+  _globals['_SETSHARDOVERRIDEREQUEST']._serialized_start=251
+  _globals['_SETSHARDOVERRIDEREQUEST']._serialized_end=332
+  _globals['_SETSHARDOVERRIDERESPONSE']._serialized_start=334
+  _globals['_SETSHARDOVERRIDERESPONSE']._serialized_end=404
+  _globals['_DELETESHARDOVERRIDEREQUEST']._serialized_start=406
+  _globals['_DELETESHARDOVERRIDEREQUEST']._serialized_end=495
+  _globals['_DELETESHARDOVERRIDERESPONSE']._serialized_start=497
+  _globals['_DELETESHARDOVERRIDERESPONSE']._serialized_end=544
+  _globals['_LISTSHARDOVERRIDESREQUEST']._serialized_start=546
+  _globals['_LISTSHARDOVERRIDESREQUEST']._serialized_end=612
+  _globals['_LISTSHARDOVERRIDESRESPONSE']._serialized_start=614
+  _globals['_LISTSHARDOVERRIDESRESPONSE']._serialized_end=712
+  _globals['_RESOLVESHARDREQUEST']._serialized_start=714
+  _globals['_RESOLVESHARDREQUEST']._serialized_end=773
+  _globals['_RESOLVESHARDRESPONSE']._serialized_start=775
+  _globals['_RESOLVESHARDRESPONSE']._serialized_end=894
+  _globals['_GETSHARDSTATSREQUEST']._serialized_start=896
+  _globals['_GETSHARDSTATSREQUEST']._serialized_end=969
+  _globals['_SHARDSTATS']._serialized_start=972
+  _globals['_SHARDSTATS']._serialized_end=1224
+  _globals['_ENDPOINTHEALTH']._serialized_start=1227
+  _globals['_ENDPOINTHEALTH']._serialized_end=1436
+  _globals['_GETSHARDSTATSRESPONSE']._serialized_start=1439
+  _globals['_GETSHARDSTATSRESPONSE']._serialized_end=1574
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1577
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1711
+  _globals['_PLACEDMESSAGE']._serialized_start=1714
+  _globals['_PLACEDMESSAGE']._serialized_end=1867
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1869
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1960
+  _globals['_ERASEUSERREQUEST']._serialized_start=1962
+  _globals['_ERASEUSERREQUEST']._serialized_end=1997
+  _globals['_ERASEUSERRESPONSE']._serialized_start=2000
+  _globals['_ERASEUSERRESPONSE']._serialized_end=2144
+  _globals['_ADMINSERVICE']._serialized_start=2368
+  _globals['_ADMINSERVICE']._serialized_end=2994
 # @@protoc_insertion_point(module_scope)

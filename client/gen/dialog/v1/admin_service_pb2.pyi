@@ -83,12 +83,17 @@ class ShardOverride(_message.Message):
     USER_ID_2_FIELD_NUMBER: _builtins.int
     SHARD_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    AUTOMATIC_FIELD_NUMBER: _builtins.int
     user_id_1: _builtins.int
     """The smaller user id of the pair."""
     user_id_2: _builtins.int
     """The larger user id of the pair."""
     shard_id: _builtins.int
     """Shard the pair is pinned to."""
+    automatic: _builtins.bool
+    """Made by the automatic rebalancer, which may move the pair again; an operator's override
+    (false) is never touched by it, and SetShardOverride always makes one.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the override was created or last changed."""
@@ -100,10 +105,11 @@ class ShardOverride(_message.Message):
         user_id_2: _builtins.int = ...,
         shard_id: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        automatic: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "shard_id", b"shard_id", "user_id_1", b"user_id_1", "user_id_2", b"user_id_2"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["automatic", b"automatic", "create_time", b"create_time", "shard_id", b"shard_id", "user_id_1", b"user_id_1", "user_id_2", b"user_id_2"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
