@@ -17,7 +17,7 @@ PY_SOURCES := server client tests scripts bench examples
 #: The last released API (a buf image); `make lint` refuses changes that break it.
 API_BASELINE := api/released.json
 
-.PHONY: all install lock run test lint fmt proto proto-check api-release clean bench bench-quick bench-scale bench-rebalance cluster
+.PHONY: all install lock run test lint fmt proto proto-check api-release clean bench bench-quick bench-scale bench-rebalance bench-archive cluster
 
 all: lint test
 
@@ -73,6 +73,11 @@ bench-scale: $(INSTALLED)
 ## SendMessage throughput and p99 while the automatic rebalancer moves a hot shard's pairs, and without it (~2 min).
 bench-rebalance: $(INSTALLED)
 	$(BIN)/python -m bench.rebalance $(REBALANCE_ARGS)
+
+## The archive (~2 min): bytes per message in PostgreSQL vs the Parquet files, messages archived per
+## second, and GetDialog latency of a hot page vs the first and a deep archived page.
+bench-archive: $(INSTALLED)
+	$(BIN)/python -m bench.archive $(ARCHIVE_ARGS)
 
 lint: $(INSTALLED) $(NODE_INSTALLED)
 	$(BIN)/ruff check $(PY_SOURCES)

@@ -39,6 +39,7 @@ from client._models import (
     ShardResolution,
     ShardSource,
     ShardStats,
+    UserErasure,
 )
 from client._retry import RetryPolicy
 
@@ -67,6 +68,7 @@ __all__ = [
     "ShardSource",
     "ShardStats",
     "TokenProvider",
+    "UserErasure",
     "aio_channel",
     "new_request_id",
     "sync_channel",

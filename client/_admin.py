@@ -18,6 +18,7 @@ from client._models import (
     ShardOverride,
     ShardResolution,
     ShardSource,
+    UserErasure,
 )
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc as pb_grpc
@@ -108,6 +109,17 @@ class AdminClient(SyncCaller[pb_grpc.AdminServiceStub]):
             safe_to_repeat=allow_missing,
         )
         return response.shard_id
+
+    def erase_user(
+        self, user_id: int, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> UserErasure:
+        """Erase every message of the user from every shard and the archive; calling it again
+        completes an erasure that was cut short (and reports what that call removed)."""
+        request = build_request(pb.EraseUserRequest, user_id=user_id)
+        response = self._call(
+            self._stub.EraseUser, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return UserErasure.from_proto(response)
 
     def list_overrides(
         self,
@@ -260,6 +272,17 @@ class AsyncAdminClient(AsyncCaller[_AsyncStub]):
             safe_to_repeat=allow_missing,
         )
         return response.shard_id
+
+    async def erase_user(
+        self, user_id: int, *, timeout: float | None = None, metadata: Metadata = ()
+    ) -> UserErasure:
+        """Erase every message of the user from every shard and the archive; calling it again
+        completes an erasure that was cut short (and reports what that call removed)."""
+        request = build_request(pb.EraseUserRequest, user_id=user_id)
+        response = await self._call(
+            self._stub.EraseUser, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return UserErasure.from_proto(response)
 
     async def list_overrides(
         self,

@@ -109,6 +109,12 @@ class _Resumption:
         return max(error.retry_delay or 0.0, self._retry.backoff(self._failures, self._rng))
 
 
+def _delete_request(user_id: int, peer_user_id: int, message_id: str) -> pb.DeleteMessageRequest:
+    return build_request(
+        pb.DeleteMessageRequest, user_id=user_id, peer_user_id=peer_user_id, message_id=message_id
+    )
+
+
 def _sent(response: pb.SendMessageResponse, request_id: str) -> SentMessage:
     return SentMessage(Message.from_proto(response.message), response.replayed, request_id)
 
@@ -168,6 +174,23 @@ class DialogClient(SyncCaller[pb_grpc.DialogServiceStub]):
             safe_to_repeat=True,
         )
         return _page(response)
+
+    def delete_message(
+        self,
+        user_id: int,
+        peer_user_id: int,
+        message_id: str,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> bool:
+        """Delete a message `user_id` sent; True when this call deleted it, False when it was gone
+        already (retried safely: deleting is idempotent)."""
+        request = _delete_request(user_id, peer_user_id, message_id)
+        response = self._call(
+            self._stub.DeleteMessage, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return response.deleted
 
     def iter_dialog(
         self,
@@ -296,6 +319,23 @@ class AsyncDialogClient(AsyncCaller[_AsyncStub]):
             safe_to_repeat=True,
         )
         return _page(response)
+
+    async def delete_message(
+        self,
+        user_id: int,
+        peer_user_id: int,
+        message_id: str,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> bool:
+        """Delete a message `user_id` sent; True when this call deleted it, False when it was gone
+        already (retried safely: deleting is idempotent)."""
+        request = _delete_request(user_id, peer_user_id, message_id)
+        response = await self._call(
+            self._stub.DeleteMessage, request, timeout=timeout, metadata=metadata, safe_to_repeat=True
+        )
+        return response.deleted
 
     def iter_dialog(
         self,

@@ -265,3 +265,22 @@ class PlacedMessagePage:
 
     messages: tuple[PlacedMessage, ...]
     next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserErasure:
+    """What one EraseUser call removed."""
+
+    hot_messages_deleted: int
+    archived_messages_erased: int
+    archive_files_rewritten: int
+    tombstones_dropped: int
+
+    @classmethod
+    def from_proto(cls, response: admin_pb.EraseUserResponse) -> UserErasure:
+        return cls(
+            response.hot_messages_deleted,
+            response.archived_messages_erased,
+            response.archive_files_rewritten,
+            response.tombstones_dropped,
+        )

@@ -53,6 +53,9 @@ server receives the frozen `ServerConfig` built here. A minimal file::
     retention_seconds = 86400               # a resume_token older than this is OUT_OF_RANGE
     stream_buffer = 1024                    # messages queued per subscriber before SUBSCRIBER_TOO_SLOW
     max_streams = 10000                     # subscriptions per server process
+    [archive]                               # optional; see ArchiveConfig for every key
+    url = "/var/lib/dialog-shard/archive"   # or "s3://bucket/prefix" (with endpoint_url for non-AWS S3)
+    older_than = "365d"                     # the servers archive older messages daily; omit: only dialogctl
 
     [resilience]                            # optional; see ResilienceConfig for every key
     require_all_shards = false              # start with some shards down (they answer UNAVAILABLE)
@@ -89,6 +92,8 @@ Environment variables (they win over the file):
   the per-RPC lines).
 - `DIALOG_REBALANCE_AUTO` (`1` turns the automatic rebalancer on), `DIALOG_REBALANCE_INTERVAL`
   (seconds between its rounds): the `[rebalance]` keys `auto` and `interval`.
+- `DIALOG_ARCHIVE_URL`, `DIALOG_ARCHIVE_ENDPOINT_URL`, `DIALOG_ARCHIVE_OLDER_THAN`: the `[archive]`
+  keys `url`, `endpoint_url` and `older_than` (S3 credentials come from the usual `AWS_*` variables).
 - `DIALOG_SEND_RATE_PER_SECOND`, `DIALOG_SEND_BURST`, `DIALOG_READ_RATE_PER_SECOND`,
   `DIALOG_READ_BURST`, `DIALOG_MAX_RESPONSE_BYTES`, `DIALOG_MAX_CONCURRENT_RPCS`: the `[limits]`
   keys of the same names.
@@ -255,6 +260,49 @@ class DeliveryConfig:
     poll_interval: float = 1.0
     #: Seconds between prunings of the logs' events older than `retention_seconds`.
     prune_interval: float = 60.0
+
+
+class ArchiveConfig:
+    """Cold storage of old messages (server.archive): Parquet files in a directory or an S3 bucket."""
+
+    #: A local directory, or `s3://bucket/prefix`; None: no archive (GetDialog reads only the shards).
+    url: str | None = None
+    #: The S3 API's endpoint for S3-compatible storage other than AWS (e.g. `http://10.0.0.5:9000`).
+    endpoint_url: str | None = None
+    #: The S3 region; None: the AWS default chain's.
+    region: str | None = None
+    #: Messages older than this (`90d`, `12h`, `30m`, `45s`) are archived by the servers on their
+    #: own every `schedule_interval` seconds; None: only `dialogctl archive` archives.
+    older_than: str | None = None
+    #: Seconds between scheduled archive runs (one server runs each: it takes the movers' lock).
+    schedule_interval: float = 86400.0
+    #: Seconds a server reads pages with the archive's manifest as it loaded it before loading it
+    #: again. An archive run waits this long (and a second) after publishing files before it deletes
+    #: their rows from the shards, so no server misses a message between the two.
+    manifest_max_age: float = 2.0
+    #: Most rows one archive file (one batch) holds; a batch is held in memory while written.
+    batch_rows: int = 100_000
+    #: Rows per Parquet row group: the unit a page deep in the archive reads.
+    row_group_rows: int = 2048
+    #: Files a part may have before an archive run merges its smallest ones (each run adds up to
+    #: one per shard): a page reads every file holding its dialog.
+    max_files_per_part: int = 8
+
+    @property
+    def older_than_seconds(self) -> float | None:
+        return None if self.older_than is None else parse_duration(self.older_than)
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90d`, `12h`, `30m` or `45s`; ValueError with the accepted forms otherwise."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: write a number with s, m, h or d (e.g. 90d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,6 +507,7 @@ class ServerConfig:
     activity: ActivityConfig = field(default_factory=ActivityConfig)
     rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
 
     @property
     def num_shards(self) -> int:
@@ -613,6 +662,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> S
         activity=activity,
         rebalance=rebalance,
         delivery=_delivery(data.get("delivery", {})),
+        archive=_archive(data.get("archive", {}), env, base_dir),
     )
 
 
@@ -901,6 +951,29 @@ def _check_limits(limits: LimitsConfig) -> None:
         )
     if limits.max_metadata_bytes < 4096:
         raise ConfigError("limits.max_metadata_bytes must be at least 4096 (bearer tokens travel there)")
+
+
+def _archive(section: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> ArchiveConfig:
+    values = _known(section, ArchiveConfig, "archive")
+    for key in ("url", "endpoint_url", "older_than"):
+        if env.get(f"DIALOG_ARCHIVE_{key.upper()}"):
+            values[key] = env[f"DIALOG_ARCHIVE_{key.upper()}"]
+    url = values.get("url")
+    if url and "://" not in str(url):
+        values["url"] = str(base_dir / Path(str(url)).expanduser())
+    archive = ArchiveConfig(**values)
+    if archive.older_than is not None:
+        try:
+            parse_duration(archive.older_than)
+        except ValueError as exc:
+            raise ConfigError(f"archive.older_than: {exc}") from None
+    if min(archive.batch_rows, archive.row_group_rows, archive.max_files_per_part) < 1:
+        raise ConfigError(
+            "archive.batch_rows, archive.row_group_rows and archive.max_files_per_part must be at least 1"
+        )
+    if archive.manifest_max_age <= 0 or archive.schedule_interval <= 0:
+        raise ConfigError("archive.manifest_max_age and archive.schedule_interval must be positive")
+    return archive
 
 
 def _resilience(section: Mapping[str, Any]) -> ResilienceConfig:

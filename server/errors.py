@@ -147,6 +147,11 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     return error_details_pb2.RetryInfo(retry_delay=delay)
 
 
+def unavailable_details(retry_after_seconds: float) -> list[object]:
+    """The details of an UNAVAILABLE answer: a RetryInfo asking to wait `retry_after_seconds`."""
+    return [_retry_info(retry_after_seconds)]
+
+
 class ResourceExhausted(ServiceError):
     """The caller is over a limit; RetryInfo says how long to wait before trying again."""
 

@@ -78,6 +78,17 @@ class Placement:
         return OverrideStore(self._pool)
 
     @property
+    def control_dsn(self) -> str:
+        return self._control_dsn
+
+    @property
+    def control_pool(self) -> AsyncConnectionPool[Any]:
+        """The control database's pool (statements should go through `control`'s guard)."""
+        if self._pool is None:
+            raise RuntimeError("Placement is not open")
+        return self._pool
+
+    @property
     def reloads(self) -> int:
         return self._sync.reloads
 

@@ -25,7 +25,7 @@ from server.config import ServerConfig
 from server.dev.embedded_pg import EmbeddedPostgres
 from server.runtime.app import RunningServer, running_server
 from tests.processes import Result, write_server_config
-from tests.support import dialogctl, make_config, token_provider
+from tests.support import S3_CREDENTIALS, S3Server, dialogctl, make_config, start_s3_server, token_provider
 
 pytest_plugins = ["tests.pgfixtures"]
 
@@ -124,3 +124,17 @@ def single_db_config(pg_server: EmbeddedPostgres, jwt_secret: str) -> Iterator[S
     pg_server.create_database("single")
     dsn = pg_server.dsn_for("single")
     yield replace(make_config([dsn] * 4, jwt_secret))
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A local S3-compatible server (moto_server) for the archive, with its credentials in the environment."""
+    proc, server = start_s3_server()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in S3_CREDENTIALS.items():
+                patch.setenv(name, value)
+            yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -4,7 +4,8 @@
 
 Every Mover the program builds gets an `after_step` hook that ends the process at once with
 CRASHED_EXIT when a move passes STEP (one of server.moves.mover.STEP_BOUNDARIES): os._exit runs no
-`finally` block and closes no connection cleanly, as a killed process would not.
+`finally` block and closes no connection cleanly, as a killed process would not. Every Archiver
+gets the same hook for its steps (server.moves.archiver.STEPS): a crash mid-archive.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from server.moves.archiver import STEPS as ARCHIVE_STEPS
+from server.moves.archiver import Archiver
 from server.moves.mover import STEP_BOUNDARIES, Mover
 
 #: The exit status of a process that crashed at its step.
@@ -26,7 +29,7 @@ CRASHED_EXIT = 70
 
 def crashing_argv(step: str, program: str) -> list[str]:
     """The start of a command line running `program` (dialog-server or dialogctl) that dies at `step`."""
-    assert step in STEP_BOUNDARIES, step
+    assert step in STEP_BOUNDARIES or step in ARCHIVE_STEPS, step
     return [sys.executable, str(Path(__file__)), step, program]
 
 
@@ -53,6 +56,9 @@ def main(argv: list[str]) -> int:
     with pytest.MonkeyPatch.context() as patch:
         # The programs build their movers deep inside; every one of them gets the hook.
         patch.setattr(Mover, "__init__", functools.partialmethod(Mover.__init__, after_step=exit_at(step)))
+        patch.setattr(
+            Archiver, "__init__", functools.partialmethod(Archiver.__init__, after_step=exit_at(step))
+        )
         return run(args)
 
 

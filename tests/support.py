@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
+import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -16,9 +19,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import boto3
 import grpc
 import psycopg
 import pytest
@@ -464,6 +469,100 @@ async def dialog_pages(
         token = pages[-1].next_page_token
         if not token:
             return pages
+
+
+# -- The archive -----------------------------------------------------------------------------------
+
+#: Credentials the tests' S3-compatible server (moto) accepts; any value does.
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A local S3-compatible server (moto's standalone server) and its endpoint."""
+
+    endpoint_url: str
+
+    def new_bucket(self) -> str:
+        """`s3://<fresh bucket>/archive`, the bucket created."""
+        name = f"archive-{uuid.uuid4().hex[:12]}"
+        client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}/archive"
+
+
+def start_s3_server() -> tuple[subprocess.Popen[bytes], S3Server]:
+    """moto_server on a free loopback port, answering; stop the process when done."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    program = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(program), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_until_blocking(answers, "moto_server answers", within=30)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, S3Server(endpoint)
+
+
+def old_messages(
+    config: ServerConfig, pair: tuple[int, int], count: int, *, sent: datetime, shards: int = 4
+) -> list[str]:
+    """`count` messages of the pair sent around `sent` (a millisecond apart), written straight into
+    the pair's hash shard among the first `shards`; returns their ids, oldest first."""
+    low, high = Pair.of(*pair)
+    start_ms = int(sent.timestamp() * 1000)
+    rows = []
+    for i in range(count):
+        message_id = uuid.UUID(
+            int=((start_ms + i) << 80) | (0x7 << 76) | (0b10 << 62) | random.getrandbits(62)
+        )
+        sender, recipient = (low, high) if i % 3 else (high, low)
+        rows.append(
+            (
+                message_id,
+                low,
+                high,
+                bucket_of(low, high),
+                sender,
+                recipient,
+                f"old message {i} " + "é" * (i % 7),
+                id_time(message_id),
+                f"r{i}" if i % 5 == 0 else None,
+            )
+        )
+    shard = config.shards[calculate_shard(low, high, shards)]
+    with psycopg.connect(shard.dsn) as conn, conn.cursor() as cur:
+        cur.executemany(
+            f"INSERT INTO {shard.table} (message_id, user_low, user_high, bucket, from_user_id, to_user_id, "
+            "text, created_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            rows,
+        )
+    return [str(r[0]) for r in rows]
+
+
+def hot_count(config: ServerConfig, pair: tuple[int, int]) -> int:
+    """Rows of the pair on every shard together."""
+    return sum(len(rows) for rows in rows_for_pair(config, pair).values())
 
 
 # -- Sending through the service -------------------------------------------------------------------

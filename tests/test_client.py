@@ -26,6 +26,7 @@ from client import (
     Order,
     RetryPolicy,
     ShardSource,
+    UserErasure,
 )
 from server.config import ServerConfig
 from server.routing import calculate_shard
@@ -272,3 +273,34 @@ async def test_admin_clients(
             await not_admin.get_stats()
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert refused.value.reason == "ADMIN_REQUIRED"
+
+
+async def test_clients_delete_a_message_once_and_erase_a_user(
+    address: str, token_for: Callable[..., Callable[[], str]], new_pair: Callable[[], tuple[int, int]]
+) -> None:
+    a, b = new_pair()
+    async with AsyncDialogClient.connect(address, PLAINTEXT, token=token_for(a)) as client:
+        sent = [(await client.send_message(a, b, f"message {i}")).message.message_id for i in range(3)]
+        assert await client.delete_message(a, b, sent[0]) is True
+        assert await client.delete_message(a, b, sent[0]) is False
+        assert [m.message_id for m in (await client.get_dialog(a, b)).messages] == sent[:0:-1]
+
+    def delete_as_the_peer() -> DialogShardError:
+        with DialogClient.connect(address, PLAINTEXT, token=token_for(b)) as peer:
+            try:
+                peer.delete_message(b, a, sent[1])
+            except DialogShardError as exc:
+                return exc
+        raise AssertionError("the peer deleted a message it did not send")
+
+    refused = await asyncio.to_thread(delete_as_the_peer)
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED and refused.reason == "NOT_MESSAGE_SENDER"
+    async with AsyncAdminClient.connect(address, PLAINTEXT, token=token_for(admin=True)) as admin:
+        erased = await admin.erase_user(a)
+        assert erased == UserErasure(
+            hot_messages_deleted=2,
+            archived_messages_erased=0,
+            archive_files_rewritten=0,
+            tombstones_dropped=0,
+        )
+        assert (await admin.erase_user(a)).hot_messages_deleted == 0

@@ -49,6 +49,9 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
+from server.archive import manifest as archive_manifest
+from server.archive.manifest import Manifest as ArchiveManifest
+from server.cli.archive import open_store
 from server.cli.output import format_table, print_json
 from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, list_archive, run_tool
 from server.cli.progress import Progress
@@ -323,6 +326,8 @@ def cmd_backup(session: Session) -> int:
         entries = _dump_all(items, out, pg_dump)
         manifest |= {"movers_lock": False}
     manifest["items"] = entries
+    if session.config().archive.url is not None:
+        manifest["archive"] = _archive_reference(session)
     _create_private(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if session.json:
         print_json({"directory": str(out), **manifest})
@@ -335,6 +340,36 @@ def cmd_backup(session: Session) -> int:
             "unfinished move(s) in the set, which the servers' move resumer completes after a restore"
         )
     return 0
+
+
+def _missing_archive_files(session: Session, directory: Path) -> list[str]:
+    """The archive files the backup's manifest names that the configured archive no longer holds."""
+    if session.config().archive.url is None:
+        return []
+    try:
+        listed = json.loads((directory / MANIFEST).read_text()).get("archive") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    names = [f.get("file") for f in listed.get("files", []) if isinstance(f, dict)]
+    present = set(open_store(session.config().archive).list("parts"))
+    return [n for n in names if isinstance(n, str) and n not in present]
+
+
+def _archive_reference(session: Session) -> dict[str, Any]:
+    """The archive files the backed-up shards rely on: messages archived before the backup are in
+    them, not in the dumps. Archive files are never changed, so naming them is enough; keep them
+    (a rewrite by compaction or an erasure makes new files and removes the old ones)."""
+    store = open_store(session.config().archive)
+    data = store.read(archive_manifest.NAME)
+    listed = ArchiveManifest() if data is None else ArchiveManifest.from_json(data)
+    return {
+        "url": store.url,
+        "manifest_version": listed.version,
+        "files": [
+            {"file": b.file, "rows": b.rows, "checksum": str(b.checksum), "state": str(b.state)}
+            for b in listed.batches
+        ],
+    }
 
 
 def _print_items(entries: Sequence[dict[str, Any]]) -> None:
@@ -629,8 +664,16 @@ def cmd_restore(session: Session) -> int:
     )
     if restored[-1]["shard_id"] is None:  # the control item comes last: fences and messages follow routing
         restored[-1]["reconciled"] = reconcile_restored_routing(session)
+    missing_files = _missing_archive_files(session, directory)
+    if missing_files:
+        print(
+            f"dialogctl: {len(missing_files)} archive file(s) the backup relies on are gone (e.g. "
+            f"{missing_files[0]}): their messages were rewritten or erased since; GetDialog shows the "
+            "archive as it is now",
+            file=sys.stderr,
+        )
     if session.json:
-        print_json({"directory": str(directory), "items": restored})
+        print_json({"directory": str(directory), "items": restored, "archive_files_missing": missing_files})
         return 0
     _print_items(restored)
     print(f"restored {len(restored)} item{'' if len(restored) == 1 else 's'} from {directory}")

@@ -48,7 +48,7 @@ import jwt
 
 from client import ClusterStats, DialogShardError, ShardOverride, ShardStats
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
-from server.cli import backup, hotspots, inbox, messages, migrate, moves, reshard, verify
+from server.cli import archive, backup, hotspots, inbox, messages, migrate, moves, reshard, verify
 from server.cli.output import (
     PROG,
     fail,
@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="count every shard's messages (a scan per shard) instead of PostgreSQL's estimate",
     )
 
-    for extension in (messages, migrate, backup, verify, reshard, hotspots, moves, inbox):
+    for extension in (messages, migrate, backup, verify, reshard, hotspots, moves, inbox, archive):
         extension.register(commands, command)
     return parser
 

@@ -18,16 +18,21 @@ copies them again. It first makes the servers reload their shard-map mirrors
 (routing as stored is what it repairs to), then rewrites stale fences (never
 those of a bucket with an unfinished move), then repairs the messages.
 `dialogctl restore --control` runs the same repair after restoring.
+With an archive configured, it also reads every archive file and compares it with the manifest
+(count and checksum), and lists files the manifest does not name.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
+from server.archive.verify import ArchiveCheck, check_archive
+from server.cli.archive import open_store
 from server.cli.output import format_table, print_json
 from server.cli.progress import Progress
 from server.cli.session import Session
@@ -151,6 +156,12 @@ def cmd_verify(session: Session) -> int:
     remaining: list[object] = [f for f in report.findings if not args.repair or f.kind in _UNREPAIRABLE]
     if not args.repair:
         remaining += report.stale_fences
+    archive = None
+    if config.archive.url is not None:
+        archive = run_tool(
+            asyncio.to_thread(check_archive, open_store(config.archive)), reaching="the archive"
+        )
+        remaining += archive.findings
     if session.json:
         print_json(
             {
@@ -178,6 +189,7 @@ def cmd_verify(session: Session) -> int:
                 "fences_repaired": report.fences_repaired,
                 "mirrors_reloaded": report.mirrors_reloaded,
                 "clean": not remaining,
+                **({} if archive is None else {"archive": _archive_summary(archive)}),
             }
         )
     else:
@@ -215,9 +227,25 @@ def cmd_verify(session: Session) -> int:
                 f"repaired: {report.copied} copied to their shard, {report.deleted} stray copies deleted, "
                 f"fences of {report.fences_repaired} bucket(s) rewritten"
             )
+        if archive is not None:
+            for finding in archive.findings:
+                print(f"archive {finding.kind}: {finding.file}: {finding.detail}")
+            print(
+                f"archive: {archive.files} files, {archive.messages} messages checked against the manifest, "
+                f"{len(archive.findings)} finding(s), {archive.unfinished_batches} batch(es) unfinished"
+            )
         if remaining and args.repair:
             print(f"{len(remaining)} finding(s) need a person: conflicting copies or wrong stored buckets")
     return _EXIT_FINDINGS if remaining else 0
+
+
+def _archive_summary(check: ArchiveCheck) -> dict[str, Any]:
+    return {
+        "files": check.files,
+        "messages": check.messages,
+        "unfinished_batches": check.unfinished_batches,
+        "findings": [{"kind": f.kind, "file": f.file, "detail": f.detail} for f in check.findings],
+    }
 
 
 #: Rows per second `dialogctl verify` reads from each shard by default: a scan that leaves a busy

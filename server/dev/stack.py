@@ -124,6 +124,8 @@ def write_config(
             listen=listen,
             control_dsn=dsn,
             auth={"jwt_secret_file": paths.secret.name},
+            # Relative to the config file: the archive lives in the data directory too.
+            sections={"archive": {"url": "archive"}},
             comment="Written by `dialog-server --dev`; regenerated on every dev start.",
         )
     )

@@ -29,8 +29,10 @@ from client.gen.dialog.v1 import (
     dialog_service_pb2,
     dialog_service_pb2_grpc,
 )
+from server.archive.reader import ArchiveReader
+from server.archive.store import ArchiveStore
 from server.auth import TokenVerifier
-from server.config import MAX_SEND_BYTES, ConfigError, LimitsConfig, ServerConfig, TlsConfig
+from server.config import MAX_SEND_BYTES, ArchiveConfig, ConfigError, LimitsConfig, ServerConfig, TlsConfig
 from server.delivery import DeliveryHub
 from server.interceptors import (
     AuthInterceptor,
@@ -44,6 +46,7 @@ from server.interceptors._wrap import CallInterceptor
 from server.interceptors.observe import ObserveInterceptor
 from server.interceptors.rate_limit import Limiter, TokenBucketLimiter
 from server.interceptors.shared_buckets import SharedTokenBuckets, table_path
+from server.moves.archiver import Archiver, ArchiveSchedule
 from server.moves.rebalancer import Rebalancer
 from server.moves.resumer import MoveResumer
 from server.observability.activity import ActivityFlusher, ActivityRecorder
@@ -65,6 +68,8 @@ _UNCAPPED_CALLS = 32
 DIALOG_SERVICE = dialog_service_pb2.DESCRIPTOR.services_by_name["DialogService"].full_name
 ADMIN_SERVICE = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SEND_MESSAGE_METHOD = f"/{DIALOG_SERVICE}/SendMessage"
+#: DialogService's write methods, under the per-user send limit.
+WRITE_METHODS = frozenset({SEND_MESSAGE_METHOD, f"/{DIALOG_SERVICE}/DeleteMessage"})
 #: DialogService's read methods, under the per-user read limit (a subscription counts as one read).
 READ_METHODS = frozenset(
     {f"/{DIALOG_SERVICE}/{name}" for name in ("GetDialog", "SubscribeMessages", "ListDialogs")}
@@ -107,7 +112,7 @@ def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
 def _limit_settings(limits: LimitsConfig) -> dict[str, tuple[float, int, frozenset[str]]]:
     """The enabled rate limits by name: rate, burst and the methods they limit."""
     settings = {
-        "send": (limits.send_rate_per_second, limits.send_burst, frozenset({SEND_MESSAGE_METHOD})),
+        "send": (limits.send_rate_per_second, limits.send_burst, WRITE_METHODS),
         "read": (limits.read_rate_per_second, limits.read_burst, READ_METHODS),
     }
     return {name: values for name, values in settings.items() if values[0] > 0}
@@ -214,12 +219,25 @@ async def running_server(
         )
         dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
             DialogService(
-                placement, shards, tokens, config.limits, recorder, delivery=delivery, inboxes=inboxes
+                placement,
+                shards,
+                tokens,
+                config.limits,
+                recorder,
+                delivery=delivery,
+                inboxes=inboxes,
+                archive=archive_reader(config.archive),
             ),
             server,
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(placement, shards, tokens, max_response_bytes=config.limits.max_response_bytes),
+            AdminService(
+                placement,
+                shards,
+                tokens,
+                max_response_bytes=config.limits.max_response_bytes,
+                archiver=archiver_of(config, shards),
+            ),
             server,
         )
         health_servicer = health.aio.HealthServicer()
@@ -281,6 +299,10 @@ async def running_server(
                     )
                 )
                 metrics.watch_rebalancer(rebalancer.stats)
+            schedule = archive_schedule(config, shards)
+            if schedule is not None:
+                await schedule.start()
+                optional.push_async_callback(schedule.stop)
             log.info(
                 "serving on port %d with %d shards (%s)",
                 port,
@@ -335,6 +357,33 @@ async def open_inboxes(config: ServerConfig, shards: ShardSet, placement: Placem
         c.shard_id: InboxStore(c.shard_id, c.table, shards.store(c.shard_id).shard)
         for c in config.shards[:count]
     }
+
+
+def _archive_store(archive: ArchiveConfig) -> ArchiveStore | None:
+    if archive.url is None:
+        return None
+    return ArchiveStore(archive.url, endpoint_url=archive.endpoint_url, region=archive.region)
+
+
+def archive_reader(archive: ArchiveConfig) -> ArchiveReader | None:
+    """The reader of the configured archive, None without one."""
+    store = _archive_store(archive)
+    return None if store is None else ArchiveReader(store, max_age=archive.manifest_max_age)
+
+
+def archiver_of(config: ServerConfig, shards: ShardSet) -> Archiver:
+    """The archiver of the configured archive (without one it still erases users' messages)."""
+    stores = [shards.store(c.shard_id) for c in config.shards]
+    return Archiver(stores, config.control_dsn, _archive_store(config.archive), config.archive)
+
+
+def archive_schedule(config: ServerConfig, shards: ShardSet) -> ArchiveSchedule | None:
+    """The scheduled archive runs (`[archive] older_than`), None when not configured."""
+    older_than = config.archive.older_than_seconds
+    if config.archive.url is None or older_than is None:
+        return None
+    archiver = archiver_of(config, shards)
+    return ArchiveSchedule(archiver, older_than=older_than, interval=config.archive.schedule_interval)
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

@@ -11,14 +11,16 @@ import grpc
 
 from client.gen.dialog.v1 import admin_service_pb2 as pb
 from client.gen.dialog.v1 import admin_service_pb2_grpc as pb_grpc
+from server.config import ArchiveConfig
 from server.errors import ShardUnavailable
+from server.moves.archiver import Archiver
 from server.pagination import InvalidPageToken, PageTokenCodec
 from server.placement import Placement
 from server.routing import Pair, ShardSource
 from server.services.admin_messages import list_placed_messages
 from server.services.convert import timestamp
 from server.services.shard_state import endpoint_health
-from server.services.validation import Violations, check_pair, check_shard_id, page_size
+from server.services.validation import Violations, check_pair, check_shard_id, check_user_id, page_size
 from server.storage.overrides import OverrideRow
 from server.storage.pools import ShardSet
 
@@ -42,9 +44,16 @@ def _override_to_proto(row: OverrideRow) -> pb.ShardOverride:
 
 class AdminService(pb_grpc.AdminServiceServicer):
     def __init__(
-        self, placement: Placement, shards: ShardSet, tokens: PageTokenCodec, *, max_response_bytes: int
+        self,
+        placement: Placement,
+        shards: ShardSet,
+        tokens: PageTokenCodec,
+        *,
+        max_response_bytes: int,
+        archiver: Archiver | None = None,
     ) -> None:
         self._placement = placement
+        self._archiver = archiver
         self._shards = shards
         self._tokens = tokens
         self._max_response_bytes = max_response_bytes
@@ -166,4 +175,22 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> pb.ListMessagesResponse:
         return await list_placed_messages(
             request, self._placement, self._shards, self._tokens, max_response_bytes=self._max_response_bytes
+        )
+
+    async def EraseUser(self, request: pb.EraseUserRequest, context: Context) -> pb.EraseUserResponse:
+        violations = Violations()
+        check_user_id(violations, "user_id", request.user_id)
+        violations.raise_if_any()
+        archiver = self._archiver or Archiver(
+            [self._shards.store(c.shard_id) for c in self._shards.configs],
+            self._placement.control_dsn,
+            None,
+            ArchiveConfig(),
+        )
+        erased = await self._placement.control.guard(archiver.erase_user(request.user_id))
+        return pb.EraseUserResponse(
+            hot_messages_deleted=erased.hot_messages,
+            archived_messages_erased=erased.archived_messages,
+            archive_files_rewritten=erased.files_rewritten,
+            tombstones_dropped=erased.tombstones,
         )

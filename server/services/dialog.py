@@ -1,4 +1,4 @@
-"""dialog.v1.DialogService: SendMessage, GetDialog, SubscribeMessages and ListDialogs."""
+"""dialog.v1.DialogService: SendMessage, GetDialog, DeleteMessage, SubscribeMessages and ListDialogs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import grpc
 
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc as pb_grpc
+from server.archive.merge import merge_pages
+from server.archive.reader import ArchiveReader
 from server.auth import current_principal
 from server.config import LimitsConfig
 from server.delivery import DeliveryHub, ResumeTokens, Subscription
@@ -19,6 +21,7 @@ from server.errors import AlreadyExists, PermissionDenied
 from server.observability.activity import ActivityRecorder
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
+from server.routing import Pair
 from server.routing.inbox import inbox_shard
 from server.services.convert import add_page, fill_message, set_timestamp
 from server.services.validation import (
@@ -29,6 +32,7 @@ from server.services.validation import (
     check_user_id,
     page_size,
 )
+from server.storage import deletion, tombstones
 from server.storage.ids import MessageIdGenerator, id_time
 from server.storage.inbox import InboxStore
 from server.storage.messages import PAGE_MESSAGE_OVERHEAD, InsertResult, NewMessage, PageRow
@@ -57,9 +61,11 @@ class DialogService(pb_grpc.DialogServiceServicer):
         *,
         delivery: DeliveryHub,
         inboxes: Mapping[int, InboxStore],
+        archive: ArchiveReader | None = None,
     ) -> None:
         self._placement = placement
         self._activity = activity or ActivityRecorder()
+        self._archive = archive
         self._shards = shards
         self._tokens = tokens
         self._limits = limits
@@ -154,9 +160,14 @@ class DialogService(pb_grpc.DialogServiceServicer):
             return found
 
         rows, more = await self._placement.through_moves(where, page)
+        resume_after = rows[-1][0] if rows else None
+        if self._archive is not None:
+            rows, more, resume_after = await self._with_archive(
+                self._archive, where.pair, after, oldest_first, limit, rows, more
+            )
         next_token = ""
-        if more:
-            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(rows[-1][0]).bytes)
+        if more and resume_after is not None:
+            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(resume_after).bytes)
         response = pb.GetDialogResponse(next_page_token=next_token)
         add_page(response.messages, rows)
         return response
@@ -233,6 +244,110 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 await _write_unless(context, response, subscription)
         finally:
             self._delivery.unsubscribe(subscription)
+
+    async def _with_archive(
+        self,
+        archive: ArchiveReader,
+        pair: Pair,
+        after: uuid.UUID | None,
+        oldest_first: bool,
+        limit: int,
+        hot: list[PageRow],
+        hot_more: bool,
+    ) -> tuple[list[PageRow], bool, str | None]:
+        """The page with the archived messages that belong on it, whether more follow and the id
+        the next page continues after: the same cursor walks the shard's messages and the
+        archive's, in both orders. No file is read when none can belong there."""
+        unchanged = hot, hot_more, hot[-1][0] if hot else None
+        newest = await archive.newest_id(pair)
+        cursor = None if after is None else str(after)
+        if newest is None:
+            return unchanged
+        if oldest_first and cursor is not None and cursor >= newest:
+            return unchanged
+        if not oldest_first and hot_more and hot[-1][0] > newest:
+            return unchanged
+        cold, cold_more = await archive.page(pair, after=cursor, oldest_first=oldest_first, limit=limit)
+        deleted: set[str] = set()
+        if cold:
+            ids = [row[0] for row in cold]
+            deleted = await self._placement.control.guard(self._tombstoned(ids))
+        return merge_pages(
+            hot,
+            hot_more,
+            cold,
+            cold_more,
+            oldest_first=oldest_first,
+            limit=limit,
+            max_bytes=self._page_bytes,
+            overhead=PAGE_MESSAGE_OVERHEAD,
+            deleted=deleted,
+        )
+
+    async def _tombstoned(self, ids: list[str]) -> set[str]:
+        async with self._placement.control_pool.connection() as conn:
+            return await tombstones.deleted_among(conn, ids)
+
+    async def _move_targets(self, pair: Pair) -> list[int]:
+        async with self._placement.control_pool.connection() as conn:
+            return await deletion.move_targets(conn, pair)
+
+    async def _tombstone(self, message_id: uuid.UUID, pair: Pair, sender: int) -> bool:
+        async with self._placement.control_pool.connection() as conn:
+            return await tombstones.record(conn, message_id, pair, sender)
+
+    async def DeleteMessage(
+        self, request: pb.DeleteMessageRequest, context: Context
+    ) -> pb.DeleteMessageResponse:
+        _require_caller("user_id", request.user_id, "delete messages it sent", "NOT_MESSAGE_SENDER")
+        violations = Violations()
+        check_pair(violations, ("user_id", "peer_user_id"), (request.user_id, request.peer_user_id))
+        try:
+            message_id = uuid.UUID(request.message_id)
+        except ValueError:
+            violations.add(
+                "message_id", "must be a message id as SendMessage and GetDialog return it (a UUID)"
+            )
+        violations.raise_if_any()
+        where = self._placement.resolve(request.user_id, request.peer_user_id)
+        pair = where.pair
+        sender = await self._placement.through_moves(
+            where, lambda shard_id: deletion.sender_of(self._shards.store(shard_id), pair, message_id)
+        )
+        archived = None
+        if sender is None and self._archive is not None:
+            archived = await self._archive.find(pair, str(message_id))
+            sender = None if archived is None else archived[1]
+        targets: list[int] | None = None
+        if sender is None:
+            # Only a copy a move made before an earlier delete may be left, on the move's target.
+            targets = await self._placement.control.guard(self._move_targets(pair))
+            for target in targets:
+                sender = await deletion.sender_of(self._shards.store(target), pair, message_id)
+                if sender is not None:
+                    break
+        if sender is None:
+            # Already deleted (or never in this dialog): deleting is idempotent.
+            return pb.DeleteMessageResponse(deleted=False)
+        if sender != request.user_id:
+            raise PermissionDenied(
+                "only the sender of a message may delete it; this message was sent by peer_user_id",
+                reason="NOT_MESSAGE_SENDER",
+            )
+        tombstoned = False
+        if self._archive is not None:
+            # First: it hides any archived copy, even one an archive run is writing right now.
+            tombstoned = await self._placement.control.guard(self._tombstone(message_id, pair, sender))
+        removed = await self._placement.through_moves(
+            where,
+            lambda shard_id: deletion.delete_sent(self._shards.store(shard_id), pair, message_id, sender),
+        )
+        if targets is None:
+            targets = await self._placement.control.guard(self._move_targets(pair))
+        for target in targets:
+            # A move may have copied the message already: its verification must not find the copy.
+            removed = await deletion.delete_copy(self._shards.store(target), pair, message_id) or removed
+        return pb.DeleteMessageResponse(deleted=removed or (archived is not None and tombstoned))
 
 
 async def _write_unless(

@@ -13,6 +13,7 @@ from psycopg import AsyncConnection
 from server.storage.events import events_schema
 from server.storage.fences import fence_schema
 from server.storage.inbox import INBOX_LAYOUT_SCHEMA, inbox_schema
+from server.storage.tombstones import TOMBSTONE_SCHEMA
 
 # Arbitrary constant: the advisory lock key that serializes migrations.
 _MIGRATION_LOCK = 0x6469616C6F67
@@ -197,7 +198,9 @@ async def _apply(conn: AsyncConnection[object], script: str, extra: Sequence[str
 async def migrate_control(conn: AsyncConnection[object]) -> None:
     """Create the control tables (shard_map, shard_moves)."""
     await _apply(
-        conn, CONTROL_SCHEMA + MOVES_SCHEMA + REBALANCE_SCHEMA, [_FLIPS_UPGRADE, INBOX_LAYOUT_SCHEMA]
+        conn,
+        CONTROL_SCHEMA + MOVES_SCHEMA + REBALANCE_SCHEMA + TOMBSTONE_SCHEMA,
+        [_FLIPS_UPGRADE, INBOX_LAYOUT_SCHEMA],
     )
 
 

@@ -637,3 +637,59 @@ class ListMessagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class EraseUserRequest(_message.Message):
+    """Request of AdminService.EraseUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The user whose messages are erased."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseUserRequest: _TypeAlias = EraseUserRequest  # noqa: Y015
+
+@_typing.final
+class EraseUserResponse(_message.Message):
+    """Response of AdminService.EraseUser: what this call removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOT_MESSAGES_DELETED_FIELD_NUMBER: _builtins.int
+    ARCHIVED_MESSAGES_ERASED_FIELD_NUMBER: _builtins.int
+    ARCHIVE_FILES_REWRITTEN_FIELD_NUMBER: _builtins.int
+    TOMBSTONES_DROPPED_FIELD_NUMBER: _builtins.int
+    hot_messages_deleted: _builtins.int
+    """Messages deleted from the shards."""
+    archived_messages_erased: _builtins.int
+    """Messages removed from the archive's files."""
+    archive_files_rewritten: _builtins.int
+    """Archive files rewritten without the user's messages."""
+    tombstones_dropped: _builtins.int
+    """Deletion records (tombstones) of the user's messages dropped with them."""
+    def __init__(
+        self,
+        *,
+        hot_messages_deleted: _builtins.int = ...,
+        archived_messages_erased: _builtins.int = ...,
+        archive_files_rewritten: _builtins.int = ...,
+        tombstones_dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_files_rewritten", b"archive_files_rewritten", "archived_messages_erased", b"archived_messages_erased", "hot_messages_deleted", b"hot_messages_deleted", "tombstones_dropped", b"tombstones_dropped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseUserResponse: _TypeAlias = EraseUserResponse  # noqa: Y015

@@ -66,6 +66,11 @@ class AdminServiceStub:
                 request_serializer=dialog_dot_v1_dot_admin__service__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=dialog_dot_v1_dot_admin__service__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.EraseUser = channel.unary_unary(
+                '/dialog.v1.AdminService/EraseUser',
+                request_serializer=dialog_dot_v1_dot_admin__service__pb2.EraseUserRequest.SerializeToString,
+                response_deserializer=dialog_dot_v1_dot_admin__service__pb2.EraseUserResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -121,6 +126,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EraseUser(self, request, context):
+        """Erases every message a user sent or received, from every shard and the
+        archive. Resumable: calling it again completes an erasure that was cut
+        short, and reports what this call removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +167,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=dialog_dot_v1_dot_admin__service__pb2.ListMessagesRequest.FromString,
                     response_serializer=dialog_dot_v1_dot_admin__service__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'EraseUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseUser,
+                    request_deserializer=dialog_dot_v1_dot_admin__service__pb2.EraseUserRequest.FromString,
+                    response_serializer=dialog_dot_v1_dot_admin__service__pb2.EraseUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +338,33 @@ class AdminService:
             '/dialog.v1.AdminService/ListMessages',
             dialog_dot_v1_dot_admin__service__pb2.ListMessagesRequest.SerializeToString,
             dialog_dot_v1_dot_admin__service__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dialog.v1.AdminService/EraseUser',
+            dialog_dot_v1_dot_admin__service__pb2.EraseUserRequest.SerializeToString,
+            dialog_dot_v1_dot_admin__service__pb2.EraseUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,11 @@ class AdminServiceStub:
     """Lists stored messages with the shard holding each and why the pair is
     placed there, ordered by shard and message id; filters by pair or shard.
     """
+    EraseUser: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.EraseUserRequest, _admin_service_pb2.EraseUserResponse]
+    """Erases every message a user sent or received, from every shard and the
+    archive. Resumable: calling it again completes an erasure that was cut
+    short, and reports what this call removed.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -84,6 +89,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListMessages: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListMessagesRequest, _admin_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Lists stored messages with the shard holding each and why the pair is
     placed there, ordered by shard and message id; filters by pair or shard.
+    """
+    EraseUser: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.EraseUserRequest, _admin_service_pb2.EraseUserResponse]  # type: ignore[assignment]
+    """Erases every message a user sent or received, from every shard and the
+    archive. Resumable: calling it again completes an erasure that was cut
+    short, and reports what this call removed.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -146,6 +156,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_service_pb2.ListMessagesResponse, _abc.Awaitable[_admin_service_pb2.ListMessagesResponse]]:
         """Lists stored messages with the shard holding each and why the pair is
         placed there, ordered by shard and message id; filters by pair or shard.
+        """
+
+    @_abc_1.abstractmethod
+    def EraseUser(
+        self,
+        request: _admin_service_pb2.EraseUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.EraseUserResponse, _abc.Awaitable[_admin_service_pb2.EraseUserResponse]]:
+        """Erases every message a user sent or received, from every shard and the
+        archive. Resumable: calling it again completes an erasure that was cut
+        short, and reports what this call removed.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

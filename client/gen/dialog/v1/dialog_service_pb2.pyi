@@ -374,3 +374,55 @@ class GetDialogResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetDialogResponse: _TypeAlias = GetDialogResponse  # noqa: Y015
+
+@_typing.final
+class DeleteMessageRequest(_message.Message):
+    """Request of DialogService.DeleteMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PEER_USER_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.int
+    """The caller: the message's sender."""
+    peer_user_id: _builtins.int
+    """The other member of the dialog."""
+    message_id: _builtins.str
+    """The message's id, as SendMessage and GetDialog return it."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.int = ...,
+        peer_user_id: _builtins.int = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "peer_user_id", b"peer_user_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteMessageRequest: _TypeAlias = DeleteMessageRequest  # noqa: Y015
+
+@_typing.final
+class DeleteMessageResponse(_message.Message):
+    """Response of DialogService.DeleteMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """True when this call deleted the message; false when it was already gone."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteMessageResponse: _TypeAlias = DeleteMessageResponse  # noqa: Y015

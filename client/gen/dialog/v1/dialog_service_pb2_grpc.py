@@ -57,6 +57,11 @@ class DialogServiceStub:
                 request_serializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.SerializeToString,
                 response_deserializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.FromString,
                 _registered_method=True)
+        self.DeleteMessage = channel.unary_unary(
+                '/dialog.v1.DialogService/DeleteMessage',
+                request_serializer=dialog_dot_v1_dot_dialog__service__pb2.DeleteMessageRequest.SerializeToString,
+                response_deserializer=dialog_dot_v1_dot_dialog__service__pb2.DeleteMessageResponse.FromString,
+                _registered_method=True)
 
 
 class DialogServiceServicer:
@@ -122,6 +127,18 @@ class DialogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteMessage(self, request, context):
+        """Deletes a message the caller sent to `peer_user_id`.
+
+        The caller must be authenticated as `user_id`, the message's sender;
+        deleting a message someone else sent is PERMISSION_DENIED. Idempotent:
+        deleting a message that is already gone succeeds with `deleted` false.
+        Archived messages are deleted too (GetDialog no longer shows them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DialogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +161,11 @@ def add_DialogServiceServicer_to_server(servicer, server):
                     servicer.ListDialogs,
                     request_deserializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.FromString,
                     response_serializer=dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.SerializeToString,
+            ),
+            'DeleteMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMessage,
+                    request_deserializer=dialog_dot_v1_dot_dialog__service__pb2.DeleteMessageRequest.FromString,
+                    response_serializer=dialog_dot_v1_dot_dialog__service__pb2.DeleteMessageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -257,6 +279,33 @@ class DialogService:
             '/dialog.v1.DialogService/ListDialogs',
             dialog_dot_v1_dot_dialog__service__pb2.ListDialogsRequest.SerializeToString,
             dialog_dot_v1_dot_dialog__service__pb2.ListDialogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dialog.v1.DialogService/DeleteMessage',
+            dialog_dot_v1_dot_dialog__service__pb2.DeleteMessageRequest.SerializeToString,
+            dialog_dot_v1_dot_dialog__service__pb2.DeleteMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

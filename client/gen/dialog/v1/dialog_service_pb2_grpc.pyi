@@ -77,6 +77,14 @@ class DialogServiceStub:
     once). Pages are keyset based; a dialog that gets a new message while the
     list is paged moves to the front, where a later page does not show it.
     """
+    DeleteMessage: _grpc.UnaryUnaryMultiCallable[_dialog_service_pb2.DeleteMessageRequest, _dialog_service_pb2.DeleteMessageResponse]
+    """Deletes a message the caller sent to `peer_user_id`.
+
+    The caller must be authenticated as `user_id`, the message's sender;
+    deleting a message someone else sent is PERMISSION_DENIED. Idempotent:
+    deleting a message that is already gone succeeds with `deleted` false.
+    Archived messages are deleted too (GetDialog no longer shows them).
+    """
 
 @_typing.type_check_only
 class DialogServiceAsyncStub(DialogServiceStub):
@@ -126,6 +134,14 @@ class DialogServiceAsyncStub(DialogServiceStub):
     shows here within moments of SendMessage's answer (GetDialog shows it at
     once). Pages are keyset based; a dialog that gets a new message while the
     list is paged moves to the front, where a later page does not show it.
+    """
+    DeleteMessage: _aio.UnaryUnaryMultiCallable[_dialog_service_pb2.DeleteMessageRequest, _dialog_service_pb2.DeleteMessageResponse]  # type: ignore[assignment]
+    """Deletes a message the caller sent to `peer_user_id`.
+
+    The caller must be authenticated as `user_id`, the message's sender;
+    deleting a message someone else sent is PERMISSION_DENIED. Idempotent:
+    deleting a message that is already gone succeeds with `deleted` false.
+    Archived messages are deleted too (GetDialog no longer shows them).
     """
 
 class DialogServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +213,20 @@ class DialogServiceServicer(metaclass=_abc_1.ABCMeta):
         shows here within moments of SendMessage's answer (GetDialog shows it at
         once). Pages are keyset based; a dialog that gets a new message while the
         list is paged moves to the front, where a later page does not show it.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteMessage(
+        self,
+        request: _dialog_service_pb2.DeleteMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dialog_service_pb2.DeleteMessageResponse, _abc.Awaitable[_dialog_service_pb2.DeleteMessageResponse]]:
+        """Deletes a message the caller sent to `peer_user_id`.
+
+        The caller must be authenticated as `user_id`, the message's sender;
+        deleting a message someone else sent is PERMISSION_DENIED. Idempotent:
+        deleting a message that is already gone succeeds with `deleted` false.
+        Archived messages are deleted too (GetDialog no longer shows them).
         """
 
 def add_DialogServiceServicer_to_server(servicer: DialogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
