@@ -262,6 +262,7 @@ class DeliveryConfig:
     prune_interval: float = 60.0
 
 
+@dataclass(frozen=True, slots=True)
 class ArchiveConfig:
     """Cold storage of old messages (server.archive): Parquet files in a directory or an S3 bucket."""
 
