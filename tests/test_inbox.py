@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,8 +14,13 @@ import psycopg
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1.dialog_service_pb2_grpc import DialogServiceStub
+from server.archive.store import ArchiveStore
+from server.cli.inbox import rebuild_inbox
 from server.dev.embedded_pg import EmbeddedPostgres
+from server.moves.archiver import Archiver
+from server.routing import Pair
 from server.runtime.app import RunningServer
+from server.storage.events import ORIGIN
 from tests.processes import write_server_config
 from tests.support import (
     Metadata,
@@ -23,6 +29,7 @@ from tests.support import (
     fresh_cluster,
     make_config,
     metric_value,
+    old_messages,
     other_shard,
     scrape_metrics,
     serving,
@@ -224,3 +231,132 @@ async def test_list_dialogs_after_a_reshard_and_a_rebuild_under_writes(
             for owner, peer in ((a, b), (b, a)):
                 [row] = await inbox(stub, auth_for, owner)
                 assert (row.peer_user_id, row.message_count) == (peer, 4 + extra)
+
+
+# -- Deletes, erasure and archiving ---------------------------------------------------------------
+
+
+async def delete(
+    stub: DialogServiceAsyncStub, auth_for: Callable[..., Metadata], user: int, peer: int, message_id: str
+) -> bool:
+    request = pb.DeleteMessageRequest(user_id=user, peer_user_id=peer, message_id=message_id)
+    return bool((await stub.DeleteMessage(request, metadata=auth_for(user), timeout=10)).deleted)
+
+
+async def relayed(server: RunningServer) -> None:
+    assert server.delivery is not None and server.delivery.relay is not None
+    await server.delivery.relay.catch_up()
+
+
+async def test_a_deleted_message_leaves_both_inboxes_and_the_previous_one_becomes_the_last(
+    server: RunningServer,
+    dialog_stub: DialogServiceAsyncStub,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    a, b = new_pair()
+    first = await send(dialog_stub, auth_for, a, b, "first")
+    second = await send(dialog_stub, auth_for, b, a, "second")
+    third = await send(dialog_stub, auth_for, a, b, "third")
+    await relayed(server)
+    assert summary(await inbox(dialog_stub, auth_for, a)) == [(b, 3, "third", third.message_id)]
+    assert await delete(dialog_stub, auth_for, a, b, third.message_id)
+    await relayed(server)
+    for owner, peer in ((a, b), (b, a)):
+        assert summary(await inbox(dialog_stub, auth_for, owner)) == [(peer, 2, "second", second.message_id)]
+    # Not the last one: only the count changes; deleting again changes nothing.
+    assert await delete(dialog_stub, auth_for, a, b, first.message_id)
+    assert not await delete(dialog_stub, auth_for, a, b, first.message_id)
+    await relayed(server)
+    for owner, peer in ((a, b), (b, a)):
+        assert summary(await inbox(dialog_stub, auth_for, owner)) == [(peer, 1, "second", second.message_id)]
+    assert await delete(dialog_stub, auth_for, b, a, second.message_id)
+    await relayed(server)
+    assert await inbox(dialog_stub, auth_for, a) == [] and await inbox(dialog_stub, auth_for, b) == []
+    # Subscribers resuming are not sent deleted messages; the relay reads their deletions.
+    assert server.delivery is not None
+    shard_id = server.placement.router.resolve(a, b).shard_id
+    log = server.delivery.log(shard_id)
+    live = await log.read(ORIGIN, limit=100, user_id=a)
+    assert live.events == []
+    everything = await log.read(ORIGIN, limit=100, user_id=a, with_deletions=True)
+    deleted = {str(e.message_id) for e in everything.events if e.deleted}
+    assert deleted == {first.message_id, second.message_id, third.message_id}
+
+
+async def test_erase_user_removes_the_users_inbox_and_the_peers_rows_of_the_user(
+    server: RunningServer,
+    dialog_stub: DialogServiceAsyncStub,
+    admin_stub: AdminServiceAsyncStub,
+    admin_auth: Metadata,
+    auth_for: Callable[..., Metadata],
+    new_pair: Callable[[], tuple[int, int]],
+) -> None:
+    user, peer = new_pair()
+    other = new_pair()[0]
+    await send(dialog_stub, auth_for, user, peer, "to be erased")
+    await send(dialog_stub, auth_for, other, user, "to be erased too")
+    kept = await send(dialog_stub, auth_for, peer, other, "kept")
+    await relayed(server)
+    assert len(await inbox(dialog_stub, auth_for, user)) == 2
+    await admin_stub.EraseUser(admin_pb.EraseUserRequest(user_id=user), metadata=admin_auth, timeout=30)
+    # Sent after the erasure: only this dialog of the user is listed again.
+    fresh = await send(dialog_stub, auth_for, peer, user, "after the erasure")
+    await relayed(server)
+    assert summary(await inbox(dialog_stub, auth_for, user)) == [(peer, 1, fresh.text, fresh.message_id)]
+    assert summary(await inbox(dialog_stub, auth_for, other)) == [(peer, 1, "kept", kept.message_id)]
+    assert summary(await inbox(dialog_stub, auth_for, peer)) == [
+        (user, 1, fresh.text, fresh.message_id),
+        (other, 1, "kept", kept.message_id),
+    ]
+
+
+async def test_archiving_changes_no_inbox_and_deletes_reach_into_the_archive(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    tmp_path: Path,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+) -> None:
+    base = fresh_cluster(pg_servers, jwt_secret, 4)
+    settings = {"url": str(tmp_path / "archive"), "manifest_max_age": 0.2, "batch_rows": 10}
+    config = make_config([s.dsn for s in base.shards], jwt_secret, archive=settings)
+    async with serving(config) as (running, channel):
+        stub = DialogServiceStub(channel)
+        low, high = Pair.of(*new_pair())
+        # old[i] was sent by `low` unless i % 3 == 0: the last one (25) by `low`.
+        old = old_messages(config, (low, high), 26, sent=datetime.now(UTC) - timedelta(days=30))
+        hot = [await send(stub, auth_for, low, high, f"hot {i}") for i in range(2)]
+        await rebuild_inbox(config)  # the messages written straight into the shard
+        await relayed(running)
+        before = {user: summary(await inbox(stub, auth_for, user)) for user in (low, high)}
+        assert before[low] == [(high, 28, "hot 1", hot[1].message_id)]
+        stores = [running.shards.store(s.shard_id) for s in config.shards]
+        archive = ArchiveStore(str(tmp_path / "archive"))
+        report = await Archiver(stores, config.control_dsn, archive, config.archive).run(
+            datetime.now(UTC) - timedelta(days=1)
+        )
+        assert report.total == 26
+        await relayed(running)
+        for user in (low, high):
+            assert summary(await inbox(stub, auth_for, user)) == before[user], "archiving changes no dialog"
+        assert (await rebuild_inbox(config))["archived_messages"] == 26
+        await relayed(running)
+        for user in (low, high):
+            assert summary(await inbox(stub, auth_for, user)) == before[user], "a rebuild counts the archive"
+        # The last hot messages go: the newest archived one is the last; then archived ones go.
+        for message in hot:
+            assert await delete(stub, auth_for, low, high, message.message_id)
+        await relayed(running)
+        newest_old = summary(await inbox(stub, auth_for, high))[0]
+        assert newest_old[:2] == (low, 26) and newest_old[3] == old[-1]
+        assert await delete(stub, auth_for, low, high, old[-1])
+        assert not await delete(stub, auth_for, low, high, old[-1])
+        await relayed(running)
+        after = {user: summary(await inbox(stub, auth_for, user)) for user in (low, high)}
+        assert [(d[0], d[1], d[3]) for d in after[low]] == [(high, 25, old[-2])]
+        # A rebuild honours the tombstone, and the deletion logged twice still counts once.
+        await rebuild_inbox(config)
+        await relayed(running)
+        for user in (low, high):
+            assert summary(await inbox(stub, auth_for, user)) == after[user]

@@ -7,19 +7,30 @@ after a restore, or after deleting messages by hand. Servers may keep running: t
 the movers' lock (no move changes where messages are meanwhile) and makes the inbox shards'
 relays wait while it writes; each source shard is read in one snapshot, and the relays then
 resume from that snapshot, skipping the messages it already counted.
+
+With an archive configured, the archived messages count too (archiving changes no dialog): every
+file of the manifest is read once, one at a time, leaving out the messages deleted by their senders
+(tombstones, read after the snapshots; the relays then skip those messages' deletion events) and
+the rows of a `verified` batch still on a shard (counted there).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import psycopg
 
+from server.archive import manifest as archive_manifest
+from server.archive.files import decode
+from server.archive.manifest import BatchState, Manifest
+from server.archive.store import ArchiveStore
 from server.cli.output import print_json
 from server.cli.progress import Progress
 from server.cli.session import CliError, Session
@@ -31,6 +42,10 @@ from server.routing import ShardRouter
 from server.routing.inbox import inbox_shard
 from server.storage.events import EventCursor
 from server.storage.inbox import InboxRow, inbox_layout, read_dialog_totals, relay_lock, replace_inbox
+from server.storage.tombstones import all_tombstones
+
+#: An inbox row by (owner, peer).
+Rows = dict[tuple[int, int], InboxRow]
 
 
 async def rebuild_inbox(config: ServerConfig) -> dict[str, Any]:
@@ -51,23 +66,82 @@ async def rebuild_inbox(config: ServerConfig) -> dict[str, Any]:
                 for source in config.shards:  # every relay into this inbox shard waits
                     await relay_lock(conn, shard.table, source.shard_id, wait=True)
                 inboxes.append((shard.table, conn))
-            per_inbox: list[list[tuple[tuple[int, int], InboxRow]]] = [[] for _ in range(count)]
+            per_inbox: list[Rows] = [{} for _ in range(count)]
             cursors: dict[int, tuple[EventCursor, str]] = {}
             for shard in config.shards:
                 routed_here = functools.partial(_routed_to, router, shard.shard_id)
                 async with await psycopg.AsyncConnection.connect(shard.dsn) as conn:
-                    start, snapshot, rows = await read_dialog_totals(conn, shard.table, routed_here)
+                    start, snapshot, totals = await read_dialog_totals(conn, shard.table, routed_here)
                 cursors[shard.shard_id] = (start, snapshot)
-                for key, row in rows:
-                    per_inbox[inbox_shard(key[0], count)].append((key, row))
-            for (table, conn), rows in zip(inboxes, per_inbox, strict=True):
-                await replace_inbox(conn, table, rows, cursors)
+                for key, row in totals:
+                    _add(per_inbox[inbox_shard(key[0], count)], key, row)
+            # After the snapshots: a deletion logged since is either skipped by the relays (its
+            # tombstone read here) or counted by them (its message counted here).
+            async with await psycopg.AsyncConnection.connect(config.control_dsn, autocommit=True) as conn:
+                tombstoned = await all_tombstones(conn)
+            hidden = {message_id for message_id, _ in tombstoned}
+            archived = 0
+            if config.archive.url is not None:
+                store = ArchiveStore(
+                    config.archive.url, endpoint_url=config.archive.endpoint_url, region=config.archive.region
+                )
+                archived = await _add_archived(config, store, hidden, per_inbox)
+            for inbox_id, ((table, conn), rows) in enumerate(zip(inboxes, per_inbox, strict=True)):
+                taken_off = [
+                    (owner, peer, message_id)
+                    for message_id, (low, high) in tombstoned
+                    for owner, peer in ((low, high), (high, low))
+                    if inbox_shard(owner, count) == inbox_id
+                ]
+                await replace_inbox(conn, table, sorted(rows.items()), cursors, taken_off)
                 await conn.commit()
     return {
         "inbox_shards": count,
         "rows": sum(len(rows) for rows in per_inbox),
+        "archived_messages": archived,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _add(rows: Rows, key: tuple[int, int], row: InboxRow) -> None:
+    earlier = rows.get(key)
+    rows[key] = row if earlier is None else earlier.merged(row)
+
+
+async def _add_archived(
+    config: ServerConfig, store: ArchiveStore, hidden: set[uuid.UUID], per_inbox: list[Rows]
+) -> int:
+    """Add the archived messages to the rows, file by file (none is deleted or still on a shard);
+    how many were counted."""
+    data = await asyncio.to_thread(store.read, archive_manifest.NAME)
+    manifest = Manifest() if data is None else Manifest.from_json(data)
+    counted = 0
+    for batch in manifest.batches:
+        content = await asyncio.to_thread(store.read, batch.file)
+        if content is None:
+            raise CliError(f"the archive file {batch.file} listed in the manifest is missing", 1)
+        rows = [r for r in await asyncio.to_thread(decode, content) if r[0] not in hidden]
+        if batch.state is BatchState.VERIFIED:
+            still_hot = await _hot_among(config, [r[0] for r in rows])
+            rows = [r for r in rows if r[0] not in still_hot]
+        for message_id, low, high, _, sender, _, text, created_at, _ in rows:
+            for owner, peer in ((low, high), (high, low)):
+                row = InboxRow(peer, message_id, sender, text, created_at, 1)
+                _add(per_inbox[inbox_shard(owner, len(per_inbox))], (owner, peer), row)
+        counted += len(rows)
+    return counted
+
+
+async def _hot_among(config: ServerConfig, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these messages a shard holds (a `verified` batch's rows may be in both places)."""
+    found: set[uuid.UUID] = set()
+    for shard in config.shards:
+        async with await psycopg.AsyncConnection.connect(shard.dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                f"SELECT message_id FROM {shard.table} WHERE message_id = ANY(%s::uuid[])", (ids,)
+            )
+            found.update(r[0] for r in await cur.fetchall())
+    return found
 
 
 def _routed_to(router: ShardRouter, shard_id: int, low: int, high: int) -> bool:

@@ -6,6 +6,10 @@ reads the next events and adds them up, so the work is shared and each event cou
 relay's lag (`lag_seconds`: how old the newest event was when it was applied) is what ListDialogs
 can be behind the messages; with the shards reachable it is bounded by the wake-up latency, or
 by `[delivery] poll_interval` when a wake-up is lost.
+
+It reads the logs' deletion events too (DeleteMessage): a deleted last message is replaced by the
+dialog's newest surviving one, which `newest_message` reads (set by the server to GetDialog's
+newest-first read of one message, hot or archived).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from datetime import UTC, datetime
 
 from server.routing.inbox import inbox_shard
 from server.storage.events import EventCursor, EventLog, EventPage
-from server.storage.inbox import InboxStore
+from server.storage.inbox import InboxStore, NewestMessage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,8 @@ class InboxRelay:
         self.applied = 0
         #: Sources whose log was pruned past a cursor: the inbox misses events until rebuilt.
         self.lost: set[int] = set()
+        #: Reads a dialog's newest surviving message when its last one was deleted.
+        self.newest_message: NewestMessage | None = None
 
     def wake(self, source: int) -> None:
         self._wakes[source].set()
@@ -80,11 +86,13 @@ class InboxRelay:
         count = len(self._inboxes)
 
         async def read(cursor: EventCursor) -> EventPage:
-            return await event_log.read(cursor, limit=RELAY_PAGE)
+            return await event_log.read(cursor, limit=RELAY_PAGE, with_deletions=True)
 
         more = False
         for inbox_id, inbox in self._inboxes.items():
-            done = await inbox.relay(source, read, functools.partial(_owns, inbox_id, count))
+            done = await inbox.relay(
+                source, read, functools.partial(_owns, inbox_id, count), self.newest_message
+            )
             if done is None:
                 continue  # another process relays this pair now
             self.applied += done.events
@@ -101,6 +109,14 @@ class InboxRelay:
             elif not done.full:
                 self.lag_seconds = 0.0
         return more
+
+    async def erase_user(self, user_id: int) -> int:
+        """Delete the erased user's inbox and the peers' rows of the user (after the user's
+        events left the logs); the rows deleted."""
+        erased = 0
+        for inbox in self._inboxes.values():
+            erased += await inbox.erase_user(user_id, self._logs)
+        return erased
 
     async def catch_up(self) -> None:
         """Relay until no source has events waiting (tests and tools)."""

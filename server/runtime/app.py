@@ -217,19 +217,19 @@ async def running_server(
         metrics.watch_delivery(
             lambda: delivery.subscribers, lambda: None if relay is None else relay.lag_seconds
         )
-        dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(
-            DialogService(
-                placement,
-                shards,
-                tokens,
-                config.limits,
-                recorder,
-                delivery=delivery,
-                inboxes=inboxes,
-                archive=archive_reader(config.archive),
-            ),
-            server,
+        dialog_service = DialogService(
+            placement,
+            shards,
+            tokens,
+            config.limits,
+            recorder,
+            delivery=delivery,
+            inboxes=inboxes,
+            archive=archive_reader(config.archive),
         )
+        if relay is not None:
+            relay.newest_message = dialog_service.newest_message
+        dialog_service_pb2_grpc.add_DialogServiceServicer_to_server(dialog_service, server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(
                 placement,
@@ -237,6 +237,7 @@ async def running_server(
                 tokens,
                 max_response_bytes=config.limits.max_response_bytes,
                 archiver=archiver_of(config, shards),
+                erase_inbox=None if relay is None else relay.erase_user,
             ),
             server,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -51,9 +52,12 @@ class AdminService(pb_grpc.AdminServiceServicer):
         *,
         max_response_bytes: int,
         archiver: Archiver | None = None,
+        erase_inbox: Callable[[int], Awaitable[int]] | None = None,
     ) -> None:
         self._placement = placement
         self._archiver = archiver
+        #: Deletes an erased user's inbox and the peers' rows of the user (the inbox relay's).
+        self._erase_inbox = erase_inbox
         self._shards = shards
         self._tokens = tokens
         self._max_response_bytes = max_response_bytes
@@ -188,6 +192,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
             ArchiveConfig(),
         )
         erased = await self._placement.control.guard(archiver.erase_user(request.user_id))
+        if self._erase_inbox is not None:
+            # After the messages and their log events: no relay round brings the rows back.
+            await self._erase_inbox(request.user_id)
         return pb.EraseUserResponse(
             hot_messages_deleted=erased.hot_messages,
             archived_messages_erased=erased.archived_messages,

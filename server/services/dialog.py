@@ -21,7 +21,7 @@ from server.errors import AlreadyExists, PermissionDenied
 from server.observability.activity import ActivityRecorder
 from server.pagination import InvalidPageToken, PageTokenCodec, items_budget
 from server.placement import Placement
-from server.routing import Pair
+from server.routing import Pair, Resolution
 from server.routing.inbox import inbox_shard
 from server.services.convert import add_page, fill_message, set_timestamp
 from server.services.validation import (
@@ -39,6 +39,9 @@ from server.storage.messages import PAGE_MESSAGE_OVERHEAD, InsertResult, NewMess
 from server.storage.pools import ShardSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+#: Messages per read when the inbox relay looks for a dialog's newest surviving message.
+_NEWEST_PAGE = 8
 
 
 def _require_caller(field: str, user_id: int, action: str, reason: str) -> None:
@@ -148,6 +151,19 @@ class DialogService(pb_grpc.DialogServiceServicer):
                 )
                 violations.raise_if_any()
 
+        rows, more, resume_after = await self._dialog_page(where, after, oldest_first, limit)
+        next_token = ""
+        if more and resume_after is not None:
+            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(resume_after).bytes)
+        response = pb.GetDialogResponse(next_page_token=next_token)
+        add_page(response.messages, rows)
+        return response
+
+    async def _dialog_page(
+        self, where: Resolution, after: uuid.UUID | None, oldest_first: bool, limit: int
+    ) -> tuple[list[PageRow], bool, str | None]:
+        """A page of the dialog, hot and archived; whether more follow and the id after which the
+        next page starts."""
         # The page ends at `limit` messages or at the byte budget, whichever comes first; the
         # storage reads one row beyond it to tell whether another page exists, without a count.
         activity = self._activity
@@ -165,12 +181,19 @@ class DialogService(pb_grpc.DialogServiceServicer):
             rows, more, resume_after = await self._with_archive(
                 self._archive, where.pair, after, oldest_first, limit, rows, more
             )
-        next_token = ""
-        if more and resume_after is not None:
-            next_token = self._tokens.encode(PageTokenCodec.DIALOG, binding, uuid.UUID(resume_after).bytes)
-        response = pb.GetDialogResponse(next_page_token=next_token)
-        add_page(response.messages, rows)
-        return response
+        return rows, more, resume_after
+
+    async def newest_message(self, user_id: int, peer_id: int) -> PageRow | None:
+        """The dialog's newest message, hot or archived, as GetDialog shows it (the inbox relay's
+        read when a dialog's last message is deleted)."""
+        where = self._placement.router.resolve(user_id, peer_id)
+        after: uuid.UUID | None = None
+        while True:
+            # A page may come back empty but for deleted archived messages: read on past them.
+            rows, more, resume_after = await self._dialog_page(where, after, False, _NEWEST_PAGE)
+            if rows or not more or resume_after is None:
+                return rows[0] if rows else None
+            after = uuid.UUID(resume_after)
 
     async def ListDialogs(self, request: pb.ListDialogsRequest, context: Context) -> pb.ListDialogsResponse:
         _require_caller("user_id", request.user_id, "list its own dialogs", "NOT_INBOX_OWNER")
@@ -338,15 +361,36 @@ class DialogService(pb_grpc.DialogServiceServicer):
         if self._archive is not None:
             # First: it hides any archived copy, even one an archive run is writing right now.
             tombstoned = await self._placement.control.guard(self._tombstone(message_id, pair, sender))
-        removed = await self._placement.through_moves(
-            where,
-            lambda shard_id: deletion.delete_sent(self._shards.store(shard_id), pair, message_id, sender),
-        )
+        logged_on: list[int] = []
+
+        async def delete_sent(shard_id: int) -> bool:
+            # The delete logs its deletion (server.storage.events) for the inbox relay.
+            deleted = await deletion.delete_sent(self._shards.store(shard_id), pair, message_id, sender)
+            if deleted:
+                logged_on.append(shard_id)
+            return deleted
+
+        removed = await self._placement.through_moves(where, delete_sent)
         if targets is None:
             targets = await self._placement.control.guard(self._move_targets(pair))
         for target in targets:
             # A move may have copied the message already: its verification must not find the copy.
-            removed = await deletion.delete_copy(self._shards.store(target), pair, message_id) or removed
+            if await deletion.delete_copy(self._shards.store(target), pair, message_id):
+                removed = True
+                logged_on.append(target)
+        if archived is not None and not logged_on:
+            # Only the archive held it: log the deletion on the dialog's shard. A retry finds the
+            # archived message again and logs it again; the relay counts a deletion once.
+            peer = request.peer_user_id
+
+            async def log_deletion(shard_id: int) -> None:
+                store = self._shards.store(shard_id)
+                await deletion.log_archived_deletion(store, pair, message_id, sender, peer)
+                logged_on.append(shard_id)
+
+            await self._placement.through_moves(where, log_deletion)
+        for shard_id in logged_on:
+            self._delivery.written(shard_id)  # the relay reads the deletion now
         return pb.DeleteMessageResponse(deleted=removed or (archived is not None and tombstoned))
 
 

@@ -3,7 +3,11 @@
 server.storage.fences): while the pair's messages move away, it is refused as DIALOG_MOVING and
 served by the new shard after the flip. Before the fence, a move may already have copied the
 message: the delete removes that copy on the move's target too (`move_targets`, `delete_copy`), or
-the move's verification would find a message its source lacks."""
+the move's verification would find a message its source lacks.
+
+Every delete logs its deletion in the shard's message log (server.storage.events) by the same
+statement, so the inbox relay takes the message off its dialog's inbox rows; EraseUser deletes the
+user's log events right after their messages."""
 
 from __future__ import annotations
 
@@ -14,7 +18,11 @@ from psycopg import AsyncConnection
 
 from server.resilience.db_errors import shard_errors
 from server.routing import Pair, bucket_of
+from server.storage.events import erase_user_sql, log_archived_deletion_sql, log_deleted
 from server.storage.messages import MessageStore
+
+#: What a deleted row's deletion event is made of (server.storage.events.log_deleted).
+_RETURNING = "RETURNING message_id, user_low, user_high, from_user_id, to_user_id"
 
 
 async def sender_of(store: MessageStore, pair: Pair, message_id: uuid.UUID) -> int | None:
@@ -38,8 +46,10 @@ async def delete_sent(store: MessageStore, pair: Pair, message_id: uuid.UUID, se
 
     async def op(conn: AsyncConnection[Any]) -> bool:
         cur = await conn.execute(
-            f"DELETE FROM {store.table} WHERE message_id = %s AND user_low = %s AND user_high = %s "
-            f"AND from_user_id = %s AND {store.table}_writable(%s, %s, %s)",
+            f"WITH gone AS (DELETE FROM {store.table} "
+            "WHERE message_id = %s AND user_low = %s AND user_high = %s "
+            f"AND from_user_id = %s AND {store.table}_writable(%s, %s, %s) {_RETURNING}) "
+            + log_deleted(store.table, "gone"),
             (message_id, pair.low, pair.high, sender, bucket_of(*pair), pair.low, pair.high),
         )
         return cur.rowcount == 1
@@ -54,7 +64,23 @@ async def erase_user(store: MessageStore, user_id: int) -> int:
             f"DELETE FROM {store.table} WHERE user_low = %s OR user_high = %s", (user_id, user_id)
         )
         deleted: int = cur.rowcount
+        # Its own transaction: the log's scan does not hold the message table's lock (which a
+        # move's fence waits out). A crash in between leaves events an EraseUser again deletes.
+        await conn.execute(erase_user_sql(store.table), (user_id, user_id))
         return deleted
+
+
+async def log_archived_deletion(
+    store: MessageStore, pair: Pair, message_id: uuid.UUID, sender: int, recipient: int
+) -> None:
+    """Log the deletion of a message only the archive holds (its tombstone hides it already)."""
+
+    async def op(conn: AsyncConnection[Any]) -> None:
+        await conn.execute(
+            log_archived_deletion_sql(store.table), (message_id, pair.low, pair.high, sender, recipient)
+        )
+
+    await store.shard.write(op, idempotent=True)
 
 
 async def move_targets(conn: AsyncConnection[Any], pair: Pair) -> list[int]:
@@ -74,7 +100,9 @@ async def delete_copy(store: MessageStore, pair: Pair, message_id: uuid.UUID) ->
 
     async def op(conn: AsyncConnection[Any]) -> bool:
         cur = await conn.execute(
-            f"DELETE FROM {store.table} WHERE message_id = %s AND user_low = %s AND user_high = %s",
+            f"WITH gone AS (DELETE FROM {store.table} "
+            f"WHERE message_id = %s AND user_low = %s AND user_high = %s {_RETURNING}) "
+            + log_deleted(store.table, "gone"),
             (message_id, pair.low, pair.high),
         )
         return cur.rowcount == 1

@@ -16,8 +16,12 @@ Events older than the retention are deleted (`prune`); `<table>_pruned` keeps th
 deleted, so that a reader resuming from before it learns that its events are gone instead of
 silently missing them.
 
-Deleting messages (issue 25, DeleteMessage / EraseUser) must delete their events here too, or
-a subscriber resuming within the retention would still be sent them.
+A deleted message (DeleteMessage) is logged too, as a *deletion event* (`deleted`, empty text)
+written by the statement deleting its row (`log_deleted`), or for a message only the archive holds,
+by DeleteMessage after its tombstone (`log_archived_deletion`: the archive still finds the message,
+so a retry logs it again, and the inbox relay applies a deletion once per message). Readers for
+subscribers (`read` without `with_deletions`) skip deletion events and the messages they delete;
+the relay reads both. EraseUser deletes every event of the user's dialogs (`erase_user_sql`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ def events_schema(table: str) -> list[str]:
             PRIMARY KEY (xid, message_id)
         )
         """,
+        # A constant default: adding the column rewrites no existing log.
+        f"ALTER TABLE {table}_events ADD COLUMN IF NOT EXISTS deleted BOOLEAN NOT NULL DEFAULT false",
+        # Only deletion events are indexed (a partial index): a send's insert never touches it.
+        f"CREATE INDEX IF NOT EXISTS {table}_events_deletions_idx ON {table}_events (message_id) "
+        "WHERE deleted",
         # Pruning selects by age; rows are appended in about that order, which BRIN summarizes
         # for next to nothing on the insert path.
         f"CREATE INDEX IF NOT EXISTS {table}_events_age_idx ON {table}_events USING brin (created_at)",
@@ -74,6 +83,35 @@ def log_inserted(table: str, inserted: str) -> str:
         SELECT message_id, user_low, user_high, from_user_id, to_user_id, text, created_at
         FROM {inserted}
     """
+
+
+def log_deleted(table: str, deleted: str) -> str:
+    """A data-modifying CTE's statement logging the deletion of the rows of the CTE `deleted`
+    (which returns message_id, user_low, user_high, from_user_id and to_user_id): a deletion is
+    logged in the transaction that deletes the row, or not at all."""
+    return f"""
+        INSERT INTO {table}_events (message_id, user_low, user_high, from_user_id, to_user_id,
+                                    text, created_at, deleted)
+        SELECT message_id, user_low, user_high, from_user_id, to_user_id, '', now(), true
+        FROM {deleted}
+    """
+
+
+def log_archived_deletion_sql(table: str) -> str:
+    """The statement logging the deletion of a message that only the archive holds (parameters:
+    message_id, user_low, user_high, from_user_id, to_user_id)."""
+    return f"""
+        INSERT INTO {table}_events (message_id, user_low, user_high, from_user_id, to_user_id,
+                                    text, created_at, deleted)
+        VALUES (%s, %s, %s, %s, %s, '', now(), true)
+    """
+
+
+def erase_user_sql(table: str) -> str:
+    """The statement deleting every event of a user's dialogs (parameters: the user twice): an
+    erased user's messages are neither resumed nor relayed. A scan of the log, which holds the
+    retention's events only (EraseUser is rare)."""
+    return f"DELETE FROM {table}_events WHERE user_low = %s OR user_high = %s"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -104,6 +142,8 @@ class Event:
     to_user_id: int
     text: str
     created_at: datetime
+    #: A deletion event: the message was deleted (read `with_deletions` only).
+    deleted: bool = False
 
     @property
     def message_id(self) -> uuid.UUID:
@@ -146,7 +186,7 @@ class EventLog:
                               pg_snapshot_xmax(pg_current_snapshot()) AS next_xid),
             p AS (SELECT xid, message_id FROM {table}_pruned)
             SELECT e.xid::text, e.message_id, e.from_user_id, e.to_user_id, e.text, e.created_at,
-                   s.horizon::text, (SELECT xid::text FROM p), (SELECT message_id FROM p),
+                   e.deleted, s.horizon::text, (SELECT xid::text FROM p), (SELECT message_id FROM p),
                    s.horizon < s.next_xid
             FROM s LEFT JOIN LATERAL (
                 SELECT * FROM {table}_events e
@@ -154,6 +194,8 @@ class EventLog:
                   AND (e.xid, e.message_id) <= (%(upto_xid)s::text::xid8, %(upto_id)s::uuid)
                   AND e.xid < s.horizon
                   AND (%(user)s::bigint IS NULL OR e.user_low = %(user)s OR e.user_high = %(user)s)
+                  AND (%(with_deletions)s OR NOT (e.deleted OR EXISTS (
+                      SELECT 1 FROM {table}_events d WHERE d.deleted AND d.message_id = e.message_id)))
                 ORDER BY e.xid, e.message_id
                 LIMIT %(limit)s
             ) e ON true
@@ -184,9 +226,11 @@ class EventLog:
         limit: int,
         user_id: int | None = None,
         upto: EventCursor | None = None,
+        with_deletions: bool = False,
     ) -> EventPage:
         """Up to `limit` events after `after` (and at or before `upto`), of `user_id` or everyone's,
-        in log order; only events of transactions that have ended."""
+        in log order; only events of transactions that have ended. Without `with_deletions`,
+        neither deletion events nor the messages they delete (in this log)."""
         bound = upto or END
         params = {
             "xid": str(after.xid),
@@ -195,6 +239,7 @@ class EventLog:
             "upto_id": bound.message_id,
             "user": user_id,
             "limit": limit,
+            "with_deletions": with_deletions,
         }
 
         async def op(conn: AsyncConnection[Any]) -> list[tuple[Any, ...]]:
@@ -202,16 +247,18 @@ class EventLog:
 
         rows = await self.shard.read(op, stale_ok=False)
         first = rows[0]
-        pruned = ORIGIN if first[7] is None else EventCursor(int(first[7]), first[8])
+        pruned = ORIGIN if first[8] is None else EventCursor(int(first[8]), first[9])
         events = [
-            Event(EventCursor(int(r[0]), r[1]), r[2], r[3], r[4], r[5]) for r in rows if r[0] is not None
+            Event(EventCursor(int(r[0]), r[1]), r[2], r[3], r[4], r[5], r[6])
+            for r in rows
+            if r[0] is not None
         ]
         full = len(events) == limit
         next_cursor = events[-1].cursor if events else after
         if not full:
             # Every event of a transaction older than the horizon (up to `upto`) has been read.
-            next_cursor = max(next_cursor, min(EventCursor.before(int(first[6])), bound))
-        return EventPage(events, next_cursor, pruned, full, held_back=bool(first[9]))
+            next_cursor = max(next_cursor, min(EventCursor.before(int(first[7])), bound))
+        return EventPage(events, next_cursor, pruned, full, held_back=bool(first[10]))
 
     async def horizon(self) -> EventCursor:
         """The cursor before the oldest running transaction: where a reader starting now begins."""

@@ -12,8 +12,13 @@ A rebuild (`dialogctl rebuild-inbox`) replaces the rows with counts from the mes
 sets each cursor to where its snapshot of that source began, remembering the snapshot
 (`counted`): the relay then skips the events that snapshot already saw, and counts the rest.
 
-Deleting messages (issue 25) must take them off the counts and last messages here too (a
-rebuild after the deletion does).
+A deletion event (DeleteMessage, server.storage.events) takes its message off both owners' rows
+in the same round: `<table>_inbox_deletions` records each (owner, message) taken off, so a deletion
+logged twice (an archived message's, retried) counts once. When the deleted message was a row's
+last one, the round asks `newest_message` (the dialog's newest surviving message, hot or archived, as
+GetDialog reads it) for the new last message, and deletes the row when nothing is left. EraseUser
+deletes the user's rows and every peer's row of the user (`erase_user`) once the user's events
+are gone from the logs. Archiving changes no row: it logs nothing, and the dialogs stay the same.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from psycopg import AsyncConnection
 from server.routing.inbox import Snapshot
 from server.storage.events import ORIGIN, Event, EventCursor, EventPage
 from server.storage.ids import EPOCH, MAX_ID
+from server.storage.messages import PageRow
 
 if TYPE_CHECKING:
     from server.resilience import Shard
@@ -65,6 +71,14 @@ def inbox_schema(table: str) -> list[str]:
             xid xid8 NOT NULL,
             message_id UUID NOT NULL,
             counted TEXT
+        )
+        """,
+        f"""
+        CREATE TABLE IF NOT EXISTS {table}_inbox_deletions (
+            owner_id BIGINT NOT NULL,
+            message_id UUID NOT NULL,
+            peer_id BIGINT NOT NULL,
+            PRIMARY KEY (owner_id, message_id)
         )
         """,
     ]
@@ -117,10 +131,28 @@ class Relayed:
     newest: datetime | None
 
 
+#: The dialog's newest surviving message (user, peer), None when none is left.
+NewestMessage = Callable[[int, int], Awaitable[PageRow | None]]
+
+
+def deletions_of(events: Iterable[Event], belongs: Callable[[int], bool]) -> list[tuple[int, int, uuid.UUID]]:
+    """The (owner, peer, message) that the deletion events take off, for the owners `belongs` selects."""
+    return [
+        (owner, peer, e.message_id)
+        for e in events
+        if e.deleted
+        for owner, peer in ((e.from_user_id, e.to_user_id), (e.to_user_id, e.from_user_id))
+        if belongs(owner)
+    ]
+
+
 def add_up(events: Iterable[Event], belongs: Callable[[int], bool]) -> dict[tuple[int, int], InboxRow]:
-    """The inbox rows (owner, peer) the events make, for the owners that `belongs` selects."""
+    """The inbox rows (owner, peer) the message events make (deletion events aside), for the owners
+    that `belongs` selects."""
     rows: dict[tuple[int, int], InboxRow] = {}
     for e in events:
+        if e.deleted:
+            continue
         for owner, peer in ((e.from_user_id, e.to_user_id), (e.to_user_id, e.from_user_id)):
             if not belongs(owner):
                 continue
@@ -194,6 +226,22 @@ class InboxStore:
             f"INSERT INTO {table}_relayed (source_shard, xid, message_id) VALUES (%s, '0', %s) "
             "RETURNING xid::text, message_id, counted"
         )
+        # A deletion counts once per owner and message; the row's count and last id after it.
+        self._take_off_sql = f"""
+            WITH first AS (
+                INSERT INTO {table}_inbox_deletions (owner_id, message_id, peer_id)
+                VALUES (%(owner)s, %(message)s, %(peer)s) ON CONFLICT DO NOTHING RETURNING owner_id
+            )
+            UPDATE {table}_inbox i SET message_count = i.message_count - 1
+            FROM first WHERE i.owner_id = %(owner)s AND i.peer_id = %(peer)s
+            RETURNING i.message_count, i.last_message_id
+        """
+        self._set_last_sql = f"""
+            UPDATE {table}_inbox SET last_message_id = %s, last_from_user_id = %s, last_text = %s,
+                                     last_created_at = %s
+            WHERE owner_id = %s AND peer_id = %s
+        """
+        self._drop_row_sql = f"DELETE FROM {table}_inbox WHERE owner_id = %s AND peer_id = %s"
         self._move_cursor_sql = (
             f"UPDATE {table}_relayed SET xid = %s::text::xid8, message_id = %s, counted = %s "
             "WHERE source_shard = %s"
@@ -214,9 +262,12 @@ class InboxStore:
         source_shard: int,
         read: Callable[[EventCursor], Awaitable[EventPage]],
         belongs: Callable[[int], bool],
+        newest_message: NewestMessage | None = None,
     ) -> Relayed | None:
-        """Apply the next page of `source_shard`'s log (`read(cursor)`) to this inbox shard, for
-        the owners `belongs` selects; None when another relay holds that source's cursor."""
+        """Apply the next page of `source_shard`'s log (`read(cursor)`, deletion events included)
+        to this inbox shard, for the owners `belongs` selects; None when another relay holds that
+        source's cursor. `newest_message` replaces a deleted last message (without it, the row keeps it
+        until a rebuild, unless nothing is left)."""
 
         async def op(conn: AsyncConnection[Any]) -> Relayed | None:
             async with conn.transaction():
@@ -236,6 +287,8 @@ class InboxStore:
                 rows = add_up(events, belongs)
                 if rows:
                     await conn.execute(self._add_sql, (_rows_json(sorted(rows.items())),))
+                for owner, peer, message_id in deletions_of(events, belongs):
+                    await self._take_off(conn, owner, peer, message_id, newest_message)
                 if counted is not None and page.next_cursor.xid >= counted.xmax:
                     counted = None  # past everything the rebuild's snapshot saw
                 await conn.execute(
@@ -249,6 +302,51 @@ class InboxStore:
                 )
             newest = max((e.created_at for e in events), default=None)
             return Relayed(len(events), page.full, page.pruned > cursor, newest)
+
+        return await self.shard.write(op, idempotent=True)
+
+    async def _take_off(
+        self,
+        conn: AsyncConnection[Any],
+        owner: int,
+        peer: int,
+        message_id: uuid.UUID,
+        newest: NewestMessage | None,
+    ) -> None:
+        """Take a deleted message off the owner's row of the dialog (once per message)."""
+        params = {"owner": owner, "peer": peer, "message": message_id}
+        row = await (await conn.execute(self._take_off_sql, params)).fetchone()
+        if row is None:
+            return  # taken off already, or no row (erased)
+        count, last_id = int(row[0]), row[1]
+        if last_id != message_id and count > 0:
+            return
+        # Deletes are rare: this read of the dialog (one page of one message) is their cost.
+        found = None if newest is None or count <= 0 else await newest(owner, peer)
+        if found is None:
+            if count <= 0 or newest is not None:
+                await conn.execute(self._drop_row_sql, (owner, peer))
+            return
+        found_id, from_user_id, _, text, created_at = found
+        await conn.execute(self._set_last_sql, (found_id, from_user_id, text, created_at, owner, peer))
+
+    async def erase_user(self, user_id: int, sources: Iterable[int]) -> int:
+        """Delete the user's rows and every row of a dialog with the user, holding every source's
+        relay lock (the user's events are gone from the logs: no round adds them back); the rows
+        deleted."""
+
+        async def op(conn: AsyncConnection[Any]) -> int:
+            async with conn.transaction():
+                for source in sorted(sources):
+                    await relay_lock(conn, self.table, source, wait=True)
+                cur = await conn.execute(
+                    f"DELETE FROM {self.table}_inbox WHERE owner_id = %s OR peer_id = %s", (user_id, user_id)
+                )
+                await conn.execute(
+                    f"DELETE FROM {self.table}_inbox_deletions WHERE owner_id = %s OR peer_id = %s",
+                    (user_id, user_id),
+                )
+                return cur.rowcount
 
         return await self.shard.write(op, idempotent=True)
 
@@ -269,12 +367,23 @@ async def replace_inbox(
     table: str,
     rows: Sequence[tuple[tuple[int, int], InboxRow]],
     cursors: Mapping[int, tuple[EventCursor, str]],
+    taken_off: Sequence[tuple[int, int, uuid.UUID]] = (),
 ) -> None:
     """Replace every row of `table`'s inbox and every source's cursor (with the snapshot it
-    counted), in the caller's transaction on `conn`, which holds every source's `relay_lock` (a rebuild)."""
+    counted), in the caller's transaction on `conn`, which holds every source's `relay_lock` (a rebuild).
+    `taken_off` (owner, peer, message) are deletions the rows already left out: the relays skip
+    their deletion events."""
     await conn.execute(f"DELETE FROM {table}_inbox")
     for start in range(0, len(rows), 1000):
         await conn.execute(f"INSERT INTO {table}_inbox {_ROWS}", (_rows_json(rows[start : start + 1000]),))
+    if taken_off:
+        await conn.execute(
+            f"""
+            INSERT INTO {table}_inbox_deletions (owner_id, peer_id, message_id)
+            SELECT * FROM unnest(%s::int8[], %s::int8[], %s::uuid[]) ON CONFLICT DO NOTHING
+            """,
+            ([t[0] for t in taken_off], [t[1] for t in taken_off], [t[2] for t in taken_off]),
+        )
     for source, (cursor, snapshot) in cursors.items():
         await conn.execute(
             f"""

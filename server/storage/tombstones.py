@@ -52,6 +52,12 @@ async def all_ids(conn: AsyncConnection[Any]) -> set[uuid.UUID]:
     return {r[0] for r in await cur.fetchall()}
 
 
+async def all_tombstones(conn: AsyncConnection[Any]) -> list[tuple[uuid.UUID, tuple[int, int]]]:
+    """Every tombstoned message with its pair (low, high): an inbox rebuild's list."""
+    cur = await conn.execute("SELECT message_id, user_low, user_high FROM message_tombstones")
+    return [(r[0], (int(r[1]), int(r[2]))) for r in await cur.fetchall()]
+
+
 async def drop(conn: AsyncConnection[Any], ids: Sequence[uuid.UUID]) -> int:
     cur = await conn.execute(
         "DELETE FROM message_tombstones WHERE message_id = ANY(%s::uuid[])", (list(ids),)
