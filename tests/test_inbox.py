@@ -13,6 +13,7 @@ import psycopg
 
 from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
+from client.gen.dialog.v1.admin_service_pb2_grpc import AdminServiceStub
 from client.gen.dialog.v1.dialog_service_pb2_grpc import DialogServiceStub
 from server.archive.store import ArchiveStore
 from server.cli.inbox import rebuild_inbox
@@ -360,3 +361,42 @@ async def test_archiving_changes_no_inbox_and_deletes_reach_into_the_archive(
         await relayed(running)
         for user in (low, high):
             assert summary(await inbox(stub, auth_for, user)) == after[user]
+
+
+async def test_a_deletion_relayed_before_its_moved_message_counts_it_once_and_not_as_the_last(
+    pg_servers: list[EmbeddedPostgres],
+    jwt_secret: str,
+    new_pair: Callable[[], tuple[int, int]],
+    auth_for: Callable[..., Metadata],
+    admin_auth: Metadata,
+) -> None:
+    config = fresh_cluster(pg_servers, jwt_secret, 4)
+    async with serving(config) as (running, channel):
+        assert running.delivery is not None and running.delivery.relay is not None
+        relay = running.delivery.relay
+        await relay.stop()  # this test relays by hand, in the order it chooses
+        stub = DialogServiceStub(channel)
+        admin = AdminServiceStub(channel)
+        relayed_first, not_yet = new_pair(), new_pair()
+        await send(stub, auth_for, *relayed_first, "relayed before the move")
+        await relay.catch_up()  # the first pair has inbox rows, the second none yet
+        expected = {}
+        for a, b in (relayed_first, not_yet):
+            source = running.placement.router.resolve(a, b).shard_id
+            target = other_shard(a, b)
+            kept = await send(stub, auth_for, a, b, "moved")
+            deleted = await send(stub, auth_for, a, b, "moved, then deleted")
+            await admin.SetShardOverride(
+                admin_pb.SetShardOverrideRequest(user_id_1=a, user_id_2=b, shard_id=target),
+                metadata=admin_auth,
+            )
+            assert await delete(stub, auth_for, a, b, deleted.message_id)
+            # The target's log (the deletion) first, the source's (the messages) after.
+            await relay.relay_source(target)
+            await relay.relay_source(source)
+            count = 2 if (a, b) == relayed_first else 1
+            expected[a] = [(b, count, "moved", kept.message_id)]
+            expected[b] = [(a, count, "moved", kept.message_id)]
+        await relay.catch_up()
+        for owner, dialogs in expected.items():
+            assert summary(await inbox(stub, auth_for, owner)) == dialogs

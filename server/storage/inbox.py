@@ -13,11 +13,12 @@ sets each cursor to where its snapshot of that source began, remembering the sna
 (`counted`): the relay then skips the events that snapshot already saw, and counts the rest.
 
 A deletion event (DeleteMessage, server.storage.events) takes its message off both owners' rows
-in the same round: `<table>_inbox_deletions` records each (owner, message) taken off, so a deletion
-logged twice (an archived message's, retried) counts once. When the deleted message was a row's
-last one, the round asks `newest_message` (the dialog's newest surviving message, hot or archived, as
-GetDialog reads it) for the new last message, and deletes the row when nothing is left. EraseUser
-deletes the user's rows and every peer's row of the user (`erase_user`) once the user's events
+in the same round: `<table>_deletions_relayed` records each (owner, message) taken off (named like
+`_relayed`: a backup's row check skips both), so a deletion logged twice (an archived message's,
+retried) counts once. When the deleted message was a row's last one, the round asks
+`newest_message` (the dialog's newest surviving message, hot or archived, as GetDialog reads it)
+for the new last message, and deletes the row when nothing is left. EraseUser deletes the user's
+rows and every peer's row of the user (`erase_user`) once the user's events
 are gone from the logs. Archiving changes no row: it logs nothing, and the dialogs stay the same.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -74,11 +75,15 @@ def inbox_schema(table: str) -> list[str]:
         )
         """,
         f"""
-        CREATE TABLE IF NOT EXISTS {table}_inbox_deletions (
+        CREATE TABLE IF NOT EXISTS {table}_deletions_relayed (
             owner_id BIGINT NOT NULL,
             message_id UUID NOT NULL,
             peer_id BIGINT NOT NULL,
-            PRIMARY KEY (owner_id, message_id)
+            -- Whether taking it off lowered a count (not when the row was not there, or a rebuild
+            -- left the message out): only then does its message, relayed later, count.
+            lowered BOOLEAN NOT NULL DEFAULT true,
+            -- By message first: a round looks up its page's messages (see `relay`).
+            PRIMARY KEY (message_id, owner_id)
         )
         """,
     ]
@@ -146,15 +151,23 @@ def deletions_of(events: Iterable[Event], belongs: Callable[[int], bool]) -> lis
     ]
 
 
-def add_up(events: Iterable[Event], belongs: Callable[[int], bool]) -> dict[tuple[int, int], InboxRow]:
+def add_up(
+    events: Iterable[Event],
+    belongs: Callable[[int], bool],
+    taken_off: Collection[tuple[int, uuid.UUID]] = (),
+    *,
+    only: Collection[tuple[int, uuid.UUID]] | None = None,
+) -> dict[tuple[int, int], InboxRow]:
     """The inbox rows (owner, peer) the message events make (deletion events aside), for the owners
-    that `belongs` selects."""
+    that `belongs` selects, leaving out the (owner, message) already `taken_off` (or with `only`,
+    of those (owner, message) alone)."""
     rows: dict[tuple[int, int], InboxRow] = {}
     for e in events:
         if e.deleted:
             continue
         for owner, peer in ((e.from_user_id, e.to_user_id), (e.to_user_id, e.from_user_id)):
-            if not belongs(owner):
+            key = (owner, e.message_id)
+            if not belongs(owner) or key in taken_off or (only is not None and key not in only):
                 continue
             row = InboxRow(peer, e.message_id, e.from_user_id, e.text, e.created_at, 1)
             earlier = rows.get((owner, peer))
@@ -226,16 +239,28 @@ class InboxStore:
             f"INSERT INTO {table}_relayed (source_shard, xid, message_id) VALUES (%s, '0', %s) "
             "RETURNING xid::text, message_id, counted"
         )
-        # A deletion counts once per owner and message; the row's count and last id after it.
-        self._take_off_sql = f"""
-            WITH first AS (
-                INSERT INTO {table}_inbox_deletions (owner_id, message_id, peer_id)
-                VALUES (%(owner)s, %(message)s, %(peer)s) ON CONFLICT DO NOTHING RETURNING owner_id
-            )
-            UPDATE {table}_inbox i SET message_count = i.message_count - 1
-            FROM first WHERE i.owner_id = %(owner)s AND i.peer_id = %(peer)s
-            RETURNING i.message_count, i.last_message_id
+        # A deletion counts once per owner and message.
+        self._record_taken_off_sql = f"""
+            INSERT INTO {table}_deletions_relayed (owner_id, message_id, peer_id)
+            VALUES (%(owner)s, %(message)s, %(peer)s) ON CONFLICT DO NOTHING
         """
+        self._lower_sql = f"""
+            UPDATE {table}_inbox SET message_count = message_count - 1
+            WHERE owner_id = %(owner)s AND peer_id = %(peer)s
+            RETURNING message_count, last_message_id
+        """
+        self._not_lowered_sql = f"""
+            UPDATE {table}_deletions_relayed SET lowered = false
+            WHERE message_id = %(message)s AND owner_id = %(owner)s
+        """
+        self._taken_off_sql = (
+            f"SELECT owner_id, message_id, lowered FROM {table}_deletions_relayed "
+            "WHERE message_id = ANY(%s::uuid[])"
+        )
+        self._count_late_sql = (
+            f"UPDATE {table}_inbox SET message_count = message_count + %s "
+            "WHERE owner_id = %s AND peer_id = %s"
+        )
         self._set_last_sql = f"""
             UPDATE {table}_inbox SET last_message_id = %s, last_from_user_id = %s, last_text = %s,
                                      last_created_at = %s
@@ -284,7 +309,13 @@ class InboxStore:
                 counted = Snapshot.parse(row[2]) if row[2] else None
                 page = await read(cursor)
                 events = [e for e in page.events if counted is None or not counted.sees(e.cursor.xid)]
-                rows = add_up(events, belongs)
+                taken_off = await self._taken_off(conn, events)
+                rows = add_up(events, belongs, taken_off)
+                lowered = {key for key, was_lowered in taken_off.items() if was_lowered}
+                for (owner, peer), late in add_up(events, belongs, only=lowered).items():
+                    # Its deletion came first (from the shard a move took it to) and took it off
+                    # a count it was not in yet: it counts now, but is nobody's last message.
+                    await conn.execute(self._count_late_sql, (late.message_count, owner, peer))
                 if rows:
                     await conn.execute(self._add_sql, (_rows_json(sorted(rows.items())),))
                 for owner, peer, message_id in deletions_of(events, belongs):
@@ -305,6 +336,17 @@ class InboxStore:
 
         return await self.shard.write(op, idempotent=True)
 
+    async def _taken_off(
+        self, conn: AsyncConnection[Any], events: list[Event]
+    ) -> dict[tuple[int, uuid.UUID], bool]:
+        """The (owner, message) of these events already taken off, and whether that lowered a
+        count: a message moved to another shard is deleted there, whose log may be relayed first."""
+        ids = [e.message_id for e in events if not e.deleted]
+        if not ids:
+            return {}
+        cur = await conn.execute(self._taken_off_sql, (ids,))
+        return {(int(r[0]), r[1]): bool(r[2]) for r in await cur.fetchall()}
+
     async def _take_off(
         self,
         conn: AsyncConnection[Any],
@@ -315,14 +357,19 @@ class InboxStore:
     ) -> None:
         """Take a deleted message off the owner's row of the dialog (once per message)."""
         params = {"owner": owner, "peer": peer, "message": message_id}
-        row = await (await conn.execute(self._take_off_sql, params)).fetchone()
+        if (await conn.execute(self._record_taken_off_sql, params)).rowcount == 0:
+            return  # taken off already
+        row = await (await conn.execute(self._lower_sql, params)).fetchone()
         if row is None:
-            return  # taken off already, or no row (erased)
+            # No row yet (its message comes from a log not relayed so far) or none left (erased).
+            await conn.execute(self._not_lowered_sql, params)
+            return
         count, last_id = int(row[0]), row[1]
         if last_id != message_id and count > 0:
             return
         # Deletes are rare: this read of the dialog (one page of one message) is their cost.
-        found = None if newest is None or count <= 0 else await newest(owner, peer)
+        # Nothing left, unless a message is on its way from a log not relayed so far: ask.
+        found = None if newest is None else await newest(owner, peer)
         if found is None:
             if count <= 0 or newest is not None:
                 await conn.execute(self._drop_row_sql, (owner, peer))
@@ -343,7 +390,7 @@ class InboxStore:
                     f"DELETE FROM {self.table}_inbox WHERE owner_id = %s OR peer_id = %s", (user_id, user_id)
                 )
                 await conn.execute(
-                    f"DELETE FROM {self.table}_inbox_deletions WHERE owner_id = %s OR peer_id = %s",
+                    f"DELETE FROM {self.table}_deletions_relayed WHERE owner_id = %s OR peer_id = %s",
                     (user_id, user_id),
                 )
                 return cur.rowcount
@@ -379,8 +426,8 @@ async def replace_inbox(
     if taken_off:
         await conn.execute(
             f"""
-            INSERT INTO {table}_inbox_deletions (owner_id, peer_id, message_id)
-            SELECT * FROM unnest(%s::int8[], %s::int8[], %s::uuid[]) ON CONFLICT DO NOTHING
+            INSERT INTO {table}_deletions_relayed (owner_id, peer_id, message_id, lowered)
+            SELECT *, false FROM unnest(%s::int8[], %s::int8[], %s::uuid[]) ON CONFLICT DO NOTHING
             """,
             ([t[0] for t in taken_off], [t[1] for t in taken_off], [t[2] for t in taken_off]),
         )
