@@ -33,9 +33,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client.gen.dialog.v1 import dialog_service_pb2 as dpb
 from client.gen.dialog.v1 import dialog_service_pb2_grpc
+from server.archive.store import ArchiveStore
 from server.auth import issue_token
 from server.config import ServerConfig, config_from_mapping
 from server.dev.embedded_pg import EmbeddedPostgres
+from server.moves.archiver import Archiver
 from server.routing import Pair, bucket_of, calculate_shard
 from server.runtime.app import RunningServer, running_server
 from server.storage.fences import params_unit, write_guard
@@ -611,3 +613,26 @@ def activity_rows(config: ServerConfig, shard_id: int) -> dict[tuple[int, int, i
             f"FROM {shard.table}_activity GROUP BY 1, 2, 3"
         ).fetchall()
     return {(r[0], r[1], r[2]): (int(r[3]), int(r[4]), int(r[5])) for r in rows}
+
+
+# -- The archive ---------------------------------------------------------------------------------
+
+
+def store_of(config: ServerConfig) -> ArchiveStore:
+    assert config.archive.url is not None
+    return ArchiveStore(config.archive.url, endpoint_url=config.archive.endpoint_url)
+
+
+def archiver(running: RunningServer, config: ServerConfig, **hooks: Any) -> Archiver:
+    stores = [running.shards.store(s.shard_id) for s in config.shards]
+    return Archiver(stores, config.control_dsn, store_of(config), config.archive, **hooks)
+
+
+@asynccontextmanager
+async def archived_cluster(
+    pg_servers: list[EmbeddedPostgres], jwt_secret: str, settings: dict[str, Any], shards: int = 4
+) -> AsyncIterator[tuple[ServerConfig, RunningServer, Any]]:
+    base = fresh_cluster(pg_servers, jwt_secret, shards)
+    config = make_config([s.dsn for s in base.shards], jwt_secret, archive=settings)
+    async with serving(config) as (running, channel):
+        yield config, running, channel

@@ -7,8 +7,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,11 @@ from server.archive.files import PARTS, decode, encode, fingerprint, may_hold_pa
 from server.archive.manifest import Manifest
 from server.archive.merge import merge_pages
 from server.archive.reader import ArchiveReader
-from server.archive.store import ArchiveStore
 from server.config import ConfigError, ServerConfig, parse_duration
 from server.dev.embedded_pg import EmbeddedPostgres
-from server.moves.archiver import STEPS, Archiver, ArchiveReport
+from server.moves.archiver import STEPS, ArchiveReport
 from server.moves.mover import Mover
 from server.routing import Pair, bucket_of, calculate_shard
-from server.runtime.app import RunningServer
 from server.storage.ids import id_time
 from tests.crashing_mover import CRASHED_EXIT
 from tests.processes import write_server_config
@@ -40,6 +37,8 @@ from tests.support import (
     S3_CREDENTIALS,
     Metadata,
     S3Server,
+    archived_cluster,
+    archiver,
     dialog_pages,
     dialogctl,
     expect_error,
@@ -50,6 +49,7 @@ from tests.support import (
     other_shard,
     serving,
     status_details,
+    store_of,
     wait_until,
 )
 
@@ -65,19 +65,9 @@ def archive_settings(kind: str, tmp_path: Path, s3: S3Server | None) -> dict[str
     return {"url": s3.new_bucket(), "endpoint_url": s3.endpoint_url, **SMALL}
 
 
-def store_of(config: ServerConfig) -> ArchiveStore:
-    assert config.archive.url is not None
-    return ArchiveStore(config.archive.url, endpoint_url=config.archive.endpoint_url)
-
-
 def manifest_of(config: ServerConfig) -> Manifest:
     data = store_of(config).read(manifest_module.NAME)
     return Manifest() if data is None else Manifest.from_json(data)
-
-
-def archiver(running: RunningServer, config: ServerConfig, **hooks: Any) -> Archiver:
-    stores = [running.shards.store(s.shard_id) for s in config.shards]
-    return Archiver(stores, config.control_dsn, store_of(config), config.archive, **hooks)
 
 
 def cutoff() -> datetime:
@@ -92,16 +82,6 @@ def archive_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def s3_if_needed(archive_kind: str, request: pytest.FixtureRequest) -> S3Server | None:
     return request.getfixturevalue("s3_server") if archive_kind == "s3" else None
-
-
-@asynccontextmanager
-async def archived_cluster(
-    pg_servers: list[EmbeddedPostgres], jwt_secret: str, settings: dict[str, Any], shards: int = 4
-) -> AsyncIterator[tuple[ServerConfig, RunningServer, Any]]:
-    base = fresh_cluster(pg_servers, jwt_secret, shards)
-    config = make_config([s.dsn for s in base.shards], jwt_secret, archive=settings)
-    async with serving(config) as (running, channel):
-        yield config, running, channel
 
 
 async def send(channel: Any, auth: Metadata, a: int, b: int, count: int) -> list[str]:

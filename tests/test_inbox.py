@@ -15,16 +15,16 @@ from client.gen.dialog.v1 import admin_service_pb2 as admin_pb
 from client.gen.dialog.v1 import dialog_service_pb2 as pb
 from client.gen.dialog.v1.admin_service_pb2_grpc import AdminServiceStub
 from client.gen.dialog.v1.dialog_service_pb2_grpc import DialogServiceStub
-from server.archive.store import ArchiveStore
 from server.cli.inbox import rebuild_inbox
 from server.dev.embedded_pg import EmbeddedPostgres
-from server.moves.archiver import Archiver
 from server.routing import Pair
 from server.runtime.app import RunningServer
 from server.storage.events import ORIGIN
 from tests.processes import write_server_config
 from tests.support import (
     Metadata,
+    archived_cluster,
+    archiver,
     dialogctl,
     expect_error,
     fresh_cluster,
@@ -319,10 +319,8 @@ async def test_archiving_changes_no_inbox_and_deletes_reach_into_the_archive(
     new_pair: Callable[[], tuple[int, int]],
     auth_for: Callable[..., Metadata],
 ) -> None:
-    base = fresh_cluster(pg_servers, jwt_secret, 4)
     settings = {"url": str(tmp_path / "archive"), "manifest_max_age": 0.2, "batch_rows": 10}
-    config = make_config([s.dsn for s in base.shards], jwt_secret, archive=settings)
-    async with serving(config) as (running, channel):
+    async with archived_cluster(pg_servers, jwt_secret, settings) as (config, running, channel):
         stub = DialogServiceStub(channel)
         low, high = Pair.of(*new_pair())
         # old[i] was sent by `low` unless i % 3 == 0: the last one (25) by `low`.
@@ -332,11 +330,7 @@ async def test_archiving_changes_no_inbox_and_deletes_reach_into_the_archive(
         await relayed(running)
         before = {user: summary(await inbox(stub, auth_for, user)) for user in (low, high)}
         assert before[low] == [(high, 28, "hot 1", hot[1].message_id)]
-        stores = [running.shards.store(s.shard_id) for s in config.shards]
-        archive = ArchiveStore(str(tmp_path / "archive"))
-        report = await Archiver(stores, config.control_dsn, archive, config.archive).run(
-            datetime.now(UTC) - timedelta(days=1)
-        )
+        report = await archiver(running, config).run(datetime.now(UTC) - timedelta(days=1))
         assert report.total == 26
         await relayed(running)
         for user in (low, high):
