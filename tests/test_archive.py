@@ -630,7 +630,11 @@ async def test_runs_merge_a_parts_small_files_and_the_dialog_reads_the_same(
         await assert_dialog_is(channel, auth_for(a), a, b, history)
 
 
-@pytest.mark.parametrize("step", STEPS)
+# The in-process crash test above covers every step in `make test`; a real kill of the process
+# after every step but one is slow (`pytest -m slow`).
+@pytest.mark.parametrize(
+    "step", [s if s == "deleted" else pytest.param(s, marks=pytest.mark.slow) for s in STEPS]
+)
 async def test_dialogctl_archive_killed_at_each_step_completes_on_the_next_run(
     step: str,
     pg_servers: list[EmbeddedPostgres],

@@ -105,6 +105,7 @@ def test_make_bench_measures_every_part_and_writes_its_results(tmp_path: Path) -
     assert "overrides, pinned pair" in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_make_bench_with_counted_runs_sends_exactly_the_requests_asked_for(tmp_path: Path) -> None:
     """`--requests N`: every run of every load generator is N requests, none more, none cut off."""

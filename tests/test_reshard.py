@@ -90,12 +90,14 @@ def test_plan_moves_each_bucket_that_changes_shard_once() -> None:
 
 @pytest.mark.parametrize(
     ("start_shards", "target_shards", "flags"),
+    # `make test` runs a doubling and a shrinking full reshuffle; the other shapes are slow
+    # (`pytest -m slow`), like the soak.
     [
         (4, 8, ()),
-        (4, 6, ("--full-reshuffle",)),
+        pytest.param(4, 6, ("--full-reshuffle",), marks=pytest.mark.slow),
         (6, 4, ("--full-reshuffle",)),
-        (6, 9, ("--full-reshuffle",)),
-        (4, 16, ()),
+        pytest.param(6, 9, ("--full-reshuffle",), marks=pytest.mark.slow),
+        pytest.param(4, 16, (), marks=pytest.mark.slow),
     ],
     ids=["4-to-8", "4-to-6-full-reshuffle", "6-to-4-shrink", "6-to-9-full-reshuffle", "4-to-16"],
 )
@@ -187,7 +189,17 @@ async def test_reshard_under_writers_keeps_every_message_once_where_the_hash_say
     [
         pytest.param("fence_committed", 8, (), id="fence_committed-4-to-8"),
         pytest.param("retired", 8, (), id="retired-4-to-8"),
-        *(pytest.param(step, 6, ("--full-reshuffle",), id=f"{step}-4-to-6") for step in STEP_BOUNDARIES),
+        # Every step of a full reshuffle's move is a slow test but one (`pytest -m slow`).
+        *(
+            pytest.param(
+                step,
+                6,
+                ("--full-reshuffle",),
+                id=f"{step}-4-to-6",
+                marks=() if step == "fenced" else pytest.mark.slow,
+            )
+            for step in STEP_BOUNDARIES
+        ),
     ],
 )
 async def test_reshard_crashed_mid_step_completes_on_rerun(

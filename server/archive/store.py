@@ -13,9 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
-import fsspec
 import grpc
-from botocore.exceptions import BotoCoreError, ClientError
 
 from server.errors import ServiceError, unavailable_details
 
@@ -34,6 +32,10 @@ class ArchiveStore:
     """The archive's objects under one root (`/var/lib/dialog-shard/archive`, `s3://bucket/prefix`)."""
 
     def __init__(self, url: str, *, endpoint_url: str | None = None, region: str | None = None) -> None:
+        # Imported here: fsspec (and botocore behind s3fs) take a noticeable share of a process's
+        # start, which every dialogctl command and server would pay without an archive.
+        import fsspec
+
         self.url = url.rstrip("/")
         self.is_s3 = self.url.startswith("s3://")
         if self.is_s3:
@@ -119,8 +121,18 @@ class ArchiveStore:
             yield
         except FileNotFoundError:
             raise
-        except (OSError, BotoCoreError, ClientError) as exc:
+        except _storage_errors(self.is_s3) as exc:
             raise ArchiveUnavailable(
                 f"the archive at {self.describe(name)} could not be reached: {exc}; "
                 "check [archive] url, endpoint_url and the storage's credentials"
             ) from None
+
+
+def _storage_errors(is_s3: bool) -> tuple[type[Exception], ...]:
+    """The errors of an unreachable store: the OS's, and the S3 client's own (botocore is imported
+    only by an S3 archive)."""
+    if not is_s3:
+        return (OSError,)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (OSError, BotoCoreError, ClientError)
