@@ -235,8 +235,7 @@ class Archiver:
                 continue
             rows: list[Row] = []
             for batch in chosen:
-                data = await asyncio.to_thread(self._files.read, batch.file)
-                found = decode(data) if data is not None else []
+                found = await self._rows_of(batch.file)
                 if fingerprint(found) != batch.fingerprint:
                     raise ArchiveMismatch(
                         f"the archive file {self._files.describe(batch.file)} does not match the manifest; "
@@ -269,8 +268,7 @@ class Archiver:
         for batch in list(manifest.batches):
             if parts is not None and batch.part not in parts:
                 continue
-            data = await asyncio.to_thread(self._files.read, batch.file)
-            rows = decode(data) if data is not None else []
+            rows = await self._rows_of(batch.file)
             kept = [r for r in rows if not dropped(r)]
             if len(kept) == len(rows):
                 continue
@@ -360,6 +358,11 @@ class Archiver:
             if len(rows) < self._config.batch_rows:
                 return manifest
 
+    async def _rows_of(self, name: str) -> list[Row]:
+        """The rows of an archive file; none when it is missing (a fingerprint then tells)."""
+        data = await asyncio.to_thread(self._files.read, name)
+        return decode(data) if data is not None else []
+
     async def _write_verified(
         self, shard_id: int, part: int, rows: list[Row], expected: Fingerprint
     ) -> Batch:
@@ -370,8 +373,7 @@ class Archiver:
         await self._confirm()
         await asyncio.to_thread(self._files.write, name, data)
         await self._passed("written")
-        read_back = await asyncio.to_thread(self._files.read, name)
-        found = fingerprint(decode(read_back)) if read_back is not None else Fingerprint(0, 0)
+        found = fingerprint(await self._rows_of(name))
         if found != expected:
             raise ArchiveMismatch(
                 f"the archive file {self._files.describe(name)} read back holds {found.count} messages "
@@ -404,8 +406,7 @@ class Archiver:
         # passed, they all know the files, and no page misses the rows deleted next.
         await asyncio.sleep(self._config.manifest_max_age + 1.0)
         for batch in pending:
-            data = await asyncio.to_thread(self._files.read, batch.file)
-            rows = decode(data) if data is not None else []
+            rows = await self._rows_of(batch.file)
             if fingerprint(rows) != batch.fingerprint:
                 raise ArchiveMismatch(
                     f"the archive file {self._files.describe(batch.file)} no longer matches the manifest "
