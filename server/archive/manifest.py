@@ -13,9 +13,12 @@ import enum
 import json
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.archive.files import PARTS, Fingerprint
+
+if TYPE_CHECKING:
+    from server.archive.store import ArchiveStore
 
 NAME = "manifest.json"
 _FORMAT = 1
@@ -100,3 +103,9 @@ class Manifest:
             for b in doc["batches"]
         )
         return cls(batches, int(doc["version"]))
+
+
+def read_manifest(store: ArchiveStore) -> Manifest:
+    """The store's manifest; an empty one where none was written yet (blocking I/O)."""
+    data = store.read(NAME)
+    return Manifest() if data is None else Manifest.from_json(data)

@@ -18,9 +18,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from server.archive import manifest as manifest_module
 from server.archive.files import PAGE_COLUMNS, PageRow, may_hold_pair, page_rows, pairs_of, part_of
-from server.archive.manifest import Batch, Manifest
+from server.archive.manifest import Batch, Manifest, read_manifest
 from server.archive.store import ArchiveStore
 from server.routing import Pair, bucket_of
 
@@ -60,8 +59,7 @@ class ArchiveReader:
         async with self._lock:
             if time.monotonic() - self._loaded_at >= self._max_age:
                 started = time.monotonic()
-                data = await asyncio.to_thread(self.store.read, manifest_module.NAME)
-                manifest = Manifest() if data is None else Manifest.from_json(data)
+                manifest = await asyncio.to_thread(read_manifest, self.store)
                 # Every page asks for its part's files: indexed once per load, not per page.
                 by_part: dict[int, list[Batch]] = {}
                 for batch in manifest.batches:

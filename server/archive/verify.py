@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.archive import manifest as manifest_module
 from server.archive.files import decode, fingerprint
-from server.archive.manifest import Manifest
+from server.archive.manifest import read_manifest
 from server.archive.store import ArchiveStore
 
 
@@ -30,8 +29,7 @@ class ArchiveCheck:
 
 def check_archive(store: ArchiveStore) -> ArchiveCheck:
     """Read every listed file and compare it with the manifest (blocking; reads the whole archive)."""
-    data = store.read(manifest_module.NAME)
-    manifest = Manifest() if data is None else Manifest.from_json(data)
+    manifest = read_manifest(store)
     report = ArchiveCheck(unfinished_batches=len(manifest.unfinished()))
     for batch in manifest.batches:
         report.files += 1

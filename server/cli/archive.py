@@ -18,8 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from server.archive import manifest as manifest_module
-from server.archive.manifest import Manifest
+from server.archive.manifest import Manifest, read_manifest
 from server.archive.store import ArchiveStore
 from server.cli.output import format_table, print_json
 from server.cli.progress import Progress
@@ -76,8 +75,7 @@ def _cutoff(args: argparse.Namespace) -> datetime:
 
 def _status(config: ServerConfig) -> Manifest:
     store = open_store(config.archive)
-    data = store.read(manifest_module.NAME)
-    return Manifest() if data is None else Manifest.from_json(data)
+    return read_manifest(store)
 
 
 def cmd_archive(session: Session) -> int:

@@ -49,8 +49,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from server.archive import manifest as archive_manifest
-from server.archive.manifest import Manifest as ArchiveManifest
+from server.archive.manifest import read_manifest
 from server.cli.archive import open_store
 from server.cli.output import format_table, print_json
 from server.cli.pgtools import EXIT_TOOL_FAILED, find_tool, list_archive, run_tool
@@ -360,8 +359,7 @@ def _archive_reference(session: Session) -> dict[str, Any]:
     them, not in the dumps. Archive files are never changed, so naming them is enough; keep them
     (a rewrite by compaction or an erasure makes new files and removes the old ones)."""
     store = open_store(session.config().archive)
-    data = store.read(archive_manifest.NAME)
-    listed = ArchiveManifest() if data is None else ArchiveManifest.from_json(data)
+    listed = read_manifest(store)
     return {
         "url": store.url,
         "manifest_version": listed.version,

@@ -27,9 +27,8 @@ from typing import Any
 
 import psycopg
 
-from server.archive import manifest as archive_manifest
 from server.archive.files import decode
-from server.archive.manifest import BatchState, Manifest
+from server.archive.manifest import BatchState, read_manifest
 from server.archive.store import ArchiveStore
 from server.cli.output import print_json
 from server.cli.progress import Progress
@@ -113,8 +112,7 @@ async def _add_archived(
 ) -> int:
     """Add the archived messages to the rows, file by file (none is deleted or still on a shard);
     how many were counted."""
-    data = await asyncio.to_thread(store.read, archive_manifest.NAME)
-    manifest = Manifest() if data is None else Manifest.from_json(data)
+    manifest = await asyncio.to_thread(read_manifest, store)
     counted = 0
     for batch in manifest.batches:
         content = await asyncio.to_thread(store.read, batch.file)

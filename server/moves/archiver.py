@@ -54,7 +54,7 @@ from server.archive.files import (
     fingerprint,
     row_checksum,
 )
-from server.archive.manifest import Batch, BatchState, Manifest
+from server.archive.manifest import Batch, BatchState, Manifest, read_manifest
 from server.archive.store import ArchiveStore
 from server.background import repeat_every, stop_task
 from server.config import ArchiveConfig
@@ -317,8 +317,7 @@ class Archiver:
             )
 
     async def _load(self) -> Manifest:
-        data = await asyncio.to_thread(self._files.read, manifest_module.NAME)
-        return Manifest() if data is None else Manifest.from_json(data)
+        return await asyncio.to_thread(read_manifest, self._files)
 
     async def _save(self, manifest: Manifest) -> None:
         await self._confirm()
