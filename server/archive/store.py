@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import grpc
 
+from server.config import ArchiveConfig
 from server.errors import ServiceError, unavailable_details
 
 
@@ -136,3 +137,10 @@ def _storage_errors(is_s3: bool) -> tuple[type[Exception], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     return (OSError, BotoCoreError, ClientError)
+
+
+def configured_store(archive: ArchiveConfig) -> ArchiveStore | None:
+    """The store `[archive]` names; None when no archive is configured."""
+    if archive.url is None:
+        return None
+    return ArchiveStore(archive.url, endpoint_url=archive.endpoint_url, region=archive.region)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from server.archive.manifest import Manifest, read_manifest
-from server.archive.store import ArchiveStore
+from server.archive.store import ArchiveStore, configured_store
 from server.cli.output import format_table, print_json
 from server.cli.progress import Progress
 from server.cli.session import CliError, Session
@@ -33,9 +33,10 @@ MIN_AGE = timedelta(minutes=1)
 
 def open_store(archive: ArchiveConfig) -> ArchiveStore:
     """The configured archive; a CliError naming the setting when there is none."""
-    if archive.url is None:
+    store = configured_store(archive)
+    if store is None:
         raise CliError("no archive is configured: set [archive] url (a directory or s3://bucket/prefix)")
-    return ArchiveStore(archive.url, endpoint_url=archive.endpoint_url, region=archive.region)
+    return store
 
 
 async def run_archive(

@@ -29,7 +29,7 @@ import psycopg
 
 from server.archive.files import decode
 from server.archive.manifest import BatchState, read_manifest
-from server.archive.store import ArchiveStore
+from server.archive.store import ArchiveStore, configured_store
 from server.cli.output import print_json
 from server.cli.progress import Progress
 from server.cli.session import CliError, Session
@@ -80,10 +80,8 @@ async def rebuild_inbox(config: ServerConfig) -> dict[str, Any]:
                 tombstoned = await all_tombstones(conn)
             hidden = {message_id for message_id, _ in tombstoned}
             archived = 0
-            if config.archive.url is not None:
-                store = ArchiveStore(
-                    config.archive.url, endpoint_url=config.archive.endpoint_url, region=config.archive.region
-                )
+            store = configured_store(config.archive)
+            if store is not None:
                 archived = await _add_archived(config, store, hidden, per_inbox)
             for inbox_id, ((table, conn), rows) in enumerate(zip(inboxes, per_inbox, strict=True)):
                 taken_off = [

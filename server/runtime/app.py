@@ -30,7 +30,7 @@ from client.gen.dialog.v1 import (
     dialog_service_pb2_grpc,
 )
 from server.archive.reader import ArchiveReader
-from server.archive.store import ArchiveStore
+from server.archive.store import configured_store
 from server.auth import TokenVerifier
 from server.config import MAX_SEND_BYTES, ArchiveConfig, ConfigError, LimitsConfig, ServerConfig, TlsConfig
 from server.delivery import DeliveryHub
@@ -360,22 +360,16 @@ async def open_inboxes(config: ServerConfig, shards: ShardSet, placement: Placem
     }
 
 
-def _archive_store(archive: ArchiveConfig) -> ArchiveStore | None:
-    if archive.url is None:
-        return None
-    return ArchiveStore(archive.url, endpoint_url=archive.endpoint_url, region=archive.region)
-
-
 def archive_reader(archive: ArchiveConfig) -> ArchiveReader | None:
     """The reader of the configured archive, None without one."""
-    store = _archive_store(archive)
+    store = configured_store(archive)
     return None if store is None else ArchiveReader(store, max_age=archive.manifest_max_age)
 
 
 def archiver_of(config: ServerConfig, shards: ShardSet) -> Archiver:
     """The archiver of the configured archive (without one it still erases users' messages)."""
     stores = [shards.store(c.shard_id) for c in config.shards]
-    return Archiver(stores, config.control_dsn, _archive_store(config.archive), config.archive)
+    return Archiver(stores, config.control_dsn, configured_store(config.archive), config.archive)
 
 
 def archive_schedule(config: ServerConfig, shards: ShardSet) -> ArchiveSchedule | None:
